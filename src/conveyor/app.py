@@ -1,0 +1,268 @@
+"""The composition root: ``Conveyor`` builds the object graph from Settings.
+
+Nothing here is global: two ``Conveyor`` objects in one process are
+independent (tests rely on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
+from conveyor.domain.job import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_PRIORITY,
+    DEFAULT_QUEUE,
+    EnqueueResult,
+    Finish,
+    Job,
+    NewJob,
+)
+from conveyor.domain.retry import RetryPolicy
+from conveyor.runtime.registry import Handler, JobDefinition
+from conveyor.settings import Settings
+from conveyor.storage.base import Store
+
+F = TypeVar("F", bound=Handler)
+
+
+def store_from_url(url: str) -> Store:
+    """Build the Store adapter a database URL names."""
+    if url == "memory://" or url == "memory:":
+        from conveyor.storage.memory import MemoryStore
+
+        return MemoryStore()
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        # sqlite:///relative/path.db and sqlite:////absolute/path.db, as in SQLAlchemy.
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
+        if not path:
+            raise ConfigurationError(
+                f"Bad SQLite URL {url!r}: use sqlite:///./conveyor.db (relative) or "
+                "sqlite:////var/lib/conveyor.db (absolute)"
+            )
+        from conveyor.storage.sqlite import SQLiteStore
+
+        return SQLiteStore(Path(path))
+    if parsed.scheme in ("postgres", "postgresql"):
+        raise ConfigurationError(
+            "The PostgreSQL backend is not available in this version; "
+            "use sqlite:///./conveyor.db or memory://"
+        )
+    raise ConfigurationError(
+        f"Unsupported database URL {url!r}: expected sqlite:///PATH or memory://"
+    )
+
+
+class Conveyor:
+    """A Conveyor application: job registry, store and settings.
+
+    >>> app = Conveyor()                      # sqlite:///./conveyor.db
+    >>> @app.job("send_email", max_retries=5, timeout=30)
+    ... async def send_email(ctx, to: str, subject: str) -> dict: ...
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        store: Store | None = None,
+        clock: Callable[[], datetime] | None = None,
+        rand: Callable[[], float] | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env(database_url=database_url)
+        if database_url is not None and settings is not None:
+            self.settings = self.settings.with_(database_url=database_url)
+        self.store = store if store is not None else store_from_url(self.settings.database_url)
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self.rand: Callable[[], float] = rand or random.random
+        self.registry: dict[str, JobDefinition] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._finish_listeners: list[Callable[[Finish, bool], None]] = []
+        self._opened = False
+
+    # -- lifecycle --------------------------------------------------------------
+    def now(self) -> datetime:
+        return self._clock()
+
+    async def open(self) -> Conveyor:
+        if not self._opened:
+            await self.store.open()
+            self._opened = True
+        return self
+
+    async def close(self) -> None:
+        if self._opened:
+            await self.store.close()
+            self._opened = False
+
+    async def __aenter__(self) -> Conveyor:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- registration ---------------------------------------------------------------
+    def job(
+        self,
+        job_type: str,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = DEFAULT_PRIORITY,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        timeout: float | None = 300.0,
+        retry: RetryPolicy | None = None,
+    ) -> Callable[[F], JobDefinition]:
+        """Register a handler ``(ctx, **payload)`` for ``job_type``."""
+        probe = NewJob(job_type, queue=queue, priority=priority, max_retries=max_retries)
+        probe.validate()
+        if timeout is not None and timeout <= 0:
+            raise ConfigurationError(f"timeout of job type {job_type!r} must be > 0 seconds")
+
+        def decorator(fn: F) -> JobDefinition:
+            if job_type in self.registry:
+                raise ConfigurationError(f"Job type {job_type!r} is already registered")
+            definition = JobDefinition(
+                job_type=job_type,
+                handler=fn,
+                app=self,
+                queue=queue,
+                priority=priority,
+                max_retries=max_retries,
+                timeout=timeout,
+                retry=retry or RetryPolicy(),
+            )
+            self.registry[job_type] = definition
+            return definition
+
+        return decorator
+
+    def include(self, other: Conveyor) -> None:
+        """Adopt the job types registered on another app object."""
+        for job_type, definition in other.registry.items():
+            if job_type in self.registry:
+                raise ConfigurationError(f"Job type {job_type!r} is registered twice")
+            definition.app = self
+            self.registry[job_type] = definition
+
+    # -- submitting -------------------------------------------------------------------
+    def new_job(
+        self,
+        job_type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_retries: int | None = None,
+        timeout: float | None = None,
+        timeout_ms: int | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        idempotency_key: str | None = None,
+        depends_on: Sequence[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+        created_by: str | None = None,
+    ) -> NewJob:
+        """A validated ``NewJob``, with the job type's registered defaults filled in."""
+        definition = self.registry.get(job_type)
+        payload = {} if payload is None else payload
+        if definition is not None and isinstance(payload, Mapping):
+            definition.validate_payload(payload)
+        if delay is not None:
+            if run_at is not None:
+                raise ConfigurationError("Give either delay or run_at, not both")
+            if delay < 0:
+                raise ValidationError(
+                    "delay must be >= 0 seconds", [FieldError("delay", "must be >= 0 seconds")]
+                )
+            run_at = self.now() + timedelta(seconds=delay)
+        if timeout_ms is None:
+            t = timeout if timeout is not None else (definition.timeout if definition else 300.0)
+            timeout_ms = None if t is None else max(1, int(t * 1000))
+        new = NewJob(
+            job_type=job_type,
+            payload=payload,
+            queue=queue or (definition.queue if definition else DEFAULT_QUEUE),
+            priority=priority
+            if priority is not None
+            else (definition.priority if definition else DEFAULT_PRIORITY),
+            max_retries=max_retries
+            if max_retries is not None
+            else (definition.max_retries if definition else DEFAULT_MAX_RETRIES),
+            timeout_ms=timeout_ms,
+            run_at=run_at,
+            idempotency_key=idempotency_key,
+            depends_on=tuple(depends_on),
+            metadata=metadata or {},
+            created_by=created_by,
+        )
+        new.validate()
+        return new
+
+    async def submit(
+        self, job_type: str, payload: Mapping[str, Any] | None = None, **options: Any
+    ) -> EnqueueResult:
+        """Submit one job; returns it and whether it was a duplicate (idempotency key)."""
+        (result,) = await self.submit_many([self.new_job(job_type, payload, **options)])
+        return result
+
+    async def enqueue(
+        self, job_type: str, payload: Mapping[str, Any] | None = None, **options: Any
+    ) -> Job:
+        """Submit one job and return it once it is committed to the store."""
+        return (await self.submit(job_type, payload, **options)).job
+
+    async def submit_many(self, jobs: Sequence[NewJob]) -> list[EnqueueResult]:
+        """Submit many jobs in one transaction (all or none)."""
+        await self.open()
+        results = await self.store.enqueue_many(jobs, self.now())
+        self.notify_listeners()
+        return results
+
+    # -- in-process signals -------------------------------------------------------------
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def notify_listeners(self) -> None:
+        for cb in list(self._listeners):
+            cb()
+
+    def on_finish(self, callback: Callable[[Finish, bool], None]) -> None:
+        self._finish_listeners.append(callback)
+
+    def emit_finished(self, finish: Finish, accepted: bool) -> None:
+        for cb in self._finish_listeners:
+            cb(finish, accepted)
+
+    # -- running --------------------------------------------------------------------------
+    def worker(self, **options: Any) -> Any:
+        from conveyor.runtime.worker import Worker
+
+        return Worker(self, **options)
+
+    async def run_worker(self, **options: Any) -> None:
+        """Open the store and run a worker until SIGTERM/SIGINT."""
+        import signal
+
+        await self.open()
+        worker = self.worker(**options)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.request_stop)
+        try:
+            await worker.run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.close()

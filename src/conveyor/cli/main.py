@@ -1,0 +1,471 @@
+"""The ``conveyor`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import click
+import orjson
+import structlog
+from rich.console import Console
+from rich.table import Table
+
+from conveyor.app import Conveyor
+from conveyor.cli.loader import apply_app
+from conveyor.domain.errors import ConveyorError, ValidationError
+from conveyor.domain.job import JobQuery
+from conveyor.domain.states import JobState
+from conveyor.presenters import job_dict, worker_dict
+from conveyor.settings import Settings
+
+T = TypeVar("T")
+out = Console()
+err = Console(stderr=True)
+
+
+def configure_logging(level: str) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    logging.basicConfig(level=numeric, format="%(message)s", stream=sys.stderr)
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+class Ctx:
+    def __init__(self, overrides: dict[str, Any]) -> None:
+        self.overrides = overrides
+
+    def settings(self, **more: Any) -> Settings:
+        return Settings.from_env(**{**self.overrides, **more})
+
+    def app(self, **more: Any) -> Conveyor:
+        return Conveyor(settings=self.settings(**more))
+
+
+def run(coro_fn: Callable[[Conveyor], Awaitable[T]], app: Conveyor) -> T:
+    async def main() -> T:
+        async with app:
+            return await coro_fn(app)
+
+    return asyncio.run(main())
+
+
+class ConveyorGroup(click.Group):
+    """Turns ConveyorError into a one-line message and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConveyorError as exc:
+            err.print(f"[bold red]Error:[/] {exc}", highlight=False)
+            if isinstance(exc, ValidationError):
+                for d in exc.details:
+                    err.print(f"  - {d.field}: {d.message}", highlight=False)
+            sys.exit(1)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+@click.group(cls=ConveyorGroup)
+@click.option(
+    "--database-url",
+    envvar="CONVEYOR_DATABASE_URL",
+    default=None,
+    help="sqlite:///./conveyor.db (default) or memory://",
+)
+@click.option("--log-level", envvar="CONVEYOR_LOG_LEVEL", default="INFO", show_default=True)
+@click.version_option(package_name="conveyor")
+@click.pass_context
+def cli(ctx: click.Context, database_url: str | None, log_level: str) -> None:
+    """Conveyor: durable jobs for Python."""
+    configure_logging(log_level)
+    ctx.obj = Ctx({"database_url": database_url, "log_level": log_level})
+
+
+# -- worker ------------------------------------------------------------------------
+@cli.command()
+@click.argument("apps", nargs=-1, required=True)
+@click.option("--concurrency", "-c", type=int, envvar="CONVEYOR_CONCURRENCY", default=None)
+@click.option("--queue", "-q", "queues", multiple=True, help="Queue to serve (repeatable).")
+@click.option("--heartbeat-interval", type=float, envvar="CONVEYOR_HEARTBEAT_INTERVAL")
+@click.option("--heartbeat-timeout", type=float, envvar="CONVEYOR_HEARTBEAT_TIMEOUT")
+@click.option("--shutdown-grace", type=float, envvar="CONVEYOR_SHUTDOWN_GRACE")
+@click.option("--worker-id", default=None, help="Stable id (default: host-pid-random).")
+@click.option("--no-maintenance", is_flag=True, help="Do not run the rescuer/pruner here.")
+@click.pass_obj
+def worker(
+    obj: Ctx,
+    apps: tuple[str, ...],
+    concurrency: int | None,
+    queues: tuple[str, ...],
+    heartbeat_interval: float | None,
+    heartbeat_timeout: float | None,
+    shutdown_grace: float | None,
+    worker_id: str | None,
+    no_maintenance: bool,
+) -> None:
+    """Run a worker for the job types of APPS (module or module:attr)."""
+    app = obj.app(
+        concurrency=concurrency,
+        queues=queues or None,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_timeout=heartbeat_timeout,
+        shutdown_grace=shutdown_grace,
+    )
+    for spec in apps:
+        apply_app(app, spec)
+    asyncio.run(app.run_worker(worker_id=worker_id, maintenance=not no_maintenance))
+
+
+# -- migrate ---------------------------------------------------------------------------
+@cli.command()
+@click.pass_obj
+def migrate(obj: Ctx) -> None:
+    """Create or upgrade the database schema."""
+    app = obj.app()
+
+    async def go(app: Conveyor) -> list[str]:
+        migrate_fn = getattr(app.store, "migrate", None)
+        return list(await migrate_fn()) if migrate_fn else []
+
+    applied = run(go, app)  # open() applies migrations; migrate() reports anything left
+    out.print(
+        f"Database {app.settings.database_url} is up to date"
+        + (f" (applied {', '.join(applied)})" if applied else ""),
+        highlight=False,
+    )
+
+
+# -- jobs ------------------------------------------------------------------------------
+@cli.group(cls=ConveyorGroup)
+def jobs() -> None:
+    """Submit, list, show and cancel jobs."""
+
+
+def _parse_payload(text: str) -> Any:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc})", param_hint="--payload") from None
+    if not isinstance(value, dict):
+        raise click.BadParameter(
+            'must be a JSON object, e.g. \'{"to": "a@b.c"}\'', param_hint="--payload"
+        )
+    return value
+
+
+@jobs.command("submit")
+@click.argument("job_type")
+@click.option("--payload", "-p", default="{}", show_default=True, help="JSON object.")
+@click.option("--priority", type=click.IntRange(0, 100), default=None)
+@click.option("--delay", type=click.FloatRange(min=0), default=None, help="Seconds from now.")
+@click.option("--max-retries", type=click.IntRange(0, 100), default=None)
+@click.option("--timeout", type=click.FloatRange(min=0.001), default=None, help="Seconds.")
+@click.option("--idempotency-key", default=None)
+@click.option("--queue", default=None)
+@click.option("--depends-on", multiple=True, help="Job id to wait for (repeatable).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def jobs_submit(
+    obj: Ctx,
+    job_type: str,
+    payload: str,
+    priority: int | None,
+    delay: float | None,
+    max_retries: int | None,
+    timeout: float | None,
+    idempotency_key: str | None,
+    queue: str | None,
+    depends_on: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Submit a job of JOB_TYPE."""
+    data = _parse_payload(payload)
+    app = obj.app()
+    result = run(
+        lambda a: a.submit(
+            job_type,
+            data,
+            priority=priority,
+            delay=delay,
+            max_retries=max_retries,
+            timeout=timeout,
+            idempotency_key=idempotency_key,
+            queue=queue,
+            depends_on=depends_on,
+            created_by="cli",
+        ),
+        app,
+    )
+    if as_json:
+        emit_json({**job_dict(result.job), "duplicate": result.duplicate})
+    else:
+        note = " (duplicate: existing job returned)" if result.duplicate else ""
+        out.print(f"{result.job.id} {result.job.status}{note}", highlight=False)
+
+
+@jobs.command("list")
+@click.option("--status", type=click.Choice([s.value for s in JobState]), multiple=True)
+@click.option("--type", "job_type", default=None)
+@click.option("--queue", default=None)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--offset", type=click.IntRange(min=0), default=0)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def jobs_list(
+    obj: Ctx,
+    status: tuple[str, ...],
+    job_type: str | None,
+    queue: str | None,
+    limit: int,
+    offset: int,
+    as_json: bool,
+) -> None:
+    """List jobs, newest first."""
+    query = JobQuery(
+        states=tuple(JobState(s) for s in status),
+        job_type=job_type,
+        queue=queue,
+        limit=limit,
+        offset=offset,
+    )
+    page = run(lambda a: a.store.list_jobs(query), obj.app())
+    if as_json:
+        emit_json(
+            {
+                "jobs": [job_dict(j) for j in page.jobs],
+                "pagination": {
+                    "limit": page.limit,
+                    "offset": page.offset,
+                    "total": page.total,
+                    "has_more": page.has_more,
+                },
+            }
+        )
+        return
+    table = Table(title=f"Jobs ({page.total} total)")
+    for col in ("id", "type", "status", "queue", "prio", "attempt", "created", "error"):
+        table.add_column(col)
+    for j in page.jobs:
+        table.add_row(
+            j.id,
+            j.job_type,
+            j.status,
+            j.queue,
+            str(j.priority),
+            str(j.attempt),
+            j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "",
+            (j.error or "")[:60],
+        )
+    out.print(table)
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def jobs_show(obj: Ctx, job_id: str, as_json: bool) -> None:
+    """Show one job with its executions."""
+
+    async def go(app: Conveyor) -> dict[str, Any]:
+        job = await app.store.get(job_id)
+        return job_dict(job, await app.store.executions(job_id))
+
+    data = run(go, obj.app())
+    if as_json:
+        emit_json(data)
+        return
+    table = Table(show_header=False, title=f"Job {job_id}")
+    for key, value in data.items():
+        if key in ("executions", "id"):
+            continue
+        table.add_row(key, value if isinstance(value, str) else orjson.dumps(value).decode())
+    out.print(table)
+    ex = Table(title="Executions")
+    for col in ("attempt", "worker", "started", "finished", "outcome", "error"):
+        ex.add_column(col)
+    for e in data["executions"]:
+        ex.add_row(
+            str(e["attempt"]),
+            e["worker_id"] or "",
+            e["started_at"] or "",
+            e["finished_at"] or "",
+            e["outcome"] or "",
+            e["error"] or "",
+        )
+    out.print(ex)
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@click.pass_obj
+def jobs_cancel(obj: Ctx, job_id: str) -> None:
+    """Cancel a job (a running job is cancelled once its worker confirms)."""
+    job = run(lambda a: a.store.cancel(job_id, a.now()), obj.app())
+    out.print(f"{job.id} {job.status}", highlight=False)
+
+
+# -- dead-letter queue --------------------------------------------------------------------
+@cli.group(cls=ConveyorGroup)
+def dlq() -> None:
+    """Inspect, retry and purge dead-lettered (failed) jobs."""
+
+
+@dlq.command("list")
+@click.option("--type", "job_type", default=None)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def dlq_list(obj: Ctx, job_type: str | None, limit: int, as_json: bool) -> None:
+    """List dead-lettered jobs."""
+    query = JobQuery(states=(JobState.FAILED,), job_type=job_type, limit=limit, sort="updated_at")
+    page = run(lambda a: a.store.list_jobs(query), obj.app())
+    if as_json:
+        emit_json({"jobs": [job_dict(j) for j in page.jobs], "total": page.total})
+        return
+    table = Table(title=f"Dead-letter queue ({page.total})")
+    for col in ("id", "type", "attempts", "lost", "failed at", "error"):
+        table.add_column(col)
+    for j in page.jobs:
+        table.add_row(
+            j.id,
+            j.job_type,
+            str(j.attempt),
+            str(j.lost_count),
+            j.completed_at.strftime("%Y-%m-%d %H:%M:%S") if j.completed_at else "",
+            (j.error or "")[:80],
+        )
+    out.print(table)
+
+
+def _ids_or_all(ids: tuple[str, ...], all_: bool) -> None:
+    if bool(ids) == all_:
+        raise click.UsageError("Give job ids or --all (not both)")
+
+
+@dlq.command("retry")
+@click.argument("job_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Retry every dead-lettered job.")
+@click.option("--type", "job_type", default=None, help="With --all: only this job type.")
+@click.pass_obj
+def dlq_retry(obj: Ctx, job_ids: tuple[str, ...], all_: bool, job_type: str | None) -> None:
+    """Re-queue dead-lettered jobs."""
+    _ids_or_all(job_ids, all_)
+
+    async def go(app: Conveyor) -> int:
+        ids = list(job_ids)
+        if all_:
+            offset = 0
+            while True:
+                page = await app.store.list_jobs(
+                    JobQuery(
+                        states=(JobState.FAILED,), job_type=job_type, limit=1000, offset=offset
+                    )
+                )
+                ids.extend(j.id for j in page.jobs)
+                if not page.has_more:
+                    break
+                offset += 1000
+        if ids:
+            await app.store.retry_failed(ids, app.now())
+            app.notify_listeners()
+        return len(ids)
+
+    n = run(go, obj.app())
+    out.print(f"Re-queued {n} job(s)")
+
+
+@dlq.command("purge")
+@click.argument("job_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Delete every dead-lettered job.")
+@click.pass_obj
+def dlq_purge(obj: Ctx, job_ids: tuple[str, ...], all_: bool) -> None:
+    """Delete dead-lettered jobs for good."""
+    _ids_or_all(job_ids, all_)
+    n = run(lambda a: a.store.purge_failed(None if all_ else list(job_ids), a.now()), obj.app())
+    out.print(f"Purged {n} job(s)")
+
+
+# -- status ---------------------------------------------------------------------------------
+async def collect_status(app: Conveyor) -> dict[str, Any]:
+    """Queue depths, workers (alive or not) and job types nobody serves."""
+    now = app.now()
+    counts = await app.store.count_by_state()
+    workers = await app.store.list_workers()
+    pending = await app.store.pending_by_type()
+    cutoff = now - timedelta(seconds=app.settings.heartbeat_timeout)
+    alive = [
+        w
+        for w in workers
+        if w.state == "running" and w.heartbeat_at is not None and w.heartbeat_at >= cutoff
+    ]
+    served = {(q, t) for w in alive for q in w.queues for t in w.job_types}
+    unserved = [
+        {"queue": q, "job_type": t, "pending": n}
+        for (q, t), n in sorted(pending.items())
+        if (q, t) not in served
+    ]
+    return {
+        "queue_depths": {s.value: n for s, n in counts.items()},
+        "workers": [
+            worker_dict(w, alive=w in alive) for w in workers if w.state == "running" or w in alive
+        ],
+        "live_workers": len(alive),
+        "unserved_job_types": unserved,
+    }
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def status(obj: Ctx, as_json: bool) -> None:
+    """Queue depths, live workers, and job types no live worker handles."""
+    data = run(collect_status, obj.app())
+    if as_json:
+        emit_json(data)
+        return
+    depths = Table(title="Jobs by status")
+    depths.add_column("status")
+    depths.add_column("count", justify="right")
+    for state, n in data["queue_depths"].items():
+        depths.add_row(state, str(n))
+    out.print(depths)
+    workers = Table(title=f"Workers ({data['live_workers']} alive)")
+    for col in ("id", "alive", "job types", "queues", "running", "last heartbeat"):
+        workers.add_column(col)
+    for w in data["workers"]:
+        workers.add_row(
+            w["worker_id"],
+            "yes" if w["alive"] else "NO",
+            ", ".join(w["job_types"]),
+            ", ".join(w["queues"]),
+            str(w["jobs_running"]),
+            w["last_heartbeat"] or "",
+        )
+    out.print(workers)
+    if data["unserved_job_types"]:
+        out.print("[bold yellow]Waiting for a worker:[/]")
+        for u in data["unserved_job_types"]:
+            out.print(
+                f"  {u['pending']} pending job(s) of type {u['job_type']!r} on queue "
+                f"{u['queue']!r}: no live worker handles it",
+                highlight=False,
+            )
+
+
+def main() -> None:
+    cli(prog_name="conveyor")
+
+
+if __name__ == "__main__":
+    main()

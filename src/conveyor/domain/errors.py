@@ -1,0 +1,111 @@
+"""Conveyor's exception tree.
+
+Every error Conveyor raises derives from :class:`ConveyorError`::
+
+    ConveyorError
+    ├── ConfigurationError          bad setting / database URL / app import path
+    ├── ValidationError (ValueError) bad input: payload, priority, cron, ...
+    ├── JobNotFound (LookupError)    no job with that id
+    ├── InvalidTransition            a state change the state machine forbids
+    │   └── JobNotCancellable        cancelling a finished job
+    ├── LeaseLost                    a fenced write whose lease is no longer held
+    ├── StoreError                   the store failed (cause kept in __cause__)
+    │   └── StoreUnavailable         the store cannot be reached
+    └── HandlerError                 base of the signals a handler may raise
+        ├── Permanent                do not retry this job
+        └── Retry                    retry, after a specific delay
+
+Messages say what went wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class ConveyorError(Exception):
+    """Root of every error raised by Conveyor."""
+
+
+class ConfigurationError(ConveyorError):
+    """A setting, URL or import path is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One invalid field: where it is and what is wrong with it."""
+
+    field: str
+    message: str
+
+
+class ValidationError(ConveyorError, ValueError):
+    """Input was rejected before anything was written."""
+
+    def __init__(self, message: str, details: Sequence[FieldError] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: tuple[FieldError, ...] = tuple(details)
+
+
+class JobNotFound(ConveyorError, LookupError):
+    """No job with the given id exists."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"Job {job_id!r} not found")
+        self.job_id = job_id
+
+
+class InvalidTransition(ConveyorError):
+    """The state machine does not allow this change."""
+
+    def __init__(self, state: str, action: str, message: str | None = None) -> None:
+        super().__init__(message or f"Cannot {action} a job in {state} status")
+        self.state = state
+        self.action = action
+
+
+class JobNotCancellable(InvalidTransition):
+    """The job is already finished."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(state, "cancel", f"Cannot cancel job in {state} status")
+        self.job_id = job_id
+
+
+class LeaseLost(ConveyorError):
+    """A fenced write was refused: another attempt owns (or finished) the job."""
+
+
+class StoreError(ConveyorError):
+    """The store failed to carry out an operation."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached."""
+
+
+class HandlerError(ConveyorError):
+    """Base of the exceptions a job handler raises to steer retries."""
+
+
+class Permanent(HandlerError):
+    """Raised by a handler: the job failed and must not be retried.
+
+    ``raise Permanent("card declined") from exc`` sends the job to the
+    dead-letter queue at once, whatever retries remain.
+    """
+
+
+class Retry(HandlerError):
+    """Raised by a handler: retry this job after ``delay`` seconds.
+
+    Counts as an attempt; when no retries remain the job is dead-lettered.
+    """
+
+    def __init__(self, message: str = "retry requested", *, delay: float | None = None) -> None:
+        super().__init__(message)
+        if delay is not None and delay < 0:
+            raise ValueError("Retry delay must be >= 0 seconds")
+        self.delay = delay

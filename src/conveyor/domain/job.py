@@ -1,0 +1,261 @@
+"""Jobs as plain values. Adapters convert rows to these at the edge."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from conveyor.domain.errors import FieldError, ValidationError
+from conveyor.domain.states import Action, JobState
+
+DEFAULT_QUEUE = "default"
+DEFAULT_PRIORITY = 50
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_TIMEOUT_MS = 300_000
+MAX_TIMEOUT_MS = 24 * 3600 * 1000
+MAX_RETRIES_LIMIT = 100
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,100}$")
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job to submit. ``validate`` lists everything wrong with it at once."""
+
+    job_type: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    queue: str = DEFAULT_QUEUE
+    priority: int = DEFAULT_PRIORITY
+    max_retries: int = DEFAULT_MAX_RETRIES
+    timeout_ms: int | None = DEFAULT_TIMEOUT_MS
+    run_at: datetime | None = None
+    idempotency_key: str | None = None
+    depends_on: Sequence[str] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    created_by: str | None = None
+    workflow_id: str | None = None
+
+    def errors(self) -> list[FieldError]:
+        errs: list[FieldError] = []
+        if not isinstance(self.job_type, str) or not _NAME_RE.match(self.job_type):
+            errs.append(
+                FieldError(
+                    "job_type", "must be 1-100 characters of letters, digits, '_', '-', '.', ':'"
+                )
+            )
+        if not isinstance(self.queue, str) or not _NAME_RE.match(self.queue):
+            errs.append(
+                FieldError(
+                    "queue", "must be 1-100 characters of letters, digits, '_', '-', '.', ':'"
+                )
+            )
+        if not isinstance(self.payload, Mapping):
+            errs.append(FieldError("payload", "must be a JSON object"))
+        if not isinstance(self.metadata, Mapping):
+            errs.append(FieldError("metadata", "must be a JSON object"))
+        if not _is_int(self.priority) or not 0 <= self.priority <= 100:
+            errs.append(FieldError("priority", "must be an integer from 0 to 100"))
+        if not _is_int(self.max_retries) or not 0 <= self.max_retries <= MAX_RETRIES_LIMIT:
+            errs.append(
+                FieldError("max_retries", f"must be an integer from 0 to {MAX_RETRIES_LIMIT}")
+            )
+        if self.timeout_ms is not None and (
+            not _is_int(self.timeout_ms) or not 1 <= self.timeout_ms <= MAX_TIMEOUT_MS
+        ):
+            errs.append(
+                FieldError("timeout_ms", f"must be an integer from 1 to {MAX_TIMEOUT_MS} (or null)")
+            )
+        if self.run_at is not None and (
+            not isinstance(self.run_at, datetime) or self.run_at.tzinfo is None
+        ):
+            errs.append(FieldError("run_at", "must be a timezone-aware datetime"))
+        if self.idempotency_key is not None and (
+            not isinstance(self.idempotency_key, str) or not 1 <= len(self.idempotency_key) <= 255
+        ):
+            errs.append(FieldError("idempotency_key", "must be 1-255 characters"))
+        if isinstance(self.depends_on, str) or not all(
+            isinstance(d, str) and d for d in self.depends_on
+        ):
+            errs.append(FieldError("depends_on", "must be a list of job ids"))
+        return errs
+
+    def validate(self) -> None:
+        errs = self.errors()
+        if errs:
+            raise ValidationError(
+                "Invalid job: " + "; ".join(f"{e.field} {e.message}" for e in errs), errs
+            )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(slots=True)
+class Job:
+    id: str
+    job_type: str
+    state: JobState
+    payload: dict[str, Any]
+    queue: str = DEFAULT_QUEUE
+    priority: int = DEFAULT_PRIORITY
+    attempt: int = 0
+    max_retries: int = DEFAULT_MAX_RETRIES
+    timeout_ms: int | None = DEFAULT_TIMEOUT_MS
+    run_at: datetime | None = None
+    result: Any = None
+    error: str | None = None
+    lease_token: str | None = None
+    worker_id: str | None = None
+    idempotency_key: str | None = None
+    workflow_id: str | None = None
+    cancel_requested_at: datetime | None = None
+    lost_count: int = 0
+    created_by: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    updated_at: datetime | None = None
+    depends_on: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """What clients see: the state, or ``cancelling`` while a cancel is unconfirmed."""
+        if self.state is JobState.RUNNING and self.cancel_requested_at is not None:
+            return "cancelling"
+        return self.state.value
+
+    @property
+    def attempts_left(self) -> int:
+        return max(0, self.max_retries + 1 - self.attempt)
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    job: Job
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    job_id: str
+    attempt: int
+    worker_id: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """A fenced terminal (or retry) write for one running attempt."""
+
+    job_id: str
+    lease_token: str
+    action: Action
+    result: Any = None
+    error: str | None = None
+    retry_at: datetime | None = None  # for Action.RETRY
+
+
+FINISH_ACTIONS = frozenset(
+    {Action.COMPLETE, Action.RETRY, Action.FAIL, Action.CONFIRM_CANCEL, Action.RELEASE}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rescued:
+    job_id: str
+    worker_id: str | None
+    action: Action  # LOST (back to pending) or QUARANTINE (to the DLQ)
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    job_types: tuple[str, ...]
+    concurrency: int
+    started_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    state: str = "running"
+    jobs_running: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobQuery:
+    """Filters and paging for listing jobs."""
+
+    states: tuple[JobState, ...] = ()
+    job_type: str | None = None
+    queue: str | None = None
+    created_by: str | None = None
+    limit: int = 50
+    offset: int = 0
+    sort: str = "created_at"
+    descending: bool = True
+
+    SORT_FIELDS = ("created_at", "updated_at", "priority", "run_at", "completed_at", "job_type")
+
+    def validate(self) -> None:
+        errs: list[FieldError] = []
+        if not 1 <= self.limit <= 1000:
+            errs.append(FieldError("limit", "must be from 1 to 1000"))
+        if self.offset < 0:
+            errs.append(FieldError("offset", "must be >= 0"))
+        if self.sort not in self.SORT_FIELDS:
+            errs.append(FieldError("sort", f"must be one of {', '.join(self.SORT_FIELDS)}"))
+        if errs:
+            raise ValidationError(
+                "Invalid query: " + "; ".join(f"{e.field} {e.message}" for e in errs), errs
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    jobs: list[Job]
+    total: int
+    limit: int
+    offset: int
+
+    @property
+    def has_more(self) -> bool:
+        return self.offset + len(self.jobs) < self.total
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One outbox entry."""
+
+    id: int
+    type: str
+    job_id: str | None
+    data: dict[str, Any]
+    created_at: datetime
+
+
+def validate_batch(jobs: Sequence[NewJob]) -> None:
+    """Validate every job of a batch; one error names all problems."""
+    details: list[FieldError] = []
+    for i, new in enumerate(jobs):
+        prefix = f"jobs[{i}]." if len(jobs) > 1 else ""
+        details.extend(FieldError(prefix + e.field, e.message) for e in new.errors())
+    if details:
+        raise ValidationError(
+            "Invalid job: " + "; ".join(f"{d.field} {d.message}" for d in details), details
+        )
+
+
+def lost_action(job: Job, max_lost: int) -> Action:
+    """LOST (retry) or QUARANTINE (DLQ) for a running job whose worker died."""
+    if job.cancel_requested_at is not None:
+        return Action.CONFIRM_CANCEL
+    if job.lost_count + 1 >= max_lost or job.attempt > job.max_retries:
+        return Action.QUARANTINE
+    return Action.LOST

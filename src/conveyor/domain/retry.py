@@ -1,0 +1,76 @@
+"""Retry decisions: pure functions of the error, the attempt and a policy."""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from conveyor.domain.errors import Permanent, Retry
+from conveyor.domain.states import Action
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter.
+
+    The n-th retry waits a uniform random time in ``[0, min(max_delay,
+    base * factor ** (n - 1))]`` seconds. ``jitter=False`` waits the cap itself.
+    """
+
+    base: float = 1.0
+    factor: float = 2.0
+    max_delay: float = 300.0
+    jitter: bool = True
+    permanent_errors: tuple[type[BaseException], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.base < 0 or self.factor < 1 or self.max_delay < 0:
+            raise ValueError("RetryPolicy needs base >= 0, factor >= 1 and max_delay >= 0")
+
+    def cap(self, retry_number: int) -> float:
+        exponent = max(0, retry_number - 1)
+        # Bound the exponent so factor ** exponent cannot overflow a float.
+        if exponent > 64:
+            return self.max_delay
+        return float(min(self.max_delay, self.base * self.factor**exponent))
+
+    def delay(self, retry_number: int, rand: Callable[[], float] = _random.random) -> float:
+        cap = self.cap(retry_number)
+        return cap * rand() if self.jitter else cap
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action  # RETRY or FAIL
+    delay: float  # seconds until the retry; 0 for FAIL
+    error: str
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def decide(
+    exc: BaseException,
+    *,
+    attempt: int,
+    max_retries: int,
+    policy: RetryPolicy,
+    rand: Callable[[], float] = _random.random,
+) -> Decision:
+    """What to do after attempt number ``attempt`` (1-based) raised ``exc``.
+
+    Transient unless marked permanent; timeouts are transient; ``Retry`` asks
+    for its own delay; no attempts left means the dead-letter queue.
+    """
+    error = describe(exc)
+    if isinstance(exc, (Permanent, policy.permanent_errors)):
+        return Decision(Action.FAIL, 0.0, error)
+    if attempt > max_retries:
+        return Decision(Action.FAIL, 0.0, error)
+    if isinstance(exc, Retry) and exc.delay is not None:
+        return Decision(Action.RETRY, exc.delay, error)
+    return Decision(Action.RETRY, policy.delay(attempt, rand), error)

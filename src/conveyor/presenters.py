@@ -1,0 +1,72 @@
+"""Plain-JSON views of domain objects, shared by the CLI and the REST API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from conveyor.domain.job import Execution, Job, WorkerInfo
+
+
+def iso(dt: datetime | None) -> str | None:
+    return None if dt is None else dt.isoformat().replace("+00:00", "Z")
+
+
+def job_dict(job: Job, executions: list[Execution] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "job_id": job.id,
+        "id": job.id,
+        "job_type": job.job_type,
+        "status": job.status,
+        "queue": job.queue,
+        "priority": job.priority,
+        "payload": job.payload,
+        "result": job.result,
+        "error": job.error,
+        "attempt": job.attempt,
+        "max_retries": job.max_retries,
+        "timeout_ms": job.timeout_ms,
+        "scheduled_at": iso(job.run_at),
+        "worker_id": job.worker_id,
+        "idempotency_key": job.idempotency_key,
+        "workflow_id": job.workflow_id,
+        "depends_on": job.depends_on,
+        "lost_count": job.lost_count,
+        "cancel_requested_at": iso(job.cancel_requested_at),
+        "created_by": job.created_by,
+        "metadata": job.metadata,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "completed_at": iso(job.completed_at),
+        "updated_at": iso(job.updated_at),
+    }
+    if executions is not None:
+        out["executions"] = [execution_dict(e) for e in executions]
+    return out
+
+
+def execution_dict(e: Execution) -> dict[str, Any]:
+    return {
+        "attempt": e.attempt,
+        "worker_id": e.worker_id,
+        "started_at": iso(e.started_at),
+        "finished_at": iso(e.finished_at),
+        "outcome": e.outcome,
+        "error": e.error,
+    }
+
+
+def worker_dict(w: WorkerInfo, *, alive: bool) -> dict[str, Any]:
+    return {
+        "worker_id": w.id,
+        "host": w.host,
+        "pid": w.pid,
+        "state": w.state,
+        "alive": alive,
+        "queues": list(w.queues),
+        "job_types": list(w.job_types),
+        "concurrency": w.concurrency,
+        "jobs_running": w.jobs_running,
+        "started_at": iso(w.started_at),
+        "last_heartbeat": iso(w.heartbeat_at),
+    }

@@ -1,0 +1,116 @@
+"""Job definitions: handler, defaults, and payload validation from the signature."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import pydantic
+
+from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
+from conveyor.domain.job import DEFAULT_MAX_RETRIES, DEFAULT_PRIORITY, DEFAULT_QUEUE
+from conveyor.domain.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from conveyor.app import Conveyor
+    from conveyor.domain.job import Job
+
+Handler = Callable[..., Any]
+
+
+@dataclass
+class JobDefinition:
+    """A registered job type. Calling it runs the handler directly (for tests)."""
+
+    job_type: str
+    handler: Handler
+    app: Conveyor
+    queue: str = DEFAULT_QUEUE
+    priority: int = DEFAULT_PRIORITY
+    max_retries: int = DEFAULT_MAX_RETRIES
+    timeout: float | None = 300.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    is_async: bool = False
+    _model: type[pydantic.BaseModel] | None = None
+
+    def __post_init__(self) -> None:
+        self.is_async = inspect.iscoroutinefunction(self.handler)
+        self._model = payload_model(self.job_type, self.handler)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.handler(*args, **kwargs)
+
+    def validate_payload(self, payload: Mapping[str, Any]) -> None:
+        """Raise ``ValidationError`` if ``payload`` does not fit the handler's signature."""
+        if self._model is None:
+            return
+        try:
+            self._model.model_validate(dict(payload), strict=False)
+        except pydantic.ValidationError as exc:
+            details = [
+                FieldError(
+                    "payload." + ".".join(str(p) for p in err["loc"]) if err["loc"] else "payload",
+                    err["msg"],
+                )
+                for err in exc.errors()
+            ]
+            raise ValidationError(
+                f"Invalid payload for job type {self.job_type!r}: "
+                + "; ".join(f"{d.field}: {d.message}" for d in details),
+                details,
+            ) from None
+
+    async def enqueue(self, **payload: Any) -> Job:
+        """Submit this job type with ``payload`` as keyword arguments."""
+        return await self.app.enqueue(self.job_type, payload)
+
+
+def payload_model(job_type: str, handler: Handler) -> type[pydantic.BaseModel] | None:
+    """A pydantic model of the handler's keyword parameters (after ``ctx``).
+
+    ``None`` when the handler takes ``**kwargs`` only (any payload goes).
+    """
+    try:
+        sig = inspect.signature(handler, eval_str=True)
+    except (TypeError, ValueError):
+        return None
+    except NameError as exc:
+        raise ConfigurationError(
+            f"Handler of job type {job_type!r} has an annotation that cannot be resolved: {exc}"
+        ) from exc
+    params = list(sig.parameters.values())
+    if not params or params[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        raise ConfigurationError(
+            f"Handler of job type {job_type!r} must take `ctx` as its first parameter"
+        )
+    fields_: dict[str, Any] = {}
+    extra: Literal["allow", "forbid"] = "forbid"
+    for p in params[1:]:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            extra = "allow"
+            continue
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY):
+            raise ConfigurationError(
+                f"Handler of job type {job_type!r}: payload parameters must be keywords "
+                f"(got {p.name!r})"
+            )
+        annotation = Any if p.annotation is inspect.Parameter.empty else p.annotation
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields_[p.name] = (annotation, default)
+    if not fields_ and extra == "allow":
+        return None
+    try:
+        return pydantic.create_model(
+            f"{job_type}_payload",
+            __config__=pydantic.ConfigDict(extra=extra, arbitrary_types_allowed=True),
+            **fields_,
+        )
+    except (pydantic.PydanticUserError, TypeError, NameError) as exc:
+        raise ConfigurationError(
+            f"Cannot build a payload model for job type {job_type!r}: {exc}"
+        ) from exc

@@ -1,0 +1,148 @@
+"""The Store port: every persistence operation the runtime needs, batch-first.
+
+Adapters (``memory``, ``sqlite``, later ``postgres``) implement this class and
+pass the same contract suite (``tests/contract``). They raise the errors of
+``conveyor.domain.errors`` and nothing else.
+
+Rules every adapter keeps:
+- a state change names the state it leaves (``WHERE state = ...``);
+- terminal writes are fenced by the attempt's lease token;
+- each transition appends its lifecycle event to the outbox atomically.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from conveyor.domain.job import (
+    EnqueueResult,
+    Event,
+    Execution,
+    Finish,
+    Job,
+    JobQuery,
+    NewJob,
+    Page,
+    Rescued,
+    WorkerInfo,
+)
+from conveyor.domain.states import JobState
+
+
+class Store(abc.ABC):
+    """Persistence port. All methods are coroutines; ``now`` is the caller's clock."""
+
+    # -- lifecycle -------------------------------------------------------
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply migrations."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- submit ------------------------------------------------------------
+    @abc.abstractmethod
+    async def enqueue_many(self, jobs: Sequence[NewJob], now: datetime) -> list[EnqueueResult]:
+        """Insert jobs atomically (all or none); duplicates by idempotency key
+        return the existing active job flagged ``duplicate``. Unknown
+        ``depends_on`` ids raise ``ValidationError`` and insert nothing."""
+
+    # -- worker hot path ---------------------------------------------------
+    @abc.abstractmethod
+    async def fetch(
+        self,
+        worker_id: str,
+        *,
+        queues: Sequence[str],
+        job_types: Sequence[str],
+        limit: int,
+        now: datetime,
+    ) -> list[Job]:
+        """Lease up to ``limit`` ready jobs (priority desc, then FIFO); each gets
+        a new lease token, ``attempt + 1`` and an execution row."""
+
+    @abc.abstractmethod
+    async def finish_many(self, finishes: Sequence[Finish], now: datetime) -> list[bool]:
+        """Apply fenced outcomes; ``False`` where the lease was no longer held."""
+
+    @abc.abstractmethod
+    async def register_worker(self, worker: WorkerInfo, now: datetime) -> None: ...
+
+    @abc.abstractmethod
+    async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
+        """Refresh the worker's heartbeat; return ids of its running jobs whose
+        cancel was requested. Raises ``LeaseLost`` if the worker was declared dead."""
+
+    @abc.abstractmethod
+    async def deregister_worker(self, worker_id: str, now: datetime) -> None: ...
+
+    @abc.abstractmethod
+    async def rescue(
+        self, *, heartbeat_timeout: float, max_lost: int, now: datetime
+    ) -> list[Rescued]:
+        """Re-queue (or quarantine) the running jobs of workers whose heartbeat
+        is older than ``heartbeat_timeout`` seconds, and mark those workers dead."""
+
+    # -- operator actions -------------------------------------------------
+    @abc.abstractmethod
+    async def cancel(self, job_id: str, now: datetime) -> Job:
+        """Cancel now if not running; flag a running job for its worker.
+        Raises ``JobNotFound`` or ``JobNotCancellable``."""
+
+    @abc.abstractmethod
+    async def retry_failed(self, job_ids: Sequence[str], now: datetime) -> list[Job]:
+        """Move dead-lettered jobs back to pending with a fresh attempt budget."""
+
+    @abc.abstractmethod
+    async def purge_failed(self, job_ids: Sequence[str] | None, now: datetime) -> int:
+        """Delete dead-lettered jobs (all of them when ``job_ids`` is None)."""
+
+    @abc.abstractmethod
+    async def prune(self, older_than: datetime) -> int:
+        """Delete completed and cancelled jobs finished before ``older_than``."""
+
+    # -- reads --------------------------------------------------------------
+    @abc.abstractmethod
+    async def get(self, job_id: str) -> Job: ...
+
+    @abc.abstractmethod
+    async def executions(self, job_id: str) -> list[Execution]: ...
+
+    @abc.abstractmethod
+    async def list_jobs(self, query: JobQuery) -> Page: ...
+
+    @abc.abstractmethod
+    async def count_by_state(self) -> dict[JobState, int]: ...
+
+    @abc.abstractmethod
+    async def pending_by_type(self) -> dict[tuple[str, str], int]:
+        """Ready-or-waiting (pending) job counts by (queue, job_type)."""
+
+    @abc.abstractmethod
+    async def list_workers(self) -> list[WorkerInfo]: ...
+
+    @abc.abstractmethod
+    async def events_after(self, after_id: int, limit: int) -> list[Event]: ...
+
+    # -- helpers shared by adapters ----------------------------------------
+    @staticmethod
+    def event_data(job: Job, **extra: Any) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "job_id": job.id,
+            "job_type": job.job_type,
+            "queue": job.queue,
+            "status": job.status,
+            "attempt": job.attempt,
+        }
+        data.update(extra)
+        return data

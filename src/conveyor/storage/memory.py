@@ -1,0 +1,457 @@
+"""In-memory Store: product code for tests, demos and ``memory://``.
+
+Same semantics and errors as the SQL adapters; nothing survives the process.
+One asyncio lock serialises writers, like SQLite's single writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from conveyor.domain.errors import (
+    FieldError,
+    InvalidTransition,
+    JobNotCancellable,
+    JobNotFound,
+    ValidationError,
+)
+from conveyor.domain.ids import new_job_id, new_token
+from conveyor.domain.job import (
+    FINISH_ACTIONS,
+    EnqueueResult,
+    Event,
+    Execution,
+    Finish,
+    Job,
+    JobQuery,
+    NewJob,
+    Page,
+    Rescued,
+    WorkerInfo,
+    lost_action,
+    validate_batch,
+)
+from conveyor.domain.states import (
+    ACTIVE_STATES,
+    EVENT_FOR_ACTION,
+    Action,
+    EventType,
+    JobState,
+    next_state,
+)
+from conveyor.storage.base import Store
+
+
+class MemoryStore(Store):
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._seq: dict[str, int] = {}
+        self._counter = itertools.count()
+        self._executions: dict[str, list[Execution]] = {}
+        self._children: dict[str, set[str]] = {}
+        self._workers: dict[str, WorkerInfo] = {}
+        self._events: list[Event] = []
+        self._event_ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    # -- internals ----------------------------------------------------------
+    def _emit(self, type_: str, job: Job | None, now: datetime, **data: Any) -> None:
+        payload = self.event_data(job, **data) if job is not None else data
+        self._events.append(
+            Event(next(self._event_ids), type_, job.id if job else None, payload, now)
+        )
+
+    def _move(self, job: Job, action: Action, now: datetime, **data: Any) -> None:
+        job.state = next_state(job.state, action)
+        job.updated_at = now
+        if job.state.is_terminal:
+            job.completed_at = now
+        self._emit(EVENT_FOR_ACTION[action].value, job, now, **data)
+
+    def _end_execution(self, job: Job, now: datetime, outcome: str, error: str | None) -> None:
+        runs = self._executions.get(job.id, [])
+        for i in range(len(runs) - 1, -1, -1):
+            if runs[i].attempt == job.attempt and runs[i].finished_at is None:
+                runs[i] = replace(runs[i], finished_at=now, outcome=outcome, error=error)
+                break
+
+    def _after_terminal(self, job: Job, now: datetime) -> None:
+        """Unblock or cancel the children of a job that just finished."""
+        todo = [job]
+        while todo:
+            parent = todo.pop()
+            for child_id in sorted(self._children.get(parent.id, ())):
+                child = self._jobs.get(child_id)
+                if child is None or child.state is not JobState.BLOCKED:
+                    continue
+                if parent.state is JobState.COMPLETED:
+                    if all(
+                        self._jobs[p].state is JobState.COMPLETED
+                        for p in child.depends_on
+                        if p in self._jobs
+                    ):
+                        child.run_at = now
+                        self._move(child, Action.UNBLOCK, now)
+                else:
+                    child.error = f"parent {parent.id} {parent.state.value}"
+                    self._move(child, Action.PARENT_FAILED, now)
+                    todo.append(child)
+
+    def _get(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    # -- submit -------------------------------------------------------------
+    async def enqueue_many(self, jobs: Sequence[NewJob], now: datetime) -> list[EnqueueResult]:
+        validate_batch(jobs)
+        async with self._lock:
+            by_key = {
+                j.idempotency_key: j
+                for j in self._jobs.values()
+                if j.idempotency_key is not None and j.state in ACTIVE_STATES
+            }
+            for new in jobs:
+                for dep in new.depends_on:
+                    if dep not in self._jobs:
+                        raise ValidationError(
+                            f"depends_on: job {dep!r} does not exist",
+                            [FieldError("depends_on", f"job {dep!r} does not exist")],
+                        )
+            results: list[EnqueueResult] = []
+            for new in jobs:
+                if new.idempotency_key is not None and new.idempotency_key in by_key:
+                    results.append(EnqueueResult(copy.deepcopy(by_key[new.idempotency_key]), True))
+                    continue
+                parents = [self._jobs[d] for d in dict.fromkeys(new.depends_on)]
+                state = JobState.PENDING
+                error = None
+                if any(p.state in (JobState.FAILED, JobState.CANCELLED) for p in parents):
+                    state, error = JobState.CANCELLED, "a parent job failed or was cancelled"
+                elif any(p.state is not JobState.COMPLETED for p in parents):
+                    state = JobState.BLOCKED
+                job = Job(
+                    id=new_job_id(),
+                    job_type=new.job_type,
+                    state=state,
+                    payload=dict(new.payload),
+                    queue=new.queue,
+                    priority=new.priority,
+                    max_retries=new.max_retries,
+                    timeout_ms=new.timeout_ms,
+                    run_at=new.run_at or now,
+                    error=error,
+                    idempotency_key=new.idempotency_key,
+                    workflow_id=new.workflow_id,
+                    created_by=new.created_by,
+                    metadata=dict(new.metadata),
+                    created_at=now,
+                    updated_at=now,
+                    completed_at=now if state is JobState.CANCELLED else None,
+                    depends_on=[p.id for p in parents],
+                )
+                self._jobs[job.id] = job
+                self._seq[job.id] = next(self._counter)
+                for p in parents:
+                    self._children.setdefault(p.id, set()).add(job.id)
+                if job.idempotency_key is not None and state in ACTIVE_STATES:
+                    by_key[job.idempotency_key] = job
+                self._emit(EventType.JOB_SUBMITTED.value, job, now, priority=job.priority)
+                results.append(EnqueueResult(copy.deepcopy(job), False))
+            return results
+
+    # -- worker hot path ------------------------------------------------------
+    async def fetch(
+        self,
+        worker_id: str,
+        *,
+        queues: Sequence[str],
+        job_types: Sequence[str],
+        limit: int,
+        now: datetime,
+    ) -> list[Job]:
+        async with self._lock:
+            ready = [
+                j
+                for j in self._jobs.values()
+                if j.state is JobState.PENDING
+                and j.run_at is not None
+                and j.run_at <= now
+                and (not queues or j.queue in queues)
+                and (not job_types or j.job_type in job_types)
+            ]
+            ready.sort(key=lambda j: (-j.priority, j.run_at, self._seq[j.id]))
+            out = []
+            for job in ready[:limit]:
+                job.attempt += 1
+                job.lease_token = new_token()
+                job.worker_id = worker_id
+                job.started_at = now
+                self._move(job, Action.FETCH, now, worker_id=worker_id)
+                self._executions.setdefault(job.id, []).append(
+                    Execution(job.id, job.attempt, worker_id, now, None, None, None)
+                )
+                out.append(copy.deepcopy(job))
+            return out
+
+    async def finish_many(self, finishes: Sequence[Finish], now: datetime) -> list[bool]:
+        for f in finishes:
+            if f.action not in FINISH_ACTIONS:
+                raise InvalidTransition("running", f.action.value)
+        async with self._lock:
+            out = []
+            for f in finishes:
+                job = self._jobs.get(f.job_id)
+                if (
+                    job is None
+                    or job.state is not JobState.RUNNING
+                    or job.lease_token != f.lease_token
+                ):
+                    out.append(False)
+                    continue
+                self._apply_finish(job, f, now)
+                out.append(True)
+            return out
+
+    def _apply_finish(self, job: Job, f: Finish, now: datetime) -> None:
+        started = job.started_at
+        duration_ms = int((now - started).total_seconds() * 1000) if started else None
+        job.lease_token = None
+        if f.action is Action.COMPLETE:
+            job.result = f.result
+            job.error = None
+            self._end_execution(job, now, "completed", None)
+            self._move(job, f.action, now, result=f.result, duration_ms=duration_ms)
+            self._after_terminal(job, now)
+        elif f.action is Action.RETRY:
+            job.error = f.error
+            job.run_at = f.retry_at or now
+            self._end_execution(job, now, "retry", f.error)
+            self._move(job, f.action, now, error=f.error, run_at=job.run_at.isoformat())
+        elif f.action is Action.FAIL:
+            job.error = f.error
+            self._end_execution(job, now, "failed", f.error)
+            self._move(job, f.action, now, error=f.error)
+            self._after_terminal(job, now)
+        elif f.action is Action.CONFIRM_CANCEL:
+            job.error = f.error or "cancelled"
+            self._end_execution(job, now, "cancelled", f.error)
+            self._move(job, f.action, now)
+            self._after_terminal(job, now)
+        else:  # RELEASE: the attempt did not really happen
+            job.attempt = max(0, job.attempt - 1)
+            job.run_at = now
+            job.worker_id = None
+            self._end_execution(job, now, "released", None)
+            self._move(job, f.action, now, reason="worker_shutdown")
+
+    async def register_worker(self, worker: WorkerInfo, now: datetime) -> None:
+        async with self._lock:
+            self._workers[worker.id] = replace(
+                worker, started_at=now, heartbeat_at=now, state="running"
+            )
+            self._emit(
+                EventType.WORKER_STATUS_CHANGED.value,
+                None,
+                now,
+                worker_id=worker.id,
+                status="running",
+            )
+
+    async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
+        async with self._lock:
+            w = self._workers.get(worker_id)
+            if w is not None:
+                w.heartbeat_at = now
+                w.jobs_running = jobs_running
+                w.state = "running"
+            return {
+                j.id
+                for j in self._jobs.values()
+                if j.state is JobState.RUNNING
+                and j.worker_id == worker_id
+                and j.cancel_requested_at is not None
+            }
+
+    async def deregister_worker(self, worker_id: str, now: datetime) -> None:
+        async with self._lock:
+            w = self._workers.get(worker_id)
+            if w is not None:
+                w.state = "stopped"
+                w.heartbeat_at = now
+                w.jobs_running = 0
+                self._emit(
+                    EventType.WORKER_STATUS_CHANGED.value,
+                    None,
+                    now,
+                    worker_id=worker_id,
+                    status="stopped",
+                )
+
+    async def rescue(
+        self, *, heartbeat_timeout: float, max_lost: int, now: datetime
+    ) -> list[Rescued]:
+        cutoff = now - timedelta(seconds=heartbeat_timeout)
+        async with self._lock:
+            for w in self._workers.values():
+                if w.state == "running" and w.heartbeat_at is not None and w.heartbeat_at < cutoff:
+                    w.state = "dead"
+                    self._emit(
+                        EventType.WORKER_STATUS_CHANGED.value,
+                        None,
+                        now,
+                        worker_id=w.id,
+                        status="dead",
+                    )
+            live = {w.id for w in self._workers.values() if w.state == "running"}
+            out = []
+            for job in self._jobs.values():
+                if job.state is not JobState.RUNNING or job.worker_id in live:
+                    continue
+                action = lost_action(job, max_lost)
+                job.lost_count += 1
+                job.lease_token = None
+                job.error = "worker_lost"
+                self._end_execution(job, now, "lost", "worker_lost")
+                if action is Action.LOST:
+                    job.run_at = now
+                self._move(job, action, now, error="worker_lost", worker_id=job.worker_id)
+                if job.state.is_terminal:
+                    self._after_terminal(job, now)
+                out.append(Rescued(job.id, job.worker_id, action))
+            return out
+
+    # -- operator actions ------------------------------------------------------
+    async def cancel(self, job_id: str, now: datetime) -> Job:
+        async with self._lock:
+            job = self._get(job_id)
+            if job.state.is_terminal:
+                raise JobNotCancellable(job_id, job.state.value)
+            if job.state is JobState.RUNNING:
+                if job.cancel_requested_at is None:
+                    job.cancel_requested_at = now
+                    job.updated_at = now
+                    self._emit(EventType.JOB_STATUS_CHANGED.value, job, now)
+            else:
+                job.error = "cancelled"
+                self._move(job, Action.CANCEL, now)
+                self._after_terminal(job, now)
+            return copy.deepcopy(job)
+
+    async def retry_failed(self, job_ids: Sequence[str], now: datetime) -> list[Job]:
+        async with self._lock:
+            jobs = [self._get(i) for i in job_ids]
+            for job in jobs:
+                if job.state is not JobState.FAILED:
+                    raise InvalidTransition(
+                        job.state.value,
+                        "retry",
+                        f"Cannot retry job {job.id} in {job.state.value} status; "
+                        "only failed (dead-lettered) jobs can be retried",
+                    )
+            for job in jobs:
+                job.attempt = 0
+                job.lost_count = 0
+                job.run_at = now
+                job.completed_at = None
+                job.cancel_requested_at = None
+                job.worker_id = None
+                self._move(job, Action.DLQ_RETRY, now)
+            return [copy.deepcopy(j) for j in jobs]
+
+    async def purge_failed(self, job_ids: Sequence[str] | None, now: datetime) -> int:
+        async with self._lock:
+            if job_ids is None:
+                ids = [j.id for j in self._jobs.values() if j.state is JobState.FAILED]
+            else:
+                ids = list(dict.fromkeys(job_ids))
+                for i in ids:
+                    job = self._get(i)
+                    if job.state is not JobState.FAILED:
+                        raise InvalidTransition(
+                            job.state.value,
+                            "purge",
+                            f"Cannot purge job {i} in {job.state.value} status; "
+                            "only failed (dead-lettered) jobs can be purged",
+                        )
+            self._delete(ids)
+            return len(ids)
+
+    def _delete(self, ids: Sequence[str]) -> None:
+        for i in ids:
+            self._jobs.pop(i, None)
+            self._seq.pop(i, None)
+            self._executions.pop(i, None)
+            self._children.pop(i, None)
+
+    async def prune(self, older_than: datetime) -> int:
+        async with self._lock:
+            ids = [
+                j.id
+                for j in self._jobs.values()
+                if j.state in (JobState.COMPLETED, JobState.CANCELLED)
+                and j.completed_at is not None
+                and j.completed_at < older_than
+            ]
+            self._delete(ids)
+            self._events = [e for e in self._events if e.created_at >= older_than]
+            return len(ids)
+
+    # -- reads --------------------------------------------------------------------
+    async def get(self, job_id: str) -> Job:
+        return copy.deepcopy(self._get(job_id))
+
+    async def executions(self, job_id: str) -> list[Execution]:
+        self._get(job_id)
+        return list(self._executions.get(job_id, []))
+
+    async def list_jobs(self, query: JobQuery) -> Page:
+        query.validate()
+        jobs = [
+            j
+            for j in self._jobs.values()
+            if (not query.states or j.state in query.states)
+            and (query.job_type is None or j.job_type == query.job_type)
+            and (query.queue is None or j.queue == query.queue)
+            and (query.created_by is None or j.created_by == query.created_by)
+        ]
+
+        def key(j: Job) -> tuple[bool, Any, int]:
+            value = getattr(j, query.sort)
+            return (value is not None, value if value is not None else 0, self._seq[j.id])
+
+        jobs.sort(key=key, reverse=query.descending)
+        window = jobs[query.offset : query.offset + query.limit]
+        return Page([copy.deepcopy(j) for j in window], len(jobs), query.limit, query.offset)
+
+    async def count_by_state(self) -> dict[JobState, int]:
+        counts = dict.fromkeys(JobState, 0)
+        for j in self._jobs.values():
+            counts[j.state] += 1
+        return counts
+
+    async def pending_by_type(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for j in self._jobs.values():
+            if j.state is JobState.PENDING:
+                out[(j.queue, j.job_type)] = out.get((j.queue, j.job_type), 0) + 1
+        return out
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        return [replace(w) for w in self._workers.values()]
+
+    async def events_after(self, after_id: int, limit: int) -> list[Event]:
+        return [e for e in self._events if e.id > after_id][:limit]

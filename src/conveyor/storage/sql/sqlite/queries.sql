@@ -1,0 +1,229 @@
+-- Named queries of the SQLite store. Lists are passed as JSON arrays and read
+-- with json_each, so every statement here is static and prepared once.
+-- Write statements run inside BEGIN IMMEDIATE transactions (one writer).
+
+-- name: insert_job
+INSERT INTO jobs (id, queue, job_type, state, priority, payload, error, max_retries, timeout_ms,
+                  run_at, idempotency_key, workflow_id, created_by, metadata, created_at,
+                  completed_at, updated_at)
+VALUES (:id, :queue, :job_type, :state, :priority, :payload, :error, :max_retries, :timeout_ms,
+        :run_at, :idempotency_key, :workflow_id, :created_by, :metadata, :created_at,
+        :completed_at, :created_at)
+
+-- name: insert_dependency
+INSERT OR IGNORE INTO job_dependencies (child_id, parent_id) VALUES (?, ?)
+
+-- name: mark_has_children
+UPDATE jobs SET has_children = 1 WHERE id = ?
+
+-- name: insert_event
+INSERT INTO events (type, job_id, data, created_at) VALUES (?, ?, ?, ?)
+
+-- name: active_by_keys
+SELECT * FROM jobs
+WHERE idempotency_key IN (SELECT value FROM json_each(?))
+  AND state IN ('blocked', 'pending', 'running')
+
+-- name: jobs_by_ids
+SELECT * FROM jobs WHERE id IN (SELECT value FROM json_each(?))
+
+-- name: fetch
+UPDATE jobs
+SET state = 'running', attempt = attempt + 1, lease_token = :token, worker_id = :worker,
+    started_at = :now, updated_at = :now
+WHERE seq IN (
+    SELECT seq FROM jobs
+    WHERE state = 'pending' AND run_at <= :now
+      AND (:any_queue OR queue IN (SELECT value FROM json_each(:queues)))
+      AND (:any_type OR job_type IN (SELECT value FROM json_each(:types)))
+    ORDER BY priority DESC, run_at, seq
+    LIMIT :limit)
+RETURNING *
+
+-- name: insert_started_executions
+INSERT INTO job_executions (job_id, attempt, worker_id, started_at)
+SELECT id, attempt, worker_id, started_at FROM jobs
+WHERE state = 'running' AND worker_id = :worker AND lease_token = :token
+ORDER BY priority DESC, run_at, seq
+
+-- name: insert_started_events
+INSERT INTO events (type, job_id, data, created_at)
+SELECT 'job_started', id,
+       json_object('job_id', id, 'job_type', job_type, 'queue', queue, 'status', 'running',
+                   'attempt', attempt, 'worker_id', worker_id),
+       :now
+FROM jobs
+WHERE state = 'running' AND worker_id = :worker AND lease_token = :token
+ORDER BY priority DESC, run_at, seq
+
+-- name: running_by_ids
+SELECT id, lease_token, attempt, started_at, job_type, queue, has_children FROM jobs
+WHERE id IN (SELECT value FROM json_each(?)) AND state = 'running'
+
+-- name: finish_complete
+UPDATE jobs SET state = 'completed', result = ?, error = NULL, lease_token = NULL,
+                completed_at = ?, updated_at = ?
+WHERE id = ? AND state = 'running' AND lease_token = ?
+
+-- name: finish_retry
+UPDATE jobs SET state = 'pending', error = ?, run_at = ?, lease_token = NULL, updated_at = ?
+WHERE id = ? AND state = 'running' AND lease_token = ?
+
+-- name: finish_fail
+UPDATE jobs SET state = 'failed', error = ?, lease_token = NULL, completed_at = ?, updated_at = ?
+WHERE id = ? AND state = 'running' AND lease_token = ?
+
+-- name: finish_cancel
+UPDATE jobs SET state = 'cancelled', error = ?, lease_token = NULL, completed_at = ?,
+                updated_at = ?
+WHERE id = ? AND state = 'running' AND lease_token = ?
+
+-- name: finish_release
+UPDATE jobs SET state = 'pending', attempt = attempt - 1, run_at = ?, lease_token = NULL,
+                worker_id = NULL, updated_at = ?
+WHERE id = ? AND state = 'running' AND lease_token = ?
+
+-- name: end_execution
+UPDATE job_executions SET finished_at = ?, outcome = ?, error = ?
+WHERE job_id = ? AND attempt = ? AND finished_at IS NULL
+
+-- name: blocked_children
+SELECT DISTINCT j.* FROM job_dependencies d JOIN jobs j ON j.id = d.child_id
+WHERE d.parent_id IN (SELECT value FROM json_each(?)) AND j.state = 'blocked'
+
+-- name: parent_states
+SELECT j.state, count(*) AS n FROM job_dependencies d JOIN jobs j ON j.id = d.parent_id
+WHERE d.child_id = ? GROUP BY j.state
+
+-- name: unblock
+UPDATE jobs SET state = 'pending', run_at = ?, updated_at = ? WHERE id = ? AND state = 'blocked'
+
+-- name: cancel_blocked
+UPDATE jobs SET state = 'cancelled', error = ?, completed_at = ?, updated_at = ?
+WHERE id = ? AND state = 'blocked'
+
+-- name: cancel_waiting
+UPDATE jobs SET state = 'cancelled', error = 'cancelled', completed_at = :now, updated_at = :now
+WHERE id = :id AND state IN ('pending', 'blocked')
+
+-- name: request_cancel
+UPDATE jobs SET cancel_requested_at = :now, updated_at = :now
+WHERE id = :id AND state = 'running' AND cancel_requested_at IS NULL
+
+-- name: upsert_worker
+INSERT INTO workers (id, host, pid, queues, job_types, concurrency, started_at, heartbeat_at,
+                     state, jobs_running)
+VALUES (:id, :host, :pid, :queues, :job_types, :concurrency, :now, :now, 'running', 0)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = :now, state = 'running'
+
+-- name: heartbeat
+UPDATE workers SET heartbeat_at = ?, jobs_running = ?, state = 'running' WHERE id = ?
+
+-- name: cancel_requested_for_worker
+SELECT id FROM jobs
+WHERE state = 'running' AND worker_id = ? AND cancel_requested_at IS NOT NULL
+
+-- name: deregister_worker
+UPDATE workers SET state = 'stopped', heartbeat_at = ?, jobs_running = 0
+WHERE id = ? AND state != 'stopped'
+
+-- name: mark_stale_workers_dead
+UPDATE workers SET state = 'dead' WHERE state = 'running' AND heartbeat_at < ? RETURNING id
+
+-- name: orphaned_running
+SELECT * FROM jobs
+WHERE state = 'running'
+  AND (worker_id IS NULL OR worker_id NOT IN (SELECT id FROM workers WHERE state = 'running'))
+
+-- name: rescue_lost
+UPDATE jobs SET state = 'pending', lost_count = lost_count + 1, lease_token = NULL,
+                error = 'worker_lost', run_at = ?, updated_at = ?
+WHERE id = ? AND state = 'running' AND lease_token IS ?
+
+-- name: rescue_quarantine
+UPDATE jobs SET state = 'failed', lost_count = lost_count + 1, lease_token = NULL,
+                error = 'worker_lost', completed_at = ?, updated_at = ?
+WHERE id = ? AND state = 'running' AND lease_token IS ?
+
+-- name: rescue_cancel
+UPDATE jobs SET state = 'cancelled', lost_count = lost_count + 1, lease_token = NULL,
+                error = 'cancelled', completed_at = ?, updated_at = ?
+WHERE id = ? AND state = 'running' AND lease_token IS ?
+
+-- name: retry_failed
+UPDATE jobs SET state = 'pending', attempt = 0, lost_count = 0, run_at = :now,
+                completed_at = NULL, cancel_requested_at = NULL, worker_id = NULL,
+                updated_at = :now
+WHERE id = :id AND state = 'failed'
+
+-- name: failed_ids
+SELECT id FROM jobs WHERE state = 'failed'
+
+-- name: delete_job
+DELETE FROM jobs WHERE id = ?
+
+-- name: delete_executions
+DELETE FROM job_executions WHERE job_id = ?
+
+-- name: delete_dependencies
+DELETE FROM job_dependencies WHERE child_id = ?
+
+-- name: prunable
+SELECT id FROM jobs
+WHERE state IN ('completed', 'cancelled') AND completed_at < ?
+LIMIT 5000
+
+-- name: prune_events
+DELETE FROM events WHERE created_at < ?
+
+-- name: get_job
+SELECT * FROM jobs WHERE id = ?
+
+-- name: job_parents
+SELECT parent_id FROM job_dependencies WHERE child_id = ?
+
+-- name: executions
+SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error
+FROM job_executions WHERE job_id = ? ORDER BY id
+
+-- name: list_jobs
+SELECT * FROM jobs
+WHERE (:states IS NULL OR state IN (SELECT value FROM json_each(:states)))
+  AND (:job_type IS NULL OR job_type = :job_type)
+  AND (:queue IS NULL OR queue = :queue)
+  AND (:created_by IS NULL OR created_by = :created_by)
+ORDER BY {order_by}
+LIMIT :limit OFFSET :offset
+
+-- name: count_jobs
+SELECT count(*) FROM jobs
+WHERE (:states IS NULL OR state IN (SELECT value FROM json_each(:states)))
+  AND (:job_type IS NULL OR job_type = :job_type)
+  AND (:queue IS NULL OR queue = :queue)
+  AND (:created_by IS NULL OR created_by = :created_by)
+
+-- name: count_by_state
+SELECT state, count(*) FROM jobs GROUP BY state
+
+-- name: pending_by_type
+SELECT queue, job_type, count(*) FROM jobs WHERE state = 'pending' GROUP BY queue, job_type
+
+-- name: list_workers
+SELECT * FROM workers ORDER BY started_at
+
+-- name: events_after
+SELECT id, type, job_id, data, created_at FROM events WHERE id > ? ORDER BY id LIMIT ?
+
+-- name: migrations_table
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    checksum   TEXT NOT NULL,
+    applied_at REAL NOT NULL
+)
+
+-- name: applied_migrations
+SELECT version, name, checksum FROM schema_migrations ORDER BY version
+
+-- name: record_migration
+INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, ?)

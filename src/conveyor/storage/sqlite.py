@@ -1,0 +1,859 @@
+"""SQLite Store: the embedded default.
+
+One connection, owned by one thread, does every read and write: SQLite has a
+single writer anyway, and a single thread keeps the connection's prepared
+statements warm. WAL mode lets other processes read while we write;
+``synchronous=FULL`` makes each commit durable before ``enqueue`` returns
+(promise 1). Every write transaction is ``BEGIN IMMEDIATE`` so two processes
+never deadlock upgrading a read lock; ``busy_timeout`` makes them queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from conveyor.domain.errors import (
+    ConfigurationError,
+    FieldError,
+    InvalidTransition,
+    JobNotCancellable,
+    JobNotFound,
+    StoreError,
+    StoreUnavailable,
+    ValidationError,
+)
+from conveyor.domain.ids import new_job_id, new_token
+from conveyor.domain.job import (
+    FINISH_ACTIONS,
+    EnqueueResult,
+    Event,
+    Execution,
+    Finish,
+    Job,
+    JobQuery,
+    NewJob,
+    Page,
+    Rescued,
+    WorkerInfo,
+    lost_action,
+    validate_batch,
+)
+from conveyor.domain.states import Action, EventType, JobState
+from conveyor.storage.base import Store
+from conveyor.storage.sql import load_migrations, load_queries
+
+T = TypeVar("T")
+Q = load_queries("sqlite")
+
+_FINISH_SQL = {
+    Action.COMPLETE: Q["finish_complete"],
+    Action.RETRY: Q["finish_retry"],
+    Action.FAIL: Q["finish_fail"],
+    Action.CONFIRM_CANCEL: Q["finish_cancel"],
+    Action.RELEASE: Q["finish_release"],
+}
+_OUTCOME = {
+    Action.COMPLETE: "completed",
+    Action.RETRY: "retry",
+    Action.FAIL: "failed",
+    Action.CONFIRM_CANCEL: "cancelled",
+    Action.RELEASE: "released",
+}
+_EVENT = {
+    Action.COMPLETE: EventType.JOB_COMPLETED.value,
+    Action.RETRY: EventType.JOB_RETRYING.value,
+    Action.FAIL: EventType.JOB_DEAD_LETTERED.value,
+    Action.CONFIRM_CANCEL: EventType.JOB_CANCELLED.value,
+    Action.RELEASE: EventType.JOB_STATUS_CHANGED.value,
+}
+_STATUS = {
+    Action.COMPLETE: "completed",
+    Action.RETRY: "pending",
+    Action.FAIL: "failed",
+    Action.CONFIRM_CANCEL: "cancelled",
+    Action.RELEASE: "pending",
+}
+_ORDER_COLUMNS = {
+    "created_at": "created_at",
+    "updated_at": "updated_at",
+    "priority": "priority",
+    "run_at": "run_at",
+    "completed_at": "completed_at",
+    "job_type": "job_type",
+}
+
+
+def _ts(dt: datetime | None) -> float | None:
+    return None if dt is None else dt.timestamp()
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError as exc:
+        raise ValidationError(
+            f"Value is not JSON-serialisable: {exc}", [FieldError("payload", str(exc))]
+        ) from exc
+
+
+def job_from_row(row: sqlite3.Row) -> Job:
+    result = row["result"]
+    return Job(
+        id=row["id"],
+        job_type=row["job_type"],
+        state=JobState(row["state"]),
+        payload=orjson.loads(row["payload"]),
+        queue=row["queue"],
+        priority=row["priority"],
+        attempt=row["attempt"],
+        max_retries=row["max_retries"],
+        timeout_ms=row["timeout_ms"],
+        run_at=_dt(row["run_at"]),
+        result=None if result is None else orjson.loads(result),
+        error=row["error"],
+        lease_token=row["lease_token"],
+        worker_id=row["worker_id"],
+        idempotency_key=row["idempotency_key"],
+        workflow_id=row["workflow_id"],
+        cancel_requested_at=_dt(row["cancel_requested_at"]),
+        lost_count=row["lost_count"],
+        created_by=row["created_by"],
+        metadata=orjson.loads(row["metadata"]),
+        created_at=_dt(row["created_at"]),
+        started_at=_dt(row["started_at"]),
+        completed_at=_dt(row["completed_at"]),
+        updated_at=_dt(row["updated_at"]),
+    )
+
+
+def _event_json(row: Any, status: str, attempt: int, **extra: Any) -> bytes:
+    data = {
+        "job_id": row["id"],
+        "job_type": row["job_type"],
+        "queue": row["queue"],
+        "status": status,
+        "attempt": attempt,
+    }
+    data.update(extra)
+    return orjson.dumps(data)
+
+
+class SQLiteStore(Store):
+    """Store on one SQLite file. ``path`` may be ``:memory:`` only for one process."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 30_000) -> None:
+        self.path = str(path)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._conn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._thread_ident: int | None = None
+
+    # -- plumbing ---------------------------------------------------------------
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        if self.path != ":memory:":
+            parent = Path(self.path).resolve().parent  # noqa: ASYNC240 - once, at start-up
+            if not parent.is_dir():
+                raise ConfigurationError(
+                    f"Cannot open SQLite database {self.path!r}: folder {parent} does not exist"
+                )
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="conveyor-sqlite")
+        try:
+            await self._run(self._connect)
+            await self._run(self._migrate)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(executor, _close)
+        executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise StoreError("The SQLite store is not open: call `await store.open()` first")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreUnavailable(f"SQLite database {self.path} is busy: {exc}") from exc
+            raise StoreError(f"SQLite error on {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"SQLite error on {self.path}: {exc}") from exc
+
+    def _connect(self) -> None:
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=0
+            )
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"Cannot open SQLite database {self.path!r}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = OFF")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        conn.execute("PRAGMA cache_size = -65536")
+        self._conn = conn
+        self._thread_ident = threading.get_ident()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _migrate(self) -> list[str]:
+        applied_now: list[str] = []
+        with self._tx() as conn:
+            conn.execute(Q["migrations_table"])
+            applied = {r[0]: (r[1], r[2]) for r in conn.execute(Q["applied_migrations"])}
+            for m in load_migrations("sqlite"):
+                if m.version in applied:
+                    if applied[m.version][1] != m.checksum:
+                        raise ConfigurationError(
+                            f"Migration {m.version:04d}_{m.name} was changed after it was applied "
+                            f"to {self.path}; restore the original file or use a new database"
+                        )
+                    continue
+                for statement in _split_statements(m.sql):
+                    conn.execute(statement)
+                conn.execute(
+                    Q["record_migration"],
+                    (m.version, m.name, m.checksum, datetime.now(UTC).timestamp()),
+                )
+                applied_now.append(f"{m.version:04d}_{m.name}")
+        return applied_now
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations (``open`` already does); return what was applied."""
+        return await self._run(self._migrate)
+
+    # -- submit -------------------------------------------------------------------
+    async def enqueue_many(self, jobs: Sequence[NewJob], now: datetime) -> list[EnqueueResult]:
+        validate_batch(jobs)
+        rows = [_job_params(new, now) for new in jobs]  # serialise before taking the lock
+        return await self._run(self._enqueue, jobs, rows, now.timestamp())
+
+    def _enqueue(
+        self, jobs: Sequence[NewJob], rows: list[dict[str, Any]], now: float
+    ) -> list[EnqueueResult]:
+        with self._tx() as conn:
+            keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
+            existing: dict[str, Job] = {}
+            if keys:
+                for r in conn.execute(Q["active_by_keys"], (orjson.dumps(keys).decode(),)):
+                    existing[r["idempotency_key"]] = job_from_row(r)
+            deps = {d for j in jobs for d in j.depends_on}
+            parent_states: dict[str, str] = {}
+            if deps:
+                for r in conn.execute(Q["jobs_by_ids"], (orjson.dumps(sorted(deps)).decode(),)):
+                    parent_states[r["id"]] = r["state"]
+                missing = sorted(deps - parent_states.keys())
+                if missing:
+                    raise ValidationError(
+                        f"depends_on: job {missing[0]!r} does not exist",
+                        [FieldError("depends_on", f"job {m!r} does not exist") for m in missing],
+                    )
+            results: list[EnqueueResult] = []
+            inserts: list[dict[str, Any]] = []
+            events: list[tuple[str, str, bytes, float]] = []
+            for new, row in zip(jobs, rows, strict=True):
+                key = new.idempotency_key
+                if key is not None and key in existing:
+                    results.append(EnqueueResult(existing[key], True))
+                    continue
+                if new.depends_on:
+                    states = {parent_states[d] for d in new.depends_on}
+                    if states & {"failed", "cancelled"}:
+                        row["state"] = "cancelled"
+                        row["error"] = "a parent job failed or was cancelled"
+                        row["completed_at"] = now
+                    elif states != {"completed"}:
+                        row["state"] = "blocked"
+                inserts.append(row)
+                job = _job_from_params(row, new)
+                if key is not None and job.state in (JobState.BLOCKED, JobState.PENDING):
+                    existing[key] = job
+                events.append(
+                    (
+                        EventType.JOB_SUBMITTED.value,
+                        job.id,
+                        _event_json(row, row["state"], 0, priority=new.priority),
+                        now,
+                    )
+                )
+                results.append(EnqueueResult(job, False))
+            conn.executemany(Q["insert_job"], inserts)
+            dep_rows = [(r["id"], p) for r, j in zip(rows, jobs, strict=True) for p in j.depends_on]
+            if dep_rows:
+                conn.executemany(Q["insert_dependency"], dep_rows)
+                conn.executemany(Q["mark_has_children"], [(p,) for p in deps])
+            conn.executemany(Q["insert_event"], events)
+        return results
+
+    # -- worker hot path ------------------------------------------------------------
+    async def fetch(
+        self,
+        worker_id: str,
+        *,
+        queues: Sequence[str],
+        job_types: Sequence[str],
+        limit: int,
+        now: datetime,
+    ) -> list[Job]:
+        params = {
+            "token": new_token(),
+            "worker": worker_id,
+            "now": now.timestamp(),
+            "any_queue": not queues,
+            "queues": orjson.dumps(list(queues)).decode(),
+            "any_type": not job_types,
+            "types": orjson.dumps(list(job_types)).decode(),
+            "limit": limit,
+        }
+        return await self._run(self._fetch, params)
+
+    def _fetch(self, params: dict[str, Any]) -> list[Job]:
+        with self._tx() as conn:
+            rows = conn.execute(Q["fetch"], params).fetchall()
+            if rows:
+                conn.execute(Q["insert_started_executions"], params)
+                conn.execute(Q["insert_started_events"], params)
+        rows.sort(key=lambda r: (-r["priority"], r["run_at"], r["seq"]))
+        return [job_from_row(r) for r in rows]
+
+    async def finish_many(self, finishes: Sequence[Finish], now: datetime) -> list[bool]:
+        for f in finishes:
+            if f.action not in FINISH_ACTIONS:
+                raise InvalidTransition("running", f.action.value)
+        results = [None if f.action is not Action.COMPLETE else _dumps(f.result) for f in finishes]
+        return await self._run(self._finish, finishes, results, now.timestamp())
+
+    def _finish(
+        self, finishes: Sequence[Finish], results: list[str | None], now: float
+    ) -> list[bool]:
+        ids = orjson.dumps([f.job_id for f in finishes]).decode()
+        with self._tx() as conn:
+            running = {r["id"]: r for r in conn.execute(Q["running_by_ids"], (ids,))}
+            accepted: list[bool] = []
+            by_action: dict[Action, list[tuple[Any, ...]]] = {}
+            executions: list[tuple[Any, ...]] = []
+            events: list[tuple[str, str, bytes, float]] = []
+            finished_parents: list[str] = []
+            for f, result in zip(finishes, results, strict=True):
+                row = running.get(f.job_id)
+                if row is None or row["lease_token"] != f.lease_token:
+                    accepted.append(False)
+                    continue
+                del running[f.job_id]  # a second finish of the same lease in one batch loses
+                accepted.append(True)
+                action = f.action
+                attempt = row["attempt"]
+                extra: dict[str, Any] = {}
+                if action is Action.COMPLETE:
+                    params: tuple[Any, ...] = (result, now, now, f.job_id, f.lease_token)
+                    started = row["started_at"]
+                    extra = {
+                        "result": f.result,
+                        "duration_ms": None if started is None else int((now - started) * 1000),
+                    }
+                elif action is Action.RETRY:
+                    run_at = now if f.retry_at is None else f.retry_at.timestamp()
+                    params = (f.error, run_at, now, f.job_id, f.lease_token)
+                    extra = {"error": f.error, "run_at": _dt(run_at).isoformat()}  # type: ignore[union-attr]
+                elif action is Action.RELEASE:
+                    params = (now, now, f.job_id, f.lease_token)
+                    attempt -= 1
+                    extra = {"reason": "worker_shutdown"}
+                else:
+                    error = f.error or ("cancelled" if action is Action.CONFIRM_CANCEL else None)
+                    params = (error, now, now, f.job_id, f.lease_token)
+                    extra = {"error": error}
+                by_action.setdefault(action, []).append(params)
+                executions.append((now, _OUTCOME[action], f.error, f.job_id, row["attempt"]))
+                events.append(
+                    (
+                        _EVENT[action],
+                        f.job_id,
+                        _event_json(row, _STATUS[action], attempt, **extra),
+                        now,
+                    )
+                )
+                if row["has_children"] and action in (
+                    Action.COMPLETE,
+                    Action.FAIL,
+                    Action.CONFIRM_CANCEL,
+                ):
+                    finished_parents.append(f.job_id)
+            for action, params_list in by_action.items():
+                conn.executemany(_FINISH_SQL[action], params_list)
+            conn.executemany(Q["end_execution"], executions)
+            conn.executemany(Q["insert_event"], events)
+            if finished_parents:
+                self._settle_children(conn, finished_parents, now)
+        return accepted
+
+    def _settle_children(self, conn: sqlite3.Connection, parents: list[str], now: float) -> None:
+        """Unblock children whose parents all completed; cancel those with a failed parent."""
+        todo = parents
+        while todo:
+            children = conn.execute(Q["blocked_children"], (orjson.dumps(todo).decode(),))
+            todo = []
+            events = []
+            for child in children.fetchall():
+                states = {r[0]: r[1] for r in conn.execute(Q["parent_states"], (child["id"],))}
+                if states.keys() & {"failed", "cancelled"}:
+                    error = "a parent job failed or was cancelled"
+                    conn.execute(Q["cancel_blocked"], (error, now, now, child["id"]))
+                    events.append(
+                        (
+                            EventType.JOB_CANCELLED.value,
+                            child["id"],
+                            _event_json(child, "cancelled", child["attempt"], error=error),
+                            now,
+                        )
+                    )
+                    todo.append(child["id"])
+                elif set(states) == {"completed"}:
+                    conn.execute(Q["unblock"], (now, now, child["id"]))
+                    events.append(
+                        (
+                            EventType.JOB_STATUS_CHANGED.value,
+                            child["id"],
+                            _event_json(child, "pending", child["attempt"]),
+                            now,
+                        )
+                    )
+            conn.executemany(Q["insert_event"], events)
+
+    # -- workers ----------------------------------------------------------------------
+    async def register_worker(self, worker: WorkerInfo, now: datetime) -> None:
+        params = {
+            "id": worker.id,
+            "host": worker.host,
+            "pid": worker.pid,
+            "queues": orjson.dumps(list(worker.queues)).decode(),
+            "job_types": orjson.dumps(list(worker.job_types)).decode(),
+            "concurrency": worker.concurrency,
+            "now": now.timestamp(),
+        }
+        event = orjson.dumps({"worker_id": worker.id, "status": "running"})
+
+        def _do() -> None:
+            with self._tx() as conn:
+                conn.execute(Q["upsert_worker"], params)
+                conn.execute(
+                    Q["insert_event"],
+                    (EventType.WORKER_STATUS_CHANGED.value, None, event, params["now"]),
+                )
+
+        await self._run(_do)
+
+    async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
+        def _do() -> set[str]:
+            with self._tx() as conn:
+                conn.execute(Q["heartbeat"], (now.timestamp(), jobs_running, worker_id))
+                return {r[0] for r in conn.execute(Q["cancel_requested_for_worker"], (worker_id,))}
+
+        return await self._run(_do)
+
+    async def deregister_worker(self, worker_id: str, now: datetime) -> None:
+        event = orjson.dumps({"worker_id": worker_id, "status": "stopped"})
+
+        def _do() -> None:
+            with self._tx() as conn:
+                cur = conn.execute(Q["deregister_worker"], (now.timestamp(), worker_id))
+                if cur.rowcount:
+                    conn.execute(
+                        Q["insert_event"],
+                        (EventType.WORKER_STATUS_CHANGED.value, None, event, now.timestamp()),
+                    )
+
+        await self._run(_do)
+
+    async def rescue(
+        self, *, heartbeat_timeout: float, max_lost: int, now: datetime
+    ) -> list[Rescued]:
+        ts = now.timestamp()
+
+        def _do() -> list[Rescued]:
+            out: list[Rescued] = []
+            with self._tx() as conn:
+                dead = [
+                    r[0]
+                    for r in conn.execute(Q["mark_stale_workers_dead"], (ts - heartbeat_timeout,))
+                ]
+                events: list[tuple[str, str | None, bytes, float]] = [
+                    (
+                        EventType.WORKER_STATUS_CHANGED.value,
+                        None,
+                        orjson.dumps({"worker_id": w, "status": "dead"}),
+                        ts,
+                    )
+                    for w in dead
+                ]
+                finished: list[str] = []
+                for row in conn.execute(Q["orphaned_running"]).fetchall():
+                    job = job_from_row(row)
+                    action = lost_action(job, max_lost)
+                    if action is Action.LOST:
+                        conn.execute(Q["rescue_lost"], (ts, ts, job.id, job.lease_token))
+                        status, event = "pending", EventType.JOB_RETRYING.value
+                    elif action is Action.QUARANTINE:
+                        conn.execute(Q["rescue_quarantine"], (ts, ts, job.id, job.lease_token))
+                        status, event = "failed", EventType.JOB_DEAD_LETTERED.value
+                        finished.append(job.id)
+                    else:
+                        conn.execute(Q["rescue_cancel"], (ts, ts, job.id, job.lease_token))
+                        status, event = "cancelled", EventType.JOB_CANCELLED.value
+                        finished.append(job.id)
+                    conn.execute(
+                        Q["end_execution"], (ts, "lost", "worker_lost", job.id, job.attempt)
+                    )
+                    events.append(
+                        (
+                            event,
+                            job.id,
+                            _event_json(
+                                row,
+                                status,
+                                job.attempt,
+                                error="worker_lost",
+                                worker_id=job.worker_id,
+                            ),
+                            ts,
+                        )
+                    )
+                    out.append(Rescued(job.id, job.worker_id, action))
+                conn.executemany(Q["insert_event"], events)
+                if finished:
+                    self._settle_children(conn, finished, ts)
+            return out
+
+        return await self._run(_do)
+
+    # -- operator actions -------------------------------------------------------------
+    async def cancel(self, job_id: str, now: datetime) -> Job:
+        ts = now.timestamp()
+
+        def _do() -> Job:
+            with self._tx() as conn:
+                row = conn.execute(Q["get_job"], (job_id,)).fetchone()
+                if row is None:
+                    raise JobNotFound(job_id)
+                state = row["state"]
+                if state in ("completed", "failed", "cancelled"):
+                    raise JobNotCancellable(job_id, state)
+                if state == "running":
+                    if conn.execute(Q["request_cancel"], {"id": job_id, "now": ts}).rowcount:
+                        conn.execute(
+                            Q["insert_event"],
+                            (
+                                EventType.JOB_STATUS_CHANGED.value,
+                                job_id,
+                                _event_json(row, "cancelling", row["attempt"]),
+                                ts,
+                            ),
+                        )
+                else:
+                    conn.execute(Q["cancel_waiting"], {"id": job_id, "now": ts})
+                    conn.execute(
+                        Q["insert_event"],
+                        (
+                            EventType.JOB_CANCELLED.value,
+                            job_id,
+                            _event_json(row, "cancelled", row["attempt"]),
+                            ts,
+                        ),
+                    )
+                    if row["has_children"]:
+                        self._settle_children(conn, [job_id], ts)
+                return job_from_row(conn.execute(Q["get_job"], (job_id,)).fetchone())
+
+        return await self._run(_do)
+
+    async def retry_failed(self, job_ids: Sequence[str], now: datetime) -> list[Job]:
+        ts = now.timestamp()
+
+        def _do() -> list[Job]:
+            with self._tx() as conn:
+                rows = []
+                for job_id in job_ids:
+                    row = conn.execute(Q["get_job"], (job_id,)).fetchone()
+                    if row is None:
+                        raise JobNotFound(job_id)
+                    if row["state"] != "failed":
+                        raise InvalidTransition(
+                            row["state"],
+                            "retry",
+                            f"Cannot retry job {job_id} in {row['state']} status; "
+                            "only failed (dead-lettered) jobs can be retried",
+                        )
+                    rows.append(row)
+                for row in rows:
+                    conn.execute(Q["retry_failed"], {"id": row["id"], "now": ts})
+                conn.executemany(
+                    Q["insert_event"],
+                    [
+                        (
+                            EventType.JOB_STATUS_CHANGED.value,
+                            r["id"],
+                            _event_json(r, "pending", 0, reason="dlq_retry"),
+                            ts,
+                        )
+                        for r in rows
+                    ],
+                )
+                return [
+                    job_from_row(conn.execute(Q["get_job"], (r["id"],)).fetchone()) for r in rows
+                ]
+
+        return await self._run(_do)
+
+    async def purge_failed(self, job_ids: Sequence[str] | None, now: datetime) -> int:
+        def _do() -> int:
+            with self._tx() as conn:
+                if job_ids is None:
+                    ids = [r[0] for r in conn.execute(Q["failed_ids"])]
+                else:
+                    ids = list(dict.fromkeys(job_ids))
+                    for job_id in ids:
+                        row = conn.execute(Q["get_job"], (job_id,)).fetchone()
+                        if row is None:
+                            raise JobNotFound(job_id)
+                        if row["state"] != "failed":
+                            raise InvalidTransition(
+                                row["state"],
+                                "purge",
+                                f"Cannot purge job {job_id} in {row['state']} status; "
+                                "only failed (dead-lettered) jobs can be purged",
+                            )
+                self._delete(conn, ids)
+                return len(ids)
+
+        return await self._run(_do)
+
+    @staticmethod
+    def _delete(conn: sqlite3.Connection, ids: list[str]) -> None:
+        params = [(i,) for i in ids]
+        conn.executemany(Q["delete_job"], params)
+        conn.executemany(Q["delete_executions"], params)
+        conn.executemany(Q["delete_dependencies"], params)
+
+    async def prune(self, older_than: datetime) -> int:
+        cutoff = older_than.timestamp()
+
+        def _chunk() -> int:
+            # Small transactions, so a big prune never holds the write lock for long.
+            with self._tx() as conn:
+                ids = [r[0] for r in conn.execute(Q["prunable"], (cutoff,))]
+                self._delete(conn, ids)
+                if not ids:
+                    conn.execute(Q["prune_events"], (cutoff,))
+                return len(ids)
+
+        total = 0
+        while True:
+            n = await self._run(_chunk)
+            total += n
+            if n == 0:
+                return total
+
+    # -- reads ------------------------------------------------------------------------------
+    async def get(self, job_id: str) -> Job:
+        def _do() -> Job:
+            assert self._conn is not None
+            row = self._conn.execute(Q["get_job"], (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            job = job_from_row(row)
+            job.depends_on = [r[0] for r in self._conn.execute(Q["job_parents"], (job_id,))]
+            return job
+
+        return await self._run(_do)
+
+    async def executions(self, job_id: str) -> list[Execution]:
+        def _do() -> list[Execution]:
+            assert self._conn is not None
+            if self._conn.execute(Q["get_job"], (job_id,)).fetchone() is None:
+                raise JobNotFound(job_id)
+            return [
+                Execution(
+                    r["job_id"],
+                    r["attempt"],
+                    r["worker_id"],
+                    _dt(r["started_at"]),  # type: ignore[arg-type]
+                    _dt(r["finished_at"]),
+                    r["outcome"],
+                    r["error"],
+                )
+                for r in self._conn.execute(Q["executions"], (job_id,))
+            ]
+
+        return await self._run(_do)
+
+    async def list_jobs(self, query: JobQuery) -> Page:
+        query.validate()
+        direction = "DESC" if query.descending else "ASC"
+        sql = Q["list_jobs"].replace(
+            "{order_by}", f"{_ORDER_COLUMNS[query.sort]} {direction}, seq {direction}"
+        )
+        params = {
+            "states": orjson.dumps([s.value for s in query.states]).decode()
+            if query.states
+            else None,
+            "job_type": query.job_type,
+            "queue": query.queue,
+            "created_by": query.created_by,
+            "limit": query.limit,
+            "offset": query.offset,
+        }
+
+        def _do() -> Page:
+            assert self._conn is not None
+            jobs = [job_from_row(r) for r in self._conn.execute(sql, params)]
+            total = self._conn.execute(Q["count_jobs"], params).fetchone()[0]
+            return Page(jobs, total, query.limit, query.offset)
+
+        return await self._run(_do)
+
+    async def count_by_state(self) -> dict[JobState, int]:
+        def _do() -> dict[JobState, int]:
+            assert self._conn is not None
+            counts = dict.fromkeys(JobState, 0)
+            for state, n in self._conn.execute(Q["count_by_state"]):
+                counts[JobState(state)] = n
+            return counts
+
+        return await self._run(_do)
+
+    async def pending_by_type(self) -> dict[tuple[str, str], int]:
+        def _do() -> dict[tuple[str, str], int]:
+            assert self._conn is not None
+            return {(q, t): n for q, t, n in self._conn.execute(Q["pending_by_type"])}
+
+        return await self._run(_do)
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        def _do() -> list[WorkerInfo]:
+            assert self._conn is not None
+            return [
+                WorkerInfo(
+                    id=r["id"],
+                    host=r["host"],
+                    pid=r["pid"],
+                    queues=tuple(orjson.loads(r["queues"])),
+                    job_types=tuple(orjson.loads(r["job_types"])),
+                    concurrency=r["concurrency"],
+                    started_at=_dt(r["started_at"]),
+                    heartbeat_at=_dt(r["heartbeat_at"]),
+                    state=r["state"],
+                    jobs_running=r["jobs_running"],
+                )
+                for r in self._conn.execute(Q["list_workers"])
+            ]
+
+        return await self._run(_do)
+
+    async def events_after(self, after_id: int, limit: int) -> list[Event]:
+        def _do() -> list[Event]:
+            assert self._conn is not None
+            return [
+                Event(r[0], r[1], r[2], orjson.loads(r[3]), _dt(r[4]))  # type: ignore[arg-type]
+                for r in self._conn.execute(Q["events_after"], (after_id, limit))
+            ]
+
+        return await self._run(_do)
+
+
+def _job_params(new: NewJob, now: datetime) -> dict[str, Any]:
+    ts = now.timestamp()
+    return {
+        "id": new_job_id(),
+        "queue": new.queue,
+        "job_type": new.job_type,
+        "state": "pending",
+        "priority": new.priority,
+        "payload": _dumps(dict(new.payload)),
+        "error": None,
+        "max_retries": new.max_retries,
+        "timeout_ms": new.timeout_ms,
+        "run_at": ts if new.run_at is None else new.run_at.timestamp(),
+        "idempotency_key": new.idempotency_key,
+        "workflow_id": new.workflow_id,
+        "created_by": new.created_by,
+        "metadata": _dumps(dict(new.metadata)),
+        "created_at": ts,
+        "completed_at": None,
+    }
+
+
+def _job_from_params(row: dict[str, Any], new: NewJob) -> Job:
+    return Job(
+        id=row["id"],
+        job_type=new.job_type,
+        state=JobState(row["state"]),
+        payload=dict(new.payload),
+        queue=new.queue,
+        priority=new.priority,
+        max_retries=new.max_retries,
+        timeout_ms=new.timeout_ms,
+        run_at=_dt(row["run_at"]),
+        error=row["error"],
+        idempotency_key=new.idempotency_key,
+        workflow_id=new.workflow_id,
+        created_by=new.created_by,
+        metadata=dict(new.metadata),
+        created_at=_dt(row["created_at"]),
+        completed_at=_dt(row["completed_at"]),
+        updated_at=_dt(row["created_at"]),
+        depends_on=list(dict.fromkeys(new.depends_on)),
+    )
+
+
+def _split_statements(script: str) -> list[str]:
+    """Split a migration into statements (``sqlite3.complete_statement`` aware)."""
+    statements, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        if not buf and line.lstrip().startswith("--"):
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            statements.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        statements.append(buf.strip())
+    return statements
