@@ -174,6 +174,9 @@ def _parse_payload(text: str) -> Any:
 @click.option("--idempotency-key", default=None)
 @click.option("--queue", default=None)
 @click.option("--depends-on", multiple=True, help="Job id to wait for (repeatable).")
+@click.option(
+    "--app", "apps", multiple=True, help="Module whose handlers validate the payload."
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def jobs_submit(
@@ -187,11 +190,18 @@ def jobs_submit(
     idempotency_key: str | None,
     queue: str | None,
     depends_on: tuple[str, ...],
+    apps: tuple[str, ...],
     as_json: bool,
 ) -> None:
-    """Submit a job of JOB_TYPE."""
+    """Submit a job of JOB_TYPE.
+
+    The payload is checked against the handler's signature when the job type
+    is known here: the demo types, and those of --app modules.
+    """
     data = _parse_payload(payload)
     app = obj.app()
+    for spec in ("conveyor.demo", *apps):
+        apply_app(app, spec)
     result = run(
         lambda a: a.submit(
             job_type,

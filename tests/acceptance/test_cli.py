@@ -1,0 +1,126 @@
+"""The ``conveyor`` command, run as a user runs it: in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from support import WorkerProcess, run_cli, wait_until
+
+FAST = {
+    "CONVEYOR_HEARTBEAT_INTERVAL": "0.2",
+    "CONVEYOR_HEARTBEAT_TIMEOUT": "1.0",
+    "CONVEYOR_POLL_INTERVAL": "0.05",
+}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'cli.db'}"
+
+
+def show(db: str, job_id: str) -> dict:
+    return json.loads(run_cli(db, "jobs", "show", job_id, "--json").stdout)
+
+
+def submit(db: str, *args: str) -> dict:
+    return json.loads(run_cli(db, "jobs", "submit", *args, "--json").stdout)
+
+
+def test_submit_worker_status_cancel_and_dlq(db, tmp_path):
+    assert "up to date" in run_cli(db, "migrate").stdout
+    ok = submit(db, "test_job", "--payload", '{"message": "hello"}', "--priority", "70")
+    assert ok["status"] == "pending" and ok["priority"] == 70
+    delayed = submit(db, "test_job", "--payload", "{}", "--delay", "3600")
+    doomed = submit(db, "fail", "--payload", '{"times": 5, "permanent": true}')
+    retried = submit(db, "fail", "--payload", '{"times": 1}', "--max-retries", "2")
+
+    # Before any worker runs, status says which job types wait for one.
+    status = json.loads(run_cli(db, "status", "--json").stdout)
+    assert status["live_workers"] == 0
+    assert {u["job_type"] for u in status["unserved_job_types"]} == {"test_job", "fail"}
+    assert status["queue_depths"]["pending"] == 4
+
+    w = WorkerProcess(db, tmp_path / "worker.out", "conveyor.demo", **FAST)
+    try:
+        wait_until(lambda: show(db, ok["job_id"])["status"] == "completed", 20, "test_job")
+        assert show(db, ok["job_id"])["result"] == {"message": "hello"}
+        wait_until(lambda: show(db, doomed["job_id"])["status"] == "failed", 20, "dead letter")
+        wait_until(lambda: show(db, retried["job_id"])["status"] == "completed", 20, "retry")
+        r = show(db, retried["job_id"])
+        assert [e["outcome"] for e in r["executions"]] == ["retry", "completed"]
+
+        status = json.loads(run_cli(db, "status", "--json").stdout)
+        assert status["live_workers"] == 1
+        assert status["unserved_job_types"] == []
+
+        # The delayed job waits; cancelling it is immediate.
+        assert show(db, delayed["job_id"])["status"] == "pending"
+        out = run_cli(db, "jobs", "cancel", delayed["job_id"]).stdout
+        assert "cancelled" in out
+        again = run_cli(db, "jobs", "cancel", delayed["job_id"], check=False)
+        assert again.returncode == 1 and "Cannot cancel job in cancelled status" in again.stderr
+
+        # A running job is cancelled once its worker confirms.
+        sleeper = submit(db, "sleep", "--payload", '{"seconds": 60}')
+        wait_until(lambda: show(db, sleeper["job_id"])["status"] == "running", 20, "sleep")
+        assert "cancelling" in run_cli(db, "jobs", "cancel", sleeper["job_id"]).stdout
+        wait_until(lambda: show(db, sleeper["job_id"])["status"] == "cancelled", 10, "confirm")
+
+        # Dead-letter queue: list, retry (fails again: permanent), purge.
+        dl = json.loads(run_cli(db, "dlq", "list", "--json").stdout)
+        assert [j["job_id"] for j in dl["jobs"]] == [doomed["job_id"]]
+        assert "Re-queued 1" in run_cli(db, "dlq", "retry", doomed["job_id"]).stdout
+        wait_until(
+            lambda: (
+                len(show(db, doomed["job_id"])["executions"]) == 2
+                and show(db, doomed["job_id"])["status"] == "failed"
+            ),
+            20,
+            "second dead letter",
+        )
+        assert "Purged 1" in run_cli(db, "dlq", "purge", "--all").stdout
+        gone = run_cli(db, "jobs", "show", doomed["job_id"], check=False)
+        assert gone.returncode == 1 and "not found" in gone.stderr
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0, w.output()
+
+    listed = json.loads(run_cli(db, "jobs", "list", "--status", "completed", "--json").stdout)
+    assert {j["job_id"] for j in listed["jobs"]} == {ok["job_id"], retried["job_id"]}
+
+
+def test_idempotency_key_returns_the_first_job(db):
+    first = submit(db, "test_job", "--idempotency-key", "order-42")
+    second = submit(db, "test_job", "--idempotency-key", "order-42")
+    assert second["duplicate"] is True and second["job_id"] == first["job_id"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["jobs", "submit", "test_job", "--payload", "{nope"], "not valid JSON"),
+        (["jobs", "submit", "test_job", "--payload", "[1]"], "must be a JSON object"),
+        (["jobs", "submit", "sleep", "--payload", '{"seconds": "x"}'], "payload.seconds"),
+        (["jobs", "submit", "sleep", "--payload", '{"bogus": 1}'], "payload.bogus"),
+        (["jobs", "submit", "bad type!"], "job_type"),
+        (["jobs", "submit", "test_job", "--priority", "101"], "101"),
+        (["jobs", "show", "nope"], "not found"),
+        (["dlq", "retry"], "Give job ids or --all"),
+    ],
+)
+def test_bad_input_is_refused_and_changes_nothing(db, args, message):
+    proc = run_cli(db, *args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    status = json.loads(run_cli(db, "status", "--json").stdout)
+    assert sum(status["queue_depths"].values()) == 0
+
+
+def test_bad_database_url_is_explained(tmp_path):
+    proc = run_cli("mysql://x", "status", check=False)
+    assert proc.returncode == 1 and "Unsupported database URL" in proc.stderr
+    proc = run_cli(f"sqlite:///{tmp_path}/missing/dir/x.db", "status", check=False)
+    assert proc.returncode == 1 and "does not exist" in proc.stderr

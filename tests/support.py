@@ -1,0 +1,113 @@
+"""Helpers shared by the integration and acceptance tests (no sleeping to wait)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)  # poll interval of a deadline-bounded wait
+        delay = min(delay * 1.5, 0.2)
+
+
+async def async_wait_until(
+    predicate: Callable[[], Awaitable[Any]], timeout: float, what: str
+) -> Any:
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(delay)  # poll interval of a deadline-bounded wait
+        delay = min(delay * 1.5, 0.1)
+
+
+def conveyor_env(db_url: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        CONVEYOR_DATABASE_URL=db_url,
+        PYTHONPATH=os.pathsep.join([str(TESTS / "integration"), env.get("PYTHONPATH", "")]),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def conveyor_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "conveyor.cli.main", *args]
+
+
+def run_cli(
+    db_url: str, *args: str, check: bool = True, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        conveyor_cmd(*args),
+        env=conveyor_env(db_url, **extra),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"conveyor {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+class WorkerProcess:
+    """A ``conveyor worker`` subprocess whose stderr goes to a file we can read."""
+
+    def __init__(self, db_url: str, log: Path, *apps: str, **env: str) -> None:
+        self.log = log
+        self._fh = log.open("w")
+        self.proc = subprocess.Popen(
+            conveyor_cmd("worker", *apps),
+            env=conveyor_env(db_url, **env),
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._fh.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.wait()
