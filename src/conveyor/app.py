@@ -241,6 +241,10 @@ class Conveyor:
     def on_finish(self, callback: Callable[[Finish, bool], None]) -> None:
         self._finish_listeners.append(callback)
 
+    @property
+    def has_finish_listeners(self) -> bool:
+        return bool(self._finish_listeners)
+
     def emit_finished(self, finish: Finish, accepted: bool) -> None:
         for cb in self._finish_listeners:
             cb(finish, accepted)

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 from typing import Any, TypeVar
 
 import click
@@ -20,7 +19,8 @@ from conveyor.cli.loader import apply_app
 from conveyor.domain.errors import ConveyorError, ValidationError
 from conveyor.domain.job import JobQuery
 from conveyor.domain.states import JobState
-from conveyor.presenters import job_dict, worker_dict
+from conveyor.presenters import job_dict
+from conveyor.runtime.status import collect_status
 from conveyor.settings import Settings
 
 T = TypeVar("T")
@@ -127,6 +127,160 @@ def worker(
     asyncio.run(app.run_worker(worker_id=worker_id, maintenance=not no_maintenance))
 
 
+# -- up / api -------------------------------------------------------------------------
+def _serve(
+    obj: Ctx,
+    apps: tuple[str, ...],
+    host: str,
+    port: int,
+    with_worker: bool,
+    demo: bool,
+    max_body_bytes: int,
+    **settings: Any,
+) -> None:
+    from conveyor.cli.serve import serve_forever
+
+    app = obj.app(**settings)
+    for spec in (("conveyor.demo",) if demo else ()) + apps:
+        apply_app(app, spec)
+    if with_worker and not app.registry:
+        raise click.UsageError("No job types to run: give --app MODULE or drop --no-demo")
+    asyncio.run(
+        serve_forever(
+            app,
+            host=host,
+            port=port,
+            with_worker=with_worker,
+            console=err,
+            max_body_bytes=max_body_bytes,
+        )
+    )
+
+
+_serve_options = [
+    click.option("--host", default="127.0.0.1", show_default=True, envvar="CONVEYOR_HOST"),
+    click.option(
+        "--port",
+        type=click.IntRange(1, 65535),
+        default=8000,
+        show_default=True,
+        envvar="CONVEYOR_PORT",
+    ),
+    click.option("--app", "apps", multiple=True, help="Module with job handlers (repeatable)."),
+    click.option(
+        "--max-body-bytes",
+        type=click.IntRange(min=1024),
+        default=1024 * 1024,
+        show_default=True,
+        envvar="CONVEYOR_MAX_BODY_BYTES",
+    ),
+]
+
+
+def serve_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_serve_options):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@serve_options
+@click.option("--concurrency", "-c", type=int, envvar="CONVEYOR_CONCURRENCY", default=None)
+@click.option("--no-demo", is_flag=True, help="Do not register the demo job types.")
+@click.pass_obj
+def up(
+    obj: Ctx,
+    host: str,
+    port: int,
+    apps: tuple[str, ...],
+    max_body_bytes: int,
+    concurrency: int | None,
+    no_demo: bool,
+) -> None:
+    """Run everything: REST API, a worker, the rescuer and pruner, in one process."""
+    _serve(obj, apps, host, port, True, not no_demo, max_body_bytes, concurrency=concurrency)
+
+
+@cli.command()
+@serve_options
+@click.pass_obj
+def api(obj: Ctx, host: str, port: int, apps: tuple[str, ...], max_body_bytes: int) -> None:
+    """Serve the REST API only (workers run elsewhere)."""
+    _serve(obj, apps, host, port, False, True, max_body_bytes)
+
+
+# -- keys -------------------------------------------------------------------------------
+@cli.group(cls=ConveyorGroup)
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.option("--scope", type=click.Choice(["read", "write", "admin"]), required=True)
+@click.option("--name", default="default", show_default=True)
+@click.pass_obj
+def keys_create(obj: Ctx, scope: str, name: str) -> None:
+    """Create a key; it is printed once and stored only as a hash."""
+    from conveyor.security.api_keys import new_api_key
+
+    async def go(app: Conveyor) -> str:
+        key, record = new_api_key(name, scope, app.now())
+        await app.store.create_api_key(record)
+        return key
+
+    key = run(go, obj.app())
+    err.print(
+        f"Created {scope} key {name!r}. Store it now: it is not shown again.", highlight=False
+    )
+    click.echo(key)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def keys_list(obj: Ctx, as_json: bool) -> None:
+    """List API keys (never the keys themselves)."""
+    from conveyor.presenters import iso
+
+    found = run(lambda a: a.store.list_api_keys(), obj.app())
+    rows = [
+        {
+            "id": k.id,
+            "name": k.name,
+            "scope": k.scope.value,
+            "prefix": k.prefix,
+            "created_at": iso(k.created_at),
+            "revoked_at": iso(k.revoked_at),
+        }
+        for k in found
+    ]
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table(title="API keys")
+    for col in ("id", "name", "scope", "prefix", "created", "revoked"):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        table.add_row(
+            r["id"],
+            r["name"],
+            r["scope"],
+            f"{r['prefix']}...",
+            r["created_at"] or "",
+            r["revoked_at"] or "",
+        )
+    out.print(table)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.pass_obj
+def keys_revoke(obj: Ctx, key_id: str) -> None:
+    """Revoke a key by its id (see `conveyor keys list`)."""
+    key = run(lambda a: a.store.revoke_api_key(key_id, a.now()), obj.app())
+    out.print(f"Revoked key {key.id} ({key.name})", highlight=False)
+
+
 # -- migrate ---------------------------------------------------------------------------
 @cli.command()
 @click.pass_obj
@@ -174,9 +328,7 @@ def _parse_payload(text: str) -> Any:
 @click.option("--idempotency-key", default=None)
 @click.option("--queue", default=None)
 @click.option("--depends-on", multiple=True, help="Job id to wait for (repeatable).")
-@click.option(
-    "--app", "apps", multiple=True, help="Module whose handlers validate the payload."
-)
+@click.option("--app", "apps", multiple=True, help="Module whose handlers validate the payload.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def jobs_submit(
@@ -407,34 +559,6 @@ def dlq_purge(obj: Ctx, job_ids: tuple[str, ...], all_: bool) -> None:
 
 
 # -- status ---------------------------------------------------------------------------------
-async def collect_status(app: Conveyor) -> dict[str, Any]:
-    """Queue depths, workers (alive or not) and job types nobody serves."""
-    now = app.now()
-    counts = await app.store.count_by_state()
-    workers = await app.store.list_workers()
-    pending = await app.store.pending_by_type()
-    cutoff = now - timedelta(seconds=app.settings.heartbeat_timeout)
-    alive = [
-        w
-        for w in workers
-        if w.state == "running" and w.heartbeat_at is not None and w.heartbeat_at >= cutoff
-    ]
-    served = {(q, t) for w in alive for q in w.queues for t in w.job_types}
-    unserved = [
-        {"queue": q, "job_type": t, "pending": n}
-        for (q, t), n in sorted(pending.items())
-        if (q, t) not in served
-    ]
-    return {
-        "queue_depths": {s.value: n for s, n in counts.items()},
-        "workers": [
-            worker_dict(w, alive=w in alive) for w in workers if w.state == "running" or w in alive
-        ],
-        "live_workers": len(alive),
-        "unserved_job_types": unserved,
-    }
-
-
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj

@@ -5,7 +5,9 @@ Every error Conveyor raises derives from :class:`ConveyorError`::
     ConveyorError
     ├── ConfigurationError          bad setting / database URL / app import path
     ├── ValidationError (ValueError) bad input: payload, priority, cron, ...
-    ├── JobNotFound (LookupError)    no job with that id
+    ├── NotFound (LookupError)       no such object
+    │   ├── JobNotFound              no job with that id
+    │   └── ApiKeyNotFound           no API key with that id
     ├── InvalidTransition            a state change the state machine forbids
     │   └── JobNotCancellable        cancelling a finished job
     ├── LeaseLost                    a fenced write whose lease is no longer held
@@ -49,12 +51,24 @@ class ValidationError(ConveyorError, ValueError):
         self.details: tuple[FieldError, ...] = tuple(details)
 
 
-class JobNotFound(ConveyorError, LookupError):
+class NotFound(ConveyorError, LookupError):
+    """The object asked for does not exist."""
+
+
+class JobNotFound(NotFound):
     """No job with the given id exists."""
 
     def __init__(self, job_id: str) -> None:
         super().__init__(f"Job {job_id!r} not found")
         self.job_id = job_id
+
+
+class ApiKeyNotFound(NotFound):
+    """No API key with the given id exists."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"API key {key_id!r} not found")
+        self.key_id = key_id
 
 
 class InvalidTransition(ConveyorError):

@@ -160,6 +160,8 @@ class Finish:
     result: Any = None
     error: str | None = None
     retry_at: datetime | None = None  # for Action.RETRY
+    job_type: str = ""  # not persisted: for metrics and logs
+    duration: float | None = None  # seconds the handler ran; not persisted
 
 
 FINISH_ACTIONS = frozenset(
@@ -259,3 +261,28 @@ def lost_action(job: Job, max_lost: int) -> Action:
     if job.lost_count + 1 >= max_lost or job.attempt > job.max_retries:
         return Action.QUARANTINE
     return Action.LOST
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What happened since a point in time: for dashboards and metrics."""
+
+    since: datetime
+    submitted: int
+    finished: dict[tuple[str, JobState], int]  # (job_type, terminal state) -> count
+
+    def by_state(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (_t, state), n in self.finished.items():
+            out[state.value] = out.get(state.value, 0) + n
+        return out
+
+    def error_rates(self) -> dict[str, float]:
+        totals: dict[str, list[int]] = {}
+        for (job_type, state), n in self.finished.items():
+            if state in (JobState.COMPLETED, JobState.FAILED):
+                t = totals.setdefault(job_type, [0, 0])
+                t[0] += n
+                if state is JobState.FAILED:
+                    t[1] += n
+        return {k: (f / n if n else 0.0) for k, (n, f) in sorted(totals.items())}

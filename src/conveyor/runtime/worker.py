@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -217,6 +217,7 @@ class Worker:
     async def _execute(self, job: Job, ctx: JobContext, definition: JobDefinition) -> None:
         timeout = job.timeout_ms / 1000 if job.timeout_ms else definition.timeout
         finish: Finish
+        started = time.perf_counter()
         try:
             definition.validate_payload(job.payload)
             if definition.is_async:
@@ -246,6 +247,8 @@ class Worker:
             finish = self._failure(job, definition, exc)
         self._running.pop(job.id, None)
         self.processed += 1
+        if self.app.has_finish_listeners:
+            finish = replace(finish, job_type=job.job_type, duration=time.perf_counter() - started)
         self._outbox.append(finish)
         self._outbox_event.set()
         self._tick.set()

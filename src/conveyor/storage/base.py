@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from conveyor.domain.auth import ApiKey
 from conveyor.domain.job import (
+    Activity,
     EnqueueResult,
     Event,
     Execution,
@@ -133,6 +135,29 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def events_after(self, after_id: int, limit: int) -> list[Event]: ...
+
+    @abc.abstractmethod
+    async def activity(self, since: datetime) -> Activity:
+        """Jobs submitted since ``since`` and jobs finished since, by type and state."""
+
+    # -- API keys ------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_api_key(self, key: ApiKey) -> None: ...
+
+    @abc.abstractmethod
+    async def list_api_keys(self) -> list[ApiKey]: ...
+
+    @abc.abstractmethod
+    async def find_api_key(self, key_hash: str) -> ApiKey | None:
+        """The active key with this hash, if any."""
+
+    @abc.abstractmethod
+    async def revoke_api_key(self, key_id: str, now: datetime) -> ApiKey:
+        """Revoke a key (idempotent). Raises ``ApiKeyNotFound``."""
+
+    @abc.abstractmethod
+    async def count_api_keys(self) -> int:
+        """Number of active keys."""
 
     # -- helpers shared by adapters ----------------------------------------
     @staticmethod

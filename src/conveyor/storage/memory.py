@@ -14,7 +14,9 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from conveyor.domain.auth import ApiKey
 from conveyor.domain.errors import (
+    ApiKeyNotFound,
     FieldError,
     InvalidTransition,
     JobNotCancellable,
@@ -24,6 +26,7 @@ from conveyor.domain.errors import (
 from conveyor.domain.ids import new_job_id, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
+    Activity,
     EnqueueResult,
     Event,
     Execution,
@@ -59,6 +62,7 @@ class MemoryStore(Store):
         self._events: list[Event] = []
         self._event_ids = itertools.count(1)
         self._lock = asyncio.Lock()
+        self._keys: dict[str, ApiKey] = {}
 
     async def open(self) -> None:
         return None
@@ -455,3 +459,41 @@ class MemoryStore(Store):
 
     async def events_after(self, after_id: int, limit: int) -> list[Event]:
         return [e for e in self._events if e.id > after_id][:limit]
+
+    async def activity(self, since: datetime) -> Activity:
+        finished: dict[tuple[str, JobState], int] = {}
+        submitted = 0
+        for j in self._jobs.values():
+            if j.created_at is not None and j.created_at >= since:
+                submitted += 1
+            if j.state.is_terminal and j.completed_at is not None and j.completed_at >= since:
+                finished[(j.job_type, j.state)] = finished.get((j.job_type, j.state), 0) + 1
+        return Activity(since, submitted, finished)
+
+    # -- API keys ---------------------------------------------------------------------
+    async def create_api_key(self, key: ApiKey) -> None:
+        async with self._lock:
+            if any(k.key_hash == key.key_hash or k.id == key.id for k in self._keys.values()):
+                raise ValidationError("An API key with this id or hash already exists")
+            self._keys[key.id] = key
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        return sorted(self._keys.values(), key=lambda k: k.created_at)
+
+    async def find_api_key(self, key_hash: str) -> ApiKey | None:
+        for k in self._keys.values():
+            if k.key_hash == key_hash and k.active:
+                return k
+        return None
+
+    async def revoke_api_key(self, key_id: str, now: datetime) -> ApiKey:
+        async with self._lock:
+            key = self._keys.get(key_id)
+            if key is None:
+                raise ApiKeyNotFound(key_id)
+            if key.active:
+                key = self._keys[key_id] = replace(key, revoked_at=now)
+            return key
+
+    async def count_api_keys(self) -> int:
+        return sum(1 for k in self._keys.values() if k.active)

@@ -23,7 +23,9 @@ from typing import Any, TypeVar
 
 import orjson
 
+from conveyor.domain.auth import ApiKey, Scope
 from conveyor.domain.errors import (
+    ApiKeyNotFound,
     ConfigurationError,
     FieldError,
     InvalidTransition,
@@ -36,6 +38,7 @@ from conveyor.domain.errors import (
 from conveyor.domain.ids import new_job_id, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
+    Activity,
     EnqueueResult,
     Event,
     Execution,
@@ -797,6 +800,85 @@ class SQLiteStore(Store):
             ]
 
         return await self._run(_do)
+
+    async def activity(self, since: datetime) -> Activity:
+        ts = since.timestamp()
+
+        def _do() -> Activity:
+            assert self._conn is not None
+            submitted = self._conn.execute(Q["submitted_since"], (ts,)).fetchone()[0]
+            finished = {
+                (t, JobState(state)): n
+                for t, state, n in self._conn.execute(Q["finished_since"], (ts,))
+            }
+            return Activity(since, submitted, finished)
+
+        return await self._run(_do)
+
+    # -- API keys ---------------------------------------------------------------------
+    async def create_api_key(self, key: ApiKey) -> None:
+        params = (
+            key.id,
+            key.name,
+            key.scope.value,
+            key.key_hash,
+            key.prefix,
+            key.created_at.timestamp(),
+        )
+
+        def _do() -> None:
+            with self._tx() as conn:
+                try:
+                    conn.execute(Q["insert_api_key"], params)
+                except sqlite3.IntegrityError as exc:
+                    raise ValidationError("An API key with this id or hash already exists") from exc
+
+        await self._run(_do)
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        def _do() -> list[ApiKey]:
+            assert self._conn is not None
+            return [_key_from_row(r) for r in self._conn.execute(Q["list_api_keys"])]
+
+        return await self._run(_do)
+
+    async def find_api_key(self, key_hash: str) -> ApiKey | None:
+        def _do() -> ApiKey | None:
+            assert self._conn is not None
+            row = self._conn.execute(Q["find_api_key"], (key_hash,)).fetchone()
+            return None if row is None else _key_from_row(row)
+
+        return await self._run(_do)
+
+    async def revoke_api_key(self, key_id: str, now: datetime) -> ApiKey:
+        def _do() -> ApiKey:
+            with self._tx() as conn:
+                conn.execute(Q["revoke_api_key"], (now.timestamp(), key_id))
+                row = conn.execute(Q["get_api_key"], (key_id,)).fetchone()
+                if row is None:
+                    raise ApiKeyNotFound(key_id)
+                return _key_from_row(row)
+
+        return await self._run(_do)
+
+    async def count_api_keys(self) -> int:
+        def _do() -> int:
+            assert self._conn is not None
+            return int(self._conn.execute(Q["count_active_api_keys"]).fetchone()[0])
+
+        return await self._run(_do)
+
+
+def _key_from_row(row: sqlite3.Row) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        name=row["name"],
+        scope=Scope(row["scope"]),
+        key_hash=row["key_hash"],
+        prefix=row["prefix"],
+        created_at=_dt(row["created_at"]),  # type: ignore[arg-type]
+        revoked_at=_dt(row["revoked_at"]),
+    )
 
 
 def _job_params(new: NewJob, now: datetime) -> dict[str, Any]:

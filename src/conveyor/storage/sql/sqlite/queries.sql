@@ -227,3 +227,29 @@ SELECT version, name, checksum FROM schema_migrations ORDER BY version
 
 -- name: record_migration
 INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, ?)
+
+-- name: insert_api_key
+INSERT INTO api_keys (id, name, scope, key_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?, ?)
+
+-- name: list_api_keys
+SELECT * FROM api_keys ORDER BY created_at
+
+-- name: find_api_key
+SELECT * FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL
+
+-- name: revoke_api_key
+UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL
+
+-- name: get_api_key
+SELECT * FROM api_keys WHERE id = ?
+
+-- name: count_active_api_keys
+SELECT count(*) FROM api_keys WHERE revoked_at IS NULL
+
+-- name: submitted_since
+SELECT count(*) FROM jobs WHERE created_at >= ?
+
+-- name: finished_since
+SELECT job_type, state, count(*) FROM jobs
+WHERE completed_at >= ? AND state IN ('completed', 'failed', 'cancelled')
+GROUP BY job_type, state

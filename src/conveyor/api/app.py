@@ -1,0 +1,532 @@
+"""The REST API: ``create_app(conveyor)`` builds a FastAPI app (no module-level app).
+
+Contract: ``shared/API.md``. Every response is JSON with ``success``; errors
+carry ``error`` (a sentence a person can act on) and, for validation,
+``details`` (``[{field, message}]``). Bad input never writes anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+import orjson
+import structlog
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from conveyor.api.models import JobSubmit
+from conveyor.app import Conveyor
+from conveyor.domain.auth import Scope as KeyScope
+from conveyor.domain.errors import (
+    ConveyorError,
+    FieldError,
+    InvalidTransition,
+    NotFound,
+    StoreUnavailable,
+    ValidationError,
+)
+from conveyor.domain.job import JobQuery
+from conveyor.domain.states import JobState
+from conveyor.observability.metrics import Metrics
+from conveyor.presenters import iso, job_dict, worker_dict
+from conveyor.runtime.status import is_alive
+from conveyor.security.api_keys import hash_key
+
+log = structlog.get_logger("conveyor.api")
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+class JSON(JSONResponse):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def fail(
+    status: int,
+    error: str,
+    details: list[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSON:
+    body: dict[str, Any] = {"success": False, "error": error}
+    if details is not None:
+        body["details"] = [{"field": d.field, "message": d.message} for d in details]
+    return JSON(body, status_code=status, headers=headers)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.headers = status, error, headers
+
+
+# -- middleware (plain ASGI: cheap, and sees every request) ------------------------------
+class BodyLimit:
+    """413 for bodies over ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._reject(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise ApiError(413, f"Request body is larger than {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = fail(413, f"Request body is larger than {self.limit} bytes")
+        await response(scope, receive, send)
+
+
+class Timing:
+    """HTTP request duration histogram, labelled by route template (not raw path)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            self.metrics.http_duration.labels(
+                scope["method"], getattr(route, "path", "unmatched"), str(status)
+            ).observe(time.perf_counter() - start)
+
+
+# -- auth ------------------------------------------------------------------------------------
+class Auth:
+    """Bearer API keys with scopes. Anonymous access only when allowed and no key exists."""
+
+    def __init__(self, conveyor: Conveyor, *, allow_anonymous: bool) -> None:
+        self.conveyor = conveyor
+        self.allow_anonymous = allow_anonymous
+        self._keys_exist: tuple[float, bool] = (0.0, True)
+
+    async def keys_exist(self) -> bool:
+        checked, value = self._keys_exist
+        if time.monotonic() - checked > 1.0:  # a key created elsewhere applies within 1 s
+            value = await self.conveyor.store.count_api_keys() > 0
+            self._keys_exist = (time.monotonic(), value)
+        return value
+
+    def require(self, scope: KeyScope) -> Callable[[Request], Awaitable[None]]:
+        async def check(request: Request) -> None:
+            header = request.headers.get("authorization", "")
+            token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+            if not token:
+                token = request.query_params.get("token", "")
+            if not token:
+                if self.allow_anonymous and not await self.keys_exist():
+                    return
+                raise ApiError(
+                    401,
+                    "Missing API key: send 'Authorization: Bearer <key>' "
+                    "(create one with `conveyor keys create`)",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+            key = await self.conveyor.store.find_api_key(hash_key(token))
+            if key is None:
+                raise ApiError(401, "Invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+            if not key.scope.allows(scope):
+                raise ApiError(
+                    403,
+                    f"This API key has scope '{key.scope.value}'; "
+                    f"this request needs '{scope.value}'",
+                )
+            request.state.api_key = key
+
+        return check
+
+
+def _details_from_pydantic(errors: Any) -> list[FieldError]:
+    out = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        field = ".".join(loc) or "body"
+        message = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":
+            field, message = "body", "Malformed JSON: " + str(err.get("ctx", {}).get("error", ""))
+        elif err.get("type") == "extra_forbidden":
+            message = "Unknown field"
+        out.append(FieldError(field, message))
+    return out
+
+
+# -- the app -------------------------------------------------------------------------------
+def create_app(
+    conveyor: Conveyor,
+    *,
+    allow_anonymous: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """Build the API for ``conveyor``. The caller owns the Conveyor (and its workers)."""
+    metrics = metrics or Metrics()
+    auth = Auth(conveyor, allow_anonymous=allow_anonymous)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await conveyor.open()
+        yield
+
+    api = FastAPI(
+        title="Conveyor",
+        version="0.1.0",
+        description="Durable jobs, workflows and events. Contract: API.md.",
+        lifespan=lifespan,
+        default_response_class=JSON,
+    )
+    api.state.conveyor = conveyor
+    api.state.metrics = metrics
+    read = [Depends(auth.require(KeyScope.READ))]
+    write = [Depends(auth.require(KeyScope.WRITE))]
+    admin = [Depends(auth.require(KeyScope.ADMIN))]
+
+    # -- errors: one envelope everywhere --------------------------------------------------
+    @api.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> Response:
+        return fail(exc.status, exc.error, headers=exc.headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        details = _details_from_pydantic(exc.errors())
+        summary = "; ".join(f"{d.field}: {d.message}" for d in details[:5])
+        return fail(400, f"Invalid request: {summary}", details)
+
+    @api.exception_handler(ValidationError)
+    async def _domain_validation(_: Request, exc: ValidationError) -> Response:
+        return fail(400, exc.message, list(exc.details))
+
+    @api.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> Response:
+        return fail(404, str(exc))
+
+    @api.exception_handler(InvalidTransition)
+    async def _conflict(_: Request, exc: InvalidTransition) -> Response:
+        return fail(409, str(exc))
+
+    @api.exception_handler(StoreUnavailable)
+    async def _unavailable(_: Request, exc: StoreUnavailable) -> Response:
+        return fail(503, f"Store unavailable, retry shortly: {exc}", headers={"Retry-After": "1"})
+
+    @api.exception_handler(ConveyorError)
+    async def _conveyor_error(_: Request, exc: ConveyorError) -> Response:
+        log.error("api_error", error=str(exc), kind=type(exc).__name__)
+        return fail(500, f"Internal error: {exc}")
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        message = {
+            404: "Not found: check the URL (see /docs)",
+            405: "Method not allowed on this URL",
+        }.get(exc.status_code, str(exc.detail))
+        return fail(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @api.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("api_unexpected_error", error=str(exc))
+        return fail(500, "Internal error; see the server log")
+
+    # -- service endpoints ------------------------------------------------------------------
+    @api.get("/health", tags=["service"])
+    async def health() -> dict[str, Any]:
+        """Liveness: the process answers."""
+        return {"success": True, "status": "ok"}
+
+    @api.get("/ready", tags=["service"], responses={503: {"description": "Not ready"}})
+    async def ready() -> Response:
+        """Readiness: the store answers."""
+        try:
+            await conveyor.store.count_by_state()
+        except ConveyorError as exc:
+            return fail(503, f"Store not reachable: {exc}")
+        return JSON({"success": True, "status": "ready", "store": "ok"})
+
+    @api.get("/metrics", tags=["service"], response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus text format."""
+        counts = await conveyor.store.count_by_state()
+        workers = await conveyor.store.list_workers()
+        metrics.set_depths(counts, sum(1 for w in workers if is_alive(w, conveyor)))
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- jobs ---------------------------------------------------------------------------------
+    @api.post(
+        "/api/jobs",
+        status_code=201,
+        dependencies=write,
+        tags=["jobs"],
+        responses={
+            200: {"description": "Duplicate idempotency key: existing job"},
+            400: {"description": "Invalid job"},
+        },
+    )
+    async def submit_job(body: JobSubmit, request: Request) -> Response:
+        """Submit a job."""
+        key = getattr(request.state, "api_key", None)
+        result = await conveyor.submit(
+            body.job_type,
+            body.payload,
+            priority=body.priority,
+            max_retries=body.max_retries,
+            timeout_ms=body.timeout_ms,
+            run_at=body.scheduled_at,
+            queue=body.queue,
+            idempotency_key=body.idempotency_key,
+            depends_on=body.depends_on or (),
+            metadata=body.metadata,
+            created_by=f"api:{key.name}" if key else "api",
+        )
+        job = result.job
+        content = {
+            "success": True,
+            "job_id": job.id,
+            "status": job.status,
+            "created_at": iso(job.created_at),
+            "duplicate": result.duplicate,
+        }
+        return JSON(content, status_code=200 if result.duplicate else 201)
+
+    @api.get("/api/jobs/metrics", dependencies=read, tags=["jobs"])
+    async def job_metrics() -> dict[str, Any]:
+        """Queue depths, worker health, 24 h statistics, throughput, error rates."""
+        now = conveyor.now()
+        counts = await conveyor.store.count_by_state()
+        workers = await conveyor.store.list_workers()
+        day = await conveyor.store.activity(now - timedelta(hours=24))
+        hour = await conveyor.store.activity(now - timedelta(hours=1))
+        depths: dict[str, int] = {s.value: n for s, n in counts.items()}
+        depths["dlq"] = counts[JobState.FAILED]
+
+        def completed(a: Any) -> int:
+            return sum(n for (_t, s), n in a.finished.items() if s is JobState.COMPLETED)
+
+        return {
+            "success": True,
+            "metrics": {
+                "queue_depths": depths,
+                "worker_health": [
+                    worker_dict(w, alive=is_alive(w, conveyor))
+                    for w in workers
+                    if w.state == "running"
+                ],
+                "statistics": {"submitted": day.submitted, **day.by_state()},
+                "throughput": {
+                    "last_hour": round(completed(hour) / 60, 3),
+                    "last_24h": round(completed(day) / 1440, 3),
+                },
+                "error_rates": day.error_rates(),
+                "timestamp": iso(now),
+            },
+        }
+
+    @api.get("/api/jobs", dependencies=read, tags=["jobs"])
+    async def list_jobs(
+        status: Annotated[str | None, Query(description="Comma-separated states")] = None,
+        job_type: Annotated[str | None, Query(max_length=100)] = None,
+        queue: Annotated[str | None, Query(max_length=100)] = None,
+        created_by: Annotated[str | None, Query(max_length=200)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        sort: Annotated[
+            Literal["created_at", "updated_at", "priority", "run_at", "completed_at", "job_type"],
+            Query(),
+        ] = "created_at",
+        order: Annotated[Literal["asc", "desc"], Query()] = "desc",
+    ) -> dict[str, Any]:
+        """List jobs with filters and pagination."""
+        states = _parse_states(status)
+        page = await conveyor.store.list_jobs(
+            JobQuery(
+                states=states,
+                job_type=job_type,
+                queue=queue,
+                created_by=created_by,
+                limit=limit,
+                offset=offset,
+                sort=sort,
+                descending=order == "desc",
+            )
+        )
+        return {
+            "success": True,
+            "jobs": [job_dict(j) for j in page.jobs],
+            "pagination": {
+                "limit": page.limit,
+                "offset": page.offset,
+                "total": page.total,
+                "has_more": page.has_more,
+            },
+        }
+
+    @api.get(
+        "/api/jobs/{job_id}",
+        dependencies=read,
+        tags=["jobs"],
+        responses={404: {"description": "Unknown job"}},
+    )
+    async def get_job(job_id: str) -> dict[str, Any]:
+        """One job with its executions."""
+        job = await conveyor.store.get(job_id)
+        return {"success": True, "job": job_dict(job, await conveyor.store.executions(job_id))}
+
+    @api.delete(
+        "/api/jobs/{job_id}",
+        dependencies=write,
+        tags=["jobs"],
+        responses={
+            202: {"description": "Running: cancelling"},
+            404: {"description": "Unknown job"},
+            409: {"description": "Already finished"},
+        },
+    )
+    async def cancel_job(job_id: str) -> Response:
+        """Cancel a job: pending/blocked at once (200), running once its worker confirms (202)."""
+        job = await conveyor.store.cancel(job_id, conveyor.now())
+        return JSON(
+            {"success": True, "job_id": job.id, "status": job.status},
+            status_code=202 if job.status == "cancelling" else 200,
+        )
+
+    @api.post(
+        "/api/jobs/{job_id}/retry",
+        dependencies=write,
+        tags=["jobs"],
+        responses={404: {"description": "Unknown job"}, 409: {"description": "Not failed"}},
+    )
+    async def retry_job(job_id: str) -> dict[str, Any]:
+        """Re-queue a failed (dead-lettered) job."""
+        (job,) = await conveyor.store.retry_failed([job_id], conveyor.now())
+        conveyor.notify_listeners()
+        return {"success": True, "job_id": job.id, "status": job.status}
+
+    # -- dead-letter queue ------------------------------------------------------------------
+    @api.get("/api/dlq", dependencies=read, tags=["dlq"])
+    async def list_dlq(
+        job_type: Annotated[str | None, Query(max_length=100)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        """Dead-lettered jobs, most recent first."""
+        page = await conveyor.store.list_jobs(
+            JobQuery(
+                states=(JobState.FAILED,),
+                job_type=job_type,
+                limit=limit,
+                offset=offset,
+                sort="updated_at",
+            )
+        )
+        return {
+            "success": True,
+            "jobs": [job_dict(j) for j in page.jobs],
+            "pagination": {
+                "limit": page.limit,
+                "offset": page.offset,
+                "total": page.total,
+                "has_more": page.has_more,
+            },
+        }
+
+    @api.post("/api/dlq/retry-all", dependencies=write, tags=["dlq"])
+    async def retry_all(
+        job_type: Annotated[str | None, Query(max_length=100)] = None,
+    ) -> dict[str, Any]:
+        """Re-queue every dead-lettered job (optionally of one type)."""
+        retried = 0
+        while True:
+            page = await conveyor.store.list_jobs(
+                JobQuery(states=(JobState.FAILED,), job_type=job_type, limit=1000)
+            )
+            if not page.jobs:
+                break
+            await conveyor.store.retry_failed([j.id for j in page.jobs], conveyor.now())
+            retried += len(page.jobs)
+        conveyor.notify_listeners()
+        return {"success": True, "retried": retried}
+
+    @api.post(
+        "/api/dlq/{job_id}/retry",
+        dependencies=write,
+        tags=["dlq"],
+        responses={404: {"description": "Unknown job"}, 409: {"description": "Not failed"}},
+    )
+    async def retry_dlq(job_id: str) -> dict[str, Any]:
+        """Re-queue one dead-lettered job."""
+        return await retry_job(job_id)
+
+    @api.delete(
+        "/api/dlq/{job_id}",
+        dependencies=admin,
+        tags=["dlq"],
+        responses={404: {"description": "Unknown job"}, 409: {"description": "Not failed"}},
+    )
+    async def purge_dlq(job_id: str) -> dict[str, Any]:
+        """Delete one dead-lettered job for good (admin)."""
+        n = await conveyor.store.purge_failed([job_id], conveyor.now())
+        return {"success": True, "purged": n}
+
+    api.add_middleware(BodyLimit, limit=max_body_bytes)
+    api.add_middleware(Timing, metrics=metrics)
+    return api
+
+
+def _parse_states(raw: str | None) -> tuple[JobState, ...]:
+    if not raw:
+        return ()
+    states = []
+    for part in raw.split(","):
+        part = part.strip()
+        if part == "cancelling":
+            part = "running"
+        try:
+            states.append(JobState(part))
+        except ValueError:
+            allowed = ", ".join(s.value for s in JobState)
+            raise ValidationError(
+                f"Unknown status {part!r}: use one of {allowed}",
+                [FieldError("status", f"must be one of {allowed}")],
+            ) from None
+    return tuple(states)

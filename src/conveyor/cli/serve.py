@@ -1,0 +1,127 @@
+"""``conveyor up`` / ``conveyor api``: uvicorn + workers in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import signal
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+from rich.console import Console
+
+from conveyor.api.app import create_app
+from conveyor.app import Conveyor
+from conveyor.domain.errors import ConfigurationError
+from conveyor.observability.metrics import Metrics
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: ``serve_forever`` owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigurationError(
+                f"Cannot listen on {host}:{port} ({exc.strerror}): choose another --port"
+            ) from None
+
+
+async def serve_forever(
+    app: Conveyor,
+    *,
+    host: str,
+    port: int,
+    with_worker: bool,
+    console: Console,
+    max_body_bytes: int,
+) -> None:
+    await app.open()
+    try:
+        keys = await app.store.count_api_keys()
+        loopback = is_loopback(host)
+        if not loopback and keys == 0:
+            raise ConfigurationError(
+                f"Refusing to listen on {host} without API keys: create one with "
+                "`conveyor keys create --scope admin --name ops`, or bind to 127.0.0.1"
+            )
+        check_port(host, port)
+        metrics = Metrics()
+        app.on_finish(metrics.job_finished)
+        api = create_app(
+            app, allow_anonymous=loopback, max_body_bytes=max_body_bytes, metrics=metrics
+        )
+        config = uvicorn.Config(
+            api, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+        )
+        server = _Server(config)
+        worker = app.worker() if with_worker else None
+
+        base = f"http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{port}"
+        console.print(
+            f"[bold green]Conveyor[/] API on {base}  (docs: {base}/docs)", highlight=False
+        )
+        console.print(f"  database: {app.settings.database_url}", highlight=False)
+        if worker is not None:
+            console.print(
+                f"  worker: {worker.concurrency} slots for {', '.join(sorted(app.registry))}",
+                highlight=False,
+            )
+        if keys == 0:
+            console.print(
+                "  auth: [yellow]off[/] (loopback only, no API key exists; "
+                "`conveyor keys create` turns it on)",
+                highlight=False,
+            )
+        else:
+            console.print(f"  auth: on ({keys} active API key(s))", highlight=False)
+        console.print(
+            "  try: curl -s -X POST " + base + "/api/jobs -H 'Content-Type: application/json' "
+            '-d \'{"job_type": "test_job", "payload": {"message": "hello"}}\'',
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print("  stop: Ctrl-C (running jobs get a grace period)", highlight=False)
+
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            if server.should_exit:
+                server.force_exit = True
+            server.should_exit = True
+            if worker is not None:
+                worker.request_stop()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        try:
+            tasks = [asyncio.create_task(server.serve(), name="uvicorn")]
+            if worker is not None:
+                tasks.append(asyncio.create_task(worker.run(), name="worker"))
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            stop()  # one part ended (or failed): stop the other
+            await asyncio.gather(*tasks)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    finally:
+        await app.close()

@@ -1,0 +1,39 @@
+"""Operational status: queue depths, workers, job types nobody serves."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from conveyor.domain.job import WorkerInfo
+from conveyor.presenters import worker_dict
+
+if TYPE_CHECKING:
+    from conveyor.app import Conveyor
+
+
+def is_alive(w: WorkerInfo, app: Conveyor) -> bool:
+    cutoff = app.now() - timedelta(seconds=app.settings.heartbeat_timeout)
+    return w.state == "running" and w.heartbeat_at is not None and w.heartbeat_at >= cutoff
+
+
+async def collect_status(app: Conveyor) -> dict[str, Any]:
+    """Queue depths, workers (alive or not) and job types nobody serves."""
+    counts = await app.store.count_by_state()
+    workers = await app.store.list_workers()
+    pending = await app.store.pending_by_type()
+    alive = [w for w in workers if is_alive(w, app)]
+    served = {(q, t) for w in alive for q in w.queues for t in w.job_types}
+    unserved = [
+        {"queue": q, "job_type": t, "pending": n}
+        for (q, t), n in sorted(pending.items())
+        if (q, t) not in served
+    ]
+    return {
+        "queue_depths": {s.value: n for s, n in counts.items()},
+        "workers": [
+            worker_dict(w, alive=w in alive) for w in workers if w.state == "running" or w in alive
+        ],
+        "live_workers": len(alive),
+        "unserved_job_types": unserved,
+    }
