@@ -248,12 +248,19 @@ class Child:
 
 
 async def start_child(
-    db: Path, tmp: Path, *, concurrency: int, poll: float, max_seconds: float, wrapper: str
+    db: Path,
+    tmp: Path,
+    *,
+    concurrency: int,
+    poll: float,
+    max_seconds: float,
+    wrapper: str,
+    run: str,
 ) -> Child:
     stats = tmp / "worker-stats.json"
     stderr_path = tmp / "worker-stderr.txt"
     cmd = [
-        *shlex.split(wrapper),
+        *shlex.split(wrapper.replace("{run}", run)),
         sys.executable,
         str(Path(__file__).resolve()),
         "--worker-child",
@@ -403,7 +410,13 @@ async def processing(
             print(f"  processing: preload left {c} (wanted {n} pending)")
             return None, info
         child = await start_child(
-            db, tmp, concurrency=concurrency, poll=1.0, max_seconds=deadline_s + 5, wrapper=wrapper
+            db,
+            tmp,
+            concurrency=concurrency,
+            poll=1.0,
+            max_seconds=deadline_s + 5,
+            wrapper=wrapper,
+            run=f"process-c{concurrency}-{os.getpid()}-{time.monotonic_ns()}",
         )
         t_go = time.perf_counter()
         go(child)
@@ -491,7 +504,13 @@ async def latency_cross_process(
     await app.open()
     try:
         child = await start_child(
-            db, tmp, concurrency=10, poll=poll, max_seconds=deadline_s + 10, wrapper=wrapper
+            db,
+            tmp,
+            concurrency=10,
+            poll=poll,
+            max_seconds=deadline_s + 10,
+            wrapper=wrapper,
+            run=f"latency-poll{poll}-{os.getpid()}-{time.monotonic_ns()}",
         )
         go(child)
         await asyncio.sleep(0.3)
@@ -635,6 +654,9 @@ async def run_all(args: argparse.Namespace) -> int:
     size = dict(QUICK if args.quick else FULL)
     if args.repeat:
         size["repeat"] = args.repeat
+    for key in ("single", "bulk", "process", "latency"):
+        if getattr(args, f"n_{key}"):
+            size[key] = getattr(args, f"n_{key}")
     reps = size["repeat"]
     only = set(args.only or ["single", "bulk", "processing", "latency"])
     concurrencies = args.concurrency or [100, 500]
@@ -778,12 +800,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         help="worker concurrency for processing (repeatable; default 100 and 500)",
     )
+    for key in ("single", "bulk", "process", "latency"):
+        p.add_argument(f"--n-{key}", type=int, metavar="N", help=f"override N of {key}")
     p.add_argument("--deadline", type=float, default=120.0, help="seconds per step (default 120)")
     p.add_argument("--dir", help="parent folder of the temporary databases (default: $TMPDIR)")
     p.add_argument(
         "--child-wrapper",
         default="",
-        help="command prefixed to the worker child, e.g. a profiler: 'py-spy record -o f --'",
+        help="command prefixed to the worker child, e.g. a profiler: "
+        "'py-spy record -o /tmp/{run}.txt --' ({run} names the step and repetition)",
     )
     # worker child (internal)
     p.add_argument("--worker-child", action="store_true", help=argparse.SUPPRESS)
