@@ -24,8 +24,8 @@ from conveyor.runtime.status import collect_status
 from conveyor.settings import Settings
 
 T = TypeVar("T")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def configure_logging(level: str) -> None:
@@ -65,10 +65,10 @@ class ConveyorGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ConveyorError as exc:
-            err.print(f"[bold red]Error:[/] {exc}", highlight=False)
+            err.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
             if isinstance(exc, ValidationError):
                 for d in exc.details:
-                    err.print(f"  - {d.field}: {d.message}", highlight=False)
+                    err.print(f"  - {d.field}: {d.message}", highlight=False, soft_wrap=True)
             sys.exit(1)
 
 

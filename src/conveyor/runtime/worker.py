@@ -193,11 +193,28 @@ class Worker:
                 self._tick.clear()
                 if len(self._running) < self.concurrency:
                     continue
-            await self._wait(poll)
+            await self._idle(poll)
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._tick.wait(), seconds)
+
+    async def _idle(self, seconds: float) -> None:
+        """Wait for a wake-up: in-process signal, a change seen by the store, or the poll."""
+        step = self.store.change_check_interval
+        if step is None or len(self._running) >= self.concurrency:
+            await self._wait(seconds)
+            return
+        deadline = time.monotonic() + seconds
+        while not self._tick.is_set() and time.monotonic() < deadline:
+            await self._wait(min(step, max(0.0, deadline - time.monotonic())))
+            if self._tick.is_set():
+                return
+            try:
+                if await self.store.changed():
+                    return
+            except ConveyorError:
+                return
 
     def _start(self, job: Job) -> None:
         definition = self.app.registry[job.job_type]

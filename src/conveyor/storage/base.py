@@ -159,6 +159,14 @@ class Store(abc.ABC):
     async def count_api_keys(self) -> int:
         """Number of active keys."""
 
+    # -- cross-process wake-up ---------------------------------------------------------
+    #: Seconds between ``changed()`` checks while a worker idles; None = not supported.
+    change_check_interval: float | None = None
+
+    async def changed(self) -> bool:
+        """Whether another process committed since the last call (cheap; may be fuzzy)."""
+        return False
+
     # -- helpers shared by adapters ----------------------------------------
     @staticmethod
     def event_data(job: Job, **extra: Any) -> dict[str, Any]:

@@ -165,6 +165,7 @@ class SQLiteStore(Store):
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._thread_ident: int | None = None
+        self._data_version = 0
 
     # -- plumbing ---------------------------------------------------------------
     async def open(self) -> None:
@@ -218,11 +219,10 @@ class SQLiteStore(Store):
             raise StoreUnavailable(f"Cannot open SQLite database {self.path!r}: {exc}") from exc
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = OFF")
-        conn.execute("PRAGMA temp_store = MEMORY")
-        conn.execute("PRAGMA cache_size = -65536")
+        for pragma in Q["connection_pragmas"].split(";"):
+            sql = "\n".join(x for x in pragma.splitlines() if not x.lstrip().startswith("--"))
+            if sql.strip():
+                conn.execute(sql)
         self._conn = conn
         self._thread_ident = threading.get_ident()
 
@@ -230,13 +230,13 @@ class SQLiteStore(Store):
     def _tx(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn
         assert conn is not None
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(Q["begin_write"])
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            conn.execute(Q["rollback"])
             raise
-        conn.execute("COMMIT")
+        conn.execute(Q["commit"])
 
     def _migrate(self) -> list[str]:
         applied_now: list[str] = []
@@ -259,6 +259,20 @@ class SQLiteStore(Store):
                 )
                 applied_now.append(f"{m.version:04d}_{m.name}")
         return applied_now
+
+    # Another process's commit changes PRAGMA data_version on our connection:
+    # an idle worker checks it every 10 ms instead of sleeping a whole poll.
+    change_check_interval: float | None = 0.01
+
+    async def changed(self) -> bool:
+        return await self._run(self._data_version_changed)
+
+    def _data_version_changed(self) -> bool:
+        assert self._conn is not None
+        version = self._conn.execute(Q["data_version"]).fetchone()[0]
+        changed = version != self._data_version
+        self._data_version = version
+        return bool(changed)
 
     async def migrate(self) -> list[str]:
         """Apply pending migrations (``open`` already does); return what was applied."""

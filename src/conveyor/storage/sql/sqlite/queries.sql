@@ -253,3 +253,24 @@ SELECT count(*) FROM jobs WHERE created_at >= ?
 SELECT job_type, state, count(*) FROM jobs
 WHERE completed_at >= ? AND state IN ('completed', 'failed', 'cancelled')
 GROUP BY job_type, state
+
+-- name: data_version
+PRAGMA data_version
+
+-- name: connection_pragmas
+-- Durable defaults: WAL (readers never block the writer), FULL sync (a commit
+-- is on disk before enqueue returns), and a large page cache.
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = FULL;
+PRAGMA foreign_keys = OFF;
+PRAGMA temp_store = MEMORY;
+PRAGMA cache_size = -65536
+
+-- name: begin_write
+BEGIN IMMEDIATE
+
+-- name: commit
+COMMIT
+
+-- name: rollback
+ROLLBACK
