@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -28,7 +29,11 @@ class Settings:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = [
+            f"{f.name} must be a finite number"
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))
+        ]
         if self.concurrency < 1:
             problems.append("concurrency must be >= 1")
         if self.heartbeat_interval <= 0:

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
+
 from support import WorkerProcess, run_cli, wait_until
 
 FAST = {
@@ -32,7 +33,8 @@ def submit(db: str, *args: str) -> dict:
 def test_submit_worker_status_cancel_and_dlq(db, tmp_path):
     assert "up to date" in run_cli(db, "migrate").stdout
     ok = submit(db, "test_job", "--payload", '{"message": "hello"}', "--priority", "70")
-    assert ok["status"] == "pending" and ok["priority"] == 70
+    assert ok["status"] == "pending"
+    assert ok["priority"] == 70
     delayed = submit(db, "test_job", "--payload", "{}", "--delay", "3600")
     doomed = submit(db, "fail", "--payload", '{"times": 5, "permanent": true}')
     retried = submit(db, "fail", "--payload", '{"times": 1}', "--max-retries", "2")
@@ -61,7 +63,8 @@ def test_submit_worker_status_cancel_and_dlq(db, tmp_path):
         out = run_cli(db, "jobs", "cancel", delayed["job_id"]).stdout
         assert "cancelled" in out
         again = run_cli(db, "jobs", "cancel", delayed["job_id"], check=False)
-        assert again.returncode == 1 and "Cannot cancel job in cancelled status" in again.stderr
+        assert again.returncode == 1
+        assert "Cannot cancel job in cancelled status" in again.stderr
 
         # A running job is cancelled once its worker confirms.
         sleeper = submit(db, "sleep", "--payload", '{"seconds": 60}')
@@ -83,7 +86,8 @@ def test_submit_worker_status_cancel_and_dlq(db, tmp_path):
         )
         assert "Purged 1" in run_cli(db, "dlq", "purge", "--all").stdout
         gone = run_cli(db, "jobs", "show", doomed["job_id"], check=False)
-        assert gone.returncode == 1 and "not found" in gone.stderr
+        assert gone.returncode == 1
+        assert "not found" in gone.stderr
     finally:
         w.signal(signal.SIGTERM)
         assert w.wait() == 0, w.output()
@@ -95,7 +99,8 @@ def test_submit_worker_status_cancel_and_dlq(db, tmp_path):
 def test_idempotency_key_returns_the_first_job(db):
     first = submit(db, "test_job", "--idempotency-key", "order-42")
     second = submit(db, "test_job", "--idempotency-key", "order-42")
-    assert second["duplicate"] is True and second["job_id"] == first["job_id"]
+    assert second["duplicate"] is True
+    assert second["job_id"] == first["job_id"]
 
 
 @pytest.mark.parametrize(
@@ -121,6 +126,8 @@ def test_bad_input_is_refused_and_changes_nothing(db, args, message):
 
 def test_bad_database_url_is_explained(tmp_path):
     proc = run_cli("mysql://x", "status", check=False)
-    assert proc.returncode == 1 and "Unsupported database URL" in proc.stderr
+    assert proc.returncode == 1
+    assert "Unsupported database URL" in proc.stderr
     proc = run_cli(f"sqlite:///{tmp_path}/missing/dir/x.db", "status", check=False)
-    assert proc.returncode == 1 and "does not exist" in proc.stderr
+    assert proc.returncode == 1
+    assert "does not exist" in proc.stderr

@@ -6,17 +6,12 @@ seconds, so nothing here reads the wall clock or sleeps.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from conveyor.domain.job import Event, Finish, Job, JobQuery, NewJob, WorkerInfo
 from conveyor.domain.states import Action
 from conveyor.storage.base import Store
-from conveyor.storage.memory import MemoryStore
-from conveyor.storage.sqlite import SQLiteStore
 
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
 HEARTBEAT_TIMEOUT = 15.0
@@ -25,33 +20,6 @@ HEARTBEAT_TIMEOUT = 15.0
 def at(seconds: float = 0.0) -> datetime:
     """The frozen clock: ``BASE`` plus ``seconds``."""
     return BASE + timedelta(seconds=seconds)
-
-
-# -- adapters ------------------------------------------------------------------------
-# One entry per Store adapter; the contract suite runs over every entry. Adding
-# PostgreSQL later is one more factory here (and nothing else).
-
-
-@contextlib.asynccontextmanager
-async def _memory(tmp_path: Path) -> AsyncIterator[Store]:
-    async with MemoryStore() as store:
-        yield store
-
-
-@contextlib.asynccontextmanager
-async def _sqlite(tmp_path: Path) -> AsyncIterator[Store]:
-    store = SQLiteStore(tmp_path / "c.db")
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-ADAPTERS: dict[str, Callable[[Path], contextlib.AbstractAsyncContextManager[Store]]] = {
-    "memory": _memory,
-    "sqlite": _sqlite,
-}
 
 
 # -- driving a store -----------------------------------------------------------------

@@ -48,7 +48,12 @@ async def test_enqueue_stores_every_field_and_returns_pending_jobs(store: Store)
         assert j.state is JobState.PENDING
         assert j.status == "pending"
         assert j.job_type == "send_email"
-        assert j.payload == {"to": "a@b.c", "n": 3, "tags": ["x", "y"], "nested": {"ok": True, "f": 1.5}}
+        assert j.payload == {
+            "to": "a@b.c",
+            "n": 3,
+            "tags": ["x", "y"],
+            "nested": {"ok": True, "f": 1.5},
+        }
         assert j.queue == "mail"
         assert j.priority == 70
         assert j.max_retries == 5
@@ -134,11 +139,6 @@ UNSERIALISABLE: list[Any] = [
 async def test_json_unserialisable_payload_is_a_validation_error_and_writes_nothing(
     store: Store, known_bug: Any, payload: dict[str, Any]
 ) -> None:
-    known_bug(
-        {"memory"},
-        "bug: MemoryStore.enqueue_many never JSON-encodes payload/metadata, so it "
-        "accepts values SQLiteStore rejects with ValidationError",
-    )
     before = await snapshot(store)
     with pytest.raises(ValidationError) as info:
         await store.enqueue_many([new("ok"), new("bad", payload=payload)], BASE)
@@ -149,18 +149,12 @@ async def test_json_unserialisable_payload_is_a_validation_error_and_writes_noth
 async def test_json_unserialisable_metadata_is_a_validation_error(
     store: Store, known_bug: Any
 ) -> None:
-    known_bug({"memory"}, "bug: MemoryStore.enqueue_many never JSON-encodes metadata")
     with pytest.raises(ValidationError):
         await store.enqueue_many([new("bad", metadata={"when": object()})], BASE)
     assert await all_events(store) == []
 
 
 async def test_payload_comes_back_as_json(store: Store, known_bug: Any) -> None:
-    known_bug(
-        {"memory"},
-        "bug: MemoryStore keeps payload objects as given (tuple stays tuple) instead of "
-        "their JSON form, unlike SQLiteStore",
-    )
     job = await submit_one(store, payload={"pair": (1, 2)})
     assert (await store.get(job.id)).payload == {"pair": [1, 2]}
 
@@ -233,9 +227,7 @@ async def test_after_a_pending_job_is_cancelled_the_key_creates_a_new_job(store:
 
 
 async def test_different_keys_are_different_jobs(store: Store) -> None:
-    results = await store.enqueue_many(
-        [new(idempotency_key="k1"), new(idempotency_key="k2")], BASE
-    )
+    results = await store.enqueue_many([new(idempotency_key="k1"), new(idempotency_key="k2")], BASE)
     assert [r.duplicate for r in results] == [False, False]
     assert results[0].job.id != results[1].job.id
 
@@ -335,14 +327,7 @@ async def test_one_failed_parent_of_two_cancels_the_child(store: Store) -> None:
     assert (await store.get(ok_parent.id)).state is JobState.PENDING
 
 
-async def test_cascade_cancel_error_matches_submit_time_error(
-    store: Store, known_bug: Any
-) -> None:
-    known_bug(
-        {"memory"},
-        "bug: MemoryStore._after_terminal sets error 'parent <id> failed' on a cascaded "
-        "child, SQLiteStore (and MemoryStore at submit) 'a parent job failed or was cancelled'",
-    )
+async def test_cascade_cancel_error_matches_submit_time_error(store: Store, known_bug: Any) -> None:
     parent = await submit_one(store, "parent")
     child = await submit_one(store, "child", depends_on=[parent.id])
     await run_to(store, parent, Action.FAIL)

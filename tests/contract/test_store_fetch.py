@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from storekit import BASE, at, finish, lease, lease_one, new, register, submit, submit_one
 
+from conveyor.domain.errors import ValidationError
 from conveyor.domain.job import NewJob
 from conveyor.domain.states import Action, JobState
 from conveyor.storage.base import Store
@@ -175,3 +178,10 @@ async def test_only_pending_jobs_are_fetched(store: Store, state_job: str) -> No
         got = await lease_one(store)
         assert await finish(store, got, Action.COMPLETE)
     assert await lease(store, now=at(50)) == []
+
+
+async def test_negative_fetch_limit_is_refused(store: Store, known_bug: Any) -> None:
+    await submit(store, new(), new(), new())
+    with pytest.raises(ValidationError):
+        await lease(store, limit=-1)
+    assert (await store.count_by_state())[JobState.PENDING] == 3

@@ -11,9 +11,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from support import WorkerProcess, async_wait_until, wait_until
 
 from conveyor import Conveyor, JobState, Settings
+from support import WorkerProcess, async_wait_until, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,12 @@ import orjson
 import structlog
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from conveyor.api.models import JobSubmit
+from conveyor.api.models import ErrorResponse, JobSubmit
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.errors import (
@@ -42,6 +43,7 @@ from conveyor.security.api_keys import hash_key
 log = structlog.get_logger("conveyor.api")
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+MAX_OFFSET = 2**31 - 1
 
 
 class JSON(JSONResponse):
@@ -89,18 +91,26 @@ class BodyLimit:
                 if too_big:
                     await self._reject(scope, receive, send)
                     return
+        # No declared length (chunked): read the body here, so an oversize one
+        # gets its 413 before the app starts parsing it.
+        buffered: list[Message] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise ApiError(413, f"Request body is larger than {self.limit} bytes")
-            return message
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                await self._reject(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
 
-        await self.app(scope, limited, send)
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = fail(413, f"Request body is larger than {self.limit} bytes")
@@ -364,12 +374,15 @@ def create_app(
 
     @api.get("/api/jobs", dependencies=read, tags=["jobs"])
     async def list_jobs(
-        status: Annotated[str | None, Query(description="Comma-separated states")] = None,
+        status: Annotated[
+            str | None,
+            Query(description="Comma-separated states", pattern=_STATUS_PATTERN),
+        ] = None,
         job_type: Annotated[str | None, Query(max_length=100)] = None,
         queue: Annotated[str | None, Query(max_length=100)] = None,
         created_by: Annotated[str | None, Query(max_length=200)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
         sort: Annotated[
             Literal["created_at", "updated_at", "priority", "run_at", "completed_at", "job_type"],
             Query(),
@@ -447,7 +460,7 @@ def create_app(
     async def list_dlq(
         job_type: Annotated[str | None, Query(max_length=100)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> dict[str, Any]:
         """Dead-lettered jobs, most recent first."""
         page = await conveyor.store.list_jobs(
@@ -508,9 +521,63 @@ def create_app(
         n = await conveyor.store.purge_failed([job_id], conveyor.now())
         return {"success": True, "purged": n}
 
+    document_errors(api)
     api.add_middleware(BodyLimit, limit=max_body_bytes)
     api.add_middleware(Timing, metrics=metrics)
     return api
+
+
+_STATES = "(blocked|pending|running|cancelling|completed|failed|cancelled)"
+_STATUS_PATTERN = f"^{_STATES}(,{_STATES})*$"
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+_ERROR_TEXT = {
+    "400": "Invalid input (details name each field)",
+    "401": "Missing, invalid or revoked API key",
+    "403": "The API key's scope is too low",
+    "404": "Unknown id",
+    "409": "The job is not in a state that allows this",
+    "413": "Request body too large",
+    "503": "Store unavailable",
+}
+
+
+def document_errors(api: FastAPI) -> None:
+    """Declare the error envelope in the OpenAPI schema, in place of FastAPI's 422."""
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema:
+            return api.openapi_schema
+        schema = get_openapi(
+            title=api.title, version=api.version, description=api.description, routes=api.routes
+        )
+        components = schema.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        defs = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(defs.pop("$defs", {}))
+        schemas["ErrorResponse"] = defs
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, operations in schema.get("paths", {}).items():
+            for method, op in operations.items():
+                responses = op.setdefault("responses", {})
+                responses.pop("422", None)
+                codes = {"400"}
+                if path.startswith("/api/"):
+                    codes |= {"401", "403", "503"}
+                    # Optional when the API allows anonymous loopback use.
+                    op["security"] = [{"bearer": []}, {}]
+                if "{job_id}" in path:
+                    codes |= {"404", "409"} if method in ("delete", "post") else {"404"}
+                if "requestBody" in op:
+                    codes.add("413")
+                for code in codes:
+                    entry = responses.setdefault(code, {"description": _ERROR_TEXT[code]})
+                    entry["content"] = {"application/json": {"schema": _ERROR_REF}}
+        api.openapi_schema = schema
+        return schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
 
 
 def _parse_states(raw: str | None) -> tuple[JobState, ...]:

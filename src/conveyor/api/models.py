@@ -2,11 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictStr,
+)
 
 MAX_API_TIMEOUT_MS = 86_400_000
+
+
+def _iso_string(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO-8601 string with a time zone, e.g. 2026-11-22T10:00:00Z")
+    return value
+
+
+def _json_integer(value: Any) -> Any:
+    # JSON Schema's "integer" admits 97.0 but not "97" or true.
+    if isinstance(value, str | bool):
+        raise ValueError("must be an integer")
+    return value
+
+
+IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_string)]
+Int = Annotated[int, BeforeValidator(_json_integer)]
+NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,100}$"
+JobId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+
+
+class FieldProblem(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """The error envelope of every failed request."""
+
+    success: bool = Field(False, examples=[False])
+    error: str = Field(examples=["Job 'x' not found"])
+    details: list[FieldProblem] | None = None
 
 
 class JobSubmit(BaseModel):
@@ -14,13 +53,13 @@ class JobSubmit(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    job_type: StrictStr = Field(min_length=1, max_length=100, examples=["send_email"])
+    job_type: StrictStr = Field(pattern=NAME_PATTERN, examples=["send_email"])
     payload: dict[str, Any] = Field(examples=[{"to": "a@b.c"}])
-    priority: StrictInt = Field(50, ge=0, le=100, description="Higher runs first.")
-    max_retries: StrictInt = Field(3, ge=0, le=10)
-    timeout_ms: StrictInt = Field(300_000, ge=1000, le=MAX_API_TIMEOUT_MS)
-    scheduled_at: AwareDatetime | None = Field(None, description="ISO-8601 with a zone.")
-    queue: StrictStr | None = Field(None, min_length=1, max_length=100)
+    priority: Int = Field(50, ge=0, le=100, description="Higher runs first.")
+    max_retries: Int = Field(3, ge=0, le=10)
+    timeout_ms: Int = Field(300_000, ge=1000, le=MAX_API_TIMEOUT_MS)
+    scheduled_at: IsoDatetime | None = Field(None, description="ISO-8601 with a zone.")
+    queue: StrictStr | None = Field(None, pattern=NAME_PATTERN)
     idempotency_key: StrictStr | None = Field(None, min_length=1, max_length=255)
-    depends_on: list[StrictStr] | None = Field(None, max_length=100)
+    depends_on: list[JobId] | None = Field(None, max_length=100)
     metadata: dict[str, Any] | None = None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from conveyor.domain.errors import FieldError, ValidationError
+from conveyor.domain.errors import FieldError, InvalidTransition, ValidationError
 from conveyor.domain.states import Action, JobState
 
 DEFAULT_QUEUE = "default"
@@ -286,3 +286,14 @@ class Activity:
                 if state is JobState.FAILED:
                     t[1] += n
         return {k: (f / n if n else 0.0) for k, (n, f) in sorted(totals.items())}
+
+
+PARENT_FAILED_ERROR = "a parent job failed or was cancelled"
+
+
+def key_taken(job_id: str, key: str | None) -> InvalidTransition:
+    return InvalidTransition(
+        "failed",
+        "retry",
+        f"Cannot retry job {job_id}: another active job holds its idempotency key {key!r}",
+    )

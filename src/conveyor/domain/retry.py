@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random as _random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,15 +26,17 @@ class RetryPolicy:
     permanent_errors: tuple[type[BaseException], ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if self.base < 0 or self.factor < 1 or self.max_delay < 0:
-            raise ValueError("RetryPolicy needs base >= 0, factor >= 1 and max_delay >= 0")
+        if not (self.base >= 0 and self.factor >= 1 and self.max_delay >= 0) or not all(
+            math.isfinite(v) for v in (self.base, self.factor, self.max_delay)
+        ):
+            raise ValueError("RetryPolicy needs finite base >= 0, factor >= 1 and max_delay >= 0")
 
     def cap(self, retry_number: int) -> float:
         exponent = max(0, retry_number - 1)
-        # Bound the exponent so factor ** exponent cannot overflow a float.
-        if exponent > 64:
+        try:
+            return float(min(self.max_delay, self.base * float(self.factor) ** exponent))
+        except OverflowError:
             return self.max_delay
-        return float(min(self.max_delay, self.base * self.factor**exponent))
 
     def delay(self, retry_number: int, rand: Callable[[], float] = _random.random) -> float:
         cap = self.cap(retry_number)

@@ -106,3 +106,15 @@ EVENT_FOR_ACTION: dict[Action, EventType] = {
 }
 
 EVENT_VERSION = 1
+
+
+def finish_action(action: Action, cancel_requested: bool) -> Action:
+    """The action a worker's outcome really takes.
+
+    A job whose cancel was requested never goes back to ``pending``: if its
+    worker hands it back (retry after an error, release on shutdown) before
+    the cancel reached it, the job is cancelled instead of running again.
+    """
+    if cancel_requested and action in (Action.RETRY, Action.RELEASE):
+        return Action.CONFIRM_CANCEL
+    return action

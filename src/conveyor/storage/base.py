@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from conveyor.domain.auth import ApiKey
+from conveyor.domain.errors import FieldError, ValidationError
 from conveyor.domain.job import (
     Activity,
     EnqueueResult,
@@ -71,7 +72,8 @@ class Store(abc.ABC):
         now: datetime,
     ) -> list[Job]:
         """Lease up to ``limit`` ready jobs (priority desc, then FIFO); each gets
-        a new lease token, ``attempt + 1`` and an execution row."""
+        ``attempt + 1``, an execution row and a lease token that no earlier attempt
+        had (one fetch may share a token across its jobs: fencing matches id and token)."""
 
     @abc.abstractmethod
     async def finish_many(self, finishes: Sequence[Finish], now: datetime) -> list[bool]:
@@ -83,7 +85,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
         """Refresh the worker's heartbeat; return ids of its running jobs whose
-        cancel was requested. Raises ``LeaseLost`` if the worker was declared dead."""
+        cancel was requested. A worker declared dead is marked running again (its
+        jobs were rescued already; its late results are fenced off)."""
 
     @abc.abstractmethod
     async def deregister_worker(self, worker_id: str, now: datetime) -> None: ...
@@ -179,3 +182,11 @@ class Store(abc.ABC):
         }
         data.update(extra)
         return data
+
+
+def check_limit(limit: int) -> None:
+    if not isinstance(limit, int) or limit < 0:
+        raise ValidationError(
+            f"fetch limit must be an integer >= 0 (got {limit!r})",
+            [FieldError("limit", "must be >= 0")],
+        )

@@ -26,6 +26,7 @@ from conveyor.domain.errors import (
 from conveyor.domain.ids import new_job_id, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
+    PARENT_FAILED_ERROR,
     Activity,
     EnqueueResult,
     Event,
@@ -37,6 +38,7 @@ from conveyor.domain.job import (
     Page,
     Rescued,
     WorkerInfo,
+    key_taken,
     lost_action,
     validate_batch,
 )
@@ -46,9 +48,11 @@ from conveyor.domain.states import (
     Action,
     EventType,
     JobState,
+    finish_action,
     next_state,
 )
-from conveyor.storage.base import Store
+from conveyor.storage.base import Store, check_limit
+from conveyor.storage.codec import roundtrip
 
 
 class MemoryStore(Store):
@@ -109,7 +113,7 @@ class MemoryStore(Store):
                         child.run_at = now
                         self._move(child, Action.UNBLOCK, now)
                 else:
-                    child.error = f"parent {parent.id} {parent.state.value}"
+                    child.error = PARENT_FAILED_ERROR
                     self._move(child, Action.PARENT_FAILED, now)
                     todo.append(child)
 
@@ -122,6 +126,10 @@ class MemoryStore(Store):
     # -- submit -------------------------------------------------------------
     async def enqueue_many(self, jobs: Sequence[NewJob], now: datetime) -> list[EnqueueResult]:
         validate_batch(jobs)
+        encoded = [
+            (roundtrip(dict(new.payload)), roundtrip(dict(new.metadata), "metadata"))
+            for new in jobs
+        ]
         async with self._lock:
             by_key = {
                 j.idempotency_key: j
@@ -136,7 +144,7 @@ class MemoryStore(Store):
                             [FieldError("depends_on", f"job {dep!r} does not exist")],
                         )
             results: list[EnqueueResult] = []
-            for new in jobs:
+            for new, (payload, metadata) in zip(jobs, encoded, strict=True):
                 if new.idempotency_key is not None and new.idempotency_key in by_key:
                     results.append(EnqueueResult(copy.deepcopy(by_key[new.idempotency_key]), True))
                     continue
@@ -144,14 +152,14 @@ class MemoryStore(Store):
                 state = JobState.PENDING
                 error = None
                 if any(p.state in (JobState.FAILED, JobState.CANCELLED) for p in parents):
-                    state, error = JobState.CANCELLED, "a parent job failed or was cancelled"
+                    state, error = JobState.CANCELLED, PARENT_FAILED_ERROR
                 elif any(p.state is not JobState.COMPLETED for p in parents):
                     state = JobState.BLOCKED
                 job = Job(
                     id=new_job_id(),
                     job_type=new.job_type,
                     state=state,
-                    payload=dict(new.payload),
+                    payload=payload,
                     queue=new.queue,
                     priority=new.priority,
                     max_retries=new.max_retries,
@@ -161,7 +169,7 @@ class MemoryStore(Store):
                     idempotency_key=new.idempotency_key,
                     workflow_id=new.workflow_id,
                     created_by=new.created_by,
-                    metadata=dict(new.metadata),
+                    metadata=metadata,
                     created_at=now,
                     updated_at=now,
                     completed_at=now if state is JobState.CANCELLED else None,
@@ -187,6 +195,7 @@ class MemoryStore(Store):
         limit: int,
         now: datetime,
     ) -> list[Job]:
+        check_limit(limit)
         async with self._lock:
             ready = [
                 j
@@ -215,6 +224,10 @@ class MemoryStore(Store):
         for f in finishes:
             if f.action not in FINISH_ACTIONS:
                 raise InvalidTransition("running", f.action.value)
+        finishes = [
+            replace(f, result=roundtrip(f.result, "result")) if f.action is Action.COMPLETE else f
+            for f in finishes
+        ]
         async with self._lock:
             out = []
             for f in finishes:
@@ -231,6 +244,9 @@ class MemoryStore(Store):
             return out
 
     def _apply_finish(self, job: Job, f: Finish, now: datetime) -> None:
+        action = finish_action(f.action, job.cancel_requested_at is not None)
+        if action is not f.action:
+            f = replace(f, action=action, error="cancelled")
         started = job.started_at
         duration_ms = int((now - started).total_seconds() * 1000) if started else None
         job.lease_token = None
@@ -253,13 +269,13 @@ class MemoryStore(Store):
         elif f.action is Action.CONFIRM_CANCEL:
             job.error = f.error or "cancelled"
             self._end_execution(job, now, "cancelled", f.error)
-            self._move(job, f.action, now)
+            self._move(job, f.action, now, error=job.error)
             self._after_terminal(job, now)
         else:  # RELEASE: the attempt did not really happen
+            self._end_execution(job, now, "released", None)
             job.attempt = max(0, job.attempt - 1)
             job.run_at = now
             job.worker_id = None
-            self._end_execution(job, now, "released", None)
             self._move(job, f.action, now, reason="worker_shutdown")
 
     async def register_worker(self, worker: WorkerInfo, now: datetime) -> None:
@@ -293,7 +309,7 @@ class MemoryStore(Store):
     async def deregister_worker(self, worker_id: str, now: datetime) -> None:
         async with self._lock:
             w = self._workers.get(worker_id)
-            if w is not None:
+            if w is not None and w.state != "stopped":
                 w.state = "stopped"
                 w.heartbeat_at = now
                 w.jobs_running = 0
@@ -328,7 +344,7 @@ class MemoryStore(Store):
                 action = lost_action(job, max_lost)
                 job.lost_count += 1
                 job.lease_token = None
-                job.error = "worker_lost"
+                job.error = "cancelled" if action is Action.CONFIRM_CANCEL else "worker_lost"
                 self._end_execution(job, now, "lost", "worker_lost")
                 if action is Action.LOST:
                     job.run_at = now
@@ -357,7 +373,7 @@ class MemoryStore(Store):
 
     async def retry_failed(self, job_ids: Sequence[str], now: datetime) -> list[Job]:
         async with self._lock:
-            jobs = [self._get(i) for i in job_ids]
+            jobs = [self._get(i) for i in dict.fromkeys(job_ids)]
             for job in jobs:
                 if job.state is not JobState.FAILED:
                     raise InvalidTransition(
@@ -366,6 +382,16 @@ class MemoryStore(Store):
                         f"Cannot retry job {job.id} in {job.state.value} status; "
                         "only failed (dead-lettered) jobs can be retried",
                     )
+            active_keys = {
+                j.idempotency_key
+                for j in self._jobs.values()
+                if j.idempotency_key is not None and j.state in ACTIVE_STATES
+            }
+            for job in jobs:
+                if job.idempotency_key in active_keys:
+                    raise key_taken(job.id, job.idempotency_key)
+                if job.idempotency_key is not None:
+                    active_keys.add(job.idempotency_key)
             for job in jobs:
                 job.attempt = 0
                 job.lost_count = 0
@@ -373,7 +399,7 @@ class MemoryStore(Store):
                 job.completed_at = None
                 job.cancel_requested_at = None
                 job.worker_id = None
-                self._move(job, Action.DLQ_RETRY, now)
+                self._move(job, Action.DLQ_RETRY, now, reason="dlq_retry")
             return [copy.deepcopy(j) for j in jobs]
 
     async def purge_failed(self, job_ids: Sequence[str] | None, now: datetime) -> int:

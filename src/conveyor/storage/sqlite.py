@@ -17,6 +17,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +39,7 @@ from conveyor.domain.errors import (
 from conveyor.domain.ids import new_job_id, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
+    PARENT_FAILED_ERROR,
     Activity,
     EnqueueResult,
     Event,
@@ -49,11 +51,13 @@ from conveyor.domain.job import (
     Page,
     Rescued,
     WorkerInfo,
+    key_taken,
     lost_action,
     validate_batch,
 )
-from conveyor.domain.states import Action, EventType, JobState
-from conveyor.storage.base import Store
+from conveyor.domain.states import Action, EventType, JobState, finish_action
+from conveyor.storage.base import Store, check_limit
+from conveyor.storage.codec import dumps
 from conveyor.storage.sql import load_migrations, load_queries
 
 T = TypeVar("T")
@@ -103,15 +107,6 @@ def _ts(dt: datetime | None) -> float | None:
 
 def _dt(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC)
-
-
-def _dumps(value: Any) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError as exc:
-        raise ValidationError(
-            f"Value is not JSON-serialisable: {exc}", [FieldError("payload", str(exc))]
-        ) from exc
 
 
 def job_from_row(row: sqlite3.Row) -> Job:
@@ -316,7 +311,7 @@ class SQLiteStore(Store):
                     states = {parent_states[d] for d in new.depends_on}
                     if states & {"failed", "cancelled"}:
                         row["state"] = "cancelled"
-                        row["error"] = "a parent job failed or was cancelled"
+                        row["error"] = PARENT_FAILED_ERROR
                         row["completed_at"] = now
                     elif states != {"completed"}:
                         row["state"] = "blocked"
@@ -351,6 +346,7 @@ class SQLiteStore(Store):
         limit: int,
         now: datetime,
     ) -> list[Job]:
+        check_limit(limit)
         params = {
             "token": new_token(),
             "worker": worker_id,
@@ -376,7 +372,9 @@ class SQLiteStore(Store):
         for f in finishes:
             if f.action not in FINISH_ACTIONS:
                 raise InvalidTransition("running", f.action.value)
-        results = [None if f.action is not Action.COMPLETE else _dumps(f.result) for f in finishes]
+        results = [
+            None if f.action is not Action.COMPLETE else dumps(f.result, "result") for f in finishes
+        ]
         return await self._run(self._finish, finishes, results, now.timestamp())
 
     def _finish(
@@ -397,7 +395,9 @@ class SQLiteStore(Store):
                     continue
                 del running[f.job_id]  # a second finish of the same lease in one batch loses
                 accepted.append(True)
-                action = f.action
+                action = finish_action(f.action, row["cancel_requested_at"] is not None)
+                if action is not f.action:
+                    f = replace(f, action=action, error="cancelled")
                 attempt = row["attempt"]
                 extra: dict[str, Any] = {}
                 if action is Action.COMPLETE:
@@ -453,7 +453,7 @@ class SQLiteStore(Store):
             for child in children.fetchall():
                 states = {r[0]: r[1] for r in conn.execute(Q["parent_states"], (child["id"],))}
                 if states.keys() & {"failed", "cancelled"}:
-                    error = "a parent job failed or was cancelled"
+                    error = PARENT_FAILED_ERROR
                     conn.execute(Q["cancel_blocked"], (error, now, now, child["id"]))
                     events.append(
                         (
@@ -628,7 +628,8 @@ class SQLiteStore(Store):
         def _do() -> list[Job]:
             with self._tx() as conn:
                 rows = []
-                for job_id in job_ids:
+                keys: set[str] = set()
+                for job_id in dict.fromkeys(job_ids):
                     row = conn.execute(Q["get_job"], (job_id,)).fetchone()
                     if row is None:
                         raise JobNotFound(job_id)
@@ -639,6 +640,12 @@ class SQLiteStore(Store):
                             f"Cannot retry job {job_id} in {row['state']} status; "
                             "only failed (dead-lettered) jobs can be retried",
                         )
+                    key = row["idempotency_key"]
+                    if key is not None:
+                        taken = conn.execute(Q["active_by_keys"], (orjson.dumps([key]).decode(),))
+                        if key in keys or taken.fetchone() is not None:
+                            raise key_taken(job_id, key)
+                        keys.add(key)
                     rows.append(row)
                 for row in rows:
                     conn.execute(Q["retry_failed"], {"id": row["id"], "now": ts})
@@ -903,7 +910,7 @@ def _job_params(new: NewJob, now: datetime) -> dict[str, Any]:
         "job_type": new.job_type,
         "state": "pending",
         "priority": new.priority,
-        "payload": _dumps(dict(new.payload)),
+        "payload": dumps(dict(new.payload)),
         "error": None,
         "max_retries": new.max_retries,
         "timeout_ms": new.timeout_ms,
@@ -911,7 +918,7 @@ def _job_params(new: NewJob, now: datetime) -> dict[str, Any]:
         "idempotency_key": new.idempotency_key,
         "workflow_id": new.workflow_id,
         "created_by": new.created_by,
-        "metadata": _dumps(dict(new.metadata)),
+        "metadata": dumps(dict(new.metadata), "metadata"),
         "created_at": ts,
         "completed_at": None,
     }

@@ -57,7 +57,8 @@ WHERE state = 'running' AND worker_id = :worker AND lease_token = :token
 ORDER BY priority DESC, run_at, seq
 
 -- name: running_by_ids
-SELECT id, lease_token, attempt, started_at, job_type, queue, has_children FROM jobs
+SELECT id, lease_token, attempt, started_at, job_type, queue, has_children, cancel_requested_at
+FROM jobs
 WHERE id IN (SELECT value FROM json_each(?)) AND state = 'running'
 
 -- name: finish_complete

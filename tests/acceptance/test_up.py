@@ -1,0 +1,183 @@
+"""``conveyor up`` as a user runs it: a subprocess serving the API and a worker.
+
+Checked with the shipped smoke test (scripts/smoke-test.sh), with and without
+API keys, and for a clean exit on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support import ROOT, conveyor_cmd, conveyor_env, run_cli, wait_until
+
+FAST = {
+    "CONVEYOR_HEARTBEAT_INTERVAL": "0.2",
+    "CONVEYOR_HEARTBEAT_TIMEOUT": "1.0",
+    "CONVEYOR_POLL_INTERVAL": "0.05",
+}
+SMOKE = ROOT / "scripts" / "smoke-test.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A ``conveyor up`` subprocess; its output goes to a file we can read."""
+
+    def __init__(self, db: str, log: Path, *args: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._fh = log.open("w")
+        self.proc = subprocess.Popen(
+            conveyor_cmd("up", "--port", str(self.port), *args),
+            env=conveyor_env(db, **FAST),
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"conveyor up exited ({self.proc.returncode}) before answering:\n{self.output()}"
+            )
+        try:
+            return httpx.get(f"{self.base}/health", timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_healthy(self) -> None:
+        wait_until(self.healthy, 20, f"/health of conveyor up on port {self.port}")
+
+    def terminate(self, timeout: float = 15) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"conveyor up did not exit within {timeout}s of SIGTERM:\n{self.output()}"
+            ) from None
+        finally:
+            self._fh.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._fh.close()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'up.db'}"
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for s in started:
+        s.kill()  # only if a test failed before stopping it
+
+
+def start(servers: list[Server], db: str, tmp_path: Path, *args: str) -> Server:
+    server = Server(db, tmp_path / f"up-{len(servers)}.log", *args)
+    servers.append(server)
+    server.wait_healthy()
+    return server
+
+
+def smoke(base: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(SMOKE), base],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_up_passes_the_smoke_test_and_stops_on_sigterm(db, tmp_path, servers):
+    server = start(servers, db, tmp_path)
+    out = server.output()
+    assert "auth: off" in out
+    assert f":{server.port}" in out
+
+    result = smoke(server.base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SMOKE TEST PASSED" in result.stdout
+
+    assert server.terminate() == 0, server.output()
+
+
+def refuse_all_interfaces(db: str, **env: str) -> subprocess.CompletedProcess[str]:
+    started = time.monotonic()
+    proc = subprocess.run(
+        conveyor_cmd("up", "--host", "0.0.0.0", "--port", str(free_port())),
+        env=conveyor_env(db, **FAST, **env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode != 0, proc.stderr
+    assert time.monotonic() - started < 15
+    return proc
+
+
+def test_up_on_all_interfaces_without_a_key_refuses_to_start(db):
+    proc = refuse_all_interfaces(db)
+    message = " ".join(proc.stderr.split())
+    assert "Refusing to listen on 0.0.0.0" in message, proc.stderr
+    assert "conveyor keys create" in message, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_up_refusal_keeps_the_suggested_command_on_one_line(db):
+    # rich hard-wraps at the terminal width (80 when stderr is a file) unless told not to.
+    proc = refuse_all_interfaces(db, COLUMNS="80")
+    assert "`conveyor keys create --scope admin --name ops`" in proc.stderr, proc.stderr
+
+
+def test_up_requires_the_key_once_one_exists(db, tmp_path, servers):
+    created = run_cli(db, "keys", "create", "--scope", "admin", "--name", "ops")
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("cvk_"), created.stdout
+    assert "Store it now" in created.stderr
+
+    server = start(servers, db, tmp_path)
+    assert "auth: on" in server.output()
+
+    anon = httpx.get(f"{server.base}/api/jobs", timeout=5)
+    assert anon.status_code == 401
+    assert anon.json()["success"] is False
+    assert httpx.get(f"{server.base}/api/jobs?token=cvk_wrong", timeout=5).status_code == 401
+    ok = httpx.get(f"{server.base}/api/jobs", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["success"] is True
+
+    anonymous_smoke = smoke(server.base)
+    assert anonymous_smoke.returncode != 0
+    assert "SMOKE TEST PASSED" not in anonymous_smoke.stdout
+
+    result = smoke(server.base, CONVEYOR_API_KEY=key)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SMOKE TEST PASSED" in result.stdout
+
+    assert server.terminate() == 0, server.output()

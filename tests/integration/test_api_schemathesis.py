@@ -1,0 +1,88 @@
+"""Property-based check of the REST API against its own OpenAPI document (schemathesis).
+
+Generated requests (valid and invalid) must never produce a 5xx, every response
+must be one the schema declares, in the shape it declares, and every error
+response must carry the error envelope of API.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import (
+    allow_header_conformance,
+    positive_data_acceptance,
+)
+
+import conveyor.demo
+from conveyor.api.app import create_app
+from conveyor.app import Conveyor
+from conveyor.settings import Settings
+
+# schemathesis needs the schema when the module is collected (its lazy `from_fixture`
+# loader does not work with pytest 9), so the app is built here, on a throwaway database.
+_DIR = Path(tempfile.mkdtemp(prefix="conveyor-schemathesis-"))
+atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
+CV = Conveyor(settings=Settings(database_url=f"sqlite:///{_DIR / 'api.db'}"))
+conveyor.demo.register(CV)
+API = create_app(CV)
+schema = schemathesis.openapi.from_asgi("/openapi.json", API)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _store() -> Iterator[None]:
+    # schemathesis runs the app and its lifespan on an event loop of its own thread. The
+    # SQLite store works from any loop: open it here (the lifespan's open is then a no-op)
+    # so that it is closed, and its file removed, when this module is done.
+    asyncio.run(CV.open())
+    yield
+    asyncio.run(CV.close())
+    shutil.rmtree(_DIR, ignore_errors=True)
+
+
+def error_envelope(ctx: Any, response: Any, case: Any) -> bool | None:
+    """Every error response is JSON with ``success: false`` and a non-empty ``error``."""
+    if response.status_code < 400:
+        return None
+    body = response.json()
+    assert body.get("success") is False, body
+    assert isinstance(body.get("error"), str), body
+    assert body["error"].strip(), body
+    return True
+
+
+# Starlette's 405 lists the methods of the first route matching the path only
+# (OPTIONS /api/jobs/x -> `Allow: GET`, DELETE missing): a framework limit, left out.
+# positive_data_acceptance is replaced by the variant below.
+EXCLUDED = [allow_header_conformance, positive_data_acceptance]
+
+
+def positive_data_acceptance_but_unknown_parents(ctx: Any, response: Any, case: Any) -> Any:
+    """Schema-valid requests are accepted, except two documented limits the schema cannot
+    express: ``depends_on`` naming jobs that do not exist, and JSON integers beyond 64 bits
+    (which Conveyor does not store)."""
+    if response.status_code == 400:
+        details = response.json().get("details") or []
+        if {d.get("field") for d in details} == {"depends_on"}:
+            return None
+        if details and all("64-bit" in d.get("message", "") for d in details):
+            return None
+    return positive_data_acceptance(ctx, response, case)
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+def test_api_conforms_to_its_openapi(case: schemathesis.Case) -> None:
+    case.call_and_validate(
+        excluded_checks=EXCLUDED,
+        additional_checks=[error_envelope, positive_data_acceptance_but_unknown_parents],
+    )

@@ -1,0 +1,137 @@
+"""Settings: defaults, CONVEYOR_* variables, overrides and their errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from conveyor.domain.errors import ConfigurationError
+from conveyor.settings import DEFAULT_DATABASE_URL, Settings
+
+
+def test_defaults_with_an_empty_environment() -> None:
+    s = Settings.from_env({})
+    assert s == Settings()
+    assert s.database_url == DEFAULT_DATABASE_URL == "sqlite:///./conveyor.db"
+    assert (s.concurrency, s.heartbeat_interval, s.heartbeat_timeout, s.max_lost) == (10, 5, 15, 2)
+    assert s.queues == ("default",)
+    assert s.log_level == "INFO"
+
+
+def test_every_variable_is_parsed() -> None:
+    s = Settings.from_env(
+        {
+            "CONVEYOR_DATABASE_URL": "memory://",
+            "CONVEYOR_CONCURRENCY": "4",
+            "CONVEYOR_HEARTBEAT_INTERVAL": "0.5",
+            "CONVEYOR_HEARTBEAT_TIMEOUT": "2",
+            "CONVEYOR_MAX_LOST": "3",
+            "CONVEYOR_POLL_INTERVAL": "0.05",
+            "CONVEYOR_SHUTDOWN_GRACE": "0",
+            "CONVEYOR_RETENTION": "3600",
+            "CONVEYOR_QUEUES": " high, default ,,low ",
+            "CONVEYOR_LOG_LEVEL": "DEBUG",
+        }
+    )
+    assert s == Settings(
+        database_url="memory://",
+        concurrency=4,
+        heartbeat_interval=0.5,
+        heartbeat_timeout=2.0,
+        max_lost=3,
+        poll_interval=0.05,
+        shutdown_grace=0.0,
+        retention=3600.0,
+        queues=("high", "default", "low"),
+        log_level="DEBUG",
+    )
+    assert isinstance(s.concurrency, int)
+    assert isinstance(s.heartbeat_timeout, float)
+
+
+def test_empty_variables_mean_the_default() -> None:
+    assert Settings.from_env({"CONVEYOR_CONCURRENCY": "", "CONVEYOR_QUEUES": ""}) == Settings()
+
+
+def test_unknown_and_foreign_variables_are_ignored() -> None:
+    assert Settings.from_env({"CONVEYOR_NOPE": "1", "CONCURRENCY": "3"}) == Settings()
+
+
+def test_overrides_beat_the_environment_and_none_means_unset() -> None:
+    env = {"CONVEYOR_CONCURRENCY": "4", "CONVEYOR_DATABASE_URL": "memory://"}
+    s = Settings.from_env(env, concurrency=8, database_url=None)
+    assert (s.concurrency, s.database_url) == (8, "memory://")
+
+
+def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_MAX_LOST", "5")
+    assert Settings.from_env().max_lost == 5
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "kind"),
+    [
+        ("CONCURRENCY", "four", "int"),
+        ("CONCURRENCY", "1.5", "int"),
+        ("MAX_LOST", "1e3", "int"),
+        ("HEARTBEAT_INTERVAL", "5s", "float"),
+        ("RETENTION", "7d", "float"),
+    ],
+)
+def test_unparsable_values_name_the_variable(name: str, raw: str, kind: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({f"CONVEYOR_{name}": raw})
+    assert str(info.value) == f"CONVEYOR_{name}={raw!r} is not a valid {kind}"
+    assert info.value.__cause__ is None
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"CONVEYOR_CONCURRENCY": "0"}, "concurrency must be >= 1"),
+        ({"CONVEYOR_HEARTBEAT_INTERVAL": "0"}, "heartbeat_interval must be > 0 seconds"),
+        (
+            {"CONVEYOR_HEARTBEAT_TIMEOUT": "5"},
+            "heartbeat_timeout must be greater than heartbeat_interval (5.0 <= 5.0)",
+        ),
+        ({"CONVEYOR_MAX_LOST": "0"}, "max_lost must be >= 1"),
+        ({"CONVEYOR_POLL_INTERVAL": "-1"}, "poll_interval must be > 0 seconds"),
+        ({"CONVEYOR_SHUTDOWN_GRACE": "-0.1"}, "shutdown_grace must be >= 0 seconds"),
+        ({"CONVEYOR_RETENTION": "0"}, "retention must be > 0 seconds"),
+        ({"CONVEYOR_QUEUES": " , ,"}, "queues must name at least one queue"),
+    ],
+)
+def test_invalid_values_are_explained(env: dict[str, str], problem: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env(env)
+    assert str(info.value) == f"Invalid settings: {problem}"
+
+
+def test_every_problem_is_listed_at_once() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({"CONVEYOR_CONCURRENCY": "0", "CONVEYOR_MAX_LOST": "0"})
+    assert str(info.value) == "Invalid settings: concurrency must be >= 1; max_lost must be >= 1"
+
+
+def test_empty_queue_name_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="queues"):
+        Settings(queues=("a", ""))
+
+
+@pytest.mark.parametrize(
+    "name", ["HEARTBEAT_INTERVAL", "HEARTBEAT_TIMEOUT", "POLL_INTERVAL", "SHUTDOWN_GRACE"]
+)
+def test_nan_is_refused(name: str) -> None:
+    with pytest.raises(ConfigurationError):
+        Settings.from_env({f"CONVEYOR_{name}": "nan"})
+
+
+def test_with_changes_some_fields_and_ignores_none() -> None:
+    s = Settings().with_(concurrency=2, log_level=None)
+    assert (s.concurrency, s.log_level) == (2, "INFO")
+    with pytest.raises(ConfigurationError):
+        Settings().with_(concurrency=0)
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(AttributeError):
+        Settings().concurrency = 3  # type: ignore[misc]
