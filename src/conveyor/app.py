@@ -32,7 +32,7 @@ from conveyor.storage.base import Store
 F = TypeVar("F", bound=Handler)
 
 
-def store_from_url(url: str) -> Store:
+def store_from_url(url: str, *, pool_size: int = 10) -> Store:
     """Build the Store adapter a database URL names."""
     if url == "memory://" or url == "memory:":
         from conveyor.storage.memory import MemoryStore
@@ -51,12 +51,16 @@ def store_from_url(url: str) -> Store:
 
         return SQLiteStore(Path(path))
     if parsed.scheme in ("postgres", "postgresql"):
-        raise ConfigurationError(
-            "The PostgreSQL backend is not available in this version; "
-            "use sqlite:///./conveyor.db or memory://"
-        )
+        try:
+            from conveyor.storage.postgres import PostgresStore
+        except ImportError as exc:
+            raise ConfigurationError(
+                "PostgreSQL needs asyncpg: pip install 'conveyor[postgres]'"
+            ) from exc
+        return PostgresStore(url, max_size=pool_size)
     raise ConfigurationError(
-        f"Unsupported database URL {url!r}: expected sqlite:///PATH or memory://"
+        f"Unsupported database URL {url!r}: expected sqlite:///PATH, "
+        "postgresql://USER@HOST/DB or memory://"
     )
 
 
@@ -207,10 +211,20 @@ class Conveyor:
         return new
 
     async def submit(
-        self, job_type: str, payload: Mapping[str, Any] | None = None, **options: Any
+        self,
+        job_type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        connection: Any = None,
+        **options: Any,
     ) -> EnqueueResult:
-        """Submit one job; returns it and whether it was a duplicate (idempotency key)."""
-        (result,) = await self.submit_many([self.new_job(job_type, payload, **options)])
+        """Submit one job; returns it and whether it was a duplicate (idempotency key).
+
+        ``connection``: an asyncpg connection inside your own transaction
+        (PostgreSQL): the job exists only if your transaction commits.
+        """
+        new = self.new_job(job_type, payload, **options)
+        (result,) = await self.submit_many([new], connection=connection)
         return result
 
     async def enqueue(
@@ -219,10 +233,12 @@ class Conveyor:
         """Submit one job and return it once it is committed to the store."""
         return (await self.submit(job_type, payload, **options)).job
 
-    async def submit_many(self, jobs: Sequence[NewJob]) -> list[EnqueueResult]:
+    async def submit_many(
+        self, jobs: Sequence[NewJob], *, connection: Any = None
+    ) -> list[EnqueueResult]:
         """Submit many jobs in one transaction (all or none)."""
         await self.open()
-        results = await self.store.enqueue_many(jobs, self.now())
+        results = await self.store.enqueue_many(jobs, self.now(), connection=connection)
         self.notify_listeners()
         return results
 

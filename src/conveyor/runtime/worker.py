@@ -126,6 +126,7 @@ class Worker:
             now,
         )
         self.app.add_listener(self.notify)
+        await self.store.subscribe_wakeups(self.notify)
         log.info(
             "worker_started",
             worker_id=self.id,
@@ -145,14 +146,19 @@ class Worker:
             await self._drain()
         finally:
             self.app.remove_listener(self.notify)
+            self.store.unsubscribe_wakeups(self.notify)
             for t in helpers[1:]:
                 t.cancel()
             self._outbox_event.set()
             # The flusher exits once the outbox is empty and no job is running.
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await asyncio.wait_for(
                     helpers[0], timeout=max(5.0, self.app.settings.shutdown_grace)
                 )
+            except (asyncio.CancelledError, TimeoutError):
+                # The store would not take the last results: those jobs stay leased to
+                # this worker and are rescued (run again) after heartbeat_timeout.
+                log.error("worker_results_unsaved", worker_id=self.id, jobs=len(self._outbox))
             for t in helpers[1:]:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t

@@ -13,12 +13,12 @@ Rules every adapter keeps:
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from conveyor.domain.auth import ApiKey
-from conveyor.domain.errors import FieldError, ValidationError
+from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
 from conveyor.domain.job import (
     Activity,
     EnqueueResult,
@@ -55,10 +55,14 @@ class Store(abc.ABC):
 
     # -- submit ------------------------------------------------------------
     @abc.abstractmethod
-    async def enqueue_many(self, jobs: Sequence[NewJob], now: datetime) -> list[EnqueueResult]:
+    async def enqueue_many(
+        self, jobs: Sequence[NewJob], now: datetime, *, connection: Any = None
+    ) -> list[EnqueueResult]:
         """Insert jobs atomically (all or none); duplicates by idempotency key
         return the existing active job flagged ``duplicate``. Unknown
-        ``depends_on`` ids raise ``ValidationError`` and insert nothing."""
+        ``depends_on`` ids raise ``ValidationError`` and insert nothing.
+        ``connection``: a driver connection inside the caller's own transaction
+        (PostgreSQL only): the jobs exist only if that transaction commits."""
 
     # -- worker hot path ---------------------------------------------------
     @abc.abstractmethod
@@ -163,6 +167,14 @@ class Store(abc.ABC):
         """Number of active keys."""
 
     # -- cross-process wake-up ---------------------------------------------------------
+    async def subscribe_wakeups(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when another process makes jobs ready (if the backend can)."""
+        return None
+
+    def unsubscribe_wakeups(self, callback: Callable[[], None]) -> None:
+        """Stop calling ``callback``."""
+        return None
+
     #: Seconds between ``changed()`` checks while a worker idles; None = not supported.
     change_check_interval: float | None = None
 
@@ -189,4 +201,12 @@ def check_limit(limit: int) -> None:
         raise ValidationError(
             f"fetch limit must be an integer >= 0 (got {limit!r})",
             [FieldError("limit", "must be >= 0")],
+        )
+
+
+def no_external_connection(connection: Any, backend: str) -> None:
+    if connection is not None:
+        raise ConfigurationError(
+            f"Transactional enqueue (connection=...) needs the PostgreSQL store; "
+            f"this app uses {backend}"
         )

@@ -51,7 +51,7 @@ from conveyor.domain.states import (
     finish_action,
     next_state,
 )
-from conveyor.storage.base import Store, check_limit
+from conveyor.storage.base import Store, check_limit, no_external_connection
 from conveyor.storage.codec import roundtrip
 
 
@@ -124,7 +124,10 @@ class MemoryStore(Store):
         return job
 
     # -- submit -------------------------------------------------------------
-    async def enqueue_many(self, jobs: Sequence[NewJob], now: datetime) -> list[EnqueueResult]:
+    async def enqueue_many(
+        self, jobs: Sequence[NewJob], now: datetime, *, connection: Any = None
+    ) -> list[EnqueueResult]:
+        no_external_connection(connection, "memory://")
         validate_batch(jobs)
         encoded = [
             (roundtrip(dict(new.payload)), roundtrip(dict(new.metadata), "metadata"))

@@ -56,7 +56,7 @@ from conveyor.domain.job import (
     validate_batch,
 )
 from conveyor.domain.states import Action, EventType, JobState, finish_action
-from conveyor.storage.base import Store, check_limit
+from conveyor.storage.base import Store, check_limit, no_external_connection
 from conveyor.storage.codec import dumps
 from conveyor.storage.sql import load_migrations, load_queries
 
@@ -274,7 +274,10 @@ class SQLiteStore(Store):
         return await self._run(self._migrate)
 
     # -- submit -------------------------------------------------------------------
-    async def enqueue_many(self, jobs: Sequence[NewJob], now: datetime) -> list[EnqueueResult]:
+    async def enqueue_many(
+        self, jobs: Sequence[NewJob], now: datetime, *, connection: Any = None
+    ) -> list[EnqueueResult]:
+        no_external_connection(connection, "SQLite")
         validate_batch(jobs)
         rows = [_job_params(new, now) for new in jobs]  # serialise before taking the lock
         return await self._run(self._enqueue, jobs, rows, now.timestamp())

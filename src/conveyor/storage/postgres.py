@@ -1,0 +1,820 @@
+"""PostgreSQL Store (asyncpg): many workers and API processes share one database.
+
+Hot path, one round trip per batch: ``fetch`` is one ``FOR UPDATE SKIP LOCKED``
+CTE feeding an ``UPDATE ... RETURNING`` that also writes execution rows and
+outbox events; ``finish_many`` locks the batch's running rows, then writes
+every job update, execution row and event in one ``unnest`` statement.
+Wake-ups travel by ``LISTEN/NOTIFY`` (one notify per statement, not per row).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+import structlog
+
+from conveyor.domain.auth import ApiKey, Scope
+from conveyor.domain.errors import (
+    ApiKeyNotFound,
+    ConfigurationError,
+    FieldError,
+    InvalidTransition,
+    JobNotCancellable,
+    JobNotFound,
+    StoreError,
+    StoreUnavailable,
+    ValidationError,
+)
+from conveyor.domain.ids import new_job_id, new_token
+from conveyor.domain.job import (
+    FINISH_ACTIONS,
+    PARENT_FAILED_ERROR,
+    Activity,
+    EnqueueResult,
+    Event,
+    Execution,
+    Finish,
+    Job,
+    JobQuery,
+    NewJob,
+    Page,
+    Rescued,
+    WorkerInfo,
+    key_taken,
+    lost_action,
+    validate_batch,
+)
+from conveyor.domain.states import Action, EventType, JobState
+from conveyor.storage.base import Store, check_limit
+from conveyor.storage.codec import roundtrip
+from conveyor.storage.finishing import RunningRow, plan_finishes
+from conveyor.storage.sql import load_migrations, load_queries
+
+Q = load_queries("postgres")
+CHANNEL = "conveyor_jobs"
+log = structlog.get_logger("conveyor.postgres")
+
+_ORDER_COLUMNS = {
+    "created_at": "created_at",
+    "updated_at": "updated_at",
+    "priority": "priority",
+    "run_at": "run_at",
+    "completed_at": "completed_at",
+    "job_type": "job_type",
+}
+_UNAVAILABLE = (
+    OSError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    TimeoutError,
+)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+
+
+def job_from_record(r: asyncpg.Record) -> Job:
+    return Job(
+        id=r["id"],
+        job_type=r["job_type"],
+        state=JobState(r["state"]),
+        payload=r["payload"],
+        queue=r["queue"],
+        priority=r["priority"],
+        attempt=r["attempt"],
+        max_retries=r["max_retries"],
+        timeout_ms=r["timeout_ms"],
+        run_at=r["run_at"],
+        result=r["result"],
+        error=r["error"],
+        lease_token=r["lease_token"],
+        worker_id=r["worker_id"],
+        idempotency_key=r["idempotency_key"],
+        workflow_id=r["workflow_id"],
+        cancel_requested_at=r["cancel_requested_at"],
+        lost_count=r["lost_count"],
+        created_by=r["created_by"],
+        metadata=r["metadata"],
+        created_at=r["created_at"],
+        started_at=r["started_at"],
+        completed_at=r["completed_at"],
+        updated_at=r["updated_at"],
+    )
+
+
+def _event(r: Any, status: str, attempt: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "job_id": r["id"],
+        "job_type": r["job_type"],
+        "queue": r["queue"],
+        "status": status,
+        "attempt": attempt,
+        **extra,
+    }
+
+
+class PostgresStore(Store):
+    """Store on PostgreSQL. ``dsn``: ``postgresql://user:pass@host:5432/db``."""
+
+    def __init__(
+        self, dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 10.0
+    ) -> None:
+        self.dsn = dsn
+        self._min, self._max, self._timeout = min_size, max_size, connect_timeout
+        self._pool: asyncpg.Pool | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._listen_task: asyncio.Task[None] | None = None
+
+    # -- plumbing -----------------------------------------------------------------
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self._min,
+                max_size=self._max,
+                init=_init_connection,
+                timeout=self._timeout,
+                command_timeout=60,
+            )
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(
+                f"Cannot connect to PostgreSQL at {_safe(self.dsn)}: {exc}. Is the server "
+                "running and CONVEYOR_DATABASE_URL right?"
+            ) from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreUnavailable(f"PostgreSQL refused {_safe(self.dsn)}: {exc}") from exc
+        try:
+            await self.migrate()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listen_task
+            self._listen_task = None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _conn(self, tx: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        if self._pool is None:
+            raise StoreError("The PostgreSQL store is not open: call `await store.open()` first")
+        try:
+            async with self._pool.acquire() as conn:
+                if tx:
+                    async with conn.transaction():
+                        yield conn
+                else:
+                    yield conn
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"PostgreSQL unavailable: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreError(f"PostgreSQL error: {exc}") from exc
+
+    async def migrate(self) -> list[str]:
+        applied_now: list[str] = []
+        async with self._conn(tx=True) as conn:
+            await conn.execute(Q["migration_lock"])
+            await conn.execute(Q["migrations_table"])
+            applied = {r[0]: r[2] for r in await conn.fetch(Q["applied_migrations"])}
+            for m in load_migrations("postgres"):
+                if m.version in applied:
+                    if applied[m.version] != m.checksum:
+                        raise ConfigurationError(
+                            f"Migration {m.version:04d}_{m.name} was changed after it was "
+                            "applied; restore the original file"
+                        )
+                    continue
+                await conn.execute(m.sql)
+                await conn.execute(Q["record_migration"], m.version, m.name, m.checksum)
+                applied_now.append(f"{m.version:04d}_{m.name}")
+        return applied_now
+
+    # -- wake-ups -----------------------------------------------------------------------
+    async def subscribe_wakeups(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+        if self._listen_task is None:
+            self._listen_task = asyncio.create_task(self._listen(), name="conveyor-listen")
+
+    def unsubscribe_wakeups(self, callback: Callable[[], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    async def _listen(self) -> None:
+        """One dedicated LISTEN connection; reconnects with backoff (wake everyone then)."""
+        backoff = 0.1
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=self._timeout)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, ev=lost: ev.set())
+                await conn.add_listener(CHANNEL, lambda *_a: self._wake())
+                backoff = 0.1
+                self._wake()  # anything enqueued while we were not listening
+                await lost.wait()
+            except asyncio.CancelledError:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close(timeout=1))
+                raise
+            except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+                log.warning("listen_connection_lost", error=str(exc), retry_in=backoff)
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _wake(self) -> None:
+        for cb in list(self._listeners):
+            cb()
+
+    # -- submit -----------------------------------------------------------------------------
+    async def enqueue_many(
+        self, jobs: Sequence[NewJob], now: datetime, *, connection: Any = None
+    ) -> list[EnqueueResult]:
+        validate_batch(jobs)
+        payloads = [roundtrip(dict(j.payload)) for j in jobs]
+        metas = [roundtrip(dict(j.metadata), "metadata") for j in jobs]
+        if connection is not None:
+            # The caller's transaction: the jobs exist only if it commits.
+            try:
+                return await self._enqueue(connection, jobs, payloads, metas, now)
+            except asyncpg.PostgresError as exc:
+                raise StoreError(f"PostgreSQL error: {exc}") from exc
+        async with self._conn(tx=True) as conn:
+            return await self._enqueue(conn, jobs, payloads, metas, now)
+
+    async def _enqueue(
+        self,
+        conn: asyncpg.Connection,
+        jobs: Sequence[NewJob],
+        payloads: list[Any],
+        metas: list[Any],
+        now: datetime,
+    ) -> list[EnqueueResult]:
+        deps = sorted({d for j in jobs for d in j.depends_on})
+        parent_state: dict[str, str] = {}
+        if deps:
+            parent_state = {r["id"]: r["state"] for r in await conn.fetch(Q["lock_parents"], deps)}
+            missing = [d for d in deps if d not in parent_state]
+            if missing:
+                raise ValidationError(
+                    f"depends_on: job {missing[0]!r} does not exist",
+                    [FieldError("depends_on", f"job {m!r} does not exist") for m in missing],
+                )
+        ids, states, errors, run_ats = [], [], [], []
+        for new in jobs:
+            state, error = "pending", None
+            if new.depends_on:
+                seen = {parent_state[d] for d in new.depends_on}
+                if seen & {"failed", "cancelled"}:
+                    state, error = "cancelled", PARENT_FAILED_ERROR
+                elif seen != {"completed"}:
+                    state = "blocked"
+            ids.append(new_job_id())
+            states.append(state)
+            errors.append(error)
+            run_ats.append(new.run_at or now)
+        inserted = {
+            r["id"]
+            for r in await conn.fetch(
+                Q["insert_jobs"],
+                ids,
+                [j.queue for j in jobs],
+                [j.job_type for j in jobs],
+                states,
+                [j.priority for j in jobs],
+                payloads,
+                errors,
+                [j.max_retries for j in jobs],
+                [j.timeout_ms for j in jobs],
+                run_ats,
+                [j.idempotency_key for j in jobs],
+                [j.workflow_id for j in jobs],
+                [j.created_by for j in jobs],
+                metas,
+                now,
+            )
+        }
+        existing: dict[str, Job] = {}
+        if len(inserted) < len(jobs):
+            keys = [
+                j.idempotency_key
+                for j, i in zip(jobs, ids, strict=True)
+                if i not in inserted and j.idempotency_key is not None
+            ]
+            for r in await conn.fetch(Q["active_by_keys"], keys):
+                existing[r["idempotency_key"]] = job_from_record(r)
+        dep_children = [
+            i
+            for i, j in zip(ids, jobs, strict=True)
+            if i in inserted
+            for _ in dict.fromkeys(j.depends_on)
+        ]
+        dep_parents = [
+            p
+            for i, j in zip(ids, jobs, strict=True)
+            if i in inserted
+            for p in dict.fromkeys(j.depends_on)
+        ]
+        if dep_children:
+            await conn.execute(Q["insert_dependencies"], dep_children, dep_parents)
+        if any(s == "pending" for i, s in zip(ids, states, strict=True) if i in inserted):
+            await conn.execute(Q["notify"], "")
+        results = []
+        for new, job_id, state, error, run_at, payload, meta in zip(
+            jobs, ids, states, errors, run_ats, payloads, metas, strict=True
+        ):
+            if job_id in inserted:
+                results.append(
+                    EnqueueResult(
+                        Job(
+                            id=job_id,
+                            job_type=new.job_type,
+                            state=JobState(state),
+                            payload=payload,
+                            queue=new.queue,
+                            priority=new.priority,
+                            max_retries=new.max_retries,
+                            timeout_ms=new.timeout_ms,
+                            run_at=run_at,
+                            error=error,
+                            idempotency_key=new.idempotency_key,
+                            workflow_id=new.workflow_id,
+                            created_by=new.created_by,
+                            metadata=meta,
+                            created_at=now,
+                            updated_at=now,
+                            completed_at=now if state == "cancelled" else None,
+                            depends_on=list(dict.fromkeys(new.depends_on)),
+                        ),
+                        False,
+                    )
+                )
+            else:
+                assert new.idempotency_key is not None
+                results.append(EnqueueResult(existing[new.idempotency_key], True))
+        return results
+
+    # -- worker hot path -----------------------------------------------------------------------
+    async def fetch(
+        self,
+        worker_id: str,
+        *,
+        queues: Sequence[str],
+        job_types: Sequence[str],
+        limit: int,
+        now: datetime,
+    ) -> list[Job]:
+        check_limit(limit)
+        if limit == 0:
+            return []
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                Q["fetch"],
+                now,
+                not queues,
+                list(queues),
+                not job_types,
+                list(job_types),
+                limit,
+                new_token(),
+                worker_id,
+            )
+        return [job_from_record(r) for r in rows]
+
+    async def finish_many(self, finishes: Sequence[Finish], now: datetime) -> list[bool]:
+        for f in finishes:
+            if f.action not in FINISH_ACTIONS:
+                raise InvalidTransition("running", f.action.value)
+        finishes = [f if f.action is not Action.COMPLETE else _with_result(f) for f in finishes]
+        if not finishes:
+            return []
+        async with self._conn(tx=True) as conn:
+            running = {
+                r["id"]: RunningRow(
+                    lease_token=r["lease_token"],
+                    attempt=r["attempt"],
+                    started_at=r["started_at"],
+                    job_type=r["job_type"],
+                    queue=r["queue"],
+                    has_children=r["has_children"],
+                    cancel_requested=r["cancel_requested_at"] is not None,
+                    run_at=r["run_at"],
+                    error=r["error"],
+                )
+                for r in await conn.fetch(Q["lock_running"], [f.job_id for f in finishes])
+            }
+            plan = plan_finishes(finishes, running, now)
+            if plan.updates:
+                u = plan.updates
+                await conn.execute(
+                    Q["apply_finishes"],
+                    [x.job_id for x in u],
+                    [x.state for x in u],
+                    [x.result for x in u],
+                    [x.error for x in u],
+                    [x.run_at for x in u],
+                    [x.attempt for x in u],
+                    [x.keep_worker for x in u],
+                    [x.completed_at for x in u],
+                    [e[1] for e in plan.executions],
+                    [e[2] for e in plan.executions],
+                    [e[3] for e in plan.executions],
+                    now,
+                    [e[0] for e in plan.events],
+                    [e[1] for e in plan.events],
+                    [e[2] for e in plan.events],
+                )
+                if plan.finished_parents:
+                    await self._settle_children(conn, plan.finished_parents, now)
+                if any(x.state == "pending" for x in u):
+                    await conn.execute(Q["notify"], "")
+        return plan.accepted
+
+    async def _settle_children(
+        self, conn: asyncpg.Connection, parents: list[str], now: datetime
+    ) -> None:
+        todo = parents
+        woke = False
+        while todo:
+            children = await conn.fetch(Q["blocked_children"], todo)
+            todo = []
+            types, ids, datas = [], [], []
+            for child in children:
+                states = {r[0] for r in await conn.fetch(Q["parent_states"], child["id"])}
+                if states & {"failed", "cancelled"}:
+                    await conn.execute(Q["cancel_blocked"], PARENT_FAILED_ERROR, now, child["id"])
+                    types.append(EventType.JOB_CANCELLED.value)
+                    datas.append(
+                        _event(child, "cancelled", child["attempt"], error=PARENT_FAILED_ERROR)
+                    )
+                    ids.append(child["id"])
+                    todo.append(child["id"])
+                elif states == {"completed"}:
+                    await conn.execute(Q["unblock"], now, child["id"])
+                    types.append(EventType.JOB_STATUS_CHANGED.value)
+                    datas.append(_event(child, "pending", child["attempt"]))
+                    ids.append(child["id"])
+                    woke = True
+            if types:
+                await conn.execute(Q["insert_events"], types, ids, datas, now)
+        if woke:
+            await conn.execute(Q["notify"], "")
+
+    # -- workers ---------------------------------------------------------------------------------
+    async def register_worker(self, worker: WorkerInfo, now: datetime) -> None:
+        async with self._conn(tx=True) as conn:
+            await conn.execute(
+                Q["upsert_worker"],
+                worker.id,
+                worker.host,
+                worker.pid,
+                list(worker.queues),
+                list(worker.job_types),
+                worker.concurrency,
+                now,
+            )
+            await conn.execute(
+                Q["insert_events"],
+                [EventType.WORKER_STATUS_CHANGED.value],
+                [None],
+                [{"worker_id": worker.id, "status": "running"}],
+                now,
+            )
+
+    async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
+        async with self._conn() as conn:
+            return {r[0] for r in await conn.fetch(Q["heartbeat"], worker_id, now, jobs_running)}
+
+    async def deregister_worker(self, worker_id: str, now: datetime) -> None:
+        async with self._conn(tx=True) as conn:
+            if await conn.fetchval(Q["deregister_worker"], worker_id, now) is not None:
+                await conn.execute(
+                    Q["insert_events"],
+                    [EventType.WORKER_STATUS_CHANGED.value],
+                    [None],
+                    [{"worker_id": worker_id, "status": "stopped"}],
+                    now,
+                )
+
+    async def rescue(
+        self, *, heartbeat_timeout: float, max_lost: int, now: datetime
+    ) -> list[Rescued]:
+        out: list[Rescued] = []
+        async with self._conn(tx=True) as conn:
+            dead = [
+                r[0]
+                for r in await conn.fetch(
+                    Q["mark_stale_workers_dead"], now - timedelta(seconds=heartbeat_timeout)
+                )
+            ]
+            types: list[str] = [EventType.WORKER_STATUS_CHANGED.value] * len(dead)
+            ids: list[str | None] = [None] * len(dead)
+            datas: list[dict[str, Any]] = [{"worker_id": w, "status": "dead"} for w in dead]
+            finished: list[str] = []
+            for row in await conn.fetch(Q["orphaned_running"]):
+                job = job_from_record(row)
+                action = lost_action(job, max_lost)
+                if action is Action.LOST:
+                    await conn.execute(Q["rescue_lost"], now, job.id, job.lease_token)
+                    status, event = "pending", EventType.JOB_RETRYING.value
+                elif action is Action.QUARANTINE:
+                    await conn.execute(Q["rescue_quarantine"], now, job.id, job.lease_token)
+                    status, event = "failed", EventType.JOB_DEAD_LETTERED.value
+                    finished.append(job.id)
+                else:
+                    await conn.execute(Q["rescue_cancel"], now, job.id, job.lease_token)
+                    status, event = "cancelled", EventType.JOB_CANCELLED.value
+                    finished.append(job.id)
+                await conn.execute(
+                    Q["end_execution"], now, "lost", "worker_lost", job.id, job.attempt
+                )
+                types.append(event)
+                ids.append(job.id)
+                datas.append(
+                    _event(row, status, job.attempt, error="worker_lost", worker_id=job.worker_id)
+                )
+                out.append(Rescued(job.id, job.worker_id, action))
+            if types:
+                await conn.execute(Q["insert_events"], types, ids, datas, now)
+            if finished:
+                await self._settle_children(conn, finished, now)
+            if any(r.action is Action.LOST for r in out):
+                await conn.execute(Q["notify"], "")
+        return out
+
+    # -- operator actions ------------------------------------------------------------------------
+    async def cancel(self, job_id: str, now: datetime) -> Job:
+        async with self._conn(tx=True) as conn:
+            row = await conn.fetchrow(Q["get_job_for_update"], job_id)
+            if row is None:
+                raise JobNotFound(job_id)
+            state = row["state"]
+            if state in ("completed", "failed", "cancelled"):
+                raise JobNotCancellable(job_id, state)
+            if state == "running":
+                if await conn.execute(Q["request_cancel"], job_id, now) != "UPDATE 0":
+                    await conn.execute(
+                        Q["insert_events"],
+                        [EventType.JOB_STATUS_CHANGED.value],
+                        [job_id],
+                        [_event(row, "cancelling", row["attempt"])],
+                        now,
+                    )
+            else:
+                await conn.execute(Q["cancel_waiting"], job_id, now)
+                await conn.execute(
+                    Q["insert_events"],
+                    [EventType.JOB_CANCELLED.value],
+                    [job_id],
+                    [_event(row, "cancelled", row["attempt"])],
+                    now,
+                )
+                if row["has_children"]:
+                    await self._settle_children(conn, [job_id], now)
+            return job_from_record(await conn.fetchrow(Q["get_job"], job_id))
+
+    async def retry_failed(self, job_ids: Sequence[str], now: datetime) -> list[Job]:
+        async with self._conn(tx=True) as conn:
+            rows = []
+            keys: set[str] = set()
+            for job_id in dict.fromkeys(job_ids):
+                row = await conn.fetchrow(Q["get_job_for_update"], job_id)
+                if row is None:
+                    raise JobNotFound(job_id)
+                if row["state"] != "failed":
+                    raise InvalidTransition(
+                        row["state"],
+                        "retry",
+                        f"Cannot retry job {job_id} in {row['state']} status; "
+                        "only failed (dead-lettered) jobs can be retried",
+                    )
+                key = row["idempotency_key"]
+                if key is not None:
+                    if key in keys or await conn.fetch(Q["active_by_keys"], [key]):
+                        raise key_taken(job_id, key)
+                    keys.add(key)
+                rows.append(row)
+            out = [
+                job_from_record(await conn.fetchrow(Q["retry_failed"], r["id"], now)) for r in rows
+            ]
+            if rows:
+                await conn.execute(
+                    Q["insert_events"],
+                    [EventType.JOB_STATUS_CHANGED.value] * len(rows),
+                    [r["id"] for r in rows],
+                    [_event(r, "pending", 0, reason="dlq_retry") for r in rows],
+                    now,
+                )
+                await conn.execute(Q["notify"], "")
+            return out
+
+    async def purge_failed(self, job_ids: Sequence[str] | None, now: datetime) -> int:
+        async with self._conn(tx=True) as conn:
+            if job_ids is None:
+                ids = [r[0] for r in await conn.fetch(Q["failed_ids"])]
+            else:
+                ids = list(dict.fromkeys(job_ids))
+                for job_id in ids:
+                    row = await conn.fetchrow(Q["get_job_for_update"], job_id)
+                    if row is None:
+                        raise JobNotFound(job_id)
+                    if row["state"] != "failed":
+                        raise InvalidTransition(
+                            row["state"],
+                            "purge",
+                            f"Cannot purge job {job_id} in {row['state']} status; "
+                            "only failed (dead-lettered) jobs can be purged",
+                        )
+            if ids:
+                await conn.execute(Q["delete_jobs"], ids)
+            return len(ids)
+
+    async def prune(self, older_than: datetime) -> int:
+        total = 0
+        while True:  # small transactions: a big prune never holds locks for long
+            async with self._conn(tx=True) as conn:
+                ids = [r[0] for r in await conn.fetch(Q["prunable"], older_than)]
+                if ids:
+                    await conn.execute(Q["delete_jobs"], ids)
+                else:
+                    await conn.execute(Q["prune_events"], older_than)
+            total += len(ids)
+            if not ids:
+                return total
+
+    # -- reads -------------------------------------------------------------------------------------
+    async def get(self, job_id: str) -> Job:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(Q["get_job"], job_id)
+            if row is None:
+                raise JobNotFound(job_id)
+            job = job_from_record(row)
+            job.depends_on = [r[0] for r in await conn.fetch(Q["job_parents"], job_id)]
+            return job
+
+    async def executions(self, job_id: str) -> list[Execution]:
+        async with self._conn() as conn:
+            if await conn.fetchval(Q["job_exists"], job_id) is None:
+                raise JobNotFound(job_id)
+            return [
+                Execution(
+                    r["job_id"],
+                    r["attempt"],
+                    r["worker_id"],
+                    r["started_at"],
+                    r["finished_at"],
+                    r["outcome"],
+                    r["error"],
+                )
+                for r in await conn.fetch(Q["executions"], job_id)
+            ]
+
+    async def list_jobs(self, query: JobQuery) -> Page:
+        query.validate()
+        direction = "DESC" if query.descending else "ASC"
+        nulls = "NULLS LAST" if query.descending else "NULLS FIRST"
+        sql = Q["list_jobs"].replace(
+            "{order_by}", f"{_ORDER_COLUMNS[query.sort]} {direction} {nulls}, seq {direction}"
+        )
+        states = [s.value for s in query.states] if query.states else None
+        args = (states, query.job_type, query.queue, query.created_by)
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql, *args, query.limit, query.offset)
+            total = await conn.fetchval(Q["count_jobs"], *args)
+        return Page([job_from_record(r) for r in rows], total, query.limit, query.offset)
+
+    async def count_by_state(self) -> dict[JobState, int]:
+        counts = dict.fromkeys(JobState, 0)
+        async with self._conn() as conn:
+            for state, n in await conn.fetch(Q["count_by_state"]):
+                counts[JobState(state)] = n
+        return counts
+
+    async def pending_by_type(self) -> dict[tuple[str, str], int]:
+        async with self._conn() as conn:
+            return {(q, t): n for q, t, n in await conn.fetch(Q["pending_by_type"])}
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        async with self._conn() as conn:
+            return [
+                WorkerInfo(
+                    id=r["id"],
+                    host=r["host"],
+                    pid=r["pid"],
+                    queues=tuple(r["queues"]),
+                    job_types=tuple(r["job_types"]),
+                    concurrency=r["concurrency"],
+                    started_at=r["started_at"],
+                    heartbeat_at=r["heartbeat_at"],
+                    state=r["state"],
+                    jobs_running=r["jobs_running"],
+                )
+                for r in await conn.fetch(Q["list_workers"])
+            ]
+
+    async def events_after(self, after_id: int, limit: int) -> list[Event]:
+        async with self._conn() as conn:
+            return [
+                Event(r["id"], r["type"], r["job_id"], r["data"], r["created_at"])
+                for r in await conn.fetch(Q["events_after"], after_id, limit)
+            ]
+
+    async def activity(self, since: datetime) -> Activity:
+        async with self._conn() as conn:
+            submitted = await conn.fetchval(Q["submitted_since"], since)
+            finished = {
+                (t, JobState(s)): n for t, s, n in await conn.fetch(Q["finished_since"], since)
+            }
+        return Activity(since, submitted, finished)
+
+    # -- API keys ----------------------------------------------------------------------------------
+    async def create_api_key(self, key: ApiKey) -> None:
+        try:
+            async with self._conn() as conn:
+                await conn.execute(
+                    Q["insert_api_key"],
+                    key.id,
+                    key.name,
+                    key.scope.value,
+                    key.key_hash,
+                    key.prefix,
+                    key.created_at,
+                )
+        except StoreError as exc:
+            if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
+                raise ValidationError("An API key with this id or hash already exists") from exc
+            raise
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        async with self._conn() as conn:
+            return [_key(r) for r in await conn.fetch(Q["list_api_keys"])]
+
+    async def find_api_key(self, key_hash: str) -> ApiKey | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(Q["find_api_key"], key_hash)
+        return None if row is None else _key(row)
+
+    async def revoke_api_key(self, key_id: str, now: datetime) -> ApiKey:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(Q["revoke_api_key"], key_id, now)
+        if row is None:
+            raise ApiKeyNotFound(key_id)
+        return _key(row)
+
+    async def count_api_keys(self) -> int:
+        async with self._conn() as conn:
+            return int(await conn.fetchval(Q["count_active_api_keys"]))
+
+
+def _key(r: asyncpg.Record) -> ApiKey:
+    return ApiKey(
+        id=r["id"],
+        name=r["name"],
+        scope=Scope(r["scope"]),
+        key_hash=r["key_hash"],
+        prefix=r["prefix"],
+        created_at=r["created_at"],
+        revoked_at=r["revoked_at"],
+    )
+
+
+def _with_result(f: Finish) -> Finish:
+    return replace(f, result=roundtrip(f.result, "result"))
+
+
+def _safe(dsn: str) -> str:
+    """The DSN without its password, for messages."""
+    parts = urlsplit(dsn)
+    if parts.password:
+        host = parts.hostname or ""
+        netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return dsn

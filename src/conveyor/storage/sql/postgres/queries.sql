@@ -1,0 +1,303 @@
+-- Named queries of the PostgreSQL store (asyncpg, $n parameters, prepared once
+-- per connection). Batches travel as arrays and are expanded with unnest, so a
+-- batch of any size is one statement.
+
+-- name: migrations_table
+CREATE TABLE IF NOT EXISTS public.conveyor_schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+
+-- name: migration_lock
+SELECT pg_advisory_xact_lock(7366427211)
+
+-- name: applied_migrations
+SELECT version, name, checksum FROM public.conveyor_schema_migrations ORDER BY version
+
+-- name: record_migration
+INSERT INTO public.conveyor_schema_migrations (version, name, checksum) VALUES ($1, $2, $3)
+
+-- name: lock_parents
+SELECT id, state FROM conveyor.jobs WHERE id = ANY($1::text[]) FOR SHARE
+
+-- name: insert_jobs
+WITH new AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[],
+                         $6::jsonb[], $7::text[], $8::integer[], $9::integer[],
+                         $10::timestamptz[], $11::text[], $12::text[], $13::text[], $14::jsonb[])
+        AS t(id, queue, job_type, state, priority, payload, error, max_retries, timeout_ms,
+             run_at, idempotency_key, workflow_id, created_by, metadata)
+), ins AS (
+    INSERT INTO conveyor.jobs (id, queue, job_type, state, priority, payload, error,
+                               max_retries, timeout_ms, run_at, idempotency_key, workflow_id,
+                               created_by, metadata, created_at, updated_at, completed_at)
+    SELECT id, queue, job_type, state, priority, payload, error, max_retries, timeout_ms,
+           run_at, idempotency_key, workflow_id, created_by, metadata, $15, $15,
+           CASE WHEN state = 'cancelled' THEN $15::timestamptz END
+    FROM new
+    ON CONFLICT (idempotency_key)
+        WHERE idempotency_key IS NOT NULL AND state IN ('blocked', 'pending', 'running')
+        DO NOTHING
+    RETURNING id, job_type, queue, state, priority
+), ev AS (
+    INSERT INTO conveyor.events (type, job_id, data, created_at)
+    SELECT 'job_submitted', id,
+           jsonb_build_object('job_id', id, 'job_type', job_type, 'queue', queue,
+                              'status', state, 'attempt', 0, 'priority', priority),
+           $15
+    FROM ins
+)
+SELECT id FROM ins
+
+-- name: active_by_keys
+SELECT * FROM conveyor.jobs
+WHERE idempotency_key = ANY($1::text[]) AND state IN ('blocked', 'pending', 'running')
+
+-- name: insert_dependencies
+WITH d AS (
+    INSERT INTO conveyor.job_dependencies (child_id, parent_id)
+    SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING
+)
+UPDATE conveyor.jobs SET has_children = true WHERE id = ANY($2::text[]) AND NOT has_children
+
+-- name: notify
+SELECT pg_notify('conveyor_jobs', $1)
+
+-- name: fetch
+WITH next AS (
+    SELECT id FROM conveyor.jobs
+    WHERE state = 'pending' AND run_at <= $1
+      AND ($2::boolean OR queue = ANY($3::text[]))
+      AND ($4::boolean OR job_type = ANY($5::text[]))
+    ORDER BY priority DESC, run_at, seq
+    LIMIT $6
+    FOR UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE conveyor.jobs j
+    SET state = 'running', attempt = j.attempt + 1, lease_token = $7, worker_id = $8,
+        started_at = $1, updated_at = $1
+    FROM next WHERE j.id = next.id
+    RETURNING j.*
+), ex AS (
+    INSERT INTO conveyor.job_executions (job_id, attempt, worker_id, started_at)
+    SELECT id, attempt, worker_id, started_at FROM upd
+), ev AS (
+    INSERT INTO conveyor.events (type, job_id, data, created_at)
+    SELECT 'job_started', id,
+           jsonb_build_object('job_id', id, 'job_type', job_type, 'queue', queue,
+                              'status', 'running', 'attempt', attempt, 'worker_id', worker_id),
+           $1
+    FROM upd
+)
+SELECT * FROM upd ORDER BY priority DESC, run_at, seq
+
+-- name: lock_running
+SELECT id, lease_token, attempt, started_at, job_type, queue, has_children,
+       cancel_requested_at, run_at, error
+FROM conveyor.jobs
+WHERE id = ANY($1::text[]) AND state = 'running'
+FOR UPDATE
+
+-- name: apply_finishes
+-- One statement for a whole batch: new job columns, execution rows, outbox events.
+WITH f AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[],
+                         $6::integer[], $7::boolean[], $8::timestamptz[])
+        AS t(id, state, result, error, run_at, attempt, keep_worker, completed_at)
+), upd AS (
+    UPDATE conveyor.jobs j
+    SET state = f.state, result = f.result, error = f.error, run_at = f.run_at,
+        attempt = f.attempt, worker_id = CASE WHEN f.keep_worker THEN j.worker_id END,
+        lease_token = NULL, completed_at = f.completed_at, updated_at = $12
+    FROM f WHERE j.id = f.id AND j.state = 'running'
+), ex AS (
+    UPDATE conveyor.job_executions e
+    SET finished_at = $12, outcome = x.outcome, error = x.error
+    FROM unnest($1::text[], $9::integer[], $10::text[], $11::text[])
+        AS x(job_id, attempt, outcome, error)
+    WHERE e.job_id = x.job_id AND e.attempt = x.attempt AND e.finished_at IS NULL
+)
+INSERT INTO conveyor.events (type, job_id, data, created_at)
+SELECT type, job_id, data, $12 FROM unnest($13::text[], $14::text[], $15::jsonb[]) AS t(type, job_id, data)
+
+-- name: insert_events
+INSERT INTO conveyor.events (type, job_id, data, created_at)
+SELECT type, job_id, data, $4 FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS t(type, job_id, data)
+
+-- name: blocked_children
+SELECT * FROM conveyor.jobs
+WHERE id IN (SELECT child_id FROM conveyor.job_dependencies WHERE parent_id = ANY($1::text[]))
+  AND state = 'blocked'
+ORDER BY seq
+FOR UPDATE
+
+-- name: parent_states
+SELECT j.state FROM conveyor.job_dependencies d JOIN conveyor.jobs j ON j.id = d.parent_id
+WHERE d.child_id = $1
+
+-- name: unblock
+UPDATE conveyor.jobs SET state = 'pending', run_at = $1, updated_at = $1
+WHERE id = $2 AND state = 'blocked'
+
+-- name: cancel_blocked
+UPDATE conveyor.jobs SET state = 'cancelled', error = $1, completed_at = $2, updated_at = $2
+WHERE id = $3 AND state = 'blocked'
+
+-- name: get_job_for_update
+SELECT * FROM conveyor.jobs WHERE id = $1 FOR UPDATE
+
+-- name: cancel_waiting
+UPDATE conveyor.jobs SET state = 'cancelled', error = 'cancelled', completed_at = $2,
+                         updated_at = $2
+WHERE id = $1 AND state IN ('pending', 'blocked')
+
+-- name: request_cancel
+UPDATE conveyor.jobs SET cancel_requested_at = $2, updated_at = $2
+WHERE id = $1 AND state = 'running' AND cancel_requested_at IS NULL
+
+-- name: upsert_worker
+INSERT INTO conveyor.workers (id, host, pid, queues, job_types, concurrency, started_at,
+                              heartbeat_at, state, jobs_running)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $7, 'running', 0)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = $7, state = 'running'
+
+-- name: heartbeat
+WITH w AS (
+    UPDATE conveyor.workers SET heartbeat_at = $2, jobs_running = $3, state = 'running'
+    WHERE id = $1
+)
+SELECT id FROM conveyor.jobs
+WHERE state = 'running' AND worker_id = $1 AND cancel_requested_at IS NOT NULL
+
+-- name: deregister_worker
+UPDATE conveyor.workers SET state = 'stopped', heartbeat_at = $2, jobs_running = 0
+WHERE id = $1 AND state != 'stopped'
+RETURNING id
+
+-- name: mark_stale_workers_dead
+UPDATE conveyor.workers SET state = 'dead'
+WHERE state = 'running' AND heartbeat_at < $1
+RETURNING id
+
+-- name: orphaned_running
+-- SKIP LOCKED: two rescuers never take the same job; rows a worker is finishing
+-- right now are left for the next round.
+SELECT * FROM conveyor.jobs j
+WHERE j.state = 'running'
+  AND NOT EXISTS (SELECT 1 FROM conveyor.workers w WHERE w.id = j.worker_id AND w.state = 'running')
+FOR UPDATE SKIP LOCKED
+
+-- name: rescue_lost
+UPDATE conveyor.jobs SET state = 'pending', lost_count = lost_count + 1, lease_token = NULL,
+                         error = 'worker_lost', run_at = $1, updated_at = $1
+WHERE id = $2 AND state = 'running' AND lease_token IS NOT DISTINCT FROM $3
+
+-- name: rescue_quarantine
+UPDATE conveyor.jobs SET state = 'failed', lost_count = lost_count + 1, lease_token = NULL,
+                         error = 'worker_lost', completed_at = $1, updated_at = $1
+WHERE id = $2 AND state = 'running' AND lease_token IS NOT DISTINCT FROM $3
+
+-- name: rescue_cancel
+UPDATE conveyor.jobs SET state = 'cancelled', lost_count = lost_count + 1, lease_token = NULL,
+                         error = 'cancelled', completed_at = $1, updated_at = $1
+WHERE id = $2 AND state = 'running' AND lease_token IS NOT DISTINCT FROM $3
+
+-- name: end_execution
+UPDATE conveyor.job_executions SET finished_at = $1, outcome = $2, error = $3
+WHERE job_id = $4 AND attempt = $5 AND finished_at IS NULL
+
+-- name: retry_failed
+UPDATE conveyor.jobs SET state = 'pending', attempt = 0, lost_count = 0, run_at = $2,
+                         completed_at = NULL, cancel_requested_at = NULL, worker_id = NULL,
+                         updated_at = $2
+WHERE id = $1 AND state = 'failed'
+RETURNING *
+
+-- name: failed_ids
+SELECT id FROM conveyor.jobs WHERE state = 'failed' FOR UPDATE
+
+-- name: delete_jobs
+WITH j AS (DELETE FROM conveyor.jobs WHERE id = ANY($1::text[])),
+     e AS (DELETE FROM conveyor.job_executions WHERE job_id = ANY($1::text[]))
+DELETE FROM conveyor.job_dependencies WHERE child_id = ANY($1::text[])
+
+-- name: prunable
+SELECT id FROM conveyor.jobs
+WHERE state IN ('completed', 'cancelled') AND completed_at < $1
+LIMIT 5000
+FOR UPDATE SKIP LOCKED
+
+-- name: prune_events
+DELETE FROM conveyor.events WHERE created_at < $1
+
+-- name: get_job
+SELECT * FROM conveyor.jobs WHERE id = $1
+
+-- name: job_parents
+SELECT parent_id FROM conveyor.job_dependencies WHERE child_id = $1 ORDER BY parent_id
+
+-- name: job_exists
+SELECT 1 FROM conveyor.jobs WHERE id = $1
+
+-- name: executions
+SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error
+FROM conveyor.job_executions WHERE job_id = $1 ORDER BY id
+
+-- name: list_jobs
+SELECT * FROM conveyor.jobs
+WHERE ($1::text[] IS NULL OR state = ANY($1::text[]))
+  AND ($2::text IS NULL OR job_type = $2)
+  AND ($3::text IS NULL OR queue = $3)
+  AND ($4::text IS NULL OR created_by = $4)
+ORDER BY {order_by}
+LIMIT $5 OFFSET $6
+
+-- name: count_jobs
+SELECT count(*) FROM conveyor.jobs
+WHERE ($1::text[] IS NULL OR state = ANY($1::text[]))
+  AND ($2::text IS NULL OR job_type = $2)
+  AND ($3::text IS NULL OR queue = $3)
+  AND ($4::text IS NULL OR created_by = $4)
+
+-- name: count_by_state
+SELECT state, count(*) FROM conveyor.jobs GROUP BY state
+
+-- name: pending_by_type
+SELECT queue, job_type, count(*) FROM conveyor.jobs WHERE state = 'pending'
+GROUP BY queue, job_type
+
+-- name: list_workers
+SELECT * FROM conveyor.workers ORDER BY started_at
+
+-- name: events_after
+SELECT id, type, job_id, data, created_at FROM conveyor.events WHERE id > $1 ORDER BY id LIMIT $2
+
+-- name: submitted_since
+SELECT count(*) FROM conveyor.jobs WHERE created_at >= $1
+
+-- name: finished_since
+SELECT job_type, state, count(*) FROM conveyor.jobs
+WHERE completed_at >= $1 AND state IN ('completed', 'failed', 'cancelled')
+GROUP BY job_type, state
+
+-- name: insert_api_key
+INSERT INTO conveyor.api_keys (id, name, scope, key_hash, prefix, created_at)
+VALUES ($1, $2, $3, $4, $5, $6)
+
+-- name: list_api_keys
+SELECT * FROM conveyor.api_keys ORDER BY created_at
+
+-- name: find_api_key
+SELECT * FROM conveyor.api_keys WHERE key_hash = $1 AND revoked_at IS NULL
+
+-- name: revoke_api_key
+WITH r AS (
+    UPDATE conveyor.api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL
+    RETURNING *
+)
+SELECT * FROM r UNION ALL SELECT * FROM conveyor.api_keys WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM r)
+
+-- name: count_active_api_keys
+SELECT count(*) FROM conveyor.api_keys WHERE revoked_at IS NULL
