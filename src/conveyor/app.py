@@ -7,6 +7,7 @@ independent (tests rely on it).
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -277,6 +278,7 @@ class Conveyor:
 
         await self.open()
         worker = self.worker(**options)
+        gc.freeze()  # everything imported so far lives for the whole process
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.request_stop)

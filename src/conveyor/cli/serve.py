@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import signal
 import socket
@@ -75,6 +76,7 @@ async def serve_forever(
         )
         server = _Server(config)
         worker = app.worker() if with_worker else None
+        gc.freeze()  # everything imported so far lives for the whole process
 
         base = f"http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{port}"
         console.print(

@@ -245,12 +245,14 @@ class Worker:
             definition.validate_payload(job.payload)
             if definition.is_async:
                 coro = definition.handler(ctx, **job.payload)
-                result = await (asyncio.wait_for(coro, timeout) if timeout else coro)
+                async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
+                    result = await coro
             else:
                 fut = asyncio.get_running_loop().run_in_executor(
                     self._threads, partial(definition.handler, ctx, **job.payload)
                 )
-                result = await (asyncio.wait_for(fut, timeout) if timeout else fut)
+                async with asyncio.timeout(timeout):
+                    result = await fut
             finish = self._success(job, definition, result)
         except asyncio.CancelledError:
             entry = self._running.get(job.id)

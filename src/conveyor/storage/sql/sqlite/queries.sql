@@ -32,7 +32,9 @@ UPDATE jobs
 SET state = 'running', attempt = attempt + 1, lease_token = :token, worker_id = :worker,
     started_at = :now, updated_at = :now
 WHERE seq IN (
-    SELECT seq FROM jobs
+    -- INDEXED BY: left alone, the planner picks jobs_state_created and sorts every
+    -- pending job on each fetch (28 ms at 100,000 pending instead of 0.5 ms).
+    SELECT seq FROM jobs INDEXED BY jobs_ready
     WHERE state = 'pending' AND run_at <= :now
       AND (:any_queue OR queue IN (SELECT value FROM json_each(:queues)))
       AND (:any_type OR job_type IN (SELECT value FROM json_each(:types)))
@@ -42,7 +44,7 @@ RETURNING *
 
 -- name: insert_started_executions
 INSERT INTO job_executions (job_id, attempt, worker_id, started_at)
-SELECT id, attempt, worker_id, started_at FROM jobs
+SELECT id, attempt, worker_id, started_at FROM jobs INDEXED BY jobs_running
 WHERE state = 'running' AND worker_id = :worker AND lease_token = :token
 ORDER BY priority DESC, run_at, seq
 
@@ -52,14 +54,16 @@ SELECT 'job_started', id,
        json_object('job_id', id, 'job_type', job_type, 'queue', queue, 'status', 'running',
                    'attempt', attempt, 'worker_id', worker_id),
        :now
-FROM jobs
+FROM jobs INDEXED BY jobs_running
 WHERE state = 'running' AND worker_id = :worker AND lease_token = :token
 ORDER BY priority DESC, run_at, seq
 
 -- name: running_by_ids
-SELECT id, lease_token, attempt, started_at, job_type, queue, has_children, cancel_requested_at
-FROM jobs
-WHERE id IN (SELECT value FROM json_each(?)) AND state = 'running'
+-- Driven from the id list: otherwise the planner scans by state.
+SELECT jobs.id, jobs.lease_token, jobs.attempt, jobs.started_at, jobs.job_type, jobs.queue,
+       jobs.has_children, jobs.cancel_requested_at
+FROM json_each(?) AS ids CROSS JOIN jobs ON jobs.id = ids.value
+WHERE jobs.state = 'running'
 
 -- name: finish_complete
 UPDATE jobs SET state = 'completed', result = ?, error = NULL, lease_token = NULL,
