@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -111,3 +112,32 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.wait()
+
+
+# -- promise-test helpers: executions are counted from the handlers' own log ---------------
+FAST_WORKER_ENV = {
+    "CONVEYOR_HEARTBEAT_INTERVAL": "0.2",
+    "CONVEYOR_HEARTBEAT_TIMEOUT": "1.0",
+    "CONVEYOR_POLL_INTERVAL": "0.05",
+    "CONVEYOR_LOG_LEVEL": "INFO",
+}
+
+
+def exec_lines(log: Path) -> list[list[str]]:
+    """``[job_id, attempt, pid, event]`` per line that jobapp handlers appended."""
+    return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def done_counts(log: Path) -> Counter[str]:
+    return Counter(job_id for job_id, _attempt, _pid, ev in exec_lines(log) if ev == "done")
+
+
+def start_worker(db_url: str, tmp_path: Path, log: Path, name: str, **env: str) -> WorkerProcess:
+    """A ``conveyor worker jobapp`` subprocess with fast heartbeats."""
+    return WorkerProcess(
+        db_url,
+        tmp_path / f"{name}.out",
+        "jobapp",
+        CONVEYOR_TEST_LOG=str(log),
+        **{**FAST_WORKER_ENV, **env},
+    )

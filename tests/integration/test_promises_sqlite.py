@@ -7,22 +7,21 @@ the lines handlers append to a log file, not from the store or the logs.
 from __future__ import annotations
 
 import signal
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from conveyor import Conveyor, JobState, Settings
-from support import WorkerProcess, async_wait_until, wait_until
+from support import (
+    WorkerProcess,
+    async_wait_until,
+    done_counts,
+    exec_lines,
+    start_worker,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
-
-FAST = {
-    "CONVEYOR_HEARTBEAT_INTERVAL": "0.2",
-    "CONVEYOR_HEARTBEAT_TIMEOUT": "1.0",
-    "CONVEYOR_POLL_INTERVAL": "0.05",
-    "CONVEYOR_LOG_LEVEL": "INFO",
-}
 
 
 @pytest.fixture
@@ -44,18 +43,11 @@ async def app(db: str):
         yield app
 
 
-def lines(log: Path) -> list[list[str]]:
-    return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
-
-
-def done_counts(log: Path) -> Counter[str]:
-    return Counter(job_id for job_id, _attempt, _pid, ev in lines(log) if ev == "done")
+lines = exec_lines
 
 
 def worker(db: str, tmp_path: Path, log: Path, name: str, **env: str) -> WorkerProcess:
-    return WorkerProcess(
-        db, tmp_path / f"{name}.out", "jobapp", CONVEYOR_TEST_LOG=str(log), **{**FAST, **env}
-    )
+    return start_worker(db, tmp_path, log, name, **env)
 
 
 async def test_sigkill_mid_job_is_rescued_and_completes_once(app, db, log, tmp_path):

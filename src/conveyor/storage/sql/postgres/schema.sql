@@ -1,0 +1,160 @@
+-- The PostgreSQL schema that migrations/ produce, as pg_dump prints it (schema
+-- conveyor, no owners). A test checks that a fresh migrate equals this file.
+
+CREATE SCHEMA conveyor;
+
+CREATE TABLE conveyor.api_keys (
+    id text NOT NULL,
+    name text NOT NULL,
+    scope text NOT NULL,
+    key_hash text NOT NULL,
+    prefix text NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    revoked_at timestamp with time zone
+);
+
+CREATE TABLE conveyor.jobs (
+    id text NOT NULL,
+    seq bigint NOT NULL,
+    queue text NOT NULL,
+    job_type text NOT NULL,
+    state text NOT NULL,
+    priority smallint NOT NULL,
+    payload jsonb NOT NULL,
+    result jsonb,
+    error text,
+    attempt integer DEFAULT 0 NOT NULL,
+    max_retries integer NOT NULL,
+    timeout_ms integer,
+    run_at timestamp with time zone NOT NULL,
+    lease_token text,
+    worker_id text,
+    idempotency_key text,
+    workflow_id text,
+    cancel_requested_at timestamp with time zone,
+    lost_count integer DEFAULT 0 NOT NULL,
+    created_by text,
+    metadata jsonb DEFAULT '{}'::jsonb NOT NULL,
+    has_children boolean DEFAULT false NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    started_at timestamp with time zone,
+    completed_at timestamp with time zone,
+    updated_at timestamp with time zone NOT NULL,
+    CONSTRAINT jobs_state_check CHECK ((state = ANY (ARRAY['blocked'::text, 'pending'::text, 'running'::text, 'completed'::text, 'failed'::text, 'cancelled'::text])))
+)
+WITH (autovacuum_vacuum_scale_factor='0.01', autovacuum_analyze_scale_factor='0.02', fillfactor='80');
+
+CREATE VIEW conveyor.dead_letter AS
+ SELECT jobs.id,
+    jobs.queue,
+    jobs.job_type,
+    jobs.error,
+    jobs.attempt,
+    jobs.lost_count,
+    jobs.completed_at AS failed_at
+   FROM conveyor.jobs
+  WHERE (jobs.state = 'failed'::text);
+
+CREATE TABLE conveyor.events (
+    id bigint NOT NULL,
+    type text NOT NULL,
+    job_id text,
+    data jsonb NOT NULL,
+    created_at timestamp with time zone NOT NULL
+);
+
+ALTER TABLE conveyor.events ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME conveyor.events_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE conveyor.job_dependencies (
+    child_id text NOT NULL,
+    parent_id text NOT NULL
+);
+
+CREATE TABLE conveyor.job_executions (
+    id bigint NOT NULL,
+    job_id text NOT NULL,
+    attempt integer NOT NULL,
+    worker_id text,
+    started_at timestamp with time zone NOT NULL,
+    finished_at timestamp with time zone,
+    outcome text,
+    error text
+);
+
+ALTER TABLE conveyor.job_executions ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME conveyor.job_executions_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+ALTER TABLE conveyor.jobs ALTER COLUMN seq ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME conveyor.jobs_seq_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE conveyor.workers (
+    id text NOT NULL,
+    host text NOT NULL,
+    pid integer NOT NULL,
+    queues jsonb NOT NULL,
+    job_types jsonb NOT NULL,
+    concurrency integer NOT NULL,
+    started_at timestamp with time zone NOT NULL,
+    heartbeat_at timestamp with time zone NOT NULL,
+    state text NOT NULL,
+    jobs_running integer DEFAULT 0 NOT NULL
+);
+
+ALTER TABLE ONLY conveyor.api_keys
+    ADD CONSTRAINT api_keys_key_hash_key UNIQUE (key_hash);
+
+ALTER TABLE ONLY conveyor.api_keys
+    ADD CONSTRAINT api_keys_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY conveyor.events
+    ADD CONSTRAINT events_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY conveyor.job_dependencies
+    ADD CONSTRAINT job_dependencies_pkey PRIMARY KEY (child_id, parent_id);
+
+ALTER TABLE ONLY conveyor.job_executions
+    ADD CONSTRAINT job_executions_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY conveyor.jobs
+    ADD CONSTRAINT jobs_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY conveyor.workers
+    ADD CONSTRAINT workers_pkey PRIMARY KEY (id);
+
+CREATE INDEX events_created ON conveyor.events USING btree (created_at);
+
+CREATE INDEX job_dependencies_parent ON conveyor.job_dependencies USING btree (parent_id);
+
+CREATE INDEX job_executions_job ON conveyor.job_executions USING btree (job_id, attempt);
+
+CREATE INDEX jobs_created ON conveyor.jobs USING btree (created_at);
+
+CREATE INDEX jobs_finished ON conveyor.jobs USING btree (completed_at) WHERE (completed_at IS NOT NULL);
+
+CREATE UNIQUE INDEX jobs_idempotency ON conveyor.jobs USING btree (idempotency_key) WHERE ((idempotency_key IS NOT NULL) AND (state = ANY (ARRAY['blocked'::text, 'pending'::text, 'running'::text])));
+
+CREATE INDEX jobs_ready ON conveyor.jobs USING btree (priority DESC, run_at, seq) WHERE (state = 'pending'::text);
+
+CREATE INDEX jobs_running ON conveyor.jobs USING btree (worker_id) WHERE (state = 'running'::text);
+
+CREATE INDEX jobs_state_created ON conveyor.jobs USING btree (state, created_at);
+
