@@ -175,7 +175,7 @@ class Conveyor:
         metadata: Mapping[str, Any] | None = None,
         created_by: str | None = None,
     ) -> NewJob:
-        """A validated ``NewJob``, with the job type's registered defaults filled in."""
+        """A ``NewJob`` with the job type's registered defaults filled in (payload checked)."""
         definition = self.registry.get(job_type)
         payload = {} if payload is None else payload
         if definition is not None and isinstance(payload, Mapping):
@@ -208,8 +208,7 @@ class Conveyor:
             metadata=metadata or {},
             created_by=created_by,
         )
-        new.validate()
-        return new
+        return new  # validated (all fields at once) by the store when submitted
 
     async def submit(
         self,

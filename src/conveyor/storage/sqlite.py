@@ -280,11 +280,12 @@ class SQLiteStore(Store):
         no_external_connection(connection, "SQLite")
         validate_batch(jobs)
         rows = [_job_params(new, now) for new in jobs]  # serialise before taking the lock
-        return await self._run(self._enqueue, jobs, rows, now.timestamp())
+        return await self._run(self._enqueue, jobs, rows, now)
 
     def _enqueue(
-        self, jobs: Sequence[NewJob], rows: list[dict[str, Any]], now: float
+        self, jobs: Sequence[NewJob], rows: list[dict[str, Any]], now_dt: datetime
     ) -> list[EnqueueResult]:
+        now = now_dt.timestamp()
         with self._tx() as conn:
             keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
             existing: dict[str, Job] = {}
@@ -319,7 +320,7 @@ class SQLiteStore(Store):
                     elif states != {"completed"}:
                         row["state"] = "blocked"
                 inserts.append(row)
-                job = _job_from_params(row, new)
+                job = _job_from_params(row, new, now_dt)
                 if key is not None and job.state in (JobState.BLOCKED, JobState.PENDING):
                     existing[key] = job
                 events.append(
@@ -927,7 +928,7 @@ def _job_params(new: NewJob, now: datetime) -> dict[str, Any]:
     }
 
 
-def _job_from_params(row: dict[str, Any], new: NewJob) -> Job:
+def _job_from_params(row: dict[str, Any], new: NewJob, now: datetime) -> Job:
     return Job(
         id=row["id"],
         job_type=new.job_type,
@@ -937,15 +938,15 @@ def _job_from_params(row: dict[str, Any], new: NewJob) -> Job:
         priority=new.priority,
         max_retries=new.max_retries,
         timeout_ms=new.timeout_ms,
-        run_at=_dt(row["run_at"]),
+        run_at=new.run_at or now,
         error=row["error"],
         idempotency_key=new.idempotency_key,
         workflow_id=new.workflow_id,
         created_by=new.created_by,
         metadata=dict(new.metadata),
-        created_at=_dt(row["created_at"]),
-        completed_at=_dt(row["completed_at"]),
-        updated_at=_dt(row["created_at"]),
+        created_at=now,
+        completed_at=None if row["completed_at"] is None else now,
+        updated_at=now,
         depends_on=list(dict.fromkeys(new.depends_on)),
     )
 
