@@ -305,7 +305,7 @@ class SQLiteStore(Store):
                     )
             results: list[EnqueueResult] = []
             inserts: list[dict[str, Any]] = []
-            events: list[tuple[str, str, bytes, float]] = []
+            dep_rows: list[tuple[str, str]] = []
             for new, row in zip(jobs, rows, strict=True):
                 key = new.idempotency_key
                 if key is not None and key in existing:
@@ -319,25 +319,18 @@ class SQLiteStore(Store):
                         row["completed_at"] = now
                     elif states != {"completed"}:
                         row["state"] = "blocked"
+                    dep_rows.extend((row["id"], p) for p in dict.fromkeys(new.depends_on))
                 inserts.append(row)
                 job = _job_from_params(row, new, now_dt)
                 if key is not None and job.state in (JobState.BLOCKED, JobState.PENDING):
                     existing[key] = job
-                events.append(
-                    (
-                        EventType.JOB_SUBMITTED.value,
-                        job.id,
-                        _event_json(row, row["state"], 0, priority=new.priority),
-                        now,
-                    )
-                )
                 results.append(EnqueueResult(job, False))
+            last_seq = conn.execute(Q["max_seq"]).fetchone()[0]
             conn.executemany(Q["insert_job"], inserts)
-            dep_rows = [(r["id"], p) for r, j in zip(rows, jobs, strict=True) for p in j.depends_on]
             if dep_rows:
                 conn.executemany(Q["insert_dependency"], dep_rows)
                 conn.executemany(Q["mark_has_children"], [(p,) for p in deps])
-            conn.executemany(Q["insert_event"], events)
+            conn.execute(Q["insert_submitted_events"], (now, last_seq))
         return results
 
     # -- worker hot path ------------------------------------------------------------

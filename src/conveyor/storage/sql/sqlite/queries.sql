@@ -279,3 +279,16 @@ COMMIT
 
 -- name: rollback
 ROLLBACK
+
+-- name: max_seq
+SELECT coalesce(max(seq), 0) FROM jobs
+
+-- name: insert_submitted_events
+-- The rows this transaction just inserted are those above the max seq read
+-- before the insert (one writer at a time), in insertion order.
+INSERT INTO events (type, job_id, data, created_at)
+SELECT 'job_submitted', id,
+       json_object('job_id', id, 'job_type', job_type, 'queue', queue, 'status', state,
+                   'attempt', 0, 'priority', priority),
+       ?
+FROM jobs WHERE seq > ? ORDER BY seq
