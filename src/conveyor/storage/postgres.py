@@ -54,7 +54,7 @@ from conveyor.domain.job import (
 )
 from conveyor.domain.states import Action, EventType, JobState
 from conveyor.storage.base import Store, check_limit
-from conveyor.storage.codec import roundtrip
+from conveyor.storage.codec import dumps, roundtrip
 from conveyor.storage.finishing import RunningRow, plan_finishes
 from conveyor.storage.sql import load_migrations, load_queries
 
@@ -259,8 +259,8 @@ class PostgresStore(Store):
         self, jobs: Sequence[NewJob], now: datetime, *, connection: Any = None
     ) -> list[EnqueueResult]:
         validate_batch(jobs)
-        payloads = [roundtrip(dict(j.payload)) for j in jobs]
-        metas = [roundtrip(dict(j.metadata), "metadata") for j in jobs]
+        payloads = [dumps(dict(j.payload)) for j in jobs]
+        metas = [dumps(dict(j.metadata), "metadata") for j in jobs]
         if connection is not None:
             # The caller's transaction: the jobs exist only if it commits.
             try:
@@ -358,7 +358,7 @@ class PostgresStore(Store):
                             id=job_id,
                             job_type=new.job_type,
                             state=JobState(state),
-                            payload=payload,
+                            payload=orjson.loads(payload),
                             queue=new.queue,
                             priority=new.priority,
                             max_retries=new.max_retries,
@@ -368,7 +368,7 @@ class PostgresStore(Store):
                             idempotency_key=new.idempotency_key,
                             workflow_id=new.workflow_id,
                             created_by=new.created_by,
-                            metadata=meta,
+                            metadata=orjson.loads(meta),
                             created_at=now,
                             updated_at=now,
                             completed_at=now if state == "cancelled" else None,
@@ -438,7 +438,7 @@ class PostgresStore(Store):
                     Q["apply_finishes"],
                     [x.job_id for x in u],
                     [x.state for x in u],
-                    [x.result for x in u],
+                    [_jsonb(x.result) if x.action is Action.COMPLETE else None for x in u],
                     [x.error for x in u],
                     [x.run_at for x in u],
                     [x.attempt for x in u],
@@ -450,7 +450,7 @@ class PostgresStore(Store):
                     now,
                     [e[0] for e in plan.events],
                     [e[1] for e in plan.events],
-                    [e[2] for e in plan.events],
+                    _json([e[2] for e in plan.events]),
                 )
                 if plan.finished_parents:
                     await self._settle_children(conn, plan.finished_parents, now)
@@ -484,7 +484,7 @@ class PostgresStore(Store):
                     ids.append(child["id"])
                     woke = True
             if types:
-                await conn.execute(Q["insert_events"], types, ids, datas, now)
+                await conn.execute(Q["insert_events"], types, ids, _json(datas), now)
         if woke:
             await conn.execute(Q["notify"], "")
 
@@ -505,7 +505,7 @@ class PostgresStore(Store):
                 Q["insert_events"],
                 [EventType.WORKER_STATUS_CHANGED.value],
                 [None],
-                [{"worker_id": worker.id, "status": "running"}],
+                _json([{"worker_id": worker.id, "status": "running"}]),
                 now,
             )
 
@@ -520,7 +520,7 @@ class PostgresStore(Store):
                     Q["insert_events"],
                     [EventType.WORKER_STATUS_CHANGED.value],
                     [None],
-                    [{"worker_id": worker_id, "status": "stopped"}],
+                    _json([{"worker_id": worker_id, "status": "stopped"}]),
                     now,
                 )
 
@@ -563,7 +563,7 @@ class PostgresStore(Store):
                 )
                 out.append(Rescued(job.id, job.worker_id, action))
             if types:
-                await conn.execute(Q["insert_events"], types, ids, datas, now)
+                await conn.execute(Q["insert_events"], types, ids, _json(datas), now)
             if finished:
                 await self._settle_children(conn, finished, now)
             if any(r.action is Action.LOST for r in out):
@@ -585,7 +585,7 @@ class PostgresStore(Store):
                         Q["insert_events"],
                         [EventType.JOB_STATUS_CHANGED.value],
                         [job_id],
-                        [_event(row, "cancelling", row["attempt"])],
+                        _json([_event(row, "cancelling", row["attempt"])]),
                         now,
                     )
             else:
@@ -594,7 +594,7 @@ class PostgresStore(Store):
                     Q["insert_events"],
                     [EventType.JOB_CANCELLED.value],
                     [job_id],
-                    [_event(row, "cancelled", row["attempt"])],
+                    _json([_event(row, "cancelled", row["attempt"])]),
                     now,
                 )
                 if row["has_children"]:
@@ -630,7 +630,7 @@ class PostgresStore(Store):
                     Q["insert_events"],
                     [EventType.JOB_STATUS_CHANGED.value] * len(rows),
                     [r["id"] for r in rows],
-                    [_event(r, "pending", 0, reason="dlq_retry") for r in rows],
+                    _json([_event(r, "pending", 0, reason="dlq_retry") for r in rows]),
                     now,
                 )
                 await conn.execute(Q["notify"], "")
@@ -792,6 +792,14 @@ class PostgresStore(Store):
     async def count_api_keys(self) -> int:
         async with self._conn() as conn:
             return int(await conn.fetchval(Q["count_active_api_keys"]))
+
+
+def _jsonb(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _json(values: list[dict[str, Any]]) -> list[str]:
+    return [_jsonb(v) for v in values]
 
 
 def _key(r: asyncpg.Record) -> ApiKey:

@@ -24,17 +24,18 @@ SELECT id, state FROM conveyor.jobs WHERE id = ANY($1::text[]) FOR SHARE
 
 -- name: insert_jobs
 WITH new AS (
+    -- JSON arrives as text[] (a jsonb[] parameter would read a JSON list as a dimension).
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[],
-                         $6::jsonb[], $7::text[], $8::integer[], $9::integer[],
-                         $10::timestamptz[], $11::text[], $12::text[], $13::text[], $14::jsonb[])
+                         $6::text[], $7::text[], $8::integer[], $9::integer[],
+                         $10::timestamptz[], $11::text[], $12::text[], $13::text[], $14::text[])
         AS t(id, queue, job_type, state, priority, payload, error, max_retries, timeout_ms,
              run_at, idempotency_key, workflow_id, created_by, metadata)
 ), ins AS (
     INSERT INTO conveyor.jobs (id, queue, job_type, state, priority, payload, error,
                                max_retries, timeout_ms, run_at, idempotency_key, workflow_id,
                                created_by, metadata, created_at, updated_at, completed_at)
-    SELECT id, queue, job_type, state, priority, payload, error, max_retries, timeout_ms,
-           run_at, idempotency_key, workflow_id, created_by, metadata, $15, $15,
+    SELECT id, queue, job_type, state, priority, payload::jsonb, error, max_retries, timeout_ms,
+           run_at, idempotency_key, workflow_id, created_by, metadata::jsonb, $15, $15,
            CASE WHEN state = 'cancelled' THEN $15::timestamptz END
     FROM new
     ON CONFLICT (idempotency_key)
@@ -103,12 +104,12 @@ FOR UPDATE
 -- name: apply_finishes
 -- One statement for a whole batch: new job columns, execution rows, outbox events.
 WITH f AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[],
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
                          $6::integer[], $7::boolean[], $8::timestamptz[])
         AS t(id, state, result, error, run_at, attempt, keep_worker, completed_at)
 ), upd AS (
     UPDATE conveyor.jobs j
-    SET state = f.state, result = f.result, error = f.error, run_at = f.run_at,
+    SET state = f.state, result = f.result::jsonb, error = f.error, run_at = f.run_at,
         attempt = f.attempt, worker_id = CASE WHEN f.keep_worker THEN j.worker_id END,
         lease_token = NULL, completed_at = f.completed_at, updated_at = $12
     FROM f WHERE j.id = f.id AND j.state = 'running'
@@ -120,11 +121,12 @@ WITH f AS (
     WHERE e.job_id = x.job_id AND e.attempt = x.attempt AND e.finished_at IS NULL
 )
 INSERT INTO conveyor.events (type, job_id, data, created_at)
-SELECT type, job_id, data, $12 FROM unnest($13::text[], $14::text[], $15::jsonb[]) AS t(type, job_id, data)
+SELECT type, job_id, data::jsonb, $12
+FROM unnest($13::text[], $14::text[], $15::text[]) AS t(type, job_id, data)
 
 -- name: insert_events
 INSERT INTO conveyor.events (type, job_id, data, created_at)
-SELECT type, job_id, data, $4 FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS t(type, job_id, data)
+SELECT type, job_id, data::jsonb, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS t(type, job_id, data)
 
 -- name: blocked_children
 SELECT * FROM conveyor.jobs
