@@ -267,7 +267,10 @@ class PostgresStore(Store):
                 return await self._enqueue(connection, jobs, payloads, metas, now)
             except asyncpg.PostgresError as exc:
                 raise StoreError(f"PostgreSQL error: {exc}") from exc
-        async with self._conn(tx=True) as conn:
+        # Without dependencies the insert is one statement (jobs, events, notify):
+        # atomic on its own, so no BEGIN/COMMIT round trips.
+        needs_tx = any(j.depends_on for j in jobs)
+        async with self._conn(tx=needs_tx) as conn:
             return await self._enqueue(conn, jobs, payloads, metas, now)
 
     async def _enqueue(
@@ -322,6 +325,7 @@ class PostgresStore(Store):
                 now,
             )
         }
+        inserted.discard(None)  # the NOTIFY row
         existing: dict[str, Job] = {}
         if len(inserted) < len(jobs):
             keys = [
@@ -329,8 +333,10 @@ class PostgresStore(Store):
                 for j, i in zip(jobs, ids, strict=True)
                 if i not in inserted and j.idempotency_key is not None
             ]
-            for r in await conn.fetch(Q["active_by_keys"], keys):
-                existing[r["idempotency_key"]] = job_from_record(r)
+            # Newest first: the job that held the key when we inserted, even if it
+            # finished a moment later (we are not in one transaction here).
+            for r in await conn.fetch(Q["latest_by_keys"], keys):
+                existing.setdefault(r["idempotency_key"], job_from_record(r))
         dep_children = [
             i
             for i, j in zip(ids, jobs, strict=True)
@@ -345,8 +351,6 @@ class PostgresStore(Store):
         ]
         if dep_children:
             await conn.execute(Q["insert_dependencies"], dep_children, dep_parents)
-        if any(s == "pending" for i, s in zip(ids, states, strict=True) if i in inserted):
-            await conn.execute(Q["notify"], "")
         results = []
         for new, job_id, state, error, run_at, payload, meta in zip(
             jobs, ids, states, errors, run_ats, payloads, metas, strict=True

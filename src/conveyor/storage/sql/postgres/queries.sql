@@ -49,12 +49,20 @@ WITH new AS (
                               'status', state, 'attempt', 0, 'priority', priority),
            $15
     FROM ins
+), wake AS (
+    -- One NOTIFY per statement (delivered at commit), only if a job is ready.
+    SELECT pg_notify('conveyor_jobs', '') FROM ins WHERE state = 'pending' LIMIT 1
 )
 SELECT id FROM ins
+UNION ALL
+SELECT NULL FROM wake
 
 -- name: active_by_keys
 SELECT * FROM conveyor.jobs
 WHERE idempotency_key = ANY($1::text[]) AND state IN ('blocked', 'pending', 'running')
+
+-- name: latest_by_keys
+SELECT * FROM conveyor.jobs WHERE idempotency_key = ANY($1::text[]) ORDER BY seq DESC
 
 -- name: insert_dependencies
 WITH d AS (
