@@ -5,6 +5,22 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
 export PATH="$PWD/.venv/bin:$PATH"
 
+# Servers the tests start privately (tests/pg.py, the event-bus tests): installed
+# when missing, never used as system services. Silent when already present.
+missing=()
+[ -n "${CONVEYOR_PG_BIN:-}" ] || python tests/pg.py bindir >/dev/null 2>&1 || missing+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "== installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "note: ${missing[*]} missing; install them (e.g. apt-get install -y ${missing[*]})," \
+            "or their tests skip locally and fail in CI" >&2
+    fi
+fi
+
 echo "== ruff"
 ruff check src tests bench
 ruff format --check src tests bench

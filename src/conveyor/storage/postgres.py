@@ -79,6 +79,8 @@ _UNAVAILABLE = (
     asyncpg.exceptions.ConnectionFailureError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.InterfaceError,
+    # Raised when a pool resets a connection the server just dropped.
+    asyncpg.exceptions.InternalClientError,
     TimeoutError,
 )
 
@@ -304,24 +306,45 @@ class PostgresStore(Store):
             states.append(state)
             errors.append(error)
             run_ats.append(new.run_at or now)
+        # A job cancelled at birth does not take part in the unique index: if its key
+        # is held by an active job (stored, or earlier in this batch), it is that
+        # job's duplicate, as with every other adapter.
+        dup_of: dict[int, str] = {}
+        if any(st == "cancelled" and j.idempotency_key for st, j in zip(states, jobs, strict=True)):
+            keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
+            held = {r["idempotency_key"] for r in await conn.fetch(Q["active_by_keys"], keys)}
+            batch_keys: dict[str, str] = {}
+            for i, (st, j) in enumerate(zip(states, jobs, strict=True)):
+                key = j.idempotency_key
+                if key is None:
+                    continue
+                if st == "cancelled" and (key in held or key in batch_keys):
+                    dup_of[i] = key
+                elif st != "cancelled":
+                    batch_keys.setdefault(key, ids[i])
+        keep = [i for i in range(len(jobs)) if i not in dup_of]
+
+        def col(values: Sequence[Any]) -> list[Any]:
+            return [values[i] for i in keep] if dup_of else list(values)
+
         inserted = {
             r["id"]
             for r in await conn.fetch(
                 Q["insert_jobs"],
-                ids,
-                [j.queue for j in jobs],
-                [j.job_type for j in jobs],
-                states,
-                [j.priority for j in jobs],
-                payloads,
-                errors,
-                [j.max_retries for j in jobs],
-                [j.timeout_ms for j in jobs],
-                run_ats,
-                [j.idempotency_key for j in jobs],
-                [j.workflow_id for j in jobs],
-                [j.created_by for j in jobs],
-                metas,
+                col(ids),
+                col([j.queue for j in jobs]),
+                col([j.job_type for j in jobs]),
+                col(states),
+                col([j.priority for j in jobs]),
+                col(payloads),
+                col(errors),
+                col([j.max_retries for j in jobs]),
+                col([j.timeout_ms for j in jobs]),
+                col(run_ats),
+                col([j.idempotency_key for j in jobs]),
+                col([j.workflow_id for j in jobs]),
+                col([j.created_by for j in jobs]),
+                col(metas),
                 now,
             )
         }

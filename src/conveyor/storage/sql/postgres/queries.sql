@@ -62,7 +62,8 @@ SELECT * FROM conveyor.jobs
 WHERE idempotency_key = ANY($1::text[]) AND state IN ('blocked', 'pending', 'running')
 
 -- name: latest_by_keys
-SELECT * FROM conveyor.jobs WHERE idempotency_key = ANY($1::text[]) ORDER BY seq DESC
+SELECT * FROM conveyor.jobs WHERE idempotency_key = ANY($1::text[])
+ORDER BY state IN ('blocked', 'pending', 'running') DESC, seq DESC
 
 -- name: insert_dependencies
 WITH d AS (
