@@ -17,7 +17,6 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,9 +54,10 @@ from conveyor.domain.job import (
     lost_action,
     validate_batch,
 )
-from conveyor.domain.states import Action, EventType, JobState, finish_action
+from conveyor.domain.states import Action, EventType, JobState
 from conveyor.storage.base import Store, check_limit, no_external_connection
 from conveyor.storage.codec import dumps
+from conveyor.storage.finishing import RunningRow, plan_finishes
 from conveyor.storage.sql import load_migrations, load_queries
 
 T = TypeVar("T")
@@ -69,27 +69,6 @@ _FINISH_SQL = {
     Action.FAIL: Q["finish_fail"],
     Action.CONFIRM_CANCEL: Q["finish_cancel"],
     Action.RELEASE: Q["finish_release"],
-}
-_OUTCOME = {
-    Action.COMPLETE: "completed",
-    Action.RETRY: "retry",
-    Action.FAIL: "failed",
-    Action.CONFIRM_CANCEL: "cancelled",
-    Action.RELEASE: "released",
-}
-_EVENT = {
-    Action.COMPLETE: EventType.JOB_COMPLETED.value,
-    Action.RETRY: EventType.JOB_RETRYING.value,
-    Action.FAIL: EventType.JOB_DEAD_LETTERED.value,
-    Action.CONFIRM_CANCEL: EventType.JOB_CANCELLED.value,
-    Action.RELEASE: EventType.JOB_STATUS_CHANGED.value,
-}
-_STATUS = {
-    Action.COMPLETE: "completed",
-    Action.RETRY: "pending",
-    Action.FAIL: "failed",
-    Action.CONFIRM_CANCEL: "cancelled",
-    Action.RELEASE: "pending",
 }
 _ORDER_COLUMNS = {
     "created_at": "created_at",
@@ -369,76 +348,61 @@ class SQLiteStore(Store):
         for f in finishes:
             if f.action not in FINISH_ACTIONS:
                 raise InvalidTransition("running", f.action.value)
-        results = [
-            None if f.action is not Action.COMPLETE else dumps(f.result, "result") for f in finishes
-        ]
-        return await self._run(self._finish, finishes, results, now.timestamp())
+        results = {
+            id(f): dumps(f.result, "result") for f in finishes if f.action is Action.COMPLETE
+        }
+        return await self._run(self._finish, finishes, results, now)
 
     def _finish(
-        self, finishes: Sequence[Finish], results: list[str | None], now: float
+        self, finishes: Sequence[Finish], results: dict[int, str], now_dt: datetime
     ) -> list[bool]:
+        now = now_dt.timestamp()
         ids = orjson.dumps([f.job_id for f in finishes]).decode()
         with self._tx() as conn:
-            running = {r["id"]: r for r in conn.execute(Q["running_by_ids"], (ids,))}
-            accepted: list[bool] = []
-            by_action: dict[Action, list[tuple[Any, ...]]] = {}
-            executions: list[tuple[Any, ...]] = []
-            events: list[tuple[str, str, bytes, float]] = []
-            finished_parents: list[str] = []
-            for f, result in zip(finishes, results, strict=True):
-                row = running.get(f.job_id)
-                if row is None or row["lease_token"] != f.lease_token:
-                    accepted.append(False)
-                    continue
-                del running[f.job_id]  # a second finish of the same lease in one batch loses
-                accepted.append(True)
-                action = finish_action(f.action, row["cancel_requested_at"] is not None)
-                if action is not f.action:
-                    f = replace(f, action=action, error="cancelled")
-                attempt = row["attempt"]
-                extra: dict[str, Any] = {}
-                if action is Action.COMPLETE:
-                    params: tuple[Any, ...] = (result, now, now, f.job_id, f.lease_token)
-                    started = row["started_at"]
-                    extra = {
-                        "result": f.result,
-                        "duration_ms": None if started is None else int((now - started) * 1000),
-                    }
-                elif action is Action.RETRY:
-                    run_at = now if f.retry_at is None else f.retry_at.timestamp()
-                    params = (f.error, run_at, now, f.job_id, f.lease_token)
-                    extra = {"error": f.error, "run_at": _dt(run_at).isoformat()}  # type: ignore[union-attr]
-                elif action is Action.RELEASE:
-                    params = (now, now, f.job_id, f.lease_token)
-                    attempt -= 1
-                    extra = {"reason": "worker_shutdown"}
-                else:
-                    error = f.error or ("cancelled" if action is Action.CONFIRM_CANCEL else None)
-                    params = (error, now, now, f.job_id, f.lease_token)
-                    extra = {"error": error}
-                by_action.setdefault(action, []).append(params)
-                executions.append((now, _OUTCOME[action], f.error, f.job_id, row["attempt"]))
-                events.append(
-                    (
-                        _EVENT[action],
-                        f.job_id,
-                        _event_json(row, _STATUS[action], attempt, **extra),
-                        now,
-                    )
+            running = {
+                r["id"]: RunningRow(
+                    lease_token=r["lease_token"],
+                    attempt=r["attempt"],
+                    started_at=_dt(r["started_at"]),
+                    job_type=r["job_type"],
+                    queue=r["queue"],
+                    has_children=bool(r["has_children"]),
+                    cancel_requested=r["cancel_requested_at"] is not None,
                 )
-                if row["has_children"] and action in (
-                    Action.COMPLETE,
-                    Action.FAIL,
-                    Action.CONFIRM_CANCEL,
-                ):
-                    finished_parents.append(f.job_id)
+                for r in conn.execute(Q["running_by_ids"], (ids,))
+            }
+            plan = plan_finishes(finishes, running, now_dt)
+            by_action: dict[Action, list[tuple[Any, ...]]] = {}
+            for f, u in zip(
+                (f for f, ok in zip(finishes, plan.accepted, strict=True) if ok),
+                plan.updates,
+                strict=True,
+            ):
+                if u.action is Action.COMPLETE:
+                    params: tuple[Any, ...] = (results[id(f)], now, now)
+                elif u.action is Action.RETRY:
+                    params = (u.error, _ts(u.run_at), now)
+                elif u.action is Action.RELEASE:
+                    params = (now, now)
+                else:
+                    params = (u.error, now, now)
+                by_action.setdefault(u.action, []).append((*params, u.job_id, f.lease_token))
             for action, params_list in by_action.items():
                 conn.executemany(_FINISH_SQL[action], params_list)
-            conn.executemany(Q["end_execution"], executions)
-            conn.executemany(Q["insert_event"], events)
-            if finished_parents:
-                self._settle_children(conn, finished_parents, now)
-        return accepted
+            conn.executemany(
+                Q["end_execution"],
+                [
+                    (now, outcome, error, job_id, attempt)
+                    for job_id, attempt, outcome, error in plan.executions
+                ],
+            )
+            conn.executemany(
+                Q["insert_event"],
+                [(t, job_id, orjson.dumps(data), now) for t, job_id, data in plan.events],
+            )
+            if plan.finished_parents:
+                self._settle_children(conn, plan.finished_parents, now)
+        return plan.accepted
 
     def _settle_children(self, conn: sqlite3.Connection, parents: list[str], now: float) -> None:
         """Unblock children whose parents all completed; cancel those with a failed parent."""
