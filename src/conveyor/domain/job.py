@@ -297,3 +297,17 @@ def key_taken(job_id: str, key: str | None) -> InvalidTransition:
         "retry",
         f"Cannot retry job {job_id}: another active job holds its idempotency key {key!r}",
     )
+
+
+_PAST = {"retry": "retried", "purge": "purged"}
+
+
+def require_failed(job_id: str, state: str, action: str) -> None:
+    """Only dead-lettered jobs can be retried from (or purged out of) the DLQ."""
+    if state != "failed":
+        raise InvalidTransition(
+            state,
+            action,
+            f"Cannot {action} job {job_id} in {state} status; "
+            f"only failed (dead-lettered) jobs can be {_PAST.get(action, action)}",
+        )

@@ -40,6 +40,7 @@ from conveyor.domain.job import (
     WorkerInfo,
     key_taken,
     lost_action,
+    require_failed,
     validate_batch,
 )
 from conveyor.domain.states import (
@@ -378,13 +379,7 @@ class MemoryStore(Store):
         async with self._lock:
             jobs = [self._get(i) for i in dict.fromkeys(job_ids)]
             for job in jobs:
-                if job.state is not JobState.FAILED:
-                    raise InvalidTransition(
-                        job.state.value,
-                        "retry",
-                        f"Cannot retry job {job.id} in {job.state.value} status; "
-                        "only failed (dead-lettered) jobs can be retried",
-                    )
+                require_failed(job.id, job.state.value, "retry")
             active_keys = {
                 j.idempotency_key
                 for j in self._jobs.values()
@@ -413,13 +408,7 @@ class MemoryStore(Store):
                 ids = list(dict.fromkeys(job_ids))
                 for i in ids:
                     job = self._get(i)
-                    if job.state is not JobState.FAILED:
-                        raise InvalidTransition(
-                            job.state.value,
-                            "purge",
-                            f"Cannot purge job {i} in {job.state.value} status; "
-                            "only failed (dead-lettered) jobs can be purged",
-                        )
+                    require_failed(i, job.state.value, "purge")
             self._delete(ids)
             return len(ids)
 

@@ -50,6 +50,7 @@ from conveyor.domain.job import (
     WorkerInfo,
     key_taken,
     lost_action,
+    require_failed,
     validate_batch,
 )
 from conveyor.domain.states import Action, EventType, JobState
@@ -636,13 +637,7 @@ class PostgresStore(Store):
                 row = await conn.fetchrow(Q["get_job_for_update"], job_id)
                 if row is None:
                     raise JobNotFound(job_id)
-                if row["state"] != "failed":
-                    raise InvalidTransition(
-                        row["state"],
-                        "retry",
-                        f"Cannot retry job {job_id} in {row['state']} status; "
-                        "only failed (dead-lettered) jobs can be retried",
-                    )
+                require_failed(job_id, row["state"], "retry")
                 key = row["idempotency_key"]
                 if key is not None:
                     if key in keys or await conn.fetch(Q["active_by_keys"], [key]):
@@ -673,13 +668,7 @@ class PostgresStore(Store):
                     row = await conn.fetchrow(Q["get_job_for_update"], job_id)
                     if row is None:
                         raise JobNotFound(job_id)
-                    if row["state"] != "failed":
-                        raise InvalidTransition(
-                            row["state"],
-                            "purge",
-                            f"Cannot purge job {job_id} in {row['state']} status; "
-                            "only failed (dead-lettered) jobs can be purged",
-                        )
+                    require_failed(job_id, row["state"], "purge")
             if ids:
                 await conn.execute(Q["delete_jobs"], ids)
             return len(ids)

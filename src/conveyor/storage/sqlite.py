@@ -52,6 +52,7 @@ from conveyor.domain.job import (
     WorkerInfo,
     key_taken,
     lost_action,
+    require_failed,
     validate_batch,
 )
 from conveyor.domain.states import Action, EventType, JobState
@@ -594,13 +595,7 @@ class SQLiteStore(Store):
                     row = conn.execute(Q["get_job"], (job_id,)).fetchone()
                     if row is None:
                         raise JobNotFound(job_id)
-                    if row["state"] != "failed":
-                        raise InvalidTransition(
-                            row["state"],
-                            "retry",
-                            f"Cannot retry job {job_id} in {row['state']} status; "
-                            "only failed (dead-lettered) jobs can be retried",
-                        )
+                    require_failed(job_id, row["state"], "retry")
                     key = row["idempotency_key"]
                     if key is not None:
                         taken = conn.execute(Q["active_by_keys"], (orjson.dumps([key]).decode(),))
@@ -639,13 +634,7 @@ class SQLiteStore(Store):
                         row = conn.execute(Q["get_job"], (job_id,)).fetchone()
                         if row is None:
                             raise JobNotFound(job_id)
-                        if row["state"] != "failed":
-                            raise InvalidTransition(
-                                row["state"],
-                                "purge",
-                                f"Cannot purge job {job_id} in {row['state']} status; "
-                                "only failed (dead-lettered) jobs can be purged",
-                            )
+                        require_failed(job_id, row["state"], "purge")
                 self._delete(conn, ids)
                 return len(ids)
 
