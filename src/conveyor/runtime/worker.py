@@ -185,8 +185,10 @@ class Worker:
                         now=self.app.now(),
                     )
                     backoff = 0.1
-                except ConveyorError as exc:
-                    log.warning("fetch_failed", worker_id=self.id, error=str(exc))
+                except Exception as exc:  # noqa: BLE001 - keep the worker alive
+                    log.warning(
+                        "fetch_failed", worker_id=self.id, error=str(exc), kind=type(exc).__name__
+                    )
                     await self._wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
@@ -322,7 +324,7 @@ class Worker:
                 batch, self._outbox = self._outbox, []
                 try:
                     accepted = await self.store.finish_many(batch, self.app.now())
-                except ConveyorError as exc:
+                except Exception as exc:  # noqa: BLE001 - keep the worker alive
                     # Keep the outcomes: the jobs stay leased to us until written.
                     log.warning(
                         "finish_failed", worker_id=self.id, error=str(exc), batch=len(batch)
@@ -371,7 +373,7 @@ class Worker:
             await asyncio.sleep(interval)
             try:
                 cancel_ids = await self.store.heartbeat(self.id, len(self._running), self.app.now())
-            except ConveyorError as exc:
+            except Exception as exc:  # noqa: BLE001 - keep the worker alive
                 log.warning("heartbeat_failed", worker_id=self.id, error=str(exc))
                 continue
             for job_id in cancel_ids:
@@ -413,5 +415,5 @@ class Worker:
                     pruned = await self.store.prune(self.app.now() - timedelta(seconds=s.retention))
                     if pruned:
                         log.info("jobs_pruned", count=pruned)
-            except ConveyorError as exc:
+            except Exception as exc:  # noqa: BLE001 - keep the worker alive
                 log.warning("maintenance_failed", error=str(exc))
