@@ -23,9 +23,11 @@ from conveyor.domain.job import (
     EnqueueResult,
     Finish,
     Job,
+    JobQuery,
     NewJob,
 )
 from conveyor.domain.retry import RetryPolicy
+from conveyor.domain.states import JobState
 from conveyor.runtime.registry import Handler, JobDefinition
 from conveyor.settings import Settings
 from conveyor.storage.base import Store
@@ -241,6 +243,22 @@ class Conveyor:
         results = await self.store.enqueue_many(jobs, self.now(), connection=connection)
         self.notify_listeners()
         return results
+
+    # -- dead-letter queue --------------------------------------------------------------
+    async def retry_dead_letters(self, job_type: str | None = None) -> int:
+        """Re-queue every dead-lettered job (of ``job_type``), 1,000 per transaction."""
+        await self.open()
+        retried = 0
+        while True:
+            page = await self.store.list_jobs(
+                JobQuery(states=(JobState.FAILED,), job_type=job_type, limit=1000)
+            )
+            if not page.jobs:
+                break
+            await self.store.retry_failed([j.id for j in page.jobs], self.now())
+            retried += len(page.jobs)
+            self.notify_listeners()
+        return retried
 
     # -- in-process signals -------------------------------------------------------------
     def add_listener(self, callback: Callable[[], None]) -> None:

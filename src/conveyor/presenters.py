@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from conveyor.domain.job import Execution, Job, WorkerInfo
+from conveyor.domain.job import Execution, Job, Page, WorkerInfo
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -69,4 +69,13 @@ def worker_dict(w: WorkerInfo, *, alive: bool) -> dict[str, Any]:
         "jobs_running": w.jobs_running,
         "started_at": iso(w.started_at),
         "last_heartbeat": iso(w.heartbeat_at),
+    }
+
+
+def page_dict(page: Page) -> dict[str, Any]:
+    return {
+        "limit": page.limit,
+        "offset": page.offset,
+        "total": page.total,
+        "has_more": page.has_more,
     }

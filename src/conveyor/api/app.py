@@ -36,7 +36,7 @@ from conveyor.domain.errors import (
 from conveyor.domain.job import JobQuery
 from conveyor.domain.states import JobState
 from conveyor.observability.metrics import Metrics
-from conveyor.presenters import iso, job_dict, worker_dict
+from conveyor.presenters import iso, job_dict, page_dict, worker_dict
 from conveyor.runtime.status import is_alive
 from conveyor.security.api_keys import hash_key
 
@@ -406,12 +406,7 @@ def create_app(
         return {
             "success": True,
             "jobs": [job_dict(j) for j in page.jobs],
-            "pagination": {
-                "limit": page.limit,
-                "offset": page.offset,
-                "total": page.total,
-                "has_more": page.has_more,
-            },
+            "pagination": page_dict(page),
         }
 
     @api.get(
@@ -475,12 +470,7 @@ def create_app(
         return {
             "success": True,
             "jobs": [job_dict(j) for j in page.jobs],
-            "pagination": {
-                "limit": page.limit,
-                "offset": page.offset,
-                "total": page.total,
-                "has_more": page.has_more,
-            },
+            "pagination": page_dict(page),
         }
 
     @api.post("/api/dlq/retry-all", dependencies=write, tags=["dlq"])
@@ -488,16 +478,7 @@ def create_app(
         job_type: Annotated[str | None, Query(max_length=100)] = None,
     ) -> dict[str, Any]:
         """Re-queue every dead-lettered job (optionally of one type)."""
-        retried = 0
-        while True:
-            page = await conveyor.store.list_jobs(
-                JobQuery(states=(JobState.FAILED,), job_type=job_type, limit=1000)
-            )
-            if not page.jobs:
-                break
-            await conveyor.store.retry_failed([j.id for j in page.jobs], conveyor.now())
-            retried += len(page.jobs)
-        conveyor.notify_listeners()
+        retried = await conveyor.retry_dead_letters(job_type)
         return {"success": True, "retried": retried}
 
     @api.post(

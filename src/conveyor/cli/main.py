@@ -20,7 +20,7 @@ from conveyor.cli.loader import apply_app
 from conveyor.domain.errors import ConveyorError, ValidationError
 from conveyor.domain.job import JobQuery
 from conveyor.domain.states import JobState
-from conveyor.presenters import job_dict
+from conveyor.presenters import job_dict, page_dict
 from conveyor.runtime.status import collect_status
 from conveyor.settings import Settings
 
@@ -407,12 +407,7 @@ def jobs_list(
         emit_json(
             {
                 "jobs": [job_dict(j) for j in page.jobs],
-                "pagination": {
-                    "limit": page.limit,
-                    "offset": page.offset,
-                    "total": page.total,
-                    "has_more": page.has_more,
-                },
+                "pagination": page_dict(page),
             }
         )
         return
@@ -526,23 +521,11 @@ def dlq_retry(obj: Ctx, job_ids: tuple[str, ...], all_: bool, job_type: str | No
     _ids_or_all(job_ids, all_)
 
     async def go(app: Conveyor) -> int:
-        ids = list(job_ids)
         if all_:
-            offset = 0
-            while True:
-                page = await app.store.list_jobs(
-                    JobQuery(
-                        states=(JobState.FAILED,), job_type=job_type, limit=1000, offset=offset
-                    )
-                )
-                ids.extend(j.id for j in page.jobs)
-                if not page.has_more:
-                    break
-                offset += 1000
-        if ids:
-            await app.store.retry_failed(ids, app.now())
-            app.notify_listeners()
-        return len(ids)
+            return await app.retry_dead_letters(job_type)
+        await app.store.retry_failed(list(job_ids), app.now())
+        app.notify_listeners()
+        return len(set(job_ids))
 
     n = run(go, obj.app())
     out.print(f"Re-queued {n} job(s)")
