@@ -34,7 +34,7 @@ async def hang_first(ctx: JobContext, seconds: float = 60.0) -> dict[str, Any]:
     """Attempt 1 announces itself then runs long; later attempts finish at once."""
     _record(ctx, "start")
     if ctx.attempt == 1:
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(seconds)  # wait-ok: the job's simulated work
     _record(ctx, "done")
     return {"pid": os.getpid(), "attempt": ctx.attempt}
 
@@ -43,14 +43,14 @@ def blocking_first(ctx: JobContext, seconds: float = 3.0) -> dict[str, Any]:
     """Sync handler: attempt 1 blocks its thread for ``seconds`` (a zombie when paused)."""
     _record(ctx, "start")
     if ctx.attempt == 1:
-        time.sleep(seconds)
+        time.sleep(seconds)  # wait-ok: the job's simulated (blocking) work
     _record(ctx, "done")
     return {"pid": os.getpid(), "attempt": ctx.attempt}
 
 
 async def slow(ctx: JobContext, seconds: float = 0.05) -> dict[str, Any]:
     _record(ctx, "start")
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(seconds)  # wait-ok: the job's simulated work
     _record(ctx, "done")
     return {"pid": os.getpid()}
 
