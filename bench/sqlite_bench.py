@@ -58,6 +58,9 @@ from conveyor.domain.states import JobState
 from conveyor.settings import Settings
 from conveyor.storage.sqlite import SQLiteStore
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+from common import git_revision
+
 # pgqueuer 1.6.0 on PostgreSQL 15, same machine (/work/shared/PEERS.md).
 PGQ = {
     "single": 2_265.0,
@@ -908,29 +911,6 @@ async def run_all(args: argparse.Namespace) -> int:
         Path(args.markdown).write_text(render_markdown(rows, details, meta))
         print(f"\nmarkdown table written to {args.markdown}")
     return 0
-
-
-def git_revision() -> str:
-    """The commit measured, with ``+dirty`` when src/ has uncommitted changes."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "revision unknown"
-    return f"commit {head or '?'}{' +dirty src' if dirty else ''}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -223,3 +223,26 @@ def main(
         extra[command](rest)
     else:
         raise SystemExit(f"usage: {sys.argv[0]} produce|queued|{'|'.join(extra or {})} ...")
+
+
+def git_revision() -> str:
+    """The commit measured, with ``+dirty src`` when src/ has uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "revision unknown"
+    return f"commit {head or '?'}{' +dirty src' if dirty else ''}"

@@ -51,7 +51,7 @@ MAIN_PY = ROOT / ".venv" / "bin" / "python"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(HERE))
 
-from common import WARMUP_BASE, StampReader  # noqa: E402
+from common import WARMUP_BASE, StampReader, git_revision  # noqa: E402
 
 from pg import PostgresServer  # noqa: E402
 
@@ -994,25 +994,6 @@ def machine_facts(pg: PostgresServer | None, redis: RedisServer | None) -> dict[
             f"save '{save[-1] if save else '?'}', appendonly {aof[-1] if aof else '?'}"
         )
     return facts
-
-
-def git_revision() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "revision unknown"
-    return f"commit {head or '?'}{' +dirty src' if dirty else ''}"
 
 
 # -- main ---------------------------------------------------------------------------------

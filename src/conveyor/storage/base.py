@@ -185,15 +185,26 @@ class Store(abc.ABC):
     # -- helpers shared by adapters ----------------------------------------
     @staticmethod
     def event_data(job: Job, **extra: Any) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "job_id": job.id,
-            "job_type": job.job_type,
-            "queue": job.queue,
-            "status": job.status,
-            "attempt": job.attempt,
-        }
-        data.update(extra)
-        return data
+        return event_data(job.id, job.job_type, job.queue, job.status, job.attempt, **extra)
+
+
+def event_data(
+    job_id: str, job_type: str, queue: str, status: str, attempt: int, **extra: Any
+) -> dict[str, Any]:
+    """The common fields of every job lifecycle event, plus the transition's own."""
+    return {
+        "job_id": job_id,
+        "job_type": job_type,
+        "queue": queue,
+        "status": status,
+        "attempt": attempt,
+        **extra,
+    }
+
+
+def row_event(row: Any, status: str, attempt: int, **extra: Any) -> dict[str, Any]:
+    """``event_data`` from a database row with ``id``, ``job_type`` and ``queue``."""
+    return event_data(row["id"], row["job_type"], row["queue"], status, attempt, **extra)
 
 
 def check_limit(limit: int) -> None:

@@ -12,7 +12,8 @@ from datetime import datetime
 from typing import Any
 
 from conveyor.domain.job import Finish
-from conveyor.domain.states import Action, EventType, finish_action
+from conveyor.domain.states import EVENT_FOR_ACTION, Action, JobState, finish_action, next_state
+from conveyor.storage.base import event_data
 
 OUTCOME = {
     Action.COMPLETE: "completed",
@@ -21,19 +22,11 @@ OUTCOME = {
     Action.CONFIRM_CANCEL: "cancelled",
     Action.RELEASE: "released",
 }
-EVENT = {
-    Action.COMPLETE: EventType.JOB_COMPLETED.value,
-    Action.RETRY: EventType.JOB_RETRYING.value,
-    Action.FAIL: EventType.JOB_DEAD_LETTERED.value,
-    Action.CONFIRM_CANCEL: EventType.JOB_CANCELLED.value,
-    Action.RELEASE: EventType.JOB_STATUS_CHANGED.value,
-}
-STATE = {
-    Action.COMPLETE: "completed",
-    Action.RETRY: "pending",
-    Action.FAIL: "failed",
-    Action.CONFIRM_CANCEL: "cancelled",
-    Action.RELEASE: "pending",
+# Which query rescues a job of a dead worker, for each action ``lost_action`` picks.
+RESCUE_QUERY = {
+    Action.LOST: "rescue_lost",
+    Action.QUARANTINE: "rescue_quarantine",
+    Action.CONFIRM_CANCEL: "rescue_cancel",
 }
 TERMINAL_ACTIONS = frozenset({Action.COMPLETE, Action.FAIL, Action.CONFIRM_CANCEL})
 
@@ -89,13 +82,7 @@ def plan_finishes(
         action = finish_action(f.action, row.cancel_requested)
         error = "cancelled" if action is not f.action else f.error
         attempt = row.attempt
-        base = {
-            "job_id": f.job_id,
-            "job_type": row.job_type,
-            "queue": row.queue,
-            "status": STATE[action],
-            "attempt": attempt,
-        }
+        state = next_state(JobState.RUNNING, action).value
         run_at = row.run_at
         result = None
         if action is Action.COMPLETE:
@@ -114,7 +101,6 @@ def plan_finishes(
             run_at = now
             attempt -= 1
             error = row.error
-            base["attempt"] = attempt
             extra = {"reason": "worker_shutdown"}
         else:
             if action is Action.CONFIRM_CANCEL:
@@ -124,7 +110,7 @@ def plan_finishes(
             JobUpdate(
                 job_id=f.job_id,
                 action=action,
-                state=STATE[action],
+                state=state,
                 result=result,
                 error=error,
                 run_at=run_at,
@@ -139,7 +125,8 @@ def plan_finishes(
             else ("cancelled" if action is not f.action else f.error)
         )
         plan.executions.append((f.job_id, row.attempt, OUTCOME[action], exec_error))
-        plan.events.append((EVENT[action], f.job_id, {**base, **extra}))
+        data = event_data(f.job_id, row.job_type, row.queue, state, attempt, **extra)
+        plan.events.append((EVENT_FOR_ACTION[action].value, f.job_id, data))
         if row.has_children and action in TERMINAL_ACTIONS:
             plan.finished_parents.append(f.job_id)
     return plan

@@ -53,24 +53,16 @@ from conveyor.domain.job import (
     require_failed,
     validate_batch,
 )
-from conveyor.domain.states import Action, EventType, JobState
-from conveyor.storage.base import Store, check_limit
+from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState, next_state
+from conveyor.storage.base import Store, check_limit, row_event
 from conveyor.storage.codec import dumps, roundtrip
-from conveyor.storage.finishing import RunningRow, plan_finishes
+from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.sql import load_migrations, load_queries
 
 Q = load_queries("postgres")
 CHANNEL = "conveyor_jobs"
 log = structlog.get_logger("conveyor.postgres")
 
-_ORDER_COLUMNS = {
-    "created_at": "created_at",
-    "updated_at": "updated_at",
-    "priority": "priority",
-    "run_at": "run_at",
-    "completed_at": "completed_at",
-    "job_type": "job_type",
-}
 _UNAVAILABLE = (
     OSError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
@@ -131,17 +123,6 @@ def job_from_record(r: asyncpg.Record) -> Job:
         completed_at=r["completed_at"],
         updated_at=r["updated_at"],
     )
-
-
-def _event(r: Any, status: str, attempt: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "job_id": r["id"],
-        "job_type": r["job_type"],
-        "queue": r["queue"],
-        "status": status,
-        "attempt": attempt,
-        **extra,
-    }
 
 
 class PostgresStore(Store):
@@ -511,14 +492,14 @@ class PostgresStore(Store):
                     await conn.execute(Q["cancel_blocked"], PARENT_FAILED_ERROR, now, child["id"])
                     types.append(EventType.JOB_CANCELLED.value)
                     datas.append(
-                        _event(child, "cancelled", child["attempt"], error=PARENT_FAILED_ERROR)
+                        row_event(child, "cancelled", child["attempt"], error=PARENT_FAILED_ERROR)
                     )
                     ids.append(child["id"])
                     todo.append(child["id"])
                 elif states == {"completed"}:
                     await conn.execute(Q["unblock"], now, child["id"])
                     types.append(EventType.JOB_STATUS_CHANGED.value)
-                    datas.append(_event(child, "pending", child["attempt"]))
+                    datas.append(row_event(child, "pending", child["attempt"]))
                     ids.append(child["id"])
                     woke = True
             if types:
@@ -580,16 +561,10 @@ class PostgresStore(Store):
             for row in await conn.fetch(Q["orphaned_running"]):
                 job = job_from_record(row)
                 action = lost_action(job, max_lost)
-                if action is Action.LOST:
-                    await conn.execute(Q["rescue_lost"], now, job.id, job.lease_token)
-                    status, event = "pending", EventType.JOB_RETRYING.value
-                elif action is Action.QUARANTINE:
-                    await conn.execute(Q["rescue_quarantine"], now, job.id, job.lease_token)
-                    status, event = "failed", EventType.JOB_DEAD_LETTERED.value
-                    finished.append(job.id)
-                else:
-                    await conn.execute(Q["rescue_cancel"], now, job.id, job.lease_token)
-                    status, event = "cancelled", EventType.JOB_CANCELLED.value
+                await conn.execute(Q[RESCUE_QUERY[action]], now, job.id, job.lease_token)
+                state = next_state(JobState.RUNNING, action)
+                status, event = state.value, EVENT_FOR_ACTION[action].value
+                if state.is_terminal:
                     finished.append(job.id)
                 await conn.execute(
                     Q["end_execution"], now, "lost", "worker_lost", job.id, job.attempt
@@ -597,7 +572,9 @@ class PostgresStore(Store):
                 types.append(event)
                 ids.append(job.id)
                 datas.append(
-                    _event(row, status, job.attempt, error="worker_lost", worker_id=job.worker_id)
+                    row_event(
+                        row, status, job.attempt, error="worker_lost", worker_id=job.worker_id
+                    )
                 )
                 out.append(Rescued(job.id, job.worker_id, action))
             if types:
@@ -623,7 +600,7 @@ class PostgresStore(Store):
                         Q["insert_events"],
                         [EventType.JOB_STATUS_CHANGED.value],
                         [job_id],
-                        _json([_event(row, "cancelling", row["attempt"])]),
+                        _json([row_event(row, "cancelling", row["attempt"])]),
                         now,
                     )
             else:
@@ -632,7 +609,7 @@ class PostgresStore(Store):
                     Q["insert_events"],
                     [EventType.JOB_CANCELLED.value],
                     [job_id],
-                    _json([_event(row, "cancelled", row["attempt"])]),
+                    _json([row_event(row, "cancelled", row["attempt"])]),
                     now,
                 )
                 if row["has_children"]:
@@ -662,7 +639,7 @@ class PostgresStore(Store):
                     Q["insert_events"],
                     [EventType.JOB_STATUS_CHANGED.value] * len(rows),
                     [r["id"] for r in rows],
-                    _json([_event(r, "pending", 0, reason="dlq_retry") for r in rows]),
+                    _json([row_event(r, "pending", 0, reason="dlq_retry") for r in rows]),
                     now,
                 )
                 await conn.execute(Q["notify"], "")
@@ -728,7 +705,8 @@ class PostgresStore(Store):
         direction = "DESC" if query.descending else "ASC"
         nulls = "NULLS LAST" if query.descending else "NULLS FIRST"
         sql = Q["list_jobs"].replace(
-            "{order_by}", f"{_ORDER_COLUMNS[query.sort]} {direction} {nulls}, seq {direction}"
+            "{order_by}",
+            f"{query.sort} {direction} {nulls}, seq {direction}",  # one of SORT_FIELDS
         )
         states = [s.value for s in query.states] if query.states else None
         args = (states, query.job_type, query.queue, query.created_by)

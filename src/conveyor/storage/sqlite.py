@@ -55,10 +55,10 @@ from conveyor.domain.job import (
     require_failed,
     validate_batch,
 )
-from conveyor.domain.states import Action, EventType, JobState
-from conveyor.storage.base import Store, check_limit, no_external_connection
+from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState, next_state
+from conveyor.storage.base import Store, check_limit, no_external_connection, row_event
 from conveyor.storage.codec import dumps
-from conveyor.storage.finishing import RunningRow, plan_finishes
+from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.sql import load_migrations, load_queries
 
 T = TypeVar("T")
@@ -70,14 +70,6 @@ _FINISH_SQL = {
     Action.FAIL: Q["finish_fail"],
     Action.CONFIRM_CANCEL: Q["finish_cancel"],
     Action.RELEASE: Q["finish_release"],
-}
-_ORDER_COLUMNS = {
-    "created_at": "created_at",
-    "updated_at": "updated_at",
-    "priority": "priority",
-    "run_at": "run_at",
-    "completed_at": "completed_at",
-    "job_type": "job_type",
 }
 
 
@@ -120,15 +112,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
 
 
 def _event_json(row: Any, status: str, attempt: int, **extra: Any) -> bytes:
-    data = {
-        "job_id": row["id"],
-        "job_type": row["job_type"],
-        "queue": row["queue"],
-        "status": status,
-        "attempt": attempt,
-    }
-    data.update(extra)
-    return orjson.dumps(data)
+    return orjson.dumps(row_event(row, status, attempt, **extra))
 
 
 class SQLiteStore(Store):
@@ -508,16 +492,10 @@ class SQLiteStore(Store):
                 for row in conn.execute(Q["orphaned_running"]).fetchall():
                     job = job_from_row(row)
                     action = lost_action(job, max_lost)
-                    if action is Action.LOST:
-                        conn.execute(Q["rescue_lost"], (ts, ts, job.id, job.lease_token))
-                        status, event = "pending", EventType.JOB_RETRYING.value
-                    elif action is Action.QUARANTINE:
-                        conn.execute(Q["rescue_quarantine"], (ts, ts, job.id, job.lease_token))
-                        status, event = "failed", EventType.JOB_DEAD_LETTERED.value
-                        finished.append(job.id)
-                    else:
-                        conn.execute(Q["rescue_cancel"], (ts, ts, job.id, job.lease_token))
-                        status, event = "cancelled", EventType.JOB_CANCELLED.value
+                    conn.execute(Q[RESCUE_QUERY[action]], (ts, ts, job.id, job.lease_token))
+                    state = next_state(JobState.RUNNING, action)
+                    status, event = state.value, EVENT_FOR_ACTION[action].value
+                    if state.is_terminal:
                         finished.append(job.id)
                     conn.execute(
                         Q["end_execution"], (ts, "lost", "worker_lost", job.id, job.attempt)
@@ -703,7 +681,8 @@ class SQLiteStore(Store):
         query.validate()
         direction = "DESC" if query.descending else "ASC"
         sql = Q["list_jobs"].replace(
-            "{order_by}", f"{_ORDER_COLUMNS[query.sort]} {direction}, seq {direction}"
+            "{order_by}",
+            f"{query.sort} {direction}, seq {direction}",  # validated: one of SORT_FIELDS
         )
         params = {
             "states": orjson.dumps([s.value for s in query.states]).decode()
