@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from conveyor.domain.auth import ApiKey
 from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
 from conveyor.domain.job import (
@@ -33,6 +35,7 @@ from conveyor.domain.job import (
     WorkerInfo,
 )
 from conveyor.domain.states import JobState
+from conveyor.domain.webhooks import DeliveryAttempt, DeliveryOutcome, Webhook, WebhookState
 
 
 class Store(abc.ABC):
@@ -141,7 +144,15 @@ class Store(abc.ABC):
     async def list_workers(self) -> list[WorkerInfo]: ...
 
     @abc.abstractmethod
-    async def events_after(self, after_id: int, limit: int) -> list[Event]: ...
+    async def events_after(self, after_id: int, limit: int) -> list[Event]:
+        """Up to ``limit`` committed events after event ``after_id`` (0 = from the
+        start) in delivery order. Delivery order never changes once an event is
+        returned: an event committed later never sorts before one already read
+        (PostgreSQL holds back events of transactions still running)."""
+
+    @abc.abstractmethod
+    async def latest_event_id(self) -> int:
+        """The id of the last event ``events_after`` can return now (0 if none)."""
 
     @abc.abstractmethod
     async def activity(self, since: datetime) -> Activity:
@@ -165,6 +176,46 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def count_api_keys(self) -> int:
         """Number of active keys."""
+
+    # -- outbox consumers (relay, webhook dispatcher) -----------------------------------
+    @abc.abstractmethod
+    async def claim_consumer(self, name: str, owner: str, ttl: float, now: datetime) -> int | None:
+        """Take or renew consumer ``name``'s lease for ``ttl`` seconds. Returns the
+        id of the last event it handled, or None while another owner holds it."""
+
+    @abc.abstractmethod
+    async def advance_consumer(self, name: str, owner: str, position: int, now: datetime) -> bool:
+        """Record that ``owner`` handled events up to ``position``; False if it lost
+        the lease (another owner took over and carries on from the stored position)."""
+
+    @abc.abstractmethod
+    async def release_consumer(self, name: str, owner: str, now: datetime) -> None:
+        """Give the lease up (shutdown) so another owner takes over at once."""
+
+    # -- webhooks --------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_webhook(self, webhook: Webhook) -> None: ...
+
+    @abc.abstractmethod
+    async def list_webhooks(self) -> list[Webhook]: ...
+
+    @abc.abstractmethod
+    async def get_webhook(self, webhook_id: str) -> Webhook:
+        """Raises ``WebhookNotFound``."""
+
+    @abc.abstractmethod
+    async def delete_webhook(self, webhook_id: str) -> None:
+        """Delete an endpoint and its delivery log. Raises ``WebhookNotFound``."""
+
+    @abc.abstractmethod
+    async def record_delivery(self, attempt: DeliveryAttempt, disable_after: int) -> Webhook:
+        """Log one attempt and count consecutive failures; the failure that reaches
+        ``disable_after`` disables the endpoint and writes a ``webhook_disabled``
+        event, all in one transaction. Raises ``WebhookNotFound`` (deleted since)."""
+
+    @abc.abstractmethod
+    async def list_deliveries(self, webhook_id: str, limit: int) -> list[DeliveryAttempt]:
+        """Newest first. Raises ``WebhookNotFound``."""
 
     # -- cross-process wake-up ---------------------------------------------------------
     async def subscribe_wakeups(self, callback: Callable[[], None]) -> None:
@@ -207,6 +258,20 @@ def row_event(row: Any, status: str, attempt: int, **extra: Any) -> dict[str, An
     return event_data(row["id"], row["job_type"], row["queue"], status, attempt, **extra)
 
 
+def disabled_event(webhook: Webhook, reason: str) -> dict[str, Any]:
+    """The data of the ``webhook_disabled`` event."""
+    return {
+        "webhook_id": webhook.id,
+        "url": webhook.url,
+        "reason": reason,
+        "consecutive_failures": webhook.consecutive_failures,
+    }
+
+
+def disable_reason(failures: int) -> str:
+    return f"{failures} consecutive failed deliveries"
+
+
 def check_limit(limit: int) -> None:
     if not isinstance(limit, int) or limit < 0:
         raise ValidationError(
@@ -221,3 +286,51 @@ def no_external_connection(connection: Any, backend: str) -> None:
             f"Transactional enqueue (connection=...) needs the PostgreSQL store; "
             f"this app uses {backend}"
         )
+
+
+def webhook_from_row(row: Any, ts: Callable[[Any], datetime | None]) -> Webhook:
+    """A ``webhooks`` row (SQLite or PostgreSQL; ``ts`` converts timestamps)."""
+    types = row["event_types"]
+    return Webhook(
+        id=row["id"],
+        url=row["url"],
+        event_types=tuple(orjson.loads(types) if isinstance(types, str | bytes) else types),
+        secret=row["secret"],
+        created_at=ts(row["created_at"]),  # type: ignore[arg-type]
+        state=WebhookState(row["state"]),
+        consecutive_failures=row["consecutive_failures"],
+        disabled_at=ts(row["disabled_at"]),
+        disabled_reason=row["disabled_reason"],
+    )
+
+
+def delivery_from_row(row: Any, ts: Callable[[Any], datetime | None]) -> DeliveryAttempt:
+    return DeliveryAttempt(
+        webhook_id=row["webhook_id"],
+        delivery_id=row["delivery_id"],
+        event_id=row["event_id"],
+        event_type=row["event_type"],
+        job_id=row["job_id"],
+        attempt=row["attempt"],
+        outcome=DeliveryOutcome(row["outcome"]),
+        status_code=row["status_code"],
+        error=row["error"],
+        duration_ms=row["duration_ms"],
+        created_at=ts(row["created_at"]),  # type: ignore[arg-type]
+    )
+
+
+def delivery_params(a: DeliveryAttempt, created_at: Any) -> tuple[Any, ...]:
+    return (
+        a.webhook_id,
+        a.delivery_id,
+        a.event_id,
+        a.event_type,
+        a.job_id,
+        a.attempt,
+        a.outcome.value,
+        a.status_code,
+        a.error,
+        a.duration_ms,
+        created_at,
+    )

@@ -10,7 +10,7 @@ import asyncio
 import copy
 import itertools
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -23,6 +23,7 @@ from conveyor.domain.errors import (
     JobNotFound,
     ValidationError,
 )
+from conveyor.domain.events import WEBHOOK_DISABLED
 from conveyor.domain.ids import new_job_id, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
@@ -52,7 +53,21 @@ from conveyor.domain.states import (
     finish_action,
     next_state,
 )
-from conveyor.storage.base import Store, check_limit, no_external_connection
+from conveyor.domain.webhooks import (
+    DeliveryAttempt,
+    DeliveryOutcome,
+    Webhook,
+    WebhookNotFound,
+    WebhookState,
+    should_disable,
+)
+from conveyor.storage.base import (
+    Store,
+    check_limit,
+    disable_reason,
+    disabled_event,
+    no_external_connection,
+)
 from conveyor.storage.codec import roundtrip
 
 
@@ -68,6 +83,9 @@ class MemoryStore(Store):
         self._event_ids = itertools.count(1)
         self._lock = asyncio.Lock()
         self._keys: dict[str, ApiKey] = {}
+        self._consumers: dict[str, _Consumer] = {}
+        self._webhooks: dict[str, Webhook] = {}
+        self._deliveries: dict[str, list[DeliveryAttempt]] = {}
 
     async def open(self) -> None:
         return None
@@ -515,3 +533,87 @@ class MemoryStore(Store):
 
     async def count_api_keys(self) -> int:
         return sum(1 for k in self._keys.values() if k.active)
+
+    async def latest_event_id(self) -> int:
+        return self._events[-1].id if self._events else 0
+
+    # -- outbox consumers -------------------------------------------------------------
+    async def claim_consumer(self, name: str, owner: str, ttl: float, now: datetime) -> int | None:
+        async with self._lock:
+            c = self._consumers.setdefault(name, _Consumer())
+            if c.owner not in (None, owner) and c.expires is not None and c.expires >= now:
+                return None
+            c.owner, c.expires = owner, now + timedelta(seconds=ttl)
+            return c.position
+
+    async def advance_consumer(self, name: str, owner: str, position: int, now: datetime) -> bool:
+        async with self._lock:
+            c = self._consumers.get(name)
+            if c is None or c.owner != owner:
+                return False
+            c.position = position
+            return True
+
+    async def release_consumer(self, name: str, owner: str, now: datetime) -> None:
+        async with self._lock:
+            c = self._consumers.get(name)
+            if c is not None and c.owner == owner:
+                c.owner = c.expires = None
+
+    # -- webhooks ---------------------------------------------------------------------
+    async def create_webhook(self, webhook: Webhook) -> None:
+        async with self._lock:
+            if webhook.id in self._webhooks:
+                raise ValidationError(f"A webhook with id {webhook.id!r} already exists")
+            self._webhooks[webhook.id] = webhook
+            self._deliveries[webhook.id] = []
+
+    async def list_webhooks(self) -> list[Webhook]:
+        return sorted(self._webhooks.values(), key=lambda w: (w.created_at, w.id))
+
+    async def get_webhook(self, webhook_id: str) -> Webhook:
+        try:
+            return self._webhooks[webhook_id]
+        except KeyError:
+            raise WebhookNotFound(webhook_id) from None
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        async with self._lock:
+            if self._webhooks.pop(webhook_id, None) is None:
+                raise WebhookNotFound(webhook_id)
+            self._deliveries.pop(webhook_id, None)
+
+    async def record_delivery(self, attempt: DeliveryAttempt, disable_after: int) -> Webhook:
+        async with self._lock:
+            hook = await self.get_webhook(attempt.webhook_id)
+            self._deliveries[hook.id].append(attempt)
+            if attempt.outcome is DeliveryOutcome.DELIVERED:
+                hook = replace(hook, consecutive_failures=0)
+            else:
+                hook = replace(hook, consecutive_failures=hook.consecutive_failures + 1)
+                if hook.state is WebhookState.ACTIVE and should_disable(
+                    hook.consecutive_failures, disable_after
+                ):
+                    reason = disable_reason(hook.consecutive_failures)
+                    hook = replace(
+                        hook,
+                        state=WebhookState.DISABLED,
+                        disabled_at=attempt.created_at,
+                        disabled_reason=reason,
+                    )
+                    self._emit(
+                        WEBHOOK_DISABLED, None, attempt.created_at, **disabled_event(hook, reason)
+                    )
+            self._webhooks[hook.id] = hook
+            return hook
+
+    async def list_deliveries(self, webhook_id: str, limit: int) -> list[DeliveryAttempt]:
+        await self.get_webhook(webhook_id)
+        return list(reversed(self._deliveries[webhook_id]))[:limit]
+
+
+@dataclass(slots=True)
+class _Consumer:
+    position: int = 0
+    owner: str | None = None
+    expires: datetime | None = None

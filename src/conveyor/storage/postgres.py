@@ -33,6 +33,7 @@ from conveyor.domain.errors import (
     StoreUnavailable,
     ValidationError,
 )
+from conveyor.domain.events import WEBHOOK_DISABLED
 from conveyor.domain.ids import new_job_id, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
@@ -54,7 +55,24 @@ from conveyor.domain.job import (
     validate_batch,
 )
 from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState, next_state
-from conveyor.storage.base import Store, check_limit, row_event
+from conveyor.domain.webhooks import (
+    DeliveryAttempt,
+    DeliveryOutcome,
+    Webhook,
+    WebhookNotFound,
+    WebhookState,
+    should_disable,
+)
+from conveyor.storage.base import (
+    Store,
+    check_limit,
+    delivery_from_row,
+    delivery_params,
+    disable_reason,
+    disabled_event,
+    row_event,
+    webhook_from_row,
+)
 from conveyor.storage.codec import dumps, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.sql import load_migrations, load_queries
@@ -746,10 +764,12 @@ class PostgresStore(Store):
 
     async def events_after(self, after_id: int, limit: int) -> list[Event]:
         async with self._conn() as conn:
-            return [
-                Event(r["id"], r["type"], r["job_id"], r["data"], r["created_at"])
-                for r in await conn.fetch(Q["events_after"], after_id, limit)
-            ]
+            anchor = await conn.fetchval(Q["event_anchor"], after_id) if after_id > 0 else None
+            if anchor is None:  # the start, or the anchor was pruned: by id
+                rows = await conn.fetch(Q["events_after"], after_id, limit)
+            else:
+                rows = await conn.fetch(Q["events_after_anchor"], anchor, after_id, limit)
+        return [Event(r["id"], r["type"], r["job_id"], r["data"], r["created_at"]) for r in rows]
 
     async def activity(self, since: datetime) -> Activity:
         async with self._conn() as conn:
@@ -796,6 +816,99 @@ class PostgresStore(Store):
     async def count_api_keys(self) -> int:
         async with self._conn() as conn:
             return int(await conn.fetchval(Q["count_active_api_keys"]))
+
+    # -- outbox ordering ------------------------------------------------------------
+    async def latest_event_id(self) -> int:
+        async with self._conn() as conn:
+            return int(await conn.fetchval(Q["latest_event_id"]))
+
+    # -- outbox consumers -------------------------------------------------------------
+    async def claim_consumer(self, name: str, owner: str, ttl: float, now: datetime) -> int | None:
+        async with self._conn() as conn:
+            position = await conn.fetchval(
+                Q["claim_consumer"], name, owner, now + timedelta(seconds=ttl), now
+            )
+        return None if position is None else int(position)
+
+    async def advance_consumer(self, name: str, owner: str, position: int, now: datetime) -> bool:
+        async with self._conn() as conn:
+            status = await conn.execute(Q["advance_consumer"], name, owner, position, now)
+        return bool(status == "UPDATE 1")
+
+    async def release_consumer(self, name: str, owner: str, now: datetime) -> None:
+        async with self._conn() as conn:
+            await conn.execute(Q["release_consumer"], name, owner, now)
+
+    # -- webhooks ---------------------------------------------------------------------
+    async def create_webhook(self, webhook: Webhook) -> None:
+        w = webhook
+        try:
+            async with self._conn() as conn:
+                await conn.execute(
+                    Q["insert_webhook"],
+                    w.id,
+                    w.url,
+                    list(w.event_types),
+                    w.secret,
+                    w.state.value,
+                    w.created_at,
+                )
+        except StoreError as exc:
+            if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
+                raise ValidationError(f"A webhook with id {w.id!r} already exists") from exc
+            raise
+
+    async def list_webhooks(self) -> list[Webhook]:
+        async with self._conn() as conn:
+            return [webhook_from_row(r, _same) for r in await conn.fetch(Q["list_webhooks"])]
+
+    async def get_webhook(self, webhook_id: str) -> Webhook:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(Q["get_webhook"], webhook_id)
+        if row is None:
+            raise WebhookNotFound(webhook_id)
+        return webhook_from_row(row, _same)
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        async with self._conn() as conn:
+            status = await conn.execute(Q["delete_webhook"], webhook_id)
+        if status != "DELETE 1":
+            raise WebhookNotFound(webhook_id)
+
+    async def record_delivery(self, attempt: DeliveryAttempt, disable_after: int) -> Webhook:
+        async with self._conn(tx=True) as conn:
+            if await conn.fetchrow(Q["get_webhook"], attempt.webhook_id) is None:
+                raise WebhookNotFound(attempt.webhook_id)
+            await conn.execute(Q["insert_delivery"], *delivery_params(attempt, attempt.created_at))
+            ok = attempt.outcome is DeliveryOutcome.DELIVERED
+            query = Q["webhook_succeeded"] if ok else Q["webhook_failed"]
+            hook = webhook_from_row(await conn.fetchrow(query, attempt.webhook_id), _same)
+            if ok or hook.state is not WebhookState.ACTIVE:
+                return hook
+            if not should_disable(hook.consecutive_failures, disable_after):
+                return hook
+            reason = disable_reason(hook.consecutive_failures)
+            row = await conn.fetchrow(Q["disable_webhook"], hook.id, attempt.created_at, reason)
+            hook = webhook_from_row(row, _same)
+            await conn.execute(
+                Q["insert_events"],
+                [WEBHOOK_DISABLED],
+                [None],
+                _json([disabled_event(hook, reason)]),
+                attempt.created_at,
+            )
+            return hook
+
+    async def list_deliveries(self, webhook_id: str, limit: int) -> list[DeliveryAttempt]:
+        async with self._conn() as conn:
+            if await conn.fetchrow(Q["get_webhook"], webhook_id) is None:
+                raise WebhookNotFound(webhook_id)
+            rows = await conn.fetch(Q["list_deliveries"], webhook_id, limit)
+        return [delivery_from_row(r, _same) for r in rows]
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _jsonb(value: Any) -> str:

@@ -35,6 +35,7 @@ from conveyor.domain.errors import (
     StoreUnavailable,
     ValidationError,
 )
+from conveyor.domain.events import WEBHOOK_DISABLED
 from conveyor.domain.ids import new_job_id, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
@@ -56,7 +57,25 @@ from conveyor.domain.job import (
     validate_batch,
 )
 from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState, next_state
-from conveyor.storage.base import Store, check_limit, no_external_connection, row_event
+from conveyor.domain.webhooks import (
+    DeliveryAttempt,
+    DeliveryOutcome,
+    Webhook,
+    WebhookNotFound,
+    WebhookState,
+    should_disable,
+)
+from conveyor.storage.base import (
+    Store,
+    check_limit,
+    delivery_from_row,
+    delivery_params,
+    disable_reason,
+    disabled_event,
+    no_external_connection,
+    row_event,
+    webhook_from_row,
+)
 from conveyor.storage.codec import dumps
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.sql import load_migrations, load_queries
@@ -818,6 +837,123 @@ class SQLiteStore(Store):
 
         return await self._run(_do)
 
+    async def latest_event_id(self) -> int:
+        def _do() -> int:
+            assert self._conn is not None
+            return int(self._conn.execute(Q["latest_event_id"]).fetchone()[0])
+
+        return await self._run(_do)
+
+    # -- outbox consumers -------------------------------------------------------------
+    async def claim_consumer(self, name: str, owner: str, ttl: float, now: datetime) -> int | None:
+        params = {
+            "name": name,
+            "owner": owner,
+            "expires": now.timestamp() + ttl,
+            "now": now.timestamp(),
+        }
+
+        def _do() -> int | None:
+            with self._tx() as conn:
+                row = conn.execute(Q["claim_consumer"], params).fetchone()
+                return None if row is None else int(row[0])
+
+        return await self._run(_do)
+
+    async def advance_consumer(self, name: str, owner: str, position: int, now: datetime) -> bool:
+        params = {"name": name, "owner": owner, "position": position, "now": now.timestamp()}
+
+        def _do() -> bool:
+            with self._tx() as conn:
+                return conn.execute(Q["advance_consumer"], params).rowcount == 1
+
+        return await self._run(_do)
+
+    async def release_consumer(self, name: str, owner: str, now: datetime) -> None:
+        params = {"name": name, "owner": owner, "now": now.timestamp()}
+
+        def _do() -> None:
+            with self._tx() as conn:
+                conn.execute(Q["release_consumer"], params)
+
+        await self._run(_do)
+
+    # -- webhooks ---------------------------------------------------------------------
+    async def create_webhook(self, webhook: Webhook) -> None:
+        def _do() -> None:
+            with self._tx() as conn:
+                try:
+                    conn.execute(Q["insert_webhook"], _webhook_params(webhook))
+                except sqlite3.IntegrityError as exc:
+                    raise ValidationError(
+                        f"A webhook with id {webhook.id!r} already exists"
+                    ) from exc
+
+        await self._run(_do)
+
+    async def list_webhooks(self) -> list[Webhook]:
+        def _do() -> list[Webhook]:
+            assert self._conn is not None
+            return [webhook_from_row(r, _dt) for r in self._conn.execute(Q["list_webhooks"])]
+
+        return await self._run(_do)
+
+    def _webhook(self, conn: sqlite3.Connection, webhook_id: str) -> Webhook:
+        row = conn.execute(Q["get_webhook"], (webhook_id,)).fetchone()
+        if row is None:
+            raise WebhookNotFound(webhook_id)
+        return webhook_from_row(row, _dt)
+
+    async def get_webhook(self, webhook_id: str) -> Webhook:
+        def _do() -> Webhook:
+            assert self._conn is not None
+            return self._webhook(self._conn, webhook_id)
+
+        return await self._run(_do)
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        def _do() -> None:
+            with self._tx() as conn:
+                if conn.execute(Q["delete_webhook"], (webhook_id,)).rowcount == 0:
+                    raise WebhookNotFound(webhook_id)
+                conn.execute(Q["delete_webhook_deliveries"], (webhook_id,))
+
+        await self._run(_do)
+
+    async def record_delivery(self, attempt: DeliveryAttempt, disable_after: int) -> Webhook:
+        ts = attempt.created_at.timestamp()
+
+        def _do() -> Webhook:
+            with self._tx() as conn:
+                self._webhook(conn, attempt.webhook_id)
+                conn.execute(Q["insert_delivery"], delivery_params(attempt, ts))
+                ok = attempt.outcome is DeliveryOutcome.DELIVERED
+                query = Q["webhook_succeeded"] if ok else Q["webhook_failed"]
+                hook = webhook_from_row(conn.execute(query, (attempt.webhook_id,)).fetchone(), _dt)
+                if ok or hook.state is not WebhookState.ACTIVE:
+                    return hook
+                if not should_disable(hook.consecutive_failures, disable_after):
+                    return hook
+                reason = disable_reason(hook.consecutive_failures)
+                row = conn.execute(Q["disable_webhook"], (ts, reason, hook.id)).fetchone()
+                hook = webhook_from_row(row, _dt)
+                conn.execute(
+                    Q["insert_event"],
+                    (WEBHOOK_DISABLED, None, orjson.dumps(disabled_event(hook, reason)), ts),
+                )
+                return hook
+
+        return await self._run(_do)
+
+    async def list_deliveries(self, webhook_id: str, limit: int) -> list[DeliveryAttempt]:
+        def _do() -> list[DeliveryAttempt]:
+            assert self._conn is not None
+            self._webhook(self._conn, webhook_id)
+            rows = self._conn.execute(Q["list_deliveries"], (webhook_id, limit))
+            return [delivery_from_row(r, _dt) for r in rows]
+
+        return await self._run(_do)
+
 
 def _key_from_row(row: sqlite3.Row) -> ApiKey:
     return ApiKey(
@@ -889,3 +1025,14 @@ def _split_statements(script: str) -> list[str]:
     if buf.strip():
         statements.append(buf.strip())
     return statements
+
+
+def _webhook_params(w: Webhook) -> tuple[Any, ...]:
+    return (
+        w.id,
+        w.url,
+        orjson.dumps(list(w.event_types)).decode(),
+        w.secret,
+        w.state.value,
+        w.created_at.timestamp(),
+    )

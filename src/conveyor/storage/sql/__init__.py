@@ -45,4 +45,7 @@ def load_migrations(backend: str) -> list[Migration]:
         if match:
             out.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))
     out.sort(key=lambda m: m.version)
+    versions = [m.version for m in out]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two {backend} migrations share a version number: {versions}")
     return out

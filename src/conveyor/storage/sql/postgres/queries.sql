@@ -283,7 +283,10 @@ GROUP BY queue, job_type
 SELECT * FROM conveyor.workers ORDER BY started_at
 
 -- name: events_after
-SELECT id, type, job_id, data, created_at FROM conveyor.events WHERE id > $1 ORDER BY id LIMIT $2
+-- Used when the anchor event is gone (pruned) or for the very start (0).
+SELECT id, type, job_id, data, created_at FROM conveyor.events
+WHERE id > $1 AND txid < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY txid, id LIMIT $2
 
 -- name: submitted_since
 SELECT count(*) FROM conveyor.jobs WHERE created_at >= $1
@@ -312,3 +315,65 @@ SELECT * FROM r UNION ALL SELECT * FROM conveyor.api_keys WHERE id = $1 AND NOT 
 
 -- name: count_active_api_keys
 SELECT count(*) FROM conveyor.api_keys WHERE revoked_at IS NULL
+
+-- name: event_anchor
+SELECT txid::text FROM conveyor.events WHERE id = $1
+
+-- name: events_after_anchor
+-- Settled events after the event (txid, id), in the order no later commit changes.
+SELECT id, type, job_id, data, created_at FROM conveyor.events
+WHERE (txid, id) > ($1::text::xid8, $2)
+  AND txid < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY txid, id LIMIT $3
+
+-- name: latest_event_id
+SELECT coalesce((SELECT id FROM conveyor.events
+                 WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+                 ORDER BY txid DESC, id DESC LIMIT 1), 0)
+
+-- name: claim_consumer
+-- Take the lease when it is free, expired or already ours; returns the position.
+INSERT INTO conveyor.outbox_consumers AS c (name, position, owner, lease_expires_at, updated_at)
+VALUES ($1, 0, $2, $3, $4)
+ON CONFLICT (name) DO UPDATE SET owner = $2, lease_expires_at = $3, updated_at = $4
+WHERE c.owner IS NULL OR c.owner = $2 OR c.lease_expires_at < $4
+RETURNING position
+
+-- name: advance_consumer
+UPDATE conveyor.outbox_consumers SET position = $3, updated_at = $4
+WHERE name = $1 AND owner = $2
+
+-- name: release_consumer
+UPDATE conveyor.outbox_consumers SET owner = NULL, lease_expires_at = NULL, updated_at = $3
+WHERE name = $1 AND owner = $2
+
+-- name: insert_webhook
+INSERT INTO conveyor.webhooks (id, url, event_types, secret, state, consecutive_failures, created_at)
+VALUES ($1, $2, $3, $4, $5, 0, $6)
+
+-- name: list_webhooks
+SELECT * FROM conveyor.webhooks ORDER BY created_at, id
+
+-- name: get_webhook
+SELECT * FROM conveyor.webhooks WHERE id = $1
+
+-- name: delete_webhook
+DELETE FROM conveyor.webhooks WHERE id = $1
+
+-- name: insert_delivery
+INSERT INTO conveyor.webhook_deliveries (webhook_id, delivery_id, event_id, event_type, job_id,
+                                         attempt, outcome, status_code, error, duration_ms, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+
+-- name: webhook_succeeded
+UPDATE conveyor.webhooks SET consecutive_failures = 0 WHERE id = $1 RETURNING *
+
+-- name: webhook_failed
+UPDATE conveyor.webhooks SET consecutive_failures = consecutive_failures + 1 WHERE id = $1 RETURNING *
+
+-- name: disable_webhook
+UPDATE conveyor.webhooks SET state = 'disabled', disabled_at = $2, disabled_reason = $3
+WHERE id = $1 AND state = 'active' RETURNING *
+
+-- name: list_deliveries
+SELECT * FROM conveyor.webhook_deliveries WHERE webhook_id = $1 ORDER BY id DESC LIMIT $2

@@ -60,7 +60,8 @@ CREATE TABLE conveyor.events (
     type text NOT NULL,
     job_id text,
     data jsonb NOT NULL,
-    created_at timestamp with time zone NOT NULL
+    created_at timestamp with time zone NOT NULL,
+    txid xid8 DEFAULT pg_current_xact_id() NOT NULL
 );
 
 ALTER TABLE conveyor.events ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
@@ -106,6 +107,50 @@ ALTER TABLE conveyor.jobs ALTER COLUMN seq ADD GENERATED ALWAYS AS IDENTITY (
     CACHE 1
 );
 
+CREATE TABLE conveyor.outbox_consumers (
+    name text NOT NULL,
+    "position" bigint DEFAULT 0 NOT NULL,
+    owner text,
+    lease_expires_at timestamp with time zone,
+    updated_at timestamp with time zone NOT NULL
+);
+
+CREATE TABLE conveyor.webhook_deliveries (
+    id bigint NOT NULL,
+    webhook_id text NOT NULL,
+    delivery_id text NOT NULL,
+    event_id bigint NOT NULL,
+    event_type text NOT NULL,
+    job_id text,
+    attempt integer NOT NULL,
+    outcome text NOT NULL,
+    status_code integer,
+    error text,
+    duration_ms double precision NOT NULL,
+    created_at timestamp with time zone NOT NULL
+);
+
+ALTER TABLE conveyor.webhook_deliveries ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME conveyor.webhook_deliveries_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE conveyor.webhooks (
+    id text NOT NULL,
+    url text NOT NULL,
+    event_types jsonb NOT NULL,
+    secret text NOT NULL,
+    state text NOT NULL,
+    consecutive_failures integer DEFAULT 0 NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    disabled_at timestamp with time zone,
+    disabled_reason text
+);
+
 CREATE TABLE conveyor.workers (
     id text NOT NULL,
     host text NOT NULL,
@@ -137,10 +182,21 @@ ALTER TABLE ONLY conveyor.job_executions
 ALTER TABLE ONLY conveyor.jobs
     ADD CONSTRAINT jobs_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY conveyor.outbox_consumers
+    ADD CONSTRAINT outbox_consumers_pkey PRIMARY KEY (name);
+
+ALTER TABLE ONLY conveyor.webhook_deliveries
+    ADD CONSTRAINT webhook_deliveries_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY conveyor.webhooks
+    ADD CONSTRAINT webhooks_pkey PRIMARY KEY (id);
+
 ALTER TABLE ONLY conveyor.workers
     ADD CONSTRAINT workers_pkey PRIMARY KEY (id);
 
 CREATE INDEX events_created ON conveyor.events USING btree (created_at);
+
+CREATE INDEX events_order ON conveyor.events USING btree (txid, id);
 
 CREATE INDEX job_dependencies_parent ON conveyor.job_dependencies USING btree (parent_id);
 
@@ -158,3 +214,7 @@ CREATE INDEX jobs_running ON conveyor.jobs USING btree (worker_id) WHERE (state 
 
 CREATE INDEX jobs_state_created ON conveyor.jobs USING btree (state, created_at);
 
+CREATE INDEX webhook_deliveries_hook ON conveyor.webhook_deliveries USING btree (webhook_id, id);
+
+ALTER TABLE ONLY conveyor.webhook_deliveries
+    ADD CONSTRAINT webhook_deliveries_webhook_id_fkey FOREIGN KEY (webhook_id) REFERENCES conveyor.webhooks(id) ON DELETE CASCADE;

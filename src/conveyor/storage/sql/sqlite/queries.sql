@@ -292,3 +292,57 @@ SELECT 'job_submitted', id,
                    'attempt', 0, 'priority', priority),
        ?
 FROM jobs WHERE seq > ? ORDER BY seq
+
+-- name: latest_event_id
+SELECT coalesce(max(id), 0) FROM events
+
+-- name: claim_consumer
+-- Take the lease when it is free, expired or already ours; returns the position.
+INSERT INTO outbox_consumers (name, position, owner, lease_expires_at, updated_at)
+VALUES (:name, 0, :owner, :expires, :now)
+ON CONFLICT (name) DO UPDATE SET owner = :owner, lease_expires_at = :expires, updated_at = :now
+WHERE outbox_consumers.owner IS NULL OR outbox_consumers.owner = :owner
+   OR outbox_consumers.lease_expires_at < :now
+RETURNING position
+
+-- name: advance_consumer
+UPDATE outbox_consumers SET position = :position, updated_at = :now
+WHERE name = :name AND owner = :owner AND position <= :position
+
+-- name: release_consumer
+UPDATE outbox_consumers SET owner = NULL, lease_expires_at = NULL, updated_at = :now
+WHERE name = :name AND owner = :owner
+
+-- name: insert_webhook
+INSERT INTO webhooks (id, url, event_types, secret, state, consecutive_failures, created_at)
+VALUES (?, ?, ?, ?, ?, 0, ?)
+
+-- name: list_webhooks
+SELECT * FROM webhooks ORDER BY created_at, id
+
+-- name: get_webhook
+SELECT * FROM webhooks WHERE id = ?
+
+-- name: delete_webhook
+DELETE FROM webhooks WHERE id = ?
+
+-- name: delete_webhook_deliveries
+DELETE FROM webhook_deliveries WHERE webhook_id = ?
+
+-- name: insert_delivery
+INSERT INTO webhook_deliveries (webhook_id, delivery_id, event_id, event_type, job_id, attempt,
+                                outcome, status_code, error, duration_ms, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+
+-- name: webhook_succeeded
+UPDATE webhooks SET consecutive_failures = 0 WHERE id = ? RETURNING *
+
+-- name: webhook_failed
+UPDATE webhooks SET consecutive_failures = consecutive_failures + 1 WHERE id = ? RETURNING *
+
+-- name: disable_webhook
+UPDATE webhooks SET state = 'disabled', disabled_at = ?, disabled_reason = ?
+WHERE id = ? AND state = 'active' RETURNING *
+
+-- name: list_deliveries
+SELECT * FROM webhook_deliveries WHERE webhook_id = ? ORDER BY id DESC LIMIT ?

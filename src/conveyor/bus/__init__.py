@@ -1,0 +1,1 @@
+"""The event bus: a port (``base.py``) with memory and Redis adapters."""

@@ -1,0 +1,222 @@
+"""The EventBus port: fan-out pub/sub, request-reply and durable streams.
+
+Two adapters implement it and pass the same contract suite
+(``tests/contract/test_bus.py``): ``memory`` (one process) and ``redis``
+(redis-py asyncio: pub/sub for fan-out, Streams with consumer groups for
+durable consumers). ``conveyor.app`` picks one from ``CONVEYOR_REDIS_URL``.
+
+Semantics every adapter keeps:
+
+- ``publish`` is fire-and-forget fan-out: subscribers connected now get the
+  message, in publish order per publisher; nobody else ever will. Lifecycle
+  events reach the bus through the outbox relay, so the outbox (not the bus)
+  is what makes them durable.
+- Topic patterns are shell globs (``job_*``, ``*``, ``workflow_completed``).
+- A handler that raises is logged and does not stop the subscription.
+- ``request`` never hangs: no reply within ``timeout`` raises ``BusTimeout``.
+- Durable streams deliver each entry to one consumer of a group at least once:
+  an entry is redelivered until acknowledged (a handler returning normally acks
+  it); entries idle longer than ``claim_idle`` on a dead consumer are reclaimed;
+  after ``max_deliveries`` an entry moves to ``<stream>:dead``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+
+from conveyor.domain.errors import ConveyorError
+
+log = structlog.get_logger(__name__)
+
+Payload = dict[str, Any]
+
+
+class BusError(ConveyorError):
+    """The bus could not do what was asked (after its own retries)."""
+
+
+class BusTimeout(BusError, TimeoutError):
+    """``request`` got no reply in time (no responder, or a slow one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One pub/sub message or request."""
+
+    topic: str
+    payload: Payload
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One durable stream entry. ``id`` is the stream's own (Redis ``<ms>-<seq>``)."""
+
+    id: str
+    payload: Payload
+    deliveries: int = 1
+
+
+MessageHandler = Callable[[Message], Awaitable[None]]
+RequestHandler = Callable[[Message], Awaitable[Payload]]
+EntryHandler = Callable[[Entry], Awaitable[None]]
+
+
+class Subscription(abc.ABC):
+    """Handle returned by ``subscribe``/``respond``/``consume``; ``close`` stops it."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerOptions:
+    """How a durable consumer reads its stream."""
+
+    batch: int = 100  # entries per read
+    block: float = 1.0  # seconds a read waits for new entries
+    claim_idle: float = 30.0  # reclaim entries pending this long on any consumer
+    max_deliveries: int = 5  # then the entry moves to ``<stream>:dead``
+    start: str = "0"  # where a new group starts: "0" = everything kept, "$" = only new
+
+
+@dataclass(slots=True)
+class BusHealth:
+    ok: bool
+    backend: str
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+class EventBus(abc.ABC):
+    """Publish/subscribe, request/reply and durable streams."""
+
+    backend: str = "abstract"
+
+    async def open(self) -> None:
+        """Connect (adapters that need it)."""
+        return None
+
+    async def close(self) -> None:
+        """Stop every subscription and disconnect."""
+        return None
+
+    async def __aenter__(self) -> EventBus:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- fan-out ------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def publish(self, topic: str, payload: Payload) -> None: ...
+
+    async def publish_many(self, messages: Sequence[Message]) -> None:
+        """Publish several messages in order (adapters pipeline this)."""
+        for m in messages:
+            await self.publish(m.topic, m.payload)
+
+    @abc.abstractmethod
+    async def subscribe(self, pattern: str, handler: MessageHandler) -> Subscription:
+        """Call ``handler`` for every message whose topic matches the glob ``pattern``.
+        Returns once the subscription is live (a publish after it is seen)."""
+
+    # -- request / reply ----------------------------------------------------------------
+    @abc.abstractmethod
+    async def request(self, topic: str, payload: Payload, timeout: float) -> Payload:  # noqa: ASYNC109 (the port takes a deadline)
+        """Send to one responder of ``topic`` and wait for its reply."""
+
+    @abc.abstractmethod
+    async def respond(self, topic: str, handler: RequestHandler) -> Subscription:
+        """Answer requests on ``topic`` (exact name) with ``handler``'s return value."""
+
+    # -- durable streams ----------------------------------------------------------------
+    @abc.abstractmethod
+    async def append(self, stream: str, payloads: Sequence[Payload], *, maxlen: int) -> list[str]:
+        """Append entries (trimmed to about ``maxlen``); returns their ids in order."""
+
+    @abc.abstractmethod
+    async def read(self, stream: str, after: str, count: int) -> list[Entry]:
+        """Replay: up to ``count`` entries with id greater than ``after`` ("0" = from start)."""
+
+    @abc.abstractmethod
+    async def consume(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        handler: EntryHandler,
+        options: ConsumerOptions | None = None,
+    ) -> Subscription:
+        """Run a durable consumer in the background until the subscription closes."""
+
+    @abc.abstractmethod
+    async def dead_letters(self, stream: str, count: int = 100) -> list[Entry]:
+        """Entries that exceeded ``max_deliveries``, oldest first."""
+
+    # -- health -------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def health(self) -> BusHealth: ...
+
+
+# -- helpers both adapters share ---------------------------------------------------------
+
+
+def encode_payload(payload: Payload) -> bytes:
+    """Payload -> JSON bytes; every adapter serialises, so both accept the same payloads."""
+    try:
+        return orjson.dumps(payload)
+    except TypeError as exc:  # orjson.JSONEncodeError
+        raise BusError(f"payload is not JSON-serialisable: {exc}") from exc
+
+
+def decode_payload(data: bytes | str) -> Payload:
+    value = orjson.loads(data)
+    if not isinstance(value, dict):
+        raise BusError(f"bus payload must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+class Mailbox:
+    """One subscriber: its own unbounded queue and task, so a slow handler never
+    blocks ``publish`` (or the Redis reader) and messages keep their order."""
+
+    def __init__(self, pattern: str, handler: MessageHandler) -> None:
+        self.pattern = pattern
+        self._handler = handler
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name=f"bus-subscriber:{pattern}")
+
+    def put(self, message: Message) -> None:
+        self._queue.put_nowait(message)
+
+    async def _run(self) -> None:
+        while True:
+            message = await self._queue.get()
+            try:
+                await self._handler(message)
+            except Exception:
+                log.exception("bus.handler_failed", topic=message.topic, pattern=self.pattern)
+
+    async def close(self) -> None:
+        await stop_task(self._task)
+
+
+async def stop_task(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it to end, without swallowing our own cancellation.
+    A task stopping itself (a handler closing its own subscription) is only cancelled."""
+    task.cancel()
+    if task is not asyncio.current_task():
+        await asyncio.wait({task})
