@@ -141,3 +141,52 @@ def start_worker(db_url: str, tmp_path: Path, log: Path, name: str, **env: str) 
         CONVEYOR_TEST_LOG=str(log),
         **{**FAST_WORKER_ENV, **env},
     )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServedApi:
+    """An ASGI app served by uvicorn on a free loopback port, in this event loop."""
+
+    def __init__(self, api: Any) -> None:
+        import uvicorn
+
+        from conveyor.cli.serve import _Server
+
+        self.port = free_port()
+        config = uvicorn.Config(
+            api, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = _Server(config)
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> ServedApi:
+        self.task = asyncio.create_task(self.server.serve())
+
+        async def started() -> bool:
+            assert self.task is not None
+            if self.task.done():
+                self.task.result()  # raise its error
+            return bool(self.server.started)
+
+        await async_wait_until(started, 10, "uvicorn to start")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 10)

@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import structlog
+
+from conveyor.bus.base import CANCEL_TOPIC, WAKE_TOPIC, EventBus
 from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
+from conveyor.domain.events import INTERNAL_JOB_PREFIX
 from conveyor.domain.job import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_PRIORITY,
@@ -29,10 +33,26 @@ from conveyor.domain.job import (
 from conveyor.domain.retry import RetryPolicy
 from conveyor.domain.states import JobState
 from conveyor.runtime.registry import Handler, JobDefinition
+from conveyor.runtime.webhooks import WEBHOOK_JOB, WebhookSender
 from conveyor.settings import Settings
 from conveyor.storage.base import Store
 
 F = TypeVar("F", bound=Handler)
+log = structlog.get_logger("conveyor.app")
+SIGNAL_TIMEOUT = 1.0
+
+
+def bus_from_url(url: str) -> EventBus:
+    """The event bus ``CONVEYOR_REDIS_URL`` names: Redis, or in-process when empty."""
+    if not url:
+        from conveyor.bus.memory import MemoryBus
+
+        return MemoryBus()
+    try:
+        from conveyor.bus.redis import RedisBus
+    except ImportError as exc:
+        raise ConfigurationError("Redis needs redis-py: pip install 'conveyor[redis]'") from exc
+    return RedisBus(url)
 
 
 def store_from_url(url: str, *, pool_size: int = 10) -> Store:
@@ -81,6 +101,7 @@ class Conveyor:
         *,
         settings: Settings | None = None,
         store: Store | None = None,
+        bus: EventBus | None = None,
         clock: Callable[[], datetime] | None = None,
         rand: Callable[[], float] | None = None,
     ) -> None:
@@ -94,6 +115,22 @@ class Conveyor:
         self._listeners: list[Callable[[], None]] = []
         self._finish_listeners: list[Callable[[Finish, bool], None]] = []
         self._opened = False
+        self.bus = bus if bus is not None else bus_from_url(self.settings.redis_url)
+        self._pending_signals: set[asyncio.Future[bool]] = set()
+        s = self.settings
+        self.webhooks = WebhookSender(
+            self,
+            timeout=s.webhook_timeout,
+            disable_after=s.webhook_disable_after,
+            allow_private=s.webhook_allow_private,
+            clock=self.now,
+        )
+        self.job(
+            WEBHOOK_JOB,
+            max_retries=s.webhook_max_retries,
+            timeout=s.webhook_timeout * 2 + 5,
+            retry=RetryPolicy(base=s.webhook_retry_base, max_delay=3600.0),
+        )(self.webhooks.deliver)
 
     # -- lifecycle --------------------------------------------------------------
     def now(self) -> datetime:
@@ -102,13 +139,22 @@ class Conveyor:
     async def open(self) -> Conveyor:
         if not self._opened:
             await self.store.open()
+            try:
+                await self.bus.open()
+            except BaseException:
+                await self.store.close()
+                raise
             self._opened = True
         return self
 
     async def close(self) -> None:
         if self._opened:
-            await self.store.close()
             self._opened = False
+            try:
+                await self.webhooks.close()
+                await self.bus.close()
+            finally:
+                await self.store.close()
 
     async def __aenter__(self) -> Conveyor:
         return await self.open()
@@ -154,6 +200,8 @@ class Conveyor:
     def include(self, other: Conveyor) -> None:
         """Adopt the job types registered on another app object."""
         for job_type, definition in other.registry.items():
+            if job_type.startswith(INTERNAL_JOB_PREFIX):
+                continue  # every app has its own
             if job_type in self.registry:
                 raise ConfigurationError(f"Job type {job_type!r} is registered twice")
             definition.app = self
@@ -242,7 +290,33 @@ class Conveyor:
         await self.open()
         results = await self.store.enqueue_many(jobs, self.now(), connection=connection)
         self.notify_listeners()
+        if connection is None and self.bus.backend != "memory":
+            self._signal_soon(WAKE_TOPIC, {})  # workers of other processes start at once
         return results
+
+    # -- operator actions -----------------------------------------------------------------
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a job. A running one is flagged and its worker told over the bus
+        (the heartbeat carries the flag too, should the message be lost)."""
+        await self.open()
+        job = await self.store.cancel(job_id, self.now())
+        if job.state is JobState.RUNNING:
+            await self.signal(CANCEL_TOPIC, {"job_id": job.id})
+        return job
+
+    async def signal(self, topic: str, payload: dict[str, Any]) -> bool:
+        """Best-effort control message on the bus; False (logged) if it failed."""
+        try:
+            await asyncio.wait_for(self.bus.publish(topic, payload), SIGNAL_TIMEOUT)
+            return True
+        except Exception as exc:  # noqa: BLE001 - signals are hints; the store is the truth
+            log.warning("bus_signal_failed", topic=topic, error=str(exc))
+            return False
+
+    def _signal_soon(self, topic: str, payload: dict[str, Any]) -> None:
+        task = asyncio.ensure_future(self.signal(topic, payload))
+        self._pending_signals.add(task)
+        task.add_done_callback(self._pending_signals.discard)
 
     # -- dead-letter queue --------------------------------------------------------------
     async def retry_dead_letters(self, job_type: str | None = None) -> int:

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from conveyor.domain.job import Execution, Job, Page, WorkerInfo
+from conveyor.domain.webhooks import DeliveryAttempt, Webhook
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -78,4 +79,33 @@ def page_dict(page: Page) -> dict[str, Any]:
         "offset": page.offset,
         "total": page.total,
         "has_more": page.has_more,
+    }
+
+
+def webhook_dict(w: Webhook) -> dict[str, Any]:
+    """A webhook endpoint, without its secret."""
+    return {
+        "id": w.id,
+        "url": w.url,
+        "event_types": list(w.event_types),
+        "state": w.state.value,
+        "consecutive_failures": w.consecutive_failures,
+        "created_at": iso(w.created_at),
+        "disabled_at": iso(w.disabled_at),
+        "disabled_reason": w.disabled_reason,
+    }
+
+
+def delivery_dict(d: DeliveryAttempt) -> dict[str, Any]:
+    return {
+        "delivery_id": d.delivery_id,
+        "event_id": d.event_id,
+        "event_type": d.event_type,
+        "job_id": d.job_id,
+        "attempt": d.attempt,
+        "outcome": d.outcome.value,
+        "status_code": d.status_code,
+        "error": d.error,
+        "duration_ms": d.duration_ms,
+        "created_at": iso(d.created_at),
     }

@@ -27,6 +27,15 @@ class Settings:
     retention: float = 7 * 24 * 3600.0
     queues: tuple[str, ...] = ("default",)
     log_level: str = "INFO"
+    redis_url: str = ""  # empty: in-process event bus
+    event_poll_interval: float = 0.05
+    event_stream_maxlen: int = 100_000
+    webhook_timeout: float = 10.0
+    webhook_max_retries: int = 8
+    webhook_retry_base: float = 2.0
+    webhook_disable_after: int = 20
+    webhook_allow_private: bool = False
+    ws_queue_size: int = 1_000
 
     def __post_init__(self) -> None:
         problems = [
@@ -51,6 +60,22 @@ class Settings:
             problems.append("shutdown_grace must be >= 0 seconds")
         if self.retention <= 0:
             problems.append("retention must be > 0 seconds")
+        if self.event_poll_interval <= 0:
+            problems.append("event_poll_interval must be > 0 seconds")
+        if self.event_stream_maxlen < 1:
+            problems.append("event_stream_maxlen must be >= 1")
+        if self.webhook_timeout <= 0:
+            problems.append("webhook_timeout must be > 0 seconds")
+        if not 0 <= self.webhook_max_retries <= 100:
+            problems.append("webhook_max_retries must be between 0 and 100")
+        if self.webhook_retry_base < 0:
+            problems.append("webhook_retry_base must be >= 0 seconds")
+        if self.webhook_disable_after < 0:
+            problems.append("webhook_disable_after must be >= 0 (0 = never disable)")
+        if self.ws_queue_size < 1:
+            problems.append("ws_queue_size must be >= 1")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            problems.append("redis_url must start with redis://, rediss:// or unix://")
         if not self.queues or not all(self.queues):
             problems.append("queues must name at least one queue")
         if problems:
@@ -80,7 +105,18 @@ _TYPES: dict[str, type] = {
     "poll_interval": float,
     "shutdown_grace": float,
     "retention": float,
+    "event_poll_interval": float,
+    "event_stream_maxlen": int,
+    "webhook_timeout": float,
+    "webhook_max_retries": int,
+    "webhook_retry_base": float,
+    "webhook_disable_after": int,
+    "ws_queue_size": int,
+    "webhook_allow_private": bool,
 }
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
 def _parse(name: str, raw: str) -> Any:
@@ -89,6 +125,10 @@ def _parse(name: str, raw: str) -> Any:
     kind = _TYPES.get(name)
     if kind is None:
         return raw
+    if kind is bool:
+        if raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise ConfigurationError(f"CONVEYOR_{name.upper()}={raw!r} is not a boolean (true/false)")
     try:
         return kind(raw)
     except ValueError:

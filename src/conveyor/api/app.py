@@ -8,20 +8,21 @@ carry ``error`` (a sentence a person can act on) and, for validation,
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-import orjson
 import structlog
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from conveyor.api.events import event_router
+from conveyor.api.http import JSON, ApiError, Auth, fail
 from conveyor.api.models import ErrorResponse, JobSubmit
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
@@ -37,38 +38,13 @@ from conveyor.domain.job import JobQuery
 from conveyor.domain.states import JobState
 from conveyor.observability.metrics import Metrics
 from conveyor.presenters import iso, job_dict, page_dict, worker_dict
+from conveyor.runtime.hub import EventHub
 from conveyor.runtime.status import is_alive
-from conveyor.security.api_keys import hash_key
 
 log = structlog.get_logger("conveyor.api")
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 MAX_OFFSET = 2**31 - 1
-
-
-class JSON(JSONResponse):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
-
-
-def fail(
-    status: int,
-    error: str,
-    details: list[FieldError] | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSON:
-    body: dict[str, Any] = {"success": False, "error": error}
-    if details is not None:
-        body["details"] = [{"field": d.field, "message": d.message} for d in details]
-    return JSON(body, status_code=status, headers=headers)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(error)
-        self.status, self.error, self.headers = status, error, headers
 
 
 # -- middleware (plain ASGI: cheap, and sees every request) ------------------------------
@@ -145,51 +121,6 @@ class Timing:
             ).observe(time.perf_counter() - start)
 
 
-# -- auth ------------------------------------------------------------------------------------
-class Auth:
-    """Bearer API keys with scopes. Anonymous access only when allowed and no key exists."""
-
-    def __init__(self, conveyor: Conveyor, *, allow_anonymous: bool) -> None:
-        self.conveyor = conveyor
-        self.allow_anonymous = allow_anonymous
-        self._keys_exist: tuple[float, bool] = (0.0, True)
-
-    async def keys_exist(self) -> bool:
-        checked, value = self._keys_exist
-        if time.monotonic() - checked > 1.0:  # a key created elsewhere applies within 1 s
-            value = await self.conveyor.store.count_api_keys() > 0
-            self._keys_exist = (time.monotonic(), value)
-        return value
-
-    def require(self, scope: KeyScope) -> Callable[[Request], Awaitable[None]]:
-        async def check(request: Request) -> None:
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-            if not token:
-                token = request.query_params.get("token", "")
-            if not token:
-                if self.allow_anonymous and not await self.keys_exist():
-                    return
-                raise ApiError(
-                    401,
-                    "Missing API key: send 'Authorization: Bearer <key>' "
-                    "(create one with `conveyor keys create`)",
-                    {"WWW-Authenticate": "Bearer"},
-                )
-            key = await self.conveyor.store.find_api_key(hash_key(token))
-            if key is None:
-                raise ApiError(401, "Invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
-            if not key.scope.allows(scope):
-                raise ApiError(
-                    403,
-                    f"This API key has scope '{key.scope.value}'; "
-                    f"this request needs '{scope.value}'",
-                )
-            request.state.api_key = key
-
-        return check
-
-
 def _details_from_pydantic(errors: Any) -> list[FieldError]:
     out = []
     for err in errors:
@@ -215,11 +146,19 @@ def create_app(
     """Build the API for ``conveyor``. The caller owns the Conveyor (and its workers)."""
     metrics = metrics or Metrics()
     auth = Auth(conveyor, allow_anonymous=allow_anonymous)
+    hub = EventHub(
+        conveyor.store,
+        poll_interval=conveyor.settings.event_poll_interval,
+        queue_size=conveyor.settings.ws_queue_size,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await conveyor.open()
-        yield
+        try:
+            yield
+        finally:
+            await hub.close()
 
     api = FastAPI(
         title="Conveyor",
@@ -229,6 +168,7 @@ def create_app(
         default_response_class=JSON,
     )
     api.state.conveyor = conveyor
+    api.state.hub = hub
     api.state.metrics = metrics
     read = [Depends(auth.require(KeyScope.READ))]
     write = [Depends(auth.require(KeyScope.WRITE))]
@@ -432,7 +372,7 @@ def create_app(
     )
     async def cancel_job(job_id: str) -> Response:
         """Cancel a job: pending/blocked at once (200), running once its worker confirms (202)."""
-        job = await conveyor.store.cancel(job_id, conveyor.now())
+        job = await conveyor.cancel(job_id)
         return JSON(
             {"success": True, "job_id": job.id, "status": job.status},
             status_code=202 if job.status == "cancelling" else 200,
@@ -502,6 +442,7 @@ def create_app(
         n = await conveyor.store.purge_failed([job_id], conveyor.now())
         return {"success": True, "purged": n}
 
+    api.include_router(event_router(conveyor, auth, hub))
     document_errors(api)
     api.add_middleware(BodyLimit, limit=max_body_bytes)
     api.add_middleware(Timing, metrics=metrics)

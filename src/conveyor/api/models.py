@@ -63,3 +63,20 @@ class JobSubmit(BaseModel):
     idempotency_key: StrictStr | None = Field(None, min_length=1, max_length=255)
     depends_on: list[JobId] | None = Field(None, max_length=100)
     metadata: dict[str, Any] | None = None
+
+
+class WebhookCreate(BaseModel):
+    """``POST /api/webhooks``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: StrictStr = Field(max_length=2048, examples=["https://example.com/hooks/conveyor"])
+    event_types: list[StrictStr] = Field(
+        min_length=1, max_length=50, examples=[["job_completed", "job_dead_lettered"]]
+    )
+    secret: StrictStr | None = Field(
+        None,
+        min_length=16,
+        max_length=256,
+        description="HMAC key for X-Conveyor-Signature; generated (and shown once) if omitted.",
+    )

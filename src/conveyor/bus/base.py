@@ -37,6 +37,11 @@ log = structlog.get_logger(__name__)
 
 Payload = dict[str, Any]
 
+#: Control topics (lifecycle events never travel under these names: they come
+#: from the outbox relay, named by event type).
+CANCEL_TOPIC = "conveyor.cancel"  # {"job_id": ...}: stop this running job now
+WAKE_TOPIC = "conveyor.wake"  # {}: jobs were submitted, fetch now
+
 
 class BusError(ConveyorError):
     """The bus could not do what was asked (after its own retries)."""

@@ -469,7 +469,7 @@ def jobs_show(obj: Ctx, job_id: str, as_json: bool) -> None:
 @click.pass_obj
 def jobs_cancel(obj: Ctx, job_id: str) -> None:
     """Cancel a job (a running job is cancelled once its worker confirms)."""
-    job = run(lambda a: a.store.cancel(job_id, a.now()), obj.app())
+    job = run(lambda a: a.cancel(job_id), obj.app())
     out.print(f"{job.id} {job.status}", highlight=False)
 
 

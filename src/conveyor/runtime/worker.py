@@ -28,12 +28,15 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from conveyor.bus.base import CANCEL_TOPIC, WAKE_TOPIC, Message, Subscription
 from conveyor.domain.errors import ConveyorError, Permanent, ValidationError
 from conveyor.domain.ids import new_token
 from conveyor.domain.job import Finish, Job, WorkerInfo
 from conveyor.domain.retry import decide
 from conveyor.domain.states import Action
 from conveyor.runtime.context import JobContext
+from conveyor.runtime.relay import OutboxConsumer, bus_relay
+from conveyor.runtime.webhooks import WebhookDispatcher
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
@@ -140,6 +143,12 @@ class Worker:
         ]
         if self.maintenance:
             helpers.append(asyncio.create_task(self._maintenance_loop(), name="conveyor-maint"))
+        events_stop = asyncio.Event()
+        consumers = [
+            asyncio.create_task(c.run(events_stop), name=f"conveyor-outbox-{c.name}")
+            for c in self.outbox_consumers()
+        ]
+        subscriptions = await self._subscribe_signals()
         self.started.set()
         try:
             await self._fetch_loop()
@@ -147,6 +156,12 @@ class Worker:
         finally:
             self.app.remove_listener(self.notify)
             self.store.unsubscribe_wakeups(self.notify)
+            events_stop.set()
+            for sub in subscriptions:
+                with contextlib.suppress(Exception):
+                    await sub.close()
+            # Consumers finish their batch and give their lease up.
+            await asyncio.gather(*consumers, return_exceptions=True)
             for t in helpers[1:]:
                 t.cancel()
             self._outbox_event.set()
@@ -166,6 +181,45 @@ class Worker:
                 await self.store.deregister_worker(self.id, self.app.now())
             self._threads.shutdown(wait=False, cancel_futures=True)
             log.info("worker_stopped", worker_id=self.id, processed=self.processed)
+
+    # -- events ------------------------------------------------------------------
+    def outbox_consumers(self) -> list[OutboxConsumer]:
+        """The outbox relay (to the bus) and the webhook dispatcher, when maintenance is on.
+        Every worker runs them; a lease makes one of each active at a time."""
+        if not self.maintenance:
+            return []
+        s = self.app.settings
+        options: dict[str, Any] = {"clock": self.app.now, "poll_interval": s.event_poll_interval}
+        return [
+            OutboxConsumer(
+                self.store,
+                "relay",
+                bus_relay(self.app.bus, stream_maxlen=s.event_stream_maxlen),
+                **options,
+            ),
+            OutboxConsumer(self.store, "webhooks", WebhookDispatcher(self.app), **options),
+        ]
+
+    async def _subscribe_signals(self) -> list[Subscription]:
+        """Cancel requests and wake-ups from other processes, over the bus (best effort:
+        the heartbeat and the poll are the fallbacks)."""
+
+        async def on_cancel(message: Message) -> None:
+            job_id = message.payload.get("job_id")
+            if isinstance(job_id, str):
+                self.cancel_local(job_id)
+
+        async def on_wake(_: Message) -> None:
+            self.notify()
+
+        subscriptions: list[Subscription] = []
+        try:
+            subscriptions.append(await self.app.bus.subscribe(CANCEL_TOPIC, on_cancel))
+            if self.app.bus.backend != "memory":
+                subscriptions.append(await self.app.bus.subscribe(WAKE_TOPIC, on_wake))
+        except Exception as exc:  # noqa: BLE001 - the worker runs without the bus
+            log.warning("bus_subscribe_failed", worker_id=self.id, error=str(exc))
+        return subscriptions
 
     # -- fetch loop ---------------------------------------------------------------
     async def _fetch_loop(self) -> None:

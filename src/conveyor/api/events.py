@@ -1,0 +1,205 @@
+"""Events and webhooks over HTTP: ``GET /api/events``, the WebSocket
+``/api/events/ws`` and ``/api/webhooks``. ``create_app`` wires it in."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from typing import Annotated, Any
+
+import orjson
+import structlog
+from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
+from fastapi.responses import Response
+
+from conveyor.api.http import JSON, ApiError, Auth
+from conveyor.api.models import WebhookCreate
+from conveyor.app import Conveyor
+from conveyor.domain.auth import Scope as KeyScope
+from conveyor.domain.errors import ConveyorError, ValidationError
+from conveyor.domain.events import EventFilter, envelope, parse_type_patterns
+from conveyor.domain.ids import new_token
+from conveyor.domain.webhooks import Webhook, validate_webhook
+from conveyor.presenters import delivery_dict, webhook_dict
+from conveyor.runtime.hub import EventHub, UnknownEvent
+from conveyor.runtime.webhooks import validate_target
+
+log = structlog.get_logger("conveyor.api")
+
+#: WebSocket close codes (4000-4999 are the application's own).
+CLOSE_BAD_REQUEST = 4400
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_TRY_AGAIN_LATER = 1013  # dropped as a slow consumer, or the store is away
+
+MAX_SCAN_PAGES = 20  # GET /api/events reads at most this many pages to fill a filtered page
+
+
+def _filter(types: str | None, job_id: str | None, queue: str | None) -> EventFilter:
+    return EventFilter(parse_type_patterns(types), job_id or None, queue or None)
+
+
+def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
+    router = APIRouter()
+    read = [Depends(auth.require(KeyScope.READ))]
+    admin = [Depends(auth.require(KeyScope.ADMIN))]
+
+    # -- events -------------------------------------------------------------------------
+    @router.get("/api/events", dependencies=read, tags=["events"])
+    async def list_events(
+        after: Annotated[int, Query(ge=0, description="Last event id seen; 0 = oldest kept")] = 0,
+        types: Annotated[str | None, Query(max_length=500, examples=["job_*"])] = None,
+        job_id: Annotated[str | None, Query(max_length=64)] = None,
+        queue: Annotated[str | None, Query(max_length=100)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> dict[str, Any]:
+        """Events after ``after`` in delivery order. Poll again with ``after=next_after``:
+        it moves past events the filter skipped, so no event is read twice."""
+        flt = _filter(types, job_id, queue)
+        cursor, out = after, list[dict[str, Any]]()
+        for _ in range(MAX_SCAN_PAGES):
+            batch = await conveyor.store.events_after(cursor, max(limit, 500))
+            for e in batch:
+                if len(out) == limit:
+                    break
+                cursor = e.id
+                if flt.matches(e):
+                    out.append(envelope(e))
+            if len(out) == limit or len(batch) < max(limit, 500):
+                break
+        return {"success": True, "events": out, "next_after": cursor}
+
+    @router.websocket("/api/events/ws")
+    async def events_ws(websocket: WebSocket) -> None:
+        """Live events as JSON text frames; see docs/events.md."""
+        await websocket.accept()
+        params = websocket.query_params
+        try:
+            await auth.authenticate(websocket, KeyScope.READ)
+        except ApiError as exc:
+            code = CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_UNAUTHORIZED
+            await websocket.close(code, _reason(exc.error))
+            return
+        try:
+            flt = _filter(params.get("types"), params.get("job_id"), params.get("queue"))
+            raw_after = params.get("after")
+            after = None if raw_after in (None, "") else int(raw_after)
+            if after is not None and after < 0:
+                raise ValueError
+        except ValidationError as exc:
+            details = "; ".join(d.message for d in exc.details)
+            await websocket.close(CLOSE_BAD_REQUEST, _reason(f"{exc.message}: {details}"))
+            return
+        except ValueError:
+            await websocket.close(CLOSE_BAD_REQUEST, "after must be an event id (integer >= 0)")
+            return
+        await _stream(websocket, hub, flt, after)
+
+    # -- webhooks -----------------------------------------------------------------------
+    @router.post(
+        "/api/webhooks",
+        status_code=201,
+        dependencies=admin,
+        tags=["webhooks"],
+        responses={400: {"description": "Invalid or refused URL, unknown event type"}},
+    )
+    async def create_webhook(body: WebhookCreate) -> Response:
+        """Register an endpoint. The response shows the secret once: keep it."""
+        url, patterns = validate_webhook(body.url, body.event_types, body.secret)
+        await validate_target(url, allow_private=conveyor.settings.webhook_allow_private)
+        secret = body.secret or secrets.token_urlsafe(32)
+        hook = Webhook(
+            id="wh_" + new_token(),
+            url=url,
+            event_types=patterns,
+            secret=secret,
+            created_at=conveyor.now(),
+        )
+        await conveyor.store.create_webhook(hook)
+        return JSON(
+            {"success": True, "webhook": webhook_dict(hook), "secret": secret}, status_code=201
+        )
+
+    @router.get("/api/webhooks", dependencies=admin, tags=["webhooks"])
+    async def list_webhooks() -> dict[str, Any]:
+        hooks = await conveyor.store.list_webhooks()
+        return {"success": True, "webhooks": [webhook_dict(w) for w in hooks]}
+
+    @router.get(
+        "/api/webhooks/{webhook_id}",
+        dependencies=admin,
+        tags=["webhooks"],
+        responses={404: {"description": "Unknown webhook"}},
+    )
+    async def get_webhook(webhook_id: str) -> dict[str, Any]:
+        hook = await conveyor.store.get_webhook(webhook_id)
+        return {"success": True, "webhook": webhook_dict(hook)}
+
+    @router.delete(
+        "/api/webhooks/{webhook_id}",
+        dependencies=admin,
+        tags=["webhooks"],
+        responses={404: {"description": "Unknown webhook"}},
+    )
+    async def delete_webhook(webhook_id: str) -> dict[str, Any]:
+        """Delete an endpoint and its delivery log; queued deliveries are dropped."""
+        await conveyor.store.delete_webhook(webhook_id)
+        return {"success": True, "deleted": webhook_id}
+
+    @router.get(
+        "/api/webhooks/{webhook_id}/deliveries",
+        dependencies=admin,
+        tags=["webhooks"],
+        responses={404: {"description": "Unknown webhook"}},
+    )
+    async def list_deliveries(
+        webhook_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> dict[str, Any]:
+        """Delivery attempts, newest first (each retry is its own row)."""
+        attempts = await conveyor.store.list_deliveries(webhook_id, limit)
+        return {"success": True, "deliveries": [delivery_dict(d) for d in attempts]}
+
+    return router
+
+
+def _reason(text: str) -> str:
+    """A close reason fits in 123 bytes."""
+    data = text.encode()
+    return text if len(data) <= 123 else data[:120].decode(errors="ignore") + "..."
+
+
+async def _stream(websocket: WebSocket, hub: EventHub, flt: EventFilter, after: int | None) -> None:
+    """Send events until the client leaves or is dropped; answer pings meanwhile."""
+    sub = hub.subscriber(flt)
+    stream = hub.stream(sub, after)
+
+    async def send_events() -> tuple[int, str]:
+        try:
+            async for _, text in stream:
+                await websocket.send_text(text)
+        except UnknownEvent as exc:
+            return CLOSE_BAD_REQUEST, f"after={exc.args[0]} is beyond the newest event"
+        except ConveyorError as exc:
+            return CLOSE_TRY_AGAIN_LATER, _reason(f"store unavailable: {exc}")
+        return CLOSE_TRY_AGAIN_LATER, "dropped"
+
+    async def receive() -> None:
+        while True:
+            text = await websocket.receive_text()
+            if text.strip() in ("ping", '{"type":"ping"}', '{"type": "ping"}'):
+                await websocket.send_text(orjson.dumps({"type": "pong"}).decode())
+
+    sender = asyncio.create_task(send_events())
+    receiver = asyncio.create_task(receive())
+    try:
+        done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sender, receiver):
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await stream.aclose()
+    if sender in done and not sender.cancelled() and sender.exception() is None:
+        code, reason = sender.result()
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await websocket.close(code, _reason(sub.dropped or reason))

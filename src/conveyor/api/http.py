@@ -1,0 +1,93 @@
+"""HTTP plumbing shared by the API's routers: the JSON response, the error
+envelope, and API-key authentication for requests and WebSockets."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.requests import HTTPConnection
+
+from conveyor.app import Conveyor
+from conveyor.domain.auth import ApiKey
+from conveyor.domain.auth import Scope as KeyScope
+from conveyor.domain.errors import FieldError
+from conveyor.security.api_keys import hash_key
+
+
+class JSON(JSONResponse):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def fail(
+    status: int,
+    error: str,
+    details: list[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSON:
+    body: dict[str, Any] = {"success": False, "error": error}
+    if details is not None:
+        body["details"] = [{"field": d.field, "message": d.message} for d in details]
+    return JSON(body, status_code=status, headers=headers)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.headers = status, error, headers
+
+
+# -- auth ------------------------------------------------------------------------------------
+class Auth:
+    """Bearer API keys with scopes. Anonymous access only when allowed and no key exists."""
+
+    def __init__(self, conveyor: Conveyor, *, allow_anonymous: bool) -> None:
+        self.conveyor = conveyor
+        self.allow_anonymous = allow_anonymous
+        self._keys_exist: tuple[float, bool] = (0.0, True)
+
+    async def keys_exist(self) -> bool:
+        checked, value = self._keys_exist
+        if time.monotonic() - checked > 1.0:  # a key created elsewhere applies within 1 s
+            value = await self.conveyor.store.count_api_keys() > 0
+            self._keys_exist = (time.monotonic(), value)
+        return value
+
+    async def authenticate(self, conn: HTTPConnection, scope: KeyScope) -> ApiKey | None:
+        """The caller's key (None = anonymous, allowed); raises ``ApiError`` 401/403.
+        The key comes from ``Authorization: Bearer <key>`` or ``?token=<key>``."""
+        header = conn.headers.get("authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not token:
+            token = conn.query_params.get("token", "")
+        if not token:
+            if self.allow_anonymous and not await self.keys_exist():
+                return None
+            raise ApiError(
+                401,
+                "Missing API key: send 'Authorization: Bearer <key>' "
+                "(create one with `conveyor keys create`)",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        key = await self.conveyor.store.find_api_key(hash_key(token))
+        if key is None:
+            raise ApiError(401, "Invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+        if not key.scope.allows(scope):
+            raise ApiError(
+                403,
+                f"This API key has scope '{key.scope.value}'; this request needs '{scope.value}'",
+            )
+        return key
+
+    def require(self, scope: KeyScope) -> Callable[[Request], Awaitable[None]]:
+        async def check(request: Request) -> None:
+            request.state.api_key = await self.authenticate(request, scope)
+
+        return check

@@ -1,0 +1,315 @@
+"""Events end to end on SQLite: the outbox relay to the bus, ``GET /api/events``,
+the WebSocket stream (resume without gap or duplicate) and the event hub."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed
+
+import conveyor.demo
+from conveyor.api.app import create_app
+from conveyor.app import Conveyor
+from conveyor.bus.base import Message
+from conveyor.bus.memory import MemoryBus
+from conveyor.domain.events import EventFilter
+from conveyor.domain.job import JobQuery
+from conveyor.domain.states import JobState
+from conveyor.runtime.hub import EventHub
+from conveyor.runtime.relay import EVENTS_STREAM, OutboxConsumer, bus_relay
+from conveyor.security.api_keys import new_api_key
+from conveyor.settings import Settings
+from support import ServedApi, async_wait_until
+
+
+def settings(tmp_path: Path, **extra: Any) -> Settings:
+    return Settings(
+        database_url=f"sqlite:///{tmp_path}/events.db",
+        poll_interval=0.05,
+        heartbeat_interval=0.2,
+        heartbeat_timeout=1.0,
+        shutdown_grace=2.0,
+        event_poll_interval=0.02,
+        **extra,
+    )
+
+
+@pytest.fixture
+async def cv(tmp_path: Path) -> AsyncIterator[Conveyor]:
+    app = Conveyor(settings=settings(tmp_path))
+    conveyor.demo.register(app)
+    await app.open()
+    try:
+        yield app
+    finally:
+        await app.close()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(app: Conveyor) -> AsyncIterator[Any]:
+    worker = app.worker(concurrency=50)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.started.wait(), 10)
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 15)
+
+
+async def all_event_ids(app: Conveyor) -> list[int]:
+    out, cursor = [], 0
+    while batch := await app.store.events_after(cursor, 1000):
+        out.extend(e.id for e in batch)
+        cursor = batch[-1].id
+    return out
+
+
+# -- relay ----------------------------------------------------------------------------------------
+async def test_the_worker_relays_every_lifecycle_event_to_the_bus(cv: Conveyor) -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def collect(message: Message) -> None:
+        seen.append(message.payload)
+
+    sub = await cv.bus.subscribe("job_*", collect)
+    async with running_worker(cv):
+        jobs = [await cv.enqueue("test_job", {"n": i}) for i in range(30)]
+
+        async def relayed() -> bool:
+            return sum(1 for p in seen if p["type"] == "job_completed") == 30
+
+        await async_wait_until(relayed, 20, "30 job_completed on the bus")
+    await sub.close()
+    completed = [p for p in seen if p["type"] == "job_completed"]
+    assert {p["job_id"] for p in completed} == {j.id for j in jobs}
+    first = completed[0]
+    assert first["version"] == 1
+    assert first["job_type"] == "test_job"
+    assert first["queue"] == "default"
+    assert "result" in first["data"]
+    assert "duration_ms" in first["data"]
+    ids = [p["id"] for p in seen]
+    assert ids == sorted(ids)  # one publisher, in outbox order
+    stream = await cv.bus.read(EVENTS_STREAM, "0", 10_000)
+    assert {e.payload["id"] for e in stream} >= set(ids)
+
+
+async def test_only_one_relay_works_at_a_time_and_another_takes_over(cv: Conveyor) -> None:
+    await cv.submit_many([cv.new_job("test_job") for _ in range(120)])
+    bus = MemoryBus()
+    got: list[int] = []
+
+    async def handler(events: Any) -> None:
+        got.extend(e.id for e in events)
+        await bus.publish("x", {})
+
+    a = OutboxConsumer(cv.store, "relay", handler, clock=cv.now, batch=50, lease_ttl=0.5)
+    b = OutboxConsumer(cv.store, "relay", handler, clock=cv.now, batch=50, lease_ttl=0.5)
+    assert await a.step() == 50
+    assert await b.step() == 0  # a holds the lease
+    assert not b.leader
+    # a dies without releasing; once its lease expires, b continues from a's position.
+    await async_wait_until(lambda: _step(b), 5, "b to take over")
+    while await b.step():
+        pass
+    assert got == sorted(set(got))  # nothing twice, in order
+    assert got == await all_event_ids(cv)
+
+
+async def _step(consumer: OutboxConsumer) -> bool:
+    return await consumer.step() > 0
+
+
+async def test_relay_handler_failure_is_retried_from_the_same_position(cv: Conveyor) -> None:
+    await cv.submit_many([cv.new_job("test_job") for _ in range(10)])
+    calls: list[list[int]] = []
+
+    async def flaky(events: Any) -> None:
+        calls.append([e.id for e in events])
+        if len(calls) == 1:
+            raise ConnectionError("bus down")
+
+    relay = OutboxConsumer(cv.store, "relay", flaky, clock=cv.now, batch=100)
+    with pytest.raises(ConnectionError):
+        await relay.step()
+    assert await relay.step() == 10
+    assert calls[0] == calls[1]
+
+
+async def test_bus_relay_appends_then_publishes(cv: Conveyor) -> None:
+    await cv.submit_many([cv.new_job("test_job") for _ in range(5)])
+    bus = MemoryBus()
+    relay = OutboxConsumer(cv.store, "relay", bus_relay(bus, stream_maxlen=3), clock=cv.now)
+    assert await relay.step() == 5
+    entries = await bus.read(EVENTS_STREAM, "0", 100)
+    assert 3 <= len(entries) <= 5  # trimmed to about maxlen
+    assert entries[-1].payload["type"] == "job_submitted"
+
+
+# -- GET /api/events ------------------------------------------------------------------------------
+async def test_get_events_filters_and_pages_with_next_after(cv: Conveyor) -> None:
+    async with running_worker(cv):
+        jobs = [await cv.enqueue("test_job", {"n": i}) for i in range(12)]
+
+        async def done() -> bool:
+            return all([(await cv.store.get(j.id)).status == "completed" for j in jobs])
+
+        await async_wait_until(done, 20, "jobs to complete")
+    api = create_app(cv)
+    transport = httpx.ASGITransport(app=api)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        first = (
+            await client.get("/api/events", params={"types": "job_completed", "limit": 5})
+        ).json()
+        assert first["success"] is True
+        assert [e["type"] for e in first["events"]] == ["job_completed"] * 5
+        second = (
+            await client.get(
+                "/api/events",
+                params={"types": "job_completed", "limit": 100, "after": first["next_after"]},
+            )
+        ).json()
+        ids = [e["job_id"] for e in first["events"] + second["events"]]
+        assert sorted(ids) == sorted(j.id for j in jobs)
+        assert len(set(ids)) == 12
+        one = (await client.get("/api/events", params={"job_id": jobs[0].id})).json()
+        assert {e["job_id"] for e in one["events"]} == {jobs[0].id}
+        assert one["events"][0]["type"] == "job_submitted"
+        bad = await client.get("/api/events", params={"types": "job_finished"})
+        assert bad.status_code == 400
+        assert "matches no event type" in bad.json()["details"][0]["message"]
+        assert (await client.get("/api/events", params={"after": -1})).status_code == 400
+
+
+# -- WebSocket ------------------------------------------------------------------------------------
+async def read_events(ws: Any, n: int, timeout: float = 20) -> list[dict[str, Any]]:
+    out = []
+    async with asyncio.timeout(timeout):
+        while len(out) < n:
+            out.append(orjson.loads(await ws.recv()))
+    return out
+
+
+async def test_websocket_resume_gets_every_event_exactly_once(cv: Conveyor) -> None:
+    total_jobs = 1000
+    async with ServedApi(create_app(cv)) as served, running_worker(cv):
+        first_half: list[dict[str, Any]] = []
+        async with websockets.connect(f"{served.ws_url}/api/events/ws?after=0") as ws:
+            submit = asyncio.create_task(
+                cv.submit_many([cv.new_job("test_job", {"n": i}) for i in range(total_jobs)])
+            )
+            first_half = await read_events(ws, 1200)
+            await submit
+        # Disconnected mid-stream while the worker keeps going; resume where we left off.
+        last = first_half[-1]["id"]
+        rest: list[dict[str, Any]] = []
+
+        async def finished() -> bool:
+            query = JobQuery(states=(JobState.COMPLETED,), job_type="test_job", limit=1)
+            return (await cv.store.list_jobs(query)).total == total_jobs
+
+        await async_wait_until(finished, 60, "1,000 jobs to complete")
+        expected = await all_event_ids(cv)
+        async with websockets.connect(f"{served.ws_url}/api/events/ws?after={last}") as ws:
+            rest = await read_events(ws, len(expected) - len(first_half))
+    got = [e["id"] for e in first_half + rest]
+    assert got == expected  # every event, once, in order, across both connections
+    assert sum(1 for e in first_half + rest if e["type"] == "job_completed") == total_jobs
+
+
+async def test_websocket_filters_and_answers_pings(cv: Conveyor) -> None:
+    async with ServedApi(create_app(cv)) as served, running_worker(cv):
+        url = f"{served.ws_url}/api/events/ws?types=job_completed&queue=default"
+        async with websockets.connect(url) as ws:
+            await ws.send("ping")
+            assert orjson.loads(await ws.recv()) == {"type": "pong"}
+            job = await cv.enqueue("test_job", {"x": 1})
+            (event,) = await read_events(ws, 1)
+            assert event["type"] == "job_completed"
+            assert event["job_id"] == job.id
+            assert event["data"]["result"] == {"x": 1}
+
+
+async def test_websocket_rejects_bad_filters_and_requires_a_key(cv: Conveyor) -> None:
+    async with ServedApi(create_app(cv, allow_anonymous=True)) as served:
+        async with websockets.connect(f"{served.ws_url}/api/events/ws?types=nope") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 4400
+        assert "matches no event type" in closed.value.rcvd.reason
+        async with websockets.connect(f"{served.ws_url}/api/events/ws?after=999999") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 4400
+
+        key, record = new_api_key("reader", "read", cv.now())
+        await cv.store.create_api_key(record)
+
+        # keys_exist is cached for a second: poll until the API requires the key.
+        async def refused() -> bool:
+            async with websockets.connect(f"{served.ws_url}/api/events/ws") as ws:
+                try:
+                    await asyncio.wait_for(ws.recv(), 0.5)
+                except ConnectionClosed as exc:
+                    return exc.rcvd is not None and exc.rcvd.code == 4401
+                except TimeoutError:
+                    return False
+            return False
+
+        await async_wait_until(refused, 10, "anonymous WebSocket to be refused")
+        url = f"{served.ws_url}/api/events/ws?token={key}&after=0"
+        async with websockets.connect(url) as ws:
+            await ws.send("ping")
+            assert orjson.loads(await ws.recv()) == {"type": "pong"}
+        headers = {"Authorization": f"Bearer {key}"}
+        async with websockets.connect(
+            f"{served.ws_url}/api/events/ws", additional_headers=headers
+        ) as ws:
+            await ws.send("ping")
+            assert orjson.loads(await ws.recv()) == {"type": "pong"}
+
+
+# -- the hub --------------------------------------------------------------------------------------
+async def test_a_slow_subscriber_is_dropped_without_slowing_the_others(cv: Conveyor) -> None:
+    hub = EventHub(cv.store, poll_interval=0.01, queue_size=5)
+    slow = hub.subscriber(EventFilter())
+    fast = hub.subscriber(EventFilter(), queue_size=1000)
+    slow_stream = hub.stream(slow, None)
+    fast_stream = hub.stream(fast, None)
+    try:
+        # Prime both generators (they attach on their first step).
+        slow_first = asyncio.create_task(anext(slow_stream))
+        fast_first = asyncio.create_task(anext(fast_stream))
+        await async_wait_until(_true_when(lambda: hub.subscribers == 2), 5, "2 subscribers")
+        await cv.submit_many([cv.new_job("test_job") for _ in range(40)])
+        got = [(await fast_first)[0]]
+        while len(got) < 40:
+            got.append((await asyncio.wait_for(anext(fast_stream), 5))[0])
+        await slow_first
+        await async_wait_until(_true_when(lambda: slow.dropped is not None), 5, "slow dropped")
+        assert "slow consumer" in (slow.dropped or "")
+        assert fast.dropped is None
+        assert got == await all_event_ids(cv)
+        # The slow one still gets what was queued before the drop, then its stream ends.
+        rest = [item async for item in slow_stream]
+        assert 1 <= len(rest) <= 5
+    finally:
+        await hub.close()
+
+
+def _true_when(predicate: Any) -> Any:
+    async def check() -> bool:
+        return bool(predicate())
+
+    return check
