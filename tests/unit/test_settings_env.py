@@ -135,3 +135,22 @@ def test_with_changes_some_fields_and_ignores_none() -> None:
 def test_settings_are_frozen() -> None:
     with pytest.raises(AttributeError):
         Settings().concurrency = 3  # type: ignore[misc]
+
+
+def test_event_and_webhook_settings_from_env() -> None:
+    s = Settings.from_env(
+        {
+            "CONVEYOR_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "CONVEYOR_WEBHOOK_ALLOW_PRIVATE": "true",
+            "CONVEYOR_WEBHOOK_DISABLE_AFTER": "0",
+            "CONVEYOR_EVENT_POLL_INTERVAL": "0.1",
+        }
+    )
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.webhook_allow_private is True
+    assert s.webhook_disable_after == 0
+    assert s.event_poll_interval == 0.1
+    with pytest.raises(ConfigurationError, match="not a boolean"):
+        Settings.from_env({"CONVEYOR_WEBHOOK_ALLOW_PRIVATE": "maybe"})
+    with pytest.raises(ConfigurationError, match="redis_url must start with"):
+        Settings.from_env({"CONVEYOR_REDIS_URL": "localhost:6379"})

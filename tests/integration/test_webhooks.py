@@ -1,0 +1,228 @@
+"""Webhooks end to end on SQLite: a real HTTP receiver on loopback, signed
+deliveries as jobs with retries, the delivery log, disabling, and the API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+import conveyor.demo
+from conveyor.api.app import create_app
+from conveyor.app import Conveyor
+from conveyor.domain.events import WEBHOOK_DISABLED
+from conveyor.domain.webhooks import verify
+from conveyor.settings import Settings
+from support import async_wait_until
+
+SECRET = "an-endpoint-secret-0123456789"
+
+
+class Receiver:
+    """An HTTP endpoint on 127.0.0.1 that fails its first ``fail_first`` requests
+    (500), then verifies each signature and records the event."""
+
+    def __init__(self, fail_first: int = 0, always_fail: bool = False) -> None:
+        self.fail_first = fail_first
+        self.always_fail = always_fail
+        self.requests = 0
+        self.received: list[dict[str, Any]] = []
+        self.bad_signatures = 0
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.lock:
+                    receiver.requests += 1
+                    failing = receiver.always_fail or receiver.requests <= receiver.fail_first
+                    if not failing:
+                        signature = self.headers.get("X-Conveyor-Signature", "")
+                        if verify(SECRET, signature, body, int(time.time())):
+                            receiver.received.append(
+                                {
+                                    "event": orjson.loads(body),
+                                    "delivery": self.headers.get("X-Conveyor-Delivery"),
+                                    "type": self.headers.get("X-Conveyor-Event"),
+                                }
+                            )
+                        else:
+                            receiver.bad_signatures += 1
+                self.send_response(500 if failing else 204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Receiver]:
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def make_app(tmp_path: Path, **extra: Any) -> Conveyor:
+    options: dict[str, Any] = {
+        "database_url": f"sqlite:///{tmp_path}/hooks.db",
+        "poll_interval": 0.05,
+        "heartbeat_interval": 0.2,
+        "heartbeat_timeout": 1.0,
+        "shutdown_grace": 2.0,
+        "event_poll_interval": 0.02,
+        "webhook_allow_private": True,  # the receiver is on loopback
+        "webhook_retry_base": 0.01,
+        "webhook_timeout": 5.0,
+    }
+    options.update(extra)
+    app = Conveyor(settings=Settings(**options))
+    conveyor.demo.register(app)
+    return app
+
+
+@pytest.fixture
+async def cv(tmp_path: Path) -> AsyncIterator[Conveyor]:
+    app = make_app(tmp_path)
+    await app.open()
+    try:
+        yield app
+    finally:
+        await app.close()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(app: Conveyor) -> AsyncIterator[Any]:
+    worker = app.worker(concurrency=20)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.started.wait(), 10)
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 15)
+
+
+def client(app: Conveyor) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=create_app(app))
+    return httpx.AsyncClient(transport=transport, base_url="http://t")
+
+
+async def test_every_event_is_delivered_signed_with_retries_logged(cv: Conveyor) -> None:
+    with Receiver(fail_first=2).running() as receiver:
+        async with client(cv) as http:
+            resp = await http.post(
+                "/api/webhooks",
+                json={"url": receiver.url, "event_types": ["job_completed"], "secret": SECRET},
+            )
+            assert resp.status_code == 201, resp.text
+            hook_id = resp.json()["webhook"]["id"]
+            assert resp.json()["secret"] == SECRET
+            async with running_worker(cv):
+                jobs = [await cv.enqueue("test_job", {"n": i}) for i in range(10)]
+
+                async def all_delivered() -> bool:
+                    return len({r["event"]["job_id"] for r in receiver.received}) == 10
+
+                await async_wait_until(all_delivered, 30, "10 deliveries")
+            deliveries = (await http.get(f"/api/webhooks/{hook_id}/deliveries")).json()
+    assert receiver.bad_signatures == 0
+    assert {r["event"]["job_id"] for r in receiver.received} == {j.id for j in jobs}
+    assert all(r["type"] == "job_completed" for r in receiver.received)
+    assert all(r["event"]["type"] == "job_completed" for r in receiver.received)
+    delivery_ids = [r["delivery"] for r in receiver.received]
+    assert len(set(delivery_ids)) == len(delivery_ids) == 10  # no duplicate delivery
+    log = deliveries["deliveries"]
+    failed = [d for d in log if d["outcome"] == "failed"]
+    assert len(failed) == 2
+    assert all(d["status_code"] == 500 and d["error"] == "HTTP 500" for d in failed)
+    assert all(d["attempt"] == 1 for d in failed)
+    # The two failed deliveries succeeded on their second attempt, under the same delivery id.
+    retried = {d["delivery_id"] for d in failed}
+    second = [d for d in log if d["delivery_id"] in retried and d["outcome"] == "delivered"]
+    assert sorted(d["attempt"] for d in second) == [2, 2]
+    assert sum(1 for d in log if d["outcome"] == "delivered") == 10
+
+
+async def test_an_endpoint_failing_in_a_row_is_disabled(tmp_path: Path) -> None:
+    app = make_app(tmp_path, webhook_disable_after=3, webhook_max_retries=5)
+    async with app:
+        with Receiver(always_fail=True).running() as receiver:
+            async with client(app) as http:
+                resp = await http.post(
+                    "/api/webhooks",
+                    json={"url": receiver.url, "event_types": ["job_*"], "secret": SECRET},
+                )
+                hook_id = resp.json()["webhook"]["id"]
+                async with running_worker(app):
+                    await app.enqueue("test_job")
+
+                    async def disabled() -> bool:
+                        hook = (await http.get(f"/api/webhooks/{hook_id}")).json()["webhook"]
+                        return hook["state"] == "disabled"
+
+                    await async_wait_until(disabled, 30, "the webhook to be disabled")
+                hook = (await http.get(f"/api/webhooks/{hook_id}")).json()["webhook"]
+                events = (await http.get("/api/events", params={"types": WEBHOOK_DISABLED})).json()
+    assert hook["consecutive_failures"] == 3
+    assert hook["disabled_reason"] == "3 consecutive failed deliveries"
+    assert [e["data"]["webhook_id"] for e in events["events"]] == [hook_id]
+    assert receiver.requests == 3
+
+
+async def test_webhook_api_validates_and_never_shows_the_secret_again(tmp_path: Path) -> None:
+    app = make_app(tmp_path, webhook_allow_private=False)
+    async with app, client(app) as http:
+        bad = await http.post("/api/webhooks", json={"url": "ftp://x", "event_types": ["job_*"]})
+        assert bad.status_code == 400
+        assert {d["field"] for d in bad.json()["details"]} == {"url"}
+        typo = await http.post(
+            "/api/webhooks", json={"url": "https://example.com/h", "event_types": ["job_done"]}
+        )
+        assert typo.status_code == 400
+        assert "matches no event type" in typo.text
+        loopback = await http.post(
+            "/api/webhooks", json={"url": "http://127.0.0.1:9/h", "event_types": ["job_*"]}
+        )
+        assert loopback.status_code == 400
+        assert "private or internal address" in loopback.text
+        short = await http.post(
+            "/api/webhooks",
+            json={"url": "http://127.0.0.1:9/h", "event_types": ["job_*"], "secret": "short"},
+        )
+        assert short.status_code == 400
+        assert await app.store.list_webhooks() == []  # nothing was created
+
+    app2 = make_app(tmp_path / "ok")
+    (tmp_path / "ok").mkdir()
+    async with app2, client(app2) as http:
+        created = await http.post(
+            "/api/webhooks", json={"url": "http://127.0.0.1:9/h", "event_types": ["job_failed"]}
+        )
+        assert created.status_code == 201
+        body = created.json()
+        assert len(body["secret"]) >= 32  # generated
+        hook_id = body["webhook"]["id"]
+        listed = (await http.get("/api/webhooks")).json()["webhooks"]
+        assert [w["id"] for w in listed] == [hook_id]
+        assert "secret" not in listed[0]
+        assert "secret" not in (await http.get(f"/api/webhooks/{hook_id}")).json()["webhook"]
+        assert (await http.delete(f"/api/webhooks/{hook_id}")).status_code == 200
+        assert (await http.get(f"/api/webhooks/{hook_id}")).status_code == 404
+        assert (await http.delete(f"/api/webhooks/{hook_id}")).status_code == 404
+        assert (await http.get(f"/api/webhooks/{hook_id}/deliveries")).status_code == 404
