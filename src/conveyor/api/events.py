@@ -175,9 +175,10 @@ async def _stream(websocket: WebSocket, hub: EventHub, flt: EventFilter, after: 
     stream = hub.stream(sub, after)
 
     async def send_events() -> tuple[int, str]:
+        # One text frame per ready batch: a JSON array of envelopes, in order.
         try:
-            async for _, text in stream:
-                await websocket.send_text(text)
+            async for items in stream:
+                await websocket.send_text("[" + ",".join(text for _, text in items) + "]")
         except UnknownEvent as exc:
             return CLOSE_BAD_REQUEST, f"after={exc.args[0]} is beyond the newest event"
         except ConveyorError as exc:

@@ -150,9 +150,10 @@ class EventHub:
         return Subscriber(flt, asyncio.Queue(queue_size or self.queue_size))
 
     async def stream(
-        self, sub: Subscriber, after: int | None = None
-    ) -> AsyncGenerator[tuple[int, str], None]:
-        """Yield ``(event id, envelope JSON)`` from after ``after`` (None = from now).
+        self, sub: Subscriber, after: int | None = None, *, max_batch: int = 500
+    ) -> AsyncGenerator[list[tuple[int, str]], None]:
+        """Yield lists of ``(event id, envelope JSON)`` from after ``after``
+        (None = from now), in order, as many as are ready (up to ``max_batch``).
 
         Raises ``UnknownEvent`` if ``after`` is beyond the newest event. Ends
         (after the events queued so far) when the subscriber is dropped;
@@ -168,8 +169,8 @@ class EventHub:
                 raise UnknownEvent(after)
             self._catching_up += 1
             try:
-                async for item in self._catch_up(sub, after):
-                    yield item
+                async for items in self._catch_up(sub, after):
+                    yield items
             finally:
                 self._catching_up -= 1
         try:
@@ -179,28 +180,51 @@ class EventHub:
                 entry = await sub.queue.get()
                 if entry is None:
                     return
-                sub.last_id = entry.event.id
-                yield entry.event.id, entry.text
+                items = [(entry.event.id, entry.text)]
+                while len(items) < max_batch and not sub.queue.empty():
+                    more = sub.queue.get_nowait()
+                    if more is None:
+                        break
+                    items.append((more.event.id, more.text))
+                sub.last_id = items[-1][0]
+                yield items
         finally:
             self._subscribers.discard(sub)
 
-    async def _catch_up(self, sub: Subscriber, after: int) -> AsyncGenerator[tuple[int, str], None]:
+    def _near_head(self, sub: Subscriber, start: int) -> bool:
+        """Joining the log at ``start`` leaves the subscriber room to keep up."""
+        return self._base + len(self._log) - start <= sub.queue.maxsize // 2
+
+    async def _catch_up(
+        self, sub: Subscriber, after: int
+    ) -> AsyncGenerator[list[tuple[int, str]], None]:
+        """Read the store from ``after`` until the hub's log can take over."""
         cursor = after
         while True:
-            if cursor == self._position:
-                self._attach(sub, self._base + len(self._log))
-                return
-            if cursor in self._index:
-                self._attach(sub, self._index[cursor] + 1)
+            start = (
+                self._base + len(self._log)
+                if cursor == self._position
+                else (self._index[cursor] + 1 if cursor in self._index else None)
+            )
+            if start is not None and self._near_head(sub, start):
+                self._attach(sub, start)
                 return
             events = await self.store.events_after(cursor, self.batch)
+            items: list[tuple[int, str]] = []
             for e in events:
-                if e.id in self._index:  # the hub has it: join there (this one included)
-                    self._attach(sub, self._index[e.id])
+                at = self._index.get(e.id)
+                if at is not None and self._near_head(sub, at):
+                    # The hub has it: join there (this one included). Attach before
+                    # yielding: nothing may happen between the check and the join.
+                    self._attach(sub, at)
+                    if items:
+                        yield items
                     return
                 cursor = e.id
                 if sub.filter.matches(e):
-                    yield e.id, orjson.dumps(envelope(e)).decode()
+                    items.append((e.id, orjson.dumps(envelope(e)).decode()))
+            if items:
+                yield items
             if not events:  # ahead of the hub's tail: wait for it to read our cursor
                 self._ensure_tailing()
                 async with self._advanced:
