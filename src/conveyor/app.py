@@ -114,6 +114,7 @@ class Conveyor:
         self.registry: dict[str, JobDefinition] = {}
         self._listeners: list[Callable[[], None]] = []
         self._finish_listeners: list[Callable[[Finish, bool], None]] = []
+        self._event_listeners: list[Callable[[], None]] = []
         self._opened = False
         self.bus = bus if bus is not None else bus_from_url(self.settings.redis_url)
         self._pending_signals: set[asyncio.Future[bool]] = set()
@@ -290,6 +291,7 @@ class Conveyor:
         await self.open()
         results = await self.store.enqueue_many(jobs, self.now(), connection=connection)
         self.notify_listeners()
+        self.events_written()
         if connection is None and self.bus.backend != "memory":
             self._signal_soon(WAKE_TOPIC, {})  # workers of other processes start at once
         return results
@@ -344,6 +346,19 @@ class Conveyor:
 
     def notify_listeners(self) -> None:
         for cb in list(self._listeners):
+            cb()
+
+    def on_events_written(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (cheap, sync) when this process just committed events:
+        the outbox readers look at once instead of at their next poll."""
+        self._event_listeners.append(callback)
+
+    def remove_events_listener(self, callback: Callable[[], None]) -> None:
+        if callback in self._event_listeners:
+            self._event_listeners.remove(callback)
+
+    def events_written(self) -> None:
+        for cb in list(self._event_listeners):
             cb()
 
     def on_finish(self, callback: Callable[[Finish, bool], None]) -> None:

@@ -28,7 +28,7 @@ class Settings:
     queues: tuple[str, ...] = ("default",)
     log_level: str = "INFO"
     redis_url: str = ""  # empty: in-process event bus
-    event_poll_interval: float = 0.05
+    event_poll_interval: float = 0.02
     event_stream_maxlen: int = 100_000
     webhook_timeout: float = 10.0
     webhook_max_retries: int = 8

@@ -166,7 +166,8 @@ async def test_an_endpoint_failing_in_a_row_is_disabled(tmp_path: Path) -> None:
             async with client(app) as http:
                 resp = await http.post(
                     "/api/webhooks",
-                    json={"url": receiver.url, "event_types": ["job_*"], "secret": SECRET},
+                    # One event, so one delivery job: its attempts come one after another.
+                    json={"url": receiver.url, "event_types": ["job_completed"], "secret": SECRET},
                 )
                 hook_id = resp.json()["webhook"]["id"]
                 async with running_worker(app):

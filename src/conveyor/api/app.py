@@ -155,9 +155,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await conveyor.open()
+        conveyor.on_events_written(hub.wake)
         try:
             yield
         finally:
+            conveyor.remove_events_listener(hub.wake)
             await hub.close()
 
     api = FastAPI(

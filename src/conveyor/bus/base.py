@@ -219,9 +219,16 @@ class Mailbox:
         await stop_task(self._task)
 
 
-async def stop_task(task: asyncio.Task[Any]) -> None:
+async def stop_task(task: asyncio.Task[Any], recancel_after: float = 0.5) -> None:
     """Cancel ``task`` and wait for it to end, without swallowing our own cancellation.
-    A task stopping itself (a handler closing its own subscription) is only cancelled."""
-    task.cancel()
-    if task is not asyncio.current_task():
-        await asyncio.wait({task})
+
+    A cancellation can be lost inside a library (an await that completes in the same
+    loop iteration as the cancel): the task then runs on, so it is cancelled again
+    every ``recancel_after`` seconds until it ends. A task stopping itself (a handler
+    closing its own subscription) is only cancelled."""
+    if task is asyncio.current_task():
+        task.cancel()
+        return
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=recancel_after)

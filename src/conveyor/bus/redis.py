@@ -283,7 +283,7 @@ class RedisBus(EventBus):
 
     async def _read_loop(self) -> None:
         backoff = Backoff()
-        while True:
+        while not self._closed:
             try:
                 pubsub = self._pubsub or await self._connect_pubsub()
                 message = await pubsub.get_message(timeout=None)
@@ -443,7 +443,7 @@ class RedisBus(EventBus):
     async def _serve(self, topic: str, handler: RequestHandler) -> None:
         key = self.keys.requests(topic)
         backoff = Backoff()
-        while True:
+        while not self._closed:
             try:
                 popped = await self.client.blpop([key], timeout=1)
             except DISCONNECTED as exc:
@@ -568,7 +568,7 @@ class RedisBus(EventBus):
         next_claim = time.monotonic()
         backoff = Backoff()
         recreate = False
-        while True:
+        while not self._closed:
             try:
                 if recreate:
                     await self._ensure_group(stream, group, opts.start)

@@ -97,6 +97,7 @@ class Worker:
         )
         self.processed = 0
         self.started = asyncio.Event()
+        self._consumers: list[OutboxConsumer] = []
 
     # -- control ----------------------------------------------------------------
     def notify(self) -> None:
@@ -144,9 +145,12 @@ class Worker:
         if self.maintenance:
             helpers.append(asyncio.create_task(self._maintenance_loop(), name="conveyor-maint"))
         events_stop = asyncio.Event()
+        self._consumers = self.outbox_consumers()
+        for c in self._consumers:
+            self.app.on_events_written(c.wake)
         consumers = [
             asyncio.create_task(c.run(events_stop), name=f"conveyor-outbox-{c.name}")
-            for c in self.outbox_consumers()
+            for c in self._consumers
         ]
         subscriptions = await self._subscribe_signals()
         self.started.set()
@@ -157,6 +161,8 @@ class Worker:
             self.app.remove_listener(self.notify)
             self.store.unsubscribe_wakeups(self.notify)
             events_stop.set()
+            for c in self._consumers:
+                self.app.remove_events_listener(c.wake)
             for sub in subscriptions:
                 with contextlib.suppress(Exception):
                     await sub.close()
@@ -247,6 +253,8 @@ class Worker:
                     backoff = min(backoff * 2, 5.0)
                     continue
                 got = len(jobs)
+                if got:
+                    self.app.events_written()
                 for job in jobs:
                     self._start(job)
                 if got == free:
@@ -389,6 +397,7 @@ class Worker:
                     backoff = min(backoff * 2, 2.0)
                     continue
                 backoff = 0.05
+                self.app.events_written()
                 for f, ok in zip(batch, accepted, strict=True):
                     if not ok:
                         log.warning(
