@@ -1,25 +1,26 @@
-"""One tail of the outbox per process, fanned out to many live subscribers.
+"""One tail of the outbox per process, shared by many live subscribers.
 
 The WebSocket endpoint does not read the bus: it reads the outbox, the one
 ordered, durable record of events, so a client that resumes with
-``after=<event id>`` gets every later event exactly once. Reading the outbox
-once per process (not once per client) and sharing the encoded JSON keeps 50
-clients as cheap as one.
+``after=<event id>`` gets every later event exactly once. The hub reads the
+outbox once per process and keeps the recent events, each encoded to JSON
+once, in an in-memory log; every subscriber reads that log through its own
+cursor (pull, not push: a batch costs a subscriber one wake-up, not one
+queue operation per event).
 
-A subscriber first catches up from the store on its own, then joins the
-hub's in-memory log at the point where the two meet, with no await in
-between: no gap, no duplicate. A subscriber that cannot keep up (its queue is
-full) is dropped with a reason instead of slowing the others; it can resume
-with the last id it saw.
+A subscriber that resumes from an older event first catches up from the
+store on its own, then joins the log where the two meet, with no await in
+between: no gap, no duplicate. A subscriber that falls more than its
+``max_lag`` events behind the head is dropped with a reason instead of
+holding memory or slowing the others; it can resume with the last id it saw.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 import structlog
@@ -29,6 +30,8 @@ from conveyor.domain.job import Event
 from conveyor.storage.base import Store
 
 log = structlog.get_logger("conveyor.hub")
+
+Items = list[tuple[int, str]]  # (event id, envelope JSON)
 
 
 class UnknownEvent(LookupError):
@@ -41,13 +44,13 @@ class _Entry:
     text: str  # the envelope as JSON, encoded once for every subscriber
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Subscriber:
     filter: EventFilter
-    queue: asyncio.Queue[_Entry | None]
+    max_lag: int
+    next: int | None = None  # absolute log position to read next; None = not attached
     dropped: str | None = None
     last_id: int = 0
-    _done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class EventHub:
@@ -55,27 +58,38 @@ class EventHub:
         self,
         store: Store,
         *,
-        poll_interval: float = 0.05,
-        buffer: int = 10_000,
+        poll_interval: float = 0.02,
+        buffer: int = 20_000,
         queue_size: int = 1_000,
         batch: int = 1_000,
     ) -> None:
         self.store = store
         self.poll_interval = poll_interval
+        self.buffer = max(buffer, queue_size * 2)
         self.queue_size = queue_size
         self.batch = batch
-        self._log: deque[_Entry] = deque(maxlen=buffer)
+        self._log: list[_Entry] = []
         self._index: dict[int, int] = {}  # event id -> absolute position in the log
         self._base = 0  # absolute position of _log[0]
         self._position: int | None = None  # last event id read; None = not started
         self._subscribers: set[Subscriber] = set()
         self._task: asyncio.Task[None] | None = None
         self._catching_up = 0
-        self._advanced = asyncio.Condition()
+        self._changed = asyncio.Event()  # replaced (after being set) on every append
         self._wake = asyncio.Event()
+
+    @property
+    def head(self) -> int:
+        """Absolute position after the newest entry."""
+        return self._base + len(self._log)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
 
     # -- the tail -------------------------------------------------------------------
     def wake(self) -> None:
+        """Read the outbox now (this process just wrote events)."""
         self._wake.set()
 
     def _ensure_tailing(self) -> None:
@@ -86,6 +100,7 @@ class EventHub:
         for sub in list(self._subscribers):
             self._drop(sub, "server shutting down")
         self._catching_up = 0
+        self._signal()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -107,63 +122,58 @@ class EventHub:
                 await asyncio.sleep(backoff)  # wait-ok: backoff before retrying the store
                 continue
             if events:
-                await self._append(events)
+                self._append(events)
             if len(events) < self.batch:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
-    async def _append(self, events: list[Event]) -> None:
+    def _append(self, events: list[Event]) -> None:
         for e in events:
-            if len(self._log) == self._log.maxlen:
-                old = self._log.popleft()
-                self._index.pop(old.event.id, None)
-                self._base += 1
-            entry = _Entry(e, orjson.dumps(envelope(e)).decode())
-            self._index[e.id] = self._base + len(self._log)
-            self._log.append(entry)
-            for sub in list(self._subscribers):
-                self._offer(sub, entry)
+            self._index[e.id] = self.head
+            self._log.append(_Entry(e, orjson.dumps(envelope(e)).decode()))
         self._position = events[-1].id
-        async with self._advanced:
-            self._advanced.notify_all()
+        if len(self._log) > 2 * self.buffer:  # trim in bulk: amortised O(1) per event
+            cut = len(self._log) - self.buffer
+            for entry in self._log[:cut]:
+                self._index.pop(entry.event.id, None)
+            del self._log[:cut]
+            self._base += cut
+        for sub in list(self._subscribers):
+            assert sub.next is not None
+            if self.head - sub.next > sub.max_lag:
+                self._drop(sub, f"slow consumer: more than {sub.max_lag} events behind")
+        self._signal()
 
-    def _offer(self, sub: Subscriber, entry: _Entry) -> None:
-        if sub.dropped or not sub.filter.matches(entry.event):
-            return
-        try:
-            sub.queue.put_nowait(entry)
-        except asyncio.QueueFull:
-            self._drop(sub, f"slow consumer: more than {sub.queue.maxsize} events behind")
+    def _signal(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def _drop(self, sub: Subscriber, reason: str) -> None:
         if sub.dropped is None:
             sub.dropped = reason
             self._subscribers.discard(sub)
-            with contextlib.suppress(asyncio.QueueFull):
-                sub.queue.put_nowait(None)
-            # a full queue: the reader sees `dropped` once it drains what it has
 
     # -- subscribing ----------------------------------------------------------------
     def subscriber(self, flt: EventFilter, queue_size: int | None = None) -> Subscriber:
         """A subscriber that may fall ``queue_size`` events behind (default: the hub's)."""
-        return Subscriber(flt, asyncio.Queue(queue_size or self.queue_size))
+        return Subscriber(flt, queue_size or self.queue_size)
 
     async def stream(
         self, sub: Subscriber, after: int | None = None, *, max_batch: int = 500
-    ) -> AsyncGenerator[list[tuple[int, str]], None]:
+    ) -> AsyncGenerator[Items, None]:
         """Yield lists of ``(event id, envelope JSON)`` from after ``after``
         (None = from now), in order, as many as are ready (up to ``max_batch``).
 
         Raises ``UnknownEvent`` if ``after`` is beyond the newest event. Ends
-        (after the events queued so far) when the subscriber is dropped;
-        ``sub.dropped`` says why. Use as ``async for``.
+        when the subscriber is dropped; ``sub.dropped`` says why. Use as
+        ``async for``.
         """
         latest = await self.store.latest_event_id()
         if self._position is None:
             self._position = latest
         if after is None:
-            self._attach(sub, None)
+            self._attach(sub, self.head)
         else:
             if after > latest:
                 raise UnknownEvent(after)
@@ -174,35 +184,41 @@ class EventHub:
             finally:
                 self._catching_up -= 1
         try:
-            while True:
-                if sub.dropped is not None and sub.queue.empty():
-                    return
-                entry = await sub.queue.get()
-                if entry is None:
-                    return
-                items = [(entry.event.id, entry.text)]
-                while len(items) < max_batch and not sub.queue.empty():
-                    more = sub.queue.get_nowait()
-                    if more is None:
-                        break
-                    items.append((more.event.id, more.text))
-                sub.last_id = items[-1][0]
-                yield items
+            while sub.dropped is None:
+                changed = self._changed
+                items = self._take(sub, max_batch)
+                if items:
+                    sub.last_id = items[-1][0]
+                    yield items
+                elif sub.next == self.head:
+                    await changed.wait()
         finally:
             self._subscribers.discard(sub)
 
+    def _take(self, sub: Subscriber, max_batch: int) -> Items:
+        """Advance ``sub`` over up to ``max_batch`` log entries; return those it wants."""
+        assert sub.next is not None
+        if sub.next < self._base:
+            self._drop(sub, "slow consumer: fell out of the hub's buffer")
+            return []
+        start = sub.next - self._base
+        chunk = self._log[start : start + max_batch]
+        sub.next += len(chunk)
+        flt = sub.filter
+        if flt.types or flt.job_id is not None or flt.queue is not None:
+            return [(e.event.id, e.text) for e in chunk if flt.matches(e.event)]
+        return [(e.event.id, e.text) for e in chunk]
+
     def _near_head(self, sub: Subscriber, start: int) -> bool:
         """Joining the log at ``start`` leaves the subscriber room to keep up."""
-        return self._base + len(self._log) - start <= sub.queue.maxsize // 2
+        return self.head - start <= sub.max_lag // 2
 
-    async def _catch_up(
-        self, sub: Subscriber, after: int
-    ) -> AsyncGenerator[list[tuple[int, str]], None]:
+    async def _catch_up(self, sub: Subscriber, after: int) -> AsyncGenerator[Items, None]:
         """Read the store from ``after`` until the hub's log can take over."""
         cursor = after
         while True:
             start = (
-                self._base + len(self._log)
+                self.head
                 if cursor == self._position
                 else (self._index[cursor] + 1 if cursor in self._index else None)
             )
@@ -210,7 +226,7 @@ class EventHub:
                 self._attach(sub, start)
                 return
             events = await self.store.events_after(cursor, self.batch)
-            items: list[tuple[int, str]] = []
+            items: Items = []
             for e in events:
                 at = self._index.get(e.id)
                 if at is not None and self._near_head(sub, at):
@@ -227,20 +243,12 @@ class EventHub:
                 yield items
             if not events:  # ahead of the hub's tail: wait for it to read our cursor
                 self._ensure_tailing()
-                async with self._advanced:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._advanced.wait(), 1.0)
+                changed = self._changed
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), 1.0)
 
-    def _attach(self, sub: Subscriber, start: int | None) -> None:
-        """Queue the log from absolute position ``start`` (None = nothing) and go live.
-        No awaits in here: nothing can slip in between."""
-        if start is not None:
-            for entry in list(self._log)[max(0, start - self._base) :]:
-                self._offer(sub, entry)
-        if sub.dropped is None:
-            self._subscribers.add(sub)
-            self._ensure_tailing()
-
-    @property
-    def subscribers(self) -> int:
-        return len(self._subscribers)
+    def _attach(self, sub: Subscriber, start: int) -> None:
+        """Go live from absolute log position ``start``. No awaits in here."""
+        sub.next = start
+        self._subscribers.add(sub)
+        self._ensure_tailing()

@@ -1,0 +1,185 @@
+"""WebSocket fan-out: N clients receiving every lifecycle event of a steady job load.
+
+Not a test: a bounded benchmark. It starts `conveyor up` itself (temp SQLite
+file, free loopback port, its worker runs the jobs), connects ``--clients``
+WebSocket clients to ``/api/events/ws`` (all event types), then submits
+``--rate`` jobs per second for ``--seconds`` straight into the same SQLite
+file from this process (10 ms batches). Each job makes three events
+(submitted, started, completed). Delivery latency is the receive time minus
+the event's own timestamp (the moment its transaction wrote it), same clock.
+
+    .venv/bin/python bench/ws_fanout.py                     # 50 clients, 1,000 jobs/s, 10 s
+
+Target (issue 5): 50 clients, 1,000 jobs/s, delivery p95 <= 50 ms, no client dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import orjson
+import websockets
+
+from conveyor.app import Conveyor
+from conveyor.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+class Client:
+    def __init__(self, compression: str | None) -> None:
+        self.compression = compression
+        self.events = 0
+        self.frames = 0
+        self.latencies: list[float] = []
+        self.by_type: dict[str, list[float]] = {}
+        self.closed: str | None = None
+
+    async def run(self, url: str, ready: asyncio.Event, stop: asyncio.Event) -> None:
+        async with websockets.connect(url, max_size=None, compression=self.compression) as ws:
+            await ws.send("ping")
+            await ws.recv()  # pong: the subscription is live
+            ready.set()
+            try:
+                while not stop.is_set():
+                    try:
+                        message = await asyncio.wait_for(ws.recv(), 0.5)
+                    except TimeoutError:
+                        continue
+                    now = time.time()
+                    frame = orjson.loads(message)
+                    if not isinstance(frame, list):
+                        continue
+                    self.frames += 1
+                    self.events += len(frame)
+                    for e in frame:
+                        ts = datetime.fromisoformat(e["timestamp"]).timestamp()
+                        ms = (now - ts) * 1000
+                        self.latencies.append(ms)
+                        self.by_type.setdefault(e["type"], []).append(ms)
+            except websockets.ConnectionClosed as exc:
+                self.closed = (
+                    f"{exc.rcvd.code if exc.rcvd else '?'} {exc.rcvd.reason if exc.rcvd else ''}"
+                )
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--rate", type=int, default=1000, help="jobs per second")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--deflate", action="store_true", help="negotiate permessage-deflate (off by default)"
+    )
+    args = parser.parse_args()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        db_url = f"sqlite:///{Path(tmp) / 'ws.db'}"
+        env = dict(os.environ, CONVEYOR_DATABASE_URL=db_url, CONVEYOR_LOG_LEVEL="WARNING")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "conveyor", "up", "--port", str(port), "--concurrency", "100"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        if (await http.get("/health")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise SystemExit("conveyor up did not start within 20 s")
+                    await asyncio.sleep(0.05)  # polling a deadline-bounded start
+            stop = asyncio.Event()
+            compression = "deflate" if args.deflate else None
+            clients = [Client(compression) for _ in range(args.clients)]
+            readies = [asyncio.Event() for _ in clients]
+            url = f"ws://127.0.0.1:{port}/api/events/ws"
+            tasks = [
+                asyncio.create_task(c.run(url, r, stop))
+                for c, r in zip(clients, readies, strict=True)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 20)
+
+            app = Conveyor(settings=Settings(database_url=db_url))
+            await app.open()
+            total = int(args.rate * args.seconds)
+            per_tick = max(1, args.rate // 100)
+            start = time.perf_counter()
+            sent = 0
+            while sent < total:
+                n = min(per_tick, total - sent)
+                await app.submit_many([app.new_job("test_job", {"i": sent + k}) for k in range(n)])
+                sent += n
+                delay = start + sent / args.rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # the schedule of an open-loop load
+            submit_seconds = time.perf_counter() - start
+            expected = 3 * total
+            deadline = time.monotonic() + 60
+            while any(c.events < expected and c.closed is None for c in clients):
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)  # polling a deadline-bounded drain
+            drained = time.perf_counter() - start
+            await app.close()
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    latencies = [x for c in clients for x in c.latencies]
+    complete = sum(1 for c in clients if c.events >= expected)
+    dropped = [c.closed for c in clients if c.closed]
+    frames = sum(c.frames for c in clients)
+    print(
+        f"conveyor up on SQLite, {args.clients} WebSocket clients (all event types), "
+        f"{args.rate} jobs/s for {args.seconds:.0f} s ({submit_seconds:.1f} s to submit, "
+        f"{drained:.1f} s until drained), 3 events per job"
+    )
+    print(f"events per client expected {expected}; clients with all of them: {complete}")
+    print(f"dropped clients: {len(dropped)} {dropped[:3]}")
+    print(
+        f"deliveries {len(latencies)}  frames {frames}  "
+        f"({len(latencies) / max(frames, 1):.1f} events per frame)"
+    )
+    print(
+        f"delivery latency ms: p50 {pct(latencies, 50):.1f}  p95 {pct(latencies, 95):.1f}  "
+        f"p99 {pct(latencies, 99):.1f}  max {max(latencies):.1f}"
+    )
+    for kind in ("job_submitted", "job_started", "job_completed"):
+        values = [x for c in clients for x in c.by_type.get(kind, [])]
+        if values:
+            print(f"  {kind:<15} p50 {pct(values, 50):.1f}  p95 {pct(values, 95):.1f}")
+    return 0 if complete == args.clients else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))
