@@ -7,6 +7,7 @@ carry ``error`` (a sentence a person can act on) and, for validation,
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -229,12 +230,17 @@ def create_app(
 
     @api.get("/ready", tags=["service"], responses={503: {"description": "Not ready"}})
     async def ready() -> Response:
-        """Readiness: the store answers."""
+        """Readiness: the store answers. The bus is reported; jobs run without it."""
         try:
             await conveyor.store.count_by_state()
         except ConveyorError as exc:
             return fail(503, f"Store not reachable: {exc}")
-        return JSON({"success": True, "status": "ready", "store": "ok"})
+        try:
+            health = await asyncio.wait_for(conveyor.bus.health(), 2.0)
+            bus = {"backend": health.backend, "ok": health.ok, **dict(health.detail)}
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            bus = {"backend": conveyor.bus.backend, "ok": False, "error": str(exc)}
+        return JSON({"success": True, "status": "ready", "store": "ok", "bus": bus})
 
     @api.get("/metrics", tags=["service"], response_class=Response)
     async def prometheus() -> Response:
