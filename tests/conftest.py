@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from pg import PostgresServer, PostgresUnavailable, TemplateDatabase
+from redis_server import RedisServer, RedisUnavailable
 
 TEMPLATE = "conveyor_template"
 
@@ -92,3 +93,39 @@ def postgres_dsn(pg_template: TemplateDatabase) -> Iterator[str]:
     """A fresh, migrated, otherwise empty database for this test only."""
     with pg_template.database() as dsn:
         yield dsn
+
+
+# -- Redis -------------------------------------------------------------------------------
+REDIS_HINT = (
+    "Install it with `apt-get install -y redis-server` (scripts/test.sh does this when "
+    "run as root) or point $CONVEYOR_REDIS_BIN at a redis-server binary."
+)
+
+
+def start_redis() -> RedisServer:
+    try:
+        return RedisServer().start()
+    except RedisUnavailable as exc:
+        if in_ci():
+            pytest.fail(f"{exc}. CI must run the Redis tests: install it.", pytrace=False)
+        pytest.skip(f"{exc}. {REDIS_HINT}")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One private redis-server (own port and dir, AOF fsync always) for the whole run."""
+    server = start_redis()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def private_redis_server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, for tests that kill or restart it."""
+    server = start_redis()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -222,9 +222,10 @@ class Mailbox:
 async def stop_task(task: asyncio.Task[Any], recancel_after: float = 0.5) -> None:
     """Cancel ``task`` and wait for it to end, without swallowing our own cancellation.
 
-    A cancellation can be lost inside a library (an await that completes in the same
-    loop iteration as the cancel): the task then runs on, so it is cancelled again
-    every ``recancel_after`` seconds until it ends. A task stopping itself (a handler
+    A cancellation can be lost: Python 3.11's ``asyncio.wait_for`` (redis-py wraps
+    socket writes in it) returns normally when the cancel lands as the write
+    completes, and the task runs on. So it is cancelled again every
+    ``recancel_after`` seconds until it ends. A task stopping itself (a handler
     closing its own subscription) is only cancelled."""
     if task is asyncio.current_task():
         task.cancel()

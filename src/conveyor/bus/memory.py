@@ -196,7 +196,8 @@ class MemoryBus(EventBus):
         queue = self._requests.setdefault(topic, asyncio.Queue())
         queue.put_nowait(_Request(Message(topic, decode_payload(data)), reply, deadline))
         try:
-            return await asyncio.wait_for(reply, timeout)
+            async with asyncio.timeout(timeout):
+                return await reply
         except TimeoutError:
             raise BusTimeout(
                 f"no reply to request on {topic!r} within {timeout:g}s: "
@@ -323,7 +324,8 @@ class MemoryBus(EventBus):
                 batch = self._new_entries(st, group, consumer, opts.batch, now)
             if not batch:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(st.changed.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await st.changed.wait()
                 continue
             for seq, deliveries in batch:
                 await self._deliver(stream, st, group, seq, deliveries, handler, opts)

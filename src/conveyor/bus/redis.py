@@ -79,6 +79,9 @@ BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 5.0
 CONFIRM_TIMEOUT = 10.0  # seconds subscribe/open wait for Redis to confirm a subscription
 HEALTH_TIMEOUT = 1.0
+# A command with no reply this long fails (and is retried); blocking reads block less.
+SOCKET_TIMEOUT = 10.0
+MAX_BLOCK = 5.0
 _GLOB_CHARS = re.compile(r"([*?\[\]\\])")
 
 
@@ -193,18 +196,27 @@ class RedisBus(EventBus):
         # RESP2 pinned: the reply shapes parsed below are the same in redis-py 5 to 8
         # (8 defaults to RESP3).
         self._client = aioredis.Redis.from_url(
-            self._url, socket_connect_timeout=2.0, retry=retry, decode_responses=False, protocol=2
+            self._url,
+            socket_connect_timeout=2.0,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_keepalive=True,
+            retry=retry,
+            decode_responses=False,
+            protocol=2,
         )
         # The pub/sub connection never retries inside redis-py: the reader owns reconnecting.
         self._sub_client = aioredis.Redis.from_url(
             self._url,
             socket_connect_timeout=2.0,
+            socket_timeout=SOCKET_TIMEOUT,  # blocking pub/sub reads are exempt (redis-py)
+            socket_keepalive=True,
             retry=Retry(ExponentialBackoff(), retries=0),
             decode_responses=False,
             protocol=2,
         )
         try:
-            await asyncio.wait_for(self._client.ping(), timeout=10.0)
+            async with asyncio.timeout(10.0):
+                await self._client.ping()
         except (RedisError, OSError, TimeoutError) as exc:
             await self._disconnect()
             raise BusError(
@@ -215,7 +227,8 @@ class RedisBus(EventBus):
         waiter = self._confirm_waiter(self._reply_channel)
         self._reader = asyncio.create_task(self._read_loop(), name="bus-redis-pubsub")
         try:
-            await asyncio.wait_for(waiter, CONFIRM_TIMEOUT)
+            async with asyncio.timeout(CONFIRM_TIMEOUT):
+                await waiter
         except TimeoutError:
             await self.close()
             raise BusError(
@@ -371,7 +384,8 @@ class RedisBus(EventBus):
             with contextlib.suppress(*DISCONNECTED):
                 await self._pubsub.psubscribe(channel)
         try:
-            await asyncio.wait_for(waiter, CONFIRM_TIMEOUT)
+            async with asyncio.timeout(CONFIRM_TIMEOUT):
+                await waiter
         except TimeoutError:
             await subscription.close()
             raise BusError(
@@ -562,7 +576,7 @@ class RedisBus(EventBus):
     ) -> None:
         key = self.keys.stream(stream)
         claim_every = max(opts.claim_idle / 4, 0.01)
-        block_ms = max(1, int(min(opts.block, claim_every) * 1000))
+        block_ms = max(1, int(min(opts.block, claim_every, MAX_BLOCK) * 1000))
         history: str | None = "0"  # own pending entries first, then new ones
         cursor = "0-0"
         next_claim = time.monotonic()
@@ -597,6 +611,8 @@ class RedisBus(EventBus):
                 history = "0"  # after reconnecting, finish what we held first
                 await asyncio.sleep(delay)
             except Exception as exc:
+                if self._closed:
+                    return
                 if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
                     # The stream or group vanished (deleted, or a server without persistence).
                     log.warning("bus.group_recreated", stream=stream, group=group)
@@ -697,7 +713,8 @@ class RedisBus(EventBus):
             return BusHealth(ok=False, backend=self.backend, detail={**detail, "error": "closed"})
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(self._client.ping(), HEALTH_TIMEOUT)
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                await self._client.ping()
         except (RedisError, OSError, TimeoutError) as exc:
             detail["error"] = f"{type(exc).__name__}: {exc}"
             return BusHealth(ok=False, backend=self.backend, detail=detail)
