@@ -30,4 +30,12 @@ case "$pending" in
     ''|*[!0-9]*) echo "FAIL: queue_depths.pending is not a number: $pending" >&2; exit 1 ;;
 esac
 echo "metrics ok (pending=$pending)"
+
+# The job's lifecycle events, from the outbox (what the WebSocket streams live).
+types=$(curl -sf "${auth[@]}" "$BASE/api/events?job_id=$JOB_ID" \
+    | python3 -c "import json,sys; print(','.join(e['type'] for e in json.load(sys.stdin)['events']))")
+case "$types" in
+    job_submitted,job_started,job_completed) echo "events ok ($types)" ;;
+    *) echo "FAIL: events of $JOB_ID are '$types'" >&2; exit 1 ;;
+esac
 echo "SMOKE TEST PASSED"

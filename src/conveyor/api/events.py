@@ -18,7 +18,12 @@ from conveyor.api.models import WebhookCreate
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.errors import ConveyorError, ValidationError
-from conveyor.domain.events import EventFilter, envelope, parse_type_patterns
+from conveyor.domain.events import (
+    TYPE_FILTERS_REGEX,
+    EventFilter,
+    envelope,
+    parse_type_patterns,
+)
 from conveyor.domain.ids import new_token
 from conveyor.domain.webhooks import Webhook, validate_webhook
 from conveyor.presenters import delivery_dict, webhook_dict
@@ -49,7 +54,9 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
     @router.get("/api/events", dependencies=read, tags=["events"])
     async def list_events(
         after: Annotated[int, Query(ge=0, description="Last event id seen; 0 = oldest kept")] = 0,
-        types: Annotated[str | None, Query(max_length=500, examples=["job_*"])] = None,
+        types: Annotated[
+            str | None, Query(max_length=500, pattern=TYPE_FILTERS_REGEX, examples=["job_*"])
+        ] = None,
         job_id: Annotated[str | None, Query(max_length=64)] = None,
         queue: Annotated[str | None, Query(max_length=100)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,

@@ -13,6 +13,8 @@ from pydantic import (
     StrictStr,
 )
 
+from conveyor.domain.events import TYPE_FILTER_REGEX
+
 MAX_API_TIMEOUT_MS = 86_400_000
 
 
@@ -70,8 +72,12 @@ class WebhookCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: StrictStr = Field(max_length=2048, examples=["https://example.com/hooks/conveyor"])
-    event_types: list[StrictStr] = Field(
+    url: StrictStr = Field(
+        max_length=2048,
+        pattern=r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?(/[!-~]*)?$",
+        examples=["https://example.com/hooks/conveyor"],
+    )
+    event_types: list[Annotated[StrictStr, Field(pattern=TYPE_FILTER_REGEX)]] = Field(
         min_length=1, max_length=50, examples=[["job_completed", "job_dead_lettered"]]
     )
     secret: StrictStr | None = Field(

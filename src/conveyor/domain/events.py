@@ -30,6 +30,12 @@ EVENT_TYPES: tuple[str, ...] = (*(t.value for t in EventType), WEBHOOK_DISABLED)
 #: Job types Conveyor runs for itself; their events never feed webhooks (no loops).
 INTERNAL_JOB_PREFIX = "conveyor."
 
+#: The filters the OpenAPI document advertises (the parser accepts any glob that
+#: matches a known type; this regex lists the useful ones).
+_ONE_FILTER = "(" + "|".join([r"\*", r"job_\*", r"worker_\*", r"webhook_\*", *EVENT_TYPES]) + ")"
+TYPE_FILTER_REGEX = f"^{_ONE_FILTER}$"
+TYPE_FILTERS_REGEX = f"^{_ONE_FILTER}(,{_ONE_FILTER})*$"
+
 _ENVELOPE_KEYS = ("job_id", "job_type", "queue")
 _PATTERN_RE = re.compile(r"^[a-z_*?\[\]]{1,64}$")
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from conveyor.domain.errors import FieldError, NotFound, ValidationError
 from conveyor.domain.events import parse_type_patterns, type_matches
@@ -87,6 +87,8 @@ def validate_webhook(
             problems.append(FieldError("url", "must be an absolute http:// or https:// URL"))
         elif parts.username or parts.password:
             problems.append(FieldError("url", "must not carry credentials; use the secret"))
+        elif not _valid_port(parts):
+            problems.append(FieldError("url", "has an invalid port (1-65535)"))
         else:
             clean_url = url
     patterns: tuple[str, ...] = ()
@@ -106,6 +108,14 @@ def validate_webhook(
     if problems:
         raise ValidationError("Invalid webhook", problems)
     return clean_url, patterns
+
+
+def _valid_port(parts: SplitResult) -> bool:
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    return port is None or port > 0
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:

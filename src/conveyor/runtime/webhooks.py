@@ -67,7 +67,7 @@ async def check_target(url: str, *, allow_private: bool) -> None:
     port = urlsplit(url).port or 443
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: UnicodeError of a bad IDNA label
         raise TargetRefused(f"cannot resolve {host!r}: {exc}") from None
     for info in infos:
         address = ipaddress.ip_address(info[4][0])
