@@ -41,6 +41,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
@@ -128,6 +134,7 @@ async def main() -> int:
             app = Conveyor(settings=Settings(database_url=db_url))
             await app.open()
             total = int(args.rate * args.seconds)
+            server_cpu0, own_cpu0 = cpu_seconds(server.pid), cpu_seconds(os.getpid())
             per_tick = max(1, args.rate // 100)
             start = time.perf_counter()
             sent = 0
@@ -146,6 +153,8 @@ async def main() -> int:
                     break
                 await asyncio.sleep(0.1)  # polling a deadline-bounded drain
             drained = time.perf_counter() - start
+            server_cpu = cpu_seconds(server.pid) - server_cpu0
+            own_cpu = cpu_seconds(os.getpid()) - own_cpu0
             await app.close()
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -173,6 +182,10 @@ async def main() -> int:
     print(
         f"delivery latency ms: p50 {pct(latencies, 50):.1f}  p95 {pct(latencies, 95):.1f}  "
         f"p99 {pct(latencies, 99):.1f}  max {max(latencies):.1f}"
+    )
+    print(
+        f"CPU over the run: server {server_cpu / drained:.0%} of a core, "
+        f"this process (load + {args.clients} clients) {own_cpu / drained:.0%}"
     )
     for kind in ("job_submitted", "job_started", "job_completed"):
         values = [x for c in clients for x in c.by_type.get(kind, [])]

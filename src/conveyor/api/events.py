@@ -55,7 +55,13 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
     async def list_events(
         after: Annotated[int, Query(ge=0, description="Last event id seen; 0 = oldest kept")] = 0,
         types: Annotated[
-            str | None, Query(max_length=500, pattern=TYPE_FILTERS_REGEX, examples=["job_*"])
+            str | None,
+            # Documented, not enforced here: parse_type_patterns says what is wrong.
+            Query(
+                max_length=500,
+                examples=["job_*"],
+                json_schema_extra={"pattern": TYPE_FILTERS_REGEX},
+            ),
         ] = None,
         job_id: Annotated[str | None, Query(max_length=64)] = None,
         queue: Annotated[str | None, Query(max_length=100)] = None,

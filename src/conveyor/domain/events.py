@@ -34,7 +34,7 @@ INTERNAL_JOB_PREFIX = "conveyor."
 #: matches a known type; this regex lists the useful ones).
 _ONE_FILTER = "(" + "|".join([r"\*", r"job_\*", r"worker_\*", r"webhook_\*", *EVENT_TYPES]) + ")"
 TYPE_FILTER_REGEX = f"^{_ONE_FILTER}$"
-TYPE_FILTERS_REGEX = f"^{_ONE_FILTER}(,{_ONE_FILTER})*$"
+TYPE_FILTERS_REGEX = rf"^(\s*{_ONE_FILTER}\s*(,\s*{_ONE_FILTER}\s*)*)?$"
 
 _ENVELOPE_KEYS = ("job_id", "job_type", "queue")
 _PATTERN_RE = re.compile(r"^[a-z_*?\[\]]{1,64}$")
@@ -65,8 +65,12 @@ def parse_type_patterns(raw: str | Sequence[str] | None, field: str = "types") -
     if raw is None:
         return ()
     items = raw.split(",") if isinstance(raw, str) else list(raw)
-    patterns = tuple(p.strip() for p in items if p.strip())
+    if isinstance(raw, str) and not raw.strip():
+        return ()
     problems = []
+    if any(not p.strip() for p in items):
+        problems.append(FieldError(field, "has an empty pattern (a stray comma?)"))
+    patterns = tuple(p.strip() for p in items if p.strip())
     for p in patterns:
         if not _PATTERN_RE.match(p):
             problems.append(FieldError(field, f"{p!r} is not an event type pattern"))

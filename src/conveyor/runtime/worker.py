@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("conveyor.worker")
 
+#: The in-process bus keeps at most this many entries of the ``events`` stream.
+MEMORY_STREAM_MAXLEN = 10_000
+
 
 class JobTimeout(ConveyorError, TimeoutError):
     """The handler ran longer than the job's timeout (transient: retried)."""
@@ -196,12 +199,12 @@ class Worker:
             return []
         s = self.app.settings
         options: dict[str, Any] = {"clock": self.app.now, "poll_interval": s.event_poll_interval}
+        maxlen = s.event_stream_maxlen
+        if self.app.bus.backend == "memory":
+            maxlen = min(maxlen, MEMORY_STREAM_MAXLEN)  # it lives in this process's RAM
         return [
             OutboxConsumer(
-                self.store,
-                "relay",
-                bus_relay(self.app.bus, stream_maxlen=s.event_stream_maxlen),
-                **options,
+                self.store, "relay", bus_relay(self.app.bus, stream_maxlen=maxlen), **options
             ),
             OutboxConsumer(self.store, "webhooks", WebhookDispatcher(self.app), **options),
         ]
