@@ -4,7 +4,8 @@ Not a test: a bounded benchmark. It starts `conveyor up` itself (temp SQLite
 file, free loopback port, its worker runs the jobs), connects ``--clients``
 WebSocket clients to ``/api/events/ws`` (all event types), then submits
 ``--rate`` jobs per second for ``--seconds`` straight into the same SQLite
-file from this process (10 ms batches). Each job makes three events
+file from this process (10 ms batches). The clients are spread over ``--client-procs`` processes
+(2) so that their own parsing does not queue the measurement. Each job makes three events
 (submitted, started, completed). Delivery latency is the receive time minus
 the event's own timestamp (the moment its transaction wrote it), same clock.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import signal
 import socket
@@ -26,6 +28,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -61,13 +64,13 @@ class Client:
         self.by_type: dict[str, list[float]] = {}
         self.closed: str | None = None
 
-    async def run(self, url: str, ready: asyncio.Event, stop: asyncio.Event) -> None:
+    async def run(self, url: str, ready: asyncio.Event, stop: asyncio.Event, expected: int) -> None:
         async with websockets.connect(url, max_size=None, compression=self.compression) as ws:
             await ws.send("ping")
             await ws.recv()  # pong: the subscription is live
             ready.set()
             try:
-                while not stop.is_set():
+                while not stop.is_set() and self.events < expected:
                     try:
                         message = await asyncio.wait_for(ws.recv(), 0.5)
                     except TimeoutError:
@@ -89,11 +92,53 @@ class Client:
                 )
 
 
+def client_process(
+    url: str, n: int, expected: int, compression: str | None, deadline: float, results: Any
+) -> None:
+    """A process with ``n`` WebSocket clients; reports when live, then its measurements."""
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        clients = [Client(compression) for _ in range(n)]
+        readies = [asyncio.Event() for _ in clients]
+        tasks = [
+            asyncio.create_task(c.run(url, r, stop, expected))
+            for c, r in zip(clients, readies, strict=True)
+        ]
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 20)
+        results.put(("ready", n))
+        cpu0 = cpu_seconds(os.getpid())
+        await asyncio.wait(tasks, timeout=deadline)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        results.put(
+            (
+                "done",
+                {
+                    "latencies": [x for c in clients for x in c.latencies],
+                    "by_type": {
+                        k: [x for c in clients for x in c.by_type.get(k, [])]
+                        for k in ("job_submitted", "job_started", "job_completed")
+                    },
+                    "events": [c.events for c in clients],
+                    "frames": sum(c.frames for c in clients),
+                    "closed": [c.closed for c in clients if c.closed],
+                    "cpu": cpu_seconds(os.getpid()) - cpu0,
+                },
+            )
+        )
+
+    asyncio.run(run())
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--rate", type=int, default=1000, help="jobs per second")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--client-procs", type=int, default=2, help="processes the clients are spread over"
+    )
     parser.add_argument(
         "--deflate", action="store_true", help="negotiate permessage-deflate (off by default)"
     )
@@ -120,20 +165,31 @@ async def main() -> int:
                     if time.monotonic() > deadline:
                         raise SystemExit("conveyor up did not start within 20 s")
                     await asyncio.sleep(0.05)  # polling a deadline-bounded start
-            stop = asyncio.Event()
             compression = "deflate" if args.deflate else None
-            clients = [Client(compression) for _ in range(args.clients)]
-            readies = [asyncio.Event() for _ in clients]
             url = f"ws://127.0.0.1:{port}/api/events/ws"
-            tasks = [
-                asyncio.create_task(c.run(url, r, stop))
-                for c, r in zip(clients, readies, strict=True)
+            total = int(args.rate * args.seconds)
+            expected = 3 * total
+            ctx = multiprocessing.get_context("spawn")
+            results = ctx.Queue()
+            shares = [
+                len(range(i, args.clients, args.client_procs)) for i in range(args.client_procs)
             ]
-            await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 20)
+            procs = [
+                ctx.Process(
+                    target=client_process,
+                    args=(url, k, expected, compression, args.seconds + 60, results),
+                )
+                for k in shares
+                if k
+            ]
+            for proc in procs:
+                proc.start()
+            for _ in procs:
+                kind, _n = results.get(timeout=60)
+                assert kind == "ready"
 
             app = Conveyor(settings=Settings(database_url=db_url))
             await app.open()
-            total = int(args.rate * args.seconds)
             server_cpu0, own_cpu0 = cpu_seconds(server.pid), cpu_seconds(os.getpid())
             per_tick = max(1, args.rate // 100)
             start = time.perf_counter()
@@ -146,28 +202,24 @@ async def main() -> int:
                 if delay > 0:
                     await asyncio.sleep(delay)  # the schedule of an open-loop load
             submit_seconds = time.perf_counter() - start
-            expected = 3 * total
-            deadline = time.monotonic() + 60
-            while any(c.events < expected and c.closed is None for c in clients):
-                if time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.1)  # polling a deadline-bounded drain
+            reports = [results.get(timeout=args.seconds + 90)[1] for _ in procs]
             drained = time.perf_counter() - start
             server_cpu = cpu_seconds(server.pid) - server_cpu0
             own_cpu = cpu_seconds(os.getpid()) - own_cpu0
             await app.close()
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for proc in procs:
+                proc.join(10)
         finally:
             server.send_signal(signal.SIGTERM)
             try:
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 server.kill()
-    latencies = [x for c in clients for x in c.latencies]
-    complete = sum(1 for c in clients if c.events >= expected)
-    dropped = [c.closed for c in clients if c.closed]
-    frames = sum(c.frames for c in clients)
+    latencies = [x for r in reports for x in r["latencies"]]
+    complete = sum(1 for r in reports for n in r["events"] if n >= expected)
+    dropped = [c for r in reports for c in r["closed"]]
+    frames = sum(r["frames"] for r in reports)
+    clients_cpu = sum(r["cpu"] for r in reports)
     print(
         f"conveyor up on SQLite, {args.clients} WebSocket clients (all event types), "
         f"{args.rate} jobs/s for {args.seconds:.0f} s ({submit_seconds:.1f} s to submit, "
@@ -184,11 +236,11 @@ async def main() -> int:
         f"p99 {pct(latencies, 99):.1f}  max {max(latencies):.1f}"
     )
     print(
-        f"CPU over the run: server {server_cpu / drained:.0%} of a core, "
-        f"this process (load + {args.clients} clients) {own_cpu / drained:.0%}"
+        f"CPU over the run: server {server_cpu / drained:.0%} of a core, load generator "
+        f"{own_cpu / drained:.0%}, {len(procs)} client processes {clients_cpu / drained:.0%}"
     )
     for kind in ("job_submitted", "job_started", "job_completed"):
-        values = [x for c in clients for x in c.by_type.get(kind, [])]
+        values = [x for r in reports for x in r["by_type"][kind]]
         if values:
             print(f"  {kind:<15} p50 {pct(values, 50):.1f}  p95 {pct(values, 95):.1f}")
     return 0 if complete == args.clients else 1
