@@ -23,8 +23,10 @@ from conveyor.bus.memory import MemoryBus
 from conveyor.domain.events import EventFilter
 from conveyor.domain.job import JobQuery
 from conveyor.domain.states import JobState
+from conveyor.domain.webhooks import Webhook
 from conveyor.runtime.hub import EventHub
-from conveyor.runtime.relay import EVENTS_STREAM, OutboxConsumer, bus_relay
+from conveyor.runtime.relay import EVENTS_STREAM, OutboxConsumer, bus_relay, skip_unheard
+from conveyor.runtime.webhooks import WebhookDispatcher
 from conveyor.security.api_keys import new_api_key
 from conveyor.settings import Settings
 from support import ServedApi, async_wait_until
@@ -394,3 +396,49 @@ async def test_websocket_resume_on_postgres_with_concurrent_writers(postgres_dsn
     assert got == expected  # the same delivery order as the store's
     job_events = [e for e in first + rest if e["job_id"] and e["job_type"] == "test_job"]
     assert sum(1 for e in job_events if e["type"] == "job_completed") == 500
+
+
+async def test_the_relay_skips_events_no_one_can_hear_on_the_in_process_bus(
+    cv: Conveyor,
+) -> None:
+    bus = MemoryBus()
+    handled: list[int] = []
+
+    async def handler(events: Any) -> None:
+        handled.extend(e.id for e in events)
+
+    relay = OutboxConsumer(
+        cv.store, "relay", handler, clock=cv.now, skip_to=skip_unheard(cv.store, bus)
+    )
+    await cv.submit_many([cv.new_job("test_job") for _ in range(5)])
+    assert await relay.step() == 0
+    assert handled == []
+    skipped_to = await cv.store.latest_event_id()
+    assert await cv.store.claim_consumer("relay", relay.owner, 15, cv.now()) == skipped_to
+    seen: list[Message] = []
+
+    async def listen(message: Message) -> None:
+        seen.append(message)
+
+    sub = await bus.subscribe("job_submitted", listen)
+    await cv.submit_many([cv.new_job("test_job") for _ in range(3)])
+    assert await relay.step() == 3
+    assert handled == (await all_event_ids(cv))[-3:]  # only what came after a listener
+    await sub.close()
+    assert not bus.reaches_anyone(["job_submitted"], EVENTS_STREAM)
+
+
+async def test_the_webhook_dispatcher_skips_while_no_endpoint_exists(cv: Conveyor) -> None:
+    dispatcher = WebhookDispatcher(cv)
+    consumer = OutboxConsumer(
+        cv.store, "webhooks", dispatcher, clock=cv.now, skip_to=dispatcher.skip_to
+    )
+    await cv.submit_many([cv.new_job("test_job") for _ in range(4)])
+    assert await consumer.step() == 0  # skipped: no endpoint
+    await cv.store.create_webhook(
+        Webhook("wh1", "http://127.0.0.1:9/h", ("job_submitted",), "s" * 32, cv.now())
+    )
+    await cv.submit_many([cv.new_job("test_job") for _ in range(2)])
+    assert await consumer.step() == 2
+    deliveries = await cv.store.list_jobs(JobQuery(job_type="conveyor.webhook", limit=10))
+    assert deliveries.total == 2  # one per event after the endpoint existed

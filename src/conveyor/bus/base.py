@@ -171,6 +171,12 @@ class EventBus(abc.ABC):
     async def dead_letters(self, stream: str, count: int = 100) -> list[Entry]:
         """Entries that exceeded ``max_deliveries``, oldest first."""
 
+    def reaches_anyone(self, topics: Sequence[str], stream: str | None = None) -> bool:
+        """Whether a publish on any of ``topics`` (or an append to ``stream``) could
+        reach a listener. True unless the adapter knows better: the in-process bus
+        sees every listener, so the outbox relay skips work nobody would receive."""
+        return True
+
     # -- health -------------------------------------------------------------------------
     @abc.abstractmethod
     async def health(self) -> BusHealth: ...

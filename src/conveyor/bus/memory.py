@@ -187,6 +187,15 @@ class MemoryBus(EventBus):
         self._subscribers.append(mailbox)
         return _MailboxSubscription(self._subscribers, mailbox)
 
+    def reaches_anyone(self, topics: Sequence[str], stream: str | None = None) -> bool:
+        if stream is not None and (st := self._streams.get(stream)) is not None and st.groups:
+            return True
+        return any(
+            fnmatch.fnmatchcase(topic, mailbox.pattern)
+            for mailbox in self._subscribers
+            for topic in topics
+        )
+
     # -- request / reply ----------------------------------------------------------------
     async def request(self, topic: str, payload: Payload, timeout: float) -> Payload:  # noqa: ASYNC109 (the port takes a deadline)
         self._check_open()

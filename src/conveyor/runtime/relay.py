@@ -26,7 +26,7 @@ from datetime import datetime
 import structlog
 
 from conveyor.bus.base import EventBus, Message
-from conveyor.domain.events import envelope
+from conveyor.domain.events import EVENT_TYPES, envelope
 from conveyor.domain.ids import new_token
 from conveyor.domain.job import Event
 from conveyor.storage.base import Store
@@ -34,6 +34,8 @@ from conveyor.storage.base import Store
 log = structlog.get_logger("conveyor.relay")
 
 BatchHandler = Callable[[Sequence[Event]], Awaitable[None]]
+#: Returns a position to jump to when nothing needs the events up to it, else None.
+SkipCheck = Callable[[], Awaitable[int | None]]
 
 #: The durable bus stream every lifecycle event is appended to.
 EVENTS_STREAM = "events"
@@ -55,6 +57,7 @@ class OutboxConsumer:
         batch: int = 500,
         lease_ttl: float = 15.0,
         poll_interval: float = 0.05,
+        skip_to: SkipCheck | None = None,
     ) -> None:
         if batch < 1 or lease_ttl <= 0 or poll_interval <= 0:
             raise ValueError("batch >= 1, lease_ttl > 0 and poll_interval > 0 are required")
@@ -65,6 +68,7 @@ class OutboxConsumer:
         self.batch = batch
         self.lease_ttl = lease_ttl
         self.poll_interval = poll_interval
+        self.skip_to = skip_to
         self._clock = clock
         self._position: int | None = None  # None = lease not held
         self._lease_until = 0.0  # monotonic
@@ -103,6 +107,14 @@ class OutboxConsumer:
         if not await self._hold_lease():
             return 0
         assert self._position is not None
+        if self.skip_to is not None:
+            target = await self.skip_to()
+            if target is not None:  # nobody needs these events: move on without reading
+                if target > self._position and await self.store.advance_consumer(
+                    self.name, self.owner, target, self._clock()
+                ):
+                    self._position = target
+                return 0
         events = await self.store.events_after(self._position, self.batch)
         if not events:
             return 0
@@ -150,6 +162,18 @@ async def _wait(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None 
     finally:
         for w in waiters:
             w.cancel()
+
+
+def skip_unheard(store: Store, bus: EventBus) -> SkipCheck:
+    """For the relay: skip ahead while no one could hear the events (in-process bus
+    with no matching subscriber or consumer group). The newest id is read first,
+    so a listener that arrives after the check gets everything after it."""
+
+    async def check() -> int | None:
+        latest = await store.latest_event_id()
+        return None if bus.reaches_anyone(EVENT_TYPES, EVENTS_STREAM) else latest
+
+    return check
 
 
 def bus_relay(bus: EventBus, *, stream_maxlen: int) -> BatchHandler:

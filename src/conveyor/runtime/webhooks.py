@@ -91,19 +91,18 @@ async def validate_target(url: str, *, allow_private: bool) -> None:
 class WebhookDispatcher:
     """Outbox batch handler: one delivery job per (matching endpoint, event)."""
 
-    def __init__(self, app: Conveyor, *, cache_seconds: float = 1.0) -> None:
+    def __init__(self, app: Conveyor) -> None:
         self.app = app
-        self.cache_seconds = cache_seconds
-        self._hooks: tuple[float, list[Webhook]] = (-1e9, [])
 
     async def _webhooks(self) -> list[Webhook]:
-        checked, hooks = self._hooks
-        if time.monotonic() - checked > self.cache_seconds:
-            hooks = [
-                w for w in await self.app.store.list_webhooks() if w.state is WebhookState.ACTIVE
-            ]
-            self._hooks = (time.monotonic(), hooks)
-        return hooks
+        hooks = await self.app.store.list_webhooks()
+        return [w for w in hooks if w.state is WebhookState.ACTIVE]
+
+    async def skip_to(self) -> int | None:
+        """With no active endpoint, skip ahead: the newest id is read before the
+        endpoints, so one created after the check gets every event after it."""
+        latest = await self.app.store.latest_event_id()
+        return None if await self._webhooks() else latest
 
     async def __call__(self, events: Sequence[Event]) -> None:
         hooks = await self._webhooks()

@@ -35,7 +35,7 @@ from conveyor.domain.job import Finish, Job, WorkerInfo
 from conveyor.domain.retry import decide
 from conveyor.domain.states import Action
 from conveyor.runtime.context import JobContext
-from conveyor.runtime.relay import OutboxConsumer, bus_relay
+from conveyor.runtime.relay import OutboxConsumer, bus_relay, skip_unheard
 from conveyor.runtime.webhooks import WebhookDispatcher
 
 if TYPE_CHECKING:
@@ -202,11 +202,18 @@ class Worker:
         maxlen = s.event_stream_maxlen
         if self.app.bus.backend == "memory":
             maxlen = min(maxlen, MEMORY_STREAM_MAXLEN)  # it lives in this process's RAM
+        dispatcher = WebhookDispatcher(self.app)
         return [
             OutboxConsumer(
-                self.store, "relay", bus_relay(self.app.bus, stream_maxlen=maxlen), **options
+                self.store,
+                "relay",
+                bus_relay(self.app.bus, stream_maxlen=maxlen),
+                skip_to=skip_unheard(self.store, self.app.bus),
+                **options,
             ),
-            OutboxConsumer(self.store, "webhooks", WebhookDispatcher(self.app), **options),
+            OutboxConsumer(
+                self.store, "webhooks", dispatcher, skip_to=dispatcher.skip_to, **options
+            ),
         ]
 
     async def _subscribe_signals(self) -> list[Subscription]:
