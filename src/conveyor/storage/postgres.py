@@ -585,7 +585,14 @@ class PostgresStore(Store):
                 if state.is_terminal:
                     finished.append(job.id)
                 await conn.execute(
-                    Q["end_execution"], now, "lost", "worker_lost", job.id, job.attempt
+                    Q["end_execution"],
+                    now,
+                    "lost",
+                    "worker_lost",
+                    job.id,
+                    job.attempt,
+                    job.worker_id,
+                    job.started_at,
                 )
                 types.append(event)
                 ids.append(job.id)

@@ -90,10 +90,9 @@ WITH next AS (
         started_at = $1, updated_at = $1
     FROM next WHERE j.id = next.id
     RETURNING j.*
-), ex AS (
-    INSERT INTO conveyor.job_executions (job_id, attempt, worker_id, started_at)
-    SELECT id, attempt, worker_id, started_at FROM upd
 ), ev AS (
+    -- No execution row yet: the running attempt lives in the job row (worker_id,
+    -- started_at, attempt) and its execution row is written once, when it ends.
     INSERT INTO conveyor.events (type, job_id, data, created_at)
     SELECT 'job_started', id,
            jsonb_build_object('job_id', id, 'job_type', job_type, 'queue', queue,
@@ -122,12 +121,23 @@ WITH f AS (
         attempt = f.attempt, worker_id = CASE WHEN f.keep_worker THEN j.worker_id END,
         lease_token = NULL, completed_at = f.completed_at, updated_at = $12
     FROM f WHERE j.id = f.id AND j.state = 'running'
-), ex AS (
+), x AS (
+    SELECT * FROM unnest($1::text[], $9::integer[], $10::text[], $11::text[])
+        AS x(job_id, attempt, outcome, error)
+), legacy AS (
+    -- Attempts started before 0003 have an open execution row: close it.
     UPDATE conveyor.job_executions e
     SET finished_at = $12, outcome = x.outcome, error = x.error
-    FROM unnest($1::text[], $9::integer[], $10::text[], $11::text[])
-        AS x(job_id, attempt, outcome, error)
-    WHERE e.job_id = x.job_id AND e.attempt = x.attempt AND e.finished_at IS NULL
+    FROM x WHERE e.job_id = x.job_id AND e.attempt = x.attempt AND e.finished_at IS NULL
+    RETURNING e.job_id
+), ex AS (
+    -- The attempt's one execution row. Every CTE reads the snapshot from before the
+    -- UPDATE above, so j is the running row: its worker and start time.
+    INSERT INTO conveyor.job_executions (job_id, attempt, worker_id, started_at, finished_at,
+                                         outcome, error)
+    SELECT x.job_id, x.attempt, j.worker_id, j.started_at, $12, x.outcome, x.error
+    FROM x JOIN conveyor.jobs j ON j.id = x.job_id AND j.state = 'running'
+    WHERE x.job_id NOT IN (SELECT job_id FROM legacy)
 )
 INSERT INTO conveyor.events (type, job_id, data, created_at)
 SELECT type, job_id, data::jsonb, $12
@@ -216,8 +226,15 @@ UPDATE conveyor.jobs SET state = 'cancelled', lost_count = lost_count + 1, lease
 WHERE id = $2 AND state = 'running' AND lease_token IS NOT DISTINCT FROM $3
 
 -- name: end_execution
-UPDATE conveyor.job_executions SET finished_at = $1, outcome = $2, error = $3
-WHERE job_id = $4 AND attempt = $5 AND finished_at IS NULL
+-- A lost attempt's execution row (or, for one started before 0003, its open row closed).
+WITH legacy AS (
+    UPDATE conveyor.job_executions SET finished_at = $1, outcome = $2, error = $3
+    WHERE job_id = $4 AND attempt = $5 AND finished_at IS NULL
+    RETURNING job_id
+)
+INSERT INTO conveyor.job_executions (job_id, attempt, worker_id, started_at, finished_at,
+                                     outcome, error)
+SELECT $4, $5, $6, $7, $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM legacy)
 
 -- name: retry_failed
 UPDATE conveyor.jobs SET state = 'pending', attempt = 0, lost_count = 0, run_at = $2,
@@ -253,8 +270,18 @@ SELECT parent_id FROM conveyor.job_dependencies WHERE child_id = $1 ORDER BY par
 SELECT 1 FROM conveyor.jobs WHERE id = $1
 
 -- name: executions
-SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error
-FROM conveyor.job_executions WHERE job_id = $1 ORDER BY id
+-- Ended attempts, then the running one (from the job row: its execution row is
+-- written when it ends).
+SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error FROM (
+    SELECT id AS ord, job_id, attempt, worker_id, started_at, finished_at, outcome, error
+    FROM conveyor.job_executions WHERE job_id = $1
+    UNION ALL
+    SELECT 9223372036854775807, j.id, j.attempt, j.worker_id, j.started_at, NULL, NULL, NULL
+    FROM conveyor.jobs j
+    WHERE j.id = $1 AND j.state = 'running'
+      AND NOT EXISTS (SELECT 1 FROM conveyor.job_executions e
+                      WHERE e.job_id = j.id AND e.attempt = j.attempt AND e.finished_at IS NULL)
+) runs ORDER BY ord
 
 -- name: list_jobs
 SELECT * FROM conveyor.jobs

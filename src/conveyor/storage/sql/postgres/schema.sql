@@ -194,7 +194,7 @@ ALTER TABLE ONLY conveyor.webhooks
 ALTER TABLE ONLY conveyor.workers
     ADD CONSTRAINT workers_pkey PRIMARY KEY (id);
 
-CREATE INDEX events_created ON conveyor.events USING btree (created_at);
+CREATE INDEX events_created ON conveyor.events USING brin (created_at);
 
 CREATE INDEX events_order ON conveyor.events USING btree (txid, id);
 
