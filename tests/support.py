@@ -190,3 +190,22 @@ class ServedApi:
         self.server.should_exit = True
         if self.task is not None:
             await asyncio.wait_for(self.task, 10)
+
+
+def running_worker(app: Any, concurrency: int = 20) -> Any:
+    """``async with running_worker(app) as worker``: a worker task in this event loop,
+    started (its ``started`` event set) and stopped gracefully on exit."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def run() -> Any:
+        worker = app.worker(concurrency=concurrency)
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait_for(worker.started.wait(), 10)
+        try:
+            yield worker
+        finally:
+            worker.request_stop()
+            await asyncio.wait_for(task, 15)
+
+    return run()

@@ -4,7 +4,6 @@ the WebSocket stream (resume without gap or duplicate) and the event hub."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from conveyor.runtime.relay import EVENTS_STREAM, OutboxConsumer, bus_relay, ski
 from conveyor.runtime.webhooks import WebhookDispatcher
 from conveyor.security.api_keys import new_api_key
 from conveyor.settings import Settings
-from support import ServedApi, async_wait_until
+from support import ServedApi, async_wait_until, running_worker
 
 
 def settings(tmp_path: Path, **extra: Any) -> Settings:
@@ -55,18 +54,6 @@ async def cv(tmp_path: Path) -> AsyncIterator[Conveyor]:
         await app.close()
 
 
-@contextlib.asynccontextmanager
-async def running_worker(app: Conveyor) -> AsyncIterator[Any]:
-    worker = app.worker(concurrency=50)
-    task = asyncio.create_task(worker.run())
-    await asyncio.wait_for(worker.started.wait(), 10)
-    try:
-        yield worker
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, 15)
-
-
 async def all_event_ids(app: Conveyor) -> list[int]:
     out, cursor = [], 0
     while batch := await app.store.events_after(cursor, 1000):
@@ -83,7 +70,7 @@ async def test_the_worker_relays_every_lifecycle_event_to_the_bus(cv: Conveyor) 
         seen.append(message.payload)
 
     sub = await cv.bus.subscribe("job_*", collect)
-    async with running_worker(cv):
+    async with running_worker(cv, 50):
         jobs = [await cv.enqueue("test_job", {"n": i}) for i in range(30)]
 
         async def relayed() -> bool:
@@ -159,7 +146,7 @@ async def test_bus_relay_appends_then_publishes(cv: Conveyor) -> None:
 
 # -- GET /api/events ------------------------------------------------------------------------------
 async def test_get_events_filters_and_pages_with_next_after(cv: Conveyor) -> None:
-    async with running_worker(cv):
+    async with running_worker(cv, 50):
         jobs = [await cv.enqueue("test_job", {"n": i}) for i in range(12)]
 
         async def done() -> bool:
@@ -207,7 +194,7 @@ async def read_events(ws: Any, n: int, timeout: float = 20) -> list[dict[str, An
 
 async def test_websocket_resume_gets_every_event_exactly_once(cv: Conveyor) -> None:
     total_jobs = 1000
-    async with ServedApi(create_app(cv)) as served, running_worker(cv):
+    async with ServedApi(create_app(cv)) as served, running_worker(cv, 50):
         first_half: list[dict[str, Any]] = []
         async with websockets.connect(f"{served.ws_url}/api/events/ws?after=0") as ws:
             submit = asyncio.create_task(
@@ -234,7 +221,7 @@ async def test_websocket_resume_gets_every_event_exactly_once(cv: Conveyor) -> N
 
 
 async def test_websocket_filters_and_answers_pings(cv: Conveyor) -> None:
-    async with ServedApi(create_app(cv)) as served, running_worker(cv):
+    async with ServedApi(create_app(cv)) as served, running_worker(cv, 50):
         url = f"{served.ws_url}/api/events/ws?types=job_completed&queue=default"
         async with websockets.connect(url) as ws:
             await ws.send("ping")
@@ -370,7 +357,7 @@ async def test_websocket_resume_on_postgres_with_concurrent_writers(postgres_dsn
         )
     )
     conveyor.demo.register(app)
-    async with app, ServedApi(create_app(app)) as served, running_worker(app):
+    async with app, ServedApi(create_app(app)) as served, running_worker(app, 50):
 
         async def writer(k: int) -> None:
             for i in range(100):

@@ -3,7 +3,6 @@ deliveries as jobs with retries, the delivery log, disabling, and the API."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import threading
 import time
@@ -22,7 +21,7 @@ from conveyor.app import Conveyor
 from conveyor.domain.events import WEBHOOK_DISABLED
 from conveyor.domain.webhooks import verify
 from conveyor.settings import Settings
-from support import async_wait_until
+from support import async_wait_until, running_worker
 
 SECRET = "an-endpoint-secret-0123456789"
 
@@ -104,18 +103,6 @@ async def cv(tmp_path: Path) -> AsyncIterator[Conveyor]:
         yield app
     finally:
         await app.close()
-
-
-@contextlib.asynccontextmanager
-async def running_worker(app: Conveyor) -> AsyncIterator[Any]:
-    worker = app.worker(concurrency=20)
-    task = asyncio.create_task(worker.run())
-    await asyncio.wait_for(worker.started.wait(), 10)
-    try:
-        yield worker
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, 15)
 
 
 def client(app: Conveyor) -> httpx.AsyncClient:
