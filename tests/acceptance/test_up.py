@@ -124,6 +124,8 @@ def test_up_passes_the_smoke_test_and_stops_on_sigterm(db, tmp_path, servers):
     assert "SMOKE TEST PASSED" in result.stdout
 
     assert server.terminate() == 0, server.output()
+    assert "Traceback" not in server.output()  # a graceful stop, not a cancelled one
+    assert "worker_stopped" in server.output()
 
 
 def refuse_all_interfaces(db: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -106,11 +106,12 @@ async def serve_forever(
 
         loop = asyncio.get_running_loop()
 
-        def stop() -> None:
-            if server.should_exit:
+        def stop(escalate: bool = True) -> None:
+            """A signal: stop gracefully; a second signal: stop now."""
+            if server.should_exit and escalate:
                 server.force_exit = True
             server.should_exit = True
-            if worker is not None:
+            if worker is not None and (escalate or not worker.stopping):
                 worker.request_stop()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -120,7 +121,7 @@ async def serve_forever(
             if worker is not None:
                 tasks.append(asyncio.create_task(worker.run(), name="worker"))
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            stop()  # one part ended (or failed): stop the other
+            stop(escalate=False)  # one part ended (or failed): stop the other, gracefully
             await asyncio.gather(*tasks)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):

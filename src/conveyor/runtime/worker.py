@@ -115,6 +115,10 @@ class Worker:
         self._tick.set()
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
     def jobs_running(self) -> int:
         return len(self._running)
 
