@@ -37,6 +37,9 @@ BatchHandler = Callable[[Sequence[Event]], Awaitable[None]]
 #: Returns a position to jump to when nothing needs the events up to it, else None.
 SkipCheck = Callable[[], Awaitable[int | None]]
 
+#: Seconds between checks while a consumer skips ahead (no listener, no endpoint).
+SKIP_INTERVAL = 0.5
+
 #: The durable bus stream every lifecycle event is appended to.
 EVENTS_STREAM = "events"
 
@@ -74,6 +77,7 @@ class OutboxConsumer:
         self._lease_until = 0.0  # monotonic
         self._wake = asyncio.Event()
         self.delivered = 0
+        self.skipping = False  # the last step skipped ahead: nobody needs the events now
 
     @property
     def leader(self) -> bool:
@@ -110,11 +114,13 @@ class OutboxConsumer:
         if self.skip_to is not None:
             target = await self.skip_to()
             if target is not None:  # nobody needs these events: move on without reading
+                self.skipping = True
                 if target > self._position and await self.store.advance_consumer(
                     self.name, self.owner, target, self._clock()
                 ):
                     self._position = target
                 return 0
+            self.skipping = False
         events = await self.store.events_after(self._position, self.batch)
         if not events:
             return 0
@@ -144,9 +150,13 @@ class OutboxConsumer:
                 continue
             if handled >= self.batch:
                 continue  # more are waiting
-            idle = self.poll_interval if self._position is not None else self.lease_ttl / 3
-            self._wake.clear()
-            await _wait(stop, idle, self._wake)
+            if self._position is None:  # another process holds the lease
+                await _wait(stop, self.lease_ttl / 3)
+            elif self.skipping:  # nobody listens: look again now and then, not on every write
+                await _wait(stop, max(self.poll_interval, SKIP_INTERVAL))
+            else:
+                self._wake.clear()
+                await _wait(stop, self.poll_interval, self._wake)
         if self._position is not None:
             with contextlib.suppress(Exception):
                 await self.store.release_consumer(self.name, self.owner, self._clock())
