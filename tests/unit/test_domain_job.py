@@ -204,3 +204,15 @@ def test_lost_action(
         cancel_requested_at=NOW if cancel else None,
     )
     assert lost_action(job, max_lost) is action
+
+
+def test_bulk_ids_are_unique_time_prefixed_and_shaped_like_single_ones() -> None:
+    from conveyor.domain.ids import new_job_id, new_job_ids
+
+    ids = new_job_ids(1000)
+    assert len(set(ids)) == 1000
+    one = new_job_id()
+    assert all(len(i) == len(one) == 32 for i in ids)
+    assert all(int(i, 16) >= 0 for i in ids)
+    assert abs(int(ids[0][:12], 16) - int(one[:12], 16)) < 60_000  # same clock, ms
+    assert new_job_ids(0) == []

@@ -51,9 +51,11 @@ class NewJob:
                     "queue", "must be 1-100 characters of letters, digits, '_', '-', '.', ':'"
                 )
             )
-        if not isinstance(self.payload, Mapping):
+        # dict first: isinstance against the Mapping ABC is slow, and bulk submits check
+        # every job.
+        if type(self.payload) is not dict and not isinstance(self.payload, Mapping):
             errs.append(FieldError("payload", "must be a JSON object"))
-        if not isinstance(self.metadata, Mapping):
+        if type(self.metadata) is not dict and not isinstance(self.metadata, Mapping):
             errs.append(FieldError("metadata", "must be a JSON object"))
         if not _is_int(self.priority) or not 0 <= self.priority <= 100:
             errs.append(FieldError("priority", "must be an integer from 0 to 100"))

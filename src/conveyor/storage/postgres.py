@@ -34,7 +34,7 @@ from conveyor.domain.errors import (
     ValidationError,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
-from conveyor.domain.ids import new_job_id, new_token
+from conveyor.domain.ids import new_job_ids, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
     PARENT_FAILED_ERROR,
@@ -303,7 +303,7 @@ class PostgresStore(Store):
                     f"depends_on: job {missing[0]!r} does not exist",
                     [FieldError("depends_on", f"job {m!r} does not exist") for m in missing],
                 )
-        ids, states, errors, run_ats = [], [], [], []
+        ids, states, errors, run_ats = new_job_ids(len(jobs)), [], [], []
         for new in jobs:
             state, error = "pending", None
             if new.depends_on:
@@ -312,7 +312,6 @@ class PostgresStore(Store):
                     state, error = "cancelled", PARENT_FAILED_ERROR
                 elif seen != {"completed"}:
                     state = "blocked"
-            ids.append(new_job_id())
             states.append(state)
             errors.append(error)
             run_ats.append(new.run_at or now)
@@ -394,7 +393,7 @@ class PostgresStore(Store):
                         Job(
                             id=job_id,
                             job_type=new.job_type,
-                            state=JobState(state),
+                            state=_STATES[state],
                             payload=orjson.loads(payload),
                             queue=new.queue,
                             priority=new.priority,
@@ -912,6 +911,9 @@ class PostgresStore(Store):
                 raise WebhookNotFound(webhook_id)
             rows = await conn.fetch(Q["list_deliveries"], webhook_id, limit)
         return [delivery_from_row(r, _same) for r in rows]
+
+
+_STATES = {s.value: s for s in JobState}
 
 
 def _same(value: Any) -> Any:
