@@ -66,3 +66,42 @@ async def test_a_transaction_that_commits_last_sorts_last_even_with_a_smaller_id
         await first.close()
         await second.close()
         await store.close()
+
+
+async def test_a_polling_reader_gets_every_event_once_under_concurrent_writers(
+    postgres_dsn: str,
+) -> None:
+    # The reader polls from its last event (the store remembers that event's txid)
+    # while five connections commit in interleaved order.
+    import asyncio
+
+    writer_store, reader, reference = (PostgresStore(postgres_dsn) for _ in range(3))
+    for s in (writer_store, reader, reference):
+        await s.open()
+    try:
+
+        async def writer() -> None:
+            for _ in range(60):
+                await writer_store.enqueue_many([NewJob("t")], datetime.now(UTC))
+
+        writers = asyncio.gather(*(writer() for _ in range(5)))
+        got: list[int] = []
+        cursor = 0
+        while True:
+            batch = await reader.events_after(cursor, 7)
+            got.extend(e.id for e in batch)
+            if batch:
+                cursor = batch[-1].id
+            elif writers.done():
+                break
+            await asyncio.sleep(0)  # let the writers run between polls
+        await writers
+        while batch := await reader.events_after(cursor, 7):
+            got.extend(e.id for e in batch)
+            cursor = batch[-1].id
+        everything = await reference.events_after(0, 10_000)
+        assert len(everything) == 300
+        assert got == [e.id for e in everything]
+    finally:
+        for s in (writer_store, reader, reference):
+            await s.close()

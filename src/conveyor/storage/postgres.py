@@ -152,6 +152,7 @@ class PostgresStore(Store):
         self.dsn = dsn
         self._min, self._max, self._timeout = min_size, max_size, connect_timeout
         self._pool: asyncpg.Pool | None = None
+        self._anchors: dict[int, str] = {}  # event id -> its txid, for readers polling on
         self._listeners: list[Callable[[], None]] = []
         self._listen_task: asyncio.Task[None] | None = None
 
@@ -770,11 +771,18 @@ class PostgresStore(Store):
 
     async def events_after(self, after_id: int, limit: int) -> list[Event]:
         async with self._conn() as conn:
-            anchor = await conn.fetchval(Q["event_anchor"], after_id) if after_id > 0 else None
+            # Readers poll from the last event they got: its txid is usually remembered.
+            anchor = self._anchors.get(after_id)
+            if anchor is None and after_id > 0:
+                anchor = await conn.fetchval(Q["event_anchor"], after_id)
             if anchor is None:  # the start, or the anchor was pruned: by id
                 rows = await conn.fetch(Q["events_after"], after_id, limit)
             else:
                 rows = await conn.fetch(Q["events_after_anchor"], anchor, after_id, limit)
+        if rows:
+            if len(self._anchors) >= 256:
+                self._anchors.clear()
+            self._anchors[rows[-1]["id"]] = rows[-1]["anchor"]
         return [Event(r["id"], r["type"], r["job_id"], r["data"], r["created_at"]) for r in rows]
 
     async def activity(self, since: datetime) -> Activity:

@@ -311,7 +311,7 @@ SELECT * FROM conveyor.workers ORDER BY started_at
 
 -- name: events_after
 -- Used when the anchor event is gone (pruned) or for the very start (0).
-SELECT id, type, job_id, data, created_at FROM conveyor.events
+SELECT id, type, job_id, data, created_at, txid::text AS anchor FROM conveyor.events
 WHERE id > $1 AND txid < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY txid, id LIMIT $2
 
@@ -348,7 +348,7 @@ SELECT txid::text FROM conveyor.events WHERE id = $1
 
 -- name: events_after_anchor
 -- Settled events after the event (txid, id), in the order no later commit changes.
-SELECT id, type, job_id, data, created_at FROM conveyor.events
+SELECT id, type, job_id, data, created_at, txid::text AS anchor FROM conveyor.events
 WHERE (txid, id) > ($1::text::xid8, $2)
   AND txid < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY txid, id LIMIT $3
