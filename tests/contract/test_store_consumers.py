@@ -159,3 +159,11 @@ async def test_disable_after_zero_never_disables(store: Store) -> None:
         w = await store.record_delivery(attempt(n, ok=False), disable_after=0)
     assert w.state is WebhookState.ACTIVE
     assert w.consecutive_failures == 5
+
+
+async def test_consumer_positions_lists_every_consumer(store: Store) -> None:
+    assert await store.consumer_positions() == {}
+    await store.claim_consumer("webhooks", "a", 10, at(0))
+    await store.claim_consumer("relay", "a", 10, at(0))
+    assert await store.advance_consumer("relay", "a", 12, at(1))
+    assert await store.consumer_positions() == {"relay": 12, "webhooks": 0}

@@ -610,6 +610,16 @@ async def test_prometheus_metrics(client):
     assert job_id not in text
 
 
+async def test_prometheus_reports_outbox_lag(cv, client):
+    await submit(client)
+    await submit(client)
+    latest = await cv.store.latest_event_id()
+    await cv.store.claim_consumer("relay", "test", 10, cv.now())
+    assert await cv.store.advance_consumer("relay", "test", latest - 1, cv.now())
+    text = (await client.get("/metrics")).text
+    assert 'conveyor_outbox_lag_events{consumer="relay"} 1.0' in text
+
+
 async def test_unknown_url_and_method(client):
     err = assert_error(await client.get("/api/nope"), 404)
     assert "/docs" in err["error"]

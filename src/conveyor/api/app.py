@@ -248,6 +248,9 @@ def create_app(
         counts = await conveyor.store.count_by_state()
         workers = await conveyor.store.list_workers()
         metrics.set_depths(counts, sum(1 for w in workers if is_alive(w, conveyor)))
+        metrics.set_outbox(
+            await conveyor.store.latest_event_id(), await conveyor.store.consumer_positions()
+        )
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- jobs ---------------------------------------------------------------------------------

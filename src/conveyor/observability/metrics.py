@@ -49,6 +49,12 @@ class Metrics:
         self.live_workers = Gauge(
             "conveyor_live_workers", "Workers with a fresh heartbeat", registry=self.registry
         )
+        self.outbox_lag = Gauge(
+            "conveyor_outbox_lag_events",
+            "Events an outbox consumer has not handled yet (newest id minus its position)",
+            ["consumer"],
+            registry=self.registry,
+        )
         self.http_duration = Histogram(
             "conveyor_http_request_duration_seconds",
             "HTTP request duration",
@@ -72,6 +78,10 @@ class Metrics:
         for state, n in counts.items():
             self.queue_depth.labels(state.value).set(n)
         self.live_workers.set(live_workers)
+
+    def set_outbox(self, latest: int, positions: dict[str, int]) -> None:
+        for name, position in positions.items():
+            self.outbox_lag.labels(name).set(max(0, latest - position))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

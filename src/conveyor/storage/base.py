@@ -189,6 +189,10 @@ class Store(abc.ABC):
         the lease (another owner took over and carries on from the stored position)."""
 
     @abc.abstractmethod
+    async def consumer_positions(self) -> dict[str, int]:
+        """Every outbox consumer's position (the id of the last event it handled)."""
+
+    @abc.abstractmethod
     async def release_consumer(self, name: str, owner: str, now: datetime) -> None:
         """Give the lease up (shutdown) so another owner takes over at once."""
 

@@ -554,6 +554,9 @@ class MemoryStore(Store):
             c.position = position
             return True
 
+    async def consumer_positions(self) -> dict[str, int]:
+        return {name: c.position for name, c in sorted(self._consumers.items())}
+
     async def release_consumer(self, name: str, owner: str, now: datetime) -> None:
         async with self._lock:
             c = self._consumers.get(name)

@@ -849,6 +849,10 @@ class PostgresStore(Store):
             status = await conn.execute(Q["advance_consumer"], name, owner, position, now)
         return bool(status == "UPDATE 1")
 
+    async def consumer_positions(self) -> dict[str, int]:
+        async with self._conn() as conn:
+            return {r[0]: int(r[1]) for r in await conn.fetch(Q["consumer_positions"])}
+
     async def release_consumer(self, name: str, owner: str, now: datetime) -> None:
         async with self._conn() as conn:
             await conn.execute(Q["release_consumer"], name, owner, now)

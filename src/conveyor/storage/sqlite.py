@@ -869,6 +869,13 @@ class SQLiteStore(Store):
 
         return await self._run(_do)
 
+    async def consumer_positions(self) -> dict[str, int]:
+        def _do() -> dict[str, int]:
+            assert self._conn is not None
+            return {r[0]: int(r[1]) for r in self._conn.execute(Q["consumer_positions"])}
+
+        return await self._run(_do)
+
     async def release_consumer(self, name: str, owner: str, now: datetime) -> None:
         params = {"name": name, "owner": owner, "now": now.timestamp()}
 

@@ -404,3 +404,6 @@ WHERE id = $1 AND state = 'active' RETURNING *
 
 -- name: list_deliveries
 SELECT * FROM conveyor.webhook_deliveries WHERE webhook_id = $1 ORDER BY id DESC LIMIT $2
+
+-- name: consumer_positions
+SELECT name, position FROM conveyor.outbox_consumers ORDER BY name

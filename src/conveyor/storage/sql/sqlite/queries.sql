@@ -346,3 +346,6 @@ WHERE id = ? AND state = 'active' RETURNING *
 
 -- name: list_deliveries
 SELECT * FROM webhook_deliveries WHERE webhook_id = ? ORDER BY id DESC LIMIT ?
+
+-- name: consumer_positions
+SELECT name, position FROM outbox_consumers ORDER BY name
