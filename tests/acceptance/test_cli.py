@@ -57,6 +57,10 @@ def test_submit_worker_status_cancel_and_dlq(db, tmp_path):
         status = json.loads(run_cli(db, "status", "--json").stdout)
         assert status["live_workers"] == 1
         assert status["unserved_job_types"] == []
+        # The worker runs the outbox consumers (they skip ahead: nothing listens).
+        assert {c["name"] for c in status["outbox"]["consumers"]} == {"relay", "webhooks"}
+        assert status["outbox"]["latest_event_id"] > 0
+        assert "Outbox" in run_cli(db, "status").stdout
 
         # The delayed job waits; cancelling it is immediate.
         assert show(db, delayed["job_id"])["status"] == "pending"

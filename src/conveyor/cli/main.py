@@ -547,7 +547,7 @@ def dlq_purge(obj: Ctx, job_ids: tuple[str, ...], all_: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def status(obj: Ctx, as_json: bool) -> None:
-    """Queue depths, live workers, and job types no live worker handles."""
+    """Queue depths, live workers, job types no live worker handles, outbox lag."""
     data = run(collect_status, obj.app())
     if as_json:
         emit_json(data)
@@ -571,6 +571,14 @@ def status(obj: Ctx, as_json: bool) -> None:
             w["last_heartbeat"] or "",
         )
     out.print(workers)
+    consumers = data["outbox"]["consumers"]
+    if consumers:
+        outbox = Table(title=f"Outbox (newest event {data['outbox']['latest_event_id']})")
+        for col in ("consumer", "position", "behind"):
+            outbox.add_column(col, justify="left" if col == "consumer" else "right")
+        for c in consumers:
+            outbox.add_row(c["name"], str(c["position"]), str(c["lag"]))
+        out.print(outbox)
     if data["unserved_job_types"]:
         out.print("[bold yellow]Waiting for a worker:[/]")
         for u in data["unserved_job_types"]:

@@ -1,4 +1,4 @@
-"""Operational status: queue depths, workers, job types nobody serves."""
+"""Operational status: queue depths, workers, job types nobody serves, outbox lag."""
 
 from __future__ import annotations
 
@@ -29,8 +29,17 @@ async def collect_status(app: Conveyor) -> dict[str, Any]:
         for (q, t), n in sorted(pending.items())
         if (q, t) not in served
     ]
+    latest = await app.store.latest_event_id()
+    positions = await app.store.consumer_positions()
     return {
         "queue_depths": {s.value: n for s, n in counts.items()},
+        "outbox": {
+            "latest_event_id": latest,
+            "consumers": [
+                {"name": name, "position": p, "lag": max(0, latest - p)}
+                for name, p in positions.items()
+            ],
+        },
         "workers": [
             worker_dict(w, alive=w in alive) for w in workers if w.state == "running" or w in alive
         ],
