@@ -170,6 +170,10 @@ class ServedApi:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def api_hub_subscribers(self) -> int:
+        """Live subscribers of the app's event hub (the WebSocket clients it serves)."""
+        return int(self.server.config.app.state.hub.subscribers)
+
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"

@@ -305,6 +305,12 @@ async def test_a_slow_subscriber_is_dropped_without_slowing_the_others(cv: Conve
         await hub.close()
 
 
+async def drain(ws: Any) -> None:
+    """Read frames until the connection closes (raises ConnectionClosed)."""
+    while True:
+        await asyncio.wait_for(ws.recv(), 20)
+
+
 def _true_when(predicate: Any) -> Any:
     async def check() -> bool:
         return bool(predicate())
@@ -429,3 +435,33 @@ async def test_the_webhook_dispatcher_skips_while_no_endpoint_exists(cv: Conveyo
     assert await consumer.step() == 2
     deliveries = await cv.store.list_jobs(JobQuery(job_type="conveyor.webhook", limit=10))
     assert deliveries.total == 2  # one per event after the endpoint existed
+
+
+async def test_a_websocket_client_that_stops_reading_is_closed_with_a_reason(
+    tmp_path: Path,
+) -> None:
+    app = Conveyor(settings=settings(tmp_path, ws_queue_size=20))
+    await app.open()
+    try:
+        async with ServedApi(create_app(app)) as served:
+            url = f"{served.ws_url}/api/events/ws"
+            # A tiny receive window: the client's socket fills up at once.
+            async with websockets.connect(url, max_queue=1, max_size=None) as ws:
+                await ws.send("ping")
+                assert orjson.loads(await ws.recv()) == {"type": "pong"}
+                ws.transport.pause_reading()  # stop reading: the server's sends block
+                for _ in range(20):
+                    await app.submit_many([app.new_job("test_job") for _ in range(500)])
+                    if served.api_hub_subscribers() == 0:
+                        break
+                await async_wait_until(
+                    _true_when(lambda: served.api_hub_subscribers() == 0), 20, "the drop"
+                )
+                ws.transport.resume_reading()
+                with pytest.raises(ConnectionClosed) as closed:
+                    await drain(ws)
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1013
+            assert "slow consumer" in closed.value.rcvd.reason
+    finally:
+        await app.close()

@@ -38,6 +38,7 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_TRY_AGAIN_LATER = 1013  # dropped as a slow consumer, or the store is away
 
+CLOSE_TIMEOUT = 2.0  # seconds to send a close frame to a client that stopped reading
 MAX_SCAN_PAGES = 20  # GET /api/events reads at most this many pages to fill a filtered page
 
 
@@ -206,14 +207,24 @@ async def _stream(websocket: WebSocket, hub: EventHub, flt: EventFilter, after: 
 
     sender = asyncio.create_task(send_events())
     receiver = asyncio.create_task(receive())
+    # A client whose socket is full blocks the sender inside send_text; the hub drops
+    # it (too far behind), and this watcher closes the connection instead of waiting.
+    dropped = asyncio.create_task(sub.dropped_event.wait())
     try:
-        done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {sender, receiver, dropped}, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
-        for task in (sender, receiver):
+        for task in (sender, receiver, dropped):
             task.cancel()
         with contextlib.suppress(BaseException):
             await stream.aclose()
+    code, reason = None, ""
     if sender in done and not sender.cancelled() and sender.exception() is None:
         code, reason = sender.result()
-        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-            await websocket.close(code, _reason(sub.dropped or reason))
+    elif dropped in done:
+        code = CLOSE_TRY_AGAIN_LATER
+    if code is not None:
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect, TimeoutError, OSError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):  # a stuck socket: give up on it
+                await websocket.close(code, _reason(sub.dropped or reason))

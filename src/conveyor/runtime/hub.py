@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 import structlog
@@ -51,6 +51,7 @@ class Subscriber:
     next: int | None = None  # absolute log position to read next; None = not attached
     dropped: str | None = None
     last_id: int = 0
+    dropped_event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class EventHub:
@@ -152,6 +153,7 @@ class EventHub:
     def _drop(self, sub: Subscriber, reason: str) -> None:
         if sub.dropped is None:
             sub.dropped = reason
+            sub.dropped_event.set()
             self._subscribers.discard(sub)
 
     # -- subscribing ----------------------------------------------------------------
