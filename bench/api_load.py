@@ -15,28 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+from upserver import conveyor_up, pct
 
 
 async def run_phase(
@@ -85,33 +70,12 @@ async def main() -> int:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(
-            os.environ,
-            CONVEYOR_DATABASE_URL=f"sqlite:///{Path(tmp) / 'load.db'}",
-            CONVEYOR_LOG_LEVEL="WARNING",
-        )
-        server = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "up", "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
+        db_url = f"sqlite:///{Path(tmp) / 'load.db'}"
+        async with conveyor_up(db_url) as server:
+            base = f"http://127.0.0.1:{server.port}"  # type: ignore[attr-defined]
             limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
             async with httpx.AsyncClient(base_url=base, limits=limits, timeout=10) as client:
-                deadline = time.monotonic() + 20
-                while True:
-                    try:
-                        if (await client.get("/health")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise SystemExit("conveyor up did not start within 20 s")
-                    await asyncio.sleep(0.05)  # polling a deadline-bounded start
                 ids: list[str] = []
 
                 async def submit(c: httpx.AsyncClient, i: int) -> httpx.Response:
@@ -131,12 +95,6 @@ async def main() -> int:
                 results.append(
                     await run_phase(client, "GET /api/jobs/{id}", args.rate, args.seconds, status)
                 )
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
     print(
         f"conveyor up on SQLite (WAL, synchronous=FULL), {args.rate:.0f} req/s for "
         f"{args.seconds:.0f} s per endpoint, open loop, one client process, loopback"

@@ -20,39 +20,24 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import websockets
+from upserver import conveyor_up, pct
 
 from conveyor.app import Conveyor
 from conveyor.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
 class Client:
@@ -143,28 +128,10 @@ async def main() -> int:
         "--deflate", action="store_true", help="negotiate permessage-deflate (off by default)"
     )
     args = parser.parse_args()
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         db_url = f"sqlite:///{Path(tmp) / 'ws.db'}"
-        env = dict(os.environ, CONVEYOR_DATABASE_URL=db_url, CONVEYOR_LOG_LEVEL="WARNING")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "up", "--port", str(port), "--concurrency", "100"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-                deadline = time.monotonic() + 20
-                while True:
-                    try:
-                        if (await http.get("/health")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise SystemExit("conveyor up did not start within 20 s")
-                    await asyncio.sleep(0.05)  # polling a deadline-bounded start
+        async with conveyor_up(db_url, "--concurrency", "100") as server:
+            port = server.port  # type: ignore[attr-defined]
             compression = "deflate" if args.deflate else None
             url = f"ws://127.0.0.1:{port}/api/events/ws"
             total = int(args.rate * args.seconds)
@@ -209,12 +176,6 @@ async def main() -> int:
             await app.close()
             for proc in procs:
                 proc.join(10)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
     latencies = [x for r in reports for x in r["latencies"]]
     complete = sum(1 for r in reports for n in r["events"] if n >= expected)
     dropped = [c for r in reports for c in r["closed"]]

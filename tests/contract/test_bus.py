@@ -52,7 +52,7 @@ async def eventually(
             return
         if loop.time() > deadline:
             raise AssertionError(f"not true after {timeout}s: {what or predicate}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # poll interval of a deadline-bounded wait
 
 
 class Inbox:
@@ -294,7 +294,7 @@ async def test_group_delivers_each_entry_once_across_consumers(
     def consumer(name: str) -> EntryHandler:
         async def handle(entry: Entry) -> None:
             seen.append((name, entry.id))
-            await asyncio.sleep(0)  # let the other consumer run
+            await asyncio.sleep(0)  # wait-ok: yield so the other consumer runs
 
         return handle
 

@@ -94,7 +94,7 @@ async def test_a_polling_reader_gets_every_event_once_under_concurrent_writers(
                 cursor = batch[-1].id
             elif writers.done():
                 break
-            await asyncio.sleep(0)  # let the writers run between polls
+            await asyncio.sleep(0)  # wait-ok: yield to the writers between polls
         await writers
         while batch := await reader.events_after(cursor, 7):
             got.extend(e.id for e in batch)
