@@ -39,6 +39,8 @@ SkipCheck = Callable[[], Awaitable[int | None]]
 
 #: Seconds between checks while a consumer skips ahead (no listener, no endpoint).
 SKIP_INTERVAL = 0.5
+#: Seconds between stores of the position while skipping ahead.
+SKIP_PERSIST_INTERVAL = 5.0
 
 #: The durable bus stream every lifecycle event is appended to.
 EVENTS_STREAM = "events"
@@ -78,6 +80,7 @@ class OutboxConsumer:
         self._wake = asyncio.Event()
         self.delivered = 0
         self.skipping = False  # the last step skipped ahead: nobody needs the events now
+        self._persisted_at = 0.0  # monotonic time the position was last stored
 
     @property
     def leader(self) -> bool:
@@ -115,10 +118,13 @@ class OutboxConsumer:
             target = await self.skip_to()
             if target is not None:  # nobody needs these events: move on without reading
                 self.skipping = True
-                if target > self._position and await self.store.advance_consumer(
-                    self.name, self.owner, target, self._clock()
-                ):
+                if target > self._position:
                     self._position = target
+                    # Persisted now and then only: a successor that starts from an older
+                    # position skips again (or, if someone listens by then, repeats a
+                    # few old events: at least once). Saves a commit per check.
+                    if time.monotonic() - self._persisted_at > SKIP_PERSIST_INTERVAL:
+                        await self._persist(target)
                 return 0
             self.skipping = False
         events = await self.store.events_after(self._position, self.batch)
@@ -126,13 +132,20 @@ class OutboxConsumer:
             return 0
         await self.handler(events)
         last = events[-1].id
-        if not await self.store.advance_consumer(self.name, self.owner, last, self._clock()):
-            log.warning("outbox_lease_lost", consumer=self.name, owner=self.owner)
-            self._position = None  # someone else took over; it re-sends from its position
+        if not await self._persist(last):
             return 0
         self._position = last
         self.delivered += len(events)
         return len(events)
+
+    async def _persist(self, position: int) -> bool:
+        """Store the position; False (and the lease dropped) if another owner has it."""
+        if not await self.store.advance_consumer(self.name, self.owner, position, self._clock()):
+            log.warning("outbox_lease_lost", consumer=self.name, owner=self.owner)
+            self._position = None  # someone else took over; it re-sends from its position
+            return False
+        self._persisted_at = time.monotonic()
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; store and handler errors are retried with backoff."""
@@ -159,6 +172,7 @@ class OutboxConsumer:
                 await _wait(stop, self.poll_interval, self._wake)
         if self._position is not None:
             with contextlib.suppress(Exception):
+                await self._persist(self._position)  # a skipped-ahead position, if any
                 await self.store.release_consumer(self.name, self.owner, self._clock())
             self._position = None
 
