@@ -7,6 +7,7 @@ the lines handlers append to a log file, not from the store or the logs.
 from __future__ import annotations
 
 import signal
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -114,12 +115,26 @@ async def test_zombie_late_completion_is_rejected(app, db, log, tmp_path):
             b.wait()
 
 
+def running_now(log) -> int:
+    """Attempts that logged 'start' but not yet 'done'."""
+    events = Counter(ev for *_x, ev in exec_lines(log))
+    return events["start"] - events["done"]
+
+
 async def test_sigterm_under_load_loses_nothing(app, db, log, tmp_path):
-    n = 400
-    jobs = await app.submit_many([app.new_job("slow", {"seconds": 0.2}) for _ in range(n)])
+    n = 300
+    # Jobs of 0.6 s: the poll below may notice a running batch up to 0.2 s late, and the
+    # batch must still be running when the 0.05 s grace period ends.
+    jobs = await app.submit_many([app.new_job("slow", {"seconds": 0.6}) for _ in range(n)])
     ids = {r.job.id for r in jobs}
     a = worker(db, tmp_path, log, "a", CONVEYOR_CONCURRENCY="50", CONVEYOR_SHUTDOWN_GRACE="0.05")
-    wait_until(lambda: len(done_counts(log)) >= 60, 30, "some jobs to complete")
+    # SIGTERM while many jobs are mid-flight (started, not done), not in the gap
+    # between one batch finishing and the next starting.
+    wait_until(
+        lambda: len(done_counts(log)) >= 60 and running_now(log) >= 20,
+        30,
+        "some jobs to complete and others to be running",
+    )
     a.signal(signal.SIGTERM)
     assert a.wait(30) == 0, a.output()
     assert "worker_releasing_jobs" in a.output()  # the grace period ran out: jobs released
