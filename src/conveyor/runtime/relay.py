@@ -105,7 +105,9 @@ class OutboxConsumer:
             return False
         if self._position is None:
             log.info("outbox_lease_taken", consumer=self.name, owner=self.owner, position=position)
-        self._position = position
+            self._position = position
+        else:  # renewed: ours may be ahead (skipped, not yet stored), or a successor's
+            self._position = max(self._position, position)
         self._lease_until = started + self.lease_ttl
         return True
 
