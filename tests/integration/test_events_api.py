@@ -465,3 +465,24 @@ async def test_a_websocket_client_that_stops_reading_is_closed_with_a_reason(
             assert "slow consumer" in closed.value.rcvd.reason
     finally:
         await app.close()
+
+
+async def test_a_skipping_relay_stores_its_position_now_and_then_and_catches_up_idle(
+    cv: Conveyor,
+) -> None:
+    async def nobody(events: Any) -> None:
+        raise AssertionError("a skipping relay reads no events")
+
+    relay = OutboxConsumer(
+        cv.store, "relay", nobody, clock=cv.now, skip_to=skip_unheard(cv.store, MemoryBus())
+    )
+    await cv.submit_many([cv.new_job("test_job") for _ in range(3)])
+    assert await relay.step() == 0
+    first = await cv.store.latest_event_id()
+    assert await cv.store.consumer_positions() == {"relay": first}  # the first skip is stored
+    await cv.submit_many([cv.new_job("test_job") for _ in range(3)])
+    assert await relay.step() == 0
+    assert await cv.store.consumer_positions() == {"relay": first}  # not on every check
+    relay.skip_persist_interval = 0.0  # time has passed: the next (idle) check stores it
+    assert await relay.step() == 0
+    assert await cv.store.consumer_positions() == {"relay": await cv.store.latest_event_id()}

@@ -81,6 +81,8 @@ class OutboxConsumer:
         self.delivered = 0
         self.skipping = False  # the last step skipped ahead: nobody needs the events now
         self._persisted_at = 0.0  # monotonic time the position was last stored
+        self._stored = -1  # the position last stored by this owner
+        self.skip_persist_interval = SKIP_PERSIST_INTERVAL
 
     @property
     def leader(self) -> bool:
@@ -108,6 +110,7 @@ class OutboxConsumer:
             self._position = position
         else:  # renewed: ours may be ahead (skipped, not yet stored), or a successor's
             self._position = max(self._position, position)
+        self._stored = position
         self._lease_until = started + self.lease_ttl
         return True
 
@@ -120,13 +123,16 @@ class OutboxConsumer:
             target = await self.skip_to()
             if target is not None:  # nobody needs these events: move on without reading
                 self.skipping = True
-                if target > self._position:
-                    self._position = target
-                    # Persisted now and then only: a successor that starts from an older
-                    # position skips again (or, if someone listens by then, repeats a
-                    # few old events: at least once). Saves a commit per check.
-                    if time.monotonic() - self._persisted_at > SKIP_PERSIST_INTERVAL:
-                        await self._persist(target)
+                self._position = max(self._position, target)
+                # Stored now and then only: a successor that starts from an older
+                # position skips again (or, if someone listens by then, repeats a few
+                # old events: at least once). Saves a commit per check, and the stored
+                # position (the lag operators see) catches up within a few seconds.
+                if (
+                    self._position > self._stored
+                    and time.monotonic() - self._persisted_at > self.skip_persist_interval
+                ):
+                    await self._persist(self._position)
                 return 0
             self.skipping = False
         events = await self.store.events_after(self._position, self.batch)
@@ -147,6 +153,7 @@ class OutboxConsumer:
             self._position = None  # someone else took over; it re-sends from its position
             return False
         self._persisted_at = time.monotonic()
+        self._stored = position
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
