@@ -194,39 +194,14 @@ class RedisBus(EventBus):
         # Commands retry a little on their own (a dropped pooled connection is reopened);
         # longer outages are ridden out by the loops below, with their own backoff.
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3)
-        # RESP2 pinned: the reply shapes parsed below are the same in redis-py 5 to 8
-        # (8 defaults to RESP3).
-        self._client = aioredis.Redis.from_url(
-            self._url,
-            socket_connect_timeout=2.0,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_keepalive=True,
-            retry=retry,
-            decode_responses=False,
-            protocol=2,
-        )
+        self._client = self._connect(SOCKET_TIMEOUT, retry)
         # Pipelines (publish_many, append) go through a client without a socket timeout:
         # redis-py would wrap every reply read of a pipeline in its own timeout (40% of
         # the CPU of a 100-message publish); one asyncio.timeout per call bounds it instead.
-        self._pipe_client = aioredis.Redis.from_url(
-            self._url,
-            socket_connect_timeout=2.0,
-            socket_timeout=None,
-            socket_keepalive=True,
-            retry=retry,
-            decode_responses=False,
-            protocol=2,
-        )
+        self._pipe_client = self._connect(None, retry)
         # The pub/sub connection never retries inside redis-py: the reader owns reconnecting.
-        self._sub_client = aioredis.Redis.from_url(
-            self._url,
-            socket_connect_timeout=2.0,
-            socket_timeout=SOCKET_TIMEOUT,  # blocking pub/sub reads are exempt (redis-py)
-            socket_keepalive=True,
-            retry=Retry(ExponentialBackoff(), retries=0),
-            decode_responses=False,
-            protocol=2,
-        )
+        # (Blocking pub/sub reads are exempt from the socket timeout in redis-py.)
+        self._sub_client = self._connect(SOCKET_TIMEOUT, Retry(ExponentialBackoff(), retries=0))
         try:
             async with asyncio.timeout(10.0):
                 await self._client.ping()
@@ -248,6 +223,19 @@ class RedisBus(EventBus):
                 f"Redis at {self._safe_url} did not confirm a subscription in {CONFIRM_TIMEOUT:g}s"
             ) from None
         log.info("bus.redis_opened", url=self._safe_url, prefix=self.keys.prefix)
+
+    def _connect(self, socket_timeout: float | None, retry: Retry) -> aioredis.Redis:
+        # RESP2 pinned: the reply shapes parsed below are the same in redis-py 5 to 8
+        # (8 defaults to RESP3).
+        return aioredis.Redis.from_url(
+            self._url,
+            socket_connect_timeout=2.0,
+            socket_timeout=socket_timeout,
+            socket_keepalive=True,
+            retry=retry,
+            decode_responses=False,
+            protocol=2,
+        )
 
     async def close(self) -> None:
         self._closed = True
