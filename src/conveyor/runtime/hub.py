@@ -50,7 +50,6 @@ class Subscriber:
     max_lag: int
     next: int | None = None  # absolute log position to read next; None = not attached
     dropped: str | None = None
-    last_id: int = 0
     dropped_event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -190,7 +189,6 @@ class EventHub:
                 changed = self._changed
                 items = self._take(sub, max_batch)
                 if items:
-                    sub.last_id = items[-1][0]
                     yield items
                 elif sub.next == self.head:
                     await changed.wait()

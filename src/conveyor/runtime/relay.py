@@ -78,7 +78,6 @@ class OutboxConsumer:
         self._position: int | None = None  # None = lease not held
         self._lease_until = 0.0  # monotonic
         self._wake = asyncio.Event()
-        self.delivered = 0
         self.skipping = False  # the last step skipped ahead: nobody needs the events now
         self._persisted_at = 0.0  # monotonic time the position was last stored
         self._stored = -1  # the position last stored by this owner
@@ -143,7 +142,6 @@ class OutboxConsumer:
         if not await self._persist(last):
             return 0
         self._position = last
-        self.delivered += len(events)
         return len(events)
 
     async def _persist(self, position: int) -> bool:
@@ -202,9 +200,14 @@ def skip_unheard(store: Store, bus: EventBus) -> SkipCheck:
     with no matching subscriber or consumer group). The newest id is read first,
     so a listener that arrives after the check gets everything after it."""
 
+    def heard() -> bool:
+        return bus.reaches_anyone(EVENT_TYPES, EVENTS_STREAM)
+
     async def check() -> int | None:
+        if heard():  # the common case on Redis: no query
+            return None
         latest = await store.latest_event_id()
-        return None if bus.reaches_anyone(EVENT_TYPES, EVENTS_STREAM) else latest
+        return None if heard() else latest
 
     return check
 
