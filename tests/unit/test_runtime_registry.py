@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from conveyor.app import Conveyor
 from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
+from conveyor.domain.job import NewJob
 from conveyor.runtime.registry import JobDefinition, payload_model
 from conveyor.settings import Settings
 from conveyor.storage.memory import MemoryStore
@@ -191,3 +193,35 @@ def test_bad_registration_options_are_refused(app: Conveyor) -> None:
 
 def test_field_error_is_a_value() -> None:
     assert FieldError("a", "b") == FieldError("a", "b")
+
+
+def test_new_job_fills_every_field_from_options_and_defaults(app: Conveyor) -> None:
+    app.job("typed", queue="q1", priority=7, max_retries=2, timeout=1.5)(send_email)
+    run_at = datetime(2030, 1, 1, tzinfo=UTC)
+    new = app.new_job(
+        "typed",
+        {"to": "a@b.c", "subject": "s"},
+        idempotency_key="k",
+        depends_on=["p1", "p2"],
+        metadata={"m": 1},
+        created_by="me",
+        run_at=run_at,
+    )
+    assert new == NewJob(
+        job_type="typed",
+        payload={"to": "a@b.c", "subject": "s"},
+        queue="q1",
+        priority=7,
+        max_retries=2,
+        timeout_ms=1500,
+        run_at=run_at,
+        idempotency_key="k",
+        depends_on=("p1", "p2"),
+        metadata={"m": 1},
+        created_by="me",
+    )
+    other = app.new_job("untyped", queue="q2", priority=9, max_retries=0, timeout_ms=5)
+    assert (other.queue, other.priority, other.max_retries, other.timeout_ms) == ("q2", 9, 0, 5)
+    assert (other.payload, other.metadata, other.depends_on, other.run_at) == ({}, {}, (), None)
+    with pytest.raises(ValidationError, match="Invalid payload"):
+        app.new_job("typed", {"to": "a@b.c"})

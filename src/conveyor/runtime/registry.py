@@ -47,7 +47,11 @@ class JobDefinition:
         if self._model is None:
             return
         try:
-            self._model.model_validate(dict(payload), strict=False)
+            # The model's validator itself: ``model_validate`` adds a wrapper and
+            # a copy per call, and bulk submits validate thousands of payloads.
+            self._model.__pydantic_validator__.validate_python(
+                payload if type(payload) is dict else dict(payload), strict=False
+            )
         except pydantic.ValidationError as exc:
             details = [
                 FieldError(

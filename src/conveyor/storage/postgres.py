@@ -96,6 +96,15 @@ _UNAVAILABLE = (
 )
 
 
+def _usable(conn: Any) -> bool:
+    """A pooled connection still attached, open and outside a transaction (the
+    pool detaches a connection it saw break)."""
+    try:
+        return not conn.is_closed() and not conn.is_in_transaction()
+    except asyncpg.InterfaceError:  # "released back to the pool"
+        return False
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool release hook: skip asyncpg's default reset query (a round trip per use).
 
@@ -112,6 +121,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         decoder=orjson.loads,
         schema="pg_catalog",
     )
+
+
+def _event(r: asyncpg.Record) -> Event:
+    data, job_id = r["data"], r["job_id"]
+    if job_id is not None and "job_id" not in data:
+        data["job_id"] = job_id  # job_submitted stores it once, in its column
+    return Event(r["id"], r["type"], job_id, data, r["created_at"])
 
 
 def job_from_record(r: asyncpg.Record) -> Job:
@@ -152,6 +168,11 @@ class PostgresStore(Store):
         self.dsn = dsn
         self._min, self._max, self._timeout = min_size, max_size, connect_timeout
         self._pool: asyncpg.Pool | None = None
+        # One pooled connection kept out of the pool for whoever needs one while
+        # it is free: asyncpg's acquire + release cost ~110 us here, as much as
+        # a quarter of a single-job submit. Others take turns in the pool.
+        self._lane: Any = None
+        self._lane_busy = False
         self._anchors: dict[int, str] = {}  # event id -> its txid, for readers polling on
         self._listeners: list[Callable[[], None]] = []
         self._listen_task: asyncio.Task[None] | None = None
@@ -191,23 +212,62 @@ class PostgresStore(Store):
             self._listen_task = None
         pool, self._pool = self._pool, None
         if pool is not None:
+            await self._drop_lane(pool)
             await pool.close()
 
     @contextlib.asynccontextmanager
     async def _conn(self, tx: bool = False) -> AsyncIterator[asyncpg.Connection]:
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise StoreError("The PostgreSQL store is not open: call `await store.open()` first")
         try:
-            async with self._pool.acquire() as conn:
-                if tx:
-                    async with conn.transaction():
+            if self._lane_busy:
+                async with pool.acquire() as conn:
+                    if tx:
+                        async with conn.transaction():
+                            yield conn
+                    else:
                         yield conn
-                else:
-                    yield conn
+            else:
+                self._lane_busy = True
+                try:
+                    async with self._on_lane(pool, tx) as conn:
+                        yield conn
+                finally:
+                    self._lane_busy = False
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc}") from exc
         except asyncpg.PostgresError as exc:
             raise StoreError(f"PostgreSQL error: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _on_lane(self, pool: asyncpg.Pool, tx: bool) -> AsyncIterator[asyncpg.Connection]:
+        conn = self._lane
+        if conn is not None and not _usable(conn):
+            await self._drop_lane(pool)
+            conn = None
+        if conn is None:
+            conn = self._lane = await pool.acquire()
+        try:
+            if tx:
+                async with conn.transaction():
+                    yield conn
+            else:
+                yield conn
+        except BaseException as exc:
+            # A statement's own error leaves the connection usable; anything else
+            # (cancelled mid-query, connection lost) goes back to the pool, whose
+            # release rolls back, waits out a cancel or closes it; a fresh one
+            # takes its place on next use.
+            if not isinstance(exc, asyncpg.PostgresError) or not _usable(conn):
+                await self._drop_lane(pool)
+            raise
+
+    async def _drop_lane(self, pool: asyncpg.Pool) -> None:
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            with contextlib.suppress(Exception):  # released already, or broken
+                await pool.release(lane)
 
     async def migrate(self) -> list[str]:
         applied_now: list[str] = []
@@ -286,6 +346,69 @@ class PostgresStore(Store):
         async with self._conn(tx=needs_tx) as conn:
             return await self._enqueue(conn, jobs, payloads, metas, now)
 
+    async def _insert_batch(
+        self,
+        conn: asyncpg.Connection,
+        ids: list[str],
+        jobs: Sequence[NewJob],
+        states: list[str],
+        errors: list[str | None],
+        run_ats: list[datetime],
+        payloads: list[str],
+        metas: list[str],
+        now: datetime,
+        keep: list[int],
+        dup_of: dict[int, str],
+    ) -> set[str | None]:
+        """insert_jobs for the jobs at ``keep``: the ids inserted (not duplicates),
+        and None for the NOTIFY row."""
+
+        def col(values: Sequence[Any]) -> list[Any]:
+            return [values[i] for i in keep] if dup_of else list(values)
+
+        def shared(values: Sequence[Any]) -> list[Any]:
+            """The column, or its one value when every job has it (see insert_jobs)."""
+            column = col(values)
+            if len(column) > 1 and column.count(column[0]) == len(column):
+                return column[:1]
+            return column
+
+        queues = shared([j.queue for j in jobs])
+        job_types = shared([j.job_type for j in jobs])
+        kept_states = shared(states)
+        priorities = shared([j.priority for j in jobs])
+        event_data = None
+        if len(queues) == len(job_types) == len(kept_states) == len(priorities) == 1:
+            event_data = {
+                "job_type": job_types[0],
+                "queue": queues[0],
+                "status": kept_states[0],
+                "attempt": 0,
+                "priority": priorities[0],
+            }
+        return {
+            r["id"]
+            for r in await conn.fetch(
+                Q["insert_jobs"],
+                col(ids),
+                queues,
+                job_types,
+                kept_states,
+                priorities,
+                col(payloads),
+                shared(errors),
+                shared([j.max_retries for j in jobs]),
+                shared([j.timeout_ms for j in jobs]),
+                shared(run_ats),
+                shared([j.idempotency_key for j in jobs]),
+                shared([j.workflow_id for j in jobs]),
+                shared([j.created_by for j in jobs]),
+                shared(metas),
+                now,
+                event_data,
+            )
+        }
+
     async def _enqueue(
         self,
         conn: asyncpg.Connection,
@@ -333,31 +456,31 @@ class PostgresStore(Store):
                 elif st != "cancelled":
                     batch_keys.setdefault(key, ids[i])
         keep = [i for i in range(len(jobs)) if i not in dup_of]
-
-        def col(values: Sequence[Any]) -> list[Any]:
-            return [values[i] for i in keep] if dup_of else list(values)
-
-        inserted = {
-            r["id"]
-            for r in await conn.fetch(
-                Q["insert_jobs"],
-                col(ids),
-                col([j.queue for j in jobs]),
-                col([j.job_type for j in jobs]),
-                col(states),
-                col([j.priority for j in jobs]),
-                col(payloads),
-                col(errors),
-                col([j.max_retries for j in jobs]),
-                col([j.timeout_ms for j in jobs]),
-                col(run_ats),
-                col([j.idempotency_key for j in jobs]),
-                col([j.workflow_id for j in jobs]),
-                col([j.created_by for j in jobs]),
-                col(metas),
+        if len(jobs) == 1 and not dup_of:
+            one = jobs[0]
+            rows = await conn.fetch(
+                Q["insert_job"],
+                ids[0],
+                one.queue,
+                one.job_type,
+                states[0],
+                one.priority,
+                payloads[0],
+                errors[0],
+                one.max_retries,
+                one.timeout_ms,
+                run_ats[0],
+                one.idempotency_key,
+                one.workflow_id,
+                one.created_by,
+                metas[0],
                 now,
             )
-        }
+            inserted: set[str | None] = {r["id"] for r in rows}
+        else:
+            inserted = await self._insert_batch(
+                conn, ids, jobs, states, errors, run_ats, payloads, metas, now, keep, dup_of
+            )
         inserted.discard(None)  # the NOTIFY row
         existing: dict[str, Job] = {}
         if len(inserted) < len(jobs):
@@ -405,11 +528,13 @@ class PostgresStore(Store):
                             idempotency_key=new.idempotency_key,
                             workflow_id=new.workflow_id,
                             created_by=new.created_by,
-                            metadata=orjson.loads(meta),
+                            metadata={} if meta == "{}" else orjson.loads(meta),
                             created_at=now,
                             updated_at=now,
                             completed_at=now if state == "cancelled" else None,
-                            depends_on=list(dict.fromkeys(new.depends_on)),
+                            depends_on=list(dict.fromkeys(new.depends_on))
+                            if new.depends_on
+                            else [],
                         ),
                         False,
                     )
@@ -783,7 +908,7 @@ class PostgresStore(Store):
             if len(self._anchors) >= 256:
                 self._anchors.clear()
             self._anchors[rows[-1]["id"]] = rows[-1]["anchor"]
-        return [Event(r["id"], r["type"], r["job_id"], r["data"], r["created_at"]) for r in rows]
+        return [_event(r) for r in rows]
 
     async def activity(self, since: datetime) -> Activity:
         async with self._conn() as conn:

@@ -23,11 +23,38 @@ INSERT INTO public.conveyor_schema_migrations (version, name, checksum) VALUES (
 SELECT id, state FROM conveyor.jobs WHERE id = ANY($1::text[]) FOR SHARE
 
 -- name: insert_jobs
+-- $1 (ids) and $6 (payloads) hold one element per job. Every other column holds
+-- one per job too, or, when all jobs of the batch share its value (the usual
+-- bulk submit), that value once: less for the client to encode and send.
+-- $16: the job_submitted event data when the batch shares job type, queue,
+-- state and priority (one JSON value for all), else NULL (built per row). The
+-- job id is not repeated in the data: it is the event's job_id column.
 WITH new AS (
     -- JSON arrives as text[] (a jsonb[] parameter would read a JSON list as a dimension).
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[],
-                         $6::text[], $7::text[], $8::integer[], $9::integer[],
-                         $10::timestamptz[], $11::text[], $12::text[], $13::text[], $14::text[])
+    SELECT t.id,
+           CASE WHEN cardinality($2::text[]) = 1 THEN $2[1] ELSE t.queue END AS queue,
+           CASE WHEN cardinality($3::text[]) = 1 THEN $3[1] ELSE t.job_type END AS job_type,
+           CASE WHEN cardinality($4::text[]) = 1 THEN $4[1] ELSE t.state END AS state,
+           CASE WHEN cardinality($5::smallint[]) = 1 THEN $5[1] ELSE t.priority END
+               AS priority,
+           t.payload,
+           CASE WHEN cardinality($7::text[]) = 1 THEN $7[1] ELSE t.error END AS error,
+           CASE WHEN cardinality($8::integer[]) = 1 THEN $8[1] ELSE t.max_retries END
+               AS max_retries,
+           CASE WHEN cardinality($9::integer[]) = 1 THEN $9[1] ELSE t.timeout_ms END
+               AS timeout_ms,
+           CASE WHEN cardinality($10::timestamptz[]) = 1 THEN $10[1] ELSE t.run_at END
+               AS run_at,
+           CASE WHEN cardinality($11::text[]) = 1 THEN $11[1] ELSE t.idempotency_key END
+               AS idempotency_key,
+           CASE WHEN cardinality($12::text[]) = 1 THEN $12[1] ELSE t.workflow_id END
+               AS workflow_id,
+           CASE WHEN cardinality($13::text[]) = 1 THEN $13[1] ELSE t.created_by END
+               AS created_by,
+           CASE WHEN cardinality($14::text[]) = 1 THEN $14[1] ELSE t.metadata END AS metadata
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::smallint[],
+                $6::text[], $7::text[], $8::integer[], $9::integer[],
+                $10::timestamptz[], $11::text[], $12::text[], $13::text[], $14::text[])
         AS t(id, queue, job_type, state, priority, payload, error, max_retries, timeout_ms,
              run_at, idempotency_key, workflow_id, created_by, metadata)
 ), ins AS (
@@ -45,13 +72,41 @@ WITH new AS (
 ), ev AS (
     INSERT INTO conveyor.events (type, job_id, data, created_at)
     SELECT 'job_submitted', id,
-           jsonb_build_object('job_id', id, 'job_type', job_type, 'queue', queue,
-                              'status', state, 'attempt', 0, 'priority', priority),
+           COALESCE($16::jsonb,
+                    jsonb_build_object('job_type', job_type, 'queue', queue, 'status', state,
+                                       'attempt', 0, 'priority', priority)),
            $15
     FROM ins
 ), wake AS (
     -- One NOTIFY per statement (delivered at commit), only if a job is ready.
     SELECT pg_notify('conveyor_jobs', '') FROM ins WHERE state = 'pending' LIMIT 1
+)
+SELECT id FROM ins
+UNION ALL
+SELECT NULL FROM wake
+
+-- name: insert_job
+-- insert_jobs for a single job, with plain parameters: for one row, encoding and
+-- unpacking fourteen arrays costs more than the insert itself.
+WITH ins AS (
+    INSERT INTO conveyor.jobs (id, queue, job_type, state, priority, payload, error,
+                               max_retries, timeout_ms, run_at, idempotency_key, workflow_id,
+                               created_by, metadata, created_at, updated_at, completed_at)
+    VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11, $12, $13,
+            $14::text::jsonb, $15, $15, CASE WHEN $4::text = 'cancelled' THEN $15::timestamptz END)
+    ON CONFLICT (idempotency_key)
+        WHERE idempotency_key IS NOT NULL AND state IN ('blocked', 'pending', 'running')
+        DO NOTHING
+    RETURNING id, job_type, queue, state, priority
+), ev AS (
+    INSERT INTO conveyor.events (type, job_id, data, created_at)
+    SELECT 'job_submitted', id,
+           jsonb_build_object('job_type', job_type, 'queue', queue, 'status', state,
+                              'attempt', 0, 'priority', priority),
+           $15
+    FROM ins
+), wake AS (
+    SELECT pg_notify('conveyor_jobs', '') FROM ins WHERE state = 'pending'
 )
 SELECT id FROM ins
 UNION ALL

@@ -1,0 +1,99 @@
+"""The PostgreSQL store's connections: the kept connection ("lane") that spares
+single calls the pool's acquire/release survives statement errors, cancels and
+a killed backend, and concurrent calls still share the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+
+from conveyor.domain.errors import StoreError, StoreUnavailable
+from conveyor.domain.job import NewJob
+from conveyor.storage.postgres import PostgresStore
+
+pytestmark = pytest.mark.usefixtures("pg_server")
+
+
+@pytest.fixture
+async def store(postgres_dsn: str) -> AsyncIterator[PostgresStore]:
+    s = PostgresStore(postgres_dsn, max_size=4)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def submit(store: PostgresStore, n: int = 1) -> None:
+    await store.enqueue_many([NewJob("lane") for _ in range(n)], datetime.now(UTC))
+
+
+async def backend_pid(store: PostgresStore) -> int:
+    async with store._conn() as conn:
+        pid: int = await conn.fetchval("SELECT pg_backend_pid()")
+    return pid
+
+
+async def test_a_statement_error_keeps_the_connection(store: PostgresStore) -> None:
+    pid = await backend_pid(store)
+    with pytest.raises(StoreError, match="division by zero"):
+        async with store._conn() as conn:
+            await conn.execute("SELECT 1/0")
+    await submit(store)
+    assert await backend_pid(store) == pid
+
+
+async def test_a_call_cancelled_mid_query_leaves_a_working_store(store: PostgresStore) -> None:
+    async def slow() -> None:
+        async with store._conn() as conn:
+            await conn.execute("SELECT pg_sleep(30)")
+
+    task = asyncio.create_task(slow())
+    deadline = time.monotonic() + 10
+    while not store._lane_busy:  # the sleep holds the lane
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)  # wait-ok: polling a condition with a deadline
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    started = time.monotonic()
+    await submit(store)
+    assert time.monotonic() - started < 5, "the next call waited for the cancelled sleep"
+    counts = await store.count_by_state()
+    assert sum(counts.values()) == 1
+
+
+async def test_a_killed_backend_costs_at_most_one_failed_call(
+    store: PostgresStore, postgres_dsn: str
+) -> None:
+    import asyncpg
+
+    pid = await backend_pid(store)
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+
+    failures, deadline = 0, time.monotonic() + 10
+    while True:
+        try:
+            await submit(store)
+            break
+        except StoreUnavailable:
+            failures += 1
+            assert time.monotonic() < deadline, "the store did not recover"
+    assert failures <= 1
+    assert await backend_pid(store) != pid
+    assert sum((await store.count_by_state()).values()) == 1
+
+
+async def test_concurrent_calls_share_the_pool(store: PostgresStore) -> None:
+    await asyncio.gather(*(submit(store, 3) for _ in range(40)))
+    assert sum((await store.count_by_state()).values()) == 120
+    assert not store._lane_busy
