@@ -123,6 +123,47 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+_OVERLAP_FROM = 64  # batch size from which building the returned jobs overlaps the insert
+
+
+def _new_jobs(
+    jobs: Sequence[NewJob],
+    ids: list[str],
+    states: list[str],
+    errors: list[str | None],
+    run_ats: list[datetime],
+    payloads: list[str],
+    metas: list[str],
+    now: datetime,
+) -> list[Job]:
+    """The jobs as inserted (what the store would read back)."""
+    return [
+        Job(
+            id=job_id,
+            job_type=new.job_type,
+            state=_STATES[state],
+            payload=orjson.loads(payload),
+            queue=new.queue,
+            priority=new.priority,
+            max_retries=new.max_retries,
+            timeout_ms=new.timeout_ms,
+            run_at=run_at,
+            error=error,
+            idempotency_key=new.idempotency_key,
+            workflow_id=new.workflow_id,
+            created_by=new.created_by,
+            metadata={} if meta == "{}" else orjson.loads(meta),
+            created_at=now,
+            updated_at=now,
+            completed_at=now if state == "cancelled" else None,
+            depends_on=list(dict.fromkeys(new.depends_on)) if new.depends_on else [],
+        )
+        for new, job_id, state, error, run_at, payload, meta in zip(
+            jobs, ids, states, errors, run_ats, payloads, metas, strict=True
+        )
+    ]
+
+
 def _event(r: asyncpg.Record) -> Event:
     data, job_id = r["data"], r["job_id"]
     if job_id is not None and "job_id" not in data:
@@ -386,7 +427,10 @@ class PostgresStore(Store):
                 "attempt": 0,
                 "priority": priorities[0],
             }
-        return {
+        inserted: set[str | None] = {
+            ids[i] for i in keep if jobs[i].idempotency_key is None
+        }  # see insert_jobs: the others' ids come back if they were inserted
+        inserted.update(
             r["id"]
             for r in await conn.fetch(
                 Q["insert_jobs"],
@@ -407,7 +451,8 @@ class PostgresStore(Store):
                 now,
                 event_data,
             )
-        }
+        )
+        return inserted
 
     async def _enqueue(
         self,
@@ -477,10 +522,27 @@ class PostgresStore(Store):
                 now,
             )
             inserted: set[str | None] = {r["id"] for r in rows}
-        else:
+            built = _new_jobs(jobs, ids, states, errors, run_ats, payloads, metas, now)
+        elif len(jobs) < _OVERLAP_FROM:
             inserted = await self._insert_batch(
                 conn, ids, jobs, states, errors, run_ats, payloads, metas, now, keep, dup_of
             )
+            built = _new_jobs(jobs, ids, states, errors, run_ats, payloads, metas, now)
+        else:
+            # Build the jobs to return while PostgreSQL inserts them (two cores, not one).
+            insert = asyncio.ensure_future(
+                self._insert_batch(
+                    conn, ids, jobs, states, errors, run_ats, payloads, metas, now, keep, dup_of
+                )
+            )
+            try:
+                await asyncio.sleep(0)  # the insert task runs until it has sent the statement
+                built = _new_jobs(jobs, ids, states, errors, run_ats, payloads, metas, now)
+                inserted = await insert
+            finally:
+                if not insert.done():  # we were cancelled: the connection must be free again
+                    insert.cancel()
+                    await asyncio.wait([insert])
         inserted.discard(None)  # the NOTIFY row
         existing: dict[str, Job] = {}
         if len(inserted) < len(jobs):
@@ -507,38 +569,12 @@ class PostgresStore(Store):
         ]
         if dep_children:
             await conn.execute(Q["insert_dependencies"], dep_children, dep_parents)
+        if not existing:
+            return [EnqueueResult(job, False) for job in built]
         results = []
-        for new, job_id, state, error, run_at, payload, meta in zip(
-            jobs, ids, states, errors, run_ats, payloads, metas, strict=True
-        ):
-            if job_id in inserted:
-                results.append(
-                    EnqueueResult(
-                        Job(
-                            id=job_id,
-                            job_type=new.job_type,
-                            state=_STATES[state],
-                            payload=orjson.loads(payload),
-                            queue=new.queue,
-                            priority=new.priority,
-                            max_retries=new.max_retries,
-                            timeout_ms=new.timeout_ms,
-                            run_at=run_at,
-                            error=error,
-                            idempotency_key=new.idempotency_key,
-                            workflow_id=new.workflow_id,
-                            created_by=new.created_by,
-                            metadata={} if meta == "{}" else orjson.loads(meta),
-                            created_at=now,
-                            updated_at=now,
-                            completed_at=now if state == "cancelled" else None,
-                            depends_on=list(dict.fromkeys(new.depends_on))
-                            if new.depends_on
-                            else [],
-                        ),
-                        False,
-                    )
-                )
+        for new, job in zip(jobs, built, strict=True):
+            if job.id in inserted:
+                results.append(EnqueueResult(job, False))
             else:
                 assert new.idempotency_key is not None
                 results.append(EnqueueResult(existing[new.idempotency_key], True))

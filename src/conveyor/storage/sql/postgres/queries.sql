@@ -29,6 +29,9 @@ SELECT id, state FROM conveyor.jobs WHERE id = ANY($1::text[]) FOR SHARE
 -- $16: the job_submitted event data when the batch shares job type, queue,
 -- state and priority (one JSON value for all), else NULL (built per row). The
 -- job id is not repeated in the data: it is the event's job_id column.
+-- Returns the ids of the inserted jobs that have an idempotency key (a job
+-- without one is always inserted: no need to send its id back), and a NULL
+-- row when a NOTIFY went out.
 WITH new AS (
     -- JSON arrives as text[] (a jsonb[] parameter would read a JSON list as a dimension).
     SELECT t.id,
@@ -68,7 +71,7 @@ WITH new AS (
     ON CONFLICT (idempotency_key)
         WHERE idempotency_key IS NOT NULL AND state IN ('blocked', 'pending', 'running')
         DO NOTHING
-    RETURNING id, job_type, queue, state, priority
+    RETURNING id, job_type, queue, state, priority, idempotency_key
 ), ev AS (
     INSERT INTO conveyor.events (type, job_id, data, created_at)
     SELECT 'job_submitted', id,
@@ -81,7 +84,7 @@ WITH new AS (
     -- One NOTIFY per statement (delivered at commit), only if a job is ready.
     SELECT pg_notify('conveyor_jobs', '') FROM ins WHERE state = 'pending' LIMIT 1
 )
-SELECT id FROM ins
+SELECT id FROM ins WHERE idempotency_key IS NOT NULL
 UNION ALL
 SELECT NULL FROM wake
 
