@@ -300,7 +300,8 @@ class Conveyor:
         self, jobs: Sequence[NewJob], *, connection: Any = None
     ) -> list[EnqueueResult]:
         """Submit many jobs in one transaction (all or none)."""
-        await self.open()
+        if not self._opened:
+            await self.open()
         results = await self.store.enqueue_many(jobs, self.now(), connection=connection)
         self.notify_listeners()
         self.events_written()
