@@ -93,7 +93,7 @@ class Producer:
         await self.app.enqueue("noop", {"i": i})
 
     async def enqueue_many(self, ids: list[int]) -> None:
-        await self.app.submit_many([self.app.new_job("noop", {"i": i}) for i in ids])
+        await self.app.enqueue_many("noop", [{"i": i} for i in ids])
 
 
 async def queued() -> dict[str, Any]:

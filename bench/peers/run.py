@@ -446,7 +446,7 @@ def make_peers(args: argparse.Namespace) -> list[Peer]:
             "conveyor",
             True,
             f"worker concurrency {c} (asyncpg pool 10, LISTEN/NOTIFY wake-ups, poll 1 s); "
-            "bulk = app.submit_many",
+            "bulk = app.enqueue_many",
             PG_DURABLE,
         ),
         Peer(
@@ -458,7 +458,7 @@ def make_peers(args: argparse.Namespace) -> list[Peer]:
             "conveyor",
             True,
             f"worker concurrency {c}; SQLite WAL, synchronous=FULL (store defaults); "
-            "bulk = app.submit_many",
+            "bulk = app.enqueue_many",
             "durable: each commit fsynced (SQLite WAL, synchronous=FULL)",
         ),
         Peer(

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -295,6 +296,56 @@ class Conveyor:
     ) -> Job:
         """Submit one job and return it once it is committed to the store."""
         return (await self.submit(job_type, payload, **options)).job
+
+    async def enqueue_many(
+        self,
+        job_type: str,
+        payloads: Iterable[Mapping[str, Any] | None],
+        *,
+        connection: Any = None,
+        **options: Any,
+    ) -> list[Job]:
+        """Submit one ``job_type`` job per payload, all in one transaction (all or
+        none); returns the jobs in the same order.
+
+        ``options`` (``queue``, ``priority``, ``delay``, ``depends_on``...) apply to
+        every job. For options that differ per job, build each with ``new_job``
+        and call ``submit_many``.
+        """
+        if "idempotency_key" in options:
+            raise ConfigurationError(
+                "enqueue_many gives every job the same options: an idempotency key names "
+                "one job. Build the jobs with new_job(..., idempotency_key=...) and call "
+                "submit_many"
+            )
+        items = list(payloads)
+        if not items:
+            return []
+        first = self.new_job(job_type, items[0], **options)  # defaults resolved once
+        definition = self.registry.get(job_type)
+        check = definition.validate_payload if definition is not None else None
+        jobs = [first]
+        for payload in islice(items, 1, None):
+            if payload is None:
+                payload = {}
+            if check is not None and (type(payload) is dict or isinstance(payload, Mapping)):
+                check(payload)
+            jobs.append(
+                NewJob(  # positional, in field order (see new_job)
+                    job_type,
+                    payload,
+                    first.queue,
+                    first.priority,
+                    first.max_retries,
+                    first.timeout_ms,
+                    first.run_at,
+                    None,
+                    first.depends_on,
+                    first.metadata,
+                    first.created_by,
+                )
+            )
+        return [r.job for r in await self.submit_many(jobs, connection=connection)]
 
     async def submit_many(
         self, jobs: Sequence[NewJob], *, connection: Any = None

@@ -225,3 +225,28 @@ def test_new_job_fills_every_field_from_options_and_defaults(app: Conveyor) -> N
     assert (other.payload, other.metadata, other.depends_on, other.run_at) == ({}, {}, (), None)
     with pytest.raises(ValidationError, match="Invalid payload"):
         app.new_job("typed", {"to": "a@b.c"})
+
+
+async def test_enqueue_many_submits_one_job_per_payload_with_shared_options(
+    app: Conveyor,
+) -> None:
+    app.job("typed", queue="q1")(send_email)
+    payloads = [{"to": f"{i}@b.c", "subject": "s"} for i in range(5)]
+    jobs = await app.enqueue_many("typed", payloads, priority=9, metadata={"m": 1})
+    assert [j.payload for j in jobs] == payloads
+    assert {(j.job_type, j.queue, j.priority, j.max_retries) for j in jobs} == {
+        ("typed", "q1", 9, 3)
+    }
+    assert all(j.metadata == {"m": 1} for j in jobs)
+    assert len({j.id for j in jobs}) == 5
+    assert await app.enqueue_many("typed", []) == []
+
+
+async def test_enqueue_many_with_one_bad_payload_stores_nothing(app: Conveyor) -> None:
+    app.job("typed")(send_email)
+    good = {"to": "a@b.c", "subject": "s"}
+    with pytest.raises(ValidationError, match="subject"):
+        await app.enqueue_many("typed", [good, good, {"to": "x@y.z"}, good])
+    with pytest.raises(ConfigurationError, match="idempotency key names one job"):
+        await app.enqueue_many("typed", [good, good], idempotency_key="k")
+    assert sum((await app.store.count_by_state()).values()) == 0

@@ -73,7 +73,7 @@ from conveyor.storage.base import (
     row_event,
     webhook_from_row,
 )
-from conveyor.storage.codec import dumps, roundtrip
+from conveyor.storage.codec import dumps_object, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.sql import load_migrations, load_queries
 
@@ -396,8 +396,8 @@ class PostgresStore(Store):
         self, jobs: Sequence[NewJob], now: datetime, *, connection: Any = None
     ) -> list[EnqueueResult]:
         validate_batch(jobs)
-        payloads = [dumps(dict(j.payload)) for j in jobs]
-        metas = [dumps(dict(j.metadata), "metadata") for j in jobs]
+        payloads = [dumps_object(j.payload) for j in jobs]
+        metas = [dumps_object(j.metadata, "metadata") for j in jobs]
         if connection is not None:
             # The caller's transaction: the jobs exist only if it commits.
             try:

@@ -76,7 +76,7 @@ from conveyor.storage.base import (
     row_event,
     webhook_from_row,
 )
-from conveyor.storage.codec import dumps
+from conveyor.storage.codec import dumps, dumps_object
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.sql import load_migrations, load_queries
 
@@ -982,7 +982,7 @@ def _job_params(new: NewJob, now: datetime) -> dict[str, Any]:
         "job_type": new.job_type,
         "state": "pending",
         "priority": new.priority,
-        "payload": dumps(dict(new.payload)),
+        "payload": dumps_object(new.payload),
         "error": None,
         "max_retries": new.max_retries,
         "timeout_ms": new.timeout_ms,
@@ -990,7 +990,7 @@ def _job_params(new: NewJob, now: datetime) -> dict[str, Any]:
         "idempotency_key": new.idempotency_key,
         "workflow_id": new.workflow_id,
         "created_by": new.created_by,
-        "metadata": dumps(dict(new.metadata), "metadata"),
+        "metadata": dumps_object(new.metadata, "metadata"),
         "created_at": ts,
         "completed_at": None,
     }
