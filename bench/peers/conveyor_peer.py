@@ -4,8 +4,9 @@
     python conveyor_peer.py produce single --n 1000
     python conveyor_peer.py queued
 
-``$BENCH_DB_URL`` names the database. The worker is what ``app.run_worker()``
-does (signals -> graceful stop), plus a stats file (peak RSS, CPU) at exit.
+``$BENCH_DB_URL`` names the database. The worker is what ``conveyor worker``
+does (``app.run_worker()`` on the CLI's event loop, uvloop when installed;
+signals -> graceful stop), plus a stats file (peak RSS, CPU) at exit.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import structlog
 from common import OUT_ENV, main, quiet_logging, stamp
 
 from conveyor.app import Conveyor
+from conveyor.cli.loop import run as run_loop
 from conveyor.settings import Settings
 
 
@@ -75,7 +77,7 @@ async def run_worker(concurrency: int) -> None:
 def worker_command(argv: list[str]) -> None:
     concurrency = int(argv[argv.index("--concurrency") + 1]) if "--concurrency" in argv else 200
     quiet()
-    asyncio.run(run_worker(concurrency))
+    run_loop(run_worker(concurrency))  # the loop `conveyor worker` runs on
 
 
 class Producer:

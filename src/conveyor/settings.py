@@ -11,6 +11,7 @@ from typing import Any
 from conveyor.domain.errors import ConfigurationError
 
 DEFAULT_DATABASE_URL = "sqlite:///./conveyor.db"
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # auto: uvloop when installed
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,7 @@ class Settings:
     webhook_disable_after: int = 20
     webhook_allow_private: bool = False
     ws_queue_size: int = 1_000
+    event_loop: str = "auto"  # one of EVENT_LOOPS
 
     def __post_init__(self) -> None:
         problems = [
@@ -76,6 +78,8 @@ class Settings:
             problems.append("ws_queue_size must be >= 1")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             problems.append("redis_url must start with redis://, rediss:// or unix://")
+        if self.event_loop not in EVENT_LOOPS:
+            problems.append(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
         if not self.queues or not all(self.queues):
             problems.append("queues must name at least one queue")
         if problems:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import sys
@@ -17,6 +16,7 @@ from rich.table import Table
 
 from conveyor.app import Conveyor
 from conveyor.cli.loader import apply_app
+from conveyor.cli.loop import run as run_loop
 from conveyor.domain.errors import ConveyorError, ValidationError
 from conveyor.domain.job import JobQuery
 from conveyor.domain.states import JobState
@@ -56,7 +56,7 @@ def run(coro_fn: Callable[[Conveyor], Awaitable[T]], app: Conveyor) -> T:
         async with app:
             return await coro_fn(app)
 
-    return asyncio.run(main())
+    return run_loop(main(), app.settings.event_loop)
 
 
 class ConveyorGroup(click.Group):
@@ -125,7 +125,10 @@ def worker(
     )
     for spec in apps:
         apply_app(app, spec)
-    asyncio.run(app.run_worker(worker_id=worker_id, maintenance=not no_maintenance))
+    run_loop(
+        app.run_worker(worker_id=worker_id, maintenance=not no_maintenance),
+        app.settings.event_loop,
+    )
 
 
 # -- up / api -------------------------------------------------------------------------
@@ -146,7 +149,7 @@ def _serve(
         apply_app(app, spec)
     if with_worker and not app.registry:
         raise click.UsageError("No job types to run: give --app MODULE or drop --no-demo")
-    asyncio.run(
+    run_loop(
         serve_forever(
             app,
             host=host,
@@ -154,7 +157,8 @@ def _serve(
             with_worker=with_worker,
             console=err,
             max_body_bytes=max_body_bytes,
-        )
+        ),
+        app.settings.event_loop,
     )
 
 
