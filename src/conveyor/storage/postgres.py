@@ -78,6 +78,9 @@ from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.sql import load_migrations, load_queries
 
 Q = load_queries("postgres")
+# insert_jobs for batches with an idempotency key (and without: no conflict possible)
+_INSERT_KEYED = Q["insert_jobs"].replace("{on_key_conflict}", Q["on_key_conflict"])
+_INSERT_UNKEYED = Q["insert_jobs"].replace("{on_key_conflict}", "")
 CHANNEL = "conveyor_jobs"
 log = structlog.get_logger("conveyor.postgres")
 
@@ -490,10 +493,11 @@ class PostgresStore(Store):
         inserted: set[str | None] = {
             ids[i] for i in keep if jobs[i].idempotency_key is None
         }  # see insert_jobs: the others' ids come back if they were inserted
+        keyed = len(inserted) < len(keep)
         inserted.update(
             r["id"]
             for r in await conn.fetch(
-                Q["insert_jobs"],
+                _INSERT_KEYED if keyed else _INSERT_UNKEYED,
                 col(ids),
                 queues,
                 job_types,

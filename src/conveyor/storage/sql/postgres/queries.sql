@@ -29,6 +29,9 @@ SELECT id, state FROM conveyor.jobs WHERE id = ANY($1::text[]) FOR SHARE
 -- $16: the job_submitted event data when the batch shares job type, queue,
 -- state and priority (one JSON value for all), else NULL (built per row). The
 -- job id is not repeated in the data: it is the event's job_id column.
+-- The placeholder in braces becomes the on_key_conflict clause when a job of
+-- the batch has an idempotency key, else nothing: a batch without keys cannot
+-- conflict, and speculative insertion costs ~5% of a bulk insert.
 -- Returns the ids of the inserted jobs that have an idempotency key (a job
 -- without one is always inserted: no need to send its id back), and a NULL
 -- row when a NOTIFY went out.
@@ -68,9 +71,7 @@ WITH new AS (
            run_at, idempotency_key, workflow_id, created_by, metadata::jsonb, $15, $15,
            CASE WHEN state = 'cancelled' THEN $15::timestamptz END
     FROM new
-    ON CONFLICT (idempotency_key)
-        WHERE idempotency_key IS NOT NULL AND state IN ('blocked', 'pending', 'running')
-        DO NOTHING
+    {on_key_conflict}
     RETURNING id, job_type, queue, state, priority, idempotency_key
 ), ev AS (
     INSERT INTO conveyor.events (type, job_id, data, created_at)
@@ -87,6 +88,12 @@ WITH new AS (
 SELECT id FROM ins WHERE idempotency_key IS NOT NULL
 UNION ALL
 SELECT NULL FROM wake
+
+-- name: on_key_conflict
+-- (A clause of insert_jobs.) A job whose key an active job holds is not inserted.
+ON CONFLICT (idempotency_key)
+    WHERE idempotency_key IS NOT NULL AND state IN ('blocked', 'pending', 'running')
+    DO NOTHING
 
 -- name: insert_job
 -- insert_jobs for a single job, with plain parameters: for one row, encoding and
