@@ -1,6 +1,7 @@
 """The PostgreSQL store's connections: the kept connection ("lane") that spares
 single calls the pool's acquire/release survives statement errors, cancels and
-a killed backend, and concurrent calls still share the pool."""
+a killed backend, and concurrent calls still share the pool; the job list
+pages through an index."""
 
 from __future__ import annotations
 
@@ -97,3 +98,20 @@ async def test_concurrent_calls_share_the_pool(store: PostgresStore) -> None:
     await asyncio.gather(*(submit(store, 3) for _ in range(40)))
     assert sum((await store.count_by_state()).values()) == 120
     assert not store._lane_busy
+
+
+async def test_the_default_job_list_reads_an_index_not_the_whole_table(
+    store: PostgresStore,
+) -> None:
+    from conveyor.domain.job import JobQuery
+    from conveyor.storage.postgres import list_sql
+
+    for _ in range(5):
+        await submit(store, 1000)
+    async with store._conn() as conn:
+        await conn.execute("ANALYZE conveyor.jobs")
+        for query in (JobQuery(), JobQuery(descending=False)):  # newest / oldest first
+            sql = "EXPLAIN " + list_sql(query)
+            plan = "\n".join(r[0] for r in await conn.fetch(sql, None, None, None, None, 50, 0))
+            assert "Index Scan" in plan and "jobs_created" in plan, plan
+            assert "Seq Scan" not in plan, plan

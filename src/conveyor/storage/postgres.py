@@ -167,6 +167,15 @@ def _new_jobs(
     ]
 
 
+def list_sql(query: JobQuery) -> str:
+    """The list_jobs statement in ``query``'s order (a validated sort field)."""
+    direction = "DESC" if query.descending else "ASC"
+    nulls = ""  # only completed_at can be NULL: a NULLS clause on a NOT NULL
+    if query.sort == "completed_at":  # column keeps its index from serving the order
+        nulls = " NULLS LAST" if query.descending else " NULLS FIRST"
+    return Q["list_jobs"].replace("{order_by}", f"{query.sort} {direction}{nulls}, seq {direction}")
+
+
 def _event(r: asyncpg.Record) -> Event:
     data, job_id = r["data"], r["job_id"]
     if job_id is not None and "job_id" not in data:
@@ -952,12 +961,7 @@ class PostgresStore(Store):
 
     async def list_jobs(self, query: JobQuery) -> Page:
         query.validate()
-        direction = "DESC" if query.descending else "ASC"
-        nulls = "NULLS LAST" if query.descending else "NULLS FIRST"
-        sql = Q["list_jobs"].replace(
-            "{order_by}",
-            f"{query.sort} {direction} {nulls}, seq {direction}",  # one of SORT_FIELDS
-        )
+        sql = list_sql(query)
         states = [s.value for s in query.states] if query.states else None
         args = (states, query.job_type, query.queue, query.created_by)
         async with self._conn() as conn:
