@@ -6,6 +6,7 @@ pages through an index."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -116,3 +117,21 @@ async def test_the_default_job_list_reads_an_index_not_the_whole_table(
             assert "Index Scan" in plan, plan
             assert "jobs_created" in plan, plan
             assert "Seq Scan" not in plan, plan
+
+
+async def test_a_batch_cancelled_mid_insert_is_all_or_nothing(store: PostgresStore) -> None:
+    jobs = [NewJob("lane", {"n": i}) for i in range(20_000)]
+    task = asyncio.create_task(store.enqueue_many(jobs, datetime.now(UTC)))
+    deadline = time.monotonic() + 10
+    while not store._lane_busy:  # the batch holds the kept connection
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.001)  # wait-ok: polling a condition with a deadline
+    await asyncio.sleep(0.02)  # wait-ok: let the insert statement reach the server
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):  # or it committed just before
+        await task
+
+    stored = sum((await store.count_by_state()).values())
+    assert stored in (0, len(jobs)), f"{stored} of {len(jobs)} jobs of one batch stored"
+    await submit(store)  # the store still works
+    assert sum((await store.count_by_state()).values()) == stored + 1
