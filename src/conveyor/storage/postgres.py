@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -129,42 +129,68 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 _OVERLAP_FROM = 64  # batch size from which building the returned jobs overlaps the insert
 
 
-def _new_jobs(
-    jobs: Sequence[NewJob],
-    ids: list[str],
-    states: list[str],
-    errors: list[str | None],
-    run_ats: list[datetime],
-    payloads: list[str],
-    metas: list[str],
+@dataclass(slots=True)
+class _Batch:
+    """Jobs being submitted, with the columns computed for them."""
+
+    jobs: Sequence[NewJob]
+    ids: list[str]
+    states: list[str]
+    errors: list[str | None]
+    run_ats: list[datetime]
+    payloads: list[str]  # JSON text
+    metas: list[str]  # JSON text
+    now: datetime
+    keep: list[int]  # the jobs to insert: not duplicates of a held key (see _enqueue)
+    dup_of: dict[int, str]
+
+    def new_jobs(self) -> list[Job]:
+        """The jobs as inserted (what the store would read back)."""
+        return [
+            _new_job(new, job_id, state, error, run_at, payload, meta, self.now)
+            for new, job_id, state, error, run_at, payload, meta in zip(
+                self.jobs,
+                self.ids,
+                self.states,
+                self.errors,
+                self.run_ats,
+                self.payloads,
+                self.metas,
+                strict=True,
+            )
+        ]
+
+
+def _new_job(
+    new: NewJob,
+    job_id: str,
+    state: str,
+    error: str | None,
+    run_at: datetime,
+    payload: str,
+    meta: str,
     now: datetime,
-) -> list[Job]:
-    """The jobs as inserted (what the store would read back)."""
-    return [
-        Job(
-            id=job_id,
-            job_type=new.job_type,
-            state=_STATES[state],
-            payload=orjson.loads(payload),
-            queue=new.queue,
-            priority=new.priority,
-            max_retries=new.max_retries,
-            timeout_ms=new.timeout_ms,
-            run_at=run_at,
-            error=error,
-            idempotency_key=new.idempotency_key,
-            workflow_id=new.workflow_id,
-            created_by=new.created_by,
-            metadata={} if meta == "{}" else orjson.loads(meta),
-            created_at=now,
-            updated_at=now,
-            completed_at=now if state == "cancelled" else None,
-            depends_on=list(dict.fromkeys(new.depends_on)) if new.depends_on else [],
-        )
-        for new, job_id, state, error, run_at, payload, meta in zip(
-            jobs, ids, states, errors, run_ats, payloads, metas, strict=True
-        )
-    ]
+) -> Job:
+    return Job(
+        id=job_id,
+        job_type=new.job_type,
+        state=_STATES[state],
+        payload=orjson.loads(payload),
+        queue=new.queue,
+        priority=new.priority,
+        max_retries=new.max_retries,
+        timeout_ms=new.timeout_ms,
+        run_at=run_at,
+        error=error,
+        idempotency_key=new.idempotency_key,
+        workflow_id=new.workflow_id,
+        created_by=new.created_by,
+        metadata={} if meta == "{}" else orjson.loads(meta),
+        created_at=now,
+        updated_at=now,
+        completed_at=now if state == "cancelled" else None,
+        depends_on=list(dict.fromkeys(new.depends_on)) if new.depends_on else [],
+    )
 
 
 def list_sql(query: JobQuery) -> str:
@@ -450,31 +476,17 @@ class PostgresStore(Store):
             now,
         )
         if any(r["id"] == job_id for r in rows):
-            (job,) = _new_jobs(
-                [new], [job_id], ["pending"], [None], [run_at], [payload], [meta], now
-            )
+            job = _new_job(new, job_id, "pending", None, run_at, payload, meta, now)
             return EnqueueResult(job, False)
         # Not inserted: its idempotency key is held by an active job.
         async with self._conn() as conn:
             rows = await conn.fetch(Q["latest_by_keys"], [new.idempotency_key])
         return EnqueueResult(job_from_record(rows[0]), True)
 
-    async def _insert_batch(
-        self,
-        conn: asyncpg.Connection,
-        ids: list[str],
-        jobs: Sequence[NewJob],
-        states: list[str],
-        errors: list[str | None],
-        run_ats: list[datetime],
-        payloads: list[str],
-        metas: list[str],
-        now: datetime,
-        keep: list[int],
-        dup_of: dict[int, str],
-    ) -> set[str | None]:
-        """insert_jobs for the jobs at ``keep``: the ids inserted (not duplicates),
+    async def _insert_batch(self, conn: asyncpg.Connection, b: _Batch) -> set[str | None]:
+        """insert_jobs for the jobs at ``b.keep``: the ids inserted (not duplicates),
         and None for the NOTIFY row."""
+        keep, dup_of, jobs, ids = b.keep, b.dup_of, b.jobs, b.ids
 
         def col(values: Sequence[Any]) -> list[Any]:
             return [values[i] for i in keep] if dup_of else list(values)
@@ -488,7 +500,7 @@ class PostgresStore(Store):
 
         queues = shared([j.queue for j in jobs])
         job_types = shared([j.job_type for j in jobs])
-        kept_states = shared(states)
+        kept_states = shared(b.states)
         priorities = shared([j.priority for j in jobs])
         event_data = None
         if len(queues) == len(job_types) == len(kept_states) == len(priorities) == 1:
@@ -512,16 +524,16 @@ class PostgresStore(Store):
                 job_types,
                 kept_states,
                 priorities,
-                col(payloads),
-                shared(errors),
+                col(b.payloads),
+                shared(b.errors),
                 shared([j.max_retries for j in jobs]),
                 shared([j.timeout_ms for j in jobs]),
-                shared(run_ats),
+                shared(b.run_ats),
                 shared([j.idempotency_key for j in jobs]),
                 shared([j.workflow_id for j in jobs]),
                 shared([j.created_by for j in jobs]),
-                shared(metas),
-                now,
+                shared(b.metas),
+                b.now,
                 event_data,
             )
         )
@@ -574,6 +586,7 @@ class PostgresStore(Store):
                 elif st != "cancelled":
                     batch_keys.setdefault(key, ids[i])
         keep = [i for i in range(len(jobs)) if i not in dup_of]
+        b = _Batch(jobs, ids, states, errors, run_ats, payloads, metas, now, keep, dup_of)
         if len(jobs) == 1 and not dup_of:
             one = jobs[0]
             rows = await conn.fetch(
@@ -595,22 +608,16 @@ class PostgresStore(Store):
                 now,
             )
             inserted: set[str | None] = {r["id"] for r in rows}
-            built = _new_jobs(jobs, ids, states, errors, run_ats, payloads, metas, now)
+            built = b.new_jobs()
         elif len(jobs) < _OVERLAP_FROM:
-            inserted = await self._insert_batch(
-                conn, ids, jobs, states, errors, run_ats, payloads, metas, now, keep, dup_of
-            )
-            built = _new_jobs(jobs, ids, states, errors, run_ats, payloads, metas, now)
+            inserted = await self._insert_batch(conn, b)
+            built = b.new_jobs()
         else:
             # Build the jobs to return while PostgreSQL inserts them (two cores, not one).
-            insert = asyncio.ensure_future(
-                self._insert_batch(
-                    conn, ids, jobs, states, errors, run_ats, payloads, metas, now, keep, dup_of
-                )
-            )
+            insert = asyncio.ensure_future(self._insert_batch(conn, b))
             try:
                 await asyncio.sleep(0)  # the insert task runs until it has sent the statement
-                built = _new_jobs(jobs, ids, states, errors, run_ats, payloads, metas, now)
+                built = b.new_jobs()
                 inserted = await insert
             finally:
                 if not insert.done():  # we were cancelled: the connection must be free again
