@@ -557,18 +557,17 @@ class PostgresStore(Store):
                     f"depends_on: job {missing[0]!r} does not exist",
                     [FieldError("depends_on", f"job {m!r} does not exist") for m in missing],
                 )
-        ids, states, errors, run_ats = new_job_ids(len(jobs)), [], [], []
-        for new in jobs:
-            state, error = "pending", None
+        ids = new_job_ids(len(jobs))
+        states: list[str] = ["pending"] * len(jobs)
+        errors: list[str | None] = [None] * len(jobs)
+        run_ats = [new.run_at or now for new in jobs]
+        for i, new in enumerate(jobs) if deps else ():
             if new.depends_on:
                 seen = {parent_state[d] for d in new.depends_on}
                 if seen & {"failed", "cancelled"}:
-                    state, error = "cancelled", PARENT_FAILED_ERROR
+                    states[i], errors[i] = "cancelled", PARENT_FAILED_ERROR
                 elif seen != {"completed"}:
-                    state = "blocked"
-            states.append(state)
-            errors.append(error)
-            run_ats.append(new.run_at or now)
+                    states[i] = "blocked"
         # A job cancelled at birth does not take part in the unique index: if its key
         # is held by an active job (stored, or earlier in this batch), it is that
         # job's duplicate, as with every other adapter.
