@@ -321,15 +321,21 @@ class Conveyor:
         items = list(payloads)
         if not items:
             return []
-        first = self.new_job(job_type, items[0], **options)  # defaults resolved once
+        try:
+            first = self.new_job(job_type, items[0], **options)  # defaults resolved once
+        except ValidationError as exc:
+            raise _payload_error_at(exc, 0) from None
         definition = self.registry.get(job_type)
         check = definition.validate_payload if definition is not None else None
         jobs = [first]
-        for payload in islice(items, 1, None):
+        for i, payload in enumerate(islice(items, 1, None), start=1):
             if payload is None:
                 payload = {}
             if check is not None and (type(payload) is dict or isinstance(payload, Mapping)):
-                check(payload)
+                try:
+                    check(payload)
+                except ValidationError as exc:
+                    raise _payload_error_at(exc, i) from None
             jobs.append(
                 NewJob(  # positional, in field order (see new_job)
                     job_type,
@@ -458,3 +464,16 @@ class Conveyor:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.close()
+
+
+def _payload_error_at(exc: ValidationError, index: int) -> ValidationError:
+    """A payload's ValidationError naming which payload of a batch it is about."""
+    if not any(d.field.startswith("payload") for d in exc.details):
+        return exc  # about an option, not the payload
+    details = [
+        FieldError(f"payloads[{index}]{d.field[len('payload') :]}", d.message)
+        if d.field.startswith("payload")
+        else d
+        for d in exc.details
+    ]
+    return ValidationError(f"payloads[{index}]: {exc}", details)

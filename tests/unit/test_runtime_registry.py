@@ -245,8 +245,14 @@ async def test_enqueue_many_submits_one_job_per_payload_with_shared_options(
 async def test_enqueue_many_with_one_bad_payload_stores_nothing(app: Conveyor) -> None:
     app.job("typed")(send_email)
     good = {"to": "a@b.c", "subject": "s"}
-    with pytest.raises(ValidationError, match="subject"):
+    with pytest.raises(ValidationError, match=r"payloads\[2\]: .*subject") as bad:
         await app.enqueue_many("typed", [good, good, {"to": "x@y.z"}, good])
+    assert [d.field for d in bad.value.details] == ["payloads[2].subject"]
+    with pytest.raises(ValidationError, match=r"payloads\[0\]"):
+        await app.enqueue_many("typed", [{"to": 1}, good])
+    with pytest.raises(ValidationError, match="delay must be >= 0") as opt:
+        await app.enqueue_many("typed", [good], delay=-1)
+    assert [d.field for d in opt.value.details] == ["delay"]
     with pytest.raises(ConfigurationError, match="idempotency key names one job"):
         await app.enqueue_many("typed", [good, good], idempotency_key="k")
     assert sum((await app.store.count_by_state()).values()) == 0
