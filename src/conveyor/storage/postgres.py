@@ -161,6 +161,36 @@ class _Batch:
         ]
 
 
+def _insert_job_args(
+    new: NewJob,
+    job_id: str,
+    state: str,
+    error: str | None,
+    run_at: datetime,
+    payload: str,
+    meta: str,
+    now: datetime,
+) -> tuple[Any, ...]:
+    """The parameters of insert_job, in order."""
+    return (
+        job_id,
+        new.queue,
+        new.job_type,
+        state,
+        new.priority,
+        payload,
+        error,
+        new.max_retries,
+        new.timeout_ms,
+        run_at,
+        new.idempotency_key,
+        new.workflow_id,
+        new.created_by,
+        meta,
+        now,
+    )
+
+
 def _new_job(
     new: NewJob,
     job_id: str,
@@ -459,21 +489,7 @@ class PostgresStore(Store):
         run_at = new.run_at or now
         rows = await self._fetch(
             Q["insert_job"],
-            job_id,
-            new.queue,
-            new.job_type,
-            "pending",
-            new.priority,
-            payload,
-            None,
-            new.max_retries,
-            new.timeout_ms,
-            run_at,
-            new.idempotency_key,
-            new.workflow_id,
-            new.created_by,
-            meta,
-            now,
+            *_insert_job_args(new, job_id, "pending", None, run_at, payload, meta, now),
         )
         if any(r["id"] == job_id for r in rows):
             job = _new_job(new, job_id, "pending", None, run_at, payload, meta, now)
@@ -587,25 +603,10 @@ class PostgresStore(Store):
         keep = [i for i in range(len(jobs)) if i not in dup_of]
         b = _Batch(jobs, ids, states, errors, run_ats, payloads, metas, now, keep, dup_of)
         if len(jobs) == 1 and not dup_of:
-            one = jobs[0]
-            rows = await conn.fetch(
-                Q["insert_job"],
-                ids[0],
-                one.queue,
-                one.job_type,
-                states[0],
-                one.priority,
-                payloads[0],
-                errors[0],
-                one.max_retries,
-                one.timeout_ms,
-                run_ats[0],
-                one.idempotency_key,
-                one.workflow_id,
-                one.created_by,
-                metas[0],
-                now,
+            args = _insert_job_args(
+                jobs[0], ids[0], states[0], errors[0], run_ats[0], payloads[0], metas[0], now
             )
+            rows = await conn.fetch(Q["insert_job"], *args)
             inserted: set[str | None] = {r["id"] for r in rows}
             built = b.new_jobs()
         elif len(jobs) < _OVERLAP_FROM:
