@@ -135,3 +135,28 @@ async def test_a_batch_cancelled_mid_insert_is_all_or_nothing(store: PostgresSto
     assert stored in (0, len(jobs)), f"{stored} of {len(jobs)} jobs of one batch stored"
     await submit(store)  # the store still works
     assert sum((await store.count_by_state()).values()) == stored + 1
+
+
+async def test_finishing_locks_jobs_by_id_even_when_statistics_say_none_run(
+    store: PostgresStore,
+) -> None:
+    """A backlog analyzed before the workers start says "no job runs": lock_running
+    then picked the index of running jobs and scanned all of them per id, and a
+    finish of 12,600 jobs outlasted its 60 s timeout (bench/pg_backlog.py)."""
+    from conveyor.storage.postgres import Q
+
+    await submit(store, 3000)
+    async with store._conn() as conn:
+        await conn.execute("ANALYZE conveyor.jobs")  # every job pending
+        ids = [
+            r[0]
+            for r in await conn.fetch(
+                "UPDATE conveyor.jobs SET state = 'running', lease_token = 't', worker_id = 'w',"
+                " started_at = now() WHERE seq IN (SELECT seq FROM conveyor.jobs LIMIT 2000)"
+                " RETURNING id"
+            )
+        ]
+        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + Q["lock_running"], ids))
+    assert "jobs_pkey" in plan, plan
+    assert "jobs_running" not in plan, plan
+    assert "jobs_state_created" not in plan, plan

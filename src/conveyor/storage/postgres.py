@@ -707,7 +707,8 @@ class PostgresStore(Store):
                     run_at=r["run_at"],
                     error=r["error"],
                 )
-                for r in await conn.fetch(Q["lock_running"], [f.job_id for f in finishes])
+                for r in await conn.fetch(Q["lock_running"], sorted({f.job_id for f in finishes}))
+                if r["state"] == "running"
             }
             plan = plan_finishes(finishes, running, now)
             if plan.updates:
