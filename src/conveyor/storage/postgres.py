@@ -161,33 +161,24 @@ class _Batch:
         ]
 
 
-def _insert_job_args(
-    new: NewJob,
-    job_id: str,
-    state: str,
-    error: str | None,
-    run_at: datetime,
-    payload: str,
-    meta: str,
-    now: datetime,
-) -> tuple[Any, ...]:
-    """The parameters of insert_job, in order."""
+def _insert_job_args(job: Job, payload: str, meta: str) -> tuple[Any, ...]:
+    """The parameters of insert_job for a job built by ``_new_job``, in order."""
     return (
-        job_id,
-        new.queue,
-        new.job_type,
-        state,
-        new.priority,
+        job.id,
+        job.queue,
+        job.job_type,
+        job.state.value,
+        job.priority,
         payload,
-        error,
-        new.max_retries,
-        new.timeout_ms,
-        run_at,
-        new.idempotency_key,
-        new.workflow_id,
-        new.created_by,
+        job.error,
+        job.max_retries,
+        job.timeout_ms,
+        job.run_at,
+        job.idempotency_key,
+        job.workflow_id,
+        job.created_by,
         meta,
-        now,
+        job.created_at,
     )
 
 
@@ -487,12 +478,9 @@ class PostgresStore(Store):
         straight lines: it is most of the Python a single submit runs."""
         job_id = new_job_id()
         run_at = new.run_at or now
-        rows = await self._fetch(
-            Q["insert_job"],
-            *_insert_job_args(new, job_id, "pending", None, run_at, payload, meta, now),
-        )
+        job = _new_job(new, job_id, "pending", None, run_at, payload, meta, now)
+        rows = await self._fetch(Q["insert_job"], *_insert_job_args(job, payload, meta))
         if any(r["id"] == job_id for r in rows):
-            job = _new_job(new, job_id, "pending", None, run_at, payload, meta, now)
             return EnqueueResult(job, False)
         # Not inserted: its idempotency key is held by an active job.
         async with self._conn() as conn:
@@ -603,12 +591,9 @@ class PostgresStore(Store):
         keep = [i for i in range(len(jobs)) if i not in dup_of]
         b = _Batch(jobs, ids, states, errors, run_ats, payloads, metas, now, keep, dup_of)
         if len(jobs) == 1 and not dup_of:
-            args = _insert_job_args(
-                jobs[0], ids[0], states[0], errors[0], run_ats[0], payloads[0], metas[0], now
-            )
-            rows = await conn.fetch(Q["insert_job"], *args)
-            inserted: set[str | None] = {r["id"] for r in rows}
             built = b.new_jobs()
+            args = _insert_job_args(built[0], payloads[0], metas[0])
+            inserted: set[str | None] = {r["id"] for r in await conn.fetch(Q["insert_job"], *args)}
         elif len(jobs) < _OVERLAP_FROM:
             inserted = await self._insert_batch(conn, b)
             built = b.new_jobs()
