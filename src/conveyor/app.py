@@ -336,21 +336,7 @@ class Conveyor:
                     check(payload)
                 except ValidationError as exc:
                     raise _payload_error_at(exc, i) from None
-            jobs.append(
-                NewJob(  # positional, in field order (see new_job)
-                    job_type,
-                    payload,
-                    first.queue,
-                    first.priority,
-                    first.max_retries,
-                    first.timeout_ms,
-                    first.run_at,
-                    None,
-                    first.depends_on,
-                    first.metadata,
-                    first.created_by,
-                )
-            )
+            jobs.append(first.with_payload(payload))
         return [r.job for r in await self.submit_many(jobs, connection=connection)]
 
     async def submit_many(

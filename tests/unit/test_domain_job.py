@@ -216,3 +216,23 @@ def test_bulk_ids_are_unique_time_prefixed_and_shaped_like_single_ones() -> None
     assert all(int(i, 16) >= 0 for i in ids)
     assert abs(int(ids[0][:12], 16) - int(one[:12], 16)) < 60_000  # same clock, ms
     assert new_job_ids(0) == []
+
+
+def test_with_payload_changes_the_payload_only() -> None:
+    from dataclasses import asdict, replace
+
+    job = NewJob(
+        "t",
+        {"a": 1},
+        queue="q",
+        priority=7,
+        max_retries=2,
+        timeout_ms=9,
+        run_at=datetime(2030, 1, 1, tzinfo=UTC),
+        idempotency_key="k",
+        depends_on=("p",),
+        metadata={"m": 1},
+        created_by="me",
+        workflow_id="w",
+    )
+    assert asdict(job.with_payload({"b": 2})) == asdict(replace(job, payload={"b": 2}))

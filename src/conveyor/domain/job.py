@@ -88,6 +88,23 @@ class NewJob:
             errs.append(FieldError("depends_on", "must be a list of job ids"))
         return errs
 
+    def with_payload(self, payload: Mapping[str, Any]) -> NewJob:
+        """The same job with another payload (``replace`` costs ~3x more in bulk)."""
+        return NewJob(  # positional, in field order
+            self.job_type,
+            payload,
+            self.queue,
+            self.priority,
+            self.max_retries,
+            self.timeout_ms,
+            self.run_at,
+            self.idempotency_key,
+            self.depends_on,
+            self.metadata,
+            self.created_by,
+            self.workflow_id,
+        )
+
     def validate(self) -> None:
         errs = self.errors()
         if errs:

@@ -268,9 +268,9 @@ class PostgresStore(Store):
         self.dsn = dsn
         self._min, self._max, self._timeout = min_size, max_size, connect_timeout
         self._pool: asyncpg.Pool | None = None
-        # One pooled connection kept out of the pool for whoever needs one while
-        # it is free: asyncpg's acquire + release cost ~110 us here, as much as
-        # a quarter of a single-job submit. Others take turns in the pool.
+        # One connection of the pool kept acquired, for whichever call finds it
+        # free: asyncpg's acquire + release cost ~110 us here, as much as a
+        # quarter of a single-job submit. Other calls take turns in the pool.
         self._lane: Any = None
         self._lane_busy = False
         self._anchors: dict[int, str] = {}  # event id -> its txid, for readers polling on
@@ -339,29 +339,6 @@ class PostgresStore(Store):
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc}") from exc
         except asyncpg.PostgresError as exc:
             raise StoreError(f"PostgreSQL error: {exc}") from exc
-
-    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        """One statement on its own (autocommit): ``_conn`` without its context
-        managers, for the hottest single calls."""
-        pool, conn = self._pool, self._lane
-        if self._lane_busy or conn is None or pool is None or not _usable(conn):
-            async with self._conn() as c:
-                rows: list[asyncpg.Record] = await c.fetch(query, *args)
-                return rows
-        self._lane_busy = True
-        try:
-            rows = await conn.fetch(query, *args)
-            return rows
-        except BaseException as exc:
-            if not isinstance(exc, asyncpg.PostgresError) or not _usable(conn):
-                await self._drop_lane(pool)
-            if isinstance(exc, _UNAVAILABLE):
-                raise StoreUnavailable(f"PostgreSQL unavailable: {exc}") from exc
-            if isinstance(exc, asyncpg.PostgresError):
-                raise StoreError(f"PostgreSQL error: {exc}") from exc
-            raise
-        finally:
-            self._lane_busy = False
 
     @contextlib.asynccontextmanager
     async def _on_lane(self, pool: asyncpg.Pool, tx: bool) -> AsyncIterator[asyncpg.Connection]:
@@ -457,14 +434,14 @@ class PostgresStore(Store):
         validate_batch(jobs)
         payloads = [dumps_object(j.payload) for j in jobs]
         metas = [dumps_object(j.metadata, "metadata") for j in jobs]
-        if connection is not None:
-            # The caller's transaction: the jobs exist only if it commits.
-            try:
+        try:
+            if len(jobs) == 1 and not jobs[0].depends_on:
+                return [await self._enqueue_one(jobs[0], payloads[0], metas[0], now, connection)]
+            if connection is not None:
+                # The caller's transaction: the jobs exist only if it commits.
                 return await self._enqueue(connection, jobs, payloads, metas, now)
-            except asyncpg.PostgresError as exc:
-                raise StoreError(f"PostgreSQL error: {exc}") from exc
-        if len(jobs) == 1 and not jobs[0].depends_on:
-            return [await self._enqueue_one(jobs[0], payloads[0], metas[0], now)]
+        except asyncpg.PostgresError as exc:  # from the caller's connection (_conn maps its own)
+            raise StoreError(f"PostgreSQL error: {exc}") from exc
         # Without dependencies the insert is one statement (jobs, events, notify):
         # atomic on its own, so no BEGIN/COMMIT round trips.
         needs_tx = any(j.depends_on for j in jobs)
@@ -472,20 +449,19 @@ class PostgresStore(Store):
             return await self._enqueue(conn, jobs, payloads, metas, now)
 
     async def _enqueue_one(
-        self, new: NewJob, payload: str, meta: str, now: datetime
+        self, new: NewJob, payload: str, meta: str, now: datetime, connection: Any = None
     ) -> EnqueueResult:
-        """``_enqueue`` for the most common call, one job without dependencies, in
-        straight lines: it is most of the Python a single submit runs."""
-        job_id = new_job_id()
-        run_at = new.run_at or now
-        job = _new_job(new, job_id, "pending", None, run_at, payload, meta, now)
-        rows = await self._fetch(Q["insert_job"], *_insert_job_args(job, payload, meta))
-        if any(r["id"] == job_id for r in rows):
-            return EnqueueResult(job, False)
-        # Not inserted: its idempotency key is held by an active job.
-        async with self._conn() as conn:
-            rows = await conn.fetch(Q["latest_by_keys"], [new.idempotency_key])
-        return EnqueueResult(job_from_record(rows[0]), True)
+        """The most common submit, one job without dependencies: one statement with
+        plain parameters (for one row, arrays cost more than the insert)."""
+        job = _new_job(new, new_job_id(), "pending", None, new.run_at or now, payload, meta, now)
+        args = _insert_job_args(job, payload, meta)
+        borrowed = self._conn() if connection is None else contextlib.nullcontext(connection)
+        async with borrowed as conn:
+            if any(r["id"] == job.id for r in await conn.fetch(Q["insert_job"], *args)):
+                return EnqueueResult(job, False)
+            # Not inserted: its idempotency key is held by an active job.
+            held = await conn.fetch(Q["latest_by_keys"], [new.idempotency_key])
+        return EnqueueResult(job_from_record(held[0]), True)
 
     async def _insert_batch(self, conn: asyncpg.Connection, b: _Batch) -> set[str | None]:
         """insert_jobs for the jobs at ``b.keep``: the ids inserted (not duplicates),
@@ -590,11 +566,7 @@ class PostgresStore(Store):
                     batch_keys.setdefault(key, ids[i])
         keep = [i for i in range(len(jobs)) if i not in dup_of]
         b = _Batch(jobs, ids, states, errors, run_ats, payloads, metas, now, keep, dup_of)
-        if len(jobs) == 1 and not dup_of:
-            built = b.new_jobs()
-            args = _insert_job_args(built[0], payloads[0], metas[0])
-            inserted: set[str | None] = {r["id"] for r in await conn.fetch(Q["insert_job"], *args)}
-        elif len(jobs) < _OVERLAP_FROM:
+        if len(jobs) < _OVERLAP_FROM:
             inserted = await self._insert_batch(conn, b)
             built = b.new_jobs()
         else:
