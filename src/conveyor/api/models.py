@@ -14,8 +14,7 @@ from pydantic import (
 )
 
 from conveyor.domain.events import TYPE_FILTER_REGEX
-
-MAX_API_TIMEOUT_MS = 86_400_000
+from conveyor.domain.job import MAX_RETRIES_LIMIT, MAX_TIMEOUT_MS
 
 
 def _iso_string(value: Any) -> Any:
@@ -57,10 +56,21 @@ class JobSubmit(BaseModel):
 
     job_type: StrictStr = Field(pattern=NAME_PATTERN, examples=["send_email"])
     payload: dict[str, Any] = Field(examples=[{"to": "a@b.c"}])
-    priority: Int = Field(50, ge=0, le=100, description="Higher runs first.")
-    max_retries: Int = Field(3, ge=0, le=10)
-    timeout_ms: Int = Field(300_000, ge=1000, le=MAX_API_TIMEOUT_MS)
-    scheduled_at: IsoDatetime | None = Field(None, description="ISO-8601 with a zone.")
+    priority: Int | None = Field(
+        None, ge=0, le=100, description="Higher runs first. Default: the job type's."
+    )
+    max_retries: Int | None = Field(
+        None, ge=0, le=MAX_RETRIES_LIMIT, description="Default: the job type's."
+    )
+    timeout_ms: Int | None = Field(
+        None, ge=1, le=MAX_TIMEOUT_MS, description="Default: the job type's."
+    )
+    scheduled_at: IsoDatetime | None = Field(
+        None,
+        description=(
+            "ISO-8601 with a zone, between 1970-01-01T00:00:00Z and 9999-12-30T00:00:00Z."
+        ),
+    )
     queue: StrictStr | None = Field(None, pattern=NAME_PATTERN)
     idempotency_key: StrictStr | None = Field(None, min_length=1, max_length=255)
     depends_on: list[JobId] | None = Field(None, max_length=100)
