@@ -268,6 +268,8 @@ class Conveyor:
         value outside the documented ranges (``docs/api.md``), ``ConfigurationError``
         when both ``delay`` and ``run_at`` are given.
         """
+        if not internal and type(job_type) is str and is_internal(job_type):
+            NewJob(job_type).validate()  # names the reserved prefix, before the payload
         definition = self.registry.get(job_type)
         if payload is None:
             payload = {}

@@ -30,6 +30,12 @@ def _json_integer(value: Any) -> Any:
     return value
 
 
+def _ranged(low: int, high: int) -> Any:
+    """A JSON integer from ``low`` to ``high``: the bounds go before the validator so
+    that the OpenAPI schema shows them as minimum/maximum."""
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_json_integer)]
+
+
 IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_string)]
 Int = Annotated[int, BeforeValidator(_json_integer)]
 NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,100}$"
@@ -54,16 +60,20 @@ class JobSubmit(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    job_type: StrictStr = Field(pattern=NAME_PATTERN, examples=["send_email"])
-    payload: dict[str, Any] = Field(examples=[{"to": "a@b.c"}])
-    priority: Int | None = Field(
-        None, ge=0, le=100, description="Higher runs first. Default: the job type's."
+    job_type: StrictStr = Field(
+        pattern=NAME_PATTERN,
+        examples=["test_job"],
+        description="A type some worker registered (others are refused with the known list).",
     )
-    max_retries: Int | None = Field(
-        None, ge=0, le=MAX_RETRIES_LIMIT, description="Default: the job type's."
+    payload: dict[str, Any] = Field(examples=[{"message": "hello"}])
+    priority: _ranged(0, 100) | None = Field(  # type: ignore[valid-type]
+        None, description="Higher runs first. Default: the job type's."
     )
-    timeout_ms: Int | None = Field(
-        None, ge=1, le=MAX_TIMEOUT_MS, description="Default: the job type's."
+    max_retries: _ranged(0, MAX_RETRIES_LIMIT) | None = Field(  # type: ignore[valid-type]
+        None, description="Default: the job type's."
+    )
+    timeout_ms: _ranged(1, MAX_TIMEOUT_MS) | None = Field(  # type: ignore[valid-type]
+        None, description="Default: the job type's."
     )
     scheduled_at: IsoDatetime | None = Field(
         None,

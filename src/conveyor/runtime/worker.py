@@ -167,7 +167,7 @@ class Worker:
             max_workers=self.concurrency, thread_name_prefix="conveyor-job"
         )
         self.processed = 0
-        self.abandoned = 0  # jobs left running at shutdown (the process must exit)
+        self._abandoned: set[str] = set()
         self.started = asyncio.Event()
         self._consumers: list[OutboxConsumer] = []
 
@@ -186,6 +186,12 @@ class Worker:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    @property
+    def abandoned(self) -> int:
+        """Jobs whose code was still running when this worker stopped (the process
+        must then exit: see ``exit_if_abandoned``)."""
+        return len(self._abandoned)
 
     @property
     def jobs_running(self) -> int:
@@ -424,6 +430,7 @@ class Worker:
         self._running.pop(job.id, None)
         self.processed += 1
         if finish is None or entry.abandoned:
+            self._abandoned.add(job.id)
             return  # its code may still run: leave the lease to expire (rescue)
         if self.app.has_finish_listeners:
             finish = replace(finish, job_type=job.job_type, duration=time.perf_counter() - started)
@@ -743,7 +750,7 @@ class Worker:
             for job_id, entry in list(self._running.items()):
                 entry.abandoned = True
                 self._running.pop(job_id, None)
-                self.abandoned += 1
+                self._abandoned.add(job_id)
             if self.abandoned:
                 log.error(
                     "worker_abandoned_jobs",

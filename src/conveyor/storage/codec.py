@@ -95,7 +95,7 @@ def _invalid(field: str, value: Any, exc: Exception) -> ValidationError:
         problem = _find(value, field, _big_int) or field
         return ValidationError(
             f"{problem} is an integer outside the 64-bit range: send it as a string",
-            [FieldError(problem, "integer outside -2**63..2**64-1")],
+            [FieldError(problem, "integer outside the 64-bit range (-2**63..2**64-1)")],
         )
     return ValidationError(
         f"{field} is not JSON-serialisable: {reason}", [FieldError(field, reason)]
