@@ -98,7 +98,15 @@ def _ts(dt: datetime | None) -> float | None:
 
 
 def _dt(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+    """A stored timestamp as a datetime. Rows written before the value ranges were
+    enforced may hold timestamps Python can't represent (year 0): clamped to the
+    representable range, so such a row never breaks a fetch or a listing."""
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, OSError, ValueError):
+        return datetime.min.replace(tzinfo=UTC) if ts < 0 else datetime.max.replace(tzinfo=UTC)
 
 
 def job_from_row(row: sqlite3.Row) -> Job:
