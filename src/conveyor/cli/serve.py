@@ -12,11 +12,13 @@ from collections.abc import Iterator
 
 import uvicorn
 from rich.console import Console
+from rich.markup import escape
 
 from conveyor.api.app import create_app
 from conveyor.app import Conveyor
 from conveyor.domain.errors import ConfigurationError
 from conveyor.observability.metrics import Metrics
+from conveyor.security.redact import redact_url
 
 
 def is_loopback(host: str) -> bool:
@@ -82,12 +84,11 @@ async def serve_forever(
         console.print(
             f"[bold green]Conveyor[/] API on {base}  (docs: {base}/docs)", highlight=False
         )
-        console.print(f"  database: {app.settings.database_url}", highlight=False)
+        database = escape(redact_url(app.settings.database_url))
+        console.print(f"  database: {database}", highlight=False)
         if worker is not None:
-            console.print(
-                f"  worker: {worker.concurrency} slots for {', '.join(sorted(app.registry))}",
-                highlight=False,
-            )
+            types = escape(", ".join(sorted(app.registry)))
+            console.print(f"  worker: {worker.concurrency} slots for {types}", highlight=False)
         if keys == 0:
             console.print(
                 "  auth: [yellow]off[/] (loopback only, no API key exists; "
