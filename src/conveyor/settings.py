@@ -38,6 +38,9 @@ class Settings:
     webhook_allow_private: bool = False
     ws_queue_size: int = 1_000
     event_loop: str = "auto"  # one of EVENT_LOOPS
+    # Host names the API answers besides localhost and loopback addresses
+    # (DNS-rebinding guard); "*" = any, ".example.com" = its subdomains.
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = [
@@ -80,6 +83,10 @@ class Settings:
             problems.append("redis_url must start with redis://, rediss:// or unix://")
         if self.event_loop not in EVENT_LOOPS:
             problems.append(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
+        if any(not h or "/" in h or " " in h for h in self.allowed_hosts):
+            problems.append(
+                "allowed_hosts must be host names (comma-separated), e.g. conveyor.internal"
+            )
         if not self.queues or not all(self.queues):
             problems.append("queues must name at least one queue")
         if problems:
@@ -124,7 +131,7 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def _parse(name: str, raw: str) -> Any:
-    if name == "queues":
+    if name in ("queues", "allowed_hosts"):
         return tuple(q.strip() for q in raw.split(",") if q.strip())
     kind = _TYPES.get(name)
     if kind is None:
