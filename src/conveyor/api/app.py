@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Annotated, Any, Literal
@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.api.events import event_router
@@ -486,13 +486,24 @@ def store_unavailable(exc: StoreUnavailable) -> Response:
     )
 
 
+def _flat_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    for route in routes:
+        # FastAPI keeps an included router as one entry (its routes are mounted
+        # without a prefix here, so their own paths are the request paths).
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _flat_routes(inner.routes)
+        else:
+            yield route
+
+
 def allowed_methods(api: FastAPI, scope: Scope) -> list[str]:
     """The methods of the resource at this request's path, for ``Allow``: every
     route with the path template of the first route matching it (Starlette's
     own 405 names the methods of that one route only)."""
     template = None
     methods: set[str] = set()
-    for route in api.router.routes:
+    for route in _flat_routes(api.router.routes):
         path = getattr(route, "path", None)
         if template is None:
             match, _ = route.matches(scope)

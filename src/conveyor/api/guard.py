@@ -131,12 +131,14 @@ class BrowserGuard:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        host = _header(scope, b"host")
+        hosts = [v for k, v in scope.get("headers", ()) if k == b"host"]
+        host = hosts[0].decode("latin-1") if hosts else None
         problem: tuple[int, str] | None = None
-        if not self.policy.host_ok(host):
+        refused = [h for h in (v.decode("latin-1") for v in hosts) if not self.policy.host_ok(h)]
+        if refused:  # every Host header must pass, should a client send two
             problem = (
                 421,
-                f"Host {host_name(host or '')!r} is not allowed: address the API as localhost "
+                f"Host {host_name(refused[0])!r} is not allowed: address the API as localhost "
                 "or 127.0.0.1, or add the name to CONVEYOR_ALLOWED_HOSTS",
             )
         elif kind == "websocket" or scope["method"] in STATE_CHANGING:
