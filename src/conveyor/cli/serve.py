@@ -74,7 +74,14 @@ async def serve_forever(
             app, allow_anonymous=loopback, max_body_bytes=max_body_bytes, metrics=metrics
         )
         config = uvicorn.Config(
-            api, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+            api,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            # uvicorn's lines go through Conveyor's logging: bounded and redacted.
+            log_config=None,
         )
         server = _Server(config)
         worker = app.worker() if with_worker else None
