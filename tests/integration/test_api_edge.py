@@ -35,7 +35,8 @@ from conveyor.domain.states import Action, JobState
 from conveyor.observability.logging import configure_logging
 from conveyor.security.api_keys import new_api_key
 from conveyor.settings import Settings
-from support import ServedApi
+from pg import PostgresServer
+from support import ServedApi, async_wait_until
 
 
 def settings(tmp_path: Path, **extra: Any) -> Settings:
@@ -437,3 +438,53 @@ async def test_the_query_token_is_for_the_websocket_only(cv: Conveyor) -> None:
         async with websockets.connect(f"{served.ws_url}/api/events/ws?token={key}") as ws:
             await ws.send("ping")
             assert orjson.loads(await ws.recv()) == {"type": "pong"}
+
+
+async def test_a_read_only_postgresql_answers_503_and_recovers(
+    pg_server: PostgresServer, postgres_dsn: str
+) -> None:
+    # A database that refuses writes (a standby, or one an operator set read-only to
+    # stop a disk from filling): "retry later", not a bug, and never the DSN.
+    app = Conveyor(settings=Settings(database_url=postgres_dsn))
+    conveyor.demo.register(app)
+    await app.open()
+    db = postgres_dsn.rsplit("/", 1)[1]
+
+    def reconnect_all() -> None:
+        pg_server.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+        )
+
+    async def submit(c: httpx.AsyncClient) -> httpx.Response:
+        return await c.post("/api/jobs", json={"job_type": "test_job", "payload": {}})
+
+    answers: list[httpx.Response] = []
+    try:
+        async with client(create_app(app)) as c:
+            pg_server.execute(f"ALTER DATABASE {db} SET default_transaction_read_only = on")
+            reconnect_all()
+
+            async def refused_read_only() -> bool:
+                resp = await submit(c)
+                answers.append(resp)
+                return resp.status_code == 503 and "read-only" in resp.json()["error"]
+
+            await async_wait_until(refused_read_only, 20, "a read-only 503")
+            for resp in answers:
+                assert resp.status_code in (201, 503), resp.text
+                if resp.status_code == 503:
+                    assert resp.headers["retry-after"].isdigit()
+                    assert "postgresql://" not in resp.text
+                    assert db not in resp.text
+
+            pg_server.execute(f"ALTER DATABASE {db} RESET default_transaction_read_only")
+            reconnect_all()
+
+            async def accepted() -> bool:
+                return (await submit(c)).status_code == 201
+
+            await async_wait_until(accepted, 20, "writes to be accepted again")
+    finally:
+        pg_server.execute(f"ALTER DATABASE {db} RESET default_transaction_read_only")
+        await app.close()
