@@ -521,11 +521,12 @@ _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 _ERROR_TEXT = {
     "400": "Invalid input (details name each field)",
     "401": "Missing, invalid or revoked API key",
-    "403": "The API key's scope is too low",
+    "403": "The API key's scope is too low, or a cross-origin request",
     "404": "Unknown id",
     "409": "The job is not in a state that allows this",
     "413": "Request body too large",
     "415": "The body must be JSON with Content-Type: application/json",
+    "421": "The Host header is not allowed (CONVEYOR_ALLOWED_HOSTS)",
     "503": "Store unavailable",
 }
 
@@ -551,7 +552,7 @@ def document_errors(api: FastAPI) -> None:
             for method, op in operations.items():
                 responses = op.setdefault("responses", {})
                 responses.pop("422", None)
-                codes = {"400"}
+                codes = {"400", "421"}
                 if path.startswith("/api/"):
                     codes |= {"401", "403", "503"}
                     # Optional when the API allows anonymous loopback use.

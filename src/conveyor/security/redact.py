@@ -13,11 +13,11 @@ from urllib.parse import urlsplit, urlunsplit
 MASK = "***"
 
 # user:password@ in any URL-like text (postgresql://, redis://, https://, ...).
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/?#@\s]*:)[^@\s/]*(?=@)")
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/?#@\s]*:)[^\s/]*(?=@)")
 # password=..., sslpassword=..., token=..., secret=... in query strings and DSN keywords.
 _KEYWORD_SECRET = re.compile(
     r"(?P<head>\b(?:password|passwd|pwd|sslpassword|token|secret|api_key|apikey|access_token)"
-    r"\s*[=:]\s*)(?P<quote>['\"]?)[^\s&'\",;)]+",
+    r"['\"]?\s*[=:]\s*)(?P<quote>['\"]?)[^\s&'\",;)}]+",
     re.IGNORECASE,
 )
 _BEARER = re.compile(r"(?P<head>\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
@@ -41,8 +41,8 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return redact(url)
-    if parts.password is not None:
-        host = parts.netloc.rpartition("@")[2]
-        user = parts.username or ""
-        parts = parts._replace(netloc=f"{user}:{MASK}@{host}")
-    return redact(urlunsplit(parts))
+    if parts.password is None:
+        return redact(url)  # urlunsplit would turn sqlite:/// into sqlite:/
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return redact(urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}")))
