@@ -35,6 +35,7 @@ from conveyor.domain.retry import RetryPolicy
 from conveyor.domain.states import JobState
 from conveyor.runtime.registry import Handler, JobDefinition
 from conveyor.runtime.webhooks import WEBHOOK_JOB, WebhookSender
+from conveyor.security.redact import redact_url
 from conveyor.settings import Settings
 from conveyor.storage.base import Store
 
@@ -83,7 +84,7 @@ def store_from_url(url: str, *, pool_size: int = 10) -> Store:
             ) from exc
         return PostgresStore(url, max_size=pool_size)
     raise ConfigurationError(
-        f"Unsupported database URL {url!r}: expected sqlite:///PATH, "
+        f"Unsupported database URL {redact_url(url)!r}: expected sqlite:///PATH, "
         "postgresql://USER@HOST/DB or memory://"
     )
 

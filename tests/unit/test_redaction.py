@@ -145,3 +145,13 @@ def test_host_policy() -> None:
     assert not policy.origin_ok("file://", "localhost:8000")
     assert HostPolicy(["*"]).host_ok("anything.example")
     assert HostPolicy([], enforce=False).host_ok("anything.example")
+
+
+def test_an_unsupported_database_url_is_named_without_its_password() -> None:
+    from conveyor.app import store_from_url
+    from conveyor.domain.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as refused:
+        store_from_url("mysql://app:hunter2@db/jobs")
+    assert "hunter2" not in str(refused.value)
+    assert "mysql://app:***@db/jobs" in str(refused.value)
