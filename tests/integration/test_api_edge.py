@@ -26,6 +26,7 @@ import structlog
 import websockets
 from fastapi import FastAPI, Request
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
 
 import conveyor.demo
 from conveyor.api.app import create_app
@@ -78,6 +79,7 @@ async def failed_job(cv: Conveyor) -> str:
     job = await cv.enqueue("test_job", {}, queue=queue)
     (leased,) = await cv.store.fetch("w1", queues=[queue], job_types=[], limit=1, now=cv.now())
     assert leased.id == job.id
+    assert leased.lease_token is not None
     (ok,) = await cv.store.finish_many(
         [Finish(job.id, leased.lease_token, Action.FAIL, error="boom", job_type="test_job")],
         cv.now(),
@@ -375,7 +377,7 @@ async def test_the_websocket_refuses_a_foreign_origin_or_host(cv: Conveyor) -> N
                     pass
             assert refused.value.response.status_code == 403, kwargs
         for origin in ("http://localhost:3000", f"http://127.0.0.1:{served.port}"):
-            async with websockets.connect(url, origin=origin) as ws:  # type: ignore[arg-type]
+            async with websockets.connect(url, origin=Origin(origin)) as ws:
                 await ws.send("ping")
                 assert orjson.loads(await ws.recv()) == {"type": "pong"}
 
