@@ -42,6 +42,7 @@ from conveyor.domain.states import JobState
 from conveyor.runtime.registry import Handler, JobDefinition
 from conveyor.runtime.webhooks import WEBHOOK_JOB, WebhookSender
 from conveyor.runtime.worker import Worker, exit_if_abandoned
+from conveyor.security.redact import redact_url
 from conveyor.settings import ISOLATION_MODES, Settings
 from conveyor.storage.base import Store
 
@@ -92,7 +93,7 @@ def store_from_url(url: str, *, pool_size: int = 10) -> Store:
             ) from exc
         return PostgresStore(url, max_size=pool_size)
     raise ConfigurationError(
-        f"Unsupported database URL {url!r}: expected sqlite:///PATH, "
+        f"Unsupported database URL {redact_url(url)!r}: expected sqlite:///PATH, "
         "postgresql://USER@HOST/DB or memory://"
     )
 

@@ -44,6 +44,9 @@ class Settings:
     max_memory_mb: int = 0  # process isolation: memory ceiling of a child (0 = none)
     max_stuck_jobs: int = 0  # stuck handlers before the worker exits (0 = its concurrency)
     allow_unknown_job_types: bool = False  # accept submits of types no one has registered
+    # Host names the API answers besides localhost and loopback addresses
+    # (DNS-rebinding guard); "*" = any, ".example.com" = its subdomains.
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = [
@@ -94,6 +97,10 @@ class Settings:
             problems.append("max_memory_mb must be >= 0 (0 = no ceiling)")
         if self.max_stuck_jobs < 0:
             problems.append("max_stuck_jobs must be >= 0 (0 = the worker's concurrency)")
+        if any(not h or "/" in h or " " in h for h in self.allowed_hosts):
+            problems.append(
+                "allowed_hosts must be host names (comma-separated), e.g. conveyor.internal"
+            )
         if not self.queues or not all(self.queues):
             problems.append("queues must name at least one queue")
         if problems:
@@ -142,7 +149,7 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def _parse(name: str, raw: str) -> Any:
-    if name == "queues":
+    if name in ("queues", "allowed_hosts"):
         return tuple(q.strip() for q in raw.split(",") if q.strip())
     kind = _TYPES.get(name)
     if kind is None:

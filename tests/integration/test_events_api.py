@@ -155,7 +155,7 @@ async def test_get_events_filters_and_pages_with_next_after(cv: Conveyor) -> Non
         await async_wait_until(done, 20, "jobs to complete")
     api = create_app(cv)
     transport = httpx.ASGITransport(app=api)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         first = (
             await client.get("/api/events", params={"types": "job_completed", "limit": 5})
         ).json()

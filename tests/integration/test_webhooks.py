@@ -107,7 +107,7 @@ async def cv(tmp_path: Path) -> AsyncIterator[Conveyor]:
 
 def client(app: Conveyor) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=create_app(app))
-    return httpx.AsyncClient(transport=transport, base_url="http://t")
+    return httpx.AsyncClient(transport=transport, base_url="http://localhost")
 
 
 async def test_every_event_is_delivered_signed_with_retries_logged(cv: Conveyor) -> None:

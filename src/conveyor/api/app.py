@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-import structlog
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.api.events import event_router
+from conveyor.api.guard import (
+    BrowserGuard,
+    CatchAll,
+    HostPolicy,
+    internal_error_text,
+    report_unexpected,
+)
 from conveyor.api.http import JSON, ApiError, Auth, fail
 from conveyor.api.models import ErrorResponse, JobSubmit
 from conveyor.app import Conveyor
@@ -42,10 +49,10 @@ from conveyor.observability.metrics import Metrics
 from conveyor.presenters import iso, job_dict, page_dict, worker_dict
 from conveyor.runtime.hub import EventHub
 from conveyor.runtime.status import is_alive
-
-log = structlog.get_logger("conveyor.api")
+from conveyor.security.redact import redact
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+RETRY_AFTER_SECONDS = 1  #: Retry-After of a 503 (store unavailable or full)
 MAX_OFFSET = 2**31 - 1
 
 
@@ -203,25 +210,28 @@ def create_app(
 
     @api.exception_handler(StoreUnavailable)
     async def _unavailable(_: Request, exc: StoreUnavailable) -> Response:
-        return fail(503, f"Store unavailable, retry shortly: {exc}", headers={"Retry-After": "1"})
+        return store_unavailable(exc)
 
     @api.exception_handler(ConveyorError)
-    async def _conveyor_error(_: Request, exc: ConveyorError) -> Response:
-        log.error("api_error", error=str(exc), kind=type(exc).__name__)
-        return fail(500, f"Internal error: {exc}")
+    async def _conveyor_error(request: Request, exc: ConveyorError) -> Response:
+        # The message may name a file or server: it goes to the log, not the caller.
+        reference = report_unexpected(exc, request.method, request.url.path)
+        return fail(500, internal_error_text(reference))
 
     @api.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        message = {
-            404: "Not found: check the URL (see /docs)",
-            405: "Method not allowed on this URL",
-        }.get(exc.status_code, str(exc.detail))
-        return fail(exc.status_code, message, headers=getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            allowed = allowed_methods(api, request.scope)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"Method {request.method} not allowed on this URL; use {headers['Allow']}"
+        else:
+            message = {404: "Not found: check the URL (see /docs)"}.get(
+                exc.status_code, str(exc.detail)
+            )
+        return fail(exc.status_code, message, headers=headers or None)
 
-    @api.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("api_unexpected_error", error=str(exc))
-        return fail(500, "Internal error; see the server log")
+    # Unexpected exceptions: CatchAll (below) answers 500 and logs once, cheaply.
 
     # -- service endpoints ------------------------------------------------------------------
     @api.get("/health", tags=["service"])
@@ -234,13 +244,16 @@ def create_app(
         """Readiness: the store answers. The bus is reported; jobs run without it."""
         try:
             await conveyor.store.count_by_state()
+        except StoreUnavailable as exc:
+            return store_unavailable(exc)
         except ConveyorError as exc:
-            return fail(503, f"Store not reachable: {exc}")
+            reference = report_unexpected(exc, "GET", "/ready")
+            return fail(503, f"Store not ready ({internal_error_text(reference)})")
         try:
             health = await asyncio.wait_for(conveyor.bus.health(), 2.0)
             bus = {"backend": health.backend, "ok": health.ok, **dict(health.detail)}
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
-            bus = {"backend": conveyor.bus.backend, "ok": False, "error": str(exc)}
+            bus = {"backend": conveyor.bus.backend, "ok": False, "error": redact(str(exc))}
         return JSON({"success": True, "status": "ready", "store": "ok", "bus": bus})
 
     @api.get("/metrics", tags=["service"], response_class=Response)
@@ -470,8 +483,50 @@ def create_app(
     api.include_router(event_router(conveyor, auth, hub))
     document_errors(api)
     api.add_middleware(BodyLimit, limit=max_body_bytes)
+    allowed_hosts = conveyor.settings.allowed_hosts
+    policy = HostPolicy(allowed_hosts, enforce=allow_anonymous or bool(allowed_hosts))
+    api.add_middleware(BrowserGuard, policy=policy)
     api.add_middleware(Timing, metrics=metrics)
+    api.add_middleware(CatchAll)  # outermost: sees every exception the app let through
     return api
+
+
+def store_unavailable(exc: StoreUnavailable) -> Response:
+    """503 with ``Retry-After``; the reason names no file, server or credential."""
+    return fail(
+        503,
+        f"Storage unavailable ({exc.reason}); retry shortly",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+def _flat_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    for route in routes:
+        # FastAPI keeps an included router as one entry (its routes are mounted
+        # without a prefix here, so their own paths are the request paths).
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _flat_routes(inner.routes)
+        else:
+            yield route
+
+
+def allowed_methods(api: FastAPI, scope: Scope) -> list[str]:
+    """The methods of the resource at this request's path, for ``Allow``: every
+    route with the path template of the first route matching it (Starlette's
+    own 405 names the methods of that one route only)."""
+    template = None
+    methods: set[str] = set()
+    for route in _flat_routes(api.router.routes):
+        path = getattr(route, "path", None)
+        if template is None:
+            match, _ = route.matches(scope)
+            if match is Match.NONE:
+                continue
+            template = path
+        if path == template:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 _STATES = "(blocked|pending|running|cancelling|completed|failed|cancelled)"
@@ -480,10 +535,12 @@ _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 _ERROR_TEXT = {
     "400": "Invalid input (details name each field)",
     "401": "Missing, invalid or revoked API key",
-    "403": "The API key's scope is too low",
+    "403": "The API key's scope is too low, or a cross-origin request",
     "404": "Unknown id",
     "409": "The job is not in a state that allows this",
     "413": "Request body too large",
+    "415": "The body must be JSON with Content-Type: application/json",
+    "421": "The Host header is not allowed (CONVEYOR_ALLOWED_HOSTS)",
     "503": "Store unavailable",
 }
 
@@ -509,7 +566,7 @@ def document_errors(api: FastAPI) -> None:
             for method, op in operations.items():
                 responses = op.setdefault("responses", {})
                 responses.pop("422", None)
-                codes = {"400"}
+                codes = {"400", "421"}
                 if path.startswith("/api/"):
                     codes |= {"401", "403", "503"}
                     # Optional when the API allows anonymous loopback use.
@@ -518,6 +575,8 @@ def document_errors(api: FastAPI) -> None:
                     codes |= {"404", "409"} if method in ("delete", "post") else {"404"}
                 if "requestBody" in op:
                     codes.add("413")
+                if method in ("post", "put", "patch", "delete"):
+                    codes.add("415")
                 for code in codes:
                     entry = responses.setdefault(code, {"description": _ERROR_TEXT[code]})
                     entry["content"] = {"application/json": {"schema": _ERROR_REF}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 import orjson
@@ -13,11 +14,12 @@ import structlog
 from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
 from fastapi.responses import Response
 
+from conveyor.api.guard import internal_error_text, report_unexpected
 from conveyor.api.http import JSON, ApiError, Auth
 from conveyor.api.models import WebhookCreate
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
-from conveyor.domain.errors import ConveyorError, ValidationError
+from conveyor.domain.errors import ConveyorError, StoreUnavailable, ValidationError
 from conveyor.domain.events import (
     TYPE_FILTERS_REGEX,
     EventFilter,
@@ -37,6 +39,8 @@ CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_TRY_AGAIN_LATER = 1013  # dropped as a slow consumer, or the store is away
+CLOSE_UNSUPPORTED_DATA = 1003  # a binary frame: the protocol is JSON text
+CLOSE_INTERNAL_ERROR = 1011
 
 CLOSE_TIMEOUT = 2.0  # seconds to send a close frame to a client that stopped reading
 MAX_SCAN_PAGES = 20  # GET /api/events reads at most this many pages to fill a filtered page
@@ -108,7 +112,21 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
         except ValueError:
             await websocket.close(CLOSE_BAD_REQUEST, "after must be an event id (integer >= 0)")
             return
-        await _stream(websocket, hub, flt, after)
+
+        async def still_allowed() -> tuple[int, str]:
+            """Waits while the caller may read; the close code once it may not
+            (its key revoked, or anonymous access ended by a new key)."""
+            while True:
+                await asyncio.sleep(auth.recheck_interval)  # the re-check period
+                try:
+                    await auth.authenticate(websocket, KeyScope.READ, cached=True)
+                except ApiError as exc:
+                    code = CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_UNAUTHORIZED
+                    return code, _reason(exc.error)
+                except ConveyorError:
+                    continue  # the store is away: the stream itself reports that
+
+        await _stream(websocket, hub, flt, after, still_allowed)
 
     # -- webhooks -----------------------------------------------------------------------
     @router.post(
@@ -183,8 +201,16 @@ def _reason(text: str) -> str:
     return text if len(data) <= 123 else data[:120].decode(errors="ignore") + "..."
 
 
-async def _stream(websocket: WebSocket, hub: EventHub, flt: EventFilter, after: int | None) -> None:
-    """Send events until the client leaves or is dropped; answer pings meanwhile."""
+async def _stream(
+    websocket: WebSocket,
+    hub: EventHub,
+    flt: EventFilter,
+    after: int | None,
+    still_allowed: Callable[[], Coroutine[Any, Any, tuple[int, str]]],
+) -> None:
+    """Send events until the client leaves, is dropped or loses its access; answer
+    pings meanwhile. Each task below returns the close code and reason that end
+    the connection (None: the client left, nothing to send)."""
     sub = hub.subscriber(flt)
     stream = hub.stream(sub, after)
 
@@ -195,36 +221,50 @@ async def _stream(websocket: WebSocket, hub: EventHub, flt: EventFilter, after: 
                 await websocket.send_text("[" + ",".join(text for _, text in items) + "]")
         except UnknownEvent as exc:
             return CLOSE_BAD_REQUEST, f"after={exc.args[0]} is beyond the newest event"
+        except StoreUnavailable as exc:
+            return CLOSE_TRY_AGAIN_LATER, _reason(f"store unavailable: {exc.reason}")
         except ConveyorError as exc:
-            return CLOSE_TRY_AGAIN_LATER, _reason(f"store unavailable: {exc}")
-        return CLOSE_TRY_AGAIN_LATER, "dropped"
+            reference = report_unexpected(exc, "WS", websocket.url.path)
+            return CLOSE_INTERNAL_ERROR, _reason(internal_error_text(reference))
+        return CLOSE_TRY_AGAIN_LATER, sub.dropped or "dropped"
 
-    async def receive() -> None:
+    async def receive() -> tuple[int, str] | None:
         while True:
-            text = await websocket.receive_text()
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return None
+            text = message.get("text")
+            if text is None:
+                return CLOSE_UNSUPPORTED_DATA, "binary frames are not supported: send text"
             if text.strip() in ("ping", '{"type":"ping"}', '{"type": "ping"}'):
                 await websocket.send_text(orjson.dumps({"type": "pong"}).decode())
 
-    sender = asyncio.create_task(send_events())
-    receiver = asyncio.create_task(receive())
-    # A client whose socket is full blocks the sender inside send_text; the hub drops
-    # it (too far behind), and this watcher closes the connection instead of waiting.
-    dropped = asyncio.create_task(sub.dropped_event.wait())
+    async def until_dropped() -> tuple[int, str]:
+        await sub.dropped_event.wait()
+        return CLOSE_TRY_AGAIN_LATER, sub.dropped or "dropped"
+
+    tasks: set[asyncio.Task[tuple[int, str] | None]] = {
+        asyncio.create_task(send_events()),
+        asyncio.create_task(receive()),
+        # A client whose socket is full blocks the sender inside send_text; the hub
+        # drops it (too far behind), and this closes the connection instead of waiting.
+        asyncio.create_task(until_dropped()),
+        asyncio.create_task(still_allowed()),
+    }
     try:
-        done, _ = await asyncio.wait(
-            {sender, receiver, dropped}, return_when=asyncio.FIRST_COMPLETED
-        )
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (sender, receiver, dropped):
+        for task in tasks:
             task.cancel()
         with contextlib.suppress(BaseException):
             await stream.aclose()
-    code, reason = None, ""
-    if sender in done and not sender.cancelled() and sender.exception() is None:
-        code, reason = sender.result()
-    elif dropped in done:
-        code = CLOSE_TRY_AGAIN_LATER
-    if code is not None:
+    ending = None
+    for task in done:
+        if not task.cancelled() and task.exception() is None and task.result() is not None:
+            ending = task.result()
+            break
+    if ending is not None:
+        code, reason = ending
         with contextlib.suppress(RuntimeError, WebSocketDisconnect, TimeoutError, OSError):
             async with asyncio.timeout(CLOSE_TIMEOUT):  # a stuck socket: give up on it
-                await websocket.close(code, _reason(sub.dropped or reason))
+                await websocket.close(code, _reason(reason))

@@ -45,13 +45,30 @@ class ApiError(Exception):
 
 
 # -- auth ------------------------------------------------------------------------------------
-class Auth:
-    """Bearer API keys with scopes. Anonymous access only when allowed and no key exists."""
+KEY_RECHECK_SECONDS = 2.0  #: an open WebSocket's key is checked again this often
 
-    def __init__(self, conveyor: Conveyor, *, allow_anonymous: bool) -> None:
+
+class Auth:
+    """Bearer API keys with scopes. Anonymous access only when allowed and no key exists.
+
+    ``recheck_interval``: seconds between checks of an open WebSocket's key; a
+    revoked key's sockets are closed within about that long (keys are revoked
+    by another process, the CLI, so this polls the store).
+    """
+
+    def __init__(
+        self,
+        conveyor: Conveyor,
+        *,
+        allow_anonymous: bool,
+        recheck_interval: float = KEY_RECHECK_SECONDS,
+    ) -> None:
         self.conveyor = conveyor
         self.allow_anonymous = allow_anonymous
+        self.recheck_interval = recheck_interval
         self._keys_exist: tuple[float, bool] = (0.0, True)
+        # key hash -> (checked at, key or None): many sockets on one key share a lookup.
+        self._rechecked: dict[str, tuple[float, ApiKey | None]] = {}
 
     async def keys_exist(self) -> bool:
         checked, value = self._keys_exist
@@ -60,13 +77,27 @@ class Auth:
             self._keys_exist = (time.monotonic(), value)
         return value
 
-    async def authenticate(self, conn: HTTPConnection, scope: KeyScope) -> ApiKey | None:
+    async def authenticate(
+        self, conn: HTTPConnection, scope: KeyScope, *, cached: bool = False
+    ) -> ApiKey | None:
         """The caller's key (None = anonymous, allowed); raises ``ApiError`` 401/403.
-        The key comes from ``Authorization: Bearer <key>`` or ``?token=<key>``."""
+
+        The key comes from ``Authorization: Bearer <key>``; a WebSocket may pass
+        it as ``?token=<key>`` instead (browsers cannot set its headers). A REST
+        request with ``?token=`` is refused: keys in URLs end up in logs.
+        ``cached``: reuse a lookup of the same key younger than ``recheck_interval``.
+        """
         header = conn.headers.get("authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        if not token:
-            token = conn.query_params.get("token", "")
+        if not token and "token" in conn.query_params:
+            if conn.scope["type"] != "websocket":
+                raise ApiError(
+                    401,
+                    "API keys are accepted in the URL (?token=) only on the WebSocket: "
+                    "send 'Authorization: Bearer <key>' instead",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+            token = conn.query_params["token"]
         if not token:
             if self.allow_anonymous and not await self.keys_exist():
                 return None
@@ -76,7 +107,7 @@ class Auth:
                 "(create one with `conveyor keys create`)",
                 {"WWW-Authenticate": "Bearer"},
             )
-        key = await self.conveyor.store.find_api_key(hash_key(token))
+        key = await self._find(hash_key(token), cached)
         if key is None:
             raise ApiError(401, "Invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
         if not key.scope.allows(scope):
@@ -84,6 +115,19 @@ class Auth:
                 403,
                 f"This API key has scope '{key.scope.value}'; this request needs '{scope.value}'",
             )
+        return key
+
+    async def _find(self, key_hash: str, cached: bool) -> ApiKey | None:
+        now = time.monotonic()
+        if cached:
+            hit = self._rechecked.get(key_hash)
+            if hit is not None and now - hit[0] < self.recheck_interval:
+                return hit[1]
+        key = await self.conveyor.store.find_api_key(key_hash)
+        if cached:
+            if len(self._rechecked) > 10_000:  # stale entries of sockets long gone
+                self._rechecked.clear()
+            self._rechecked[key_hash] = (now, key)
         return key
 
     def require(self, scope: KeyScope) -> Callable[[Request], Awaitable[None]]:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
 import orjson
-import structlog
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from conveyor.app import Conveyor
@@ -21,24 +20,15 @@ from conveyor.cli.loop import run as run_loop
 from conveyor.domain.errors import ConveyorError, ValidationError
 from conveyor.domain.job import JobQuery
 from conveyor.domain.states import JobState
+from conveyor.observability.logging import configure_logging
 from conveyor.presenters import job_dict, page_dict
 from conveyor.runtime.status import collect_status
+from conveyor.security.redact import redact, redact_url
 from conveyor.settings import Settings
 
 T = TypeVar("T")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-
-
-def configure_logging(level: str) -> None:
-    numeric = logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
-        numeric = logging.INFO
-    logging.basicConfig(level=numeric, format="%(message)s", stream=sys.stderr)
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
 
 
 class Ctx:
@@ -67,11 +57,27 @@ class ConveyorGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ConveyorError as exc:
-            err.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+            # Plain text: a message may hold brackets ("conveyor[postgres]") that rich
+            # would take for markup, or a database URL whose password must not show.
+            err.print(f"[bold red]Error:[/] {_plain(str(exc))}", highlight=False, soft_wrap=True)
             if isinstance(exc, ValidationError):
                 for d in exc.details:
-                    err.print(f"  - {d.field}: {d.message}", highlight=False, soft_wrap=True)
+                    err.print(
+                        f"  - {_plain(d.field)}: {_plain(d.message)}",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
             sys.exit(1)
+
+
+def _plain(text: str) -> str:
+    """``text`` safe to print with rich: secrets redacted, markup escaped."""
+    return escape(redact(text))
+
+
+def _add_row(table: Table, *cells: str | None) -> None:
+    """A table row of plain text (job errors, names and payloads are not markup)."""
+    table.add_row(*(escape(c or "") for c in cells))
 
 
 def emit_json(data: Any) -> None:
@@ -236,7 +242,8 @@ def keys_create(obj: Ctx, scope: str, name: str) -> None:
 
     key = run(go, obj.app())
     err.print(
-        f"Created {scope} key {name!r}. Store it now: it is not shown again.", highlight=False
+        f"Created {scope} key {_plain(repr(name))}. Store it now: it is not shown again.",
+        highlight=False,
     )
     click.echo(key)
 
@@ -267,7 +274,8 @@ def keys_list(obj: Ctx, as_json: bool) -> None:
     for col in ("id", "name", "scope", "prefix", "created", "revoked"):
         table.add_column(col, no_wrap=True)
     for r in rows:
-        table.add_row(
+        _add_row(
+            table,
             r["id"],
             r["name"],
             r["scope"],
@@ -284,7 +292,7 @@ def keys_list(obj: Ctx, as_json: bool) -> None:
 def keys_revoke(obj: Ctx, key_id: str) -> None:
     """Revoke a key by its id (see `conveyor keys list`)."""
     key = run(lambda a: a.store.revoke_api_key(key_id, a.now()), obj.app())
-    out.print(f"Revoked key {key.id} ({key.name})", highlight=False)
+    out.print(f"Revoked key {key.id} ({_plain(key.name)})", highlight=False)
 
 
 # -- migrate ---------------------------------------------------------------------------
@@ -300,7 +308,7 @@ def migrate(obj: Ctx) -> None:
 
     applied = run(go, app)  # open() applies migrations; migrate() reports anything left
     out.print(
-        f"Database {app.settings.database_url} is up to date"
+        f"Database {_plain(redact_url(app.settings.database_url))} is up to date"
         + (f" (applied {', '.join(applied)})" if applied else ""),
         highlight=False,
     )
@@ -426,7 +434,8 @@ def jobs_list(
     for col in ("id", "type", "status", "queue", "prio", "attempt", "created", "error"):
         table.add_column(col)
     for j in page.jobs:
-        table.add_row(
+        _add_row(
+            table,
             j.id,
             j.job_type,
             j.status,
@@ -458,13 +467,14 @@ def jobs_show(obj: Ctx, job_id: str, as_json: bool) -> None:
     for key, value in data.items():
         if key in ("executions", "id"):
             continue
-        table.add_row(key, value if isinstance(value, str) else orjson.dumps(value).decode())
+        _add_row(table, key, value if isinstance(value, str) else orjson.dumps(value).decode())
     out.print(table)
     ex = Table(title="Executions")
     for col in ("attempt", "worker", "started", "finished", "outcome", "error"):
         ex.add_column(col)
     for e in data["executions"]:
-        ex.add_row(
+        _add_row(
+            ex,
             str(e["attempt"]),
             e["worker_id"] or "",
             e["started_at"] or "",
@@ -506,7 +516,8 @@ def dlq_list(obj: Ctx, job_type: str | None, limit: int, as_json: bool) -> None:
     for col in ("id", "type", "attempts", "lost", "failed at", "error"):
         table.add_column(col)
     for j in page.jobs:
-        table.add_row(
+        _add_row(
+            table,
             j.id,
             j.job_type,
             str(j.attempt),
@@ -567,13 +578,14 @@ def status(obj: Ctx, as_json: bool) -> None:
     depths.add_column("status")
     depths.add_column("count", justify="right")
     for state, n in data["queue_depths"].items():
-        depths.add_row(state, str(n))
+        _add_row(depths, state, str(n))
     out.print(depths)
     workers = Table(title=f"Workers ({data['live_workers']} alive)")
     for col in ("id", "alive", "job types", "queues", "running", "last heartbeat"):
         workers.add_column(col)
     for w in data["workers"]:
-        workers.add_row(
+        _add_row(
+            workers,
             w["worker_id"],
             "yes" if w["alive"] else "NO",
             ", ".join(w["job_types"]),
@@ -588,14 +600,14 @@ def status(obj: Ctx, as_json: bool) -> None:
         for col in ("consumer", "position", "behind"):
             outbox.add_column(col, justify="left" if col == "consumer" else "right")
         for c in consumers:
-            outbox.add_row(c["name"], str(c["position"]), str(c["lag"]))
+            _add_row(outbox, c["name"], str(c["position"]), str(c["lag"]))
         out.print(outbox)
     if data["unserved_job_types"]:
         out.print("[bold yellow]Waiting for a worker:[/]")
         for u in data["unserved_job_types"]:
             out.print(
-                f"  {u['pending']} pending job(s) of type {u['job_type']!r} on queue "
-                f"{u['queue']!r}: no live worker handles it",
+                f"  {u['pending']} pending job(s) of type {_plain(repr(u['job_type']))} on queue "
+                f"{_plain(repr(u['queue']))}: no live worker handles it",
                 highlight=False,
             )
 

@@ -12,12 +12,14 @@ from collections.abc import Iterator
 
 import uvicorn
 from rich.console import Console
+from rich.markup import escape
 
 from conveyor.api.app import create_app
 from conveyor.app import Conveyor
 from conveyor.domain.errors import ConfigurationError
 from conveyor.observability.metrics import Metrics
 from conveyor.runtime.worker import Worker, exit_if_abandoned
+from conveyor.security.redact import redact_url
 
 
 def is_loopback(host: str) -> bool:
@@ -74,7 +76,14 @@ async def serve_forever(
             app, allow_anonymous=loopback, max_body_bytes=max_body_bytes, metrics=metrics
         )
         config = uvicorn.Config(
-            api, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+            api,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            # uvicorn's lines go through Conveyor's logging: bounded and redacted.
+            log_config=None,
         )
         server = _Server(config)
         # Every queue a registered type names, so `up` runs all of its own jobs.
@@ -86,12 +95,11 @@ async def serve_forever(
         console.print(
             f"[bold green]Conveyor[/] API on {base}  (docs: {base}/docs)", highlight=False
         )
-        console.print(f"  database: {app.settings.database_url}", highlight=False)
+        database = escape(redact_url(app.settings.database_url))
+        console.print(f"  database: {database}", highlight=False)
         if worker is not None:
-            console.print(
-                f"  worker: {worker.concurrency} slots for {', '.join(sorted(app.registry))}",
-                highlight=False,
-            )
+            types = escape(", ".join(sorted(app.registry)))
+            console.print(f"  worker: {worker.concurrency} slots for {types}", highlight=False)
         if keys == 0:
             console.print(
                 "  auth: [yellow]off[/] (loopback only, no API key exists; "

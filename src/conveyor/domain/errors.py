@@ -12,7 +12,7 @@ Every error Conveyor raises derives from :class:`ConveyorError`::
     │   └── JobNotCancellable        cancelling a finished job
     ├── LeaseLost                    a fenced write whose lease is no longer held
     ├── StoreError                   the store failed (cause kept in __cause__)
-    │   └── StoreUnavailable         the store cannot be reached
+    │   └── StoreUnavailable         the store cannot be reached or is full (retry later)
     └── HandlerError                 base of the signals a handler may raise
         ├── Permanent                do not retry this job
         └── Retry                    retry, after a specific delay
@@ -97,7 +97,17 @@ class StoreError(ConveyorError):
 
 
 class StoreUnavailable(StoreError):
-    """The store cannot be reached."""
+    """The store cannot be reached or cannot take writes now (disk full, locked,
+    connection lost): retry later.
+
+    ``reason`` is a short phrase without paths, addresses or credentials, fit to
+    show a remote caller (the REST API answers 503 with it); the message may
+    name the file or server for the operator.
+    """
+
+    def __init__(self, message: str, *, reason: str = "the store cannot be reached") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class HandlerError(ConveyorError):

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -64,6 +63,7 @@ from conveyor.domain.webhooks import (
     WebhookState,
     should_disable,
 )
+from conveyor.security.redact import redact, redact_url
 from conveyor.storage.base import (
     Store,
     check_limit,
@@ -98,6 +98,22 @@ _UNAVAILABLE = (
     asyncpg.exceptions.InternalClientError,
     TimeoutError,
 )
+
+
+# Class 53 (disk full, out of memory, too many connections) and a server in
+# recovery or read-only: "retry later", not a bug (HTTP 503, not 500).
+_OUT_OF_RESOURCES = (
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+)
+
+
+def _resource_reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncpg.exceptions.DiskFullError):
+        return "the database disk is full"
+    if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+        return "the database is read-only"
+    return "the database is out of resources"
 
 
 def _usable(conn: Any) -> bool:
@@ -294,11 +310,15 @@ class PostgresStore(Store):
             )
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(
-                f"Cannot connect to PostgreSQL at {_safe(self.dsn)}: {exc}. Is the server "
-                "running and CONVEYOR_DATABASE_URL right?"
+                f"Cannot connect to PostgreSQL at {_safe(self.dsn)}: {redact(str(exc))}. Is the "
+                "server running and CONVEYOR_DATABASE_URL right?",
+                reason="cannot connect to the database",
             ) from exc
         except asyncpg.PostgresError as exc:
-            raise StoreUnavailable(f"PostgreSQL refused {_safe(self.dsn)}: {exc}") from exc
+            raise StoreUnavailable(
+                f"PostgreSQL refused {_safe(self.dsn)}: {redact(str(exc))}",
+                reason="the database refused the connection",
+            ) from exc
         try:
             await self.migrate()
         except BaseException:
@@ -337,7 +357,13 @@ class PostgresStore(Store):
                 finally:
                     self._lane_busy = False
         except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"PostgreSQL unavailable: {exc}") from exc
+            raise StoreUnavailable(
+                f"PostgreSQL unavailable: {exc}", reason="the database connection was lost"
+            ) from exc
+        except _OUT_OF_RESOURCES as exc:
+            raise StoreUnavailable(
+                f"PostgreSQL is out of resources: {exc}", reason=_resource_reason(exc)
+            ) from exc
         except asyncpg.PostgresError as exc:
             raise StoreError(f"PostgreSQL error: {exc}") from exc
 
@@ -1169,9 +1195,4 @@ def _with_result(f: Finish) -> Finish:
 
 def _safe(dsn: str) -> str:
     """The DSN without its password, for messages."""
-    parts = urlsplit(dsn)
-    if parts.password:
-        host = parts.hostname or ""
-        netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return dsn
+    return redact_url(dsn)

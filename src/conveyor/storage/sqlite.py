@@ -143,6 +143,32 @@ def _event_json(row: Any, status: str, attempt: int, **extra: Any) -> bytes:
     return orjson.dumps(row_event(row, status, attempt, **extra))
 
 
+# SQLite result codes (primary, low byte) that mean "not now", not "never": the
+# caller gets StoreUnavailable (HTTP 503, retry later) with a reason free of paths.
+_UNAVAILABLE_CODES = {
+    sqlite3.SQLITE_FULL: "the database disk is full",
+    sqlite3.SQLITE_IOERR: "disk I/O error on the database",
+    sqlite3.SQLITE_BUSY: "the database is busy",
+    sqlite3.SQLITE_LOCKED: "the database is locked",
+    sqlite3.SQLITE_CANTOPEN: "the database file cannot be opened",
+    sqlite3.SQLITE_READONLY: "the database is read-only",
+    sqlite3.SQLITE_NOMEM: "the database is out of memory",
+}
+
+
+def _store_error(exc: sqlite3.DatabaseError, path: str) -> StoreError:
+    """The Conveyor error for a SQLite failure; the message names the file for the
+    operator, ``StoreUnavailable.reason`` does not."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    reason = _UNAVAILABLE_CODES.get(code & 0xFF) if isinstance(code, int) else None
+    text = str(exc)
+    if reason is None and ("locked" in text or "busy" in text):
+        reason = "the database is busy"
+    if reason is not None:
+        return StoreUnavailable(f"SQLite database {path}: {text}", reason=reason)
+    return StoreError(f"SQLite error on {path}: {text}")
+
+
 class SQLiteStore(Store):
     """Store on one SQLite file. ``path`` may be ``:memory:`` only for one process."""
 
@@ -190,12 +216,8 @@ class SQLiteStore(Store):
             raise StoreError("The SQLite store is not open: call `await store.open()` first")
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise StoreUnavailable(f"SQLite database {self.path} is busy: {exc}") from exc
-            raise StoreError(f"SQLite error on {self.path}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"SQLite error on {self.path}: {exc}") from exc
+            raise _store_error(exc, self.path) from exc
 
     def _connect(self) -> None:
         try:
@@ -203,7 +225,10 @@ class SQLiteStore(Store):
                 self.path, isolation_level=None, check_same_thread=False, timeout=0
             )
         except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"Cannot open SQLite database {self.path!r}: {exc}") from exc
+            raise StoreUnavailable(
+                f"Cannot open SQLite database {self.path!r}: {exc}",
+                reason="the database file cannot be opened",
+            ) from exc
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         for pragma in Q["connection_pragmas"].split(";"):
@@ -220,10 +245,15 @@ class SQLiteStore(Store):
         conn.execute(Q["begin_write"])
         try:
             yield conn
+            conn.execute(Q["commit"])
         except BaseException:
-            conn.execute(Q["rollback"])
+            # A COMMIT refused for a full disk or an I/O error can leave the
+            # transaction open; without this rollback every later write would
+            # fail with "cannot start a transaction within a transaction".
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute(Q["rollback"])
             raise
-        conn.execute(Q["commit"])
 
     def _migrate(self) -> list[str]:
         applied_now: list[str] = []
