@@ -257,6 +257,25 @@ def event_data(
     }
 
 
+#: A result larger than this (bytes of JSON) is not copied into the ``job_completed``
+#: event: the outbox, the bus, the WebSocket and webhook bodies carry
+#: ``"result": null, "result_truncated": true, "result_size": N`` instead, and the
+#: result itself stays on the job (``GET /api/jobs/{id}``). 64 KiB.
+EVENT_RESULT_MAX_BYTES = 64 * 1024
+
+
+def result_fields(result: Any) -> dict[str, Any]:
+    """The ``result`` fields of a ``job_completed`` event's data (see
+    ``EVENT_RESULT_MAX_BYTES``)."""
+    try:
+        size = len(orjson.dumps(result))
+    except TypeError:  # not JSON: the store refuses it before any event is written
+        return {"result": result}
+    if size <= EVENT_RESULT_MAX_BYTES:
+        return {"result": result}
+    return {"result": None, "result_truncated": True, "result_size": size}
+
+
 def row_event(row: Any, status: str, attempt: int, **extra: Any) -> dict[str, Any]:
     """``event_data`` from a database row with ``id``, ``job_type`` and ``queue``."""
     return event_data(row["id"], row["job_type"], row["queue"], status, attempt, **extra)

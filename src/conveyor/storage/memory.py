@@ -67,6 +67,7 @@ from conveyor.storage.base import (
     disable_reason,
     disabled_event,
     no_external_connection,
+    result_fields,
 )
 from conveyor.storage.codec import roundtrip
 
@@ -276,7 +277,7 @@ class MemoryStore(Store):
             job.result = f.result
             job.error = None
             self._end_execution(job, now, "completed", None)
-            self._move(job, f.action, now, result=f.result, duration_ms=duration_ms)
+            self._move(job, f.action, now, **result_fields(f.result), duration_ms=duration_ms)
             self._after_terminal(job, now)
         elif f.action is Action.RETRY:
             job.error = f.error
