@@ -39,13 +39,11 @@ from conveyor.domain.job import (
     Page,
     Rescued,
     WorkerInfo,
-    key_taken,
     lost_action,
     require_failed,
     validate_batch,
 )
 from conveyor.domain.states import (
-    ACTIVE_STATES,
     EVENT_FOR_ACTION,
     Action,
     EventType,
@@ -154,10 +152,9 @@ class MemoryStore(Store):
             for new in jobs
         ]
         async with self._lock:
+            # A key names its job for as long as the job is kept, whatever its state.
             by_key = {
-                j.idempotency_key: j
-                for j in self._jobs.values()
-                if j.idempotency_key is not None and j.state in ACTIVE_STATES
+                j.idempotency_key: j for j in self._jobs.values() if j.idempotency_key is not None
             }
             for new in jobs:
                 for dep in new.depends_on:
@@ -202,7 +199,7 @@ class MemoryStore(Store):
                 self._seq[job.id] = next(self._counter)
                 for p in parents:
                     self._children.setdefault(p.id, set()).add(job.id)
-                if job.idempotency_key is not None and state in ACTIVE_STATES:
+                if job.idempotency_key is not None:
                     by_key[job.idempotency_key] = job
                 self._emit(EventType.JOB_SUBMITTED.value, job, now, priority=job.priority)
                 results.append(EnqueueResult(copy.deepcopy(job), False))
@@ -399,16 +396,7 @@ class MemoryStore(Store):
             jobs = [self._get(i) for i in dict.fromkeys(job_ids)]
             for job in jobs:
                 require_failed(job.id, job.state.value, "retry")
-            active_keys = {
-                j.idempotency_key
-                for j in self._jobs.values()
-                if j.idempotency_key is not None and j.state in ACTIVE_STATES
-            }
-            for job in jobs:
-                if job.idempotency_key in active_keys:
-                    raise key_taken(job.id, job.idempotency_key)
-                if job.idempotency_key is not None:
-                    active_keys.add(job.idempotency_key)
+            # A failed job still holds its own key (no other job can): nothing to check.
             for job in jobs:
                 job.attempt = 0
                 job.lost_count = 0

@@ -90,10 +90,8 @@ UNION ALL
 SELECT NULL FROM wake
 
 -- name: on_key_conflict
--- (A clause of insert_jobs.) A job whose key an active job holds is not inserted.
-ON CONFLICT (idempotency_key)
-    WHERE idempotency_key IS NOT NULL AND state IN ('blocked', 'pending', 'running')
-    DO NOTHING
+-- (A clause of insert_jobs.) A job whose key a kept job holds (any state) is not inserted.
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 
 -- name: insert_job
 -- insert_jobs for a single job, with plain parameters: for one row, encoding and
@@ -104,9 +102,7 @@ WITH ins AS (
                                created_by, metadata, created_at, updated_at, completed_at)
     VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11, $12, $13,
             $14::text::jsonb, $15, $15, CASE WHEN $4::text = 'cancelled' THEN $15::timestamptz END)
-    ON CONFLICT (idempotency_key)
-        WHERE idempotency_key IS NOT NULL AND state IN ('blocked', 'pending', 'running')
-        DO NOTHING
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id, job_type, queue, state, priority
 ), ev AS (
     INSERT INTO conveyor.events (type, job_id, data, created_at)
@@ -122,13 +118,9 @@ SELECT id FROM ins
 UNION ALL
 SELECT NULL FROM wake
 
--- name: active_by_keys
-SELECT * FROM conveyor.jobs
-WHERE idempotency_key = ANY($1::text[]) AND state IN ('blocked', 'pending', 'running')
-
--- name: latest_by_keys
+-- name: by_keys
+-- The jobs holding these idempotency keys (one per key: the index is unique).
 SELECT * FROM conveyor.jobs WHERE idempotency_key = ANY($1::text[])
-ORDER BY state IN ('blocked', 'pending', 'running') DESC, seq DESC
 
 -- name: insert_dependencies
 WITH d AS (

@@ -19,10 +19,9 @@ UPDATE jobs SET has_children = 1 WHERE id = ?
 -- name: insert_event
 INSERT INTO events (type, job_id, data, created_at) VALUES (?, ?, ?, ?)
 
--- name: active_by_keys
-SELECT * FROM jobs
-WHERE idempotency_key IN (SELECT value FROM json_each(?))
-  AND state IN ('blocked', 'pending', 'running')
+-- name: by_keys
+-- The jobs holding these idempotency keys (one per key, any state: the index is unique).
+SELECT * FROM jobs WHERE idempotency_key IN (SELECT value FROM json_each(?))
 
 -- name: jobs_by_ids
 SELECT * FROM jobs WHERE id IN (SELECT value FROM json_each(?))
