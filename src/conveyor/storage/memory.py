@@ -356,10 +356,15 @@ class MemoryStore(Store):
                         worker_id=w.id,
                         status="dead",
                     )
-            live = {w.id for w in self._workers.values() if w.state == "running"}
+            # A worker registered again (restarted under its id) after a job started
+            # is a new process: the job belonged to the one that is gone.
+            live = {w.id: w.started_at for w in self._workers.values() if w.state == "running"}
             out = []
             for job in self._jobs.values():
-                if job.state is not JobState.RUNNING or job.worker_id in live:
+                if job.state is not JobState.RUNNING:
+                    continue
+                since = live.get(job.worker_id) if job.worker_id is not None else None
+                if since is not None and job.started_at is not None and since <= job.started_at:
                     continue
                 action = lost_action(job, max_lost)
                 job.lost_count += 1

@@ -247,10 +247,16 @@ UPDATE conveyor.jobs SET cancel_requested_at = $2, updated_at = $2
 WHERE id = $1 AND state = 'running' AND cancel_requested_at IS NULL
 
 -- name: upsert_worker
+-- An id registered again is a new process (a restart with --worker-id): its row
+-- describes the new one, and its started_at tells the old process's jobs apart
+-- (see orphaned_running).
 INSERT INTO conveyor.workers (id, host, pid, queues, job_types, concurrency, started_at,
                               heartbeat_at, state, jobs_running)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $7, 'running', 0)
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = $7, state = 'running'
+ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
+                               queues = excluded.queues, job_types = excluded.job_types,
+                               concurrency = excluded.concurrency, started_at = $7,
+                               heartbeat_at = $7, state = 'running', jobs_running = 0
 
 -- name: heartbeat
 WITH w AS (
@@ -273,9 +279,13 @@ RETURNING id
 -- name: orphaned_running
 -- SKIP LOCKED: two rescuers never take the same job; rows a worker is finishing
 -- right now are left for the next round.
+-- A job is orphaned when its worker is not running, or was registered again
+-- (restarted under the same id) after the job started: that process is gone.
 SELECT * FROM conveyor.jobs j
 WHERE j.state = 'running'
-  AND NOT EXISTS (SELECT 1 FROM conveyor.workers w WHERE w.id = j.worker_id AND w.state = 'running')
+  AND NOT EXISTS (SELECT 1 FROM conveyor.workers w
+                  WHERE w.id = j.worker_id AND w.state = 'running'
+                    AND w.started_at <= j.started_at)
 FOR UPDATE SKIP LOCKED
 
 -- name: rescue_lost
