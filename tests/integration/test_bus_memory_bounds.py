@@ -7,6 +7,7 @@ payload bytes kept in streams and in subscribers' backlogs), not with RSS.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import orjson
@@ -14,6 +15,7 @@ import orjson
 from conveyor import Conveyor, JobContext, Settings
 from conveyor.bus.base import Message
 from conveyor.bus.memory import DEFAULT_MAX_STREAM_BYTES, MemoryBus
+from conveyor.bus.redis import RedisBus
 from conveyor.runtime.relay import EVENTS_STREAM
 from conveyor.storage.base import EVENT_RESULT_MAX_BYTES
 from support import async_wait_until, running_worker
@@ -144,3 +146,37 @@ async def test_subscribing_to_large_results_keeps_the_bus_small(tmp_path: Path) 
 
 async def _count(seen: list[dict[str, object]], n: int) -> bool:
     return len(seen) >= n
+
+
+async def test_a_slow_subscriber_of_the_redis_bus_holds_a_bounded_backlog(redis_server) -> None:
+    bus = RedisBus(
+        redis_server.url, prefix=f"test-{uuid.uuid4().hex}", max_subscriber_bytes=1 * MIB
+    )
+    await bus.open()
+    release = asyncio.Event()
+    got: list[int] = []
+
+    async def slow(message: Message) -> None:
+        await release.wait()
+        got.append(message.payload["n"])
+
+    try:
+        sub = await bus.subscribe("t", slow)
+        for n in range(100):
+            await bus.publish("t", blob(n, 64 * KIB))
+        await async_wait_until(lambda: _all_arrived(bus, 100), 10, "all 100 messages to arrive")
+        mailboxes = [m for boxes in bus._patterns.values() for m in boxes]
+        assert all(m.queued_bytes <= 1 * MIB for m in mailboxes)
+        release.set()
+        await async_wait_until(lambda: _settled(got, 99), 10, "the newest message handled")
+        assert 1 < len(got) <= 1 * MIB // (64 * KIB) + 1
+        assert got == sorted(got)
+        await sub.close()
+    finally:
+        await bus.close()
+
+
+async def _all_arrived(bus: RedisBus, n: int) -> bool:
+    """Every message was dropped or is queued (one more may be in the handler's hands)."""
+    mailboxes = [m for boxes in bus._patterns.values() for m in boxes]
+    return sum(m.dropped + m._queue.qsize() for m in mailboxes) >= n - 1
