@@ -61,8 +61,9 @@ class Store(abc.ABC):
     async def enqueue_many(
         self, jobs: Sequence[NewJob], now: datetime, *, connection: Any = None
     ) -> list[EnqueueResult]:
-        """Insert jobs atomically (all or none); duplicates by idempotency key
-        return the existing active job flagged ``duplicate``. Unknown
+        """Insert jobs atomically (all or none); a job whose idempotency key a kept
+        job already holds (any state, until that job is pruned or purged) is not
+        inserted: that job comes back flagged ``duplicate``. Unknown
         ``depends_on`` ids raise ``ValidationError`` and insert nothing.
         ``connection``: a driver connection inside the caller's own transaction
         (PostgreSQL only): the jobs exist only if that transaction commits."""
@@ -87,7 +88,10 @@ class Store(abc.ABC):
         """Apply fenced outcomes; ``False`` where the lease was no longer held."""
 
     @abc.abstractmethod
-    async def register_worker(self, worker: WorkerInfo, now: datetime) -> None: ...
+    async def register_worker(self, worker: WorkerInfo, now: datetime) -> None:
+        """Record a worker process started at ``now``. An id registered again is a
+        new process (a restart under the same id): its row describes the new one,
+        and the jobs the old one had started become the rescuer's (see ``rescue``)."""
 
     @abc.abstractmethod
     async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
@@ -102,8 +106,11 @@ class Store(abc.ABC):
     async def rescue(
         self, *, heartbeat_timeout: float, max_lost: int, now: datetime
     ) -> list[Rescued]:
-        """Re-queue (or quarantine) the running jobs of workers whose heartbeat
-        is older than ``heartbeat_timeout`` seconds, and mark those workers dead."""
+        """Re-queue (or quarantine) the running jobs whose process is gone, and mark
+        workers whose heartbeat is older than ``heartbeat_timeout`` seconds dead.
+        A job's process is gone when its worker is not running, or was registered
+        again after the job started. Each such attempt ends with an execution row
+        of outcome ``lost`` (error ``worker_lost``)."""
 
     # -- operator actions -------------------------------------------------
     @abc.abstractmethod

@@ -602,7 +602,8 @@ class PostgresStore(Store):
             if job.id in inserted:
                 results.append(EnqueueResult(job, False))
             else:
-                held = existing.get(new.idempotency_key)  # type: ignore[arg-type]
+                key = new.idempotency_key
+                held = existing.get(key) if key is not None else None
                 if held is None:  # its holder was deleted (pruned, purged) in between
                     raise _key_race(new.idempotency_key)
                 results.append(EnqueueResult(held, True))
