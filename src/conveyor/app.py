@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import random
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,22 +27,29 @@ from conveyor.domain.job import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_PRIORITY,
     DEFAULT_QUEUE,
+    DEFAULT_TIMEOUT_MS,
     EnqueueResult,
     Finish,
     Job,
     JobQuery,
+    JobTypeInfo,
     NewJob,
+    is_internal,
 )
+from conveyor.domain.limits import delay_error, run_at_after, timeout_error
 from conveyor.domain.retry import RetryPolicy
 from conveyor.domain.states import JobState
 from conveyor.runtime.registry import Handler, JobDefinition
 from conveyor.runtime.webhooks import WEBHOOK_JOB, WebhookSender
-from conveyor.settings import Settings
+from conveyor.runtime.worker import Worker, exit_if_abandoned
+from conveyor.settings import ISOLATION_MODES, Settings
 from conveyor.storage.base import Store
 
 F = TypeVar("F", bound=Handler)
 log = structlog.get_logger("conveyor.app")
 SIGNAL_TIMEOUT = 1.0
+#: Seconds a process trusts its copy of the job types workers recorded.
+JOB_TYPES_TTL = 10.0
 
 
 def bus_from_url(url: str, *, max_bytes: int | None = None) -> EventBus:
@@ -127,6 +136,8 @@ class Conveyor:
             )
         )
         self._pending_signals: set[asyncio.Future[bool]] = set()
+        self._known_types: dict[str, JobTypeInfo] = {}
+        self._known_types_at = -1e9
         s = self.settings
         self.webhooks = WebhookSender(
             self,
@@ -140,6 +151,7 @@ class Conveyor:
             max_retries=s.webhook_max_retries,
             timeout=s.webhook_timeout * 2 + 5,
             retry=RetryPolicy(base=s.webhook_retry_base, max_delay=3600.0),
+            _internal=True,
         )(self.webhooks.deliver)
 
     # -- lifecycle --------------------------------------------------------------
@@ -182,12 +194,28 @@ class Conveyor:
         max_retries: int = DEFAULT_MAX_RETRIES,
         timeout: float | None = 300.0,
         retry: RetryPolicy | None = None,
+        isolation: str | None = None,
+        _internal: bool = False,
     ) -> Callable[[F], JobDefinition]:
-        """Register a handler ``(ctx, **payload)`` for ``job_type``."""
-        probe = NewJob(job_type, queue=queue, priority=priority, max_retries=max_retries)
+        """Register a handler ``(ctx, **payload)`` for ``job_type``.
+
+        ``timeout`` in seconds (``None``: none); ``isolation``: ``"thread"`` or
+        ``"process"`` (a supervised child process, see docs/operations.md), default
+        the worker's. Raises ``ValidationError`` / ``ConfigurationError`` for bad
+        values, a reserved (``conveyor.``) type or a type registered twice.
+        """
+        probe = NewJob(
+            job_type, queue=queue, priority=priority, max_retries=max_retries, internal=_internal
+        )
         probe.validate()
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"timeout of job type {job_type!r} must be > 0 seconds")
+        if timeout is not None:
+            problem = timeout_error(timeout)
+            if problem is not None:
+                raise ConfigurationError(f"timeout of job type {job_type!r} {problem}")
+        if isolation not in (None, *ISOLATION_MODES):
+            raise ConfigurationError(
+                f"isolation of job type {job_type!r} must be one of {', '.join(ISOLATION_MODES)}"
+            )
 
         def decorator(fn: F) -> JobDefinition:
             if job_type in self.registry:
@@ -201,6 +229,7 @@ class Conveyor:
                 max_retries=max_retries,
                 timeout=timeout,
                 retry=retry or RetryPolicy(),
+                isolation=isolation,
             )
             self.registry[job_type] = definition
             return definition
@@ -234,39 +263,63 @@ class Conveyor:
         depends_on: Sequence[str] = (),
         metadata: Mapping[str, Any] | None = None,
         created_by: str | None = None,
+        defaults: JobTypeInfo | None = None,
+        internal: bool = False,
     ) -> NewJob:
-        """A ``NewJob`` with the job type's registered defaults filled in (payload checked)."""
+        """A ``NewJob`` with the job type's registered defaults filled in (payload checked).
+
+        Options left out (``None``) take the job type's registration: its
+        ``@app.job(...)`` arguments, or ``defaults`` (what a worker recorded in the
+        store, for types this process has no handler for), else the global
+        defaults. ``timeout`` is in seconds (``timeout_ms`` wins when both are
+        given); ``delay`` in seconds from now. Raises ``ValidationError`` for any
+        value outside the documented ranges (``docs/api.md``), ``ConfigurationError``
+        when both ``delay`` and ``run_at`` are given.
+        """
+        if not internal and type(job_type) is str and is_internal(job_type):
+            NewJob(job_type).validate()  # names the reserved prefix, before the payload
         definition = self.registry.get(job_type)
         if payload is None:
             payload = {}
-        d_timeout: float | None
-        if definition is None:
-            d_queue, d_priority, d_retries, d_timeout = (
-                DEFAULT_QUEUE,
-                DEFAULT_PRIORITY,
-                DEFAULT_MAX_RETRIES,
-                300.0,
-            )
-        else:
+        d_timeout_ms: int | None
+        if definition is not None:
             if type(payload) is dict or isinstance(payload, Mapping):
                 definition.validate_payload(payload)
-            d_queue, d_priority, d_retries, d_timeout = (
+            d_queue, d_priority, d_retries = (
                 definition.queue,
                 definition.priority,
                 definition.max_retries,
-                definition.timeout,
+            )
+            d_timeout_ms = _seconds_to_ms(definition.timeout)
+        elif defaults is not None:
+            d_queue, d_priority, d_retries, d_timeout_ms = (
+                defaults.queue,
+                defaults.priority,
+                defaults.max_retries,
+                defaults.timeout_ms,
+            )
+        else:
+            d_queue, d_priority, d_retries, d_timeout_ms = (
+                DEFAULT_QUEUE,
+                DEFAULT_PRIORITY,
+                DEFAULT_MAX_RETRIES,
+                DEFAULT_TIMEOUT_MS,
             )
         if delay is not None:
             if run_at is not None:
                 raise ConfigurationError("Give either delay or run_at, not both")
-            if delay < 0:
-                raise ValidationError(
-                    "delay must be >= 0 seconds", [FieldError("delay", "must be >= 0 seconds")]
-                )
-            run_at = self.now() + timedelta(seconds=delay)
+            problem = delay_error(delay)
+            if problem is not None:
+                raise ValidationError(f"delay {problem}", [FieldError("delay", problem)])
+            run_at = run_at_after(self.now(), delay)
         if timeout_ms is None:
-            t = d_timeout if timeout is None else timeout
-            timeout_ms = None if t is None else max(1, int(t * 1000))
+            if timeout is None:
+                timeout_ms = d_timeout_ms
+            else:
+                problem = timeout_error(timeout)
+                if problem is not None:
+                    raise ValidationError(f"timeout {problem}", [FieldError("timeout", problem)])
+                timeout_ms = _seconds_to_ms(timeout)
         new = NewJob(  # positional, in field order: keywords cost ~1 us a job in bulk
             job_type,
             payload,
@@ -279,6 +332,8 @@ class Conveyor:
             tuple(depends_on) if depends_on else (),
             metadata or {},
             created_by,
+            None,
+            internal,
         )
         return new  # validated (all fields at once) by the store when submitted
 
@@ -295,6 +350,8 @@ class Conveyor:
         ``connection``: an asyncpg connection inside your own transaction
         (PostgreSQL): the job exists only if your transaction commits.
         """
+        if job_type not in self.registry and options.get("defaults") is None:
+            options["defaults"] = await self.recorded_job_type(job_type)
         new = self.new_job(job_type, payload, **options)
         (result,) = await self.submit_many([new], connection=connection)
         return result
@@ -329,6 +386,8 @@ class Conveyor:
         items = list(payloads)
         if not items:
             return []
+        if job_type not in self.registry and options.get("defaults") is None:
+            options["defaults"] = await self.recorded_job_type(job_type)
         try:
             first = self.new_job(job_type, items[0], **options)  # defaults resolved once
         except ValidationError as exc:
@@ -353,12 +412,60 @@ class Conveyor:
         """Submit many jobs in one transaction (all or none)."""
         if not self._opened:
             await self.open()
+        await self._check_known_types(jobs)
         results = await self.store.enqueue_many(jobs, self.now(), connection=connection)
         self.notify_listeners()
         self.events_written()
         if connection is None and self.bus.backend != "memory":
             self._signal_soon(WAKE_TOPIC, {})  # workers of other processes start at once
         return results
+
+    async def recorded_job_type(self, job_type: str) -> JobTypeInfo | None:
+        """The defaults a worker recorded for ``job_type`` (``None`` if none did).
+
+        Read from the store at most once per ``JOB_TYPES_TTL`` seconds, and again at
+        once for a type not seen yet (a worker deployed a moment ago)."""
+        info = self._known_types.get(job_type)
+        fresh = time.monotonic() - self._known_types_at < JOB_TYPES_TTL
+        if info is None or not fresh:
+            if not self._opened:
+                await self.open()
+            if not fresh or (info is None and time.monotonic() - self._known_types_at > 0.2):
+                self._known_types = {t.job_type: t for t in await self.store.list_job_types()}
+                self._known_types_at = time.monotonic()
+            info = self._known_types.get(job_type)
+        return info
+
+    async def known_job_types(self) -> list[str]:
+        """Every job type this process or any worker knows, sorted (internal ones left out)."""
+        await self.recorded_job_type("")
+        names = set(self._known_types) | set(self.registry)
+        return sorted(n for n in names if not is_internal(n))
+
+    async def _check_known_types(self, jobs: Sequence[NewJob]) -> None:
+        """Refuse job types no registration and no worker knows: such a job would
+        wait forever (``allow_unknown_job_types`` turns this off)."""
+        if self.settings.allow_unknown_job_types:
+            return
+        unknown: list[str] = []
+        seen: set[str] = set()
+        for new in jobs:
+            t = new.job_type
+            if t in seen or t in self.registry:
+                continue
+            seen.add(t)
+            if type(t) is str and await self.recorded_job_type(t) is None:
+                unknown.append(t)
+        if unknown:
+            known = await self.known_job_types()
+            listed = ", ".join(known[:50]) + (" ..." if len(known) > 50 else "")
+            raise ValidationError(
+                f"Unknown job type(s) {', '.join(repr(u) for u in unknown[:10])}: no worker "
+                f"serves them, so they would never run. Known types: {listed or '(none)'}. "
+                "Start a worker that registers them (or set "
+                "CONVEYOR_ALLOW_UNKNOWN_JOB_TYPES=true to accept types deployed later)",
+                [FieldError("job_type", "unknown job type")],
+            )
 
     # -- operator actions -----------------------------------------------------------------
     async def cancel(self, job_id: str) -> Job:
@@ -437,9 +544,7 @@ class Conveyor:
             cb(finish, accepted)
 
     # -- running --------------------------------------------------------------------------
-    def worker(self, **options: Any) -> Any:
-        from conveyor.runtime.worker import Worker
-
+    def worker(self, **options: Any) -> Worker:
         return Worker(self, **options)
 
     async def run_worker(self, **options: Any) -> None:
@@ -458,6 +563,12 @@ class Conveyor:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.close()
+        exit_if_abandoned(worker)
+
+
+def _seconds_to_ms(seconds: float | None) -> int | None:
+    """A timeout in seconds as whole milliseconds, rounded up (0.0001 s is 1 ms)."""
+    return None if seconds is None else max(1, math.ceil(seconds * 1000))
 
 
 def _payload_error_at(exc: ValidationError, index: int) -> ValidationError:

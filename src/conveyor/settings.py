@@ -12,6 +12,7 @@ from conveyor.domain.errors import ConfigurationError
 
 DEFAULT_DATABASE_URL = "sqlite:///./conveyor.db"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # auto: uvloop when installed
+ISOLATION_MODES = ("thread", "process")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,11 @@ class Settings:
     webhook_allow_private: bool = False
     ws_queue_size: int = 1_000
     event_loop: str = "auto"  # one of EVENT_LOOPS
+    isolation: str = "thread"  # one of ISOLATION_MODES: where sync handlers run by default
+    max_jobs_per_child: int = 0  # process isolation: recycle a child after N jobs (0 = never)
+    max_memory_mb: int = 0  # process isolation: memory ceiling of a child (0 = none)
+    max_stuck_jobs: int = 0  # stuck handlers before the worker exits (0 = its concurrency)
+    allow_unknown_job_types: bool = False  # accept submits of types no one has registered
 
     def __post_init__(self) -> None:
         problems = [
@@ -83,6 +89,14 @@ class Settings:
             problems.append("redis_url must start with redis://, rediss:// or unix://")
         if self.event_loop not in EVENT_LOOPS:
             problems.append(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
+        if self.isolation not in ISOLATION_MODES:
+            problems.append(f"isolation must be one of {', '.join(ISOLATION_MODES)}")
+        if self.max_jobs_per_child < 0:
+            problems.append("max_jobs_per_child must be >= 0 (0 = never recycle)")
+        if self.max_memory_mb < 0:
+            problems.append("max_memory_mb must be >= 0 (0 = no ceiling)")
+        if self.max_stuck_jobs < 0:
+            problems.append("max_stuck_jobs must be >= 0 (0 = the worker's concurrency)")
         if not self.queues or not all(self.queues):
             problems.append("queues must name at least one queue")
         if problems:
@@ -121,6 +135,10 @@ _TYPES: dict[str, type] = {
     "webhook_disable_after": int,
     "ws_queue_size": int,
     "webhook_allow_private": bool,
+    "max_jobs_per_child": int,
+    "max_memory_mb": int,
+    "max_stuck_jobs": int,
+    "allow_unknown_job_types": bool,
 }
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -36,14 +36,14 @@ def free_port() -> int:
 class Server:
     """A ``conveyor up`` subprocess; its output goes to a file we can read."""
 
-    def __init__(self, db: str, log: Path, *args: str) -> None:
+    def __init__(self, db: str, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._fh = log.open("w")
         self.proc = subprocess.Popen(
             conveyor_cmd("up", "--port", str(self.port), *args),
-            env=conveyor_env(db, **FAST),
+            env=conveyor_env(db, **FAST, **(env or {})),
             stdout=self._fh,
             stderr=subprocess.STDOUT,
         )

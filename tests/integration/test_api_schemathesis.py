@@ -69,7 +69,8 @@ EXCLUDED = [allow_header_conformance, positive_data_acceptance]
 def positive_data_acceptance_but_unknown_parents(ctx: Any, response: Any, case: Any) -> Any:
     """Schema-valid requests are accepted, except documented limits the schema cannot
     express: ``depends_on`` naming jobs that do not exist, JSON integers beyond 64 bits
-    (which Conveyor does not store), and webhook URLs whose host does not resolve to a
+    (which Conveyor does not store), NUL characters, job types no worker serves,
+    timestamps outside 1970..9999-12-30 UTC, and webhook URLs whose host does not resolve to a
     public address (this machine has no DNS: every generated host is refused)."""
     if response.status_code == 400:
         details = response.json().get("details") or []
@@ -79,7 +80,8 @@ def positive_data_acceptance_but_unknown_parents(ctx: Any, response: Any, case: 
             "resolve" in d.get("message", "") or "port" in d.get("message", "") for d in details
         ):
             return None
-        if details and all("64-bit" in d.get("message", "") for d in details):
+        limits = ("64-bit", "NUL", "unknown job type", "must be between", "lone surrogates")
+        if details and all(any(m in d.get("message", "") for m in limits) for d in details):
             return None
     return positive_data_acceptance(ctx, response, case)
 

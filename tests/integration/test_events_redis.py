@@ -41,7 +41,7 @@ async def test_relay_killed_mid_batch_loses_no_event(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     db_url = f"sqlite:///{tmp_path}/relay.db"
-    app = Conveyor(settings=Settings(database_url=db_url))
+    app = Conveyor(settings=Settings(database_url=db_url, allow_unknown_job_types=True))
     async with app:
         await app.submit_many([app.new_job("test_job", {"n": i}) for i in range(3000)])
         expected = []

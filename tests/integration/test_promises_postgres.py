@@ -31,7 +31,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 async def app(postgres_dsn: str):
     app = Conveyor(
-        settings=Settings(database_url=postgres_dsn, heartbeat_interval=0.2, heartbeat_timeout=1.0)
+        settings=Settings(
+            database_url=postgres_dsn,
+            heartbeat_interval=0.2,
+            heartbeat_timeout=1.0,
+            allow_unknown_job_types=True,  # a producer without the handlers, before any worker
+        )
     )
     async with app:
         yield app

@@ -250,7 +250,9 @@ async def test_enqueue_many_with_one_bad_payload_stores_nothing(app: Conveyor) -
     assert [d.field for d in bad.value.details] == ["payloads[2].subject"]
     with pytest.raises(ValidationError, match=r"payloads\[0\]"):
         await app.enqueue_many("typed", [{"to": 1}, good])
-    with pytest.raises(ValidationError, match="delay must be >= 0") as opt:
+    with pytest.raises(
+        ValidationError, match="delay must be a finite number of seconds from 0"
+    ) as opt:
         await app.enqueue_many("typed", [good], delay=-1)
     assert [d.field for d in opt.value.details] == ["delay"]
     with pytest.raises(ConfigurationError, match="idempotency key names one job"):

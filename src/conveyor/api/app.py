@@ -31,11 +31,12 @@ from conveyor.domain.errors import (
     ConveyorError,
     FieldError,
     InvalidTransition,
+    JobNotFound,
     NotFound,
     StoreUnavailable,
     ValidationError,
 )
-from conveyor.domain.job import JobQuery
+from conveyor.domain.job import JobQuery, is_internal
 from conveyor.domain.states import JobState
 from conveyor.observability.metrics import Metrics
 from conveyor.presenters import iso, job_dict, page_dict, worker_dict
@@ -325,6 +326,7 @@ def create_app(
 
     @api.get("/api/jobs", dependencies=read, tags=["jobs"])
     async def list_jobs(
+        request: Request,
         status: Annotated[
             str | None,
             Query(description="Comma-separated states", pattern=_STATUS_PATTERN),
@@ -339,9 +341,13 @@ def create_app(
             Query(),
         ] = "created_at",
         order: Annotated[Literal["asc", "desc"], Query()] = "desc",
+        include_internal: Annotated[
+            bool, Query(description="Also Conveyor's own jobs (admin keys only).")
+        ] = False,
     ) -> dict[str, Any]:
         """List jobs with filters and pagination."""
         states = _parse_states(status)
+        internal = include_internal and _is_admin(request)
         page = await conveyor.store.list_jobs(
             JobQuery(
                 states=states,
@@ -352,6 +358,7 @@ def create_app(
                 offset=offset,
                 sort=sort,
                 descending=order == "desc",
+                include_internal=internal,
             )
         )
         return {
@@ -366,9 +373,11 @@ def create_app(
         tags=["jobs"],
         responses={404: {"description": "Unknown job"}},
     )
-    async def get_job(job_id: str) -> dict[str, Any]:
-        """One job with its executions."""
+    async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+        """One job with its executions (Conveyor's own jobs: admin keys only)."""
         job = await conveyor.store.get(job_id)
+        if is_internal(job.job_type) and not _sees_internal(request):
+            raise JobNotFound(f"Job {job_id!r} not found")
         return {"success": True, "job": job_dict(job, await conveyor.store.executions(job_id))}
 
     @api.delete(
@@ -404,9 +413,13 @@ def create_app(
     # -- dead-letter queue ------------------------------------------------------------------
     @api.get("/api/dlq", dependencies=read, tags=["dlq"])
     async def list_dlq(
+        request: Request,
         job_type: Annotated[str | None, Query(max_length=100)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
         offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+        include_internal: Annotated[
+            bool, Query(description="Also Conveyor's own jobs (admin keys only).")
+        ] = False,
     ) -> dict[str, Any]:
         """Dead-lettered jobs, most recent first."""
         page = await conveyor.store.list_jobs(
@@ -416,6 +429,7 @@ def create_app(
                 limit=limit,
                 offset=offset,
                 sort="updated_at",
+                include_internal=include_internal and _is_admin(request),
             )
         )
         return {
@@ -511,6 +525,22 @@ def document_errors(api: FastAPI) -> None:
         return schema
 
     api.openapi = openapi  # type: ignore[method-assign]
+
+
+def _is_admin(request: Request) -> bool:
+    """Whether the caller may see Conveyor's own jobs: an admin key, or anonymous
+    loopback use (no key exists, so the caller owns the server)."""
+    key = getattr(request.state, "api_key", None)
+    if key is None:
+        return True
+    if not key.scope.allows(KeyScope.ADMIN):
+        raise ApiError(403, "include_internal=true needs an admin API key")
+    return True
+
+
+def _sees_internal(request: Request) -> bool:
+    key = getattr(request.state, "api_key", None)
+    return key is None or key.scope.allows(KeyScope.ADMIN)
 
 
 def _parse_states(raw: str | None) -> tuple[JobState, ...]:

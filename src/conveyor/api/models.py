@@ -14,8 +14,7 @@ from pydantic import (
 )
 
 from conveyor.domain.events import TYPE_FILTER_REGEX
-
-MAX_API_TIMEOUT_MS = 86_400_000
+from conveyor.domain.job import MAX_RETRIES_LIMIT, MAX_TIMEOUT_MS
 
 
 def _iso_string(value: Any) -> Any:
@@ -29,6 +28,12 @@ def _json_integer(value: Any) -> Any:
     if isinstance(value, str | bool):
         raise ValueError("must be an integer")
     return value
+
+
+def _ranged(low: int, high: int) -> Any:
+    """A JSON integer from ``low`` to ``high``: the bounds go before the validator so
+    that the OpenAPI schema shows them as minimum/maximum."""
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_json_integer)]
 
 
 IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_string)]
@@ -55,12 +60,27 @@ class JobSubmit(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    job_type: StrictStr = Field(pattern=NAME_PATTERN, examples=["send_email"])
-    payload: dict[str, Any] = Field(examples=[{"to": "a@b.c"}])
-    priority: Int = Field(50, ge=0, le=100, description="Higher runs first.")
-    max_retries: Int = Field(3, ge=0, le=10)
-    timeout_ms: Int = Field(300_000, ge=1000, le=MAX_API_TIMEOUT_MS)
-    scheduled_at: IsoDatetime | None = Field(None, description="ISO-8601 with a zone.")
+    job_type: StrictStr = Field(
+        pattern=NAME_PATTERN,
+        examples=["test_job"],
+        description="A type some worker registered (others are refused with the known list).",
+    )
+    payload: dict[str, Any] = Field(examples=[{"message": "hello"}])
+    priority: _ranged(0, 100) | None = Field(  # type: ignore[valid-type]
+        None, description="Higher runs first. Default: the job type's."
+    )
+    max_retries: _ranged(0, MAX_RETRIES_LIMIT) | None = Field(  # type: ignore[valid-type]
+        None, description="Default: the job type's."
+    )
+    timeout_ms: _ranged(1, MAX_TIMEOUT_MS) | None = Field(  # type: ignore[valid-type]
+        None, description="Default: the job type's."
+    )
+    scheduled_at: IsoDatetime | None = Field(
+        None,
+        description=(
+            "ISO-8601 with a zone, between 1970-01-01T00:00:00Z and 9999-12-30T00:00:00Z."
+        ),
+    )
     queue: StrictStr | None = Field(None, pattern=NAME_PATTERN)
     idempotency_key: StrictStr | None = Field(None, min_length=1, max_length=255)
     depends_on: list[JobId] | None = Field(None, max_length=100)

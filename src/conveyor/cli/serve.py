@@ -17,6 +17,7 @@ from conveyor.api.app import create_app
 from conveyor.app import Conveyor
 from conveyor.domain.errors import ConfigurationError
 from conveyor.observability.metrics import Metrics
+from conveyor.runtime.worker import Worker, exit_if_abandoned
 
 
 def is_loopback(host: str) -> bool:
@@ -57,6 +58,7 @@ async def serve_forever(
     max_body_bytes: int,
 ) -> None:
     await app.open()
+    worker: Worker | None = None
     try:
         keys = await app.store.count_api_keys()
         loopback = is_loopback(host)
@@ -75,7 +77,9 @@ async def serve_forever(
             api, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
         )
         server = _Server(config)
-        worker = app.worker() if with_worker else None
+        # Every queue a registered type names, so `up` runs all of its own jobs.
+        queues = sorted({*app.settings.queues, *(d.queue for d in app.registry.values())})
+        worker = app.worker(queues=queues) if with_worker else None
         gc.freeze()  # everything imported so far lives for the whole process
 
         base = f"http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{port}"
@@ -128,3 +132,5 @@ async def serve_forever(
                 loop.remove_signal_handler(sig)
     finally:
         await app.close()
+        if worker is not None:
+            exit_if_abandoned(worker)

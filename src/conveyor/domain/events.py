@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.domain.errors import FieldError, ValidationError
+from conveyor.domain.job import INTERNAL_JOB_PREFIX as _INTERNAL_JOB_PREFIX
 from conveyor.domain.job import Event
 from conveyor.domain.states import EVENT_VERSION, EventType
 
@@ -27,8 +28,9 @@ WEBHOOK_DISABLED = "webhook_disabled"
 #: Every event type a consumer can ask for.
 EVENT_TYPES: tuple[str, ...] = (*(t.value for t in EventType), WEBHOOK_DISABLED)
 
-#: Job types Conveyor runs for itself; their events never feed webhooks (no loops).
-INTERNAL_JOB_PREFIX = "conveyor."
+#: Job types Conveyor runs for itself (``conveyor.``); their events never feed
+#: webhooks (no loops).
+INTERNAL_JOB_PREFIX = _INTERNAL_JOB_PREFIX
 
 #: The filters the OpenAPI document advertises (the parser accepts any glob that
 #: matches a known type; this regex lists the useful ones).

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from conveyor.domain.errors import FieldError, InvalidTransition, ValidationError
+from conveyor.domain.limits import run_at_error, text_error
 from conveyor.domain.states import Action, JobState
 
 DEFAULT_QUEUE = "default"
@@ -18,6 +19,21 @@ DEFAULT_MAX_RETRIES = 3
 DEFAULT_TIMEOUT_MS = 300_000
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
 MAX_RETRIES_LIMIT = 100
+MAX_KEY_LENGTH = 255
+MAX_ID_LENGTH = 64
+MAX_DEPENDENCIES = 100
+#: Job types under this prefix are Conveyor's own (webhook deliveries...): refused
+#: from the API, the CLI and ``app.enqueue``, hidden from ordinary listings.
+INTERNAL_JOB_PREFIX = "conveyor."
+#: Idempotency keys Conveyor's own jobs use; refused from users.
+RESERVED_KEY_PREFIXES = ("conveyor:", "webhook:")
+
+
+def is_internal(job_type: str) -> bool:
+    """Whether ``job_type`` is one of Conveyor's own (reserved) job types."""
+    return job_type.startswith(INTERNAL_JOB_PREFIX)
+
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,100}$")
 
 
@@ -42,6 +58,8 @@ class NewJob:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     created_by: str | None = None
     workflow_id: str | None = None
+    #: Set only by Conveyor's own components: allows reserved job types and keys.
+    internal: bool = False
 
     def errors(self) -> list[FieldError]:
         errs: list[FieldError] = []
@@ -75,17 +93,51 @@ class NewJob:
             errs.append(
                 FieldError("timeout_ms", f"must be an integer from 1 to {MAX_TIMEOUT_MS} (or null)")
             )
-        if self.run_at is not None and (
-            not isinstance(self.run_at, datetime) or self.run_at.tzinfo is None
-        ):
-            errs.append(FieldError("run_at", "must be a timezone-aware datetime"))
-        if self.idempotency_key is not None and (
-            not isinstance(self.idempotency_key, str) or not 1 <= len(self.idempotency_key) <= 255
-        ):
-            errs.append(FieldError("idempotency_key", "must be 1-255 characters"))
+        if self.run_at is not None:
+            if not isinstance(self.run_at, datetime):
+                errs.append(FieldError("run_at", "must be a timezone-aware datetime"))
+            else:
+                problem = run_at_error(self.run_at)
+                if problem is not None:
+                    errs.append(FieldError("run_at", problem))
+        key = self.idempotency_key
+        if key is not None:
+            if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH:
+                errs.append(FieldError("idempotency_key", f"must be 1-{MAX_KEY_LENGTH} characters"))
+            else:
+                problem = text_error(key)
+                if problem is None and key.startswith(RESERVED_KEY_PREFIXES) and not self.internal:
+                    problem = (
+                        "must not start with "
+                        + " or ".join(repr(p) for p in RESERVED_KEY_PREFIXES)
+                        + ": those keys are reserved for Conveyor's own jobs"
+                    )
+                if problem is not None:
+                    errs.append(FieldError("idempotency_key", problem))
         deps = self.depends_on
-        if isinstance(deps, str) or (deps and not all(isinstance(d, str) and d for d in deps)):
+        if isinstance(deps, str) or (
+            deps
+            and not all(
+                isinstance(d, str) and 1 <= len(d) <= MAX_ID_LENGTH and text_error(d) is None
+                for d in deps
+            )
+        ):
             errs.append(FieldError("depends_on", "must be a list of job ids"))
+        elif len(deps) > MAX_DEPENDENCIES:
+            errs.append(FieldError("depends_on", f"must list at most {MAX_DEPENDENCIES} jobs"))
+        if self.created_by is not None and (
+            not isinstance(self.created_by, str)
+            or len(self.created_by) > 200
+            or text_error(self.created_by) is not None
+        ):
+            errs.append(FieldError("created_by", "must be text of at most 200 characters"))
+        if not self.internal and type(self.job_type) is str and is_internal(self.job_type):
+            errs.append(
+                FieldError(
+                    "job_type",
+                    f"{INTERNAL_JOB_PREFIX!r} job types are reserved for Conveyor's own jobs",
+                )
+            )
         return errs
 
     def with_payload(self, payload: Mapping[str, Any]) -> NewJob:
@@ -103,6 +155,7 @@ class NewJob:
             self.metadata,
             self.created_by,
             self.workflow_id,
+            self.internal,
         )
 
     def validate(self) -> None:
@@ -165,6 +218,19 @@ class Job:
     @property
     def attempts_left(self) -> int:
         return max(0, self.max_retries + 1 - self.attempt)
+
+
+@dataclass(frozen=True, slots=True)
+class JobTypeInfo:
+    """A job type as its registration declares it; workers record these in the store
+    so that any process (an API without handlers) submits with the same defaults."""
+
+    job_type: str
+    queue: str = DEFAULT_QUEUE
+    priority: int = DEFAULT_PRIORITY
+    max_retries: int = DEFAULT_MAX_RETRIES
+    timeout_ms: int | None = DEFAULT_TIMEOUT_MS
+    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +302,9 @@ class JobQuery:
     offset: int = 0
     sort: str = "created_at"
     descending: bool = True
+    #: Conveyor's own jobs (``conveyor.`` types, e.g. webhook deliveries) too; the
+    #: API shows them only to admin keys that ask (``include_internal=true``).
+    include_internal: bool = True
 
     SORT_FIELDS = ("created_at", "updated_at", "priority", "run_at", "completed_at", "job_type")
 
@@ -325,14 +394,6 @@ class Activity:
 
 
 PARENT_FAILED_ERROR = "a parent job failed or was cancelled"
-
-
-def key_taken(job_id: str, key: str | None) -> InvalidTransition:
-    return InvalidTransition(
-        "failed",
-        "retry",
-        f"Cannot retry job {job_id}: another active job holds its idempotency key {key!r}",
-    )
 
 
 _PAST = {"retry": "retried", "purge": "purged"}

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from conveyor.domain.errors import Permanent, Retry
+from conveyor.domain.limits import clamp_retry_delay, safe_text
 from conveyor.domain.states import Action
 
 
@@ -51,8 +52,13 @@ class Decision:
 
 
 def describe(exc: BaseException) -> str:
-    text = str(exc)
-    name = type(exc).__name__
+    """``"Type: message"`` (or ``"Type"``) for any exception, storable and bounded.
+
+    Never raises: a ``__str__`` that raises, lone surrogates, NUL characters and
+    huge messages are handled by :func:`conveyor.domain.limits.safe_text`.
+    """
+    name = safe_text(type(exc).__name__, 200)
+    text = safe_text(exc)
     return f"{name}: {text}" if text else name
 
 
@@ -67,13 +73,16 @@ def decide(
     """What to do after attempt number ``attempt`` (1-based) raised ``exc``.
 
     Transient unless marked permanent; timeouts are transient; ``Retry`` asks
-    for its own delay; no attempts left means the dead-letter queue.
+    for its own delay (clamped to ``MAX_RETRY_DELAY_SECONDS``); no attempts left
+    means the dead-letter queue. Never raises.
     """
     error = describe(exc)
     if isinstance(exc, (Permanent, policy.permanent_errors)):
         return Decision(Action.FAIL, 0.0, error)
     if attempt > max_retries:
         return Decision(Action.FAIL, 0.0, error)
-    if isinstance(exc, Retry) and exc.delay is not None:
-        return Decision(Action.RETRY, exc.delay, error)
+    if isinstance(exc, Retry):
+        delay = clamp_retry_delay(getattr(exc, "delay", None))
+        if delay is not None:
+            return Decision(Action.RETRY, delay, error)
     return Decision(Action.RETRY, policy.delay(attempt, rand), error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pydantic
 
 from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
-from conveyor.domain.job import DEFAULT_MAX_RETRIES, DEFAULT_PRIORITY, DEFAULT_QUEUE
+from conveyor.domain.job import DEFAULT_MAX_RETRIES, DEFAULT_PRIORITY, DEFAULT_QUEUE, JobTypeInfo
 from conveyor.domain.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class JobDefinition:
     max_retries: int = DEFAULT_MAX_RETRIES
     timeout: float | None = 300.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    isolation: str | None = None  # "thread" | "process"; None: the worker's mode
     is_async: bool = False
     _model: type[pydantic.BaseModel] | None = None
 
@@ -44,12 +46,15 @@ class JobDefinition:
 
     def validate_payload(self, payload: Mapping[str, Any]) -> None:
         """Raise ``ValidationError`` if ``payload`` does not fit the handler's signature."""
-        if self._model is None:
-            return
+        if self._model is not None:
+            self._validate(payload)
+
+    def _validate(self, payload: Mapping[str, Any]) -> Any:
+        assert self._model is not None
         try:
             # The model's validator itself: ``model_validate`` adds a wrapper and
             # a copy per call, and bulk submits validate thousands of payloads.
-            self._model.__pydantic_validator__.validate_python(
+            return self._model.__pydantic_validator__.validate_python(
                 payload if type(payload) is dict else dict(payload), strict=False
             )
         except pydantic.ValidationError as exc:
@@ -65,6 +70,29 @@ class JobDefinition:
                 + "; ".join(f"{d.field}: {d.message}" for d in details),
                 details,
             ) from None
+
+    def validated_payload(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """The keyword arguments the handler receives: ``payload`` validated against
+        its signature, each value coerced to its annotation (``"3"`` for an ``int``
+        parameter arrives as ``3``, an ISO string as a ``datetime``). Raises
+        ``ValidationError`` as ``validate_payload`` does."""
+        if self._model is None:
+            return dict(payload)
+        model = self._validate(payload)
+        values = {name: getattr(model, name) for name in type(model).model_fields}
+        if model.model_extra:
+            values.update(model.model_extra)
+        return values
+
+    def info(self) -> JobTypeInfo:
+        """What a worker records in the store about this job type."""
+        return JobTypeInfo(
+            self.job_type,
+            self.queue,
+            self.priority,
+            self.max_retries,
+            None if self.timeout is None else max(1, math.ceil(self.timeout * 1000)),
+        )
 
     async def enqueue(self, **payload: Any) -> Job:
         """Submit this job type with ``payload`` as keyword arguments."""

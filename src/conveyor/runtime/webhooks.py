@@ -122,7 +122,10 @@ class WebhookDispatcher:
                 }
                 jobs.append(
                     self.app.new_job(
-                        WEBHOOK_JOB, payload, idempotency_key=delivery_key(hook.id, e.id)
+                        WEBHOOK_JOB,
+                        payload,
+                        idempotency_key=delivery_key(hook.id, e.id),
+                        internal=True,
                     )
                 )
         if jobs:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -22,21 +23,27 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import structlog
 
 from conveyor.bus.base import CANCEL_TOPIC, WAKE_TOPIC, Message, Subscription
-from conveyor.domain.errors import ConveyorError, Permanent, ValidationError
+from conveyor.domain.errors import (
+    ConveyorError,
+    Permanent,
+    Retry,
+    StoreUnavailable,
+    ValidationError,
+)
 from conveyor.domain.ids import new_token
 from conveyor.domain.job import Finish, Job, WorkerInfo
-from conveyor.domain.retry import decide
+from conveyor.domain.limits import safe_text
+from conveyor.domain.retry import decide, describe
 from conveyor.domain.states import Action
 from conveyor.runtime.context import JobContext
 from conveyor.runtime.relay import OutboxConsumer, bus_relay, skip_unheard
 from conveyor.runtime.webhooks import WebhookDispatcher
+from conveyor.storage.codec import storable_result
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
@@ -52,6 +59,61 @@ class JobTimeout(ConveyorError, TimeoutError):
     """The handler ran longer than the job's timeout (transient: retried)."""
 
 
+class ChildFailure(ConveyorError):
+    """A handler running in a child process failed or the child died (transient)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _unstorable(finish: Finish, exc: BaseException) -> Finish | None:
+    """The plain failure recorded in place of an outcome the store refused, or
+    ``None`` when ``finish`` is already that (so the store itself is failing)."""
+    if isinstance(exc, StoreUnavailable) or (finish.error or "").startswith(UNSTORABLE):
+        return None
+    return Finish(
+        finish.job_id,
+        finish.lease_token,
+        Action.FAIL,
+        error=f"{UNSTORABLE} ({finish.action.value}): {describe(exc)}",
+        job_type=finish.job_type,
+        duration=finish.duration,
+    )
+
+
+#: Exit status of a worker process that stopped with handlers still running
+#: (EX_TEMPFAIL: its supervisor restarts it; the jobs are rescued).
+EXIT_ABANDONED = 75
+
+
+def exit_if_abandoned(worker: Worker) -> None:
+    """End the process at once when ``worker`` left handler code running at
+    shutdown: a normal exit would wait for those threads forever (and the jobs must
+    not run on here while the rescuer starts them elsewhere)."""
+    if worker.abandoned:
+        log.error("worker_exit_with_running_handlers", jobs=worker.abandoned, status=EXIT_ABANDONED)
+        logging.shutdown()
+        os._exit(EXIT_ABANDONED)
+
+
+#: Seconds past its timeout after which a still-running handler counts as stuck.
+STUCK_AFTER = 5.0
+
+#: Seconds a stopping worker waits for cancelled handlers before abandoning them.
+STOP_WAIT = 2.0
+
+#: Error text of a job whose outcome the store refused (see ``Worker._write``).
+UNSTORABLE = "the job's outcome could not be stored"
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
 @dataclass
 class _Running:
     job: Job
@@ -59,6 +121,9 @@ class _Running:
     task: asyncio.Task[None]
     cancel_requested: bool = False
     released: bool = False
+    deadline: float | None = None  # monotonic time the handler's timeout expires
+    stuck_since: float | None = None  # asked to stop (timeout/cancel), still running
+    abandoned: bool = False  # shutdown left its code running: no outcome is written
 
 
 class Worker:
@@ -71,6 +136,7 @@ class Worker:
         job_types: Sequence[str] | None = None,
         worker_id: str | None = None,
         maintenance: bool = True,
+        isolation: str | None = None,
     ) -> None:
         s = app.settings
         self.app = app
@@ -95,10 +161,13 @@ class Worker:
         self._stopping = asyncio.Event()
         self._flushed = asyncio.Event()
         self._force_stop = False
+        self.isolation = isolation or s.isolation
+        self._pool: Any = None  # runtime.isolation.ProcessPool, started on first use
         self._threads = ThreadPoolExecutor(
             max_workers=self.concurrency, thread_name_prefix="conveyor-job"
         )
         self.processed = 0
+        self._abandoned: set[str] = set()
         self.started = asyncio.Event()
         self._consumers: list[OutboxConsumer] = []
 
@@ -119,6 +188,12 @@ class Worker:
         return self._stopping.is_set()
 
     @property
+    def abandoned(self) -> int:
+        """Jobs whose code was still running when this worker stopped (the process
+        must then exit: see ``exit_if_abandoned``)."""
+        return len(self._abandoned)
+
+    @property
     def jobs_running(self) -> int:
         return len(self._running)
 
@@ -136,6 +211,20 @@ class Worker:
             ),
             now,
         )
+        await self.store.record_job_types(
+            [self.app.registry[t].info() for t in self.job_types], now
+        )
+        for name in self.job_types:
+            queue = self.app.registry[name].queue
+            if queue not in self.queues:
+                log.warning(
+                    "job_type_queue_not_served",
+                    worker_id=self.id,
+                    job_type=name,
+                    queue=queue,
+                    queues=list(self.queues),
+                    hint=f"jobs of {name!r} wait in queue {queue!r}: add --queue {queue}",
+                )
         self.app.add_listener(self.notify)
         await self.store.subscribe_wakeups(self.notify)
         log.info(
@@ -193,6 +282,8 @@ class Worker:
             with contextlib.suppress(ConveyorError):
                 await self.store.deregister_worker(self.id, self.app.now())
             self._threads.shutdown(wait=False, cancel_futures=True)
+            if self._pool is not None:
+                await self._pool.close()
             log.info("worker_stopped", worker_id=self.id, processed=self.processed)
 
     # -- events ------------------------------------------------------------------
@@ -316,56 +407,217 @@ class Worker:
 
     # -- execution -----------------------------------------------------------------
     async def _execute(self, job: Job, ctx: JobContext, definition: JobDefinition) -> None:
-        timeout = job.timeout_ms / 1000 if job.timeout_ms else definition.timeout
-        finish: Finish
+        """Run one attempt and queue its outcome. Whatever the handler does, this
+        records an outcome (or, on shutdown with the code still running, none: the
+        lease then expires and the rescuer takes over) and frees the slot."""
         started = time.perf_counter()
+        entry = self._running[job.id]
+        finish: Finish | None
         try:
-            definition.validate_payload(job.payload)
-            if definition.is_async:
-                coro = definition.handler(ctx, **job.payload)
-                async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
-                    result = await coro
-            else:
-                fut = asyncio.get_running_loop().run_in_executor(
-                    self._threads, partial(definition.handler, ctx, **job.payload)
-                )
-                async with asyncio.timeout(timeout):
-                    result = await fut
-            finish = self._success(job, definition, result)
-        except asyncio.CancelledError:
-            entry = self._running.get(job.id)
-            ctx.cancelled.set()
-            if entry is not None and entry.cancel_requested:
-                finish = Finish(
-                    job.id, job.lease_token or "", Action.CONFIRM_CANCEL, error="cancelled"
-                )
-            else:
-                finish = Finish(job.id, job.lease_token or "", Action.RELEASE)
-        except TimeoutError:
-            ctx.cancelled.set()
-            finish = self._failure(job, definition, JobTimeout(f"job timed out after {timeout}s"))
-        except ValidationError as exc:
-            finish = self._failure(job, definition, Permanent(str(exc)))
-        except Exception as exc:  # noqa: BLE001 - any handler error is classified, not lost
-            finish = self._failure(job, definition, exc)
+            finish = await self._attempt(job, ctx, definition)
+        except BaseException as exc:  # noqa: BLE001 - the outcome path itself must not fail
+            log.error(
+                "job_outcome_unrecorded",
+                job_id=job.id,
+                error=describe(exc),
+            )
+            finish = Finish(
+                job.id,
+                job.lease_token or "",
+                Action.FAIL,
+                error="internal error while recording the outcome: " + describe(exc),
+            )
         self._running.pop(job.id, None)
         self.processed += 1
+        if finish is None or entry.abandoned:
+            self._abandoned.add(job.id)
+            return  # its code may still run: leave the lease to expire (rescue)
         if self.app.has_finish_listeners:
             finish = replace(finish, job_type=job.job_type, duration=time.perf_counter() - started)
         self._outbox.append(finish)
         self._outbox_event.set()
         self._tick.set()
 
+    async def _attempt(self, job: Job, ctx: JobContext, definition: JobDefinition) -> Finish | None:
+        entry = self._running[job.id]
+        timeout = job.timeout_ms / 1000 if job.timeout_ms else definition.timeout
+        try:
+            kwargs = definition.validated_payload(job.payload)
+            if self._isolated(definition):
+                return self._child_outcome(
+                    job, definition, await self._run_in_child(job, ctx, definition, kwargs, timeout)
+                )
+            if definition.is_async:
+                entry.deadline = _deadline(timeout)
+                coro = definition.handler(ctx, **kwargs)
+                async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
+                    result = await coro
+            else:
+                result = await self._run_in_thread(entry, definition, kwargs, timeout)
+            return self._success(job, definition, result)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling() == 0:
+                # Raised by the handler itself, not by a cancel, timeout or shutdown
+                # of ours: an ordinary failure of this attempt.
+                return self._failure(job, definition, exc)
+            ctx.cancelled.set()
+            if entry.cancel_requested:
+                return Finish(
+                    job.id, job.lease_token or "", Action.CONFIRM_CANCEL, error="cancelled"
+                )
+            return Finish(job.id, job.lease_token or "", Action.RELEASE)
+        except TimeoutError:
+            ctx.cancelled.set()
+            return self._failure(job, definition, JobTimeout(f"job timed out after {timeout}s"))
+        except ValidationError as exc:
+            return self._failure(job, definition, Permanent(str(exc)))
+        except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt too:
+            # whatever a handler raises is that attempt's failure, never the worker's.
+            return self._failure(job, definition, exc)
+
+    async def _run_in_thread(
+        self,
+        entry: _Running,
+        definition: JobDefinition,
+        kwargs: dict[str, Any],
+        timeout: float | None,  # noqa: ASYNC109 - the job's own, enforced in here
+    ) -> Any:
+        """Run a sync handler in the pool. The timeout counts from the moment the
+        thread really starts it. A timed-out or cancelled handler's outcome is
+        written only once its thread has returned: until then the job stays
+        ``running`` (it is), so it is never started twice at once."""
+        loop = asyncio.get_running_loop()
+        began = asyncio.Event()
+        ctx = entry.ctx
+
+        def call() -> Any:
+            loop.call_soon_threadsafe(began.set)
+            return definition.handler(ctx, **kwargs)
+
+        cf = self._threads.submit(call)
+        fut = asyncio.wrap_future(cf)
+        waiter = asyncio.ensure_future(began.wait())
+        try:
+            try:
+                await asyncio.wait({waiter, fut}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+        except asyncio.CancelledError:
+            if cf.cancel():
+                raise  # it never started
+            await self._outlive(entry, fut)
+            raise
+        entry.deadline = _deadline(timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(fut)
+        except (TimeoutError, asyncio.CancelledError):
+            await self._outlive(entry, fut)
+            raise
+
+    async def _outlive(self, entry: _Running, fut: asyncio.Future[Any]) -> None:
+        """Wait for a sync handler's thread after its timeout or cancel."""
+        entry.ctx.cancelled.set()
+        if fut.done():
+            return
+        entry.stuck_since = time.monotonic()
+        log.warning(
+            "job_handler_still_running",
+            job_id=entry.job.id,
+            job_type=entry.job.job_type,
+            reason="cancel" if entry.cancel_requested else "timeout or shutdown",
+        )
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if fut.done():
+                raise
+            # Shutdown past its grace: the thread still runs the handler. No outcome
+            # is written; the lease expires and the job is rescued as after a crash.
+            entry.abandoned = True
+            raise
+        except BaseException:  # noqa: BLE001 - its own outcome no longer counts
+            pass
+        finally:
+            entry.stuck_since = None
+
+    def _isolated(self, definition: JobDefinition) -> bool:
+        mode = definition.isolation or self.isolation
+        return mode == "process"
+
+    async def _run_in_child(
+        self,
+        job: Job,
+        ctx: JobContext,
+        definition: JobDefinition,
+        kwargs: dict[str, Any],
+        timeout: float | None,  # noqa: ASYNC109 - the job's own, enforced in here
+    ) -> Any:
+        pool = self._child_pool()
+        from conveyor.runtime.isolation import ChildJob, HandlerRef
+
+        child_job = ChildJob(
+            job_id=job.id,
+            job_type=job.job_type,
+            attempt=job.attempt,
+            max_retries=job.max_retries,
+            queue=job.queue,
+            worker_id=self.id,
+            metadata=job.metadata,
+            payload=job.payload,
+            handler=HandlerRef.of(definition.handler),
+            is_async=definition.is_async,
+        )
+        entry = self._running[job.id]
+        entry.deadline = _deadline(timeout)
+        try:
+            return await pool.run(child_job, timeout)
+        except asyncio.CancelledError:
+            # run() returns or raises only once the child is dead: nothing still runs.
+            ctx.cancelled.set()
+            raise
+
+    def _child_pool(self) -> Any:
+        if self._pool is None:
+            from conveyor.runtime.isolation import ProcessPool
+
+            s = self.app.settings
+            self._pool = ProcessPool(
+                self.concurrency,
+                max_jobs_per_child=s.max_jobs_per_child or None,
+                max_memory_mb=s.max_memory_mb or None,
+            )
+        return self._pool
+
+    def _child_outcome(self, job: Job, definition: JobDefinition, outcome: Any) -> Finish:
+        if outcome.ok:
+            return self._success(job, definition, outcome.result)
+        error = outcome.error or outcome.error_type or "child process failed"
+        exc: BaseException
+        if outcome.permanent:
+            exc = Permanent(error)
+        elif outcome.retry_delay is not None:
+            exc = Retry(error, delay=max(0.0, outcome.retry_delay))
+        else:
+            exc = ChildFailure(error)
+        return self._failure(job, definition, exc, error=error)
+
     def _success(self, job: Job, definition: JobDefinition, result: Any) -> Finish:
         try:
-            orjson.dumps(result)
-        except TypeError as exc:  # a result that cannot be stored is a permanent failure
-            return self._failure(
-                job, definition, Permanent(f"handler result is not JSON-serialisable: {exc}")
-            )
+            result = storable_result(result)
+        except ValidationError as exc:  # a result that cannot be stored: permanent failure
+            return self._failure(job, definition, Permanent(exc.message))
         return Finish(job.id, job.lease_token or "", Action.COMPLETE, result=result)
 
-    def _failure(self, job: Job, definition: JobDefinition, exc: BaseException) -> Finish:
+    def _failure(
+        self,
+        job: Job,
+        definition: JobDefinition,
+        exc: BaseException,
+        *,
+        error: str | None = None,
+    ) -> Finish:
         decision = decide(
             exc,
             attempt=job.attempt,
@@ -373,6 +625,7 @@ class Worker:
             policy=definition.retry,
             rand=self.app.rand,
         )
+        text = safe_text(error) if error is not None else decision.error
         retry_at = (
             self.app.now() + timedelta(seconds=decision.delay)
             if decision.action is Action.RETRY
@@ -384,11 +637,9 @@ class Worker:
                 job_id=job.id,
                 job_type=job.job_type,
                 attempt=job.attempt,
-                error=decision.error,
+                error=text,
             )
-        return Finish(
-            job.id, job.lease_token or "", decision.action, error=decision.error, retry_at=retry_at
-        )
+        return Finish(job.id, job.lease_token or "", decision.action, error=text, retry_at=retry_at)
 
     # -- completion writes ------------------------------------------------------------
     async def _flusher(self) -> None:
@@ -398,21 +649,10 @@ class Worker:
             self._outbox_event.clear()
             if self._outbox:
                 batch, self._outbox = self._outbox, []
-                try:
-                    accepted = await self.store.finish_many(batch, self.app.now())
-                except Exception as exc:  # noqa: BLE001 - keep the worker alive
-                    # Keep the outcomes: the jobs stay leased to us until written.
-                    log.warning(
-                        "finish_failed", worker_id=self.id, error=str(exc), batch=len(batch)
-                    )
-                    self._outbox[:0] = batch
-                    self._outbox_event.set()
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
-                    continue
-                backoff = 0.05
-                self.app.events_written()
-                for f, ok in zip(batch, accepted, strict=True):
+                written, unwritten, error = await self._write(batch)
+                if written:
+                    self.app.events_written()
+                for f, ok in written:
                     if not ok:
                         log.warning(
                             "stale_lease_rejected",
@@ -421,12 +661,77 @@ class Worker:
                             worker_id=self.id,
                         )
                     self.app.emit_finished(f, ok)
+                if unwritten:
+                    # The store is failing (not one row): keep the outcomes, the jobs
+                    # stay leased to us until written.
+                    log.warning(
+                        "finish_failed",
+                        worker_id=self.id,
+                        error=safe_text(error, 500),
+                        batch=len(unwritten),
+                    )
+                    self._outbox[:0] = unwritten
+                    self._outbox_event.set()
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                backoff = 0.05
             if self._stopping.is_set() and not self._running and not self._outbox:
                 self._flushed.set()
                 return
 
+    async def _write(
+        self, batch: list[Finish]
+    ) -> tuple[list[tuple[Finish, bool]], list[Finish], BaseException | None]:
+        """Write ``batch``; returns (written with acceptance, unwritten, last error).
+
+        A batch the store refuses is split in halves until the offending outcome is
+        alone; that one is replaced by a plain failure saying why it could not be
+        stored, so one bad outcome never holds back the others. Only when even that
+        plain failure can't be written (the store itself is down) does anything
+        stay unwritten.
+        """
+        written: list[tuple[Finish, bool]] = []
+        chunks = [batch]
+        while chunks:
+            chunk = chunks.pop(0)
+            try:
+                accepted = await self.store.finish_many(chunk, self.app.now())
+            except Exception as exc:  # noqa: BLE001 - isolate the row, keep the worker alive
+                if len(chunk) > 1:
+                    mid = len(chunk) // 2
+                    chunks[:0] = [chunk[:mid], chunk[mid:]]
+                    continue
+                fallback = _unstorable(chunk[0], exc)
+                if fallback is None:
+                    return written, [f for c in [chunk, *chunks] for f in c], exc
+                try:  # once more alone: a passing fault must not fail a good outcome
+                    accepted = await self.store.finish_many(chunk, self.app.now())
+                    written.extend(zip(chunk, accepted, strict=True))
+                    continue
+                except Exception:  # noqa: BLE001 - it is this row
+                    pass
+                try:
+                    accepted = await self.store.finish_many([fallback], self.app.now())
+                except Exception:  # noqa: BLE001 - the store itself is failing
+                    return written, [f for c in [chunk, *chunks] for f in c], exc
+                log.error(
+                    "job_outcome_unstorable",
+                    job_id=chunk[0].job_id,
+                    action=chunk[0].action.value,
+                    error=fallback.error,
+                )
+                chunk = [fallback]
+            written.extend(zip(chunk, accepted, strict=True))
+        return written, [], None
+
     async def _drain(self) -> None:
-        """Graceful stop: let running jobs finish within the grace period, release the rest."""
+        """Graceful stop: let running jobs finish within the grace period, then stop
+        the rest. A job whose code has stopped is handed back (``released``); one
+        whose code still runs (a sync handler's thread, a handler that ignores
+        cancellation) is *abandoned*: no outcome is written, its lease expires with
+        this process and the rescuer re-runs it as after a crash, so it never runs
+        twice at once."""
         grace = self.app.settings.shutdown_grace
         deadline = time.monotonic() + grace
         while self._running and not self._force_stop and time.monotonic() < deadline:
@@ -434,20 +739,57 @@ class Worker:
             await asyncio.wait(tasks, timeout=min(0.5, max(0.0, deadline - time.monotonic())))
         if self._running:
             log.warning("worker_releasing_jobs", worker_id=self.id, jobs=len(self._running))
-            for entry in list(self._running.values()):
-                entry.released = True
-                entry.ctx.cancelled.set()
-                entry.task.cancel()
-            await asyncio.gather(
-                *(r.task for r in list(self._running.values())), return_exceptions=True
-            )
+            for _ in range(2):  # the second cancel interrupts waits for stuck threads
+                for entry in list(self._running.values()):
+                    entry.released = True
+                    entry.ctx.cancelled.set()
+                    entry.task.cancel()
+                pending = [r.task for r in self._running.values()]
+                if pending:
+                    await asyncio.wait(pending, timeout=STOP_WAIT)
+            for job_id, entry in list(self._running.items()):
+                entry.abandoned = True
+                self._running.pop(job_id, None)
+                self._abandoned.add(job_id)
+            if self.abandoned:
+                log.error(
+                    "worker_abandoned_jobs",
+                    worker_id=self.id,
+                    jobs=self.abandoned,
+                    note="their code still runs; the process must exit, they are rescued",
+                )
         self._outbox_event.set()
 
     # -- heartbeats, cancels, maintenance ---------------------------------------------
+    def stuck_jobs(self) -> int:
+        """Jobs whose handler was asked to stop (timeout, cancel) or is past its
+        timeout by ``STUCK_AFTER`` seconds, and still runs."""
+        now = time.monotonic()
+        return sum(
+            1
+            for r in self._running.values()
+            if r.stuck_since is not None
+            or (r.deadline is not None and now > r.deadline + STUCK_AFTER)
+        )
+
+    def _check_stuck(self) -> None:
+        stuck = self.stuck_jobs()
+        if not stuck:
+            return
+        limit = self.app.settings.max_stuck_jobs or self.concurrency
+        log.warning("worker_stuck_handlers", worker_id=self.id, stuck=stuck, limit=limit)
+        if stuck >= limit and not self._stopping.is_set():
+            # Its slots are held by code that won't stop: exit so the supervisor
+            # starts a fresh process; the stuck jobs are rescued, never run twice.
+            log.error("worker_stopping_stuck", worker_id=self.id, stuck=stuck)
+            self.request_stop()
+            self._force_stop = True
+
     async def _heartbeat_loop(self) -> None:
         interval = self.app.settings.heartbeat_interval
         while True:
             await asyncio.sleep(interval)
+            self._check_stuck()
             try:
                 cancel_ids = await self.store.heartbeat(self.id, len(self._running), self.app.now())
             except Exception as exc:  # noqa: BLE001 - keep the worker alive

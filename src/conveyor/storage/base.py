@@ -29,6 +29,7 @@ from conveyor.domain.job import (
     Finish,
     Job,
     JobQuery,
+    JobTypeInfo,
     NewJob,
     Page,
     Rescued,
@@ -149,6 +150,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_workers(self) -> list[WorkerInfo]: ...
+
+    @abc.abstractmethod
+    async def record_job_types(self, types: Sequence[JobTypeInfo], now: datetime) -> None:
+        """Insert or update job types and their registered defaults (a worker at start)."""
+
+    @abc.abstractmethod
+    async def list_job_types(self) -> list[JobTypeInfo]:
+        """Every job type some worker recorded, by name."""
 
     @abc.abstractmethod
     async def events_after(self, after_id: int, limit: int) -> list[Event]:

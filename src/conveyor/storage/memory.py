@@ -35,10 +35,12 @@ from conveyor.domain.job import (
     Finish,
     Job,
     JobQuery,
+    JobTypeInfo,
     NewJob,
     Page,
     Rescued,
     WorkerInfo,
+    is_internal,
     lost_action,
     require_failed,
     validate_batch,
@@ -78,6 +80,7 @@ class MemoryStore(Store):
         self._executions: dict[str, list[Execution]] = {}
         self._children: dict[str, set[str]] = {}
         self._workers: dict[str, WorkerInfo] = {}
+        self._job_types: dict[str, JobTypeInfo] = {}
         self._events: list[Event] = []
         self._event_ids = itertools.count(1)
         self._lock = asyncio.Lock()
@@ -311,6 +314,15 @@ class MemoryStore(Store):
                 status="running",
             )
 
+    async def record_job_types(self, types: Sequence[JobTypeInfo], now: datetime) -> None:
+        async with self._lock:
+            for t in types:
+                self._job_types[t.job_type] = replace(t, updated_at=now)
+
+    async def list_job_types(self) -> list[JobTypeInfo]:
+        async with self._lock:
+            return [self._job_types[k] for k in sorted(self._job_types)]
+
     async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
         async with self._lock:
             w = self._workers.get(worker_id)
@@ -461,6 +473,7 @@ class MemoryStore(Store):
             and (query.job_type is None or j.job_type == query.job_type)
             and (query.queue is None or j.queue == query.queue)
             and (query.created_by is None or j.created_by == query.created_by)
+            and (query.include_internal or not is_internal(j.job_type))
         ]
 
         def key(j: Job) -> tuple[bool, Any, int]:

@@ -45,6 +45,7 @@ from conveyor.domain.job import (
     Finish,
     Job,
     JobQuery,
+    JobTypeInfo,
     NewJob,
     Page,
     Rescued,
@@ -737,6 +738,22 @@ class PostgresStore(Store):
                 now,
             )
 
+    async def record_job_types(self, types: Sequence[JobTypeInfo], now: datetime) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                Q["upsert_job_types"],
+                [t.job_type for t in types],
+                [t.queue for t in types],
+                [t.priority for t in types],
+                [t.max_retries for t in types],
+                [t.timeout_ms for t in types],
+                now,
+            )
+
+    async def list_job_types(self) -> list[JobTypeInfo]:
+        async with self._conn() as conn:
+            return [JobTypeInfo(*r) for r in await conn.fetch(Q["list_job_types"])]
+
     async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
         async with self._conn() as conn:
             return {r[0] for r in await conn.fetch(Q["heartbeat"], worker_id, now, jobs_running)}
@@ -918,8 +935,8 @@ class PostgresStore(Store):
         states = [s.value for s in query.states] if query.states else None
         args = (states, query.job_type, query.queue, query.created_by)
         async with self._conn() as conn:
-            rows = await conn.fetch(sql, *args, query.limit, query.offset)
-            total = await conn.fetchval(Q["count_jobs"], *args)
+            rows = await conn.fetch(sql, *args, query.limit, query.offset, query.include_internal)
+            total = await conn.fetchval(Q["count_jobs"], *args, query.include_internal)
         return Page([job_from_record(r) for r in rows], total, query.limit, query.offset)
 
     async def count_by_state(self) -> dict[JobState, int]:

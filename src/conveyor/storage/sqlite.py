@@ -47,6 +47,7 @@ from conveyor.domain.job import (
     Finish,
     Job,
     JobQuery,
+    JobTypeInfo,
     NewJob,
     Page,
     Rescued,
@@ -463,6 +464,28 @@ class SQLiteStore(Store):
 
         await self._run(_do)
 
+    async def record_job_types(self, types: Sequence[JobTypeInfo], now: datetime) -> None:
+        rows = [
+            (t.job_type, t.queue, t.priority, t.max_retries, t.timeout_ms, now.timestamp())
+            for t in types
+        ]
+
+        def _do() -> None:
+            with self._tx() as conn:
+                conn.executemany(Q["upsert_job_type"], rows)
+
+        await self._run(_do)
+
+    async def list_job_types(self) -> list[JobTypeInfo]:
+        def _do() -> list[JobTypeInfo]:
+            with self._tx() as conn:
+                return [
+                    JobTypeInfo(r[0], r[1], r[2], r[3], r[4], _dt(r[5]))
+                    for r in conn.execute(Q["list_job_types"])
+                ]
+
+        return await self._run(_do)
+
     async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
         def _do() -> set[str]:
             with self._tx() as conn:
@@ -704,6 +727,7 @@ class SQLiteStore(Store):
             "job_type": query.job_type,
             "queue": query.queue,
             "created_by": query.created_by,
+            "internal": query.include_internal,
             "limit": query.limit,
             "offset": query.offset,
         }

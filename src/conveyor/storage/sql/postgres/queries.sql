@@ -367,6 +367,7 @@ WHERE ($1::text[] IS NULL OR state = ANY($1::text[]))
   AND ($2::text IS NULL OR job_type = $2)
   AND ($3::text IS NULL OR queue = $3)
   AND ($4::text IS NULL OR created_by = $4)
+  AND ($7::boolean OR job_type NOT LIKE 'conveyor.%')
 ORDER BY {order_by}
 LIMIT $5 OFFSET $6
 
@@ -376,6 +377,7 @@ WHERE ($1::text[] IS NULL OR state = ANY($1::text[]))
   AND ($2::text IS NULL OR job_type = $2)
   AND ($3::text IS NULL OR queue = $3)
   AND ($4::text IS NULL OR created_by = $4)
+  AND ($5::boolean OR job_type NOT LIKE 'conveyor.%')
 
 -- name: count_by_state
 SELECT state, count(*) FROM conveyor.jobs GROUP BY state
@@ -485,3 +487,16 @@ SELECT * FROM conveyor.webhook_deliveries WHERE webhook_id = $1 ORDER BY id DESC
 
 -- name: consumer_positions
 SELECT name, position FROM conveyor.outbox_consumers ORDER BY name
+
+-- name: upsert_job_types
+INSERT INTO conveyor.job_types (job_type, queue, priority, max_retries, timeout_ms, updated_at)
+SELECT t, q, p, r, ms, $6
+FROM unnest($1::text[], $2::text[], $3::smallint[], $4::integer[], $5::integer[])
+    AS u(t, q, p, r, ms)
+ON CONFLICT (job_type) DO UPDATE SET
+    queue = excluded.queue, priority = excluded.priority, max_retries = excluded.max_retries,
+    timeout_ms = excluded.timeout_ms, updated_at = excluded.updated_at
+
+-- name: list_job_types
+SELECT job_type, queue, priority, max_retries, timeout_ms, updated_at
+FROM conveyor.job_types ORDER BY job_type

@@ -13,6 +13,15 @@ CREATE TABLE conveyor.api_keys (
     revoked_at timestamp with time zone
 );
 
+CREATE TABLE conveyor.job_types (
+    job_type text NOT NULL,
+    queue text NOT NULL,
+    priority smallint NOT NULL,
+    max_retries integer NOT NULL,
+    timeout_ms integer,
+    updated_at timestamp with time zone NOT NULL
+);
+
 CREATE TABLE conveyor.jobs (
     id text NOT NULL,
     seq bigint NOT NULL,
@@ -193,6 +202,9 @@ ALTER TABLE ONLY conveyor.webhooks
 
 ALTER TABLE ONLY conveyor.workers
     ADD CONSTRAINT workers_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY conveyor.job_types
+    ADD CONSTRAINT job_types_pkey PRIMARY KEY (job_type);
 
 CREATE INDEX events_created ON conveyor.events USING brin (created_at);
 

@@ -206,6 +206,7 @@ WHERE (:states IS NULL OR state IN (SELECT value FROM json_each(:states)))
   AND (:job_type IS NULL OR job_type = :job_type)
   AND (:queue IS NULL OR queue = :queue)
   AND (:created_by IS NULL OR created_by = :created_by)
+  AND (:internal OR job_type NOT LIKE 'conveyor.%')
 ORDER BY {order_by}
 LIMIT :limit OFFSET :offset
 
@@ -215,6 +216,7 @@ WHERE (:states IS NULL OR state IN (SELECT value FROM json_each(:states)))
   AND (:job_type IS NULL OR job_type = :job_type)
   AND (:queue IS NULL OR queue = :queue)
   AND (:created_by IS NULL OR created_by = :created_by)
+  AND (:internal OR job_type NOT LIKE 'conveyor.%')
 
 -- name: count_by_state
 SELECT state, count(*) FROM jobs GROUP BY state
@@ -358,3 +360,14 @@ SELECT * FROM webhook_deliveries WHERE webhook_id = ? ORDER BY id DESC LIMIT ?
 
 -- name: consumer_positions
 SELECT name, position FROM outbox_consumers ORDER BY name
+
+-- name: upsert_job_type
+INSERT INTO job_types (job_type, queue, priority, max_retries, timeout_ms, updated_at)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (job_type) DO UPDATE SET
+    queue = excluded.queue, priority = excluded.priority, max_retries = excluded.max_retries,
+    timeout_ms = excluded.timeout_ms, updated_at = excluded.updated_at
+
+-- name: list_job_types
+SELECT job_type, queue, priority, max_retries, timeout_ms, updated_at
+FROM job_types ORDER BY job_type

@@ -1,0 +1,289 @@
+"""One set of rules at every entry point: Python, REST and the CLI accept and refuse
+the same values, on every backend, and a handler receives the validated values."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conveyor import Conveyor
+from conveyor.api.app import create_app
+from conveyor.domain.errors import ValidationError
+from conveyor.domain.job import JobQuery
+from conveyor.domain.states import JobState
+from conveyor.security.api_keys import new_api_key
+from conveyor.settings import Settings
+from conveyor.storage.base import Store
+from support import async_wait_until, run_cli, running_worker
+
+
+@pytest.fixture
+async def app(store: Store) -> AsyncIterator[Conveyor]:
+    conveyor = Conveyor(
+        settings=Settings(database_url="memory://", heartbeat_interval=0.2), store=store
+    )
+
+    @conveyor.job("typed")
+    async def typed(ctx, n: int = 0, **rest: Any) -> dict[str, Any]:
+        return {"n": n, "type": type(n).__name__}
+
+    await conveyor.open()
+    try:
+        yield conveyor
+    finally:
+        await conveyor.bus.close()
+
+
+def client(app: Conveyor) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=create_app(app), raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://localhost")
+
+
+# -- generated values ------------------------------------------------------------------------
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),  # includes NUL and lone surrogates
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+zones = st.sampled_from([UTC, timezone(timedelta(hours=14)), timezone(timedelta(hours=-12))])
+run_ats = st.one_of(
+    st.none(),
+    st.datetimes(
+        min_value=datetime(1, 1, 2),  # noqa: DTZ001 - hypothesis wants naive bounds
+        max_value=datetime(9999, 12, 30),  # noqa: DTZ001
+        timezones=zones,
+    ),
+    st.sampled_from([datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14)))]),
+)
+options = st.fixed_dictionaries(
+    {},
+    optional={
+        "priority": st.integers(min_value=-5, max_value=105),
+        "max_retries": st.integers(min_value=-2, max_value=120),
+        "timeout_ms": st.integers(min_value=-1, max_value=86_400_001),
+        "run_at": run_ats,
+        "queue": st.sampled_from(["default", "q:1", "bad queue", "", "x" * 101]),
+        "idempotency_key": st.one_of(
+            st.text(min_size=0, max_size=6), st.sampled_from(["webhook:x:1", "conveyor:k"])
+        ),
+        "metadata": st.dictionaries(st.text(max_size=3), json_values, max_size=2),
+        "job_type": st.sampled_from(["typed", "conveyor.webhook", "nobody_serves_this"]),
+    },
+)
+
+
+def rest_body(payload: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"job_type": opts.get("job_type", "typed"), "payload": payload}
+    for name in ("priority", "max_retries", "timeout_ms", "queue", "idempotency_key", "metadata"):
+        if name in opts:
+            body[name] = opts[name]
+    if opts.get("run_at") is not None:
+        body["scheduled_at"] = opts["run_at"].isoformat()
+    return body
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    payload=st.dictionaries(st.sampled_from(["n", "a", "b"]), json_values, max_size=3), opts=options
+)
+async def test_python_and_rest_accept_and_refuse_alike(app, payload, opts):
+    opts = dict(opts)
+    job_type = opts.pop("job_type", "typed")
+    if "idempotency_key" in opts:
+        opts["idempotency_key"] += f"-{id(payload)}-{len(str(opts))}"  # no cross-example dedupe
+    python_ok, stored = False, None
+    try:
+        job = await app.enqueue(job_type, payload, **opts)
+        python_ok, stored = True, job.payload
+    except ValidationError:
+        pass  # any other ConveyorError fails the test
+    if "idempotency_key" in opts:
+        opts["idempotency_key"] += "-rest"
+    async with client(app) as c:
+        resp = await c.post(
+            "/api/jobs",
+            content=json.dumps(rest_body(payload, {**opts, "job_type": job_type})),
+            headers={"content-type": "application/json"},
+        )
+    assert resp.status_code in (200, 201, 400), resp.text
+    rest_ok = resp.status_code in (200, 201)
+    assert python_ok == rest_ok, (payload, opts, resp.text)
+    if rest_ok:
+        got = await app.store.get(resp.json()["job_id"])
+        assert got.payload == stored
+
+
+async def test_a_row_never_breaks_listings_after_refused_values(app):
+    for bad in ({"x": math.nan}, {"x": "\x00"}, {"x": 2**70}):
+        with pytest.raises(ValidationError):
+            await app.enqueue("typed", bad)
+    with pytest.raises(ValidationError, match="run_at must be between"):
+        await app.enqueue("typed", run_at=datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14))))
+    assert (await app.store.list_jobs(JobQuery())).total == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"timeout": -1}, "timeout"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": math.inf}, "timeout"),
+        ({"delay": 1e13}, "delay"),
+        ({"delay": math.nan}, "delay"),
+        ({"max_retries": 101}, "max_retries"),
+        ({"idempotency_key": "webhook:abc:1"}, "idempotency_key"),
+        ({"idempotency_key": "k\x00"}, "idempotency_key"),
+        ({"depends_on": ["a\x00"]}, "depends_on"),
+    ],
+)
+async def test_python_options_outside_their_range_are_refused(app, options, field):
+    with pytest.raises(ValidationError) as err:
+        await app.enqueue("typed", {}, **options)
+    assert field in {d.field for d in err.value.details}
+    assert (await app.store.list_jobs(JobQuery())).total == 0
+
+
+async def test_the_handler_receives_the_validated_values(app):
+    job = await app.enqueue("typed", {"n": "7"})
+    async with running_worker(app):
+        done = await async_wait_until(
+            lambda: _completed(app, job.id), 10, "the typed job to complete"
+        )
+    assert done.result == {"n": 7, "type": "int"}
+
+
+async def _completed(app: Conveyor, job_id: str) -> Any:
+    job = await app.store.get(job_id)
+    return job if job.state is JobState.COMPLETED else None
+
+
+# -- registration defaults, known types, reserved names ------------------------------------------
+async def test_rest_takes_the_registration_defaults_and_refuses_unknown_types(app):
+    @app.job("charge_card", max_retries=0, timeout=5, priority=90, queue="payments")
+    async def charge_card(ctx, order: str) -> None: ...
+
+    async with client(app) as c:
+        resp = await c.post(
+            "/api/jobs", json={"job_type": "charge_card", "payload": {"order": "o1"}}
+        )
+        assert resp.status_code == 201, resp.text
+        job = await app.store.get(resp.json()["job_id"])
+        assert (job.max_retries, job.timeout_ms, job.priority, job.queue) == (
+            0,
+            5000,
+            90,
+            "payments",
+        )
+        resp = await c.post("/api/jobs", json={"job_type": "chrage_card", "payload": {}})
+        assert resp.status_code == 400
+        assert "Known types: charge_card, typed" in resp.json()["error"]
+
+
+async def test_an_api_without_handlers_knows_the_types_a_worker_recorded(app, store):
+    @app.job("charge_card", max_retries=0, timeout=5, priority=90, queue="payments")
+    async def charge_card(ctx, order: str) -> None: ...
+
+    api_only = Conveyor(settings=Settings(database_url="memory://"), store=store)
+    async with client(api_only) as c:
+        refused = await c.post("/api/jobs", json={"job_type": "charge_card", "payload": {}})
+        assert refused.status_code == 400
+        async with running_worker(app):
+            api_only._known_types_at = -1e9  # the test does not wait out the cache
+            resp = await c.post("/api/jobs", json={"job_type": "charge_card", "payload": {}})
+            assert resp.status_code == 201, resp.text
+            job = await store.get(resp.json()["job_id"])
+            assert (job.max_retries, job.timeout_ms, job.priority, job.queue) == (
+                0,
+                5000,
+                90,
+                "payments",
+            )
+    await api_only.bus.close()
+
+
+async def test_internal_job_types_and_keys_are_not_reachable_from_the_api(app, store):
+    async with client(app) as c:
+        forged = await c.post(
+            "/api/jobs",
+            json={"job_type": "conveyor.webhook", "payload": {"webhook_id": "w", "event": {}}},
+        )
+        assert forged.status_code == 400
+        assert "reserved" in forged.json()["error"]
+        squat = await c.post(
+            "/api/jobs",
+            json={"job_type": "typed", "payload": {}, "idempotency_key": "webhook:w1:99"},
+        )
+        assert squat.status_code == 400
+        assert "reserved" in squat.json()["error"]
+    # A delivery job as the dispatcher makes it, then the listings.
+    internal = app.new_job(
+        "conveyor.webhook",
+        {"webhook_id": "w", "delivery_id": "d", "event": {}},
+        idempotency_key="webhook:w:1",
+        internal=True,
+    )
+    (made,) = await app.submit_many([internal])
+    read_key, read = new_api_key("reader", "read", app.now())
+    admin_key, admin = new_api_key("boss", "admin", app.now())
+    await store.create_api_key(read)
+    await store.create_api_key(admin)
+    async with client(app) as c:
+        as_read = {"Authorization": f"Bearer {read_key}"}
+        as_admin = {"Authorization": f"Bearer {admin_key}"}
+        listed = await c.get("/api/jobs?job_type=conveyor.webhook", headers=as_read)
+        assert listed.json()["jobs"] == []
+        assert (await c.get(f"/api/jobs/{made.job.id}", headers=as_read)).status_code == 404
+        denied = await c.get("/api/jobs?include_internal=true", headers=as_read)
+        assert denied.status_code == 403
+        shown = await c.get("/api/jobs?include_internal=true", headers=as_admin)
+        assert [j["id"] for j in shown.json()["jobs"]] == [made.job.id]
+        assert (await c.get(f"/api/jobs/{made.job.id}", headers=as_admin)).status_code == 200
+
+
+# -- the CLI: same refusals ----------------------------------------------------------------------
+CLI_CASES = [
+    ("nan", ["--payload", '{"x": NaN}']),
+    ("overflow", ["--payload", '{"x": 1e309}']),
+    ("huge int", ["--payload", '{"x": 1180591620717411303424}']),
+    ("nul", ["--payload", '{"x": "a\\u0000b"}']),
+    ("timeout", ["--timeout", "-1"]),
+    ("delay", ["--delay", "1e13"]),
+    ("retries", ["--max-retries", "101"]),
+    ("reserved key", ["--idempotency-key", "webhook:x:1"]),
+]
+
+
+def test_the_cli_refuses_what_python_and_rest_refuse(tmp_path: Path):
+    db = f"sqlite:///{tmp_path}/cli.db"
+    for name, args in CLI_CASES:
+        proc = run_cli(db, "jobs", "submit", "test_job", *args, check=False)
+        assert proc.returncode != 0, (name, proc.stdout)
+        assert "Traceback" not in proc.stderr, (name, proc.stderr)
+    proc = run_cli(db, "jobs", "submit", "conveyor.webhook", check=False)
+    assert proc.returncode != 0
+    assert "reserved" in proc.stdout + proc.stderr
+    listed = run_cli(db, "jobs", "list", "--json")
+    assert json.loads(listed.stdout)["jobs"] == []
