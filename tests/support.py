@@ -132,15 +132,52 @@ def done_counts(log: Path) -> Counter[str]:
     return Counter(job_id for job_id, _attempt, _pid, ev in exec_lines(log) if ev == "done")
 
 
-def start_worker(db_url: str, tmp_path: Path, log: Path, name: str, **env: str) -> WorkerProcess:
-    """A ``conveyor worker jobapp`` subprocess with fast heartbeats."""
+def start_worker(
+    db_url: str, tmp_path: Path, log: Path, name: str, *args: str, **env: str
+) -> WorkerProcess:
+    """A ``conveyor worker jobapp [args]`` subprocess with fast heartbeats."""
     return WorkerProcess(
         db_url,
         tmp_path / f"{name}.out",
         "jobapp",
+        *args,
         CONVEYOR_TEST_LOG=str(log),
         **{**FAST_WORKER_ENV, **env},
     )
+
+
+async def sigkill_mid_job_and_restart(
+    app: Any, db_url: str, tmp_path: Path, log: Path, *args: str
+) -> tuple[Any, list[Any], int, int]:
+    """Worker A (``conveyor worker jobapp [args]``) starts a long job and is killed
+    with -9; worker B (same args: with ``--worker-id``, the same id) starts at once
+    and finishes it. Returns (the job, its executions, A's pid, B's pid)."""
+    job = await app.enqueue("hang_first", {"seconds": 60})
+    a = start_worker(db_url, tmp_path, log, "a", *args)
+    try:
+        wait_until(lambda: any(ev == "start" for *_x, ev in exec_lines(log)), 20, "attempt 1")
+        a.signal(signal.SIGKILL)
+        a.wait()
+        b = start_worker(db_url, tmp_path, log, "b", *args)
+        try:
+
+            async def terminal() -> Any:
+                current = await app.store.get(job.id)
+                return current if current.state.is_terminal else None
+
+            # heartbeat_timeout (1 s) + a heartbeat/rescue interval + margin
+            done = await async_wait_until(terminal, 1.0 + 0.2 + 8.0, "rescue and completion")
+        finally:
+            b.signal(signal.SIGTERM)
+            assert b.wait() == 0, b.output()
+    finally:
+        a.stop()
+    return done, await app.store.executions(job.id), a.pid, b.pid
+
+
+def worker_pid(worker_id: str) -> int:
+    """The pid in a default worker id (``<host>-<pid>-<random>``)."""
+    return int(worker_id.rsplit("-", 2)[1])
 
 
 def free_port() -> int:

@@ -53,17 +53,19 @@ SIGNAL_TIMEOUT = 1.0
 JOB_TYPES_TTL = 10.0
 
 
-def bus_from_url(url: str) -> EventBus:
-    """The event bus ``CONVEYOR_REDIS_URL`` names: Redis, or in-process when empty."""
+def bus_from_url(url: str, *, max_bytes: int | None = None) -> EventBus:
+    """The event bus ``CONVEYOR_REDIS_URL`` names: Redis, or in-process when empty.
+    ``max_bytes`` (``CONVEYOR_EVENT_STREAM_MAX_BYTES``) bounds what it holds in this
+    process: the in-process stream, and each subscriber's backlog (both buses)."""
     if not url:
-        from conveyor.bus.memory import MemoryBus
+        from conveyor.bus.memory import DEFAULT_MAX_STREAM_BYTES, MemoryBus
 
-        return MemoryBus()
+        return MemoryBus(max_stream_bytes=max_bytes or DEFAULT_MAX_STREAM_BYTES)
     try:
         from conveyor.bus.redis import RedisBus
     except ImportError as exc:
         raise ConfigurationError("Redis needs redis-py: pip install 'conveyor[redis]'") from exc
-    return RedisBus(url)
+    return RedisBus(url, max_subscriber_bytes=max_bytes)
 
 
 def store_from_url(url: str, *, pool_size: int = 10) -> Store:
@@ -127,7 +129,13 @@ class Conveyor:
         self._finish_listeners: list[Callable[[Finish, bool], None]] = []
         self._event_listeners: list[Callable[[], None]] = []
         self._opened = False
-        self.bus = bus if bus is not None else bus_from_url(self.settings.redis_url)
+        self.bus = (
+            bus
+            if bus is not None
+            else bus_from_url(
+                self.settings.redis_url, max_bytes=self.settings.event_stream_max_bytes
+            )
+        )
         self._pending_signals: set[asyncio.Future[bool]] = set()
         self._known_types: dict[str, JobTypeInfo] = {}
         self._known_types_at = -1e9

@@ -32,6 +32,7 @@ class Settings:
     redis_url: str = ""  # empty: in-process event bus
     event_poll_interval: float = 0.02
     event_stream_maxlen: int = 100_000
+    event_stream_max_bytes: int = 64 * 1024 * 1024  # what the bus holds in this process
     webhook_timeout: float = 10.0
     webhook_max_retries: int = 8
     webhook_retry_base: float = 2.0
@@ -75,6 +76,8 @@ class Settings:
             problems.append("event_poll_interval must be > 0 seconds")
         if self.event_stream_maxlen < 1:
             problems.append("event_stream_maxlen must be >= 1")
+        if self.event_stream_max_bytes < 1024:
+            problems.append("event_stream_max_bytes must be >= 1024 bytes")
         if self.webhook_timeout <= 0:
             problems.append("webhook_timeout must be > 0 seconds")
         if not 0 <= self.webhook_max_retries <= 100:
@@ -132,6 +135,7 @@ _TYPES: dict[str, type] = {
     "retention": float,
     "event_poll_interval": float,
     "event_stream_maxlen": int,
+    "event_stream_max_bytes": int,
     "webhook_timeout": float,
     "webhook_max_retries": int,
     "webhook_retry_base": float,

@@ -204,26 +204,94 @@ async def test_duplicate_of_a_blocked_job_is_still_a_duplicate(store: Store) -> 
 
 
 @pytest.mark.parametrize("action", [Action.COMPLETE, Action.FAIL, Action.CONFIRM_CANCEL])
-async def test_after_the_first_finishes_the_key_creates_a_new_job(
-    store: Store, action: Action
-) -> None:
+async def test_a_finished_job_keeps_its_key(store: Store, action: Action) -> None:
+    # A client that retries its POST after the first job finished gets that job
+    # back, not a second run.
     first = await submit_one(store, idempotency_key="k")
     done = await run_to(store, first, action)
     assert done.state.is_terminal
+    events = len(await all_events(store))
 
-    (second,) = await store.enqueue_many([new(idempotency_key="k")], at(10))
-    assert second.duplicate is False
-    assert second.job.id != first.id
-    assert second.job.state is JobState.PENDING
-    assert (await store.get(first.id)).state is done.state
+    (again,) = await store.enqueue_many([new(idempotency_key="k", payload={"v": 2})], at(10))
+    assert again.duplicate is True
+    assert again.job.id == first.id
+    assert again.job.state is done.state
+    assert again.job.payload == first.payload
+    assert (await store.count_by_state())[JobState.PENDING] == 0
+    assert len(await all_events(store)) == events  # a duplicate writes nothing
 
 
-async def test_after_a_pending_job_is_cancelled_the_key_creates_a_new_job(store: Store) -> None:
+async def test_a_completed_job_returns_its_result_to_a_repeated_submit(store: Store) -> None:
+    first = await submit_one(store, idempotency_key="k")
+    leased = await lease_one(store, now=at(1))
+    assert await finish(store, leased, Action.COMPLETE, now=at(2), result={"charged": 1})
+    (again,) = await store.enqueue_many([new(idempotency_key="k")], at(3))
+    assert (again.duplicate, again.job.id) == (True, first.id)
+    assert again.job.result == {"charged": 1}
+
+
+async def test_a_cancelled_pending_job_keeps_its_key(store: Store) -> None:
     first = await submit_one(store, idempotency_key="k")
     await store.cancel(first.id, at(1))
-    (second,) = await store.enqueue_many([new(idempotency_key="k")], at(2))
-    assert second.duplicate is False
-    assert second.job.id != first.id
+    (again,) = await store.enqueue_many([new(idempotency_key="k")], at(2))
+    assert again.duplicate is True
+    assert again.job.id == first.id
+    assert again.job.state is JobState.CANCELLED
+
+
+async def test_a_finished_job_in_the_same_batch_as_its_repeat(store: Store) -> None:
+    first = await submit_one(store, idempotency_key="k")
+    await run_to(store, first, Action.COMPLETE)
+    results = await store.enqueue_many(
+        [new("b"), new(idempotency_key="k"), new("c", idempotency_key="k2")], at(5)
+    )
+    assert [r.duplicate for r in results] == [False, True, False]
+    assert results[1].job.id == first.id
+    assert results[1].job.state is JobState.COMPLETED
+
+
+async def test_a_job_cancelled_at_birth_holds_its_key(store: Store) -> None:
+    parent = await submit_one(store, "parent")
+    await run_to(store, parent, Action.FAIL)
+    (child,) = await store.enqueue_many(
+        [new("child", idempotency_key="k", depends_on=[parent.id])], at(1)
+    )
+    assert child.duplicate is False
+    assert child.job.state is JobState.CANCELLED
+    (again,) = await store.enqueue_many([new(idempotency_key="k")], at(2))
+    assert (again.duplicate, again.job.id) == (True, child.job.id)
+
+
+async def test_a_job_cancelled_at_birth_is_a_duplicate_of_a_finished_holder(
+    store: Store,
+) -> None:
+    first = await submit_one(store, idempotency_key="k")
+    await run_to(store, first, Action.COMPLETE)
+    parent = await submit_one(store, "parent", now=at(1))
+    await run_to(store, parent, Action.FAIL, now=at(1))
+    (child,) = await store.enqueue_many(
+        [new("child", idempotency_key="k", depends_on=[parent.id])], at(2)
+    )
+    assert (child.duplicate, child.job.id) == (True, first.id)
+
+
+async def test_the_key_is_free_again_once_its_job_is_pruned(store: Store) -> None:
+    first = await submit_one(store, idempotency_key="k")
+    await run_to(store, first, Action.COMPLETE, now=at(1))
+    assert await store.prune(at(100)) == 1
+    (again,) = await store.enqueue_many([new(idempotency_key="k")], at(101))
+    assert again.duplicate is False
+    assert again.job.id != first.id
+    assert again.job.state is JobState.PENDING
+
+
+async def test_the_key_is_free_again_once_its_failed_job_is_purged(store: Store) -> None:
+    first = await submit_one(store, idempotency_key="k")
+    await run_to(store, first, Action.FAIL, now=at(1))
+    assert await store.purge_failed([first.id], at(2)) == 1
+    (again,) = await store.enqueue_many([new(idempotency_key="k")], at(3))
+    assert again.duplicate is False
+    assert again.job.id != first.id
 
 
 async def test_different_keys_are_different_jobs(store: Store) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 from storekit import (
     HEARTBEAT_TIMEOUT,
@@ -24,7 +25,7 @@ from storekit import (
 from conveyor.domain.errors import InvalidTransition, ValidationError
 from conveyor.domain.job import FINISH_ACTIONS, Finish
 from conveyor.domain.states import Action, JobState
-from conveyor.storage.base import Store
+from conveyor.storage.base import EVENT_RESULT_MAX_BYTES, Store
 
 
 @pytest.mark.parametrize(
@@ -53,6 +54,30 @@ async def test_complete_stores_result_and_ends_the_attempt(store: Store, result:
     assert event.data["status"] == "completed"
     assert event.data["result"] == result
     assert event.data["duration_ms"] == 2500
+
+
+async def test_a_large_result_stays_on_the_job_and_its_event_carries_only_its_size(
+    store: Store,
+) -> None:
+    at_limit = {"blob": "x" * (EVENT_RESULT_MAX_BYTES - len('{"blob":""}'))}
+    large = {"blob": "y" * (EVENT_RESULT_MAX_BYTES + 1)}
+    small_job, large_job = await submit(store, new("small"), new("large"))
+    leased = {j.id: j for j in await lease(store, now=at(1), limit=2)}
+    mark = await last_event_id(store)
+
+    assert await finish(store, leased[small_job.id], Action.COMPLETE, now=at(2), result=at_limit)
+    assert await finish(store, leased[large_job.id], Action.COMPLETE, now=at(2), result=large)
+
+    assert (await store.get(small_job.id)).result == at_limit
+    assert (await store.get(large_job.id)).result == large  # the full result, on the job
+    small_event, large_event = await events_since(store, mark)
+    assert small_event.data["result"] == at_limit
+    assert "result_truncated" not in small_event.data
+    assert large_event.job_id == large_job.id
+    assert large_event.data["result"] is None
+    assert large_event.data["result_truncated"] is True
+    assert large_event.data["result_size"] == len(orjson.dumps(large))
+    assert large_event.data["status"] == "completed"
 
 
 async def test_complete_clears_the_error_of_an_earlier_attempt(store: Store) -> None:

@@ -215,19 +215,6 @@ def check_step(
     assert set(before) <= set(after), "no job disappears"
 
 
-def known_retry_conflict(op: tuple[Any, ...], jobs: dict[int, Job]) -> bool:
-    """Skip the known bug that ``test_retry_failed_keeps_one_active_job_per_idempotency_key``
-    pins down (retrying a job whose key another active job holds)."""
-    if not jobs:
-        return False
-    target = jobs[op[1] % len(jobs)]
-    return target.idempotency_key is not None and any(
-        j.idempotency_key == target.idempotency_key and not j.state.is_terminal
-        for ref, j in jobs.items()
-        if j.id != target.id
-    )
-
-
 async def scenario(
     adapters: dict[str, StoreFactory], ops: list[tuple[Any, ...]], folder: Path
 ) -> None:
@@ -246,8 +233,6 @@ async def scenario(
         for step, op in enumerate(ops):
             if op[0] == "advance":
                 now += timedelta(seconds=op[1])
-                continue
-            if op[0] == "retry_failed" and known_retry_conflict(op, states["memory"]):
                 continue
             answers, views, logs = {}, {}, {}
             for name, d in drivers.items():

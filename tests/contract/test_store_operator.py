@@ -23,13 +23,12 @@ from storekit import (
 )
 
 from conveyor.domain.errors import (
-    ConveyorError,
     InvalidTransition,
     JobNotCancellable,
     JobNotFound,
 )
 from conveyor.domain.job import Job, JobQuery
-from conveyor.domain.states import ACTIVE_STATES, Action, JobState
+from conveyor.domain.states import Action, JobState
 from conveyor.storage.base import Store
 
 
@@ -217,20 +216,31 @@ async def test_retry_failed_with_a_repeated_id_retries_once(store: Store, known_
     assert len(await events_since(store, mark)) == 1
 
 
-async def test_retry_failed_keeps_one_active_job_per_idempotency_key(
-    store: Store, known_bug: Any
-) -> None:
+async def test_a_failed_job_holds_its_key_through_a_retry_from_the_dlq(store: Store) -> None:
     failed = await failed_job(store, idempotency_key="k")
-    (fresh,) = await store.enqueue_many([new(idempotency_key="k")], at(1))
-    assert fresh.duplicate is False
-    before = await snapshot(store)
+    (repeat,) = await store.enqueue_many([new(idempotency_key="k")], at(1))
+    assert (repeat.duplicate, repeat.job.id, repeat.job.state) == (True, failed.id, JobState.FAILED)
 
-    with pytest.raises(ConveyorError):
-        await store.retry_failed([failed.id], at(2))
+    (retried,) = await store.retry_failed([failed.id], at(2))
+    assert (retried.state, retried.idempotency_key) == (JobState.PENDING, "k")
+    (repeat,) = await store.enqueue_many([new(idempotency_key="k")], at(3))
+    assert (repeat.duplicate, repeat.job.id, repeat.job.state) == (
+        True,
+        failed.id,
+        JobState.PENDING,
+    )
+    page = await store.list_jobs(JobQuery())
+    assert [j.id for j in page.jobs if j.idempotency_key == "k"] == [failed.id]
 
-    assert await snapshot(store) == before
-    page = await store.list_jobs(JobQuery(states=tuple(ACTIVE_STATES)))
-    assert [j.id for j in page.jobs if j.idempotency_key == "k"] == [fresh.job.id]
+
+async def test_retry_failed_of_jobs_with_keys_retries_them_all(store: Store) -> None:
+    a = await failed_job(store, "a", idempotency_key="ka")
+    b = await failed_job(store, "b", idempotency_key="kb")
+    retried = await store.retry_failed([a.id, b.id], at(2))
+    assert [(j.id, j.state) for j in retried] == [
+        (a.id, JobState.PENDING),
+        (b.id, JobState.PENDING),
+    ]
 
 
 # -- purge ---------------------------------------------------------------------------------

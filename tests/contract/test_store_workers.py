@@ -307,3 +307,77 @@ async def test_rescue_with_nothing_to_do_writes_nothing(store: Store) -> None:
     before = await snapshot(store)
     assert await rescue(store, 5) == []
     assert await snapshot(store) == before
+
+
+# -- history of lost attempts ----------------------------------------------------------------
+
+
+async def test_every_attempt_stays_in_the_history_including_lost_ones(store: Store) -> None:
+    await register(store, "w1", now=at(0))
+    job = await submit_one(store, max_retries=5)
+    await lease_one(store, "w1", now=at(1))
+    assert await rescue(store, 20, max_lost=3) == [(job.id, "w1", Action.LOST)]  # w1 died
+
+    await register(store, "w2", now=at(20))
+    got = await lease_one(store, "w2", now=at(21))
+    assert await finish(store, got, Action.RETRY, now=at(22), error="flaky", retry_at=at(22))
+
+    await register(store, "w3", now=at(22))
+    await lease_one(store, "w3", now=at(23))
+    await store.heartbeat("w2", 0, at(30))
+    assert await rescue(store, 40, max_lost=3) == [(job.id, "w3", Action.LOST)]  # w3 died
+
+    await store.heartbeat("w2", 0, at(40))
+    got = await lease_one(store, "w2", now=at(41))
+    assert await finish(store, got, Action.COMPLETE, now=at(42), result={"ok": True})
+
+    history = [
+        (e.attempt, e.worker_id, e.started_at, e.finished_at, e.outcome, e.error)
+        for e in await store.executions(job.id)
+    ]
+    assert history == [
+        (1, "w1", at(1), at(20), "lost", "worker_lost"),
+        (2, "w2", at(21), at(22), "retry", "flaky"),
+        (3, "w3", at(23), at(40), "lost", "worker_lost"),
+        (4, "w2", at(41), at(42), "completed", None),
+    ]
+    done = await store.get(job.id)
+    assert (done.state, done.attempt, done.lost_count) == (JobState.COMPLETED, 4, 2)
+
+
+async def test_a_lost_attempt_after_a_shutdown_release_is_in_the_history(store: Store) -> None:
+    await register(store, "w1", now=at(0))
+    job = await submit_one(store)
+    got = await lease_one(store, "w1", now=at(1))
+    assert await finish(store, got, Action.RELEASE, now=at(2))
+    await store.deregister_worker("w1", at(2))
+    await register(store, "w2", now=at(3))
+    await lease_one(store, "w2", now=at(4))
+    assert await rescue(store, 30) == [(job.id, "w2", Action.LOST)]
+    outcomes = [(e.attempt, e.worker_id, e.outcome) for e in await store.executions(job.id)]
+    assert outcomes == [(1, "w1", "released"), (1, "w2", "lost")]
+
+
+async def test_a_worker_restarted_under_its_id_has_its_old_jobs_rescued(store: Store) -> None:
+    # `conveyor worker --worker-id w1` killed with -9 mid-job and started again at
+    # once: its heartbeat never lapses, yet the old process's job is gone with it.
+    await register(store, "w1", now=at(0))
+    job = await submit_one(store)
+    await lease_one(store, "w1", now=at(1))
+    await store.register_worker(worker_info("w1", pid=5151), at(5))  # the new process
+
+    (w,) = await store.list_workers()
+    assert (w.pid, w.started_at, w.state, w.jobs_running) == (5151, at(5), "running", 0)
+    await store.heartbeat("w1", 0, at(6))
+    assert await rescue(store, 7) == [(job.id, "w1", Action.LOST)]
+    back = await store.get(job.id)
+    assert (back.state, back.lost_count) == (JobState.PENDING, 1)
+    assert [(e.attempt, e.outcome) for e in await store.executions(job.id)] == [(1, "lost")]
+
+    # The new process's own jobs are safe, even when fetched in the same instant.
+    again = await lease_one(store, "w1", now=at(7))
+    assert again.attempt == 2
+    assert await rescue(store, 7) == []
+    assert await rescue(store, 8) == []
+    assert await finish(store, again, Action.COMPLETE, now=at(9))
+    assert [e.outcome for e in await store.executions(job.id)] == ["lost", "completed"]

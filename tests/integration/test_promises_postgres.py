@@ -15,7 +15,15 @@ import pytest
 
 from conveyor import ConfigurationError, Conveyor, JobNotFound, JobState, Settings
 from conveyor.demo import register
-from support import async_wait_until, done_counts, exec_lines, start_worker, wait_until
+from support import (
+    async_wait_until,
+    done_counts,
+    exec_lines,
+    sigkill_mid_job_and_restart,
+    start_worker,
+    wait_until,
+    worker_pid,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +89,38 @@ async def test_four_worker_processes_run_20000_jobs_exactly_once(app, postgres_d
     counts = await app.store.count_by_state()
     assert counts[JobState.COMPLETED] == n
     assert counts[JobState.PENDING] == counts[JobState.RUNNING] == 0
+
+
+async def test_sigkill_mid_job_keeps_the_lost_attempt_in_the_history(
+    app, postgres_dsn, log, tmp_path
+):
+    done, history, a_pid, b_pid = await sigkill_mid_job_and_restart(
+        app, postgres_dsn, tmp_path, log
+    )
+    assert done.state is JobState.COMPLETED
+    assert done.result == {"pid": b_pid, "attempt": 2}
+    assert done.lost_count == 1
+    assert done_counts(log) == {done.id: 1}
+    assert [(e.attempt, e.outcome, e.error) for e in history] == [
+        (1, "lost", "worker_lost"),
+        (2, "completed", None),
+    ]
+    assert [worker_pid(e.worker_id) for e in history] == [a_pid, b_pid]
+    assert history[0].started_at is not None
+    assert history[0].finished_at is not None
+
+
+async def test_sigkill_then_restart_under_the_same_worker_id(app, postgres_dsn, log, tmp_path):
+    done, history, _a, b_pid = await sigkill_mid_job_and_restart(
+        app, postgres_dsn, tmp_path, log, "--worker-id", "stable-1"
+    )
+    assert done.state is JobState.COMPLETED
+    assert done.result == {"pid": b_pid, "attempt": 2}
+    assert done_counts(log) == {done.id: 1}
+    assert [(e.attempt, e.worker_id, e.outcome) for e in history] == [
+        (1, "stable-1", "lost"),
+        (2, "stable-1", "completed"),
+    ]
 
 
 async def test_sigkill_under_load_loses_nothing(app, postgres_dsn, log, tmp_path):

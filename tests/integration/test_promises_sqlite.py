@@ -18,8 +18,10 @@ from support import (
     async_wait_until,
     done_counts,
     exec_lines,
+    sigkill_mid_job_and_restart,
     start_worker,
     wait_until,
+    worker_pid,
 )
 
 pytestmark = pytest.mark.slow
@@ -57,30 +59,36 @@ def worker(db: str, tmp_path: Path, log: Path, name: str, **env: str) -> WorkerP
 
 
 async def test_sigkill_mid_job_is_rescued_and_completes_once(app, db, log, tmp_path):
-    job = await app.enqueue("hang_first", {"seconds": 60})
-    a = worker(db, tmp_path, log, "a")
-    try:
-        wait_until(lambda: any(ev == "start" for *_x, ev in lines(log)), 20, "attempt 1 to start")
-        a.signal(signal.SIGKILL)
-        a.wait()
-        b = worker(db, tmp_path, log, "b")
-        try:
-            # heartbeat_timeout (1 s) + a heartbeat/rescue interval + margin
-            done = await async_wait_until(
-                lambda: _terminal(app, job.id), 1.0 + 0.2 + 8.0, "rescue and completion"
-            )
-        finally:
-            b.signal(signal.SIGTERM)
-            assert b.wait() == 0, b.output()
-    finally:
-        a.stop()
+    done, history, a_pid, b_pid = await sigkill_mid_job_and_restart(app, db, tmp_path, log)
     assert done.state is JobState.COMPLETED
     assert done.result["attempt"] == 2
-    assert done.result["pid"] == b.pid
+    assert done.result["pid"] == b_pid
     assert done.lost_count == 1
-    assert done_counts(log) == {job.id: 1}
-    outcomes = [e.outcome for e in await app.store.executions(job.id)]
-    assert outcomes == ["lost", "completed"]
+    assert done_counts(log) == {done.id: 1}
+    # The attempt lost with its process is in the history, as the rescuer saw it.
+    assert [(e.attempt, e.outcome, e.error) for e in history] == [
+        (1, "lost", "worker_lost"),
+        (2, "completed", None),
+    ]
+    assert [worker_pid(e.worker_id) for e in history] == [a_pid, b_pid]
+    assert all(e.finished_at is not None for e in history)
+
+
+async def test_sigkill_then_restart_under_the_same_worker_id(app, db, log, tmp_path):
+    # A supervisor restarts the worker at once with its stable --worker-id: the id's
+    # heartbeat never lapses, yet the old process's job is rescued and its attempt
+    # recorded as lost.
+    done, history, _a, b_pid = await sigkill_mid_job_and_restart(
+        app, db, tmp_path, log, "--worker-id", "stable-1"
+    )
+    assert done.state is JobState.COMPLETED
+    assert done.result == {"pid": b_pid, "attempt": 2}
+    assert done.lost_count == 1
+    assert done_counts(log) == {done.id: 1}
+    assert [(e.attempt, e.worker_id, e.outcome) for e in history] == [
+        (1, "stable-1", "lost"),
+        (2, "stable-1", "completed"),
+    ]
 
 
 async def _terminal(app: Conveyor, job_id: str):

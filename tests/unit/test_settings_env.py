@@ -154,3 +154,13 @@ def test_event_and_webhook_settings_from_env() -> None:
         Settings.from_env({"CONVEYOR_WEBHOOK_ALLOW_PRIVATE": "maybe"})
     with pytest.raises(ConfigurationError, match="redis_url must start with"):
         Settings.from_env({"CONVEYOR_REDIS_URL": "localhost:6379"})
+
+
+def test_event_stream_max_bytes_is_parsed_and_checked() -> None:
+    assert Settings().event_stream_max_bytes == 64 * 1024 * 1024
+    s = Settings.from_env({"CONVEYOR_EVENT_STREAM_MAX_BYTES": "1048576"})
+    assert s.event_stream_max_bytes == 1_048_576
+    with pytest.raises(ConfigurationError, match="event_stream_max_bytes must be >= 1024"):
+        Settings.from_env({"CONVEYOR_EVENT_STREAM_MAX_BYTES": "100"})
+    with pytest.raises(ConfigurationError, match="CONVEYOR_EVENT_STREAM_MAX_BYTES"):
+        Settings.from_env({"CONVEYOR_EVENT_STREAM_MAX_BYTES": "64MiB"})

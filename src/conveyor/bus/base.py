@@ -201,21 +201,51 @@ def decode_payload(data: bytes | str) -> Payload:
 
 
 class Mailbox:
-    """One subscriber: its own unbounded queue and task, so a slow handler never
-    blocks ``publish`` (or the Redis reader) and messages keep their order."""
+    """One subscriber: its own queue and task, so a slow handler never blocks
+    ``publish`` (or the Redis reader) and messages keep their order.
 
-    def __init__(self, pattern: str, handler: MessageHandler) -> None:
+    With ``max_bytes``, the messages waiting for the handler hold at most that
+    many payload bytes (as given to ``put``): a handler that falls behind loses
+    the oldest ones (pub/sub promises no more; Redis itself disconnects such a
+    subscriber) and a warning says how many, instead of the process growing
+    without bound."""
+
+    def __init__(
+        self, pattern: str, handler: MessageHandler, *, max_bytes: int | None = None
+    ) -> None:
         self.pattern = pattern
         self._handler = handler
-        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._max_bytes = max_bytes
+        self._queue: asyncio.Queue[tuple[Message, int]] = asyncio.Queue()
+        self.queued_bytes = 0
+        self.dropped = 0
         self._task = asyncio.create_task(self._run(), name=f"bus-subscriber:{pattern}")
 
-    def put(self, message: Message) -> None:
-        self._queue.put_nowait(message)
+    def put(self, message: Message, size: int = 0) -> None:
+        """Queue ``message``; ``size`` is its encoded payload length in bytes."""
+        self._queue.put_nowait((message, size))
+        self.queued_bytes += size
+        if self._max_bytes is None or self.queued_bytes <= self._max_bytes:
+            return
+        dropped = 0
+        # The newest message stays, like the newest entry of a bounded stream.
+        while self.queued_bytes > self._max_bytes and self._queue.qsize() > 1:
+            _old, old_size = self._queue.get_nowait()
+            self.queued_bytes -= old_size
+            dropped += 1
+        self.dropped += dropped
+        log.warning(
+            "bus.subscriber_overflow",
+            pattern=self.pattern,
+            dropped=dropped,
+            dropped_total=self.dropped,
+            max_bytes=self._max_bytes,
+        )
 
     async def _run(self) -> None:
         while True:
-            message = await self._queue.get()
+            message, size = await self._queue.get()
+            self.queued_bytes -= size
             try:
                 await self._handler(message)
             except Exception:

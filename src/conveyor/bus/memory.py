@@ -15,6 +15,12 @@ subscriber its own copy), and raises the same errors.
   ``XREADGROUP``/``XACK``/``XAUTOCLAIM``. A failed entry stays pending and is
   redelivered once it has been idle ``claim_idle`` (by whichever consumer
   reclaims it first); after ``max_deliveries`` it moves to ``<stream>:dead``.
+- Memory is bounded by bytes, not only by entries: each stream (dead letters
+  included) keeps at most ``max_stream_bytes`` of encoded payloads (oldest
+  entries trimmed first; the newest entry is always kept, even if it alone is
+  larger), and each subscriber's backlog of undelivered messages is bounded the
+  same way (the oldest are dropped, and a warning logged). ``accounted_bytes``
+  says how much is held; ``health`` reports it.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
 
+#: Default of ``max_stream_bytes`` (``CONVEYOR_EVENT_STREAM_MAX_BYTES``): 64 MiB.
+DEFAULT_MAX_STREAM_BYTES = 64 * 1024 * 1024
+
 
 def parse_id(entry_id: str) -> tuple[int, int]:
     """``"12-0"`` -> ``(12, 0)``; ``"0"`` and ``"12"`` are accepted like Redis does."""
@@ -90,17 +99,25 @@ class _Stream:
         self.last = 0  # seq of the newest record ever appended
         self.groups: dict[str, _Group] = {}
         self.changed = asyncio.Event()
+        self.bytes = 0  # encoded payload bytes of the records kept
 
-    def add(self, record: _Record, maxlen: int | None) -> str:
+    def add(self, record: _Record, maxlen: int | None, max_bytes: int) -> str:
         self.last += 1
         self.records[self.last] = record
+        self.bytes += len(record.data)
         if maxlen is not None:
             while self.last - self.first + 1 > maxlen:
                 self.drop_oldest()
+        # The newest record stays even when it alone is over the budget: an append
+        # that nobody could ever read would be a silent loss.
+        while self.bytes > max_bytes and self.first < self.last:
+            self.drop_oldest()
         return f"{self.last}-0"
 
     def drop_oldest(self) -> None:
-        self.records.pop(self.first, None)
+        record = self.records.pop(self.first, None)
+        if record is not None:
+            self.bytes -= len(record.data)
         for group in self.groups.values():
             group.pending.pop(self.first, None)
         self.first += 1
@@ -144,12 +161,21 @@ class _Request:
 
 
 class MemoryBus(EventBus):
-    """EventBus for one process. ``clock`` (monotonic seconds) is injectable for tests."""
+    """EventBus for one process. ``clock`` (monotonic seconds) is injectable for tests.
+
+    ``max_stream_bytes`` (>= 1) bounds each stream and each subscriber's backlog
+    by the size of the encoded JSON payloads they hold (see the module docstring).
+    """
 
     backend = "memory"
 
-    def __init__(self, *, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, *, clock: Clock = time.monotonic, max_stream_bytes: int = DEFAULT_MAX_STREAM_BYTES
+    ) -> None:
+        if max_stream_bytes < 1:
+            raise ValueError(f"max_stream_bytes must be >= 1 (got {max_stream_bytes})")
         self._clock = clock
+        self.max_stream_bytes = max_stream_bytes
         self._subscribers: list[Mailbox] = []
         self._requests: dict[str, asyncio.Queue[_Request]] = {}
         self._streams: dict[str, _Stream] = {}
@@ -175,7 +201,7 @@ class MemoryBus(EventBus):
         data = encode_payload(payload)
         for mailbox in self._subscribers:
             if fnmatch.fnmatchcase(topic, mailbox.pattern):
-                mailbox.put(Message(topic, decode_payload(data)))
+                mailbox.put(Message(topic, decode_payload(data)), len(data))
 
     async def publish_many(self, messages: Sequence[Message]) -> None:
         for m in messages:
@@ -183,7 +209,7 @@ class MemoryBus(EventBus):
 
     async def subscribe(self, pattern: str, handler: MessageHandler) -> Subscription:
         self._check_open()
-        mailbox = Mailbox(pattern, handler)
+        mailbox = Mailbox(pattern, handler, max_bytes=self.max_stream_bytes)
         self._subscribers.append(mailbox)
         return _MailboxSubscription(self._subscribers, mailbox)
 
@@ -251,7 +277,7 @@ class MemoryBus(EventBus):
         self._check_open()
         encoded = [encode_payload(p) for p in payloads]  # all or nothing
         st = self._stream(stream)
-        ids = [st.add(_Record(data), maxlen) for data in encoded]
+        ids = [st.add(_Record(data), maxlen, self.max_stream_bytes) for data in encoded]
         st.notify()
         return ids
 
@@ -409,12 +435,23 @@ class MemoryBus(EventBus):
         self, stream: str, group: _Group, seq: int, record: _Record, deliveries: int
     ) -> None:
         dead = self._stream(f"{stream}:dead")
-        dead.add(_Record(record.data, origin=f"{seq}-0", deliveries=deliveries), None)
+        dead.add(
+            _Record(record.data, origin=f"{seq}-0", deliveries=deliveries),
+            None,
+            self.max_stream_bytes,
+        )
         dead.notify()
         group.pending.pop(seq, None)
         log.warning("bus.entry_dead_lettered", stream=stream, id=f"{seq}-0", deliveries=deliveries)
 
     # -- health -------------------------------------------------------------------------
+    def accounted_bytes(self) -> int:
+        """Encoded payload bytes this bus holds now: every stream's entries plus
+        every subscriber's undelivered messages."""
+        return sum(st.bytes for st in self._streams.values()) + sum(
+            m.queued_bytes for m in self._subscribers
+        )
+
     async def health(self) -> BusHealth:
         return BusHealth(
             ok=not self._closed,
@@ -422,6 +459,8 @@ class MemoryBus(EventBus):
             detail={
                 "subscribers": len(self._subscribers),
                 "streams": len(self._streams),
+                "bytes": self.accounted_bytes(),
+                "max_stream_bytes": self.max_stream_bytes,
             },
         )
 

@@ -163,12 +163,19 @@ def _str(value: bytes | str) -> str:
 
 
 class RedisBus(EventBus):
-    """EventBus on Redis. ``url`` like ``redis://[:password@]host:6379/0``."""
+    """EventBus on Redis. ``url`` like ``redis://[:password@]host:6379/0``.
+
+    ``max_subscriber_bytes``: each subscriber's backlog of messages not yet handled
+    holds at most this many payload bytes in this process (oldest dropped, see
+    ``Mailbox``); None = unbounded."""
 
     backend = "redis"
 
-    def __init__(self, url: str, *, prefix: str = "conveyor") -> None:
+    def __init__(
+        self, url: str, *, prefix: str = "conveyor", max_subscriber_bytes: int | None = None
+    ) -> None:
         self._url = url
+        self._max_subscriber_bytes = max_subscriber_bytes
         self._safe_url = redact_url(url)
         self.keys = Keys(prefix)
         self._bus_id = uuid.uuid4().hex
@@ -340,7 +347,7 @@ class RedisBus(EventBus):
                 except (orjson.JSONDecodeError, BusError):
                     log.warning("bus.bad_message", topic=topic)
                     return
-                mailbox.put(Message(topic, payload))
+                mailbox.put(Message(topic, payload), len(data))
         elif kind == "message" and message["channel"] == self._reply_channel:
             self._on_reply(message["data"])
         elif kind in ("psubscribe", "subscribe"):
@@ -380,7 +387,7 @@ class RedisBus(EventBus):
     async def subscribe(self, pattern: str, handler: MessageHandler) -> Subscription:
         self._require_open()
         channel = self.keys.topic_glob(pattern)
-        mailbox = Mailbox(pattern, handler)
+        mailbox = Mailbox(pattern, handler, max_bytes=self._max_subscriber_bytes)
         first = channel not in self._patterns
         self._patterns.setdefault(channel, []).append(mailbox)
         subscription = _PatternSubscription(self, channel, mailbox)

@@ -396,14 +396,6 @@ class Activity:
 PARENT_FAILED_ERROR = "a parent job failed or was cancelled"
 
 
-def key_taken(job_id: str, key: str | None) -> InvalidTransition:
-    return InvalidTransition(
-        "failed",
-        "retry",
-        f"Cannot retry job {job_id}: another active job holds its idempotency key {key!r}",
-    )
-
-
 _PAST = {"retry": "retried", "purge": "purged"}
 
 

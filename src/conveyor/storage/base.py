@@ -62,8 +62,9 @@ class Store(abc.ABC):
     async def enqueue_many(
         self, jobs: Sequence[NewJob], now: datetime, *, connection: Any = None
     ) -> list[EnqueueResult]:
-        """Insert jobs atomically (all or none); duplicates by idempotency key
-        return the existing active job flagged ``duplicate``. Unknown
+        """Insert jobs atomically (all or none); a job whose idempotency key a kept
+        job already holds (any state, until that job is pruned or purged) is not
+        inserted: that job comes back flagged ``duplicate``. Unknown
         ``depends_on`` ids raise ``ValidationError`` and insert nothing.
         ``connection``: a driver connection inside the caller's own transaction
         (PostgreSQL only): the jobs exist only if that transaction commits."""
@@ -88,7 +89,10 @@ class Store(abc.ABC):
         """Apply fenced outcomes; ``False`` where the lease was no longer held."""
 
     @abc.abstractmethod
-    async def register_worker(self, worker: WorkerInfo, now: datetime) -> None: ...
+    async def register_worker(self, worker: WorkerInfo, now: datetime) -> None:
+        """Record a worker process started at ``now``. An id registered again is a
+        new process (a restart under the same id): its row describes the new one,
+        and the jobs the old one had started become the rescuer's (see ``rescue``)."""
 
     @abc.abstractmethod
     async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
@@ -103,8 +107,11 @@ class Store(abc.ABC):
     async def rescue(
         self, *, heartbeat_timeout: float, max_lost: int, now: datetime
     ) -> list[Rescued]:
-        """Re-queue (or quarantine) the running jobs of workers whose heartbeat
-        is older than ``heartbeat_timeout`` seconds, and mark those workers dead."""
+        """Re-queue (or quarantine) the running jobs whose process is gone, and mark
+        workers whose heartbeat is older than ``heartbeat_timeout`` seconds dead.
+        A job's process is gone when its worker is not running, or was registered
+        again after the job started. Each such attempt ends with an execution row
+        of outcome ``lost`` (error ``worker_lost``)."""
 
     # -- operator actions -------------------------------------------------
     @abc.abstractmethod
@@ -264,6 +271,25 @@ def event_data(
         "attempt": attempt,
         **extra,
     }
+
+
+#: A result larger than this (bytes of JSON) is not copied into the ``job_completed``
+#: event: the outbox, the bus, the WebSocket and webhook bodies carry
+#: ``"result": null, "result_truncated": true, "result_size": N`` instead, and the
+#: result itself stays on the job (``GET /api/jobs/{id}``). 64 KiB.
+EVENT_RESULT_MAX_BYTES = 64 * 1024
+
+
+def result_fields(result: Any) -> dict[str, Any]:
+    """The ``result`` fields of a ``job_completed`` event's data (see
+    ``EVENT_RESULT_MAX_BYTES``)."""
+    try:
+        size = len(orjson.dumps(result))
+    except TypeError:  # not JSON: the store refuses it before any event is written
+        return {"result": result}
+    if size <= EVENT_RESULT_MAX_BYTES:
+        return {"result": result}
+    return {"result": None, "result_truncated": True, "result_size": size}
 
 
 def row_event(row: Any, status: str, attempt: int, **extra: Any) -> dict[str, Any]:

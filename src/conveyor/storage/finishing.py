@@ -13,7 +13,7 @@ from typing import Any
 
 from conveyor.domain.job import Finish
 from conveyor.domain.states import EVENT_FOR_ACTION, Action, JobState, finish_action, next_state
-from conveyor.storage.base import event_data
+from conveyor.storage.base import event_data, result_fields
 
 OUTCOME = {
     Action.COMPLETE: "completed",
@@ -93,7 +93,7 @@ def plan_finishes(
                 if row.started_at is None
                 else int((now - row.started_at).total_seconds() * 1000)
             )
-            extra: dict[str, Any] = {"result": f.result, "duration_ms": duration}
+            extra: dict[str, Any] = {**result_fields(f.result), "duration_ms": duration}
         elif action is Action.RETRY:
             run_at = f.retry_at or now
             extra = {"error": error, "run_at": run_at.isoformat()}

@@ -41,13 +41,11 @@ from conveyor.domain.job import (
     Rescued,
     WorkerInfo,
     is_internal,
-    key_taken,
     lost_action,
     require_failed,
     validate_batch,
 )
 from conveyor.domain.states import (
-    ACTIVE_STATES,
     EVENT_FOR_ACTION,
     Action,
     EventType,
@@ -69,6 +67,7 @@ from conveyor.storage.base import (
     disable_reason,
     disabled_event,
     no_external_connection,
+    result_fields,
 )
 from conveyor.storage.codec import roundtrip
 
@@ -156,10 +155,9 @@ class MemoryStore(Store):
             for new in jobs
         ]
         async with self._lock:
+            # A key names its job for as long as the job is kept, whatever its state.
             by_key = {
-                j.idempotency_key: j
-                for j in self._jobs.values()
-                if j.idempotency_key is not None and j.state in ACTIVE_STATES
+                j.idempotency_key: j for j in self._jobs.values() if j.idempotency_key is not None
             }
             for new in jobs:
                 for dep in new.depends_on:
@@ -204,7 +202,7 @@ class MemoryStore(Store):
                 self._seq[job.id] = next(self._counter)
                 for p in parents:
                     self._children.setdefault(p.id, set()).add(job.id)
-                if job.idempotency_key is not None and state in ACTIVE_STATES:
+                if job.idempotency_key is not None:
                     by_key[job.idempotency_key] = job
                 self._emit(EventType.JOB_SUBMITTED.value, job, now, priority=job.priority)
                 results.append(EnqueueResult(copy.deepcopy(job), False))
@@ -279,7 +277,7 @@ class MemoryStore(Store):
             job.result = f.result
             job.error = None
             self._end_execution(job, now, "completed", None)
-            self._move(job, f.action, now, result=f.result, duration_ms=duration_ms)
+            self._move(job, f.action, now, **result_fields(f.result), duration_ms=duration_ms)
             self._after_terminal(job, now)
         elif f.action is Action.RETRY:
             job.error = f.error
@@ -370,10 +368,15 @@ class MemoryStore(Store):
                         worker_id=w.id,
                         status="dead",
                     )
-            live = {w.id for w in self._workers.values() if w.state == "running"}
+            # A worker registered again (restarted under its id) after a job started
+            # is a new process: the job belonged to the one that is gone.
+            live = {w.id: w.started_at for w in self._workers.values() if w.state == "running"}
             out = []
             for job in self._jobs.values():
-                if job.state is not JobState.RUNNING or job.worker_id in live:
+                if job.state is not JobState.RUNNING:
+                    continue
+                since = live.get(job.worker_id) if job.worker_id is not None else None
+                if since is not None and job.started_at is not None and since <= job.started_at:
                     continue
                 action = lost_action(job, max_lost)
                 job.lost_count += 1
@@ -410,16 +413,7 @@ class MemoryStore(Store):
             jobs = [self._get(i) for i in dict.fromkeys(job_ids)]
             for job in jobs:
                 require_failed(job.id, job.state.value, "retry")
-            active_keys = {
-                j.idempotency_key
-                for j in self._jobs.values()
-                if j.idempotency_key is not None and j.state in ACTIVE_STATES
-            }
-            for job in jobs:
-                if job.idempotency_key in active_keys:
-                    raise key_taken(job.id, job.idempotency_key)
-                if job.idempotency_key is not None:
-                    active_keys.add(job.idempotency_key)
+            # A failed job still holds its own key (no other job can): nothing to check.
             for job in jobs:
                 job.attempt = 0
                 job.lost_count = 0

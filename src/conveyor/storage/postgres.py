@@ -49,7 +49,6 @@ from conveyor.domain.job import (
     Page,
     Rescued,
     WorkerInfo,
-    key_taken,
     lost_action,
     require_failed,
     validate_batch,
@@ -144,6 +143,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 _OVERLAP_FROM = 64  # batch size from which building the returned jobs overlaps the insert
+#: Inserts of one job whose key's holder keeps disappearing (pruned or purged right
+#: after it blocked the insert) before the submit gives up.
+_KEY_RACE_ATTEMPTS = 3
+
+
+def _key_race(key: str | None) -> StoreError:
+    return StoreError(
+        f"idempotency key {key!r}: the job holding it was deleted (pruned or purged) "
+        "while this submit ran; submit again"
+    )
 
 
 @dataclass(slots=True)
@@ -158,8 +167,6 @@ class _Batch:
     payloads: list[str]  # JSON text
     metas: list[str]  # JSON text
     now: datetime
-    keep: list[int]  # the jobs to insert: not duplicates of a held key (see _enqueue)
-    dup_of: dict[int, str]
 
     def new_jobs(self) -> list[Job]:
         """The jobs as inserted (what the store would read back)."""
@@ -484,23 +491,24 @@ class PostgresStore(Store):
         args = _insert_job_args(job, payload, meta)
         borrowed = self._conn() if connection is None else contextlib.nullcontext(connection)
         async with borrowed as conn:
-            if any(r["id"] == job.id for r in await conn.fetch(Q["insert_job"], *args)):
-                return EnqueueResult(job, False)
-            # Not inserted: its idempotency key is held by an active job.
-            held = await conn.fetch(Q["latest_by_keys"], [new.idempotency_key])
-        return EnqueueResult(job_from_record(held[0]), True)
+            for _ in range(_KEY_RACE_ATTEMPTS):
+                if any(r["id"] == job.id for r in await conn.fetch(Q["insert_job"], *args)):
+                    return EnqueueResult(job, False)
+                # Not inserted: a kept job holds its idempotency key.
+                held = await conn.fetch(Q["by_keys"], [new.idempotency_key])
+                if held:
+                    return EnqueueResult(job_from_record(held[0]), True)
+                # The holder was deleted (pruned, purged) in between: the key is free.
+        raise _key_race(new.idempotency_key)
 
     async def _insert_batch(self, conn: asyncpg.Connection, b: _Batch) -> set[str | None]:
-        """insert_jobs for the jobs at ``b.keep``: the ids inserted (not duplicates),
+        """insert_jobs for the batch: the ids inserted (not duplicates),
         and None for the NOTIFY row."""
-        keep, dup_of, jobs, ids = b.keep, b.dup_of, b.jobs, b.ids
-
-        def col(values: Sequence[Any]) -> list[Any]:
-            return [values[i] for i in keep] if dup_of else list(values)
+        jobs, ids = b.jobs, b.ids
 
         def shared(values: Sequence[Any]) -> list[Any]:
             """The column, or its one value when every job has it (see insert_jobs)."""
-            column = col(values)
+            column = list(values)
             if len(column) > 1 and column.count(column[0]) == len(column):
                 return column[:1]
             return column
@@ -519,19 +527,19 @@ class PostgresStore(Store):
                 "priority": priorities[0],
             }
         inserted: set[str | None] = {
-            ids[i] for i in keep if jobs[i].idempotency_key is None
+            ids[i] for i, j in enumerate(jobs) if j.idempotency_key is None
         }  # see insert_jobs: the others' ids come back if they were inserted
-        keyed = len(inserted) < len(keep)
+        keyed = len(inserted) < len(jobs)
         inserted.update(
             r["id"]
             for r in await conn.fetch(
                 _INSERT_KEYED if keyed else _INSERT_UNKEYED,
-                col(ids),
+                ids,
                 queues,
                 job_types,
                 kept_states,
                 priorities,
-                col(b.payloads),
+                b.payloads,
                 shared(b.errors),
                 shared([j.max_retries for j in jobs]),
                 shared([j.timeout_ms for j in jobs]),
@@ -575,24 +583,7 @@ class PostgresStore(Store):
                     states[i], errors[i] = "cancelled", PARENT_FAILED_ERROR
                 elif seen != {"completed"}:
                     states[i] = "blocked"
-        # A job cancelled at birth does not take part in the unique index: if its key
-        # is held by an active job (stored, or earlier in this batch), it is that
-        # job's duplicate, as with every other adapter.
-        dup_of: dict[int, str] = {}
-        if any(st == "cancelled" and j.idempotency_key for st, j in zip(states, jobs, strict=True)):
-            keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
-            held = {r["idempotency_key"] for r in await conn.fetch(Q["active_by_keys"], keys)}
-            batch_keys: dict[str, str] = {}
-            for i, (st, j) in enumerate(zip(states, jobs, strict=True)):
-                key = j.idempotency_key
-                if key is None:
-                    continue
-                if st == "cancelled" and (key in held or key in batch_keys):
-                    dup_of[i] = key
-                elif st != "cancelled":
-                    batch_keys.setdefault(key, ids[i])
-        keep = [i for i in range(len(jobs)) if i not in dup_of]
-        b = _Batch(jobs, ids, states, errors, run_ats, payloads, metas, now, keep, dup_of)
+        b = _Batch(jobs, ids, states, errors, run_ats, payloads, metas, now)
         if len(jobs) < _OVERLAP_FROM:
             inserted = await self._insert_batch(conn, b)
             built = b.new_jobs()
@@ -615,10 +606,8 @@ class PostgresStore(Store):
                 for j, i in zip(jobs, ids, strict=True)
                 if i not in inserted and j.idempotency_key is not None
             ]
-            # Newest first: the job that held the key when we inserted, even if it
-            # finished a moment later (we are not in one transaction here).
-            for r in await conn.fetch(Q["latest_by_keys"], keys):
-                existing.setdefault(r["idempotency_key"], job_from_record(r))
+            for r in await conn.fetch(Q["by_keys"], keys):
+                existing[r["idempotency_key"]] = job_from_record(r)
         dep_children = [
             i
             for i, j in zip(ids, jobs, strict=True)
@@ -640,8 +629,11 @@ class PostgresStore(Store):
             if job.id in inserted:
                 results.append(EnqueueResult(job, False))
             else:
-                assert new.idempotency_key is not None
-                results.append(EnqueueResult(existing[new.idempotency_key], True))
+                key = new.idempotency_key
+                held = existing.get(key) if key is not None else None
+                if held is None:  # its holder was deleted (pruned, purged) in between
+                    raise _key_race(new.idempotency_key)
+                results.append(EnqueueResult(held, True))
         return results
 
     # -- worker hot path -----------------------------------------------------------------------
@@ -886,17 +878,13 @@ class PostgresStore(Store):
     async def retry_failed(self, job_ids: Sequence[str], now: datetime) -> list[Job]:
         async with self._conn(tx=True) as conn:
             rows = []
-            keys: set[str] = set()
+            # No idempotency key check: a failed job still holds its own key (no other
+            # job can have it), so it keeps it when it runs again.
             for job_id in dict.fromkeys(job_ids):
                 row = await conn.fetchrow(Q["get_job_for_update"], job_id)
                 if row is None:
                     raise JobNotFound(job_id)
                 require_failed(job_id, row["state"], "retry")
-                key = row["idempotency_key"]
-                if key is not None:
-                    if key in keys or await conn.fetch(Q["active_by_keys"], [key]):
-                        raise key_taken(job_id, key)
-                    keys.add(key)
                 rows.append(row)
             out = [
                 job_from_record(await conn.fetchrow(Q["retry_failed"], r["id"], now)) for r in rows

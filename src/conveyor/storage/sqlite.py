@@ -52,7 +52,6 @@ from conveyor.domain.job import (
     Page,
     Rescued,
     WorkerInfo,
-    key_taken,
     lost_action,
     require_failed,
     validate_batch,
@@ -312,7 +311,7 @@ class SQLiteStore(Store):
             keys = [j.idempotency_key for j in jobs if j.idempotency_key is not None]
             existing: dict[str, Job] = {}
             if keys:
-                for r in conn.execute(Q["active_by_keys"], (orjson.dumps(keys).decode(),)):
+                for r in conn.execute(Q["by_keys"], (orjson.dumps(keys).decode(),)):
                     existing[r["idempotency_key"]] = job_from_row(r)
             deps = {d for j in jobs for d in j.depends_on}
             parent_states: dict[str, str] = {}
@@ -344,7 +343,7 @@ class SQLiteStore(Store):
                     dep_rows.extend((row["id"], p) for p in dict.fromkeys(new.depends_on))
                 inserts.append(row)
                 job = _job_from_params(row, new, now_dt)
-                if key is not None and job.state in (JobState.BLOCKED, JobState.PENDING):
+                if key is not None:
                     existing[key] = job
                 results.append(EnqueueResult(job, False))
             last_seq = conn.execute(Q["max_seq"]).fetchone()[0]
@@ -648,18 +647,13 @@ class SQLiteStore(Store):
         def _do() -> list[Job]:
             with self._tx() as conn:
                 rows = []
-                keys: set[str] = set()
+                # No idempotency key check: a failed job still holds its own key (no
+                # other job can have it), so it keeps it when it runs again.
                 for job_id in dict.fromkeys(job_ids):
                     row = conn.execute(Q["get_job"], (job_id,)).fetchone()
                     if row is None:
                         raise JobNotFound(job_id)
                     require_failed(job_id, row["state"], "retry")
-                    key = row["idempotency_key"]
-                    if key is not None:
-                        taken = conn.execute(Q["active_by_keys"], (orjson.dumps([key]).decode(),))
-                        if key in keys or taken.fetchone() is not None:
-                            raise key_taken(job_id, key)
-                        keys.add(key)
                     rows.append(row)
                 for row in rows:
                     conn.execute(Q["retry_failed"], {"id": row["id"], "now": ts})

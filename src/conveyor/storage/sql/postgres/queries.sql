@@ -90,10 +90,8 @@ UNION ALL
 SELECT NULL FROM wake
 
 -- name: on_key_conflict
--- (A clause of insert_jobs.) A job whose key an active job holds is not inserted.
-ON CONFLICT (idempotency_key)
-    WHERE idempotency_key IS NOT NULL AND state IN ('blocked', 'pending', 'running')
-    DO NOTHING
+-- (A clause of insert_jobs.) A job whose key a kept job holds (any state) is not inserted.
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 
 -- name: insert_job
 -- insert_jobs for a single job, with plain parameters: for one row, encoding and
@@ -104,9 +102,7 @@ WITH ins AS (
                                created_by, metadata, created_at, updated_at, completed_at)
     VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11, $12, $13,
             $14::text::jsonb, $15, $15, CASE WHEN $4::text = 'cancelled' THEN $15::timestamptz END)
-    ON CONFLICT (idempotency_key)
-        WHERE idempotency_key IS NOT NULL AND state IN ('blocked', 'pending', 'running')
-        DO NOTHING
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id, job_type, queue, state, priority
 ), ev AS (
     INSERT INTO conveyor.events (type, job_id, data, created_at)
@@ -122,13 +118,9 @@ SELECT id FROM ins
 UNION ALL
 SELECT NULL FROM wake
 
--- name: active_by_keys
-SELECT * FROM conveyor.jobs
-WHERE idempotency_key = ANY($1::text[]) AND state IN ('blocked', 'pending', 'running')
-
--- name: latest_by_keys
+-- name: by_keys
+-- The jobs holding these idempotency keys (one per key: the index is unique).
 SELECT * FROM conveyor.jobs WHERE idempotency_key = ANY($1::text[])
-ORDER BY state IN ('blocked', 'pending', 'running') DESC, seq DESC
 
 -- name: insert_dependencies
 WITH d AS (
@@ -255,10 +247,16 @@ UPDATE conveyor.jobs SET cancel_requested_at = $2, updated_at = $2
 WHERE id = $1 AND state = 'running' AND cancel_requested_at IS NULL
 
 -- name: upsert_worker
+-- An id registered again is a new process (a restart with --worker-id): its row
+-- describes the new one, and its started_at tells the old process's jobs apart
+-- (see orphaned_running).
 INSERT INTO conveyor.workers (id, host, pid, queues, job_types, concurrency, started_at,
                               heartbeat_at, state, jobs_running)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $7, 'running', 0)
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = $7, state = 'running'
+ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
+                               queues = excluded.queues, job_types = excluded.job_types,
+                               concurrency = excluded.concurrency, started_at = $7,
+                               heartbeat_at = $7, state = 'running', jobs_running = 0
 
 -- name: heartbeat
 WITH w AS (
@@ -281,9 +279,13 @@ RETURNING id
 -- name: orphaned_running
 -- SKIP LOCKED: two rescuers never take the same job; rows a worker is finishing
 -- right now are left for the next round.
+-- A job is orphaned when its worker is not running, or was registered again
+-- (restarted under the same id) after the job started: that process is gone.
 SELECT * FROM conveyor.jobs j
 WHERE j.state = 'running'
-  AND NOT EXISTS (SELECT 1 FROM conveyor.workers w WHERE w.id = j.worker_id AND w.state = 'running')
+  AND NOT EXISTS (SELECT 1 FROM conveyor.workers w
+                  WHERE w.id = j.worker_id AND w.state = 'running'
+                    AND w.started_at <= j.started_at)
 FOR UPDATE SKIP LOCKED
 
 -- name: rescue_lost

@@ -218,7 +218,7 @@ CREATE INDEX jobs_created ON conveyor.jobs USING btree (created_at);
 
 CREATE INDEX jobs_finished ON conveyor.jobs USING btree (completed_at) WHERE (completed_at IS NOT NULL);
 
-CREATE UNIQUE INDEX jobs_idempotency ON conveyor.jobs USING btree (idempotency_key) WHERE ((idempotency_key IS NOT NULL) AND (state = ANY (ARRAY['blocked'::text, 'pending'::text, 'running'::text])));
+CREATE UNIQUE INDEX jobs_idempotency ON conveyor.jobs USING btree (idempotency_key) WHERE (idempotency_key IS NOT NULL);
 
 CREATE INDEX jobs_ready ON conveyor.jobs USING btree (priority DESC, run_at, seq) WHERE (state = 'pending'::text);
 

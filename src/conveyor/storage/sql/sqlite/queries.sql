@@ -19,10 +19,9 @@ UPDATE jobs SET has_children = 1 WHERE id = ?
 -- name: insert_event
 INSERT INTO events (type, job_id, data, created_at) VALUES (?, ?, ?, ?)
 
--- name: active_by_keys
-SELECT * FROM jobs
-WHERE idempotency_key IN (SELECT value FROM json_each(?))
-  AND state IN ('blocked', 'pending', 'running')
+-- name: by_keys
+-- The jobs holding these idempotency keys (one per key, any state: the index is unique).
+SELECT * FROM jobs WHERE idempotency_key IN (SELECT value FROM json_each(?))
 
 -- name: jobs_by_ids
 SELECT * FROM jobs WHERE id IN (SELECT value FROM json_each(?))
@@ -116,10 +115,16 @@ UPDATE jobs SET cancel_requested_at = :now, updated_at = :now
 WHERE id = :id AND state = 'running' AND cancel_requested_at IS NULL
 
 -- name: upsert_worker
+-- An id registered again is a new process (a restart with --worker-id): its row
+-- describes the new one, and its started_at tells the old process's jobs apart
+-- (see orphaned_running).
 INSERT INTO workers (id, host, pid, queues, job_types, concurrency, started_at, heartbeat_at,
                      state, jobs_running)
 VALUES (:id, :host, :pid, :queues, :job_types, :concurrency, :now, :now, 'running', 0)
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = :now, state = 'running'
+ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
+                               queues = excluded.queues, job_types = excluded.job_types,
+                               concurrency = excluded.concurrency, started_at = :now,
+                               heartbeat_at = :now, state = 'running', jobs_running = 0
 
 -- name: heartbeat
 UPDATE workers SET heartbeat_at = ?, jobs_running = ?, state = 'running' WHERE id = ?
@@ -136,9 +141,13 @@ WHERE id = ? AND state != 'stopped'
 UPDATE workers SET state = 'dead' WHERE state = 'running' AND heartbeat_at < ? RETURNING id
 
 -- name: orphaned_running
+-- Running jobs whose process is gone: their worker is not running, or it was
+-- registered again (restarted under the same id) after the job started.
 SELECT * FROM jobs
 WHERE state = 'running'
-  AND (worker_id IS NULL OR worker_id NOT IN (SELECT id FROM workers WHERE state = 'running'))
+  AND NOT EXISTS (SELECT 1 FROM workers w
+                  WHERE w.id = jobs.worker_id AND w.state = 'running'
+                    AND w.started_at <= jobs.started_at)
 
 -- name: rescue_lost
 UPDATE jobs SET state = 'pending', lost_count = lost_count + 1, lease_token = NULL,
