@@ -440,7 +440,7 @@ async def test_the_webhook_dispatcher_skips_while_no_endpoint_exists(cv: Conveyo
 async def test_a_websocket_client_that_stops_reading_is_closed_with_a_reason(
     tmp_path: Path,
 ) -> None:
-    app = Conveyor(settings=settings(tmp_path, ws_queue_size=20))
+    app = Conveyor(settings=settings(tmp_path, ws_queue_size=20, allow_unknown_job_types=True))
     await app.open()
     try:
         async with ServedApi(create_app(app)) as served:

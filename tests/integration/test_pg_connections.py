@@ -113,7 +113,9 @@ async def test_the_default_job_list_reads_an_index_not_the_whole_table(
         await conn.execute("ANALYZE conveyor.jobs")
         for query in (JobQuery(), JobQuery(descending=False)):  # newest / oldest first
             sql = "EXPLAIN " + list_sql(query)
-            plan = "\n".join(r[0] for r in await conn.fetch(sql, None, None, None, None, 50, 0))
+            plan = "\n".join(
+                r[0] for r in await conn.fetch(sql, None, None, None, None, 50, 0, False)
+            )
             assert "Index Scan" in plan, plan
             assert "jobs_created" in plan, plan
             assert "Seq Scan" not in plan, plan

@@ -214,5 +214,10 @@ async def _terminal(app: Conveyor, job_id: str):
 
 async def test_transactional_enqueue_needs_postgres(tmp_path):
     async with Conveyor(f"sqlite:///{tmp_path}/x.db") as app:
+        app.job("test_job")(_noop)
         with pytest.raises(ConfigurationError, match="PostgreSQL"):
             await app.enqueue("test_job", {}, connection=object())
+
+
+async def _noop(ctx) -> None:
+    return None
