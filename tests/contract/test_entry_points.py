@@ -100,8 +100,11 @@ def rest_body(payload: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+_client: list[Any] = [None, None]  # [the app, its API client]
+
+
 @settings(
-    max_examples=60,
+    max_examples=40,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -117,17 +120,20 @@ async def test_python_and_rest_accept_and_refuse_alike(app, payload, opts):
     python_ok, stored = False, None
     try:
         job = await app.enqueue(job_type, payload, **opts)
-        python_ok, stored = True, job.payload
+        # As stored (PostgreSQL's jsonb writes 7.2e16 back as an integer).
+        python_ok, stored = True, (await app.store.get(job.id)).payload
     except ValidationError:
         pass  # any other ConveyorError fails the test
     if "idempotency_key" in opts:
         opts["idempotency_key"] += "-rest"
-    async with client(app) as c:
-        resp = await c.post(
-            "/api/jobs",
-            content=json.dumps(rest_body(payload, {**opts, "job_type": job_type})),
-            headers={"content-type": "application/json"},
-        )
+    if _client[0] is not app:  # one API per test, not per example: building it costs ~50 ms
+        _client[:] = [app, client(app)]
+    c = _client[1]
+    resp = await c.post(
+        "/api/jobs",
+        content=json.dumps(rest_body(payload, {**opts, "job_type": job_type})),
+        headers={"content-type": "application/json"},
+    )
     assert resp.status_code in (200, 201, 400), resp.text
     rest_ok = resp.status_code in (200, 201)
     assert python_ok == rest_ok, (payload, opts, resp.text)
