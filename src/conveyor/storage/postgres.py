@@ -60,17 +60,16 @@ from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState
 from conveyor.domain.webhooks import (
     DeliveryAttempt,
     DeliveryOutcome,
+    DisablePolicy,
     Webhook,
     WebhookNotFound,
     WebhookState,
-    should_disable,
 )
 from conveyor.storage.base import (
     Store,
     check_limit,
     delivery_from_row,
     delivery_params,
-    disable_reason,
     disabled_event,
     row_event,
     webhook_from_row,
@@ -1243,29 +1242,40 @@ class PostgresStore(Store):
         if status != "DELETE 1":
             raise WebhookNotFound(webhook_id)
 
-    async def record_delivery(self, attempt: DeliveryAttempt, disable_after: int) -> Webhook:
+    async def record_delivery(self, attempt: DeliveryAttempt, policy: DisablePolicy) -> Webhook:
+        at = attempt.created_at
         async with self._conn(tx=True) as conn:
             if await conn.fetchrow(Q["get_webhook"], attempt.webhook_id) is None:
                 raise WebhookNotFound(attempt.webhook_id)
-            await conn.execute(Q["insert_delivery"], *delivery_params(attempt, attempt.created_at))
+            await conn.execute(Q["insert_delivery"], *delivery_params(attempt, at))
             ok = attempt.outcome is DeliveryOutcome.DELIVERED
             query = Q["webhook_succeeded"] if ok else Q["webhook_failed"]
-            hook = webhook_from_row(await conn.fetchrow(query, attempt.webhook_id), _same)
+            hook = webhook_from_row(await conn.fetchrow(query, attempt.webhook_id, at), _same)
             if ok or hook.state is not WebhookState.ACTIVE:
                 return hook
-            if not should_disable(hook.consecutive_failures, disable_after):
+            if not policy.should_disable(hook, at):
                 return hook
-            reason = disable_reason(hook.consecutive_failures)
-            row = await conn.fetchrow(Q["disable_webhook"], hook.id, attempt.created_at, reason)
-            hook = webhook_from_row(row, _same)
-            await conn.execute(
-                Q["insert_events"],
-                [WEBHOOK_DISABLED],
-                [None],
-                _json([disabled_event(hook, reason)]),
-                attempt.created_at,
+            reason = policy.reason(hook, at)
+            event_id = await conn.fetchval(
+                Q["insert_event_returning"],
+                WEBHOOK_DISABLED,
+                None,
+                disabled_event(hook, reason),
+                at,
             )
-            return hook
+            row = await conn.fetchrow(Q["disable_webhook"], hook.id, at, reason, event_id)
+            return webhook_from_row(row, _same)
+
+    async def enable_webhook(self, webhook_id: str) -> tuple[Webhook, int | None]:
+        async with self._conn(tx=True) as conn:
+            row = await conn.fetchrow(Q["lock_webhook"], webhook_id)
+            if row is None:
+                raise WebhookNotFound(webhook_id)
+            hook = webhook_from_row(row, _same)
+            if hook.state is not WebhookState.DISABLED:
+                return hook, None
+            enabled = await conn.fetchrow(Q["enable_webhook"], webhook_id)
+        return webhook_from_row(enabled, _same), hook.replay_after
 
     async def list_deliveries(self, webhook_id: str, limit: int) -> list[DeliveryAttempt]:
         async with self._conn() as conn:
