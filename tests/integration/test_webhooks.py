@@ -212,12 +212,19 @@ async def test_a_receiver_down_during_a_burst_is_not_disabled_and_gets_everythin
     assert hook["last_delivered_at"] is not None
 
 
-async def test_re_enabling_delivers_the_events_missed_while_disabled(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_re_enabling_delivers_the_events_missed_while_disabled(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    extra: dict[str, Any] = {}
+    if backend == "postgres":
+        extra["database_url"] = request.getfixturevalue("postgres_dsn")
     app = make_app(
         tmp_path,
         webhook_disable_after=2,
         webhook_disable_after_seconds=0.2,
         webhook_max_retries=30,
+        **extra,
     )
     async with app:
         with Receiver(always_fail=True).running() as receiver:
