@@ -396,3 +396,58 @@ async def test_the_connection_goes_to_the_resolved_address_under_the_name(
     assert attempt["outcome"] == "delivered"
     assert receiver.hosts == [f"hooks.example.test:{receiver.port}"]
     assert resolver.lookups == ["hooks.example.test"]
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for ``hooks.example.test`` and its key."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=hooks.example.test",
+         "-addext", "subjectAltName=DNS:hooks.example.test"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.parametrize(
+    ("name", "delivered"), [("hooks.example.test", True), ("other.example.test", False)]
+)
+async def test_https_verifies_the_name_on_the_pinned_address(
+    tmp_path: Path, tls_files: tuple[Path, Path], name: str, delivered: bool
+) -> None:
+    """Connected to the resolved address, TLS still speaks to the name: SNI carries
+    it and the certificate must match it (one for another name is refused)."""
+    import ssl
+
+    cert, key = tls_files
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    server_names: list[str | None] = []
+
+    def record_sni(_sock: object, sni: str | None, _ctx: object) -> None:
+        server_names.append(sni)
+
+    server_side.sni_callback = record_sni  # type: ignore[assignment]
+    app = make_app(tmp_path, webhook_allow_private=True, webhook_max_retries=0)
+    app.webhooks.resolver = FlippingResolver(["127.0.0.1"])
+    app.webhooks.ssl_context = ssl.create_default_context(cafile=str(cert))
+    async with app:
+        receiver = Receiver()
+        receiver.server.socket = server_side.wrap_socket(receiver.server.socket, server_side=True)
+        with receiver.running():
+            attempt = await deliver_once(app, f"https://{name}:{receiver.port}/hook")
+    assert server_names == [name]
+    if delivered:
+        assert attempt["outcome"] == "delivered"
+        assert receiver.hosts == [f"{name}:{receiver.port}"]
+    else:
+        assert attempt["outcome"] == "failed"
+        assert "certificate" in attempt["error"].lower()
+        assert receiver.requests == 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import ssl
 import time
 import typing
 from collections.abc import Awaitable, Callable, Sequence
@@ -187,10 +188,10 @@ class PinnedTransport(httpx.AsyncHTTPTransport):
     """httpx's transport over ``PinnedBackend``; no proxy from the environment
     (a proxy would resolve the name itself)."""
 
-    def __init__(self, backend: PinnedBackend) -> None:
+    def __init__(self, backend: PinnedBackend, ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__(trust_env=False)
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
             network_backend=backend,
         )
 
@@ -305,6 +306,9 @@ class WebhookSender:
         self.policy = DisablePolicy(after_seconds=disable_after_seconds, min_failures=disable_after)
         self.allow_private = allow_private
         self.resolver = resolver
+        # The certificate authorities HTTPS endpoints are verified against (None:
+        # httpx's bundle). Set before the first delivery, like ``resolver``.
+        self.ssl_context: ssl.SSLContext | None = None
         self._clock = clock
         self._client: httpx.AsyncClient | None = None
 
@@ -312,7 +316,7 @@ class WebhookSender:
         if self._client is None:
             backend = PinnedBackend(allow_private=self.allow_private, resolver=self.resolver)
             self._client = httpx.AsyncClient(
-                transport=PinnedTransport(backend),
+                transport=PinnedTransport(backend, self.ssl_context),
                 timeout=self.timeout,
                 follow_redirects=False,  # a redirect could lead to an internal address
                 headers={"User-Agent": USER_AGENT},
