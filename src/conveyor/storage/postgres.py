@@ -125,7 +125,10 @@ async def _acquire(pool: asyncpg.Pool) -> Any:
 # What poll() reports for a socket whose server has hung up or reset it. An idle
 # pooled connection is never sent anything else worth keeping (no LISTEN here),
 # so where the peer's half-close can't be told apart, readable data counts too.
-_HUNG_UP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", select.POLLIN)
+_POLL = hasattr(select, "poll")  # not on Windows: there the first statement's retry remains
+_HUNG_UP = (
+    select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", select.POLLIN) if _POLL else 0
+)
 
 
 def _hung_up(conn: Any) -> bool:
@@ -139,7 +142,7 @@ def _hung_up(conn: Any) -> bool:
     """
     transport = getattr(conn, "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
+    if sock is None or not _POLL:
         return False
     poller = select.poll()
     try:
