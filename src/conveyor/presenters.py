@@ -91,6 +91,8 @@ def webhook_dict(w: Webhook) -> dict[str, Any]:
         "state": w.state.value,
         "consecutive_failures": w.consecutive_failures,
         "created_at": iso(w.created_at),
+        "failing_since": iso(w.failing_since),
+        "last_delivered_at": iso(w.last_delivered_at),
         "disabled_at": iso(w.disabled_at),
         "disabled_reason": w.disabled_reason,
     }

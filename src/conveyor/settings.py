@@ -36,7 +36,8 @@ class Settings:
     webhook_timeout: float = 10.0
     webhook_max_retries: int = 8
     webhook_retry_base: float = 2.0
-    webhook_disable_after: int = 20
+    webhook_disable_after: int = 20  # and at least this many failed attempts in a row
+    webhook_disable_after_seconds: float = 86_400.0  # failing this long without a success
     webhook_allow_private: bool = False
     ws_queue_size: int = 1_000
     event_loop: str = "auto"  # one of EVENT_LOOPS
@@ -86,6 +87,8 @@ class Settings:
             problems.append("webhook_retry_base must be >= 0 seconds")
         if self.webhook_disable_after < 0:
             problems.append("webhook_disable_after must be >= 0 (0 = never disable)")
+        if self.webhook_disable_after_seconds < 0:
+            problems.append("webhook_disable_after_seconds must be >= 0 (0 = never disable)")
         if self.ws_queue_size < 1:
             problems.append("ws_queue_size must be >= 1")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -140,6 +143,7 @@ _TYPES: dict[str, type] = {
     "webhook_max_retries": int,
     "webhook_retry_base": float,
     "webhook_disable_after": int,
+    "webhook_disable_after_seconds": float,
     "ws_queue_size": int,
     "webhook_allow_private": bool,
     "max_jobs_per_child": int,

@@ -135,3 +135,51 @@ def test_bad_database_url_is_explained(tmp_path):
     proc = run_cli(f"sqlite:///{tmp_path}/missing/dir/x.db", "status", check=False)
     assert proc.returncode == 1
     assert "does not exist" in proc.stderr
+
+
+def test_webhooks_list_and_enable_replays_the_missed_events(db, tmp_path):
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+
+    from conveyor.app import store_from_url
+    from conveyor.domain.webhooks import (
+        DeliveryAttempt,
+        DeliveryOutcome,
+        DisablePolicy,
+        Webhook,
+    )
+
+    start = datetime.now(UTC)
+
+    async def disable() -> None:
+        store = store_from_url(db)
+        await store.open()
+        try:
+            await store.create_webhook(
+                Webhook("wh_cli", "https://example.com/h", ("job_submitted",), "s" * 32, start)
+            )
+            for n in range(3):  # failing for two hours
+                attempt = DeliveryAttempt(
+                    "wh_cli", f"d{n}", 0, "job_submitted", None, 1,
+                    DeliveryOutcome.FAILED, 500, "HTTP 500", 1.0, start + timedelta(hours=n),
+                )  # fmt: skip
+                await store.record_delivery(attempt, DisablePolicy(3600, 3))
+        finally:
+            await store.close()
+
+    asyncio.run(disable())
+    listed = json.loads(run_cli(db, "webhooks", "list", "--json").stdout)
+    assert [(w["id"], w["state"]) for w in listed] == [("wh_cli", "disabled")]
+    assert "secret" not in listed[0]
+    submit(db, "test_job", "--payload", "{}")  # missed: the endpoint is disabled
+    submit(db, "test_job", "--payload", "{}")
+
+    enabled = run_cli(db, "webhooks", "enable", "wh_cli")
+    assert "Webhook wh_cli is active; 2 missed event(s) queued for delivery" in enabled.stdout
+    again = run_cli(db, "webhooks", "enable", "wh_cli")
+    assert "0 missed event(s)" in again.stdout
+    listed = json.loads(run_cli(db, "webhooks", "list", "--json").stdout)
+    assert listed[0]["state"] == "active"
+    unknown = run_cli(db, "webhooks", "enable", "wh_nope", check=False)
+    assert unknown.returncode == 1
+    assert "Webhook 'wh_nope' not found" in unknown.stderr

@@ -10,6 +10,7 @@ from conveyor.domain.events import WEBHOOK_DISABLED
 from conveyor.domain.webhooks import (
     DeliveryAttempt,
     DeliveryOutcome,
+    DisablePolicy,
     Webhook,
     WebhookNotFound,
     WebhookState,
@@ -79,11 +80,12 @@ def hook(hook_id: str = "wh1", **fields: object) -> Webhook:
     return Webhook(**base)  # type: ignore[arg-type]
 
 
-def attempt(n: int, ok: bool, hook_id: str = "wh1") -> DeliveryAttempt:
+def attempt(n: float, ok: bool, hook_id: str = "wh1") -> DeliveryAttempt:
+    """An attempt at ``at(n)``."""
     return DeliveryAttempt(
         webhook_id=hook_id,
         delivery_id=f"d{n}",
-        event_id=n,
+        event_id=int(n),
         event_type="job_completed",
         job_id=f"job{n}",
         attempt=1,
@@ -93,6 +95,10 @@ def attempt(n: int, ok: bool, hook_id: str = "wh1") -> DeliveryAttempt:
         duration_ms=1.5,
         created_at=at(n),
     )
+
+
+#: Disabled after 10 s without a delivered attempt, with at least 3 failures in a row.
+POLICY = DisablePolicy(after_seconds=10, min_failures=3)
 
 
 async def test_webhook_crud(store: Store) -> None:
@@ -115,9 +121,14 @@ async def test_webhook_crud(store: Store) -> None:
 
 async def test_deliveries_are_logged_newest_first(store: Store) -> None:
     await store.create_webhook(hook())
-    await store.record_delivery(attempt(1, ok=False), disable_after=5)
-    after = await store.record_delivery(attempt(2, ok=True), disable_after=5)
+    failed = await store.record_delivery(attempt(1, ok=False), POLICY)
+    assert failed.failing_since == at(1)
+    assert failed.last_delivered_at is None
+    after = await store.record_delivery(attempt(2, ok=True), POLICY)
     assert after.consecutive_failures == 0
+    assert after.failing_since is None
+    assert after.last_delivered_at == at(2)
+    assert await store.get_webhook("wh1") == after
     log = await store.list_deliveries("wh1", 10)
     assert [(d.delivery_id, d.outcome, d.status_code) for d in log] == [
         ("d2", DeliveryOutcome.DELIVERED, 200),
@@ -129,36 +140,97 @@ async def test_deliveries_are_logged_newest_first(store: Store) -> None:
     with pytest.raises(WebhookNotFound):
         await store.list_deliveries("nope", 10)
     with pytest.raises(WebhookNotFound):
-        await store.record_delivery(attempt(3, ok=True, hook_id="nope"), disable_after=5)
+        await store.record_delivery(attempt(3, ok=True, hook_id="nope"), POLICY)
 
 
-async def test_consecutive_failures_disable_the_endpoint_once_with_an_event(store: Store) -> None:
+async def test_a_burst_of_failures_does_not_disable_until_failing_long_enough(
+    store: Store,
+) -> None:
+    """Many failures within seconds (a receiver restarting during a burst) keep the
+    endpoint active; it is disabled once it has failed for the policy's time."""
     await store.create_webhook(hook())
-    states = []
-    for n in range(1, 5):
-        w = await store.record_delivery(attempt(n, ok=False), disable_after=3)
-        states.append((w.consecutive_failures, w.state))
-    assert states == [
-        (1, WebhookState.ACTIVE),
-        (2, WebhookState.ACTIVE),
-        (3, WebhookState.DISABLED),
-        (4, WebhookState.DISABLED),
-    ]
-    disabled = await store.get_webhook("wh1")
-    assert disabled.disabled_at == at(3)
-    assert disabled.disabled_reason == "3 consecutive failed deliveries"
+    for n in (1, 1.1, 1.2, 1.3, 1.4, 2, 5, 10.9):
+        w = await store.record_delivery(attempt(n, ok=False), POLICY)
+        assert w.state is WebhookState.ACTIVE, n
+    assert w.consecutive_failures == 8
+    assert w.failing_since == at(1)
+    disabled = await store.record_delivery(attempt(11, ok=False), POLICY)
+    assert disabled.state is WebhookState.DISABLED
+    assert disabled.disabled_at == at(11)
+    assert disabled.disabled_reason == (
+        "no delivery succeeded for 10.0 seconds (9 failed attempts in a row)"
+    )
+    again = await store.record_delivery(attempt(12, ok=False), POLICY)
+    assert again.state is WebhookState.DISABLED
     events = [e for e in await all_events(store) if e.type == WEBHOOK_DISABLED]
     assert len(events) == 1
     assert events[0].data["webhook_id"] == "wh1"
+    assert events[0].data["consecutive_failures"] == 9
     assert events[0].job_id is None
+    assert (await store.get_webhook("wh1")).replay_after == events[0].id
 
 
-async def test_disable_after_zero_never_disables(store: Store) -> None:
+async def test_a_delivered_attempt_restarts_the_failing_clock(store: Store) -> None:
     await store.create_webhook(hook())
-    for n in range(1, 6):
-        w = await store.record_delivery(attempt(n, ok=False), disable_after=0)
+    for n in (1, 2, 3):
+        await store.record_delivery(attempt(n, ok=False), POLICY)
+    await store.record_delivery(attempt(9, ok=True), POLICY)
+    for n in (10, 12, 19.5):
+        w = await store.record_delivery(attempt(n, ok=False), POLICY)
+    assert w.state is WebhookState.ACTIVE  # failing since 10, not since 1
+    assert w.failing_since == at(10)
+    w = await store.record_delivery(attempt(20, ok=False), POLICY)
+    assert w.state is WebhookState.DISABLED
+
+
+async def test_time_alone_needs_the_minimum_failures_in_a_row(store: Store) -> None:
+    """Two failures a day apart (a quiet endpoint) are not yet a failing endpoint."""
+    await store.create_webhook(hook())
+    await store.record_delivery(attempt(0, ok=False), POLICY)
+    w = await store.record_delivery(attempt(86_400, ok=False), POLICY)
     assert w.state is WebhookState.ACTIVE
-    assert w.consecutive_failures == 5
+    w = await store.record_delivery(attempt(86_401, ok=False), POLICY)
+    assert w.state is WebhookState.DISABLED
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        DisablePolicy(after_seconds=0, min_failures=3),
+        DisablePolicy(after_seconds=10, min_failures=0),
+    ],
+)
+async def test_a_zero_policy_never_disables(store: Store, policy: DisablePolicy) -> None:
+    await store.create_webhook(hook())
+    for n in range(0, 100, 10):
+        w = await store.record_delivery(attempt(n, ok=False), policy)
+    assert w.state is WebhookState.ACTIVE
+    assert w.consecutive_failures == 10
+
+
+async def test_enable_reactivates_and_says_where_missed_events_start(store: Store) -> None:
+    await store.create_webhook(hook())
+    for n in (1, 6, 11):
+        disabled = await store.record_delivery(attempt(n, ok=False), POLICY)
+    assert disabled.state is WebhookState.DISABLED
+    marker = next(e for e in await all_events(store) if e.type == WEBHOOK_DISABLED).id
+
+    enabled, after = await store.enable_webhook("wh1")
+    assert after == marker
+    assert enabled.state is WebhookState.ACTIVE
+    assert enabled.consecutive_failures == 0
+    assert enabled.failing_since is None
+    assert enabled.disabled_at is None
+    assert enabled.disabled_reason is None
+    assert enabled.replay_after is None
+    assert await store.get_webhook("wh1") == enabled
+    assert await store.enable_webhook("wh1") == (enabled, None)  # active: nothing to replay
+    # A fresh streak: one more failure does not disable it again at once.
+    w = await store.record_delivery(attempt(12, ok=False), POLICY)
+    assert w.state is WebhookState.ACTIVE
+    assert w.failing_since == at(12)
+    with pytest.raises(WebhookNotFound):
+        await store.enable_webhook("nope")
 
 
 async def test_consumer_positions_lists_every_consumer(store: Store) -> None:

@@ -30,6 +30,7 @@ from conveyor.domain.ids import new_token
 from conveyor.domain.webhooks import Webhook, validate_webhook
 from conveyor.presenters import delivery_dict, webhook_dict
 from conveyor.runtime.hub import EventHub, UnknownEvent
+from conveyor.runtime.webhooks import enable_webhook as enable_and_replay
 from conveyor.runtime.webhooks import validate_target
 
 log = structlog.get_logger("conveyor.api")
@@ -178,6 +179,23 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
         """Delete an endpoint and its delivery log; queued deliveries are dropped."""
         await conveyor.store.delete_webhook(webhook_id)
         return {"success": True, "deleted": webhook_id}
+
+    @router.post(
+        "/api/webhooks/{webhook_id}/enable",
+        dependencies=admin,
+        tags=["webhooks"],
+        responses={404: {"description": "Unknown webhook"}},
+    )
+    async def enable_webhook(webhook_id: str) -> dict[str, Any]:
+        """Re-activate a disabled endpoint and deliver the events it missed while
+        disabled (those the outbox still keeps). ``replayed``: delivery jobs
+        submitted; 0 for an endpoint that was active already."""
+        enabled = await enable_and_replay(conveyor, webhook_id)
+        return {
+            "success": True,
+            "webhook": webhook_dict(enabled.webhook),
+            "replayed": enabled.replayed,
+        }
 
     @router.get(
         "/api/webhooks/{webhook_id}/deliveries",

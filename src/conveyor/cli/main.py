@@ -564,6 +564,53 @@ def dlq_purge(obj: Ctx, job_ids: tuple[str, ...], all_: bool) -> None:
     out.print(f"Purged {n} job(s)")
 
 
+# -- webhooks -------------------------------------------------------------------------------
+@cli.group(cls=ConveyorGroup)
+def webhooks() -> None:
+    """List webhook endpoints and re-enable disabled ones."""
+
+
+@webhooks.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def webhooks_list(obj: Ctx, as_json: bool) -> None:
+    """List webhook endpoints, their state and failures (never their secrets)."""
+    from conveyor.presenters import webhook_dict
+
+    rows = [webhook_dict(w) for w in run(lambda a: a.store.list_webhooks(), obj.app())]
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table(title="Webhooks")
+    for col in ("id", "state", "url", "event types", "failing since", "reason"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["id"],
+            r["state"],
+            r["url"],
+            ", ".join(r["event_types"]),
+            r["failing_since"] or "",
+            r["disabled_reason"] or "",
+        )
+    out.print(table)
+
+
+@webhooks.command("enable")
+@click.argument("webhook_id")
+@click.pass_obj
+def webhooks_enable(obj: Ctx, webhook_id: str) -> None:
+    """Re-enable a disabled endpoint and deliver the events it missed meanwhile."""
+    from conveyor.runtime.webhooks import enable_webhook
+
+    enabled = run(lambda a: enable_webhook(a, webhook_id), obj.app())
+    out.print(
+        f"Webhook {enabled.webhook.id} is {enabled.webhook.state.value}; "
+        f"{enabled.replayed} missed event(s) queued for delivery",
+        highlight=False,
+    )
+
+
 # -- status ---------------------------------------------------------------------------------
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)

@@ -47,6 +47,47 @@ class Webhook:
     consecutive_failures: int = 0
     disabled_at: datetime | None = None
     disabled_reason: str | None = None
+    # The first failed attempt since the last delivered one (None: not failing).
+    failing_since: datetime | None = None
+    last_delivered_at: datetime | None = None
+    # While disabled: the id of its ``webhook_disabled`` event; re-enabling
+    # delivers the matching events after it.
+    replay_after: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DisablePolicy:
+    """When an endpoint that keeps failing is disabled: once it has had no
+    delivered attempt for ``after_seconds`` since its first failure, with at least
+    ``min_failures`` failed attempts in a row. Either at 0: never."""
+
+    after_seconds: float = 86_400.0
+    min_failures: int = 20
+
+    def should_disable(self, hook: Webhook, now: datetime) -> bool:
+        """Whether ``hook``, just after recording a failed attempt at ``now``, is due."""
+        if self.after_seconds <= 0 or self.min_failures <= 0 or hook.failing_since is None:
+            return False
+        failing_for = (now - hook.failing_since).total_seconds()
+        return hook.consecutive_failures >= self.min_failures and failing_for >= self.after_seconds
+
+    def reason(self, hook: Webhook, now: datetime) -> str:
+        assert hook.failing_since is not None
+        failing_for = (now - hook.failing_since).total_seconds()
+        return (
+            f"no delivery succeeded for {_duration(failing_for)} "
+            f"({hook.consecutive_failures} failed attempts in a row)"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 86_400:
+        return f"{seconds / 86_400:.1f} days"
+    if seconds >= 3_600:
+        return f"{seconds / 3_600:.1f} hours"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} minutes"
+    return f"{seconds:.1f} seconds"
 
 
 class DeliveryOutcome(StrEnum):
@@ -135,10 +176,6 @@ def verify(secret: str, header: str, body: bytes, now: int, tolerance: int = 300
         return False
     expected = sign(secret, timestamp, body)
     return hmac.compare_digest(expected, header.strip())
-
-
-def should_disable(consecutive_failures: int, disable_after: int) -> bool:
-    return disable_after > 0 and consecutive_failures >= disable_after
 
 
 def delivery_key(webhook_id: str, event_id: int) -> str:

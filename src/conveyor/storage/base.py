@@ -36,7 +36,13 @@ from conveyor.domain.job import (
     WorkerInfo,
 )
 from conveyor.domain.states import JobState
-from conveyor.domain.webhooks import DeliveryAttempt, DeliveryOutcome, Webhook, WebhookState
+from conveyor.domain.webhooks import (
+    DeliveryAttempt,
+    DeliveryOutcome,
+    DisablePolicy,
+    Webhook,
+    WebhookState,
+)
 
 
 class Store(abc.ABC):
@@ -228,10 +234,19 @@ class Store(abc.ABC):
         """Delete an endpoint and its delivery log. Raises ``WebhookNotFound``."""
 
     @abc.abstractmethod
-    async def record_delivery(self, attempt: DeliveryAttempt, disable_after: int) -> Webhook:
-        """Log one attempt and count consecutive failures; the failure that reaches
-        ``disable_after`` disables the endpoint and writes a ``webhook_disabled``
-        event, all in one transaction. Raises ``WebhookNotFound`` (deleted since)."""
+    async def record_delivery(self, attempt: DeliveryAttempt, policy: DisablePolicy) -> Webhook:
+        """Log one attempt. A delivered one clears the failure streak
+        (``consecutive_failures``, ``failing_since``) and sets ``last_delivered_at``;
+        a failed one extends it, and the failure that makes ``policy`` due disables
+        the endpoint and writes a ``webhook_disabled`` event whose id becomes
+        ``replay_after``, all in one transaction. Raises ``WebhookNotFound``."""
+
+    @abc.abstractmethod
+    async def enable_webhook(self, webhook_id: str) -> tuple[Webhook, int | None]:
+        """Re-activate a disabled endpoint with a clean failure streak. Returns it and
+        the event id its missed events come after (its ``webhook_disabled`` event),
+        or None when it was active already (nothing changes). Raises
+        ``WebhookNotFound``."""
 
     @abc.abstractmethod
     async def list_deliveries(self, webhook_id: str, limit: int) -> list[DeliveryAttempt]:
@@ -304,11 +319,8 @@ def disabled_event(webhook: Webhook, reason: str) -> dict[str, Any]:
         "url": webhook.url,
         "reason": reason,
         "consecutive_failures": webhook.consecutive_failures,
+        "failing_since": webhook.failing_since.isoformat() if webhook.failing_since else None,
     }
-
-
-def disable_reason(failures: int) -> str:
-    return f"{failures} consecutive failed deliveries"
 
 
 def check_limit(limit: int) -> None:
@@ -340,6 +352,9 @@ def webhook_from_row(row: Any, ts: Callable[[Any], datetime | None]) -> Webhook:
         consecutive_failures=row["consecutive_failures"],
         disabled_at=ts(row["disabled_at"]),
         disabled_reason=row["disabled_reason"],
+        failing_since=ts(row["failing_since"]),
+        last_delivered_at=ts(row["last_delivered_at"]),
+        replay_after=row["replay_after"],
     )
 
 

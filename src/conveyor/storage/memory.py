@@ -56,15 +56,14 @@ from conveyor.domain.states import (
 from conveyor.domain.webhooks import (
     DeliveryAttempt,
     DeliveryOutcome,
+    DisablePolicy,
     Webhook,
     WebhookNotFound,
     WebhookState,
-    should_disable,
 )
 from conveyor.storage.base import (
     Store,
     check_limit,
-    disable_reason,
     disabled_event,
     no_external_connection,
     result_fields,
@@ -593,29 +592,50 @@ class MemoryStore(Store):
                 raise WebhookNotFound(webhook_id)
             self._deliveries.pop(webhook_id, None)
 
-    async def record_delivery(self, attempt: DeliveryAttempt, disable_after: int) -> Webhook:
+    async def record_delivery(self, attempt: DeliveryAttempt, policy: DisablePolicy) -> Webhook:
+        at = attempt.created_at
         async with self._lock:
             hook = await self.get_webhook(attempt.webhook_id)
             self._deliveries[hook.id].append(attempt)
             if attempt.outcome is DeliveryOutcome.DELIVERED:
-                hook = replace(hook, consecutive_failures=0)
+                hook = replace(
+                    hook, consecutive_failures=0, failing_since=None, last_delivered_at=at
+                )
             else:
-                hook = replace(hook, consecutive_failures=hook.consecutive_failures + 1)
-                if hook.state is WebhookState.ACTIVE and should_disable(
-                    hook.consecutive_failures, disable_after
-                ):
-                    reason = disable_reason(hook.consecutive_failures)
+                hook = replace(
+                    hook,
+                    consecutive_failures=hook.consecutive_failures + 1,
+                    failing_since=hook.failing_since or at,
+                )
+                if hook.state is WebhookState.ACTIVE and policy.should_disable(hook, at):
+                    reason = policy.reason(hook, at)
+                    self._emit(WEBHOOK_DISABLED, None, at, **disabled_event(hook, reason))
                     hook = replace(
                         hook,
                         state=WebhookState.DISABLED,
-                        disabled_at=attempt.created_at,
+                        disabled_at=at,
                         disabled_reason=reason,
-                    )
-                    self._emit(
-                        WEBHOOK_DISABLED, None, attempt.created_at, **disabled_event(hook, reason)
+                        replay_after=self._events[-1].id,
                     )
             self._webhooks[hook.id] = hook
             return hook
+
+    async def enable_webhook(self, webhook_id: str) -> tuple[Webhook, int | None]:
+        async with self._lock:
+            hook = await self.get_webhook(webhook_id)
+            if hook.state is not WebhookState.DISABLED:
+                return hook, None
+            enabled = replace(
+                hook,
+                state=WebhookState.ACTIVE,
+                consecutive_failures=0,
+                failing_since=None,
+                disabled_at=None,
+                disabled_reason=None,
+                replay_after=None,
+            )
+            self._webhooks[hook.id] = enabled
+            return enabled, hook.replay_after
 
     async def list_deliveries(self, webhook_id: str, limit: int) -> list[DeliveryAttempt]:
         await self.get_webhook(webhook_id)

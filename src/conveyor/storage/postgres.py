@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+import select
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import orjson
@@ -24,6 +25,7 @@ from conveyor.domain.auth import ApiKey, Scope
 from conveyor.domain.errors import (
     ApiKeyNotFound,
     ConfigurationError,
+    ConveyorError,
     FieldError,
     InvalidTransition,
     JobNotCancellable,
@@ -57,10 +59,10 @@ from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState
 from conveyor.domain.webhooks import (
     DeliveryAttempt,
     DeliveryOutcome,
+    DisablePolicy,
     Webhook,
     WebhookNotFound,
     WebhookState,
-    should_disable,
 )
 from conveyor.security.redact import redact, redact_url
 from conveyor.storage.base import (
@@ -68,7 +70,6 @@ from conveyor.storage.base import (
     check_limit,
     delivery_from_row,
     delivery_params,
-    disable_reason,
     disabled_event,
     row_event,
     webhook_from_row,
@@ -77,6 +78,7 @@ from conveyor.storage.codec import dumps_object, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.sql import load_migrations, load_queries
 
+T = TypeVar("T")
 Q = load_queries("postgres")
 # insert_jobs for batches with an idempotency key (and without: no conflict possible)
 _INSERT_KEYED = Q["insert_jobs"].replace("{on_key_conflict}", Q["on_key_conflict"])
@@ -124,6 +126,79 @@ def _usable(conn: Any) -> bool:
         return False
 
 
+async def _acquire(pool: asyncpg.Pool) -> Any:
+    """A pool connection the server has not hung up on: one that broke while it
+    waited in the pool is closed (the pool replaces it), never handed out."""
+    for _ in range(pool.get_max_size() + 1):
+        conn = await pool.acquire()
+        if not _hung_up(conn):
+            return conn
+        _discard(conn)
+        await _release(pool, conn)
+    return await pool.acquire()  # every one was replaced: this one is fresh
+
+
+# What poll() reports for a socket whose server has hung up or reset it. An idle
+# pooled connection is never sent anything else worth keeping (no LISTEN here),
+# so where the peer's half-close can't be told apart, readable data counts too.
+_POLL = hasattr(select, "poll")  # not on Windows: there the first statement's retry remains
+_HUNG_UP = (
+    select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", select.POLLIN) if _POLL else 0
+)
+
+
+def _hung_up(conn: Any) -> bool:
+    """Whether the server already closed ``conn``'s socket, asyncpg not knowing yet.
+
+    A backend terminated while its connection sat idle sends an error, then
+    closes: asyncpg reads the error (its protocol stops being idle) a loop turn
+    before it reads the end of the stream. A connection handed out in between
+    fails its caller with "another operation is in progress". One poll(2) of the
+    socket, no round trip, sees the hang-up already.
+    """
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or not _POLL:
+        return False
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), _HUNG_UP)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # closed under us
+        return True
+
+
+# SQLSTATE classes that end the session (08 connection exception, 57 operator
+# intervention such as pg_terminate_backend, XX internal error): after one of
+# them the connection is dead even if its socket has not reported it yet.
+_FATAL_CLASSES = ("08", "57", "XX")
+
+
+def _reusable_after(exc: BaseException, conn: Any) -> bool:
+    """Whether ``conn`` may serve another call after ``exc`` escaped a call on it.
+
+    Only a statement's own error (a constraint, a bad value...) leaves the
+    protocol idle. After anything else the connection may still look open
+    while asyncpg waits for a reply that will never come: a second caller would
+    get "another operation is in progress". Our domain errors are raised
+    between statements, with nothing in flight.
+    """
+    if isinstance(exc, asyncpg.PostgresError):
+        statement_error = (exc.sqlstate or "")[:2] not in _FATAL_CLASSES
+        return statement_error and _usable(conn)
+    return isinstance(exc, ConveyorError) and _usable(conn)
+
+
+def _discard(conn: Any) -> None:
+    """Close ``conn`` at once; the pool replaces it on a later acquire.
+
+    Releasing it instead would put it back in the pool: asyncpg's release only
+    notices a closed socket, not a protocol stuck mid-reply.
+    """
+    with contextlib.suppress(Exception):  # closed or detached already
+        conn.terminate()
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool release hook: skip asyncpg's default reset query (a round trip per use).
 
@@ -140,6 +215,82 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         decoder=orjson.loads,
         schema="pg_catalog",
     )
+
+
+class _Lease:
+    """The connection one call holds, with asyncpg's statement methods.
+
+    Its first statement moves to a fresh connection when the held one turns out
+    to be dead already: a backend terminated while its connection sat idle sends
+    an error that asyncpg reads a moment before the end of the stream, and in
+    between the connection looks open but refuses its next statement ("another
+    operation is in progress") before sending anything. Anything else is the
+    connection's own (``__getattr__``).
+    """
+
+    __slots__ = ("_pool", "_started", "conn")
+
+    def __init__(self, pool: asyncpg.Pool, conn: Any) -> None:
+        self._pool = pool
+        self.conn = conn
+        self._started = False
+
+    async def _first(self, call: Callable[[Any], Awaitable[T]]) -> T:
+        if self._started:
+            return await call(self.conn)
+        self._started = True
+        try:
+            return await call(self.conn)
+        except asyncpg.InternalClientError as exc:
+            if "another operation" not in str(exc):
+                raise
+        _discard(self.conn)
+        await _release(self._pool, self.conn)
+        self.conn = await _acquire(self._pool)
+        return await call(self.conn)
+
+    async def execute(self, query: str, *args: Any, **options: Any) -> str:
+        return await self._first(lambda c: c.execute(query, *args, **options))
+
+    async def fetch(self, query: str, *args: Any, **options: Any) -> list[asyncpg.Record]:
+        return await self._first(lambda c: c.fetch(query, *args, **options))
+
+    async def fetchrow(self, query: str, *args: Any, **options: Any) -> asyncpg.Record | None:
+        return await self._first(lambda c: c.fetchrow(query, *args, **options))
+
+    async def fetchval(self, query: str, *args: Any, **options: Any) -> Any:
+        return await self._first(lambda c: c.fetchval(query, *args, **options))
+
+    async def begin(self) -> Any:
+        """Start a transaction (asyncpg's ``Transaction``, started)."""
+
+        async def start(conn: Any) -> Any:
+            transaction = conn.transaction()
+            await transaction.start()
+            return transaction
+
+        return await self._first(start)
+
+    def __getattr__(self, name: str) -> Any:
+        self._started = True
+        return getattr(self.conn, name)
+
+
+def _describe(exc: BaseException) -> str:
+    """The error as an operator should read it.
+
+    A call holds its connection alone, so asyncpg's "another operation is in
+    progress" here means the server ended the session between two statements of
+    the call: asyncpg read the server's goodbye but not yet the end of the stream.
+    """
+    if isinstance(exc, asyncpg.InternalClientError) and "another operation" in str(exc):
+        return "the server closed the connection (backend terminated or server restarting)"
+    return str(exc)
+
+
+async def _release(pool: asyncpg.Pool, conn: Any) -> None:
+    with contextlib.suppress(Exception):  # released (or discarded) already, or broken
+        await pool.release(conn)
 
 
 _OVERLAP_FROM = 64  # batch size from which building the returned jobs overlaps the insert
@@ -345,27 +496,56 @@ class PostgresStore(Store):
 
     @contextlib.asynccontextmanager
     async def _conn(self, tx: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for one call: the kept one when free, else one from the pool.
+
+        A connection that errors is closed and never serves another call; a
+        statement's own error (a constraint, a bad value) leaves it usable, and a
+        cancel goes back to the pool, whose release waits it out (or closes it).
+        """
         pool = self._pool
         if pool is None:
             raise StoreError("The PostgreSQL store is not open: call `await store.open()` first")
+        on_lane = not self._lane_busy
+        if on_lane:
+            self._lane_busy = True
         try:
-            if self._lane_busy:
-                async with pool.acquire() as conn:
-                    if tx:
-                        async with conn.transaction():
-                            yield conn
-                    else:
-                        yield conn
-            else:
-                self._lane_busy = True
-                try:
-                    async with self._on_lane(pool, tx) as conn:
-                        yield conn
-                finally:
-                    self._lane_busy = False
+            conn = None
+            if on_lane:
+                conn, self._lane = self._lane, None  # this call holds it now
+                if conn is not None and (not _usable(conn) or _hung_up(conn)):
+                    _discard(conn)
+                    await _release(pool, conn)
+                    conn = None
+            lease = _Lease(pool, conn if conn is not None else await _acquire(pool))
+            keep = False
+            try:
+                if tx:
+                    transaction = await lease.begin()
+                    try:
+                        yield cast(asyncpg.Connection, lease)
+                    except BaseException:
+                        with contextlib.suppress(Exception):  # broken: it is closed below
+                            await transaction.rollback()
+                        raise
+                    await transaction.commit()
+                else:
+                    yield cast(asyncpg.Connection, lease)
+                keep = True
+            except BaseException as exc:
+                if not isinstance(exc, asyncio.CancelledError):
+                    keep = _reusable_after(exc, lease.conn)
+                    if not keep:
+                        _discard(lease.conn)
+                raise
+            finally:
+                if on_lane and keep:
+                    self._lane = lease.conn
+                else:
+                    await _release(pool, lease.conn)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(
-                f"PostgreSQL unavailable: {exc}", reason="the database connection was lost"
+                f"PostgreSQL unavailable: {_describe(exc)}",
+                reason="the database connection was lost",
             ) from exc
         except _OUT_OF_RESOURCES as exc:
             raise StoreUnavailable(
@@ -373,35 +553,14 @@ class PostgresStore(Store):
             ) from exc
         except asyncpg.PostgresError as exc:
             raise StoreError(f"PostgreSQL error: {exc}") from exc
-
-    @contextlib.asynccontextmanager
-    async def _on_lane(self, pool: asyncpg.Pool, tx: bool) -> AsyncIterator[asyncpg.Connection]:
-        conn = self._lane
-        if conn is not None and not _usable(conn):
-            await self._drop_lane(pool)
-            conn = None
-        if conn is None:
-            conn = self._lane = await pool.acquire()
-        try:
-            if tx:
-                async with conn.transaction():
-                    yield conn
-            else:
-                yield conn
-        except BaseException as exc:
-            # A statement's own error leaves the connection usable; anything else
-            # (cancelled mid-query, connection lost) goes back to the pool, whose
-            # release rolls back, waits out a cancel or closes it; a fresh one
-            # takes its place on next use.
-            if not isinstance(exc, asyncpg.PostgresError) or not _usable(conn):
-                await self._drop_lane(pool)
-            raise
+        finally:
+            if on_lane:
+                self._lane_busy = False
 
     async def _drop_lane(self, pool: asyncpg.Pool) -> None:
         lane, self._lane = self._lane, None
         if lane is not None:
-            with contextlib.suppress(Exception):  # released already, or broken
-                await pool.release(lane)
+            await _release(pool, lane)
 
     async def migrate(self) -> list[str]:
         applied_now: list[str] = []
@@ -451,7 +610,7 @@ class PostgresStore(Store):
                         await asyncio.shield(conn.close(timeout=1))
                 raise
             except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
-                log.warning("listen_connection_lost", error=str(exc), retry_in=backoff)
+                log.warning("listen_connection_lost", error=_describe(exc), retry_in=backoff)
             if conn is not None and not conn.is_closed():
                 conn.terminate()
             await asyncio.sleep(backoff)
@@ -1118,29 +1277,40 @@ class PostgresStore(Store):
         if status != "DELETE 1":
             raise WebhookNotFound(webhook_id)
 
-    async def record_delivery(self, attempt: DeliveryAttempt, disable_after: int) -> Webhook:
+    async def record_delivery(self, attempt: DeliveryAttempt, policy: DisablePolicy) -> Webhook:
+        at = attempt.created_at
         async with self._conn(tx=True) as conn:
             if await conn.fetchrow(Q["get_webhook"], attempt.webhook_id) is None:
                 raise WebhookNotFound(attempt.webhook_id)
-            await conn.execute(Q["insert_delivery"], *delivery_params(attempt, attempt.created_at))
+            await conn.execute(Q["insert_delivery"], *delivery_params(attempt, at))
             ok = attempt.outcome is DeliveryOutcome.DELIVERED
             query = Q["webhook_succeeded"] if ok else Q["webhook_failed"]
-            hook = webhook_from_row(await conn.fetchrow(query, attempt.webhook_id), _same)
+            hook = webhook_from_row(await conn.fetchrow(query, attempt.webhook_id, at), _same)
             if ok or hook.state is not WebhookState.ACTIVE:
                 return hook
-            if not should_disable(hook.consecutive_failures, disable_after):
+            if not policy.should_disable(hook, at):
                 return hook
-            reason = disable_reason(hook.consecutive_failures)
-            row = await conn.fetchrow(Q["disable_webhook"], hook.id, attempt.created_at, reason)
-            hook = webhook_from_row(row, _same)
-            await conn.execute(
-                Q["insert_events"],
-                [WEBHOOK_DISABLED],
-                [None],
-                _json([disabled_event(hook, reason)]),
-                attempt.created_at,
+            reason = policy.reason(hook, at)
+            event_id = await conn.fetchval(
+                Q["insert_event_returning"],
+                WEBHOOK_DISABLED,
+                None,
+                disabled_event(hook, reason),
+                at,
             )
-            return hook
+            row = await conn.fetchrow(Q["disable_webhook"], hook.id, at, reason, event_id)
+            return webhook_from_row(row, _same)
+
+    async def enable_webhook(self, webhook_id: str) -> tuple[Webhook, int | None]:
+        async with self._conn(tx=True) as conn:
+            row = await conn.fetchrow(Q["lock_webhook"], webhook_id)
+            if row is None:
+                raise WebhookNotFound(webhook_id)
+            hook = webhook_from_row(row, _same)
+            if hook.state is not WebhookState.DISABLED:
+                return hook, None
+            enabled = await conn.fetchrow(Q["enable_webhook"], webhook_id)
+        return webhook_from_row(enabled, _same), hook.replay_after
 
     async def list_deliveries(self, webhook_id: str, limit: int) -> list[DeliveryAttempt]:
         async with self._conn() as conn:

@@ -60,17 +60,16 @@ from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState
 from conveyor.domain.webhooks import (
     DeliveryAttempt,
     DeliveryOutcome,
+    DisablePolicy,
     Webhook,
     WebhookNotFound,
     WebhookState,
-    should_disable,
 )
 from conveyor.storage.base import (
     Store,
     check_limit,
     delivery_from_row,
     delivery_params,
-    disable_reason,
     disabled_event,
     no_external_connection,
     row_event,
@@ -983,7 +982,7 @@ class SQLiteStore(Store):
 
         await self._run(_do)
 
-    async def record_delivery(self, attempt: DeliveryAttempt, disable_after: int) -> Webhook:
+    async def record_delivery(self, attempt: DeliveryAttempt, policy: DisablePolicy) -> Webhook:
         ts = attempt.created_at.timestamp()
 
         def _do() -> Webhook:
@@ -992,19 +991,30 @@ class SQLiteStore(Store):
                 conn.execute(Q["insert_delivery"], delivery_params(attempt, ts))
                 ok = attempt.outcome is DeliveryOutcome.DELIVERED
                 query = Q["webhook_succeeded"] if ok else Q["webhook_failed"]
-                hook = webhook_from_row(conn.execute(query, (attempt.webhook_id,)).fetchone(), _dt)
+                row = conn.execute(query, {"id": attempt.webhook_id, "at": ts}).fetchone()
+                hook = webhook_from_row(row, _dt)
                 if ok or hook.state is not WebhookState.ACTIVE:
                     return hook
-                if not should_disable(hook.consecutive_failures, disable_after):
+                if not policy.should_disable(hook, attempt.created_at):
                     return hook
-                reason = disable_reason(hook.consecutive_failures)
-                row = conn.execute(Q["disable_webhook"], (ts, reason, hook.id)).fetchone()
-                hook = webhook_from_row(row, _dt)
-                conn.execute(
+                reason = policy.reason(hook, attempt.created_at)
+                event_id = conn.execute(
                     Q["insert_event"],
                     (WEBHOOK_DISABLED, None, orjson.dumps(disabled_event(hook, reason)), ts),
-                )
-                return hook
+                ).lastrowid
+                params = {"id": hook.id, "at": ts, "reason": reason, "event_id": event_id}
+                return webhook_from_row(conn.execute(Q["disable_webhook"], params).fetchone(), _dt)
+
+        return await self._run(_do)
+
+    async def enable_webhook(self, webhook_id: str) -> tuple[Webhook, int | None]:
+        def _do() -> tuple[Webhook, int | None]:
+            with self._tx() as conn:
+                hook = self._webhook(conn, webhook_id)
+                if hook.state is not WebhookState.DISABLED:
+                    return hook, None
+                row = conn.execute(Q["enable_webhook"], {"id": webhook_id}).fetchone()
+                return webhook_from_row(row, _dt), hook.replay_after
 
         return await self._run(_do)
 

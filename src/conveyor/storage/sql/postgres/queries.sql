@@ -473,14 +473,30 @@ INSERT INTO conveyor.webhook_deliveries (webhook_id, delivery_id, event_id, even
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 
 -- name: webhook_succeeded
-UPDATE conveyor.webhooks SET consecutive_failures = 0 WHERE id = $1 RETURNING *
+UPDATE conveyor.webhooks SET consecutive_failures = 0, failing_since = NULL, last_delivered_at = $2
+WHERE id = $1 RETURNING *
 
 -- name: webhook_failed
-UPDATE conveyor.webhooks SET consecutive_failures = consecutive_failures + 1 WHERE id = $1 RETURNING *
+UPDATE conveyor.webhooks SET consecutive_failures = consecutive_failures + 1,
+                             failing_since = coalesce(failing_since, $2)
+WHERE id = $1 RETURNING *
 
 -- name: disable_webhook
-UPDATE conveyor.webhooks SET state = 'disabled', disabled_at = $2, disabled_reason = $3
+UPDATE conveyor.webhooks SET state = 'disabled', disabled_at = $2, disabled_reason = $3,
+                             replay_after = $4
 WHERE id = $1 AND state = 'active' RETURNING *
+
+-- name: lock_webhook
+SELECT * FROM conveyor.webhooks WHERE id = $1 FOR UPDATE
+
+-- name: enable_webhook
+UPDATE conveyor.webhooks SET state = 'active', consecutive_failures = 0, failing_since = NULL,
+                             disabled_at = NULL, disabled_reason = NULL, replay_after = NULL
+WHERE id = $1 AND state = 'disabled' RETURNING *
+
+-- name: insert_event_returning
+INSERT INTO conveyor.events (type, job_id, data, created_at) VALUES ($1, $2, $3::jsonb, $4)
+RETURNING id
 
 -- name: list_deliveries
 SELECT * FROM conveyor.webhook_deliveries WHERE webhook_id = $1 ORDER BY id DESC LIMIT $2

@@ -157,7 +157,10 @@ CREATE TABLE conveyor.webhooks (
     consecutive_failures integer DEFAULT 0 NOT NULL,
     created_at timestamp with time zone NOT NULL,
     disabled_at timestamp with time zone,
-    disabled_reason text
+    disabled_reason text,
+    failing_since timestamp with time zone,
+    last_delivered_at timestamp with time zone,
+    replay_after bigint
 );
 
 CREATE TABLE conveyor.workers (

@@ -346,14 +346,23 @@ INSERT INTO webhook_deliveries (webhook_id, delivery_id, event_id, event_type, j
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 
 -- name: webhook_succeeded
-UPDATE webhooks SET consecutive_failures = 0 WHERE id = ? RETURNING *
+UPDATE webhooks SET consecutive_failures = 0, failing_since = NULL, last_delivered_at = :at
+WHERE id = :id RETURNING *
 
 -- name: webhook_failed
-UPDATE webhooks SET consecutive_failures = consecutive_failures + 1 WHERE id = ? RETURNING *
+UPDATE webhooks SET consecutive_failures = consecutive_failures + 1,
+                    failing_since = coalesce(failing_since, :at)
+WHERE id = :id RETURNING *
 
 -- name: disable_webhook
-UPDATE webhooks SET state = 'disabled', disabled_at = ?, disabled_reason = ?
-WHERE id = ? AND state = 'active' RETURNING *
+UPDATE webhooks SET state = 'disabled', disabled_at = :at, disabled_reason = :reason,
+                    replay_after = :event_id
+WHERE id = :id AND state = 'active' RETURNING *
+
+-- name: enable_webhook
+UPDATE webhooks SET state = 'active', consecutive_failures = 0, failing_since = NULL,
+                    disabled_at = NULL, disabled_reason = NULL, replay_after = NULL
+WHERE id = :id AND state = 'disabled' RETURNING *
 
 -- name: list_deliveries
 SELECT * FROM webhook_deliveries WHERE webhook_id = ? ORDER BY id DESC LIMIT ?
