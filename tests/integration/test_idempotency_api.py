@@ -42,7 +42,7 @@ async def test_a_post_retried_after_completion_returns_the_completed_job(cv: Con
 
     transport = httpx.ASGITransport(app=create_app(cv), raise_app_exceptions=False)
     body = {"job_type": "charge_card", "payload": {"cents": 500}, "idempotency_key": "order-7"}
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         first = await client.post("/api/jobs", json=body)
         assert first.status_code == 201, first.text
         job_id = first.json()["job_id"]
