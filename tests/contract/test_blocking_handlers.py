@@ -7,9 +7,11 @@ import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+import httpx
 import pytest
 
 from conveyor import Conveyor
+from conveyor.api.app import create_app
 from conveyor.domain.states import JobState
 from conveyor.settings import Settings
 from conveyor.storage.base import Store
@@ -58,6 +60,12 @@ async def test_stuck_sync_handlers_hold_their_slots_and_later_jobs_wait_unstarte
         await async_wait_until(
             lambda: _true(worker.stuck_jobs() == 2), 10, "both handlers reported stuck"
         )
+        async with _client(app, worker) as c:
+            ready = (await c.get("/ready")).json()
+            assert ready["workers"][0]["stuck_jobs"] == 2
+            assert ready["status"] == "ready"  # below max_stuck_jobs
+            metrics = (await c.get("/metrics")).text
+            assert f'conveyor_worker_stuck_jobs{{worker_id="{worker.id}"}} 2.0' in metrics
         later = [(await app.enqueue("quick")).id for _ in range(3)]
         # No free thread: the later jobs are not even fetched, so their timeout
         # cannot start counting while they wait.
@@ -139,6 +147,34 @@ async def test_shutdown_never_hands_back_a_job_whose_thread_still_runs(app, stor
     assert [r.job_id for r in rescued] == [job.id]
     again = await app.store.get(job.id)
     assert again.state is JobState.PENDING
+
+
+async def test_a_worker_whose_slots_are_all_stuck_stops_and_says_so(app, store):
+    release = threading.Event()
+    app.settings = app.settings.with_(max_stuck_jobs=1)
+
+    @app.job("blocks", timeout=0.1, max_retries=0)
+    def blocks(ctx) -> None:
+        release.wait(30)
+
+    job = await app.enqueue("blocks")
+    try:
+        async with running_worker(app, concurrency=2) as worker:
+            await async_wait_until(lambda: _true(worker.stopping), 10, "the worker to stop")
+            async with _client(app, worker) as c:
+                resp = await c.get("/ready")
+                assert resp.status_code == 503
+                assert "stuck" in resp.json()["error"]
+    finally:
+        release.set()
+    assert worker.abandoned == 1  # left to the rescuer, never handed back
+    assert (await app.store.get(job.id)).state is JobState.RUNNING
+
+
+def _client(app: Conveyor, worker) -> httpx.AsyncClient:
+    api = create_app(app, workers=[worker])
+    transport = httpx.ASGITransport(app=api, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://localhost")
 
 
 def _true(value: bool):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Annotated, Any, Literal
@@ -49,6 +49,7 @@ from conveyor.observability.metrics import Metrics
 from conveyor.presenters import iso, job_dict, page_dict, worker_dict
 from conveyor.runtime.hub import EventHub
 from conveyor.runtime.status import is_alive
+from conveyor.runtime.worker import Worker
 from conveyor.security.redact import redact
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -151,8 +152,13 @@ def create_app(
     allow_anonymous: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics: Metrics | None = None,
+    workers: Sequence[Worker] = (),
 ) -> FastAPI:
-    """Build the API for ``conveyor``. The caller owns the Conveyor (and its workers)."""
+    """Build the API for ``conveyor``. The caller owns the Conveyor (and its workers).
+
+    ``workers``: the workers running in this process (``conveyor up``); ``/ready``
+    and ``/metrics`` report their stuck handlers, and ``/ready`` answers 503 once
+    one of them has reached ``max_stuck_jobs`` (it is about to exit)."""
     metrics = metrics or Metrics()
     auth = Auth(conveyor, allow_anonymous=allow_anonymous)
     hub = EventHub(
@@ -254,14 +260,34 @@ def create_app(
             bus = {"backend": health.backend, "ok": health.ok, **dict(health.detail)}
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             bus = {"backend": conveyor.bus.backend, "ok": False, "error": redact(str(exc))}
-        return JSON({"success": True, "status": "ready", "store": "ok", "bus": bus})
+        local = [
+            {
+                "worker_id": w.id,
+                "jobs_running": w.jobs_running,
+                "stuck_jobs": w.stuck_jobs(),
+                "stopping": w.stopping,
+            }
+            for w in workers
+        ]
+        body: dict[str, Any] = {"success": True, "status": "ready", "store": "ok", "bus": bus}
+        if local:
+            body["workers"] = local
+        limit = conveyor.settings.max_stuck_jobs
+        if any(w.stopping or w.stuck_jobs() >= (limit or w.concurrency) for w in workers):
+            return JSON(
+                {**body, "success": False, "status": "not_ready", "error": _STUCK_ERROR},
+                status_code=503,
+            )
+        return JSON(body)
 
     @api.get("/metrics", tags=["service"], response_class=Response)
     async def prometheus() -> Response:
         """Prometheus text format."""
         counts = await conveyor.store.count_by_state()
-        workers = await conveyor.store.list_workers()
-        metrics.set_depths(counts, sum(1 for w in workers if is_alive(w, conveyor)))
+        fleet = await conveyor.store.list_workers()
+        metrics.set_depths(counts, sum(1 for w in fleet if is_alive(w, conveyor)))
+        for w in workers:
+            metrics.stuck_jobs.labels(w.id).set(w.stuck_jobs())
         metrics.set_outbox(
             await conveyor.store.latest_event_id(), await conveyor.store.consumer_positions()
         )
@@ -529,6 +555,10 @@ def allowed_methods(api: FastAPI, scope: Scope) -> list[str]:
     return sorted(methods)
 
 
+_STUCK_ERROR = (
+    "A worker of this process is stopping or its slots are held by stuck handlers; "
+    "see the log (worker_stuck_handlers)"
+)
 _STATES = "(blocked|pending|running|cancelling|completed|failed|cancelled)"
 _STATUS_PATTERN = f"^{_STATES}(,{_STATES})*$"
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}

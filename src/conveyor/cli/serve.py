@@ -72,8 +72,15 @@ async def serve_forever(
         check_port(host, port)
         metrics = Metrics()
         app.on_finish(metrics.job_finished)
+        # Every queue a registered type names, so `up` runs all of its own jobs.
+        queues = sorted({*app.settings.queues, *(d.queue for d in app.registry.values())})
+        worker = app.worker(queues=queues) if with_worker else None
         api = create_app(
-            app, allow_anonymous=loopback, max_body_bytes=max_body_bytes, metrics=metrics
+            app,
+            allow_anonymous=loopback,
+            max_body_bytes=max_body_bytes,
+            metrics=metrics,
+            workers=[worker] if worker is not None else [],
         )
         config = uvicorn.Config(
             api,
@@ -86,9 +93,6 @@ async def serve_forever(
             log_config=None,
         )
         server = _Server(config)
-        # Every queue a registered type names, so `up` runs all of its own jobs.
-        queues = sorted({*app.settings.queues, *(d.queue for d in app.registry.values())})
-        worker = app.worker(queues=queues) if with_worker else None
         gc.freeze()  # everything imported so far lives for the whole process
 
         base = f"http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{port}"

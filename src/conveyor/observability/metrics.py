@@ -55,6 +55,13 @@ class Metrics:
             ["consumer"],
             registry=self.registry,
         )
+        self.stuck_jobs = Gauge(
+            "conveyor_worker_stuck_jobs",
+            "Handlers of this process asked to stop (timeout, cancel) or past their timeout "
+            "that still run",
+            ["worker_id"],
+            registry=self.registry,
+        )
         self.http_duration = Histogram(
             "conveyor_http_request_duration_seconds",
             "HTTP request duration",
