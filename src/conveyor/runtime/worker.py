@@ -31,7 +31,6 @@ from conveyor.bus.base import CANCEL_TOPIC, WAKE_TOPIC, Message, Subscription
 from conveyor.domain.errors import (
     ConveyorError,
     Permanent,
-    Retry,
     StoreUnavailable,
     ValidationError,
 )
@@ -57,17 +56,6 @@ MEMORY_STREAM_MAXLEN = 10_000
 
 class JobTimeout(ConveyorError, TimeoutError):
     """The handler ran longer than the job's timeout (transient: retried)."""
-
-
-class ChildFailure(ConveyorError):
-    """A handler running in a child process failed or the child died (transient)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return self.text
 
 
 def _unstorable(finish: Finish, exc: BaseException) -> Finish | None:
@@ -568,6 +556,9 @@ class Worker:
             payload=job.payload,
             handler=HandlerRef.of(definition.handler),
             is_async=definition.is_async,
+            permanent_errors=tuple(
+                f"{e.__module__}:{e.__qualname__}" for e in definition.retry.permanent_errors
+            ),
         )
         entry = self._running[job.id]
         entry.deadline = _deadline(timeout)
@@ -591,17 +582,19 @@ class Worker:
         return self._pool
 
     def _child_outcome(self, job: Job, definition: JobDefinition, outcome: Any) -> Finish:
+        """A child's ``ChildOutcome`` as this worker's finish: the same retry
+        decision and error text as if the handler had raised here."""
         if outcome.ok:
             return self._success(job, definition, outcome.result)
-        error = outcome.error or outcome.error_type or "child process failed"
-        exc: BaseException
-        if outcome.permanent:
-            exc = Permanent(error)
-        elif outcome.retry_delay is not None:
-            exc = Retry(error, delay=max(0.0, outcome.retry_delay))
-        else:
-            exc = ChildFailure(error)
-        return self._failure(job, definition, exc, error=error)
+        if outcome.crashed:
+            log.warning(
+                "job_child_crashed",
+                job_id=job.id,
+                job_type=job.job_type,
+                exit_code=outcome.exit_code,
+                error=outcome.error,
+            )
+        return self._failure(job, definition, outcome.as_exception())
 
     def _success(self, job: Job, definition: JobDefinition, result: Any) -> Finish:
         try:
