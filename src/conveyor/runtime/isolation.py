@@ -84,7 +84,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -290,7 +290,8 @@ class ChildOutcome:
         if self.permanent:
             exc = _named_error(name, Permanent)(message)
         elif self.retry_delay is not None:
-            exc = _named_error(name, Retry)(message, delay=self.retry_delay)
+            retry_cls = cast(type[Retry], _named_error(name, Retry))
+            exc = retry_cls(message, delay=self.retry_delay)
         elif self.crashed:
             exc = _named_error(name, ChildCrashed)(message)
         else:
@@ -499,7 +500,7 @@ class ProcessPool:
         self.start_method = method
         self.start_timeout = start_timeout
         self.preload = tuple(preload)
-        self._mp = multiprocessing.get_context(method)
+        self._mp: Any = multiprocessing.get_context(method)
         if method == "forkserver":
             # Process-wide, and only read when the forkserver starts: children
             # are then forked with Conveyor already imported.
@@ -546,7 +547,11 @@ class ProcessPool:
                 if isinstance(item, _Child):
                     self._idle.append(item)
 
-    async def run(self, job: ChildJob, timeout: float | None) -> ChildOutcome:
+    async def run(
+        self,
+        job: ChildJob,
+        timeout: float | None,  # noqa: ASYNC109 - past it the child is killed, not just awaited
+    ) -> ChildOutcome:
         """Run ``job`` in a free child and return how it ended.
 
         Waits for a free slot when ``size`` jobs are running. ``timeout``
@@ -580,21 +585,21 @@ class ProcessPool:
                     raise PoolClosed("the process pool was closed while the job ran") from None
             raise
 
-    async def _run(self, job: ChildJob, timeout: float | None, data: bytes) -> ChildOutcome:
+    async def _run(self, job: ChildJob, limit: float | None, data: bytes) -> ChildOutcome:
         child = self._idle.pop() if self._idle else await self._spawn_for_run()
         if isinstance(child, ChildOutcome):
             return child
         self._busy[child] = asyncio.current_task()
         try:
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(limit):
                     await asyncio.get_running_loop().sock_sendall(child.sock, data)
                     message = await self._next_message(child)
             except TimeoutError:
                 self._killed += 1
                 await self._end_uninterrupted(child)
                 raise TimeoutError(
-                    f"the job ran longer than {timeout}s; its child process {child.pid} was killed"
+                    f"the job ran longer than {limit}s; its child process {child.pid} was killed"
                 ) from None
             except (_ProtocolError, OSError) as exc:
                 return await self._lost(child, exc)
@@ -800,9 +805,9 @@ class ProcessPool:
             with contextlib.suppress(OSError):
                 os.kill(child.pid, sig)
 
-    async def _wait_dead(self, child: _Child, timeout: float | None) -> bool:
-        """True once the child is dead and reaped; False if still alive after ``timeout``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    async def _wait_dead(self, child: _Child, grace: float | None) -> bool:
+        """True once the child is dead and reaped; False if still alive after ``grace`` s."""
+        deadline = None if grace is None else time.monotonic() + grace
         while child.process.is_alive():
             remaining = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
             if remaining <= 0:
@@ -887,8 +892,8 @@ class _StartFailed(Exception):
         self.exit_code = exit_code
 
 
-async def _readable(fd: int, timeout: float) -> None:
-    """Wait until ``fd`` is readable or ``timeout`` seconds passed."""
+async def _readable(fd: int, seconds: float) -> None:
+    """Wait until ``fd`` is readable or ``seconds`` passed."""
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
 
@@ -899,7 +904,7 @@ async def _readable(fd: int, timeout: float) -> None:
     loop.add_reader(fd, ready)
     try:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waiter, timeout)
+            await asyncio.wait_for(waiter, seconds)
     finally:
         loop.remove_reader(fd)
 
@@ -1016,9 +1021,13 @@ def _watch_parent(state: _ChildState) -> None:
     parent died, so kill this child's group before the job is rescued and rerun.
     (Between jobs the main thread reads the socket and sees the EOF itself.)"""
     seen = 0
+
+    def next_job() -> bool:
+        return state.busy and state.seq != seen
+
     while True:
         with state.cond:
-            state.cond.wait_for(lambda: state.busy and state.seq != seen)
+            state.cond.wait_for(next_job)
             seen = state.seq
         try:
             select.select([state.sock], [], [])
@@ -1040,11 +1049,13 @@ def _limit_memory(limit_mb: int) -> None:
     if which is None or not sys.platform.startswith("linux"):
         which, status_key = resource.RLIMIT_AS, "VmSize"
     base = 0
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(status_key + ":"):
-                    base = int(line.split()[1]) * 1024
+    with (
+        contextlib.suppress(OSError, ValueError),
+        open("/proc/self/status", encoding="ascii") as f,
+    ):
+        for line in f:
+            if line.startswith(status_key + ":"):
+                base = int(line.split()[1]) * 1024
     cap = base + limit_mb * 1024 * 1024
     with contextlib.suppress(ValueError, OSError):
         _soft, hard = resource.getrlimit(which)
