@@ -776,8 +776,9 @@ class ProcessPool:
             raise asyncio.CancelledError
 
     async def _terminate(self, child: _Child) -> None:
-        with contextlib.suppress(OSError):
-            child.sock.close()  # an idle child exits on EOF; a busy one gets SIGTERM
+        # The socket stays open until the child is dead: its EOF would tell the
+        # child's parent watch that the worker died, and that kills at once,
+        # where SIGTERM gives the job its grace to stop.
         if not await self._wait_dead(child, 0):
             self._signal(child, signal.SIGTERM)
             if not await self._wait_dead(child, self.kill_grace):
@@ -787,6 +788,8 @@ class ProcessPool:
             # Whatever the job started in the child's group goes with it.
             with contextlib.suppress(OSError):
                 os.killpg(child.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            child.sock.close()
         child.exit_code = child.process.exitcode
         child.reaped = True
         self._children.discard(child)
@@ -977,10 +980,10 @@ def _child_main(sock: socket.socket, config: dict[str, Any]) -> None:
     for module in config.get("preload", ()):
         with contextlib.suppress(BaseException):
             importlib.import_module(module)  # a failure is reported by the job itself
-    limit = config.get("max_memory_mb")
-    if limit:
-        _limit_memory(int(limit))
     threading.Thread(target=_watch_parent, args=(state,), name="parent-watch", daemon=True).start()
+    limit = config.get("max_memory_mb")
+    if limit:  # after the thread started: its stack is part of the idle baseline
+        _limit_memory(int(limit))
     _send(sock, {"kind": "hello", "pid": os.getpid(), "grouped": grouped})
     while True:
         data = _recv_frame(sock)
