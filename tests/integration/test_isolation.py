@@ -123,7 +123,8 @@ async def test_success_returns_the_json_result_and_ctx_in_another_process(
         "is_cancelled": False,
     }
     assert outcome.result["pid"] == outcome.pid != os.getpid()
-    assert outcome.peak_rss_kb and outcome.peak_rss_kb > 0
+    assert outcome.peak_rss_kb
+    assert outcome.peak_rss_kb > 0
     # The child is kept for the next job.
     assert await healthy(pool) == outcome.pid
     assert pool.stats.jobs == 2
@@ -143,18 +144,22 @@ async def test_async_handlers_and_job_definitions_run(pools: Factory) -> None:
 async def test_results_are_json_or_a_permanent_failure(pools: Factory) -> None:
     pool = pools()
     outcome = await pool.run(make_job(h.not_json), 20)
-    assert not outcome.ok and outcome.permanent
+    assert not outcome.ok
+    assert outcome.permanent
     assert "not JSON-serialisable" in (outcome.error or "")
     outcome = await pool.run(make_job(h.nan), 20)
-    assert not outcome.ok and outcome.permanent
+    assert not outcome.ok
+    assert outcome.permanent
     assert "non-finite" in (outcome.error or "")
     outcome = await pool.run(make_job(h.none_result), 20)
-    assert outcome.ok and outcome.result == {"x": None}
+    assert outcome.ok
+    assert outcome.result == {"x": None}
     # A payload that is not JSON never reaches a child.
     job = make_job(h.echo)
     bad = ChildJob(**{**job.__dict__, "payload": {"s": {1, 2}}})
     outcome = await pool.run(bad, 20)
-    assert not outcome.ok and outcome.permanent
+    assert not outcome.ok
+    assert outcome.permanent
     assert "payload cannot be sent" in (outcome.error or "")
 
 
@@ -165,19 +170,24 @@ async def test_an_exception_fails_that_attempt_and_the_child_stays(pools: Factor
     pool = pools()
     first = await healthy(pool)
     outcome = await pool.run(make_job(h.fail, message="boom"), 20)
-    assert not outcome.ok and not outcome.crashed and not outcome.permanent
+    assert not outcome.ok
+    assert not outcome.crashed
+    assert not outcome.permanent
     assert outcome.error_type == "ValueError"
     assert outcome.error == "ValueError: boom"
-    assert "in fail" in (outcome.traceback or "") and "raise ValueError" in (outcome.traceback or "")
+    assert "in fail" in (outcome.traceback or "")
+    assert "raise ValueError" in (outcome.traceback or "")
     assert await healthy(pool) == first
 
 
 async def test_permanent_retry_and_policy_errors_keep_their_meaning(pools: Factory) -> None:
     pool = pools()
     permanent = await pool.run(make_job(h.permanent), 20)
-    assert permanent.permanent and permanent.error == "Permanent: card declined"
+    assert permanent.permanent
+    assert permanent.error == "Permanent: card declined"
     retry = await pool.run(make_job(h.retry, delay=1.5), 20)
-    assert retry.retry_delay == 1.5 and not retry.permanent
+    assert retry.retry_delay == 1.5
+    assert not retry.permanent
     huge = await pool.run(make_job(h.retry, delay=1e13), 20)
     assert huge.retry_delay == 1e13
     job = make_job(h.flaky)
@@ -185,7 +195,8 @@ async def test_permanent_retry_and_policy_errors_keep_their_meaning(pools: Facto
         **{**job.__dict__, "permanent_errors": ("integration.isolation_handlers:Flaky",)}
     )
     flaky = await pool.run(listed, 20)
-    assert flaky.permanent and flaky.error_type == "Flaky"
+    assert flaky.permanent
+    assert flaky.error_type == "Flaky"
     unlisted = await pool.run(job, 20)
     assert not unlisted.permanent
 
@@ -217,7 +228,8 @@ async def test_base_exceptions_are_that_attempts_failure(
     pool = pools()
     first = await healthy(pool)
     outcome = await pool.run(make_job(handler), 20)
-    assert not outcome.ok and not outcome.crashed
+    assert not outcome.ok
+    assert not outcome.crashed
     assert outcome.error == error
     assert await healthy(pool) == first  # the same child goes on
 
@@ -239,7 +251,8 @@ async def test_unsafe_exception_texts_give_a_safe_outcome(pools: Factory) -> Non
 def test_safe_text_keeps_the_tail_of_a_traceback() -> None:
     text = "first line\n" + "y" * 50_000 + "\nLastError: the end"
     kept = safe_text(text, 1000, keep="tail")
-    assert kept.endswith("LastError: the end") and "first line" not in kept
+    assert kept.endswith("LastError: the end")
+    assert "first line" not in kept
     assert kept.startswith("[... 50030 bytes in total, the start was cut ...]")
     assert len(kept.encode()) <= 1000
     assert safe_text("\ud800ok\x00") == "\ufffdok\\x00"
@@ -252,9 +265,13 @@ async def test_os_exit_is_a_crash_and_the_child_is_replaced(pools: Factory) -> N
     pool = pools()
     first = await healthy(pool)
     outcome = await pool.run(make_job(h.hard_exit), 20)
-    assert outcome.crashed and not outcome.ok
-    assert outcome.exit_code == 7 and outcome.pid == first
-    assert outcome.error == f"ChildCrashed: child process {first} died while running the job (exit code 7)"
+    assert outcome.crashed
+    assert not outcome.ok
+    assert outcome.exit_code == 7
+    assert outcome.pid == first
+    assert outcome.error == (
+        f"ChildCrashed: child process {first} died while running the job (exit code 7)"
+    )
     assert isinstance(outcome.as_exception(), ChildCrashed)
     assert not alive(first)
     assert await healthy(pool) != first
@@ -278,7 +295,8 @@ async def test_garbage_or_a_half_message_on_the_pipe_is_a_crash(
     pool = pools()
     first = await healthy(pool)
     outcome = await pool.run(make_job(handler), 20)
-    assert outcome.crashed and outcome.pid == first
+    assert outcome.crashed
+    assert outcome.pid == first
     assert not alive(first)
     assert await healthy(pool) != first
 
@@ -287,7 +305,8 @@ async def test_a_memory_hog_fails_its_attempt_only(pools: Factory) -> None:
     pool = pools(max_memory_mb=200)
     first = await healthy(pool)
     outcome = await pool.run(make_job(h.hog, mb=4000), 20)
-    assert not outcome.ok and not outcome.crashed
+    assert not outcome.ok
+    assert not outcome.crashed
     assert outcome.error_type == "MemoryError"
     # A child that ran out of memory is replaced.
     assert await healthy(pool) != first
@@ -299,7 +318,8 @@ async def test_a_child_past_max_memory_is_recycled(pools: Factory) -> None:
     first = await healthy(pool)
     outcome = await pool.run(make_job(h.touch, mb=100), 20)
     assert outcome.ok, outcome
-    assert outcome.peak_rss_kb and outcome.peak_rss_kb > 120 * 1024
+    assert outcome.peak_rss_kb
+    assert outcome.peak_rss_kb > 120 * 1024
     assert await healthy(pool) != first
     assert pool.stats.recycled == 1
 
@@ -329,7 +349,7 @@ async def test_a_hang_past_its_timeout_kills_the_child(pools: Factory, tmp_path:
     pool = pools()
     marker = tmp_path / "pid"
     started = time.monotonic()
-    with pytest.raises(TimeoutError, match="ran longer than 0.5s"):
+    with pytest.raises(TimeoutError, match=r"ran longer than 0\.5s"):
         await pool.run(make_job(h.hang, marker=str(marker)), 0.5)
     pid = int(marker.read_text())
     assert not alive(pid)  # dead when run() raised
@@ -402,7 +422,8 @@ async def test_close_kills_running_and_idle_children(pools: Factory, tmp_path: P
     task = asyncio.create_task(pool.run(make_job(h.hang, marker=str(marker)), None))
     busy = await marker_pid(marker)
     await pool.close()
-    assert not alive(idle) and not alive(busy)
+    assert not alive(idle)
+    assert not alive(busy)
     with pytest.raises(PoolClosed):
         await task
     assert pool.stats.alive == 0
@@ -448,14 +469,16 @@ async def test_size_jobs_run_at_once_and_no_more(pools: Factory, tmp_path: Path)
     )
     assert all(o.ok for o in outcomes)
     assert len({o.result for o in outcomes}) <= 2
-    assert small.stats.started <= 2 and small.stats.jobs == 6
+    assert small.stats.started <= 2
+    assert small.stats.jobs == 6
 
 
 async def test_spawn_start_method_works_too(pools: Factory) -> None:
     pool = pools(start_method="spawn")
     first = await healthy(pool)
     outcome = await pool.run(make_job(h.hard_exit), 30)
-    assert outcome.crashed and outcome.exit_code == 7
+    assert outcome.crashed
+    assert outcome.exit_code == 7
     assert await healthy(pool) != first
 
 
@@ -482,7 +505,8 @@ async def test_a_handler_that_cannot_be_imported_fails_permanently(pools: Factor
     job = make_job(h.echo)
     missing = ChildJob(**{**job.__dict__, "handler": HandlerRef("no_such_module_x", "f")})
     outcome = await pool.run(missing, 20)
-    assert not outcome.ok and outcome.permanent
+    assert not outcome.ok
+    assert outcome.permanent
     assert "cannot import module 'no_such_module_x'" in (outcome.error or "")
     await healthy(pool)
 
