@@ -214,3 +214,19 @@ def half_message(ctx: JobContext) -> None:
 
 def thread_count(ctx: JobContext) -> int:
     return threading.active_count()
+
+
+def leave_thread(ctx: JobContext, marker: str) -> int:
+    """Return while a thread it started keeps running (and writing its pid)."""
+
+    def forever() -> None:
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        while True:
+            time.sleep(3600)
+
+    threading.Thread(target=forever, daemon=False).start()
+    deadline = time.monotonic() + 20
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return os.getpid()

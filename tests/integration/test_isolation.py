@@ -342,6 +342,16 @@ def _async(fn: Callable[[], Any]) -> Callable[[], Any]:
     return check
 
 
+async def test_threads_a_job_leaves_running_end_with_its_child(
+    pools: Factory, tmp_path: Path
+) -> None:
+    pool = pools()
+    outcome = await pool.run(make_job(h.leave_thread, marker=str(tmp_path / "pid")), 20)
+    assert outcome.ok
+    assert not alive(outcome.result)  # before run() returned
+    assert await healthy(pool) != outcome.result
+
+
 # -- timeouts, cancellation, shutdown -------------------------------------------------------
 
 

@@ -614,6 +614,12 @@ class ProcessPool:
         self._jobs += 1
         child.jobs += 1
         outcome = _outcome_from(message, child.pid)
+        if message.get("stray_threads"):
+            # The child exits at once to stop them; the job's code must not
+            # outlive run().
+            self._recycled += 1
+            await self._end_uninterrupted(child)
+            return outcome
         self._check_in(child, outcome)
         return outcome
 
@@ -980,7 +986,9 @@ def _child_main(sock: socket.socket, config: dict[str, Any]) -> None:
     for module in config.get("preload", ()):
         with contextlib.suppress(BaseException):
             importlib.import_module(module)  # a failure is reported by the job itself
-    threading.Thread(target=_watch_parent, args=(state,), name="parent-watch", daemon=True).start()
+    watch = threading.Thread(target=_watch_parent, args=(state,), name="parent-watch", daemon=True)
+    watch.start()
+    own_threads = {threading.main_thread(), watch}
     limit = config.get("max_memory_mb")
     if limit:  # after the thread started: its stack is part of the idle baseline
         _limit_memory(int(limit))
@@ -998,10 +1006,18 @@ def _child_main(sock: socket.socket, config: dict[str, Any]) -> None:
         if state.terminating:
             return
         message["peak_rss_kb"] = _peak_rss_kb()
+        # Threads the job left running would go on after its outcome: this
+        # child ends now, and the parent waits for that before returning.
+        stray = sum(1 for t in threading.enumerate() if t not in own_threads)
+        message["stray_threads"] = stray
         try:
             _send(sock, message)
         except OSError:
             return
+        if stray:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         with state.cond:
             state.busy = False
         if state.terminating:
