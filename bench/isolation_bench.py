@@ -183,7 +183,7 @@ async def main(args: argparse.Namespace) -> None:
         f = 1e6 / results[("process, fresh child per job", concurrency)]
         ratio = results[("thread", concurrency)] / results[("process", concurrency)]
         print(
-            f"\nconcurrency {concurrency}: per-job overhead of process isolation "
+            f"\nconcurrency {concurrency}: extra time per job (1 / jobs/s) with process isolation "
             f"{p - t:.0f} us (warm child), {f - t:.0f} us (fresh child per job); "
             f"threads do {ratio:.1f}x the jobs/s of warm children"
         )

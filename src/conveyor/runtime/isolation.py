@@ -16,7 +16,9 @@ What crosses the process boundary
   qualified name, so a handler must be a module-level function (or a
   ``@app.job`` definition) in an importable module. The child imports that
   module itself, once per child: side effects at import run in every child.
-  Lambdas and nested functions are refused with ``ConfigurationError``.
+  Lambdas and nested functions are refused with ``ConfigurationError``. A
+  script that defines handlers must start its worker under ``if __name__ ==
+  "__main__":`` (the child imports the script as ``__mp_main__``).
 - ``payload`` and ``metadata`` go in as JSON, the result comes back as JSON
   (it is JSON-roundtripped in the child). A result that is not JSON (an
   object, bytes, a non-finite number, an integer beyond 64 bits, more than
@@ -56,7 +58,8 @@ replaced.
 
 A child that loses its parent (the worker was killed with ``SIGKILL``) kills
 its process group and exits, so an orphaned attempt never overlaps the rerun
-of the rescued job.
+of the rescued job. A job that returns while threads it started still run ends
+its child before ``run()`` returns.
 """
 
 from __future__ import annotations
