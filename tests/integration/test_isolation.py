@@ -483,6 +483,29 @@ async def test_size_jobs_run_at_once_and_no_more(pools: Factory, tmp_path: Path)
     assert small.stats.jobs == 6
 
 
+async def test_the_event_loop_runs_on_while_children_work(pools: Factory, tmp_path: Path) -> None:
+    pool = pools(size=2)
+    await pool.start()
+    assert pool.stats.alive == 2
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    with pytest.raises(TimeoutError):
+        await pool.run(make_job(h.hang, marker=str(tmp_path / "pid")), 1.0)
+    stop.set()
+    await ticking
+    # A blocked loop would manage one tick, not dozens, in that second.
+    assert ticks >= 20
+    assert pool.stats.started == 2  # the started children were used, none added
+
+
 async def test_spawn_start_method_works_too(pools: Factory) -> None:
     pool = pools(start_method="spawn")
     first = await healthy(pool)

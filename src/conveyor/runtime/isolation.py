@@ -962,6 +962,7 @@ class _ChildState:
         self.busy = False
         self.seq = 0
         self.terminating = False
+        self.grouped = False  # leads its own process group
         self.ctx: JobContext | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task[Any] | None = None
@@ -978,10 +979,9 @@ def _child_main(sock: socket.socket, config: dict[str, Any]) -> None:
     global _CHILD
     state = _CHILD = _ChildState(sock)
     sock.setblocking(True)
-    grouped = False
     try:
         os.setpgid(0, 0)  # its own group: a kill reaches what the job started too
-        grouped = True
+        state.grouped = True
     except OSError:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a job stops
@@ -995,7 +995,7 @@ def _child_main(sock: socket.socket, config: dict[str, Any]) -> None:
     limit = config.get("max_memory_mb")
     if limit:  # after the thread started: its stack is part of the idle baseline
         _limit_memory(int(limit))
-    _send(sock, {"kind": "hello", "pid": os.getpid(), "grouped": grouped})
+    _send(sock, {"kind": "hello", "pid": os.getpid(), "grouped": state.grouped})
     while True:
         data = _recv_frame(sock)
         if data is None:
@@ -1047,20 +1047,25 @@ def _watch_parent(state: _ChildState) -> None:
     def next_job() -> bool:
         return state.busy and state.seq != seen
 
+    poller = select.poll()
+    poller.register(state.sock, select.POLLIN)
     while True:
         with state.cond:
             state.cond.wait_for(next_job)
             seen = state.seq
-        try:
-            select.select([state.sock], [], [])
-            peeked = state.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            continue
-        except OSError:
-            peeked = b""
+        while True:
+            poller.poll()
+            try:
+                peeked = state.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue  # woken for nothing: watch on
+            except OSError:
+                peeked = b""
+            break
         if not peeked:
-            with contextlib.suppress(OSError):
-                os.killpg(0, signal.SIGKILL)
+            if state.grouped:
+                with contextlib.suppress(OSError):
+                    os.killpg(0, signal.SIGKILL)
             os._exit(70)
         # Data: the next job arrived after this one ended; wait for it to start.
 
