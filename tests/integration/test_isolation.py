@@ -62,7 +62,7 @@ def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # reaped before or while reading
         return False
     return state != "Z"
 
@@ -276,6 +276,19 @@ async def test_os_exit_is_a_crash_and_the_child_is_replaced(pools: Factory) -> N
     assert not alive(first)
     assert await healthy(pool) != first
     assert pool.stats.crashed == 1
+
+
+async def test_a_child_killed_while_idle_is_replaced_without_failing_a_job(
+    pools: Factory,
+) -> None:
+    pool = pools()
+    first = await healthy(pool)
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: not alive(first), 10, "the idle child to die")
+    outcome = await pool.run(make_job(h.pid, job_id="probe"), 20)
+    assert outcome.ok, outcome.error
+    assert outcome.result != first
+    assert pool.stats.crashed == 0
 
 
 async def test_a_segfault_is_a_crash(pools: Factory) -> None:

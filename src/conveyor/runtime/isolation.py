@@ -399,6 +399,9 @@ class _Child:
     ending: asyncio.Task[None] | None = None
     reaped: bool = False
     exit_code: int | None = None
+    # It closed its socket with our message unread (ECONNRESET), so it never
+    # started that job.
+    unread: bool = False
 
     def pop_message(self) -> dict[str, Any] | None:
         """The next complete message in the buffer, if any. Raises ``_ProtocolError``."""
@@ -425,7 +428,10 @@ class _Child:
         while len(self.buffer) <= MAX_MESSAGE_BYTES + 1024:
             try:
                 chunk = self.sock.recv(1 << 16)
-            except (BlockingIOError, InterruptedError, OSError):
+            except ConnectionResetError:
+                self.unread = True
+                return
+            except OSError:  # BlockingIOError included: nothing more
                 return
             if not chunk:
                 return
@@ -589,7 +595,19 @@ class ProcessPool:
             raise
 
     async def _run(self, job: ChildJob, limit: float | None, data: bytes) -> ChildOutcome:
-        child = self._idle.pop() if self._idle else await self._spawn_for_run()
+        outcome = await self._run_once(job, limit, data)
+        if outcome is None:
+            # The child died before it read the job (killed while idle, just
+            # before it was picked): the job never started; a new child runs it.
+            outcome = await self._run_once(job, limit, data, retry=False)
+        assert outcome is not None
+        return outcome
+
+    async def _run_once(
+        self, job: ChildJob, limit: float | None, data: bytes, *, retry: bool = True
+    ) -> ChildOutcome | None:
+        """The outcome; ``None`` (if ``retry``) when the child died before reading the job."""
+        child = self._take_idle() or await self._spawn_for_run()
         if isinstance(child, ChildOutcome):
             return child
         self._busy[child] = asyncio.current_task()
@@ -605,6 +623,11 @@ class ProcessPool:
                     f"the job ran longer than {limit}s; its child process {child.pid} was killed"
                 ) from None
             except (_ProtocolError, OSError) as exc:
+                if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                    child.unread = True  # it was gone before it could read the job
+                if child.unread and retry:
+                    await self._end_uninterrupted(child)
+                    return None
                 return await self._lost(child, exc)
             except BaseException:
                 self._killed += 1
@@ -625,6 +648,16 @@ class ProcessPool:
             return outcome
         self._check_in(child, outcome)
         return outcome
+
+    def _take_idle(self) -> _Child | None:
+        """A live idle child: one killed while idle (the OOM killer, an operator)
+        is reaped here rather than failing the next job."""
+        while self._idle:
+            child = self._idle.pop()
+            if child.process.is_alive() and _quiet(child.sock):
+                return child
+            self._end(child)
+        return None
 
     async def close(self) -> None:
         """Kill every child (``SIGTERM``, ``SIGKILL`` after ``kill_grace``) and reap
@@ -847,6 +880,10 @@ class ProcessPool:
                 chunk = child.sock.recv(1 << 16)
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionResetError:
+                child.unread = True
+                waiter.set_exception(_ProtocolError("died", died=True))
+                return
             except OSError as exc:
                 waiter.set_exception(_ProtocolError(f"broke its socket ({exc})"))
                 return
@@ -896,6 +933,18 @@ class ProcessPool:
                         os.killpg(child.pid, signal.SIGKILL)
                     else:
                         os.kill(child.pid, signal.SIGKILL)
+
+
+def _quiet(sock: socket.socket) -> bool:
+    """An idle child's socket has nothing to read; EOF (it died: its descriptors
+    close before its parent learns of the exit) or stray bytes mean it is unfit."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 class _StartFailed(Exception):
