@@ -230,3 +230,7 @@ def leave_thread(ctx: JobContext, marker: str) -> int:
     while not os.path.exists(marker) and time.monotonic() < deadline:
         time.sleep(0.005)
     return os.getpid()
+
+
+def imported(ctx: JobContext, name: str) -> bool:
+    return name in sys.modules

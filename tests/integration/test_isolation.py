@@ -528,6 +528,25 @@ async def test_spawn_start_method_works_too(pools: Factory) -> None:
     assert await healthy(pool) != first
 
 
+async def test_preloaded_modules_are_imported_when_a_child_starts(pools: Factory) -> None:
+    pool = pools(preload=["json.tool"])
+    outcome = await pool.run(make_job(h.imported, name="json.tool"), 20)
+    assert outcome.result is True
+    plain = pools()
+    outcome = await plain.run(make_job(h.imported, name="json.tool"), 20)
+    assert outcome.result is False
+
+
+async def test_a_child_that_never_starts_fails_the_attempt_and_is_killed(
+    pools: Factory,
+) -> None:
+    pool = pools(preload=["integration.isolation_stuck_import"], start_timeout=1.0)
+    outcome = await pool.run(make_job(h.pid), 20)
+    assert outcome.crashed
+    assert "did not start within 1.0s" in (outcome.error or "")
+    assert pool.stats.alive == 0  # killed and reaped
+
+
 # -- handler references -------------------------------------------------------------------
 
 
