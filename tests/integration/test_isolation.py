@@ -529,10 +529,12 @@ async def test_spawn_start_method_works_too(pools: Factory) -> None:
 
 
 async def test_preloaded_modules_are_imported_when_a_child_starts(pools: Factory) -> None:
-    pool = pools(preload=["json.tool"])
+    # spawn: a fresh interpreter per child (the forkserver is shared by every
+    # pool of the process, so whether it preloaded a module depends on test order).
+    pool = pools(preload=["json.tool"], start_method="spawn")
     outcome = await pool.run(make_job(h.imported, name="json.tool"), 20)
     assert outcome.result is True
-    plain = pools()
+    plain = pools(start_method="spawn")
     outcome = await plain.run(make_job(h.imported, name="json.tool"), 20)
     assert outcome.result is False
 

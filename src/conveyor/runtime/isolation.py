@@ -452,6 +452,38 @@ def _kill_all_at_exit() -> None:
 atexit.register(_kill_all_at_exit)
 
 
+# Imported by the forkserver before it forks any child: Conveyor, and what a
+# handler module's `Conveyor(...)` and `@app.job` (a pydantic model per job
+# type) load lazily: about 0.1 s in every child otherwise. A name missing in
+# some pydantic version is skipped (the forkserver ignores ImportError).
+_FORKSERVER_PRELOAD = (
+    __name__,
+    "conveyor.storage.memory",
+    "conveyor.storage.sqlite",
+    "conveyor.bus.memory",
+    "pydantic.fields",
+    "pydantic.types",
+    "pydantic.json_schema",
+    "pydantic._internal._model_construction",
+    "pydantic.plugin._loader",
+)
+
+
+def _preload_in_forkserver(modules: Sequence[str]) -> None:
+    """Add ``modules`` to what the forkserver imports when it starts, so every
+    child is forked with them imported. The list is process-wide and read once,
+    when the forkserver starts; what is already in it is kept. (``__main__``,
+    there by default, is not imported by CPython 3.11's forkserver: each child
+    runs the main script again, as under spawn.)"""
+    import multiprocessing.forkserver as forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    current = list(getattr(server, "_preload_modules", None) or ["__main__"])
+    missing = [m for m in modules if m not in current]
+    if missing:
+        forkserver.set_forkserver_preload([*current, *missing])
+
+
 def _default_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
@@ -464,8 +496,13 @@ class ProcessPool:
     - ``kill_grace``: seconds between ``SIGTERM`` and ``SIGKILL``.
     - ``start_method``: ``"forkserver"`` (default where available) or ``"spawn"``.
     - ``start_timeout``: seconds a new child has to start (import, preload).
-    - ``preload``: modules every child imports when it starts (for example the
-      handlers' modules), so the first job of a child does not pay for them.
+    - ``preload``: modules to import before a child runs its first job (for
+      example the handlers' modules), so that job does not pay for them. Under
+      ``forkserver`` they are imported once in the forkserver when it starts
+      (the first child of the process) and every child inherits them, so they
+      must not open connections, files or threads at import: those would be
+      shared by every child. Under ``spawn``, or if the forkserver was already
+      running, each child imports them when it starts.
 
     Children start lazily, one per concurrent ``run()``; :meth:`start` starts
     them all ahead. Use from one event loop. Call :meth:`close` when done.
@@ -511,9 +548,7 @@ class ProcessPool:
         self.preload = tuple(preload)
         self._mp: Any = multiprocessing.get_context(method)
         if method == "forkserver":
-            # Process-wide, and only read when the forkserver starts: children
-            # are then forked with Conveyor already imported.
-            self._mp.set_forkserver_preload([__name__])
+            _preload_in_forkserver([*_FORKSERVER_PRELOAD, *self.preload])
         self._slots = asyncio.Semaphore(size)
         self._idle: list[_Child] = []
         self._busy: dict[_Child, asyncio.Task[Any] | None] = {}  # child -> task using it
