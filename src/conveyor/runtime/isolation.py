@@ -15,7 +15,8 @@ What crosses the process boundary
 - The handler is found by name: :class:`HandlerRef` is its module and
   qualified name, so a handler must be a module-level function (or a
   ``@app.job`` definition) in an importable module. The child imports that
-  module itself, once per child: side effects at import run in every child.
+  module itself, once per child: side effects at import run in every child
+  (modules in the pool's ``preload`` run them once, in the forkserver).
   Lambdas and nested functions are refused with ``ConfigurationError``. A
   script that defines handlers must start its worker under ``if __name__ ==
   "__main__":`` (the child imports the script as ``__mp_main__``).
@@ -43,8 +44,8 @@ What crosses the process boundary
 
 Start method: ``forkserver`` (the default where it exists). Children are forked
 from a small server process that has imported Conveyor once, so a replacement
-child costs a fork instead of a fresh interpreter importing Conveyor (about
-0.4 s), and, unlike plain ``fork``, no child inherits the worker's threads,
+child costs a fork (tens of ms) instead of a fresh interpreter importing
+Conveyor (0.5-0.9 s), and, unlike plain ``fork``, no child inherits the worker's threads,
 event loop, locks or database connections. ``spawn`` is accepted (and is the
 fallback where ``forkserver`` does not exist).
 
