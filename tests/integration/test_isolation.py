@@ -549,6 +549,16 @@ async def test_a_child_that_never_starts_fails_the_attempt_and_is_killed(
     assert pool.stats.alive == 0  # killed and reaped
 
 
+async def test_cancelling_run_while_its_child_starts_ends_that_child(pools: Factory) -> None:
+    pool = pools(preload=["integration.isolation_stuck_import"])
+    task = asyncio.create_task(pool.run(make_job(h.pid), None))
+    await async_wait_until(_async(lambda: pool.stats.alive == 1), 20, "a child to be started")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pool.stats.alive == 0  # killed and reaped before CancelledError
+
+
 # -- handler references -------------------------------------------------------------------
 
 

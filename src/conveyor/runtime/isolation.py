@@ -15,8 +15,7 @@ What crosses the process boundary
 - The handler is found by name: :class:`HandlerRef` is its module and
   qualified name, so a handler must be a module-level function (or a
   ``@app.job`` definition) in an importable module. The child imports that
-  module itself, once per child: side effects at import run in every child
-  (modules in the pool's ``preload`` run them once, in the forkserver).
+  module itself, once per child: side effects at import run in every child.
   Lambdas and nested functions are refused with ``ConfigurationError``. A
   script that defines handlers must start its worker under ``if __name__ ==
   "__main__":`` (the child imports the script as ``__mp_main__``).
@@ -497,13 +496,10 @@ class ProcessPool:
     - ``kill_grace``: seconds between ``SIGTERM`` and ``SIGKILL``.
     - ``start_method``: ``"forkserver"`` (default where available) or ``"spawn"``.
     - ``start_timeout``: seconds a new child has to start (import, preload).
-    - ``preload``: modules to import before a child runs its first job (for
-      example the handlers' modules), so that job does not pay for them. Under
-      ``forkserver`` they are imported once in the forkserver when it starts
-      (the first child of the process) and every child inherits them, so they
-      must not open connections, files or threads at import: those would be
-      shared by every child. Under ``spawn``, or if the forkserver was already
-      running, each child imports them when it starts.
+    - ``preload``: modules each child imports when it starts, before it says
+      it is ready (for example the handlers' modules), so its first job does
+      not pay for them. An import that fails is left for the job to report;
+      one that hangs is cut by ``start_timeout``.
 
     Children start lazily, one per concurrent ``run()``; :meth:`start` starts
     them all ahead. Use from one event loop. Call :meth:`close` when done.
@@ -549,7 +545,7 @@ class ProcessPool:
         self.preload = tuple(preload)
         self._mp: Any = multiprocessing.get_context(method)
         if method == "forkserver":
-            _preload_in_forkserver([*_FORKSERVER_PRELOAD, *self.preload])
+            _preload_in_forkserver(_FORKSERVER_PRELOAD)
         self._slots = asyncio.Semaphore(size)
         self._idle: list[_Child] = []
         self._busy: dict[_Child, asyncio.Task[Any] | None] = {}  # child -> task using it
@@ -738,19 +734,28 @@ class ProcessPool:
             target=_child_main, args=(child_sock, config), name="conveyor-isolated", daemon=False
         )
         start = loop.run_in_executor(None, process.start)
-        try:
-            await asyncio.shield(start)
-        except asyncio.CancelledError:
-            # The start goes on in its thread: let it finish, then end that child.
-            with contextlib.suppress(BaseException):
-                await start
+
+        def late(fut: asyncio.Future[None]) -> None:
+            # The start finished after run() gave up on it: that child gets no job.
             child_sock.close()
-            if process.pid is not None:
+            if not fut.cancelled() and fut.exception() is None and process.pid is not None:
                 self._end(self._adopt(process, parent_sock))
             else:
                 parent_sock.close()
+
+        try:
+            done, _ = await asyncio.wait({start}, timeout=self.start_timeout)
+        except asyncio.CancelledError:
+            start.add_done_callback(late)
             raise
-        except BaseException as exc:
+        if not done:  # a forkserver that never answers must not hang run()
+            start.add_done_callback(late)
+            raise _StartFailed(
+                f"no child process started within {self.start_timeout}s "
+                f"(start method {self.start_method})"
+            )
+        exc = start.exception()
+        if exc is not None:
             child_sock.close()
             parent_sock.close()
             raise _StartFailed(f"a child process could not be started: {_describe(exc)}") from exc
@@ -843,14 +848,7 @@ class ProcessPool:
     async def _end_uninterrupted(self, child: _Child) -> None:
         """End ``child`` and wait until it is reaped, even if cancelled meanwhile
         (then ``CancelledError`` is raised afterwards)."""
-        task = self._end(child)
-        cancelled = False
-        while not task.done():
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                cancelled = True
-        if cancelled:
+        if await _wait_uninterrupted(self._end(child)):
             raise asyncio.CancelledError
 
     async def _terminate(self, child: _Child) -> None:
@@ -989,6 +987,20 @@ class _StartFailed(Exception):
         self.exit_code = exit_code
 
 
+async def _wait_uninterrupted(fut: asyncio.Future[Any]) -> bool:
+    """Wait until ``fut`` is done, even through cancellations; True if the
+    caller was cancelled meanwhile (it must then raise ``CancelledError``)."""
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            cancelled = True
+        except BaseException:  # noqa: BLE001 - the caller reads fut's exception
+            break
+    return cancelled
+
+
 async def _readable(fd: int, seconds: float) -> None:
     """Wait until ``fd`` is readable or ``seconds`` passed."""
     loop = asyncio.get_running_loop()
@@ -1071,15 +1083,23 @@ def _child_main(sock: socket.socket, config: dict[str, Any]) -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a job stops
     signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, state))
-    for module in config.get("preload", ()):
-        with contextlib.suppress(BaseException):
-            importlib.import_module(module)  # a failure is reported by the job itself
     watch = threading.Thread(target=_watch_parent, args=(state,), name="parent-watch", daemon=True)
     watch.start()
     own_threads = {threading.main_thread(), watch}
+    with state.cond:  # watched like a job: a stuck import must not outlive the parent
+        state.busy = True
+        state.seq += 1
+        state.cond.notify_all()
+    for module in config.get("preload", ()):
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)  # a failure is reported by the job itself
     limit = config.get("max_memory_mb")
-    if limit:  # after the thread started: its stack is part of the idle baseline
+    if limit:  # after the thread started and the imports: part of the idle baseline
         _limit_memory(int(limit))
+    with state.cond:
+        state.busy = False
+    if state.terminating:
+        return
     _send(sock, {"kind": "hello", "pid": os.getpid(), "grouped": state.grouped})
     while True:
         data = _recv_frame(sock)
