@@ -179,6 +179,14 @@ class HandlerRef:
 
         Raises ``ConfigurationError`` (cause kept) when the import or a lookup fails.
         """
+        return self.resolve_with_payload()[0]
+
+    def resolve_with_payload(
+        self,
+    ) -> tuple[Callable[..., Any], Callable[[dict[str, Any]], dict[str, Any]] | None]:
+        """``resolve()`` and, when the name is a ``JobDefinition``, its
+        ``validated_payload`` (so a child's handler gets values coerced to its
+        signature, as in a thread)."""
         try:
             obj: Any = importlib.import_module(self.module)
         except BaseException as exc:
@@ -195,7 +203,8 @@ class HandlerRef:
         handler = getattr(obj, "handler", obj)
         if not callable(handler):
             raise ConfigurationError(f"{self.module}.{self.qualname} is not callable")
-        return handler  # type: ignore[no-any-return]
+        validate = getattr(obj, "validated_payload", None) if obj is not handler else None
+        return handler, validate if callable(validate) else None
 
 
 @dataclass(frozen=True)
@@ -1064,7 +1073,10 @@ class _ChildState:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task[Any] | None = None
         self.cond = threading.Condition()
-        self.handlers: dict[tuple[str, str], Callable[..., Any]] = {}
+        self.handlers: dict[
+            tuple[str, str],
+            tuple[Callable[..., Any], Callable[[dict[str, Any]], dict[str, Any]] | None],
+        ] = {}
         self.classes: dict[str, type[BaseException] | None] = {}
 
 
@@ -1239,17 +1251,19 @@ def _run_job(job: ChildJob, state: _ChildState) -> dict[str, Any]:
     state.ctx = ctx
     try:
         key = (job.handler.module, job.handler.qualname)
-        handler = state.handlers.get(key)
-        if handler is None:
+        found = state.handlers.get(key)
+        if found is None:
             try:
-                handler = job.handler.resolve()
+                found = job.handler.resolve_with_payload()
             except ConfigurationError as exc:
                 raise Permanent(f"cannot load the handler of {job.job_type!r}: {exc}") from exc
-            state.handlers[key] = handler
+            state.handlers[key] = found
+        handler, validate = found
+        kwargs = validate(job.payload) if validate is not None else job.payload
         if job.is_async:
-            result = asyncio.run(_run_async(handler(ctx, **job.payload), state))
+            result = asyncio.run(_run_async(handler(ctx, **kwargs), state))
         else:
-            result = handler(ctx, **job.payload)
+            result = handler(ctx, **kwargs)
             if inspect.iscoroutine(result):
                 result = asyncio.run(_run_async(result, state))
     except BaseException as exc:  # noqa: BLE001 - SystemExit & co. fail this attempt only

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import structlog
 
 from conveyor.bus.base import CANCEL_TOPIC, WAKE_TOPIC, Message, Subscription
@@ -96,6 +97,15 @@ STOP_WAIT = 2.0
 
 #: Error text of a job whose outcome the store refused (see ``Worker._write``).
 UNSTORABLE = "the job's outcome could not be stored"
+
+
+def _as_json(values: dict[str, Any], fallback: dict[str, Any]) -> dict[str, Any]:
+    """The validated payload as JSON values for a child process (``"7"`` already an
+    ``int``; a ``datetime`` as ISO text, turned back by the child's validation)."""
+    try:
+        return dict(orjson.loads(orjson.dumps(values)))
+    except (TypeError, ValueError):
+        return fallback
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -553,7 +563,7 @@ class Worker:
             queue=job.queue,
             worker_id=self.id,
             metadata=job.metadata,
-            payload=job.payload,
+            payload=_as_json(kwargs, job.payload),
             handler=HandlerRef.of(definition.handler),
             is_async=definition.is_async,
             permanent_errors=tuple(

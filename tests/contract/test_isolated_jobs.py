@@ -1,0 +1,114 @@
+"""Jobs of ``isolation="process"`` job types through a real worker, on every
+backend: a crash, ``os._exit``, a hang past the timeout or a cancel ends only that
+attempt (its child is killed), the worker lives on, a handler gets coerced values."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from conveyor import Conveyor
+from conveyor.domain.states import JobState
+from conveyor.settings import Settings
+from conveyor.storage.base import Store
+from integration import isolation_handlers as h
+from support import async_wait_until, running_worker
+
+FINAL = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+@pytest.fixture
+async def app(store: Store) -> AsyncIterator[Conveyor]:
+    settings = Settings(
+        database_url="memory://", heartbeat_interval=0.2, heartbeat_timeout=2.0, shutdown_grace=0.5
+    )
+    conveyor = Conveyor(settings=settings, store=store)
+    iso = {"isolation": "process", "max_retries": 0}
+    conveyor.job("hard_exit", **iso)(h.hard_exit)
+    conveyor.job("segfault", **iso)(h.segfault)
+    conveyor.job("exit3", **iso)(h.exit3)
+    conveyor.job("hang", timeout=0.5, **iso)(h.hang)
+    conveyor.job("wait_cancelled", timeout=60, **iso)(h.wait_cancelled)
+    conveyor.job("async_echo", **iso)(h.async_echo)
+    conveyor.job("pid", **iso)(h.pid)
+    conveyor.job("in_thread")(h.pid)  # the same function, not isolated
+    await conveyor.open()
+    try:
+        yield conveyor
+    finally:
+        await conveyor.bus.close()
+
+
+async def finished(app: Conveyor, ids: list[str], timeout: float = 60) -> dict:
+    async def done() -> dict | None:
+        jobs = {i: await app.store.get(i) for i in ids}
+        return jobs if all(j.state in FINAL for j in jobs.values()) else None
+
+    return await async_wait_until(done, timeout, f"jobs {ids} to finish")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_crashes_and_hangs_end_only_their_attempt(app, tmp_path: Path):
+    marker = tmp_path / "hang.pid"
+    ids = {
+        "hard_exit": (await app.enqueue("hard_exit")).id,
+        "segfault": (await app.enqueue("segfault")).id,
+        "exit3": (await app.enqueue("exit3")).id,
+        "hang": (await app.enqueue("hang", {"marker": str(marker)})).id,
+        "echo": (await app.enqueue("async_echo", {"n": "7"})).id,
+        "thread": (await app.enqueue("in_thread")).id,
+    }
+    async with running_worker(app, concurrency=4) as worker:
+        jobs = await finished(app, list(ids.values()))
+        assert not worker.stopping
+    got = {k: jobs[i] for k, i in ids.items()}
+    assert got["echo"].state is JobState.COMPLETED
+    assert got["echo"].result["n"] == 7  # coerced to the signature's int in the child
+    assert got["echo"].result["pid"] != os.getpid()
+    assert got["thread"].result == os.getpid()
+    for kind in ("hard_exit", "segfault", "exit3", "hang"):
+        assert got[kind].state is JobState.FAILED, kind
+    assert "exit" in got["hard_exit"].error.lower()
+    assert "SIGSEGV" in got["segfault"].error or "signal" in got["segfault"].error.lower()
+    assert got["exit3"].error == "SystemExit: 3"
+    assert got["hang"].error.startswith("JobTimeout")
+    assert not alive(int(marker.read_text()))  # the hanging child was killed
+
+
+async def test_cancel_kills_the_child_and_is_confirmed(app, tmp_path: Path):
+    marker, done = tmp_path / "m.pid", tmp_path / "done"
+    job = await app.enqueue("wait_cancelled", {"marker": str(marker), "done": str(done)})
+    async with running_worker(app, concurrency=2):
+        await async_wait_until(_exists(marker), 60, "the child to start the job")
+        await app.cancel(job.id)
+        jobs = await finished(app, [job.id])
+    assert jobs[job.id].state is JobState.CANCELLED
+    assert not alive(int(marker.read_text()))
+
+
+async def test_shutdown_kills_isolated_jobs_and_hands_them_back(app, tmp_path: Path):
+    marker, done = tmp_path / "m.pid", tmp_path / "done"
+    job = await app.enqueue("wait_cancelled", {"marker": str(marker), "done": str(done)})
+    async with running_worker(app, concurrency=2) as worker:
+        await async_wait_until(_exists(marker), 60, "the child to start the job")
+    # Its code stopped for sure (the child is dead): handed back, not abandoned.
+    assert worker.abandoned == 0
+    assert not alive(int(marker.read_text()))
+    assert (await app.store.get(job.id)).state is JobState.PENDING
+
+
+def _exists(path: Path):
+    async def check() -> bool:
+        return path.exists() and path.read_text() != ""
+
+    return check
