@@ -110,6 +110,13 @@ def cli(ctx: click.Context, database_url: str | None, log_level: str) -> None:
 @click.option("--shutdown-grace", type=float, envvar="CONVEYOR_SHUTDOWN_GRACE")
 @click.option("--worker-id", default=None, help="Stable id (default: host-pid-random).")
 @click.option("--no-maintenance", is_flag=True, help="Do not run the rescuer/pruner here.")
+@click.option(
+    "--isolation",
+    type=click.Choice(["thread", "process"]),
+    envvar="CONVEYOR_ISOLATION",
+    default=None,
+    help="Where handlers run unless their job type says: threads, or child processes.",
+)
 @click.pass_obj
 def worker(
     obj: Ctx,
@@ -121,6 +128,7 @@ def worker(
     shutdown_grace: float | None,
     worker_id: str | None,
     no_maintenance: bool,
+    isolation: str | None,
 ) -> None:
     """Run a worker for the job types of APPS (module or module:attr)."""
     app = obj.app(
@@ -133,7 +141,7 @@ def worker(
     for spec in apps:
         apply_app(app, spec)
     run_loop(
-        app.run_worker(worker_id=worker_id, maintenance=not no_maintenance),
+        app.run_worker(worker_id=worker_id, maintenance=not no_maintenance, isolation=isolation),
         app.settings.event_loop,
     )
 
