@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conveyor import Conveyor
+from conveyor.domain.errors import ConfigurationError
 from conveyor.domain.states import JobState
 from conveyor.settings import Settings
 from conveyor.storage.base import Store
@@ -112,3 +113,10 @@ def _exists(path: Path):
         return path.exists() and path.read_text() != ""
 
     return check
+
+
+def test_a_handler_a_child_cannot_import_is_refused_when_the_worker_is_built():
+    app = Conveyor("memory://")
+    app.job("inline", isolation="process")(lambda ctx: None)
+    with pytest.raises(ConfigurationError, match="module level"):
+        app.worker()

@@ -30,6 +30,7 @@ import structlog
 
 from conveyor.bus.base import CANCEL_TOPIC, WAKE_TOPIC, Message, Subscription
 from conveyor.domain.errors import (
+    ConfigurationError,
     ConveyorError,
     Permanent,
     StoreUnavailable,
@@ -160,6 +161,15 @@ class Worker:
         self._flushed = asyncio.Event()
         self._force_stop = False
         self.isolation = isolation or s.isolation
+        if self.isolation not in ("thread", "process"):
+            raise ConfigurationError(
+                f"isolation must be 'thread' or 'process' (got {self.isolation!r})"
+            )
+        for name in self.job_types:
+            if self._isolated(app.registry[name]):
+                from conveyor.runtime.isolation import HandlerRef
+
+                HandlerRef.of(app.registry[name].handler)  # a lambda fails here, not per job
         self._pool: Any = None  # runtime.isolation.ProcessPool, started on first use
         self._threads = ThreadPoolExecutor(
             max_workers=self.concurrency, thread_name_prefix="conveyor-job"
