@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import ipaddress
 import signal
 import socket
 from collections.abc import Iterator
@@ -15,20 +14,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from conveyor.api.app import create_app
+from conveyor.api.guard import is_loopback_name
 from conveyor.app import Conveyor
 from conveyor.domain.errors import ConfigurationError
 from conveyor.observability.metrics import Metrics
 from conveyor.runtime.worker import Worker, exit_if_abandoned
 from conveyor.security.redact import redact_url
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Server(uvicorn.Server):
@@ -63,7 +54,7 @@ async def serve_forever(
     worker: Worker | None = None
     try:
         keys = await app.store.count_api_keys()
-        loopback = is_loopback(host)
+        loopback = is_loopback_name(host)
         if not loopback and keys == 0:
             raise ConfigurationError(
                 f"Refusing to listen on {host} without API keys: create one with "

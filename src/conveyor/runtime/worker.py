@@ -565,14 +565,9 @@ class Worker:
         pool = self._child_pool()
         from conveyor.runtime.isolation import ChildJob, HandlerRef
 
-        child_job = ChildJob(
-            job_id=job.id,
-            job_type=job.job_type,
-            attempt=job.attempt,
-            max_retries=job.max_retries,
-            queue=job.queue,
-            worker_id=self.id,
-            metadata=job.metadata,
+        child_job = ChildJob(  # the child builds the same JobContext from these
+            *(ctx.job_id, ctx.job_type, ctx.attempt, ctx.max_retries, ctx.queue),
+            *(ctx.worker_id, ctx.metadata),
             payload=_as_json(kwargs, job.payload),
             handler=HandlerRef.of(definition.handler),
             is_async=definition.is_async,
