@@ -26,5 +26,7 @@ ruff check src tests bench
 ruff format --check src tests bench
 echo "== mypy"
 mypy
+echo "== import-linter (layers)"
+lint-imports
 echo "== pytest"
 pytest "$@"

@@ -172,6 +172,17 @@ async def test_python_options_outside_their_range_are_refused(app, options, fiel
     assert (await app.store.list_jobs(JobQuery())).total == 0
 
 
+async def test_strings_that_parse_to_non_finite_floats_are_refused(app):
+    @app.job("ratio")
+    async def ratio(ctx, x: float) -> float:
+        return x
+
+    for text in ("nan", "inf", "-Infinity", "1e309"):
+        with pytest.raises(ValidationError, match=r"payload\.x"):
+            await app.enqueue("ratio", {"x": text})
+    assert (await app.enqueue("ratio", {"x": "1.5"})).payload == {"x": "1.5"}
+
+
 async def test_the_handler_receives_the_validated_values(app):
     job = await app.enqueue("typed", {"n": "7"})
     async with running_worker(app):
@@ -264,6 +275,19 @@ async def test_internal_job_types_and_keys_are_not_reachable_from_the_api(app, s
         assert (await c.get(f"/api/jobs/{made.job.id}", headers=as_read)).status_code == 404
         denied = await c.get("/api/jobs?include_internal=true", headers=as_read)
         assert denied.status_code == 403
+        events = (await c.get("/api/events?after=0", headers=as_read)).json()["events"]
+        assert [e for e in events if e["job_id"] == made.job.id] == []
+        events = (await c.get("/api/events?after=0", headers=as_admin)).json()["events"]
+        assert [e["job_id"] for e in events if e["job_id"] == made.job.id] == [made.job.id]
+        write_key, write = new_api_key("writer", "write", app.now())
+        await store.create_api_key(write)
+        as_write = {"Authorization": f"Bearer {write_key}"}
+        assert (await c.delete(f"/api/jobs/{made.job.id}", headers=as_write)).status_code == 404
+        retried = await c.post(f"/api/jobs/{made.job.id}/retry", headers=as_write)
+        assert retried.status_code == 404
+        assert (await store.get(made.job.id)).state is JobState.PENDING
+        huge = await c.get(f"/api/events?after={2**63}", headers=as_read)
+        assert huge.status_code == 400
         shown = await c.get("/api/jobs?include_internal=true", headers=as_admin)
         assert [j["id"] for j in shown.json()["jobs"]] == [made.job.id]
         assert (await c.get(f"/api/jobs/{made.job.id}", headers=as_admin)).status_code == 200

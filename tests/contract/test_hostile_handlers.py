@@ -12,6 +12,7 @@ import asyncio
 import math
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -258,3 +259,68 @@ async def test_listing_after_hostile_jobs_still_works(app):
         await finished(app, [job.id])
     page = await app.store.list_jobs(JobQuery())
     assert [j.id for j in page.jobs] == [job.id]
+
+
+class HangingStr(Exception):
+    release = threading.Event()
+
+    def __str__(self) -> str:
+        HangingStr.release.wait(30)
+        return "late"
+
+
+async def test_review_breaks_fail_only_their_attempt(app):
+    """Found by a review: a handler cancelling its own task, a sync StopIteration,
+    its own TimeoutError, an exception whose __str__ hangs, a huge integer delay."""
+    HangingStr.release.clear()
+
+    @app.job("self_cancel", max_retries=1, timeout=5)
+    async def self_cancel(ctx) -> None:
+        asyncio.current_task().cancel()
+        await asyncio.sleep(1)
+
+    @app.job("stop_iteration", max_retries=0, timeout=5)
+    def stop_iteration(ctx) -> None:
+        raise StopIteration("boom")
+
+    @app.job("own_timeout", max_retries=0, timeout=300)
+    async def own_timeout(ctx) -> None:
+        await asyncio.wait_for(asyncio.sleep(10), 0.01)
+
+    @app.job("hanging_str", max_retries=0)
+    async def hanging_str(ctx) -> None:
+        raise HangingStr()
+
+    @app.job("big_int_delay", max_retries=1)
+    async def big_int_delay(ctx) -> str:
+        if ctx.attempt == 1:
+            raise Retry("later", delay=10**400)
+        return "second"
+
+    ids = {
+        name: (await app.enqueue(name)).id
+        for name in ("self_cancel", "stop_iteration", "own_timeout", "hanging_str")
+    }
+    delayed = await app.enqueue("big_int_delay")
+    try:
+        async with running_worker(app):
+            jobs = await finished(app, list(ids.values()))
+
+            async def retried() -> bool:
+                job = await app.store.get(delayed.id)
+                return job.attempt == 1 and job.state is JobState.PENDING
+
+            await async_wait_until(retried, 10, "the delayed job to wait for its retry")
+    finally:
+        HangingStr.release.set()
+    got = {name: jobs[i] for name, i in ids.items()}
+    assert all(j.state is JobState.FAILED for j in got.values())
+    assert got["self_cancel"].error == "CancelledError"
+    outcomes = [e.outcome for e in await app.store.executions(ids["self_cancel"])]
+    assert outcomes == ["retry", "failed"]  # attempts counted, never handed back
+    assert got["stop_iteration"].error == "StopIteration: boom"
+    assert got["own_timeout"].error == "TimeoutError"  # not JobTimeout
+    # The event loop went on (the heartbeat, this test) while __str__ hung.
+    assert "did not come within" in got["hanging_str"].error
+    job = await app.store.get(delayed.id)
+    assert job.run_at >= app.now() + timedelta(days=29)

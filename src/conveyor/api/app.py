@@ -293,6 +293,13 @@ def create_app(
         )
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def visible(job_id: str, request: Request) -> None:
+        """404 for a job the caller may not see: Conveyor's own jobs are for admin
+        keys (or keyless loopback use) only, whatever the route."""
+        job = await conveyor.store.get(job_id)
+        if is_internal(job.job_type) and not _sees_internal(request):
+            raise JobNotFound(job_id)
+
     # -- jobs ---------------------------------------------------------------------------------
     @api.post(
         "/api/jobs",
@@ -416,7 +423,7 @@ def create_app(
         """One job with its executions (Conveyor's own jobs: admin keys only)."""
         job = await conveyor.store.get(job_id)
         if is_internal(job.job_type) and not _sees_internal(request):
-            raise JobNotFound(f"Job {job_id!r} not found")
+            raise JobNotFound(job_id)
         return {"success": True, "job": job_dict(job, await conveyor.store.executions(job_id))}
 
     @api.delete(
@@ -429,8 +436,9 @@ def create_app(
             409: {"description": "Already finished"},
         },
     )
-    async def cancel_job(job_id: str) -> Response:
+    async def cancel_job(job_id: str, request: Request) -> Response:
         """Cancel a job: pending/blocked at once (200), running once its worker confirms (202)."""
+        await visible(job_id, request)
         job = await conveyor.cancel(job_id)
         return JSON(
             {"success": True, "job_id": job.id, "status": job.status},
@@ -443,8 +451,9 @@ def create_app(
         tags=["jobs"],
         responses={404: {"description": "Unknown job"}, 409: {"description": "Not failed"}},
     )
-    async def retry_job(job_id: str) -> dict[str, Any]:
+    async def retry_job(job_id: str, request: Request) -> dict[str, Any]:
         """Re-queue a failed (dead-lettered) job."""
+        await visible(job_id, request)
         (job,) = await conveyor.store.retry_failed([job_id], conveyor.now())
         conveyor.notify_listeners()
         return {"success": True, "job_id": job.id, "status": job.status}
@@ -491,9 +500,9 @@ def create_app(
         tags=["dlq"],
         responses={404: {"description": "Unknown job"}, 409: {"description": "Not failed"}},
     )
-    async def retry_dlq(job_id: str) -> dict[str, Any]:
+    async def retry_dlq(job_id: str, request: Request) -> dict[str, Any]:
         """Re-queue one dead-lettered job."""
-        return await retry_job(job_id)
+        return await retry_job(job_id, request)
 
     @api.delete(
         "/api/dlq/{job_id}",

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import orjson
 import structlog
-from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import Response
 
 from conveyor.api.guard import internal_error_text, report_unexpected
@@ -47,8 +47,17 @@ CLOSE_TIMEOUT = 2.0  # seconds to send a close frame to a client that stopped re
 MAX_SCAN_PAGES = 20  # GET /api/events reads at most this many pages to fill a filtered page
 
 
-def _filter(types: str | None, job_id: str | None, queue: str | None) -> EventFilter:
-    return EventFilter(parse_type_patterns(types), job_id or None, queue or None)
+#: Event ids are 64-bit signed integers in every store.
+MAX_EVENT_ID = 2**63 - 1
+
+
+def _filter(
+    types: str | None, job_id: str | None, queue: str | None, key: Any = None
+) -> EventFilter:
+    """The client's filter; events of Conveyor's own jobs only for an admin key or
+    keyless loopback use (``key`` None), as in the job listings."""
+    internal = key is None or key.scope.allows(KeyScope.ADMIN)
+    return EventFilter(parse_type_patterns(types), job_id or None, queue or None, internal)
 
 
 def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
@@ -59,7 +68,10 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
     # -- events -------------------------------------------------------------------------
     @router.get("/api/events", dependencies=read, tags=["events"])
     async def list_events(
-        after: Annotated[int, Query(ge=0, description="Last event id seen; 0 = oldest kept")] = 0,
+        request: Request,
+        after: Annotated[
+            int, Query(ge=0, le=MAX_EVENT_ID, description="Last event id seen; 0 = oldest kept")
+        ] = 0,
         types: Annotated[
             str | None,
             # Documented, not enforced here: parse_type_patterns says what is wrong.
@@ -75,7 +87,7 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
     ) -> dict[str, Any]:
         """Events after ``after`` in delivery order. Poll again with ``after=next_after``:
         it moves past events the filter skipped, so no event is read twice."""
-        flt = _filter(types, job_id, queue)
+        flt = _filter(types, job_id, queue, getattr(request.state, "api_key", None))
         cursor, out = after, list[dict[str, Any]]()
         for _ in range(MAX_SCAN_PAGES):
             batch = await conveyor.store.events_after(cursor, max(limit, 500))
@@ -95,16 +107,16 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
         await websocket.accept()
         params = websocket.query_params
         try:
-            await auth.authenticate(websocket, KeyScope.READ)
+            key = await auth.authenticate(websocket, KeyScope.READ)
         except ApiError as exc:
             code = CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_UNAUTHORIZED
             await websocket.close(code, _reason(exc.error))
             return
         try:
-            flt = _filter(params.get("types"), params.get("job_id"), params.get("queue"))
+            flt = _filter(params.get("types"), params.get("job_id"), params.get("queue"), key)
             raw_after = params.get("after")
             after = None if raw_after in (None, "") else int(raw_after)
-            if after is not None and after < 0:
+            if after is not None and not 0 <= after <= MAX_EVENT_ID:
                 raise ValueError
         except ValidationError as exc:
             details = "; ".join(d.message for d in exc.details)

@@ -97,9 +97,15 @@ class EventFilter:
     types: tuple[str, ...] = ()
     job_id: str | None = None
     queue: str | None = None
+    #: Events of Conveyor's own jobs (``conveyor.`` types) too: admin keys only.
+    include_internal: bool = False
 
     def matches(self, event: Event) -> bool:
         if self.job_id is not None and event.job_id != self.job_id:
+            return False
+        if not self.include_internal and str(event.data.get("job_type", "")).startswith(
+            INTERNAL_JOB_PREFIX
+        ):
             return False
         if self.queue is not None and event.data.get("queue") != self.queue:
             return False

@@ -81,6 +81,10 @@ def clamp_retry_delay(delay: float | None) -> float | None:
     """
     if delay is None:
         return None
+    if isinstance(delay, int) and not isinstance(delay, bool) and delay > MAX_RETRY_DELAY_SECONDS:
+        return float(MAX_RETRY_DELAY_SECONDS)  # 10**400 is a huge delay, not no delay
+    if not isinstance(delay, int | float):
+        return None  # only numbers: float() of an object would run its code
     try:
         value = float(delay)
     except (TypeError, ValueError, OverflowError):

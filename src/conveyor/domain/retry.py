@@ -69,20 +69,26 @@ def decide(
     max_retries: int,
     policy: RetryPolicy,
     rand: Callable[[], float] = _random.random,
+    error: str | None = None,
 ) -> Decision:
     """What to do after attempt number ``attempt`` (1-based) raised ``exc``.
 
     Transient unless marked permanent; timeouts are transient; ``Retry`` asks
     for its own delay (clamped to ``MAX_RETRY_DELAY_SECONDS``); no attempts left
-    means the dead-letter queue. Never raises.
+    means the dead-letter queue. Never raises. ``error``: the text already made of
+    ``exc`` (the worker describes hostile exceptions off its event loop).
     """
-    error = describe(exc)
+    if error is None:
+        error = describe(exc)
     if isinstance(exc, (Permanent, policy.permanent_errors)):
         return Decision(Action.FAIL, 0.0, error)
     if attempt > max_retries:
         return Decision(Action.FAIL, 0.0, error)
     if isinstance(exc, Retry):
-        delay = clamp_retry_delay(getattr(exc, "delay", None))
+        try:
+            delay = clamp_retry_delay(exc.__dict__.get("delay"))
+        except BaseException:  # noqa: BLE001 - a hostile delay object: use the backoff
+            delay = None
         if delay is not None:
             return Decision(Action.RETRY, delay, error)
     return Decision(Action.RETRY, policy.delay(attempt, rand), error)

@@ -139,7 +139,11 @@ def payload_model(job_type: str, handler: Handler) -> type[pydantic.BaseModel] |
     try:
         return pydantic.create_model(
             f"{job_type}_payload",
-            __config__=pydantic.ConfigDict(extra=extra, arbitrary_types_allowed=True),
+            # allow_inf_nan=False: "nan" or "1e309" for a float parameter is refused
+            # like a literal NaN (JSON has none, and the handler must never see one).
+            __config__=pydantic.ConfigDict(
+                extra=extra, arbitrary_types_allowed=True, allow_inf_nan=False
+            ),
             **fields_,
         )
     except (pydantic.PydanticUserError, TypeError, NameError) as exc:

@@ -123,6 +123,22 @@ class _Running:
     deadline: float | None = None  # monotonic time the handler's timeout expires
     stuck_since: float | None = None  # asked to stop (timeout/cancel), still running
     abandoned: bool = False  # shutdown left its code running: no outcome is written
+    timeout_cm: asyncio.Timeout | None = None  # the handler's timeout, to tell it apart
+    timed_out: bool = False  # the pool killed its child at the timeout
+
+
+@dataclass(frozen=True, slots=True)
+class _Raised:
+    """What a sync handler raised, carried back from its thread as a value:
+    ``StopIteration`` can't be set on a Future, and nothing else may be lost."""
+
+    exc: BaseException
+
+
+#: Exception arguments whose text is computed without user code.
+_PLAIN_ARGS = frozenset({str, int, float, bool, type(None), bytes})
+#: Seconds a user-defined exception gets to describe itself (``__str__``).
+DESCRIBE_TIMEOUT = 1.0
 
 
 class Worker:
@@ -171,6 +187,7 @@ class Worker:
 
                 HandlerRef.of(app.registry[name].handler)  # a lambda fails here, not per job
         self._pool: Any = None  # runtime.isolation.ProcessPool, started on first use
+        self._describer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="conveyor-describe")
         self._threads = ThreadPoolExecutor(
             max_workers=self.concurrency, thread_name_prefix="conveyor-job"
         )
@@ -290,6 +307,7 @@ class Worker:
             with contextlib.suppress(ConveyorError):
                 await self.store.deregister_worker(self.id, self.app.now())
             self._threads.shutdown(wait=False, cancel_futures=True)
+            self._describer.shutdown(wait=False, cancel_futures=True)
             if self._pool is not None:
                 await self._pool.close()
             log.info("worker_stopped", worker_id=self.id, processed=self.processed)
@@ -449,40 +467,68 @@ class Worker:
     async def _attempt(self, job: Job, ctx: JobContext, definition: JobDefinition) -> Finish | None:
         entry = self._running[job.id]
         timeout = job.timeout_ms / 1000 if job.timeout_ms else definition.timeout
+        raised: BaseException
         try:
             kwargs = definition.validated_payload(job.payload)
             if self._isolated(definition):
-                return self._child_outcome(
-                    job, definition, await self._run_in_child(job, ctx, definition, kwargs, timeout)
-                )
+                outcome = await self._run_in_child(job, ctx, definition, kwargs, timeout)
+                return self._child_outcome(job, definition, outcome)
             if definition.is_async:
                 entry.deadline = _deadline(timeout)
                 coro = definition.handler(ctx, **kwargs)
-                async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
+                entry.timeout_cm = asyncio.timeout(timeout)
+                async with entry.timeout_cm:  # cheaper than wait_for: no extra task
                     result = await coro
-            else:
-                result = await self._run_in_thread(entry, definition, kwargs, timeout)
-            return self._success(job, definition, result)
+                return self._success(job, definition, result)
+            result = await self._run_in_thread(entry, definition, kwargs, timeout)
+            if not isinstance(result, _Raised):
+                return self._success(job, definition, result)
+            raised = result.exc
         except asyncio.CancelledError as exc:
+            if entry.cancel_requested or entry.released:
+                ctx.cancelled.set()
+                if entry.cancel_requested:
+                    return Finish(
+                        job.id, job.lease_token or "", Action.CONFIRM_CANCEL, error="cancelled"
+                    )
+                return Finish(job.id, job.lease_token or "", Action.RELEASE)
+            # Not a cancel, timeout or shutdown of ours: the handler raised it, or
+            # cancelled its own task. An ordinary failure of this attempt.
             task = asyncio.current_task()
-            if task is None or task.cancelling() == 0:
-                # Raised by the handler itself, not by a cancel, timeout or shutdown
-                # of ours: an ordinary failure of this attempt.
-                return self._failure(job, definition, exc)
-            ctx.cancelled.set()
-            if entry.cancel_requested:
-                return Finish(
-                    job.id, job.lease_token or "", Action.CONFIRM_CANCEL, error="cancelled"
-                )
-            return Finish(job.id, job.lease_token or "", Action.RELEASE)
-        except TimeoutError:
-            ctx.cancelled.set()
-            return self._failure(job, definition, JobTimeout(f"job timed out after {timeout}s"))
+            if task is not None and task.cancelling():
+                task.uncancel()
+            raised = exc
+        except TimeoutError as exc:
+            cm = entry.timeout_cm
+            if entry.timed_out or (cm is not None and cm.expired()):
+                ctx.cancelled.set()
+                raised = JobTimeout(f"job timed out after {timeout}s")
+            else:
+                raised = exc  # the handler's own (a socket, its own wait_for...)
         except ValidationError as exc:
-            return self._failure(job, definition, Permanent(str(exc)))
+            raised = Permanent(str(exc))
         except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt too:
             # whatever a handler raises is that attempt's failure, never the worker's.
-            return self._failure(job, definition, exc)
+            raised = exc
+        return self._failure(job, definition, raised, error=await self._describe(raised))
+
+    async def _describe(self, exc: BaseException) -> str:
+        """``describe(exc)`` without trusting the exception: a user-defined
+        ``__str__`` (or argument) runs in a side thread for at most
+        ``DESCRIBE_TIMEOUT`` seconds, so one that hangs never freezes the event loop
+        (and with it the heartbeats of every running job)."""
+        if type(exc).__module__ == "builtins" and all(
+            type(a) in _PLAIN_ARGS for a in getattr(exc, "args", ())
+        ):
+            return describe(exc)
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._describer, describe, exc), DESCRIBE_TIMEOUT
+            )
+        except Exception:  # noqa: BLE001 - a timeout, or a pool shut down
+            name = safe_text(type(exc).__name__, 200)
+            return f"{name}: <its text did not come within {DESCRIBE_TIMEOUT:g} s>"
 
     async def _run_in_thread(
         self,
@@ -501,7 +547,10 @@ class Worker:
 
         def call() -> Any:
             loop.call_soon_threadsafe(began.set)
-            return definition.handler(ctx, **kwargs)
+            try:
+                return definition.handler(ctx, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - StopIteration can't cross a Future
+                return _Raised(exc)
 
         cf = self._threads.submit(call)
         fut = asyncio.wrap_future(cf)
@@ -517,8 +566,9 @@ class Worker:
             await self._outlive(entry, fut)
             raise
         entry.deadline = _deadline(timeout)
+        entry.timeout_cm = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with entry.timeout_cm:
                 return await asyncio.shield(fut)
         except (TimeoutError, asyncio.CancelledError):
             await self._outlive(entry, fut)
@@ -579,6 +629,9 @@ class Worker:
         entry.deadline = _deadline(timeout)
         try:
             return await pool.run(child_job, timeout)
+        except TimeoutError:
+            entry.timed_out = True  # the pool's own: it killed the child
+            raise
         except asyncio.CancelledError:
             # run() returns or raises only once the child is dead: nothing still runs.
             ctx.cancelled.set()
@@ -609,7 +662,8 @@ class Worker:
                 exit_code=outcome.exit_code,
                 error=outcome.error,
             )
-        return self._failure(job, definition, outcome.as_exception())
+        # The child described the exception already (safely, in its own process).
+        return self._failure(job, definition, outcome.as_exception(), error=outcome.error)
 
     def _success(self, job: Job, definition: JobDefinition, result: Any) -> Finish:
         try:
@@ -632,8 +686,9 @@ class Worker:
             max_retries=job.max_retries,
             policy=definition.retry,
             rand=self.app.rand,
+            error=None if error is None else safe_text(error),
         )
-        text = safe_text(error) if error is not None else decision.error
+        text = decision.error
         retry_at = (
             self.app.now() + timedelta(seconds=decision.delay)
             if decision.action is Action.RETRY
