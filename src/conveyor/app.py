@@ -325,9 +325,9 @@ class Conveyor:
             job_type,
             payload,
             queue or d_queue,
-            d_priority if priority is None else priority,
-            d_retries if max_retries is None else max_retries,
-            timeout_ms,
+            d_priority if priority is None else _integral(priority),
+            d_retries if max_retries is None else _integral(max_retries),
+            _integral(timeout_ms),
             run_at,
             idempotency_key,
             tuple(depends_on) if depends_on else (),
@@ -565,6 +565,14 @@ class Conveyor:
                 loop.remove_signal_handler(sig)
             await self.close()
         exit_if_abandoned(worker)
+
+
+def _integral(value: Any) -> Any:
+    """``50.0`` as ``50``, as the REST API reads a JSON number (JSON has one number
+    type); anything else unchanged, for validation to judge."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
 
 
 def _seconds_to_ms(seconds: float | None) -> int | None:
