@@ -1,6 +1,6 @@
 """The REST API: ``create_app(conveyor)`` builds a FastAPI app (no module-level app).
 
-Contract: ``shared/API.md``. Every response is JSON with ``success``; errors
+Contract: ``docs/api.md``. Every response is JSON with ``success``; errors
 carry ``error`` (a sentence a person can act on) and, for validation,
 ``details`` (``[{field, message}]``). Bad input never writes anything.
 """
@@ -180,7 +180,7 @@ def create_app(
     api = FastAPI(
         title="Conveyor",
         version="0.1.0",
-        description="Durable jobs, workflows and events. Contract: API.md.",
+        description="Durable jobs, workflows and events. Contract: docs/api.md.",
         lifespan=lifespan,
         default_response_class=JSON,
     )
