@@ -2,7 +2,9 @@
 
 - ``test_job``: returns its payload.
 - ``sleep``: ``{"seconds": x}`` sleeps x seconds (cancellable).
-- ``fail``: ``{"times": n, "permanent": false}`` fails the first n attempts.
+- ``fail``: ``{}`` fails every attempt (retried, then dead-lettered);
+  ``{"times": n}`` fails the first n attempts only; ``{"permanent": true}`` goes
+  to the dead-letter queue at once.
 """
 
 from __future__ import annotations
@@ -25,13 +27,24 @@ async def sleep(ctx: JobContext, seconds: float = 1.0) -> dict[str, float]:
     return {"slept": seconds}
 
 
-async def fail(ctx: JobContext, times: int = 1, permanent: bool = False) -> dict[str, int]:
-    if ctx.attempt <= times:
-        message = f"failing on purpose (attempt {ctx.attempt}, fails {times} times)"
+async def fail(
+    ctx: JobContext, times: int | None = None, permanent: bool = False
+) -> dict[str, int]:
+    if times is None or ctx.attempt <= times:
+        how = "every attempt" if times is None else f"{times} times"
+        message = f"failing on purpose (attempt {ctx.attempt}, fails {how})"
         if permanent:
             raise Permanent(message)
         raise RuntimeError(message)
     return {"attempts": ctx.attempt}
+
+
+#: What ``conveyor up`` prints about the demo job types at start.
+SUMMARY = (
+    'test_job {...} returns its payload; sleep {"seconds": 2}; '
+    'fail {} fails every attempt, {"times": 1} only the first, '
+    '{"permanent": true} goes to the DLQ at once'
+)
 
 
 def register(app: Conveyor) -> None:

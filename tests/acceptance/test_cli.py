@@ -98,6 +98,12 @@ def test_submit_worker_status_cancel_and_dlq(db, tmp_path):
 
     listed = json.loads(run_cli(db, "jobs", "list", "--status", "completed", "--json").stdout)
     assert {j["job_id"] for j in listed["jobs"]} == {ok["job_id"], retried["job_id"]}
+    # A comma list, as the REST API takes it; a bad state names the allowed ones.
+    both = run_cli(db, "jobs", "list", "--status", "completed,cancelled", "--json").stdout
+    assert len(json.loads(both)["jobs"]) == 4
+    bad = run_cli(db, "jobs", "list", "--status", "pending,done", check=False)
+    assert bad.returncode == 2
+    assert "Unknown status 'done'" in bad.stderr
 
 
 def test_idempotency_key_returns_the_first_job(db):

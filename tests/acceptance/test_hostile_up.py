@@ -58,6 +58,7 @@ def test_sigterm_past_the_grace_exits_and_the_blocked_job_is_rescued_not_overlap
         wait_until(lambda: "start" in log.read_text(), 20, "attempt 1 to start")
         started = time.monotonic()
         code = first.terminate(timeout=20)
+        assert "Stopping: waiting up to 0.5 s for 1 running job(s)" in first.output()
         assert code == 75, first.output()  # EX_TEMPFAIL: a handler was left running
         assert time.monotonic() - started < 10
         assert "worker_abandoned_jobs" in first.output()

@@ -118,6 +118,8 @@ def test_up_passes_the_smoke_test_and_stops_on_sigterm(db, tmp_path, servers):
     out = server.output()
     assert "auth: off" in out
     assert f":{server.port}" in out
+    assert "fail {} fails every attempt" in out  # the demo types and their payloads
+    assert "a second Ctrl-C stops at once" in out
 
     result = smoke(server.base)
     assert result.returncode == 0, result.stdout + result.stderr

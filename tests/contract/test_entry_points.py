@@ -317,3 +317,23 @@ def test_the_cli_refuses_what_python_and_rest_refuse(tmp_path: Path):
     assert "reserved" in proc.stdout + proc.stderr
     listed = run_cli(db, "jobs", "list", "--json")
     assert json.loads(listed.stdout)["jobs"] == []
+
+
+async def test_the_demo_fail_job_fails_for_good_by_default(store: Store):
+    import conveyor.demo
+
+    app = Conveyor(settings=Settings(database_url="memory://", heartbeat_interval=0.2), store=store)
+    conveyor.demo.register(app)
+    await app.open()
+    try:
+        job = await app.enqueue("fail", max_retries=1)
+        async with running_worker(app):
+
+            async def dead() -> bool:
+                return (await app.store.get(job.id)).state is JobState.FAILED
+
+            await async_wait_until(dead, 20, "the fail job to be dead-lettered")
+        outcomes = [e.outcome for e in await app.store.executions(job.id)]
+        assert outcomes == ["retry", "failed"]
+    finally:
+        await app.bus.close()

@@ -44,7 +44,7 @@ from conveyor.domain.errors import (
     ValidationError,
 )
 from conveyor.domain.job import JobQuery, is_internal
-from conveyor.domain.states import JobState
+from conveyor.domain.states import JobState, parse_states
 from conveyor.observability.metrics import Metrics
 from conveyor.presenters import iso, job_dict, page_dict, worker_dict
 from conveyor.runtime.hub import EventHub
@@ -392,7 +392,7 @@ def create_app(
         ] = False,
     ) -> dict[str, Any]:
         """List jobs with filters and pagination."""
-        states = _parse_states(status)
+        states = parse_states(status)
         internal = include_internal and _is_admin(request)
         page = await conveyor.store.list_jobs(
             JobQuery(
@@ -639,22 +639,3 @@ def _is_admin(request: Request) -> bool:
 def _sees_internal(request: Request) -> bool:
     key = getattr(request.state, "api_key", None)
     return key is None or key.scope.allows(KeyScope.ADMIN)
-
-
-def _parse_states(raw: str | None) -> tuple[JobState, ...]:
-    if not raw:
-        return ()
-    states = []
-    for part in raw.split(","):
-        part = part.strip()
-        if part == "cancelling":
-            part = "running"
-        try:
-            states.append(JobState(part))
-        except ValueError:
-            allowed = ", ".join(s.value for s in JobState)
-            raise ValidationError(
-                f"Unknown status {part!r}: use one of {allowed}",
-                [FieldError("status", f"must be one of {allowed}")],
-            ) from None
-    return tuple(states)

@@ -19,7 +19,7 @@ from conveyor.cli.loader import apply_app
 from conveyor.cli.loop import run as run_loop
 from conveyor.domain.errors import ConveyorError, ValidationError
 from conveyor.domain.job import JobQuery
-from conveyor.domain.states import JobState
+from conveyor.domain.states import JobState, parse_states
 from conveyor.observability.logging import configure_logging
 from conveyor.presenters import job_dict, page_dict
 from conveyor.runtime.status import collect_status
@@ -89,7 +89,10 @@ def emit_json(data: Any) -> None:
     "--database-url",
     envvar="CONVEYOR_DATABASE_URL",
     default=None,
-    help="sqlite:///./conveyor.db (default) or memory://",
+    help=(
+        "sqlite:///./conveyor.db (default), postgresql://user:pass@host:5432/db "
+        "(needs the postgres extra) or memory://"
+    ),
 )
 @click.option("--log-level", envvar="CONVEYOR_LOG_LEVEL", default="INFO", show_default=True)
 @click.version_option(package_name="conveyor")
@@ -405,7 +408,14 @@ def jobs_submit(
 
 
 @jobs.command("list")
-@click.option("--status", type=click.Choice([s.value for s in JobState]), multiple=True)
+@click.option(
+    "--status",
+    multiple=True,
+    help="State(s), repeatable or comma-separated as in the API: pending,running",
+)
+@click.option(
+    "--include-internal", is_flag=True, help="Also Conveyor's own jobs (webhook deliveries)."
+)
 @click.option("--type", "job_type", default=None)
 @click.option("--queue", default=None)
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
@@ -420,14 +430,20 @@ def jobs_list(
     limit: int,
     offset: int,
     as_json: bool,
+    include_internal: bool,
 ) -> None:
     """List jobs, newest first."""
+    try:
+        states = parse_states(",".join(status))
+    except ValidationError as exc:
+        raise click.BadParameter(exc.message, param_hint="--status") from None
     query = JobQuery(
-        states=tuple(JobState(s) for s in status),
+        states=states,
         job_type=job_type,
         queue=queue,
         limit=limit,
         offset=offset,
+        include_internal=include_internal,
     )
     page = run(lambda a: a.store.list_jobs(query), obj.app())
     if as_json:

@@ -13,6 +13,7 @@ import uvicorn
 from rich.console import Console
 from rich.markup import escape
 
+from conveyor import demo
 from conveyor.api.app import create_app
 from conveyor.api.guard import is_loopback_name
 from conveyor.app import Conveyor
@@ -109,7 +110,14 @@ async def serve_forever(
             highlight=False,
             soft_wrap=True,
         )
-        console.print("  stop: Ctrl-C (running jobs get a grace period)", highlight=False)
+        if "test_job" in app.registry and "fail" in app.registry:
+            console.print(f"  demo types: {escape(demo.SUMMARY)}", highlight=False)
+        grace = app.settings.shutdown_grace
+        console.print(
+            f"  stop: Ctrl-C (running jobs get {grace:g} s to finish; a second Ctrl-C stops "
+            "at once)",
+            highlight=False,
+        )
 
         loop = asyncio.get_running_loop()
 
@@ -117,6 +125,18 @@ async def serve_forever(
             """A signal: stop gracefully; a second signal: stop now."""
             if server.should_exit and escalate:
                 server.force_exit = True
+                console.print(
+                    "Stopping now: running jobs are handed back (or, if their code still "
+                    "runs, rescued after the heartbeat timeout)",
+                    highlight=False,
+                )
+            elif escalate and worker is not None and worker.jobs_running:
+                console.print(
+                    f"Stopping: waiting up to {grace:g} s for {worker.jobs_running} running "
+                    "job(s); Ctrl-C again to stop at once (they are then handed back and "
+                    "run again)",
+                    highlight=False,
+                )
             server.should_exit = True
             if worker is not None and (escalate or not worker.stopping):
                 worker.request_stop()

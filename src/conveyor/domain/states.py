@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from conveyor.domain.errors import InvalidTransition
+from conveyor.domain.errors import FieldError, InvalidTransition, ValidationError
 
 
 class JobState(StrEnum):
@@ -118,3 +118,25 @@ def finish_action(action: Action, cancel_requested: bool) -> Action:
     if cancel_requested and action in (Action.RETRY, Action.RELEASE):
         return Action.CONFIRM_CANCEL
     return action
+
+
+def parse_states(raw: str | None) -> tuple[JobState, ...]:
+    """States from a comma-separated filter (``"pending,running"``); ``cancelling``
+    (what clients see of a running job with a cancel requested) means ``running``.
+    Raises ``ValidationError`` naming the allowed values."""
+    if not raw:
+        return ()
+    states = []
+    for part in raw.split(","):
+        part = part.strip()
+        if part == "cancelling":
+            part = "running"
+        try:
+            states.append(JobState(part))
+        except ValueError:
+            allowed = ", ".join(s.value for s in JobState)
+            raise ValidationError(
+                f"Unknown status {part!r}: use one of {allowed}",
+                [FieldError("status", f"must be one of {allowed}")],
+            ) from None
+    return tuple(states)
