@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import secrets
 import sqlite3
 import time
@@ -490,3 +491,19 @@ async def test_a_read_only_postgresql_answers_503_and_recovers(
     finally:
         pg_server.execute(f"ALTER DATABASE {db} RESET default_transaction_read_only")
         await app.close()
+
+
+async def test_the_docs_pages_load_their_assets_from_the_server_not_a_cdn(tmp_path):
+    app = Conveyor(settings=Settings(database_url=f"sqlite:///{tmp_path}/d.db"))
+    transport = httpx.ASGITransport(app=create_app(app), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+        for page in ("/docs", "/redoc"):
+            html = (await c.get(page)).text
+            assert "cdn" not in html.lower(), page
+            assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', html)
+            assert assets, page
+            for asset in assets:
+                resp = await c.get(asset)
+                assert resp.status_code == 200, asset
+                assert len(resp.content) > 1000, asset
+    await app.close()

@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -177,7 +178,9 @@ def create_app(
             conveyor.remove_events_listener(hub.wake)
             await hub.close()
 
-    api = FastAPI(
+    # /docs and /redoc with their scripts served from the package: servers often
+    # have no internet, and a CDN-loaded page is blank there.
+    api: FastAPI = FastAPIOffline(
         title="Conveyor",
         version="0.1.0",
         description="Durable jobs, workflows and events. Contract: docs/api.md.",
