@@ -10,6 +10,7 @@ import asyncio
 import gc
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ from urllib.parse import urlparse
 import structlog
 
 from conveyor.bus.base import CANCEL_TOPIC, WAKE_TOPIC, EventBus
-from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
+from conveyor.domain.errors import ConfigurationError, FieldError, JobNotFound, ValidationError
 from conveyor.domain.events import INTERNAL_JOB_PREFIX
 from conveyor.domain.job import (
     DEFAULT_MAX_RETRIES,
@@ -49,6 +50,9 @@ from conveyor.storage.base import Store
 F = TypeVar("F", bound=Handler)
 log = structlog.get_logger("conveyor.app")
 SIGNAL_TIMEOUT = 1.0
+#: Fewest characters of a job id prefix accepted for an id (CLI).
+MIN_ID_PREFIX = 6
+_HEX_RE = re.compile("[0-9a-f]+")
 #: Seconds a process trusts its copy of the job types workers recorded.
 JOB_TYPES_TTL = 10.0
 
@@ -467,6 +471,33 @@ class Conveyor:
                 "CONVEYOR_ALLOW_UNKNOWN_JOB_TYPES=true to accept types deployed later)",
                 [FieldError("job_type", "unknown job type")],
             )
+
+    async def resolve_job_id(self, text: str) -> str:
+        """The job id ``text`` names: a full id, or a unique prefix of at least
+        ``MIN_ID_PREFIX`` characters (as copied from a listing). Raises
+        ``ValidationError`` for a short or malformed one, or one that several jobs
+        share (naming some), ``JobNotFound`` when no job matches."""
+        key = text.strip().lower()
+        if not _HEX_RE.fullmatch(key) or not MIN_ID_PREFIX <= len(key) <= 32:
+            raise ValidationError(
+                f"{text!r} is not a job id or an id prefix: give at least {MIN_ID_PREFIX} "
+                "of its hexadecimal digits",
+                [FieldError("job_id", "must be 6-32 hexadecimal digits")],
+            )
+        if len(key) == 32:
+            return key
+        await self.open()
+        found = await self.store.ids_with_prefix(key, 6)
+        if not found:
+            raise JobNotFound(text)
+        if len(found) > 1:
+            shown = ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
+            raise ValidationError(
+                f"Job id prefix {text!r} is ambiguous: it matches {shown}. Give more digits "
+                "(the first 12 are the creation time in ms, the rest tell jobs apart)",
+                [FieldError("job_id", "ambiguous prefix")],
+            )
+        return found[0]
 
     # -- operator actions -----------------------------------------------------------------
     async def cancel(self, job_id: str) -> Job:

@@ -189,3 +189,30 @@ def test_webhooks_list_and_enable_replays_the_missed_events(db, tmp_path):
     unknown = run_cli(db, "webhooks", "enable", "wh_nope", check=False)
     assert unknown.returncode == 1
     assert "Webhook 'wh_nope' not found" in unknown.stderr
+
+
+def test_ids_are_never_cut_and_a_unique_prefix_names_a_job(db):
+    first = submit(db, "test_job", "--payload", '{"n": 1}')
+    second = submit(db, "test_job", "--payload", '{"n": 2}')
+    narrow = run_cli(db, "jobs", "list", COLUMNS="80").stdout
+    assert first["job_id"] in narrow  # whole, in an 80-column terminal
+    assert second["job_id"] in narrow
+    # Ids start with their creation time: the end tells them apart.
+    common = 0
+    while first["job_id"][common] == second["job_id"][common]:
+        common += 1
+    prefix = first["job_id"][: max(common + 1, 6)]
+    shown = json.loads(run_cli(db, "jobs", "show", prefix, "--json").stdout)
+    assert shown["job_id"] == first["job_id"]
+    if common >= 6:
+        ambiguous = run_cli(db, "jobs", "show", first["job_id"][:common], check=False)
+        assert ambiguous.returncode == 1
+        assert "ambiguous" in ambiguous.stderr
+        assert second["job_id"] in ambiguous.stderr
+    short = run_cli(db, "jobs", "cancel", "01a2", check=False)
+    assert short.returncode == 1
+    assert "at least 6" in short.stderr
+    assert "cancelled" in run_cli(db, "jobs", "cancel", prefix).stdout
+    missing = run_cli(db, "jobs", "show", "ffffffffff", check=False)
+    assert missing.returncode == 1
+    assert "not found" in missing.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -73,6 +73,18 @@ class ConveyorGroup(click.Group):
 def _plain(text: str) -> str:
     """``text`` safe to print with rich: secrets redacted, markup escaped."""
     return escape(redact(text))
+
+
+def _table(title: str, columns: Sequence[str]) -> Table:
+    """A table whose first column (an id) is never cut or wrapped, so it can be
+    copied from any terminal width: the other columns fold to make room."""
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        if i == 0:
+            table.add_column(col, no_wrap=True, overflow="ignore", min_width=len(col))
+        else:
+            table.add_column(col, overflow="fold")
+    return table
 
 
 def _add_row(table: Table, *cells: str | None) -> None:
@@ -281,9 +293,7 @@ def keys_list(obj: Ctx, as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
-    table = Table(title="API keys")
-    for col in ("id", "name", "scope", "prefix", "created", "revoked"):
-        table.add_column(col, no_wrap=True)
+    table = _table("API keys", ("id", "name", "scope", "prefix", "created", "revoked"))
     for r in rows:
         _add_row(
             table,
@@ -454,9 +464,10 @@ def jobs_list(
             }
         )
         return
-    table = Table(title=f"Jobs ({page.total} total)")
-    for col in ("id", "type", "status", "queue", "prio", "attempt", "created", "error"):
-        table.add_column(col)
+    table = _table(
+        f"Jobs ({page.total} total)",
+        ("id", "type", "status", "queue", "prio", "attempt", "created", "error"),
+    )
     for j in page.jobs:
         _add_row(
             table,
@@ -480,14 +491,14 @@ def jobs_show(obj: Ctx, job_id: str, as_json: bool) -> None:
     """Show one job with its executions."""
 
     async def go(app: Conveyor) -> dict[str, Any]:
-        job = await app.store.get(job_id)
-        return job_dict(job, await app.store.executions(job_id))
+        job = await app.store.get(await app.resolve_job_id(job_id))
+        return job_dict(job, await app.store.executions(job.id))
 
     data = run(go, obj.app())
     if as_json:
         emit_json(data)
         return
-    table = Table(show_header=False, title=f"Job {job_id}")
+    table = Table(show_header=False, title=f"Job {data['id']}")
     for key, value in data.items():
         if key in ("executions", "id"):
             continue
@@ -514,7 +525,11 @@ def jobs_show(obj: Ctx, job_id: str, as_json: bool) -> None:
 @click.pass_obj
 def jobs_cancel(obj: Ctx, job_id: str) -> None:
     """Cancel a job (a running job is cancelled once its worker confirms)."""
-    job = run(lambda a: a.cancel(job_id), obj.app())
+
+    async def go(app: Conveyor) -> Any:
+        return await app.cancel(await app.resolve_job_id(job_id))
+
+    job = run(go, obj.app())
     out.print(f"{job.id} {job.status}", highlight=False)
 
 
@@ -536,9 +551,10 @@ def dlq_list(obj: Ctx, job_type: str | None, limit: int, as_json: bool) -> None:
     if as_json:
         emit_json({"jobs": [job_dict(j) for j in page.jobs], "total": page.total})
         return
-    table = Table(title=f"Dead-letter queue ({page.total})")
-    for col in ("id", "type", "attempts", "lost", "failed at", "error"):
-        table.add_column(col)
+    table = _table(
+        f"Dead-letter queue ({page.total})",
+        ("id", "type", "attempts", "lost", "failed at", "error"),
+    )
     for j in page.jobs:
         _add_row(
             table,
@@ -569,9 +585,10 @@ def dlq_retry(obj: Ctx, job_ids: tuple[str, ...], all_: bool, job_type: str | No
     async def go(app: Conveyor) -> int:
         if all_:
             return await app.retry_dead_letters(job_type)
-        await app.store.retry_failed(list(job_ids), app.now())
+        ids = [await app.resolve_job_id(i) for i in job_ids]
+        await app.store.retry_failed(ids, app.now())
         app.notify_listeners()
-        return len(set(job_ids))
+        return len(set(ids))
 
     n = run(go, obj.app())
     out.print(f"Re-queued {n} job(s)")
@@ -584,7 +601,12 @@ def dlq_retry(obj: Ctx, job_ids: tuple[str, ...], all_: bool, job_type: str | No
 def dlq_purge(obj: Ctx, job_ids: tuple[str, ...], all_: bool) -> None:
     """Delete dead-lettered jobs for good."""
     _ids_or_all(job_ids, all_)
-    n = run(lambda a: a.store.purge_failed(None if all_ else list(job_ids), a.now()), obj.app())
+
+    async def go(app: Conveyor) -> int:
+        ids = None if all_ else [await app.resolve_job_id(i) for i in job_ids]
+        return await app.store.purge_failed(ids, app.now())
+
+    n = run(go, obj.app())
     out.print(f"Purged {n} job(s)")
 
 
@@ -605,9 +627,7 @@ def webhooks_list(obj: Ctx, as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
-    table = Table(title="Webhooks")
-    for col in ("id", "state", "url", "event types", "failing since", "reason"):
-        table.add_column(col)
+    table = _table("Webhooks", ("id", "state", "url", "event types", "failing since", "reason"))
     for r in rows:
         table.add_row(
             r["id"],
@@ -651,9 +671,10 @@ def status(obj: Ctx, as_json: bool) -> None:
     for state, n in data["queue_depths"].items():
         _add_row(depths, state, str(n))
     out.print(depths)
-    workers = Table(title=f"Workers ({data['live_workers']} alive)")
-    for col in ("id", "alive", "job types", "queues", "running", "last heartbeat"):
-        workers.add_column(col)
+    workers = _table(
+        f"Workers ({data['live_workers']} alive)",
+        ("id", "alive", "job types", "queues", "running", "last heartbeat"),
+    )
     for w in data["workers"]:
         _add_row(
             workers,

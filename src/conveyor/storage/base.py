@@ -158,6 +158,10 @@ class Store(abc.ABC):
     async def list_workers(self) -> list[WorkerInfo]: ...
 
     @abc.abstractmethod
+    async def ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Up to ``limit`` job ids starting with ``prefix`` (lowercase hex), sorted."""
+
+    @abc.abstractmethod
     async def record_job_types(self, types: Sequence[JobTypeInfo], now: datetime) -> None:
         """Insert or update job types and their registered defaults (a worker at start)."""
 
@@ -388,3 +392,9 @@ def delivery_params(a: DeliveryAttempt, created_at: Any) -> tuple[Any, ...]:
         a.duration_ms,
         created_at,
     )
+
+
+def prefix_upper_bound(prefix: str) -> str:
+    """The smallest string above every string starting with ``prefix`` (a hex
+    prefix: its last character is below ``"f"`` + 1)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)

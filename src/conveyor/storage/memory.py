@@ -313,6 +313,9 @@ class MemoryStore(Store):
                 status="running",
             )
 
+    async def ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        return sorted(i for i in self._jobs if i.startswith(prefix))[:limit]
+
     async def record_job_types(self, types: Sequence[JobTypeInfo], now: datetime) -> None:
         async with self._lock:
             for t in types:

@@ -71,6 +71,7 @@ from conveyor.storage.base import (
     delivery_from_row,
     delivery_params,
     disabled_event,
+    prefix_upper_bound,
     row_event,
     webhook_from_row,
 )
@@ -922,6 +923,11 @@ class PostgresStore(Store):
                 _json([{"worker_id": worker.id, "status": "running"}]),
                 now,
             )
+
+    async def ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(Q["ids_with_prefix"], prefix, prefix_upper_bound(prefix), limit)
+        return [r[0] for r in rows]
 
     async def record_job_types(self, types: Sequence[JobTypeInfo], now: datetime) -> None:
         async with self._conn() as conn:

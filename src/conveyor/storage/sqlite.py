@@ -72,6 +72,7 @@ from conveyor.storage.base import (
     delivery_params,
     disabled_event,
     no_external_connection,
+    prefix_upper_bound,
     row_event,
     webhook_from_row,
 )
@@ -500,6 +501,15 @@ class SQLiteStore(Store):
                 )
 
         await self._run(_do)
+
+    async def ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        params = (prefix, prefix_upper_bound(prefix), limit)
+
+        def _do() -> list[str]:
+            assert self._conn is not None
+            return [r[0] for r in self._conn.execute(Q["ids_with_prefix"], params)]
+
+        return await self._run(_do)
 
     async def record_job_types(self, types: Sequence[JobTypeInfo], now: datetime) -> None:
         rows = [

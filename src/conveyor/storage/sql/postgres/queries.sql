@@ -516,3 +516,10 @@ ON CONFLICT (job_type) DO UPDATE SET
 -- name: list_job_types
 SELECT job_type, queue, priority, max_retries, timeout_ms, updated_at
 FROM conveyor.job_types ORDER BY job_type
+
+-- name: ids_with_prefix
+-- A range on the primary key: ids are lowercase hex, so [prefix, upper) is exactly
+-- the ids starting with prefix (COLLATE "C": byte order, whatever the database's).
+SELECT id FROM conveyor.jobs
+WHERE id COLLATE "C" >= $1 AND id COLLATE "C" < $2
+ORDER BY id COLLATE "C" LIMIT $3

@@ -380,3 +380,8 @@ ON CONFLICT (job_type) DO UPDATE SET
 -- name: list_job_types
 SELECT job_type, queue, priority, max_retries, timeout_ms, updated_at
 FROM job_types ORDER BY job_type
+
+-- name: ids_with_prefix
+-- A range on the primary key: ids are lowercase hex, so [prefix, upper) is exactly
+-- the ids starting with prefix.
+SELECT id FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT ?
