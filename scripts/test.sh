@@ -28,5 +28,7 @@ echo "== mypy"
 mypy
 echo "== import-linter (layers)"
 lint-imports
+echo "== wheel (built, installed in a clean venv with its extras)"
+bash scripts/check-wheel.sh
 echo "== pytest"
 pytest "$@"

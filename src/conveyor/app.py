@@ -68,7 +68,10 @@ def bus_from_url(url: str, *, max_bytes: int | None = None) -> EventBus:
     try:
         from conveyor.bus.redis import RedisBus
     except ImportError as exc:
-        raise ConfigurationError("Redis needs redis-py: pip install 'conveyor[redis]'") from exc
+        raise ConfigurationError(
+            "Redis needs redis-py: pip install 'conveyor[redis]' (from a clone: "
+            "pip install '.[redis]' or scripts/setup.sh redis)"
+        ) from exc
     return RedisBus(url, max_subscriber_bytes=max_bytes)
 
 
@@ -95,7 +98,8 @@ def store_from_url(url: str, *, pool_size: int = 10) -> Store:
             from conveyor.storage.postgres import PostgresStore
         except ImportError as exc:
             raise ConfigurationError(
-                "PostgreSQL needs asyncpg: pip install 'conveyor[postgres]'"
+                "PostgreSQL needs asyncpg: pip install 'conveyor[postgres]' (from a clone: "
+                "pip install '.[postgres]' or scripts/setup.sh postgres; see docs/postgres.md)"
             ) from exc
         return PostgresStore(url, max_size=pool_size)
     raise ConfigurationError(
