@@ -37,7 +37,7 @@ from conveyor.domain.job import (
     NewJob,
     is_internal,
 )
-from conveyor.domain.limits import delay_error, run_at_after, timeout_error
+from conveyor.domain.limits import delay_error, run_at_after, text_error, timeout_error
 from conveyor.domain.retry import RetryPolicy
 from conveyor.domain.states import JobState
 from conveyor.runtime.registry import Handler, JobDefinition
@@ -504,11 +504,16 @@ class Conveyor:
         return found[0]
 
     # -- operator actions -----------------------------------------------------------------
-    async def cancel(self, job_id: str) -> Job:
+    async def cancel(self, job_id: str, reason: str | None = None) -> Job:
         """Cancel a job. A running one is flagged and its worker told over the bus
         (the heartbeat carries the flag too, should the message be lost)."""
+        if reason is not None:
+            problem = None if not isinstance(reason, str) else text_error(reason)
+            if not isinstance(reason, str) or not 1 <= len(reason) <= 500 or problem:
+                message = problem or "must be text of 1-500 characters"
+                raise ValidationError(f"reason {message}", [FieldError("reason", message)])
         await self.open()
-        job = await self.store.cancel(job_id, self.now())
+        job = await self.store.cancel(job_id, self.now(), reason)
         if job.state is JobState.RUNNING:
             await self.signal(CANCEL_TOPIC, {"job_id": job.id})
         return job

@@ -6,11 +6,21 @@ from datetime import datetime
 from typing import Any
 
 from conveyor.domain.job import Execution, Job, Page, WorkerInfo
+from conveyor.domain.states import JobState
 from conveyor.domain.webhooks import DeliveryAttempt, Webhook
 
 
 def iso(dt: datetime | None) -> str | None:
     return None if dt is None else dt.isoformat().replace("+00:00", "Z")
+
+
+def failed_attempts(job: Job) -> int:
+    """Attempts that ended in failure (the seed's ``retry_count``): every attempt of
+    a job waiting for its next one or dead-lettered, all but the current or last
+    one otherwise (a release at shutdown does not count: it takes its attempt back)."""
+    if job.state in (JobState.PENDING, JobState.BLOCKED, JobState.FAILED):
+        return job.attempt
+    return max(0, job.attempt - 1)
 
 
 def job_dict(job: Job, executions: list[Execution] | None = None) -> dict[str, Any]:
@@ -24,7 +34,9 @@ def job_dict(job: Job, executions: list[Execution] | None = None) -> dict[str, A
         "payload": job.payload,
         "result": job.result,
         "error": job.error,
+        "error_message": job.error,  # the job-management seed's name for `error`
         "attempt": job.attempt,
+        "retry_count": failed_attempts(job),  # the seed's name: attempts that failed
         "max_retries": job.max_retries,
         "timeout_ms": job.timeout_ms,
         "scheduled_at": iso(job.run_at),

@@ -46,6 +46,7 @@ class Settings:
     max_memory_mb: int = 0  # process isolation: memory ceiling of a child (0 = none)
     max_stuck_jobs: int = 0  # stuck handlers before the worker exits (0 = its concurrency)
     allow_unknown_job_types: bool = False  # accept submits of types no one has registered
+    trust_user_header: bool = False  # created_by from X-User-Id (behind a trusted proxy)
     # Host names the API answers besides localhost and loopback addresses
     # (DNS-rebinding guard); "*" = any, ".example.com" = its subdomains.
     allowed_hosts: tuple[str, ...] = ()
@@ -150,6 +151,7 @@ _TYPES: dict[str, type] = {
     "max_memory_mb": int,
     "max_stuck_jobs": int,
     "allow_unknown_job_types": bool,
+    "trust_user_header": bool,
 }
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -316,7 +316,26 @@ def create_app(
     )
     async def submit_job(body: JobSubmit, request: Request) -> Response:
         """Submit a job."""
+        return await submit(body, request, created=201)
+
+    @api.post(
+        "/api/jobs/submit",
+        status_code=200,
+        dependencies=write,
+        tags=["jobs"],
+        responses={400: {"description": "Invalid job"}},
+    )
+    async def submit_job_seed_route(body: JobSubmit, request: Request) -> Response:
+        """Submit a job: ``POST /api/jobs`` under the job-management seed's path,
+        answering 200 (as its clients expect) for a new job too."""
+        return await submit(body, request, created=200)
+
+    async def submit(body: JobSubmit, request: Request, *, created: int) -> Response:
         key = getattr(request.state, "api_key", None)
+        created_by = f"api:{key.name}" if key else "api"
+        user = request.headers.get("x-user-id")
+        if user and conveyor.settings.trust_user_header:
+            created_by = user  # checked like any created_by (length, NUL) below
         result = await conveyor.submit(
             body.job_type,
             body.payload,
@@ -328,7 +347,7 @@ def create_app(
             idempotency_key=body.idempotency_key,
             depends_on=body.depends_on or (),
             metadata=body.metadata,
-            created_by=f"api:{key.name}" if key else "api",
+            created_by=created_by,
         )
         job = result.job
         content = {
@@ -338,7 +357,7 @@ def create_app(
             "created_at": iso(job.created_at),
             "duplicate": result.duplicate,
         }
-        return JSON(content, status_code=200 if result.duplicate else 201)
+        return JSON(content, status_code=200 if result.duplicate else created)
 
     @api.get("/api/jobs/metrics", dependencies=read, tags=["jobs"])
     async def job_metrics() -> dict[str, Any]:
@@ -350,6 +369,7 @@ def create_app(
         hour = await conveyor.store.activity(now - timedelta(hours=1))
         depths: dict[str, int] = {s.value: n for s, n in counts.items()}
         depths["dlq"] = counts[JobState.FAILED]
+        depths["processing"] = counts[JobState.RUNNING]  # the seed's name for running
 
         def completed(a: Any) -> int:
             return sum(n for (_t, s), n in a.finished.items() if s is JobState.COMPLETED)
@@ -363,7 +383,13 @@ def create_app(
                     for w in workers
                     if w.state == "running"
                 ],
-                "statistics": {"submitted": day.submitted, **day.by_state()},
+                "statistics": {
+                    "submitted": day.submitted,
+                    **day.by_state(),
+                    # Both windows by name (the job-management seed's shape).
+                    "last_24h": {"submitted": day.submitted, **day.by_state()},
+                    "last_hour": {"submitted": hour.submitted, **hour.by_state()},
+                },
                 "throughput": {
                     "last_hour": round(completed(hour) / 60, 3),
                     "last_24h": round(completed(day) / 1440, 3),
@@ -439,13 +465,35 @@ def create_app(
             409: {"description": "Already finished"},
         },
     )
-    async def cancel_job(job_id: str, request: Request) -> Response:
+    async def cancel_job(
+        job_id: str,
+        request: Request,
+        reason: Annotated[
+            str | None,
+            Query(
+                max_length=500,
+                description="Why: kept in metadata.cancel_reason, the error and the event.",
+            ),
+        ] = None,
+    ) -> Response:
         """Cancel a job: pending/blocked at once (200), running once its worker confirms (202)."""
         await visible(job_id, request)
-        job = await conveyor.cancel(job_id)
+        try:
+            job = await conveyor.cancel(job_id, reason or None)
+        except InvalidTransition as exc:  # the seed's clients read `message`
+            return JSON(
+                {"success": False, "error": str(exc), "message": str(exc), "job_id": job_id},
+                status_code=409,
+            )
+        running = job.status == "cancelling"
+        message = (
+            "Cancel requested: the job is cancelling until its worker confirms"
+            if running
+            else "Job cancelled"
+        )
         return JSON(
-            {"success": True, "job_id": job.id, "status": job.status},
-            status_code=202 if job.status == "cancelling" else 200,
+            {"success": True, "job_id": job.id, "status": job.status, "message": message},
+            status_code=202 if running else 200,
         )
 
     @api.post(

@@ -522,12 +522,13 @@ def jobs_show(obj: Ctx, job_id: str, as_json: bool) -> None:
 
 @jobs.command("cancel")
 @click.argument("job_id")
+@click.option("--reason", default=None, help="Why (kept in metadata.cancel_reason and events).")
 @click.pass_obj
-def jobs_cancel(obj: Ctx, job_id: str) -> None:
+def jobs_cancel(obj: Ctx, job_id: str, reason: str | None) -> None:
     """Cancel a job (a running job is cancelled once its worker confirms)."""
 
     async def go(app: Conveyor) -> Any:
-        return await app.cancel(await app.resolve_job_id(job_id))
+        return await app.cancel(await app.resolve_job_id(job_id), reason)
 
     job = run(go, obj.app())
     out.print(f"{job.id} {job.status}", highlight=False)

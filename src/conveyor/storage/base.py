@@ -121,8 +121,10 @@ class Store(abc.ABC):
 
     # -- operator actions -------------------------------------------------
     @abc.abstractmethod
-    async def cancel(self, job_id: str, now: datetime) -> Job:
+    async def cancel(self, job_id: str, now: datetime, reason: str | None = None) -> Job:
         """Cancel now if not running; flag a running job for its worker.
+        ``reason`` (optional text) goes to ``metadata.cancel_reason``, the error
+        text of a job cancelled at once (``cancelled: <reason>``) and the event.
         Raises ``JobNotFound`` or ``JobNotCancellable``."""
 
     @abc.abstractmethod

@@ -394,19 +394,24 @@ class MemoryStore(Store):
             return out
 
     # -- operator actions ------------------------------------------------------
-    async def cancel(self, job_id: str, now: datetime) -> Job:
+    async def cancel(self, job_id: str, now: datetime, reason: str | None = None) -> Job:
         async with self._lock:
             job = self._get(job_id)
             if job.state.is_terminal:
                 raise JobNotCancellable(job_id, job.state.value)
+            extra = {} if reason is None else {"reason": reason}
             if job.state is JobState.RUNNING:
                 if job.cancel_requested_at is None:
                     job.cancel_requested_at = now
                     job.updated_at = now
-                    self._emit(EventType.JOB_STATUS_CHANGED.value, job, now)
+                    if reason is not None:
+                        job.metadata = {**job.metadata, "cancel_reason": reason}
+                    self._emit(EventType.JOB_STATUS_CHANGED.value, job, now, **extra)
             else:
-                job.error = "cancelled"
-                self._move(job, Action.CANCEL, now)
+                job.error = "cancelled" if reason is None else f"cancelled: {reason}"
+                if reason is not None:
+                    job.metadata = {**job.metadata, "cancel_reason": reason}
+                self._move(job, Action.CANCEL, now, **extra)
                 self._after_terminal(job, now)
             return copy.deepcopy(job)
 

@@ -1010,7 +1010,8 @@ class PostgresStore(Store):
         return out
 
     # -- operator actions ------------------------------------------------------------------------
-    async def cancel(self, job_id: str, now: datetime) -> Job:
+    async def cancel(self, job_id: str, now: datetime, reason: str | None = None) -> Job:
+        extra = {} if reason is None else {"reason": reason}
         async with self._conn(tx=True) as conn:
             row = await conn.fetchrow(Q["get_job_for_update"], job_id)
             if row is None:
@@ -1019,21 +1020,21 @@ class PostgresStore(Store):
             if state in ("completed", "failed", "cancelled"):
                 raise JobNotCancellable(job_id, state)
             if state == "running":
-                if await conn.execute(Q["request_cancel"], job_id, now) != "UPDATE 0":
+                if await conn.execute(Q["request_cancel"], job_id, now, reason) != "UPDATE 0":
                     await conn.execute(
                         Q["insert_events"],
                         [EventType.JOB_STATUS_CHANGED.value],
                         [job_id],
-                        _json([row_event(row, "cancelling", row["attempt"])]),
+                        _json([row_event(row, "cancelling", row["attempt"], **extra)]),
                         now,
                     )
             else:
-                await conn.execute(Q["cancel_waiting"], job_id, now)
+                await conn.execute(Q["cancel_waiting"], job_id, now, reason)
                 await conn.execute(
                     Q["insert_events"],
                     [EventType.JOB_CANCELLED.value],
                     [job_id],
-                    _json([row_event(row, "cancelled", row["attempt"])]),
+                    _json([row_event(row, "cancelled", row["attempt"], **extra)]),
                     now,
                 )
                 if row["has_children"]:

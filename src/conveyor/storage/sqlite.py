@@ -611,8 +611,10 @@ class SQLiteStore(Store):
         return await self._run(_do)
 
     # -- operator actions -------------------------------------------------------------
-    async def cancel(self, job_id: str, now: datetime) -> Job:
+    async def cancel(self, job_id: str, now: datetime, reason: str | None = None) -> Job:
         ts = now.timestamp()
+        params = {"id": job_id, "now": ts, "reason": reason}
+        extra = {} if reason is None else {"reason": reason}
 
         def _do() -> Job:
             with self._tx() as conn:
@@ -623,24 +625,24 @@ class SQLiteStore(Store):
                 if state in ("completed", "failed", "cancelled"):
                     raise JobNotCancellable(job_id, state)
                 if state == "running":
-                    if conn.execute(Q["request_cancel"], {"id": job_id, "now": ts}).rowcount:
+                    if conn.execute(Q["request_cancel"], params).rowcount:
                         conn.execute(
                             Q["insert_event"],
                             (
                                 EventType.JOB_STATUS_CHANGED.value,
                                 job_id,
-                                _event_json(row, "cancelling", row["attempt"]),
+                                _event_json(row, "cancelling", row["attempt"], **extra),
                                 ts,
                             ),
                         )
                 else:
-                    conn.execute(Q["cancel_waiting"], {"id": job_id, "now": ts})
+                    conn.execute(Q["cancel_waiting"], params)
                     conn.execute(
                         Q["insert_event"],
                         (
                             EventType.JOB_CANCELLED.value,
                             job_id,
-                            _event_json(row, "cancelled", row["attempt"]),
+                            _event_json(row, "cancelled", row["attempt"], **extra),
                             ts,
                         ),
                     )

@@ -238,12 +238,16 @@ WHERE id = $3 AND state = 'blocked'
 SELECT * FROM conveyor.jobs WHERE id = $1 FOR UPDATE
 
 -- name: cancel_waiting
-UPDATE conveyor.jobs SET state = 'cancelled', error = 'cancelled', completed_at = $2,
-                         updated_at = $2
+UPDATE conveyor.jobs SET state = 'cancelled', completed_at = $2, updated_at = $2,
+    error = CASE WHEN $3::text IS NULL THEN 'cancelled' ELSE 'cancelled: ' || $3::text END,
+    metadata = CASE WHEN $3::text IS NULL THEN metadata
+                    ELSE metadata || jsonb_build_object('cancel_reason', $3::text) END
 WHERE id = $1 AND state IN ('pending', 'blocked')
 
 -- name: request_cancel
-UPDATE conveyor.jobs SET cancel_requested_at = $2, updated_at = $2
+UPDATE conveyor.jobs SET cancel_requested_at = $2, updated_at = $2,
+    metadata = CASE WHEN $3::text IS NULL THEN metadata
+                    ELSE metadata || jsonb_build_object('cancel_reason', $3::text) END
 WHERE id = $1 AND state = 'running' AND cancel_requested_at IS NULL
 
 -- name: upsert_worker

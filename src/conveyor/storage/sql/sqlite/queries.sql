@@ -107,11 +107,16 @@ UPDATE jobs SET state = 'cancelled', error = ?, completed_at = ?, updated_at = ?
 WHERE id = ? AND state = 'blocked'
 
 -- name: cancel_waiting
-UPDATE jobs SET state = 'cancelled', error = 'cancelled', completed_at = :now, updated_at = :now
+UPDATE jobs SET state = 'cancelled', completed_at = :now, updated_at = :now,
+    error = CASE WHEN :reason IS NULL THEN 'cancelled' ELSE 'cancelled: ' || :reason END,
+    metadata = CASE WHEN :reason IS NULL THEN metadata
+                    ELSE json_set(metadata, '$.cancel_reason', :reason) END
 WHERE id = :id AND state IN ('pending', 'blocked')
 
 -- name: request_cancel
-UPDATE jobs SET cancel_requested_at = :now, updated_at = :now
+UPDATE jobs SET cancel_requested_at = :now, updated_at = :now,
+    metadata = CASE WHEN :reason IS NULL THEN metadata
+                    ELSE json_set(metadata, '$.cancel_reason', :reason) END
 WHERE id = :id AND state = 'running' AND cancel_requested_at IS NULL
 
 -- name: upsert_worker
