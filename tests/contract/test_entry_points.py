@@ -337,3 +337,18 @@ async def test_the_demo_fail_job_fails_for_good_by_default(store: Store):
         assert outcomes == ["retry", "failed"]
     finally:
         await app.bus.close()
+
+
+async def test_a_nul_in_a_url_is_400_on_every_backend(app):
+    async with client(app) as c:
+        for method, url in [
+            ("GET", "/api/jobs/a%00b"),
+            ("DELETE", "/api/jobs/a%00b"),
+            ("POST", "/api/jobs/a%00b/retry"),
+            ("GET", "/api/jobs?queue=a%00"),
+            ("GET", "/api/dlq?job_type=%00"),
+            ("GET", "/api/webhooks/a%00"),
+        ]:
+            resp = await c.request(method, url)
+            assert resp.status_code == 400, (method, url, resp.text)
+            assert "NUL" in resp.json()["error"]

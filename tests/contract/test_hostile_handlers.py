@@ -324,3 +324,42 @@ async def test_review_breaks_fail_only_their_attempt(app):
     assert "did not come within" in got["hanging_str"].error
     job = await app.store.get(delayed.id)
     assert job.run_at >= app.now() + timedelta(days=29)
+
+
+class ClassHang(Exception):
+    """isinstance() consults __class__ when the type check fails: hostile code."""
+
+    @property
+    def __class__(self):  # type: ignore[override]
+        HangingStr.release.wait(30)
+        return ClassHang
+
+
+class HangFloat(float):
+    def __float__(self) -> float:
+        HangingStr.release.wait(30)
+        return 5.0
+
+
+async def test_classifying_a_hostile_exception_never_freezes_the_loop(app):
+    HangingStr.release.clear()
+
+    @app.job("class_hang", max_retries=0)
+    async def class_hang(ctx) -> None:
+        raise ClassHang("x")
+
+    @app.job("float_hang", max_retries=1)
+    async def float_hang(ctx) -> str:
+        if ctx.attempt == 1:
+            raise Retry("later", delay=HangFloat(5.0))
+        return "second"
+
+    first = await app.enqueue("class_hang")
+    second = await app.enqueue("float_hang")
+    try:
+        async with running_worker(app):
+            jobs = await finished(app, [first.id, second.id])
+    finally:
+        HangingStr.release.set()
+    assert "did not come within" in jobs[first.id].error
+    assert jobs[second.id].result == "second"  # retried with the backoff meanwhile

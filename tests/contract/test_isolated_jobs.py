@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,10 @@ async def app(store: Store) -> AsyncIterator[Conveyor]:
     conveyor.job("async_echo", **iso)(h.async_echo)
     conveyor.job("pid", **iso)(h.pid)
     conveyor.job("in_thread")(h.pid)  # the same function, not isolated
+    conveyor.job("scribble", **iso)(h.scribble)
+    conveyor.job("retry_in_ages", isolation="process", max_retries=1)(h.retry_in_ages)
+    conveyor.job("slow_to_say", timeout=60, **iso)(h.slow_to_say)
+    conveyor.job("nap", timeout=60, **iso)(h.nap)
     await conveyor.open()
     try:
         yield conveyor
@@ -106,6 +111,43 @@ async def test_shutdown_kills_isolated_jobs_and_hands_them_back(app, tmp_path: P
     assert worker.abandoned == 0
     assert not alive(int(marker.read_text()))
     assert (await app.store.get(job.id)).state is JobState.PENDING
+
+
+async def test_a_job_scribbling_on_inherited_descriptors_harms_no_sibling(app):
+    napping = await app.enqueue("nap", {"seconds": 1.5})
+    async with running_worker(app, concurrency=3):
+
+        async def started() -> bool:
+            return (await app.store.get(napping.id)).state is JobState.RUNNING
+
+        await async_wait_until(started, 60, "the napping job to start")
+        scribbler = await app.enqueue("scribble")
+        jobs = await finished(app, [napping.id, scribbler.id])
+    assert jobs[scribbler.id].state is JobState.COMPLETED
+    assert jobs[scribbler.id].result == 0  # nothing but stdio and its own socket open
+    assert jobs[napping.id].result == "rested"
+
+
+async def test_hostile_exceptions_in_a_child_are_reported_in_time(app):
+    ages = await app.enqueue("retry_in_ages")
+    slow = await app.enqueue("slow_to_say")
+    async with running_worker(app, concurrency=2):
+        jobs = await finished(app, [slow.id], timeout=20)  # far below its 60 s timeout
+
+        async def waiting() -> bool:
+            job = await app.store.get(ages.id)
+            return job.attempt == 1 and job.state is JobState.PENDING
+
+        await async_wait_until(waiting, 30, "the retry to be scheduled")
+    assert "did not come within" in jobs[slow.id].error
+    job = await app.store.get(ages.id)
+    assert job.run_at >= app.now() + timedelta(days=29)  # clamped to 30 days
+
+
+async def test_worker_wide_process_isolation_keeps_conveyors_own_jobs_in_process(app):
+    worker = app.worker(isolation="process")  # the webhook job is a bound method
+    assert not worker._isolated(app.registry["conveyor.webhook"])
+    assert worker._isolated(app.registry["in_thread"])
 
 
 def _exists(path: Path):

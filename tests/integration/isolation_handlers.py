@@ -234,3 +234,41 @@ def leave_thread(ctx: JobContext, marker: str) -> int:
 
 def imported(ctx: JobContext, name: str) -> bool:
     return name in sys.modules
+
+
+def scribble(ctx: JobContext) -> int:
+    """Write junk to every inherited descriptor that is not a socket (its own
+    channel): pipes a forkserver child might have kept (review finding)."""
+    import stat
+
+    hit = 0
+    for fd in range(3, 64):
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            os.write(fd, b"xx")
+            hit += 1
+        except OSError:
+            pass
+    return hit
+
+
+def nap(ctx: JobContext, seconds: float) -> str:
+    time.sleep(seconds)  # wait-ok: the job's simulated work
+    return "rested"
+
+
+def retry_in_ages(ctx: JobContext) -> str:
+    if ctx.attempt == 1:
+        raise Retry("later", delay=10**400)  # a float can't hold it: clamped, not a crash
+    return "second"
+
+
+class SlowToSay(Exception):
+    def __str__(self) -> str:
+        time.sleep(30)  # wait-ok: a hostile __str__
+        return "late"
+
+
+def slow_to_say(ctx: JobContext) -> None:
+    raise SlowToSay()

@@ -59,6 +59,26 @@ MAX_OFFSET = 2**31 - 1
 
 
 # -- middleware (plain ASGI: cheap, and sees every request) ------------------------------
+class NoNul:
+    """400 for a URL with a NUL character (``%00``) in its path or query: no id,
+    name or filter holds one, and PostgreSQL can't even compare against it, so
+    every backend answers alike and at once."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+            "\x00" in scope.get("path", "")
+            or b"%00" in scope.get("query_string", b"")
+            or b"\x00" in scope.get("query_string", b"")
+        ):
+            response = fail(400, "URLs must not contain NUL characters (%00)")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """413 for bodies over ``limit`` bytes, declared or streamed."""
 
@@ -569,6 +589,7 @@ def create_app(
     api.include_router(event_router(conveyor, auth, hub))
     document_errors(api)
     api.add_middleware(BodyLimit, limit=max_body_bytes)
+    api.add_middleware(NoNul)
     allowed_hosts = conveyor.settings.allowed_hosts
     policy = HostPolicy(allowed_hosts, enforce=allow_anonymous or bool(allowed_hosts))
     api.add_middleware(BrowserGuard, policy=policy)

@@ -92,6 +92,7 @@ from typing import Any, cast
 import orjson
 
 from conveyor.domain.errors import ConfigurationError, ConveyorError, Permanent, Retry
+from conveyor.domain.limits import clamp_retry_delay
 from conveyor.runtime.context import JobContext
 
 __all__ = [
@@ -1083,9 +1084,25 @@ class _ChildState:
 _CHILD: _ChildState | None = None  # set in a child process only
 
 
+def _close_inherited_fds(keep: int) -> None:
+    """Close every descriptor but stdio and this child's socket. A forkserver child
+    inherits the forkserver's "parent alive" pipe and the resource tracker's: a job
+    writing to them would kill the forkserver, and with it the attempts of every
+    sibling. (The resource tracker is started afresh if a job needs one.)"""
+    from multiprocessing import resource_tracker
+
+    tracker: Any = resource_tracker._resource_tracker
+    with contextlib.suppress(Exception):
+        tracker._fd = None
+        tracker._pid = None
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 65536)
+
+
 def _child_main(sock: socket.socket, config: dict[str, Any]) -> None:
     """Entry point of a child: set up, say hello, then run jobs until EOF."""
     global _CHILD
+    _close_inherited_fds(sock.fileno())
     state = _CHILD = _ChildState(sock)
     sock.setblocking(True)
     try:
@@ -1320,6 +1337,37 @@ def _has_non_finite(value: Any) -> bool:
 
 
 def _failure(exc: BaseException, job: ChildJob, state: _ChildState) -> dict[str, Any]:
+    """The outcome of a failed attempt, computed in a side thread for at most
+    ``DESCRIBE_TIMEOUT`` seconds: the exception's own code (``__str__``, a
+    ``delay`` property, its class's attributes) may raise or hang, and the report
+    must come back all the same."""
+    done: list[dict[str, Any]] = []
+
+    def compute() -> None:
+        with contextlib.suppress(BaseException):
+            done.append(_failure_report(exc, job, state))
+
+    thread = threading.Thread(target=compute, name="describe", daemon=True)
+    thread.start()
+    thread.join(DESCRIBE_TIMEOUT)
+    if done:
+        return done[0]
+    name = safe_text(type.__dict__["__name__"].__get__(type(exc), type), 200)
+    return {
+        "ok": False,
+        "error_type": name,
+        "error": f"{name}: <its text did not come within {DESCRIBE_TIMEOUT:g} s>",
+        "traceback": None,
+        "permanent": False,
+        "retry_delay": None,
+    }
+
+
+#: Seconds a failed attempt's exception gets to describe itself in the child.
+DESCRIBE_TIMEOUT = 1.0
+
+
+def _failure_report(exc: BaseException, job: ChildJob, state: _ChildState) -> dict[str, Any]:
     try:
         tb = "".join(traceback.format_exception(exc))
     except BaseException:  # noqa: BLE001 - a traceback is a nicety
@@ -1329,12 +1377,11 @@ def _failure(exc: BaseException, job: ChildJob, state: _ChildState) -> dict[str,
         for cls in (_class(name, state) for name in job.permanent_errors)
     )
     delay: float | None = None
-    if isinstance(exc, Retry) and isinstance(exc.delay, (int, float)):
-        delay = float(exc.delay)
-        if math.isnan(delay):
+    if isinstance(exc, Retry):
+        try:  # clamped as in a thread (10**400 is 30 days, not a crash)
+            delay = clamp_retry_delay(exc.__dict__.get("delay"))
+        except BaseException:  # noqa: BLE001 - a hostile delay: the backoff decides
             delay = None
-        elif math.isinf(delay):
-            delay = sys.float_info.max  # JSON has no infinity; the parent clamps it
     return {
         "ok": False,
         "error_type": _type_name(exc),

@@ -14,6 +14,7 @@ prunes old finished jobs; it is safe to run in every worker at once.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import os
@@ -37,7 +38,7 @@ from conveyor.domain.errors import (
     ValidationError,
 )
 from conveyor.domain.ids import new_token
-from conveyor.domain.job import Finish, Job, WorkerInfo
+from conveyor.domain.job import Finish, Job, WorkerInfo, is_internal
 from conveyor.domain.limits import safe_text
 from conveyor.domain.retry import decide, describe
 from conveyor.domain.states import Action
@@ -135,8 +136,26 @@ class _Raised:
     exc: BaseException
 
 
-#: Exception arguments whose text is computed without user code.
-_PLAIN_ARGS = frozenset({str, int, float, bool, type(None), bytes})
+#: Exception arguments whose text is computed without user code (by class id:
+#: a metaclass can't interfere with an integer lookup).
+_PLAIN_ARGS = frozenset(id(t) for t in (str, int, float, bool, type(None), bytes))
+#: Exception classes whose description and classification run no user code.
+_SAFE_EXCEPTIONS = frozenset(
+    id(t) for t in vars(builtins).values() if isinstance(t, type) and issubclass(t, BaseException)
+)
+
+
+class HandlerFailure(ConveyorError):
+    """Stands for a handler's exception that could not describe itself in time."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
 #: Seconds a user-defined exception gets to describe itself (``__str__``).
 DESCRIBE_TIMEOUT = 1.0
 
@@ -510,25 +529,32 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt too:
             # whatever a handler raises is that attempt's failure, never the worker's.
             raised = exc
-        return self._failure(job, definition, raised, error=await self._describe(raised))
+        return await self._failure_off_loop(job, definition, raised)
 
-    async def _describe(self, exc: BaseException) -> str:
-        """``describe(exc)`` without trusting the exception: a user-defined
-        ``__str__`` (or argument) runs in a side thread for at most
-        ``DESCRIBE_TIMEOUT`` seconds, so one that hangs never freezes the event loop
+    async def _failure_off_loop(
+        self, job: Job, definition: JobDefinition, exc: BaseException
+    ) -> Finish:
+        """``_failure`` without trusting the exception. Describing and classifying
+        it runs its code (``__str__``, ``isinstance`` through a ``__class__``
+        property, a ``Retry`` delay's ``__float__``...): unless it is a builtin
+        exception with plain arguments, that runs in a side thread for at most
+        ``DESCRIBE_TIMEOUT`` seconds, so no exception can freeze the event loop
         (and with it the heartbeats of every running job)."""
-        if type(exc).__module__ == "builtins" and all(
-            type(a) in _PLAIN_ARGS for a in getattr(exc, "args", ())
-        ):
-            return describe(exc)
+        if id(type(exc)) in _SAFE_EXCEPTIONS and all(id(type(a)) in _PLAIN_ARGS for a in exc.args):
+            return self._failure(job, definition, exc)
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(
-                loop.run_in_executor(self._describer, describe, exc), DESCRIBE_TIMEOUT
+                loop.run_in_executor(self._describer, self._failure, job, definition, exc),
+                DESCRIBE_TIMEOUT,
             )
-        except Exception:  # noqa: BLE001 - a timeout, or a pool shut down
-            name = safe_text(type(exc).__name__, 200)
-            return f"{name}: <its text did not come within {DESCRIBE_TIMEOUT:g} s>"
+        except Exception:  # noqa: BLE001 - a timeout, a raise, or a pool shut down
+            # The class's own name (type's descriptor: no metaclass code runs).
+            name = safe_text(type.__dict__["__name__"].__get__(type(exc), type), 200)
+            stand_in = HandlerFailure(
+                f"{name}: <its text did not come within {DESCRIBE_TIMEOUT:g} s>"
+            )
+            return self._failure(job, definition, stand_in)
 
     async def _run_in_thread(
         self,
@@ -601,6 +627,8 @@ class Worker:
             entry.stuck_since = None
 
     def _isolated(self, definition: JobDefinition) -> bool:
+        if is_internal(definition.job_type):
+            return False  # Conveyor's own jobs (webhook deliveries) run in this process
         mode = definition.isolation or self.isolation
         return mode == "process"
 

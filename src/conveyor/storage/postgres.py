@@ -552,6 +552,13 @@ class PostgresStore(Store):
             raise StoreUnavailable(
                 f"PostgreSQL is out of resources: {exc}", reason=_resource_reason(exc)
             ) from exc
+        except asyncpg.CharacterNotInRepertoireError as exc:
+            # A NUL (or invalid UTF-8) in an id, name or filter: nothing can match it.
+            raise ValidationError(
+                "A value contains a character PostgreSQL cannot store or compare (NUL): "
+                "remove it",
+                [FieldError("value", "must not contain NUL characters")],
+            ) from exc
         except asyncpg.PostgresError as exc:
             raise StoreError(f"PostgreSQL error: {exc}") from exc
         finally:
