@@ -555,8 +555,7 @@ class PostgresStore(Store):
         except asyncpg.CharacterNotInRepertoireError as exc:
             # A NUL (or invalid UTF-8) in an id, name or filter: nothing can match it.
             raise ValidationError(
-                "A value contains a character PostgreSQL cannot store or compare (NUL): "
-                "remove it",
+                "A value contains a character PostgreSQL cannot store or compare (NUL): remove it",
                 [FieldError("value", "must not contain NUL characters")],
             ) from exc
         except asyncpg.PostgresError as exc:
