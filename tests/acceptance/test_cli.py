@@ -122,7 +122,8 @@ def test_idempotency_key_returns_the_first_job(db):
         (["jobs", "submit", "sleep", "--payload", '{"bogus": 1}'], "payload.bogus"),
         (["jobs", "submit", "bad type!"], "job_type"),
         (["jobs", "submit", "test_job", "--priority", "101"], "from 0 to 100"),
-        (["jobs", "show", "nope"], "not found"),
+        (["jobs", "show", "nope"], "is not a job id"),
+        (["jobs", "show", "abcdef0123"], "not found"),
         (["dlq", "retry"], "Give job ids or --all"),
     ],
 )

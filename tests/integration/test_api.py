@@ -408,7 +408,12 @@ async def test_cancel_pending_job(client):
     job_id = await submit(client)
     resp = await client.delete(f"/api/jobs/{job_id}")
     assert resp.status_code == 200, resp.text
-    assert resp.json() == {"success": True, "job_id": job_id, "status": "cancelled"}
+    assert resp.json() == {
+        "success": True,
+        "job_id": job_id,
+        "status": "cancelled",
+        "message": "Job cancelled",
+    }
     assert (await get_job(client, job_id))["status"] == "cancelled"
     again = assert_error(await client.delete(f"/api/jobs/{job_id}"), 409)
     assert again["error"] == "Cannot cancel job in cancelled status"
@@ -427,7 +432,8 @@ async def test_cancel_running_job_is_202_cancelling(cv, client):
     await make_running(cv, job_id)
     resp = await client.delete(f"/api/jobs/{job_id}")
     assert resp.status_code == 202, resp.text
-    assert resp.json() == {"success": True, "job_id": job_id, "status": "cancelling"}
+    assert resp.json()["status"] == "cancelling"
+    assert resp.json()["message"].startswith("Cancel requested")
     job = await get_job(client, job_id)
     assert job["status"] == "cancelling"
     assert job["cancel_requested_at"]

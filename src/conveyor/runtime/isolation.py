@@ -739,7 +739,12 @@ class ProcessPool:
         """A started child that said hello. Raises ``_StartFailed``."""
         loop = asyncio.get_running_loop()
         parent_sock, child_sock = socket.socketpair()
-        config = {"max_memory_mb": self.max_memory_mb, "preload": list(self.preload)}
+        config = {
+            "max_memory_mb": self.max_memory_mb,
+            "preload": list(self.preload),
+            # Forkserver children only: what they inherit can kill their siblings.
+            "close_fds": self.start_method == "forkserver",
+        }
         process = self._mp.Process(
             target=_child_main, args=(child_sock, config), name="conveyor-isolated", daemon=False
         )
@@ -1102,7 +1107,8 @@ def _close_inherited_fds(keep: int) -> None:
 def _child_main(sock: socket.socket, config: dict[str, Any]) -> None:
     """Entry point of a child: set up, say hello, then run jobs until EOF."""
     global _CHILD
-    _close_inherited_fds(sock.fileno())
+    if config.get("close_fds"):
+        _close_inherited_fds(sock.fileno())
     state = _CHILD = _ChildState(sock)
     sock.setblocking(True)
     try:
