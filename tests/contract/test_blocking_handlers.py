@@ -9,11 +9,11 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from appkit import app_on
 
 from conveyor import Conveyor
 from conveyor.api.app import create_app
 from conveyor.domain.states import JobState
-from conveyor.settings import Settings
 from conveyor.storage.base import Store
 from support import async_wait_until, running_worker
 
@@ -22,19 +22,10 @@ FINAL = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
 @pytest.fixture
 async def app(store: Store) -> AsyncIterator[Conveyor]:
-    settings = Settings(
-        database_url="memory://",
-        heartbeat_interval=0.1,
-        heartbeat_timeout=1.0,
-        shutdown_grace=0.2,
-        max_stuck_jobs=99,
-    )
-    conveyor = Conveyor(settings=settings, store=store)
-    await conveyor.open()
-    try:
+    async with app_on(
+        store, heartbeat_interval=0.1, heartbeat_timeout=1.0, shutdown_grace=0.2, max_stuck_jobs=99
+    ) as conveyor:
         yield conveyor
-    finally:
-        await conveyor.bus.close()
 
 
 async def state_of(app: Conveyor, job_id: str) -> JobState:

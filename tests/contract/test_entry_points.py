@@ -10,13 +10,12 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from appkit import api_client, app_on
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conveyor import Conveyor
-from conveyor.api.app import create_app
 from conveyor.domain.errors import ValidationError
 from conveyor.domain.job import JobQuery
 from conveyor.domain.states import JobState
@@ -26,26 +25,17 @@ from conveyor.storage.base import Store
 from support import async_wait_until, run_cli, running_worker
 
 
+async def typed(ctx, n: int = 0, **rest: Any) -> dict[str, Any]:
+    return {"n": n, "type": type(n).__name__}
+
+
 @pytest.fixture
 async def app(store: Store) -> AsyncIterator[Conveyor]:
-    conveyor = Conveyor(
-        settings=Settings(database_url="memory://", heartbeat_interval=0.2), store=store
-    )
-
-    @conveyor.job("typed")
-    async def typed(ctx, n: int = 0, **rest: Any) -> dict[str, Any]:
-        return {"n": n, "type": type(n).__name__}
-
-    await conveyor.open()
-    try:
+    async with app_on(store, lambda a: a.job("typed")(typed)) as conveyor:
         yield conveyor
-    finally:
-        await conveyor.bus.close()
 
 
-def client(app: Conveyor) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=create_app(app), raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://localhost")
+client = api_client
 
 
 # -- generated values ------------------------------------------------------------------------

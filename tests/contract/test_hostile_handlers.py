@@ -18,41 +18,22 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from appkit import app_on, finished
 
 from conveyor import Conveyor, Retry
 from conveyor.domain.job import Finish, JobQuery
 from conveyor.domain.limits import MAX_ERROR_CHARS, MAX_RETRY_DELAY_SECONDS
 from conveyor.domain.states import EVENT_FOR_ACTION, Action, JobState
-from conveyor.settings import Settings
 from conveyor.storage.base import Store
 from support import async_wait_until, running_worker
-
-FINAL = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
 
 @pytest.fixture
 async def app(store: Store) -> AsyncIterator[Conveyor]:
-    settings = Settings(
-        database_url="memory://",
-        heartbeat_interval=0.2,
-        heartbeat_timeout=1.0,
-        shutdown_grace=0.5,
-        allow_unknown_job_types=True,
-    )
-    conveyor = Conveyor(settings=settings, store=store)
-    await conveyor.open()
-    try:
+    async with app_on(
+        store, heartbeat_timeout=1.0, shutdown_grace=0.5, allow_unknown_job_types=True
+    ) as conveyor:
         yield conveyor
-    finally:
-        await conveyor.bus.close()  # the store fixture closes the store
-
-
-async def finished(app: Conveyor, ids: list[str], timeout: float = 20) -> dict[str, Any]:
-    async def all_done() -> dict[str, Any] | None:
-        jobs = {i: await app.store.get(i) for i in ids}
-        return jobs if all(j.state in FINAL for j in jobs.values()) else None
-
-    return await async_wait_until(all_done, timeout, f"jobs {ids} to finish")
 
 
 class Unprintable(Exception):

@@ -8,27 +8,21 @@ import os
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from appkit import app_on, finished
 
 from conveyor import Conveyor
 from conveyor.domain.errors import ConfigurationError
 from conveyor.domain.states import JobState
-from conveyor.settings import Settings
 from conveyor.storage.base import Store
 from integration import isolation_handlers as h
 from support import async_wait_until, running_worker
 
-FINAL = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
-
-@pytest.fixture
-async def app(store: Store) -> AsyncIterator[Conveyor]:
-    settings = Settings(
-        database_url="memory://", heartbeat_interval=0.2, heartbeat_timeout=2.0, shutdown_grace=0.5
-    )
-    conveyor = Conveyor(settings=settings, store=store)
-    iso = {"isolation": "process", "max_retries": 0}
+def register(conveyor: Conveyor) -> None:
+    iso: dict[str, Any] = {"isolation": "process", "max_retries": 0}
     conveyor.job("hard_exit", **iso)(h.hard_exit)
     conveyor.job("segfault", **iso)(h.segfault)
     conveyor.job("exit3", **iso)(h.exit3)
@@ -41,19 +35,12 @@ async def app(store: Store) -> AsyncIterator[Conveyor]:
     conveyor.job("retry_in_ages", isolation="process", max_retries=1)(h.retry_in_ages)
     conveyor.job("slow_to_say", timeout=60, **iso)(h.slow_to_say)
     conveyor.job("nap", timeout=60, **iso)(h.nap)
-    await conveyor.open()
-    try:
+
+
+@pytest.fixture
+async def app(store: Store) -> AsyncIterator[Conveyor]:
+    async with app_on(store, register, heartbeat_timeout=2.0, shutdown_grace=0.5) as conveyor:
         yield conveyor
-    finally:
-        await conveyor.bus.close()
-
-
-async def finished(app: Conveyor, ids: list[str], timeout: float = 60) -> dict:
-    async def done() -> dict | None:
-        jobs = {i: await app.store.get(i) for i in ids}
-        return jobs if all(j.state in FINAL for j in jobs.values()) else None
-
-    return await async_wait_until(done, timeout, f"jobs {ids} to finish")
 
 
 def alive(pid: int) -> bool:
@@ -75,7 +62,7 @@ async def test_crashes_and_hangs_end_only_their_attempt(app, tmp_path: Path):
         "thread": (await app.enqueue("in_thread")).id,
     }
     async with running_worker(app, concurrency=4) as worker:
-        jobs = await finished(app, list(ids.values()))
+        jobs = await finished(app, list(ids.values()), timeout=60)
         assert not worker.stopping
     got = {k: jobs[i] for k, i in ids.items()}
     assert got["echo"].state is JobState.COMPLETED
@@ -97,7 +84,7 @@ async def test_cancel_kills_the_child_and_is_confirmed(app, tmp_path: Path):
     async with running_worker(app, concurrency=2):
         await async_wait_until(_exists(marker), 60, "the child to start the job")
         await app.cancel(job.id)
-        jobs = await finished(app, [job.id])
+        jobs = await finished(app, [job.id], timeout=60)
     assert jobs[job.id].state is JobState.CANCELLED
     assert not alive(int(marker.read_text()))
 
@@ -122,7 +109,7 @@ async def test_a_job_scribbling_on_inherited_descriptors_harms_no_sibling(app):
 
         await async_wait_until(started, 60, "the napping job to start")
         scribbler = await app.enqueue("scribble")
-        jobs = await finished(app, [napping.id, scribbler.id])
+        jobs = await finished(app, [napping.id, scribbler.id], timeout=60)
     assert jobs[scribbler.id].state is JobState.COMPLETED
     assert jobs[scribbler.id].result == 0  # nothing but stdio and its own socket open
     assert jobs[napping.id].result == "rested"

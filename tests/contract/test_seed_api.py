@@ -6,33 +6,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
+from appkit import api_client, app_on
 
 import conveyor.demo
 from conveyor import Conveyor
-from conveyor.api.app import create_app
-from conveyor.settings import Settings
 from conveyor.storage.base import Store
 from support import async_wait_until, running_worker
 
 
 @pytest.fixture
 async def app(store: Store) -> AsyncIterator[Conveyor]:
-    conveyor_app = Conveyor(
-        settings=Settings(database_url="memory://", heartbeat_interval=0.2), store=store
-    )
-    conveyor.demo.register(conveyor_app)
-    await conveyor_app.open()
-    try:
+    async with app_on(store, conveyor.demo.register) as conveyor_app:
         yield conveyor_app
-    finally:
-        await conveyor_app.bus.close()
 
 
-def client(app: Conveyor) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=create_app(app), raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://localhost")
+client = api_client
 
 
 async def test_the_seed_smoke_flow_submit_poll_metrics_cancel(app):
