@@ -9,15 +9,13 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from appkit import app_on
+from appkit import FINAL, app_on
 
 from conveyor import Conveyor
 from conveyor.api.app import create_app
 from conveyor.domain.states import JobState
 from conveyor.storage.base import Store
 from support import async_wait_until, running_worker
-
-FINAL = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
 
 @pytest.fixture
