@@ -258,7 +258,7 @@ async def test_review_breaks_fail_only_their_attempt(app):
     @app.job("self_cancel", max_retries=1, timeout=5)
     async def self_cancel(ctx) -> None:
         asyncio.current_task().cancel()
-        await asyncio.sleep(1)
+        await asyncio.sleep(1)  # wait-ok: the self-cancel is delivered at this await
 
     @app.job("stop_iteration", max_retries=0, timeout=5)
     def stop_iteration(ctx) -> None:
@@ -266,6 +266,7 @@ async def test_review_breaks_fail_only_their_attempt(app):
 
     @app.job("own_timeout", max_retries=0, timeout=300)
     async def own_timeout(ctx) -> None:
+        # wait-ok: the sleep provokes the handler's own TimeoutError
         await asyncio.wait_for(asyncio.sleep(10), 0.01)
 
     @app.job("hanging_str", max_retries=0)

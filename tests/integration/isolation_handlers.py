@@ -39,7 +39,7 @@ def echo(ctx: JobContext, **payload: Any) -> dict[str, Any]:
 
 
 async def async_echo(ctx: JobContext, n: int) -> dict[str, Any]:
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # wait-ok: yields once, to prove the handler runs on an event loop
     return {"n": n, "pid": os.getpid(), "loop": type(asyncio.get_running_loop()).__name__}
 
 
@@ -137,7 +137,7 @@ def hang(ctx: JobContext, marker: str) -> None:
     with open(marker, "w") as f:
         f.write(str(os.getpid()))
     while True:
-        time.sleep(3600)
+        time.sleep(3600)  # wait-ok: the hang under test
 
 
 def hang_ignoring_sigterm(ctx: JobContext, marker: str) -> None:
@@ -171,11 +171,11 @@ def grandchild(ctx: JobContext, marker: str) -> None:
     pid = os.fork()
     if pid == 0:
         while True:
-            time.sleep(3600)
+            time.sleep(3600)  # wait-ok: the hang under test
     with open(marker, "w") as f:
         f.write(f"{os.getpid()} {pid}")
     while True:
-        time.sleep(3600)
+        time.sleep(3600)  # wait-ok: the hang under test
 
 
 def barrier(ctx: JobContext, directory: str, n: int) -> int:
@@ -186,7 +186,7 @@ def barrier(ctx: JobContext, directory: str, n: int) -> int:
     while len(os.listdir(directory)) < n:
         if time.monotonic() > deadline:
             raise TimeoutError("the other jobs never ran at the same time")
-        time.sleep(0.005)
+        time.sleep(0.005)  # wait-ok: a poll with a deadline across processes (no shared event)
     return os.getpid()
 
 
@@ -199,12 +199,12 @@ def _socket() -> Any:
 
 def garbage(ctx: JobContext) -> None:
     _socket().sendall(b"\x00\x00\x00\x05hello")
-    time.sleep(3600)
+    time.sleep(3600)  # wait-ok: the hang under test
 
 
 def huge_header(ctx: JobContext) -> None:
     _socket().sendall(struct.pack(">I", 0xFFFFFFF0) + b"x")
-    time.sleep(3600)
+    time.sleep(3600)  # wait-ok: the hang under test
 
 
 def half_message(ctx: JobContext) -> None:
@@ -223,12 +223,12 @@ def leave_thread(ctx: JobContext, marker: str) -> int:
         with open(marker, "w") as f:
             f.write(str(os.getpid()))
         while True:
-            time.sleep(3600)
+            time.sleep(3600)  # wait-ok: the stray thread under test
 
     threading.Thread(target=forever, daemon=False).start()
     deadline = time.monotonic() + 20
     while not os.path.exists(marker) and time.monotonic() < deadline:
-        time.sleep(0.005)
+        time.sleep(0.005)  # wait-ok: a poll with a deadline for the thread's marker file
     return os.getpid()
 
 
