@@ -53,8 +53,10 @@ SIGNAL_TIMEOUT = 1.0
 #: Fewest characters of a job id prefix accepted for an id (CLI).
 MIN_ID_PREFIX = 6
 _HEX_RE = re.compile("[0-9a-f]+")
-#: Seconds a process trusts its copy of the job types workers recorded.
+#: Seconds a process trusts its copy of the job types workers recorded, and how
+#: often at most a type missing from it makes it read them again.
 JOB_TYPES_TTL = 10.0
+JOB_TYPES_MISS_TTL = 0.2
 
 
 def bus_from_url(url: str, *, max_bytes: int | None = None) -> EventBus:
@@ -432,24 +434,25 @@ class Conveyor:
     async def recorded_job_type(self, job_type: str) -> JobTypeInfo | None:
         """The defaults a worker recorded for ``job_type`` (``None`` if none did).
 
-        Read from the store at most once per ``JOB_TYPES_TTL`` seconds, and again at
-        once for a type not seen yet (a worker deployed a moment ago)."""
-        info = self._known_types.get(job_type)
-        fresh = time.monotonic() - self._known_types_at < JOB_TYPES_TTL
-        if info is None or not fresh:
-            if not self._opened:
-                await self.open()
-            if not fresh or (info is None and time.monotonic() - self._known_types_at > 0.2):
-                self._known_types = {t.job_type: t for t in await self.store.list_job_types()}
-                self._known_types_at = time.monotonic()
-            info = self._known_types.get(job_type)
+        Read from the store at most once per ``JOB_TYPES_TTL`` seconds, and again
+        (at most every ``JOB_TYPES_MISS_TTL``) for a type not seen yet: a worker may
+        have been deployed a moment ago."""
+        info = (await self._recorded_types()).get(job_type)
+        if info is None and time.monotonic() - self._known_types_at > JOB_TYPES_MISS_TTL:
+            info = (await self._recorded_types(refresh=True)).get(job_type)
         return info
 
     async def known_job_types(self) -> list[str]:
         """Every job type this process or any worker knows, sorted (internal ones left out)."""
-        await self.recorded_job_type("")
-        names = set(self._known_types) | set(self.registry)
+        names = set(await self._recorded_types()) | set(self.registry)
         return sorted(n for n in names if not is_internal(n))
+
+    async def _recorded_types(self, *, refresh: bool = False) -> dict[str, JobTypeInfo]:
+        if refresh or time.monotonic() - self._known_types_at >= JOB_TYPES_TTL:
+            await self.open()
+            self._known_types = {t.job_type: t for t in await self.store.list_job_types()}
+            self._known_types_at = time.monotonic()
+        return self._known_types
 
     async def _check_known_types(self, jobs: Sequence[NewJob]) -> None:
         """Refuse job types no registration and no worker knows: such a job would

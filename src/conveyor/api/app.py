@@ -31,7 +31,7 @@ from conveyor.api.guard import (
     internal_error_text,
     report_unexpected,
 )
-from conveyor.api.http import JSON, ApiError, Auth, fail
+from conveyor.api.http import JSON, ApiError, Auth, fail, sees_internal
 from conveyor.api.models import ErrorResponse, JobSubmit
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
@@ -44,7 +44,7 @@ from conveyor.domain.errors import (
     StoreUnavailable,
     ValidationError,
 )
-from conveyor.domain.job import JobQuery, is_internal
+from conveyor.domain.job import Job, JobQuery, is_internal
 from conveyor.domain.states import JobState, parse_states
 from conveyor.observability.metrics import Metrics
 from conveyor.presenters import iso, job_dict, page_dict, worker_dict
@@ -316,12 +316,13 @@ def create_app(
         )
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def visible(job_id: str, request: Request) -> None:
-        """404 for a job the caller may not see: Conveyor's own jobs are for admin
-        keys (or keyless loopback use) only, whatever the route."""
+    async def visible(job_id: str, request: Request) -> Job:
+        """The job, or 404 for one the caller may not see: Conveyor's own jobs are
+        for admin keys (or keyless loopback use) only, whatever the route."""
         job = await conveyor.store.get(job_id)
         if is_internal(job.job_type) and not _sees_internal(request):
             raise JobNotFound(job_id)
+        return job
 
     # -- jobs ---------------------------------------------------------------------------------
     @api.post(
@@ -442,7 +443,7 @@ def create_app(
     ) -> dict[str, Any]:
         """List jobs with filters and pagination."""
         states = parse_states(status)
-        internal = include_internal and _is_admin(request)
+        internal = _internal_asked(request, include_internal)
         page = await conveyor.store.list_jobs(
             JobQuery(
                 states=states,
@@ -470,9 +471,7 @@ def create_app(
     )
     async def get_job(job_id: str, request: Request) -> dict[str, Any]:
         """One job with its executions (Conveyor's own jobs: admin keys only)."""
-        job = await conveyor.store.get(job_id)
-        if is_internal(job.job_type) and not _sees_internal(request):
-            raise JobNotFound(job_id)
+        job = await visible(job_id, request)
         return {"success": True, "job": job_dict(job, await conveyor.store.executions(job_id))}
 
     @api.delete(
@@ -548,7 +547,7 @@ def create_app(
                 limit=limit,
                 offset=offset,
                 sort="updated_at",
-                include_internal=include_internal and _is_admin(request),
+                include_internal=_internal_asked(request, include_internal),
             )
         )
         return {
@@ -697,17 +696,12 @@ def document_errors(api: FastAPI) -> None:
     api.openapi = openapi  # type: ignore[method-assign]
 
 
-def _is_admin(request: Request) -> bool:
-    """Whether the caller may see Conveyor's own jobs: an admin key, or anonymous
-    loopback use (no key exists, so the caller owns the server)."""
-    key = getattr(request.state, "api_key", None)
-    if key is None:
-        return True
-    if not key.scope.allows(KeyScope.ADMIN):
-        raise ApiError(403, "include_internal=true needs an admin API key")
-    return True
-
-
 def _sees_internal(request: Request) -> bool:
-    key = getattr(request.state, "api_key", None)
-    return key is None or key.scope.allows(KeyScope.ADMIN)
+    return sees_internal(getattr(request.state, "api_key", None))
+
+
+def _internal_asked(request: Request, include_internal: bool) -> bool:
+    """``include_internal=true`` from a caller allowed it; 403 for anyone else."""
+    if include_internal and not _sees_internal(request):
+        raise ApiError(403, "include_internal=true needs an admin API key")
+    return include_internal

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisc
 from fastapi.responses import Response
 
 from conveyor.api.guard import internal_error_text, report_unexpected
-from conveyor.api.http import JSON, ApiError, Auth
+from conveyor.api.http import JSON, ApiError, Auth, sees_internal
 from conveyor.api.models import WebhookCreate
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
@@ -56,8 +56,9 @@ def _filter(
 ) -> EventFilter:
     """The client's filter; events of Conveyor's own jobs only for an admin key or
     keyless loopback use (``key`` None), as in the job listings."""
-    internal = key is None or key.scope.allows(KeyScope.ADMIN)
-    return EventFilter(parse_type_patterns(types), job_id or None, queue or None, internal)
+    return EventFilter(
+        parse_type_patterns(types), job_id or None, queue or None, sees_internal(key)
+    )
 
 
 def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:

@@ -48,6 +48,12 @@ class ApiError(Exception):
 KEY_RECHECK_SECONDS = 2.0  #: an open WebSocket's key is checked again this often
 
 
+def sees_internal(key: ApiKey | None) -> bool:
+    """Whether a caller sees Conveyor's own jobs and their events: an admin key, or
+    anonymous loopback use (no key exists, so the caller owns the server)."""
+    return key is None or key.scope.allows(KeyScope.ADMIN)
+
+
 class Auth:
     """Bearer API keys with scopes. Anonymous access only when allowed and no key exists.
 

@@ -200,11 +200,21 @@ class Worker:
             raise ConfigurationError(
                 f"isolation must be 'thread' or 'process' (got {self.isolation!r})"
             )
+        # How a child finds each isolated handler, resolved once (a lambda fails here,
+        # not per job), with the names of its job type's permanent errors.
+        self._child_specs: dict[str, tuple[Any, tuple[str, ...]]] = {}
         for name in self.job_types:
-            if self._isolated(app.registry[name]):
+            definition = app.registry[name]
+            if self._isolated(definition):
                 from conveyor.runtime.isolation import HandlerRef
 
-                HandlerRef.of(app.registry[name].handler)  # a lambda fails here, not per job
+                self._child_specs[name] = (
+                    HandlerRef.of(definition.handler),
+                    tuple(
+                        f"{e.__module__}:{e.__qualname__}"
+                        for e in definition.retry.permanent_errors
+                    ),
+                )
         self._pool: Any = None  # runtime.isolation.ProcessPool, started on first use
         self._describer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="conveyor-describe")
         self._threads = ThreadPoolExecutor(
@@ -641,17 +651,16 @@ class Worker:
         timeout: float | None,  # noqa: ASYNC109 - the job's own, enforced in here
     ) -> Any:
         pool = self._child_pool()
-        from conveyor.runtime.isolation import ChildJob, HandlerRef
+        from conveyor.runtime.isolation import ChildJob
 
+        handler, permanent_errors = self._child_specs[job.job_type]
         child_job = ChildJob(  # the child builds the same JobContext from these
             *(ctx.job_id, ctx.job_type, ctx.attempt, ctx.max_retries, ctx.queue),
             *(ctx.worker_id, ctx.metadata),
             payload=_as_json(kwargs, job.payload),
-            handler=HandlerRef.of(definition.handler),
+            handler=handler,
             is_async=definition.is_async,
-            permanent_errors=tuple(
-                f"{e.__module__}:{e.__qualname__}" for e in definition.retry.permanent_errors
-            ),
+            permanent_errors=permanent_errors,
         )
         entry = self._running[job.id]
         entry.deadline = _deadline(timeout)
@@ -716,7 +725,6 @@ class Worker:
             rand=self.app.rand,
             error=None if error is None else safe_text(error),
         )
-        text = decision.error
         retry_at = (
             self.app.now() + timedelta(seconds=decision.delay)
             if decision.action is Action.RETRY
@@ -728,9 +736,11 @@ class Worker:
                 job_id=job.id,
                 job_type=job.job_type,
                 attempt=job.attempt,
-                error=text,
+                error=decision.error,
             )
-        return Finish(job.id, job.lease_token or "", decision.action, error=text, retry_at=retry_at)
+        return Finish(
+            job.id, job.lease_token or "", decision.action, error=decision.error, retry_at=retry_at
+        )
 
     # -- completion writes ------------------------------------------------------------
     async def _flusher(self) -> None:
