@@ -7,9 +7,11 @@ Every error Conveyor raises derives from :class:`ConveyorError`::
     ├── ValidationError (ValueError) bad input: payload, priority, cron, ...
     ├── NotFound (LookupError)       no such object
     │   ├── JobNotFound              no job with that id
-    │   └── ApiKeyNotFound           no API key with that id
+    │   ├── ApiKeyNotFound           no API key with that id
+    │   └── WorkflowNotFound         no workflow with that id
     ├── InvalidTransition            a state change the state machine forbids
-    │   └── JobNotCancellable        cancelling a finished job
+    │   ├── JobNotCancellable        cancelling a finished job
+    │   └── WorkflowConflict         a workflow action its status forbids
     ├── LeaseLost                    a fenced write whose lease is no longer held
     ├── StoreError                   the store failed (cause kept in __cause__)
     │   └── StoreUnavailable         the store cannot be reached or is full (retry later)
@@ -71,6 +73,14 @@ class ApiKeyNotFound(NotFound):
         self.key_id = key_id
 
 
+class WorkflowNotFound(NotFound):
+    """No workflow with the given id exists."""
+
+    def __init__(self, workflow_id: str) -> None:
+        super().__init__(f"Workflow {workflow_id!r} not found")
+        self.workflow_id = workflow_id
+
+
 class InvalidTransition(ConveyorError):
     """The state machine does not allow this change."""
 
@@ -86,6 +96,15 @@ class JobNotCancellable(InvalidTransition):
     def __init__(self, job_id: str, state: str) -> None:
         super().__init__(state, "cancel", f"Cannot cancel job in {state} status")
         self.job_id = job_id
+
+
+class WorkflowConflict(InvalidTransition):
+    """The workflow's status forbids the action (retrying a running workflow,
+    adding steps to a finished one)."""
+
+    def __init__(self, workflow_id: str, status: str, action: str, message: str) -> None:
+        super().__init__(status, action, message)
+        self.workflow_id = workflow_id
 
 
 class LeaseLost(ConveyorError):

@@ -207,6 +207,8 @@ class Job:
     completed_at: datetime | None = None
     updated_at: datetime | None = None
     depends_on: list[str] = field(default_factory=list)
+    #: The job's step name in its workflow (``workflow_id``), else None.
+    step_name: str | None = None
 
     @property
     def status(self) -> str:

@@ -43,6 +43,7 @@ from conveyor.domain.webhooks import (
     Webhook,
     WebhookState,
 )
+from conveyor.domain.workflow import NewWorkflow, Workflow, WorkflowQuery
 
 
 class Store(abc.ABC):
@@ -273,6 +274,60 @@ class Store(abc.ABC):
     async def changed(self) -> bool:
         """Whether another process committed since the last call (cheap; may be fuzzy)."""
         return False
+
+    # -- workflows ---------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_workflow(
+        self, workflow: NewWorkflow, steps: Sequence[tuple[str, NewJob]], now: datetime
+    ) -> tuple[Workflow, bool]:
+        """Insert a workflow and its steps atomically. ``steps``: (step name, job) in
+        an order where parents come first (``check_dag``), each job's ``depends_on``
+        naming parent *steps*. Roots start ``pending``, the others ``blocked``;
+        writes ``job_submitted`` per step and one ``workflow_submitted``. A
+        workflow whose ``idempotency_key`` a kept workflow holds is not inserted:
+        that one comes back with ``True``. Returns the workflow without step
+        details."""
+
+    @abc.abstractmethod
+    async def get_workflow(self, workflow_id: str, *, results: bool = True) -> Workflow:
+        """The workflow with its counts and ``steps`` (each step's result when
+        ``results``). Raises ``WorkflowNotFound``."""
+
+    @abc.abstractmethod
+    async def list_workflows(self, query: WorkflowQuery) -> tuple[list[Workflow], int]:
+        """Newest first, with counts but no step details; and the total matching."""
+
+    @abc.abstractmethod
+    async def cancel_workflow(self, workflow_id: str, now: datetime) -> Workflow:
+        """Cancel every step not yet finished (running ones get a cancel request);
+        the workflow ends ``cancelled`` once no step runs. Idempotent on a finished
+        workflow (returns it unchanged). Raises ``WorkflowNotFound``."""
+
+    @abc.abstractmethod
+    async def retry_workflow(self, workflow_id: str, now: datetime) -> Workflow:
+        """Run the failed and cancelled steps again (fresh attempts), and through
+        them what depends on them; completed steps keep their results. Raises
+        ``WorkflowNotFound``, and ``WorkflowConflict`` while it is running."""
+
+    @abc.abstractmethod
+    async def add_steps(
+        self,
+        workflow_id: str,
+        job_id: str,
+        lease_token: str,
+        steps: Sequence[tuple[str, NewJob]],
+        now: datetime,
+    ) -> list[Job]:
+        """A running step (``job_id`` holding ``lease_token``) adds steps to its own
+        workflow; they may depend on any step of it, and on each other (validated
+        by ``check_dag`` against the steps already there). Raises ``LeaseLost``,
+        ``WorkflowConflict`` (the workflow finished), ``ValidationError``."""
+
+    @abc.abstractmethod
+    async def parent_results(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """For each job: its completed parents' results, by step name (by parent job
+        id for a parent that is not a workflow step). Jobs without parents are
+        left out."""
 
     # -- helpers shared by adapters ----------------------------------------
     @staticmethod

@@ -14,6 +14,7 @@ from typing import Any
 from conveyor.domain.job import Finish
 from conveyor.domain.states import EVENT_FOR_ACTION, Action, JobState, finish_action, next_state
 from conveyor.storage.base import event_data, result_fields
+from conveyor.storage.workflows import Moved
 
 OUTCOME = {
     Action.COMPLETE: "completed",
@@ -42,6 +43,8 @@ class RunningRow:
     cancel_requested: bool
     run_at: datetime | None = None
     error: str | None = None
+    workflow_id: str | None = None
+    step_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,8 @@ class FinishPlan:
     executions: list[tuple[str, int, str, str | None]] = field(default_factory=list)
     events: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     finished_parents: list[str] = field(default_factory=list)
+    #: Workflow steps this batch finished (for the store's workflow settle step).
+    moved: list[Moved] = field(default_factory=list)
 
 
 def plan_finishes(
@@ -129,4 +134,6 @@ def plan_finishes(
         plan.events.append((EVENT_FOR_ACTION[action].value, f.job_id, data))
         if row.has_children and action in TERMINAL_ACTIONS:
             plan.finished_parents.append(f.job_id)
+        if row.workflow_id is not None and action in TERMINAL_ACTIONS:
+            plan.moved.append(Moved(row.workflow_id, row.step_name or f.job_id, state))
     return plan

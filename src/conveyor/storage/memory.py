@@ -21,7 +21,10 @@ from conveyor.domain.errors import (
     InvalidTransition,
     JobNotCancellable,
     JobNotFound,
+    LeaseLost,
     ValidationError,
+    WorkflowConflict,
+    WorkflowNotFound,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
 from conveyor.domain.ids import new_job_id, new_token
@@ -61,6 +64,22 @@ from conveyor.domain.webhooks import (
     WebhookNotFound,
     WebhookState,
 )
+from conveyor.domain.workflow import (
+    WORKFLOW_CANCEL_REASON,
+    WORKFLOW_SUBMITTED,
+    WORKFLOW_UPDATED,
+    NewWorkflow,
+    StepDetail,
+    StepSpec,
+    Workflow,
+    WorkflowQuery,
+    check_dag,
+    fail_fast_reason,
+    settled_status,
+    step_state,
+    terminal_event,
+    workflow_event,
+)
 from conveyor.storage.base import (
     Store,
     check_limit,
@@ -69,6 +88,17 @@ from conveyor.storage.base import (
     result_fields,
 )
 from conveyor.storage.codec import roundtrip
+from conveyor.storage.workflows import (
+    MAX_MOVED_LISTED,
+    Moved,
+    event_steps,
+    group_moved,
+    retry_states,
+    step_details,
+    updated_event,
+    wants_fail_fast,
+    workflow_from_row,
+)
 
 
 class MemoryStore(Store):
@@ -87,6 +117,9 @@ class MemoryStore(Store):
         self._consumers: dict[str, _Consumer] = {}
         self._webhooks: dict[str, Webhook] = {}
         self._deliveries: dict[str, list[DeliveryAttempt]] = {}
+        self._workflows: dict[str, dict[str, Any]] = {}
+        self._wf_steps: dict[str, list[str]] = {}
+        self._moved: list[Moved] = []
 
     async def open(self) -> None:
         return None
@@ -106,6 +139,8 @@ class MemoryStore(Store):
         job.updated_at = now
         if job.state.is_terminal:
             job.completed_at = now
+            if job.workflow_id is not None:
+                self._moved.append(Moved(job.workflow_id, job.step_name or job.id, job.state.value))
         self._emit(EVENT_FOR_ACTION[action].value, job, now, **data)
 
     def _end_execution(self, job: Job, now: datetime, outcome: str, error: str | None) -> None:
@@ -263,6 +298,7 @@ class MemoryStore(Store):
                     continue
                 self._apply_finish(job, f, now)
                 out.append(True)
+            self._settle_workflows(now)
             return out
 
     def _apply_finish(self, job: Job, f: Finish, now: datetime) -> None:
@@ -391,6 +427,7 @@ class MemoryStore(Store):
                 if job.state.is_terminal:
                     self._after_terminal(job, now)
                 out.append(Rescued(job.id, job.worker_id, action))
+            self._settle_workflows(now)
             return out
 
     # -- operator actions ------------------------------------------------------
@@ -413,6 +450,7 @@ class MemoryStore(Store):
                     job.metadata = {**job.metadata, "cancel_reason": reason}
                 self._move(job, Action.CANCEL, now, **extra)
                 self._after_terminal(job, now)
+                self._settle_workflows(now)
             return copy.deepcopy(job)
 
     async def retry_failed(self, job_ids: Sequence[str], now: datetime) -> list[Job]:
@@ -461,6 +499,12 @@ class MemoryStore(Store):
             ]
             self._delete(ids)
             self._events = [e for e in self._events if e.created_at >= older_than]
+            for wf_id, wf in list(self._workflows.items()):
+                steps = self._wf_steps.get(wf_id, [])
+                steps[:] = [i for i in steps if i in self._jobs]
+                if not steps and wf["finished_at"] is not None and wf["finished_at"] < older_than:
+                    del self._workflows[wf_id]
+                    self._wf_steps.pop(wf_id, None)
             return len(ids)
 
     # -- reads --------------------------------------------------------------------
@@ -648,6 +692,315 @@ class MemoryStore(Store):
     async def list_deliveries(self, webhook_id: str, limit: int) -> list[DeliveryAttempt]:
         await self.get_webhook(webhook_id)
         return list(reversed(self._deliveries[webhook_id]))[:limit]
+
+    # -- workflows ---------------------------------------------------------------------
+    def _settle_workflows(self, now: datetime) -> None:
+        """Apply ``fail_fast``, write ``workflow_updated`` and, once no step can run,
+        the status and terminal event, for the workflows whose steps moved."""
+        while self._moved:
+            batch, self._moved = self._moved, []
+            for wf_id, steps in group_moved(batch).items():
+                wf = self._workflows.get(wf_id)
+                if wf is None or wf["status"] != "running":
+                    continue
+                failed = wants_fail_fast(wf["on_failure"], steps)
+                if failed is not None:
+                    self._cancel_steps(wf_id, fail_fast_reason(failed), now)
+                    steps = steps + [m for m in self._moved if m.workflow_id == wf_id]
+                    self._moved = [m for m in self._moved if m.workflow_id != wf_id]
+                counts = self._step_counts(wf_id)
+                self._emit(
+                    WORKFLOW_UPDATED, None, now, **updated_event(wf_id, wf["name"], counts, steps)
+                )
+                status = settled_status(
+                    counts, cancel_requested=wf["cancel_requested_at"] is not None
+                )
+                if status is not None:
+                    wf.update(status=status.value, finished_at=now, updated_at=now)
+                    details = event_steps(self._step_details(wf_id, results=False))
+                    type_, data = terminal_event(wf_id, wf["name"], status, counts, details)
+                    self._emit(type_, None, now, **data)
+
+    def _cancel_steps(self, wf_id: str, reason: str, now: datetime) -> None:
+        for job_id in self._wf_steps.get(wf_id, ()):
+            job = self._jobs.get(job_id)
+            if job is None:
+                continue
+            if job.state in (JobState.PENDING, JobState.BLOCKED):
+                job.error = f"cancelled: {reason}"
+                job.metadata = {**job.metadata, "cancel_reason": reason}
+                self._move(job, Action.CANCEL, now, error=job.error, reason=reason)
+                self._after_terminal(job, now)
+            elif job.state is JobState.RUNNING and job.cancel_requested_at is None:
+                job.cancel_requested_at = now
+                job.updated_at = now
+                job.metadata = {**job.metadata, "cancel_reason": reason}
+                self._emit(EventType.JOB_STATUS_CHANGED.value, job, now, reason=reason)
+
+    def _step_counts(self, wf_id: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for job_id in self._wf_steps.get(wf_id, ()):
+            job = self._jobs.get(job_id)
+            if job is not None:
+                counts[job.state.value] = counts.get(job.state.value, 0) + 1
+        return counts
+
+    def _step_details(self, wf_id: str, *, results: bool) -> list[StepDetail]:
+        jobs = [self._jobs[i] for i in self._wf_steps.get(wf_id, ()) if i in self._jobs]
+        rows = [
+            {
+                "id": j.id,
+                "step_name": j.step_name,
+                "job_type": j.job_type,
+                "state": j.state.value,
+                "cancel_requested_at": j.cancel_requested_at,
+                "attempt": j.attempt,
+                "started_at": j.started_at,
+                "completed_at": j.completed_at,
+                "error": j.error,
+                "result": copy.deepcopy(j.result),
+            }
+            for j in jobs
+        ]
+        edges = [
+            (j.step_name or j.id, self._jobs[p].step_name or p)
+            for j in jobs
+            for p in j.depends_on
+            if p in self._jobs
+        ]
+        return step_details(rows, edges, lambda v: v, results=results)
+
+    def _workflow(self, wf_id: str, *, steps: bool, results: bool = True) -> Workflow:
+        wf = self._workflows.get(wf_id)
+        if wf is None:
+            raise WorkflowNotFound(wf_id)
+        details = self._step_details(wf_id, results=results) if steps else None
+        return workflow_from_row(
+            {**wf, "metadata": copy.deepcopy(wf["metadata"])},
+            self._step_counts(wf_id),
+            lambda v: v,
+            details,
+        )
+
+    def _insert_steps(
+        self, wf_id: str, steps: Sequence[tuple[str, NewJob]], known: dict[str, Job], now: datetime
+    ) -> list[Job]:
+        out = []
+        for name, new in steps:
+            parents = [known[d] for d in dict.fromkeys(new.depends_on)]
+            state = step_state(p.state for p in parents)
+            job = Job(
+                id=new_job_id(),
+                job_type=new.job_type,
+                state=state,
+                payload=roundtrip(dict(new.payload)),
+                queue=new.queue,
+                priority=new.priority,
+                max_retries=new.max_retries,
+                timeout_ms=new.timeout_ms,
+                run_at=new.run_at or now,
+                error=PARENT_FAILED_ERROR if state is JobState.CANCELLED else None,
+                workflow_id=wf_id,
+                step_name=name,
+                created_by=new.created_by,
+                metadata=roundtrip(dict(new.metadata), "metadata"),
+                created_at=now,
+                updated_at=now,
+                completed_at=now if state is JobState.CANCELLED else None,
+                depends_on=[p.id for p in parents],
+            )
+            self._jobs[job.id] = job
+            self._seq[job.id] = next(self._counter)
+            self._wf_steps.setdefault(wf_id, []).append(job.id)
+            for p in parents:
+                self._children.setdefault(p.id, set()).add(job.id)
+            known[name] = job
+            self._emit(EventType.JOB_SUBMITTED.value, job, now, priority=job.priority)
+            out.append(copy.deepcopy(job))
+        return out
+
+    async def create_workflow(
+        self, workflow: NewWorkflow, steps: Sequence[tuple[str, NewJob]], now: datetime
+    ) -> tuple[Workflow, bool]:
+        validate_batch([new for _, new in steps])
+        for _, new in steps:  # refuse what the SQL stores refuse, before any write
+            roundtrip(dict(new.payload))
+            roundtrip(dict(new.metadata), "metadata")
+        metadata = roundtrip(dict(workflow.metadata), "metadata")
+        async with self._lock:
+            key = workflow.idempotency_key
+            if key is not None:
+                held = next(
+                    (w for w in self._workflows.values() if w["idempotency_key"] == key), None
+                )
+                if held is not None:
+                    return self._workflow(held["id"], steps=False), True
+            wf_id = new_job_id()
+            self._workflows[wf_id] = {
+                "id": wf_id,
+                "name": workflow.name,
+                "status": "running",
+                "on_failure": workflow.on_failure.value,
+                "total_steps": len(steps),
+                "idempotency_key": key,
+                "metadata": metadata,
+                "created_by": workflow.created_by,
+                "cancel_requested_at": None,
+                "created_at": now,
+                "finished_at": None,
+                "updated_at": now,
+            }
+            self._insert_steps(wf_id, steps, {}, now)
+            counts = self._step_counts(wf_id)
+            self._emit(
+                WORKFLOW_SUBMITTED,
+                None,
+                now,
+                **workflow_event(
+                    wf_id, workflow.name, "running", counts, on_failure=workflow.on_failure.value
+                ),
+            )
+            return self._workflow(wf_id, steps=False), False
+
+    async def get_workflow(self, workflow_id: str, *, results: bool = True) -> Workflow:
+        return self._workflow(workflow_id, steps=True, results=results)
+
+    async def list_workflows(self, query: WorkflowQuery) -> tuple[list[Workflow], int]:
+        rows = [
+            w
+            for w in self._workflows.values()
+            if (query.status is None or w["status"] == query.status.value)
+            and (query.name is None or w["name"] == query.name)
+        ]
+        rows.sort(key=lambda w: (w["created_at"], w["id"]), reverse=True)
+        page = rows[query.offset : query.offset + query.limit]
+        return [self._workflow(w["id"], steps=False) for w in page], len(rows)
+
+    async def cancel_workflow(self, workflow_id: str, now: datetime) -> Workflow:
+        async with self._lock:
+            wf = self._workflows.get(workflow_id)
+            if wf is None:
+                raise WorkflowNotFound(workflow_id)
+            if wf["status"] == "running":
+                wf.update(cancel_requested_at=now, updated_at=now)
+                self._cancel_steps(workflow_id, WORKFLOW_CANCEL_REASON, now)
+                if not any(m.workflow_id == workflow_id for m in self._moved):
+                    self._moved.append(Moved(workflow_id, "", "cancelled"))
+                self._settle_workflows(now)
+            return self._workflow(workflow_id, steps=True)
+
+    async def retry_workflow(self, workflow_id: str, now: datetime) -> Workflow:
+        async with self._lock:
+            wf = self._workflows.get(workflow_id)
+            if wf is None:
+                raise WorkflowNotFound(workflow_id)
+            if wf["status"] == "running":
+                raise WorkflowConflict(
+                    workflow_id,
+                    "running",
+                    "retry",
+                    "Cannot retry a running workflow: wait for it to finish or cancel it",
+                )
+            jobs = [self._jobs[i] for i in self._wf_steps.get(workflow_id, ()) if i in self._jobs]
+            again = [j for j in jobs if j.state in (JobState.FAILED, JobState.CANCELLED)]
+            edges = [
+                (j.step_name or j.id, self._jobs[p].step_name or p)
+                for j in jobs
+                for p in j.depends_on
+                if p in self._jobs
+            ]
+            states = retry_states((j.step_name or j.id for j in again), edges)
+            wf.update(status="running", finished_at=None, cancel_requested_at=None, updated_at=now)
+            for job in again:
+                state = JobState(states[job.step_name or job.id])
+                job.state = state
+                job.attempt = 0
+                job.error = None
+                job.result = None
+                job.lease_token = None
+                job.worker_id = None
+                job.cancel_requested_at = None
+                job.lost_count = 0
+                job.started_at = None
+                job.completed_at = None
+                job.run_at = now
+                job.updated_at = now
+                job.metadata = {k: v for k, v in job.metadata.items() if k != "cancel_reason"}
+                self._emit(EventType.JOB_STATUS_CHANGED.value, job, now, reason="workflow_retry")
+            counts = self._step_counts(workflow_id)
+            self._emit(
+                WORKFLOW_UPDATED,
+                None,
+                now,
+                **workflow_event(
+                    workflow_id,
+                    wf["name"],
+                    "running",
+                    counts,
+                    retried_steps=[j.step_name for j in again][:MAX_MOVED_LISTED],
+                ),
+            )
+            return self._workflow(workflow_id, steps=True)
+
+    async def add_steps(
+        self,
+        workflow_id: str,
+        job_id: str,
+        lease_token: str,
+        steps: Sequence[tuple[str, NewJob]],
+        now: datetime,
+    ) -> list[Job]:
+        validate_batch([new for _, new in steps])
+        for _, new in steps:
+            roundtrip(dict(new.payload))
+            roundtrip(dict(new.metadata), "metadata")
+        async with self._lock:
+            caller = self._jobs.get(job_id)
+            if (
+                caller is None
+                or caller.state is not JobState.RUNNING
+                or caller.lease_token != lease_token
+                or caller.workflow_id != workflow_id
+            ):
+                raise LeaseLost(
+                    f"Job {job_id!r} no longer holds its lease in workflow {workflow_id!r}: "
+                    "it cannot add steps"
+                )
+            wf = self._workflows.get(workflow_id)
+            if wf is None:
+                raise WorkflowNotFound(workflow_id)
+            if wf["status"] != "running" or wf["cancel_requested_at"] is not None:
+                raise WorkflowConflict(
+                    workflow_id,
+                    wf["status"],
+                    "add steps",
+                    f"Cannot add steps to workflow {workflow_id!r}: it is {wf['status']}"
+                    + (" (cancelling)" if wf["cancel_requested_at"] else ""),
+                )
+            existing = self._step_details(workflow_id, results=False)
+            check_dag(
+                [StepSpec(n, new.job_type, depends_on=tuple(new.depends_on)) for n, new in steps],
+                existing={d.name: d.depends_on for d in existing},
+            )
+            known = {d.name: self._jobs[d.job_id] for d in existing}
+            jobs = self._insert_steps(workflow_id, steps, known, now)
+            wf["total_steps"] += len(steps)
+            wf["updated_at"] = now
+            return jobs
+
+    async def parent_results(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is None:
+                continue
+            for p in job.depends_on:
+                parent = self._jobs.get(p)
+                if parent is not None and parent.state is JobState.COMPLETED:
+                    out.setdefault(job_id, {})[parent.step_name or parent.id] = copy.deepcopy(
+                        parent.result
+                    )
+        return out
 
 
 @dataclass(slots=True)

@@ -30,9 +30,12 @@ from conveyor.domain.errors import (
     InvalidTransition,
     JobNotCancellable,
     JobNotFound,
+    LeaseLost,
     StoreError,
     StoreUnavailable,
     ValidationError,
+    WorkflowConflict,
+    WorkflowNotFound,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
 from conveyor.domain.ids import new_job_id, new_job_ids, new_token
@@ -64,6 +67,22 @@ from conveyor.domain.webhooks import (
     WebhookNotFound,
     WebhookState,
 )
+from conveyor.domain.workflow import (
+    WORKFLOW_CANCEL_REASON,
+    WORKFLOW_SUBMITTED,
+    WORKFLOW_UPDATED,
+    NewWorkflow,
+    StepDetail,
+    StepSpec,
+    Workflow,
+    WorkflowQuery,
+    check_dag,
+    fail_fast_reason,
+    settled_status,
+    step_state,
+    terminal_event,
+    workflow_event,
+)
 from conveyor.security.redact import redact, redact_url
 from conveyor.storage.base import (
     Store,
@@ -78,9 +97,22 @@ from conveyor.storage.base import (
 from conveyor.storage.codec import dumps_object, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.sql import load_migrations, load_queries
+from conveyor.storage.workflows import (
+    MAX_MOVED_LISTED,
+    Moved,
+    event_steps,
+    first_failed,
+    group_moved,
+    retry_states,
+    step_details,
+    updated_event,
+    wants_fail_fast,
+    workflow_from_row,
+)
 
 T = TypeVar("T")
 Q = load_queries("postgres")
+W = load_queries("postgres", "workflows.sql")
 # insert_jobs for batches with an idempotency key (and without: no conflict possible)
 _INSERT_KEYED = Q["insert_jobs"].replace("{on_key_conflict}", Q["on_key_conflict"])
 _INSERT_UNKEYED = Q["insert_jobs"].replace("{on_key_conflict}", "")
@@ -432,6 +464,7 @@ def job_from_record(r: asyncpg.Record) -> Job:
         started_at=r["started_at"],
         completed_at=r["completed_at"],
         updated_at=r["updated_at"],
+        step_name=r["step_name"],
     )
 
 
@@ -848,6 +881,8 @@ class PostgresStore(Store):
                     cancel_requested=r["cancel_requested_at"] is not None,
                     run_at=r["run_at"],
                     error=r["error"],
+                    workflow_id=r["workflow_id"],
+                    step_name=r["step_name"],
                 )
                 for r in await conn.fetch(Q["lock_running"], sorted({f.job_id for f in finishes}))
                 if r["state"] == "running"
@@ -873,41 +908,65 @@ class PostgresStore(Store):
                     [e[1] for e in plan.events],
                     _json([e[2] for e in plan.events]),
                 )
+                moved = plan.moved
                 if plan.finished_parents:
-                    await self._settle_children(conn, plan.finished_parents, now)
+                    moved = moved + await self._settle_children(conn, plan.finished_parents, now)
+                if moved:
+                    await self._settle_workflows(conn, moved, now)
                 if any(x.state == "pending" for x in u):
                     await conn.execute(Q["notify"], "")
         return plan.accepted
 
     async def _settle_children(
         self, conn: asyncpg.Connection, parents: list[str], now: datetime
-    ) -> None:
+    ) -> list[Moved]:
+        """Unblock children whose parents all completed; cancel those with a failed
+        parent (and theirs, level by level). One round trip per level, not per
+        child. Returns the workflow steps it cancelled."""
+        moved: list[Moved] = []
         todo = parents
         woke = False
         while todo:
             children = await conn.fetch(Q["blocked_children"], todo)
             todo = []
+            if not children:
+                break
+            verdicts = {
+                r["child_id"]: r
+                for r in await conn.fetch(Q["parent_verdicts"], [c["id"] for c in children])
+            }
             types, ids, datas = [], [], []
+            cancel: list[str] = []
+            unblock: list[str] = []
             for child in children:
-                states = {r[0] for r in await conn.fetch(Q["parent_states"], child["id"])}
-                if states & {"failed", "cancelled"}:
-                    await conn.execute(Q["cancel_blocked"], PARENT_FAILED_ERROR, now, child["id"])
+                verdict = verdicts.get(child["id"])
+                if verdict is None:
+                    continue
+                if verdict["any_failed"]:
+                    cancel.append(child["id"])
                     types.append(EventType.JOB_CANCELLED.value)
                     datas.append(
                         row_event(child, "cancelled", child["attempt"], error=PARENT_FAILED_ERROR)
                     )
                     ids.append(child["id"])
                     todo.append(child["id"])
-                elif states == {"completed"}:
-                    await conn.execute(Q["unblock"], now, child["id"])
+                    if child["workflow_id"] is not None:
+                        moved.append(Moved(child["workflow_id"], child["step_name"], "cancelled"))
+                elif verdict["all_completed"]:
+                    unblock.append(child["id"])
                     types.append(EventType.JOB_STATUS_CHANGED.value)
                     datas.append(row_event(child, "pending", child["attempt"]))
                     ids.append(child["id"])
                     woke = True
+            if cancel:
+                await conn.execute(Q["cancel_blocked"], PARENT_FAILED_ERROR, now, cancel)
+            if unblock:
+                await conn.execute(Q["unblock"], now, unblock)
             if types:
                 await conn.execute(Q["insert_events"], types, ids, _json(datas), now)
         if woke:
             await conn.execute(Q["notify"], "")
+        return moved
 
     # -- workers ---------------------------------------------------------------------------------
     async def register_worker(self, worker: WorkerInfo, now: datetime) -> None:
@@ -981,6 +1040,7 @@ class PostgresStore(Store):
             ids: list[str | None] = [None] * len(dead)
             datas: list[dict[str, Any]] = [{"worker_id": w, "status": "dead"} for w in dead]
             finished: list[str] = []
+            moved: list[Moved] = []
             for row in await conn.fetch(Q["orphaned_running"]):
                 job = job_from_record(row)
                 action = lost_action(job, max_lost)
@@ -989,6 +1049,8 @@ class PostgresStore(Store):
                 status, event = state.value, EVENT_FOR_ACTION[action].value
                 if state.is_terminal:
                     finished.append(job.id)
+                    if job.workflow_id is not None:
+                        moved.append(Moved(job.workflow_id, job.step_name or job.id, status))
                 await conn.execute(
                     Q["end_execution"],
                     now,
@@ -1010,7 +1072,9 @@ class PostgresStore(Store):
             if types:
                 await conn.execute(Q["insert_events"], types, ids, _json(datas), now)
             if finished:
-                await self._settle_children(conn, finished, now)
+                moved += await self._settle_children(conn, finished, now)
+            if moved:
+                await self._settle_workflows(conn, moved, now)
             if any(r.action is Action.LOST for r in out):
                 await conn.execute(Q["notify"], "")
         return out
@@ -1043,8 +1107,13 @@ class PostgresStore(Store):
                     _json([row_event(row, "cancelled", row["attempt"], **extra)]),
                     now,
                 )
+                moved: list[Moved] = []
+                if row["workflow_id"] is not None:
+                    moved.append(Moved(row["workflow_id"], row["step_name"], "cancelled"))
                 if row["has_children"]:
-                    await self._settle_children(conn, [job_id], now)
+                    moved += await self._settle_children(conn, [job_id], now)
+                if moved:
+                    await self._settle_workflows(conn, moved, now)
             return job_from_record(await conn.fetchrow(Q["get_job"], job_id))
 
     async def retry_failed(self, job_ids: Sequence[str], now: datetime) -> list[Job]:
@@ -1096,6 +1165,7 @@ class PostgresStore(Store):
                     await conn.execute(Q["delete_jobs"], ids)
                 else:
                     await conn.execute(Q["prune_events"], older_than)
+                    await conn.execute(W["prune_workflows"], older_than)
             total += len(ids)
             if not ids:
                 return total
@@ -1331,6 +1401,317 @@ class PostgresStore(Store):
                 raise WebhookNotFound(webhook_id)
             rows = await conn.fetch(Q["list_deliveries"], webhook_id, limit)
         return [delivery_from_row(r, _same) for r in rows]
+
+    # -- workflows --------------------------------------------------------------------------------
+    async def _settle_workflows(
+        self, conn: asyncpg.Connection, moved: list[Moved], now: datetime
+    ) -> None:
+        """Apply ``fail_fast``, write ``workflow_updated`` and, once no step can run,
+        the status and terminal event, for the workflows whose steps ``moved``.
+        The workflow row is locked first, so the last two steps finishing at once
+        in two transactions end the workflow exactly once (the second counts
+        after the first committed)."""
+        groups = group_moved(moved)
+        types: list[str] = []
+        datas: list[dict[str, Any]] = []
+        for row in await conn.fetch(W["lock_workflows"], sorted(groups)):
+            if row["status"] != "running":
+                continue
+            wf_id = row["id"]
+            steps = groups[wf_id]
+            counts = await self._step_counts(conn, wf_id)
+            failed = wants_fail_fast(row["on_failure"], steps)
+            if failed is None and row["on_failure"] == "fail_fast" and counts.get("failed"):
+                failed = "?"  # a step that failed before; cancel what slipped past it
+            if failed is not None and (
+                counts.get("pending") or counts.get("blocked") or counts.get("running")
+            ):
+                reason = fail_fast_reason(first_failed(steps) or failed)
+                steps = steps + await self._cancel_steps(conn, wf_id, reason, now)
+                counts = await self._step_counts(conn, wf_id)
+            types.append(WORKFLOW_UPDATED)
+            datas.append(updated_event(wf_id, row["name"], counts, steps))
+            status = settled_status(counts, cancel_requested=row["cancel_requested_at"] is not None)
+            if status is not None:
+                await conn.execute(W["set_workflow_status"], wf_id, status.value, now)
+                details = event_steps(await self._step_details(conn, wf_id, results=False))
+                type_, data = terminal_event(wf_id, row["name"], status, counts, details)
+                types.append(type_)
+                datas.append(data)
+        if types:
+            await conn.execute(Q["insert_events"], types, [None] * len(types), _json(datas), now)
+
+    async def _cancel_steps(
+        self, conn: asyncpg.Connection, wf_id: str, reason: str, now: datetime
+    ) -> list[Moved]:
+        """Cancel the workflow's waiting steps and ask its running ones to stop."""
+        cancelled = await conn.fetch(W["cancel_waiting_steps"], wf_id, reason, now)
+        running = await conn.fetch(W["cancel_running_steps"], wf_id, reason, now)
+        types = [EventType.JOB_CANCELLED.value] * len(cancelled) + [
+            EventType.JOB_STATUS_CHANGED.value
+        ] * len(running)
+        datas = [
+            row_event(r, "cancelled", r["attempt"], error=f"cancelled: {reason}", reason=reason)
+            for r in cancelled
+        ] + [row_event(r, "cancelling", r["attempt"], reason=reason) for r in running]
+        if types:
+            await conn.execute(
+                Q["insert_events"],
+                types,
+                [r["id"] for r in cancelled] + [r["id"] for r in running],
+                _json(datas),
+                now,
+            )
+        moved = [Moved(wf_id, r["step_name"], "cancelled") for r in cancelled]
+        parents = [r["id"] for r in cancelled if r["has_children"]]
+        if parents:  # a plain job may depend on a step
+            moved += [
+                m for m in await self._settle_children(conn, parents, now) if m.workflow_id != wf_id
+            ]
+        return moved
+
+    @staticmethod
+    async def _step_counts(conn: asyncpg.Connection, wf_id: str) -> dict[str, int]:
+        return {r[0]: r[1] for r in await conn.fetch(W["step_counts"], wf_id)}
+
+    @staticmethod
+    async def _step_details(
+        conn: asyncpg.Connection, wf_id: str, *, results: bool
+    ) -> list[StepDetail]:
+        rows = await conn.fetch(W["step_rows" if results else "step_rows_light"], wf_id)
+        edges = [(r[0], r[1]) for r in await conn.fetch(W["step_edges"], wf_id)]
+        return step_details(rows, edges, lambda v: v, results=results)
+
+    async def _workflow(
+        self, conn: asyncpg.Connection, wf_id: str, *, steps: bool, results: bool = True
+    ) -> Workflow:
+        row = await conn.fetchrow(W["get_workflow"], wf_id)
+        if row is None:
+            raise WorkflowNotFound(wf_id)
+        details = await self._step_details(conn, wf_id, results=results) if steps else None
+        return workflow_from_row(row, await self._step_counts(conn, wf_id), lambda v: v, details)
+
+    async def _insert_steps(
+        self,
+        conn: asyncpg.Connection,
+        wf_id: str,
+        steps: Sequence[tuple[str, NewJob]],
+        encoded: list[tuple[str, str]],
+        known: dict[str, tuple[str, str]],
+        now: datetime,
+    ) -> list[Job]:
+        """Insert steps (parents first); ``known``: step name -> (job id, state) of the
+        steps already there, extended with the new ones."""
+        ids = new_job_ids(len(steps))
+        states: list[str] = []
+        children: list[str] = []
+        parents: list[str] = []
+        jobs = []
+        for (name, new), job_id, (payload, meta) in zip(steps, ids, encoded, strict=True):
+            state = step_state(JobState(known[d][1]) for d in new.depends_on)
+            states.append(state.value)
+            known[name] = (job_id, state.value)
+            for d in dict.fromkeys(new.depends_on):
+                children.append(job_id)
+                parents.append(known[d][0])
+            error = PARENT_FAILED_ERROR if state is JobState.CANCELLED else None
+            job = _new_job(new, job_id, state.value, error, new.run_at or now, payload, meta, now)
+            job.workflow_id, job.step_name = wf_id, name
+            job.depends_on = [known[d][0] for d in dict.fromkeys(new.depends_on)]
+            jobs.append(job)
+        news = [new for _, new in steps]
+        await conn.execute(
+            W["insert_steps"],
+            ids,
+            [n.queue for n in news],
+            [n.job_type for n in news],
+            states,
+            [n.priority for n in news],
+            [p for p, _ in encoded],
+            [j.error for j in jobs],
+            [n.max_retries for n in news],
+            [n.timeout_ms for n in news],
+            [n.run_at or now for n in news],
+            [name for name, _ in steps],
+            [n.created_by for n in news],
+            [m for _, m in encoded],
+            wf_id,
+            now,
+        )
+        if children:
+            await conn.execute(Q["insert_dependencies"], children, parents)
+        return jobs
+
+    async def create_workflow(
+        self, workflow: NewWorkflow, steps: Sequence[tuple[str, NewJob]], now: datetime
+    ) -> tuple[Workflow, bool]:
+        validate_batch([new for _, new in steps])
+        encoded = [
+            (dumps_object(new.payload), dumps_object(new.metadata, "metadata")) for _, new in steps
+        ]
+        metadata = dumps_object(workflow.metadata, "metadata")
+        wf_id = new_job_id()
+        async with self._conn(tx=True) as conn:
+            inserted = await conn.fetchval(
+                W["insert_workflow"],
+                wf_id,
+                workflow.name,
+                workflow.on_failure.value,
+                len(steps),
+                workflow.idempotency_key,
+                metadata,
+                workflow.created_by,
+                now,
+            )
+            if inserted is None:  # a kept workflow holds the key
+                held = await conn.fetchrow(W["workflow_by_key"], workflow.idempotency_key)
+                return await self._workflow(conn, held["id"], steps=False), True
+            await self._insert_steps(conn, wf_id, steps, encoded, {}, now)
+            wf = await self._workflow(conn, wf_id, steps=False)
+            data = workflow_event(
+                wf_id,
+                wf.name,
+                "running",
+                await self._step_counts(conn, wf_id),
+                on_failure=wf.on_failure.value,
+            )
+            await conn.execute(Q["insert_events"], [WORKFLOW_SUBMITTED], [None], _json([data]), now)
+            return wf, False
+
+    async def get_workflow(self, workflow_id: str, *, results: bool = True) -> Workflow:
+        async with self._conn() as conn:
+            return await self._workflow(conn, workflow_id, steps=True, results=results)
+
+    async def list_workflows(self, query: WorkflowQuery) -> tuple[list[Workflow], int]:
+        status = None if query.status is None else query.status.value
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                W["list_workflows"], status, query.name, query.limit, query.offset
+            )
+            counts: dict[str, dict[str, int]] = {}
+            for r in await conn.fetch(W["step_counts_many"], [r["id"] for r in rows]):
+                counts.setdefault(r[0], {})[r[1]] = r[2]
+            total = await conn.fetchval(W["count_workflows"], status, query.name)
+        return [workflow_from_row(r, counts.get(r["id"], {}), lambda v: v) for r in rows], total
+
+    async def cancel_workflow(self, workflow_id: str, now: datetime) -> Workflow:
+        for attempt in range(3):
+            try:
+                async with self._conn(tx=True) as conn:
+                    rows = await conn.fetch(W["lock_workflows"], [workflow_id])
+                    if not rows:
+                        raise WorkflowNotFound(workflow_id)
+                    if rows[0]["status"] == "running":
+                        await conn.execute(W["request_workflow_cancel"], workflow_id, now)
+                        moved = await self._cancel_steps(
+                            conn, workflow_id, WORKFLOW_CANCEL_REASON, now
+                        )
+                        await self._settle_workflows(
+                            conn, moved or [Moved(workflow_id, "", "cancelled")], now
+                        )
+                    return await self._workflow(conn, workflow_id, steps=True)
+            except asyncpg.DeadlockDetectedError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def retry_workflow(self, workflow_id: str, now: datetime) -> Workflow:
+        async with self._conn(tx=True) as conn:
+            rows = await conn.fetch(W["lock_workflows"], [workflow_id])
+            if not rows:
+                raise WorkflowNotFound(workflow_id)
+            if rows[0]["status"] == "running":
+                raise WorkflowConflict(
+                    workflow_id,
+                    "running",
+                    "retry",
+                    "Cannot retry a running workflow: wait for it to finish or cancel it",
+                )
+            again = await conn.fetch(W["retryable_steps"], workflow_id)
+            edges = [(r[0], r[1]) for r in await conn.fetch(W["step_edges"], workflow_id)]
+            states = retry_states((r["step_name"] for r in again), edges)
+            await conn.execute(W["reopen_workflow"], workflow_id, now)
+            await conn.execute(
+                W["reset_steps"],
+                [r["id"] for r in again],
+                [states[r["step_name"]] for r in again],
+                now,
+            )
+            counts = await self._step_counts(conn, workflow_id)
+            types = [EventType.JOB_STATUS_CHANGED.value] * len(again) + [WORKFLOW_UPDATED]
+            datas = [
+                row_event(r, states[r["step_name"]], 0, reason="workflow_retry") for r in again
+            ] + [
+                workflow_event(
+                    workflow_id,
+                    rows[0]["name"],
+                    "running",
+                    counts,
+                    retried_steps=[r["step_name"] for r in again][:MAX_MOVED_LISTED],
+                )
+            ]
+            await conn.execute(
+                Q["insert_events"], types, [r["id"] for r in again] + [None], _json(datas), now
+            )
+            if any(s == "pending" for s in states.values()):
+                await conn.execute(Q["notify"], "")
+            return await self._workflow(conn, workflow_id, steps=True)
+
+    async def add_steps(
+        self,
+        workflow_id: str,
+        job_id: str,
+        lease_token: str,
+        steps: Sequence[tuple[str, NewJob]],
+        now: datetime,
+    ) -> list[Job]:
+        validate_batch([new for _, new in steps])
+        encoded = [
+            (dumps_object(new.payload), dumps_object(new.metadata, "metadata")) for _, new in steps
+        ]
+        async with self._conn(tx=True) as conn:
+            rows = await conn.fetch(W["lock_workflows"], [workflow_id])
+            caller = await conn.fetchrow(Q["get_job"], job_id)
+            if (
+                caller is None
+                or caller["state"] != "running"
+                or caller["lease_token"] != lease_token
+                or caller["workflow_id"] != workflow_id
+            ):
+                raise LeaseLost(
+                    f"Job {job_id!r} no longer holds its lease in workflow {workflow_id!r}: "
+                    "it cannot add steps"
+                )
+            if not rows:
+                raise WorkflowNotFound(workflow_id)
+            row = rows[0]
+            if row["status"] != "running" or row["cancel_requested_at"] is not None:
+                raise WorkflowConflict(
+                    workflow_id,
+                    row["status"],
+                    "add steps",
+                    f"Cannot add steps to workflow {workflow_id!r}: it is {row['status']}"
+                    + (" (cancelling)" if row["cancel_requested_at"] else ""),
+                )
+            existing = await self._step_details(conn, workflow_id, results=False)
+            check_dag(
+                [StepSpec(n, new.job_type, depends_on=tuple(new.depends_on)) for n, new in steps],
+                existing={d.name: d.depends_on for d in existing},
+            )
+            known = {
+                d.name: (d.job_id, "running" if d.status == "cancelling" else d.status)
+                for d in existing
+            }
+            jobs = await self._insert_steps(conn, workflow_id, steps, encoded, known, now)
+            await conn.execute(W["add_total_steps"], workflow_id, len(steps), now)
+            return jobs
+
+    async def parent_results(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        async with self._conn() as conn:
+            for r in await conn.fetch(W["parent_results"], list(job_ids)):
+                out.setdefault(r["child_id"], {})[r["step_name"] or r["parent_id"]] = r["result"]
+        return out
 
 
 _STATES = {s.value: s for s in JobState}

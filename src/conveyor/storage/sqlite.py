@@ -31,9 +31,12 @@ from conveyor.domain.errors import (
     InvalidTransition,
     JobNotCancellable,
     JobNotFound,
+    LeaseLost,
     StoreError,
     StoreUnavailable,
     ValidationError,
+    WorkflowConflict,
+    WorkflowNotFound,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
 from conveyor.domain.ids import new_job_id, new_token
@@ -65,6 +68,22 @@ from conveyor.domain.webhooks import (
     WebhookNotFound,
     WebhookState,
 )
+from conveyor.domain.workflow import (
+    WORKFLOW_CANCEL_REASON,
+    WORKFLOW_SUBMITTED,
+    WORKFLOW_UPDATED,
+    NewWorkflow,
+    StepDetail,
+    StepSpec,
+    Workflow,
+    WorkflowQuery,
+    check_dag,
+    fail_fast_reason,
+    settled_status,
+    step_state,
+    terminal_event,
+    workflow_event,
+)
 from conveyor.storage.base import (
     Store,
     check_limit,
@@ -79,9 +98,21 @@ from conveyor.storage.base import (
 from conveyor.storage.codec import dumps, dumps_object
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.sql import load_migrations, load_queries
+from conveyor.storage.workflows import (
+    MAX_MOVED_LISTED,
+    Moved,
+    event_steps,
+    group_moved,
+    retry_states,
+    step_details,
+    updated_event,
+    wants_fail_fast,
+    workflow_from_row,
+)
 
 T = TypeVar("T")
 Q = load_queries("sqlite")
+W = load_queries("sqlite", "workflows.sql")
 
 _FINISH_SQL = {
     Action.COMPLETE: Q["finish_complete"],
@@ -135,6 +166,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
         started_at=_dt(row["started_at"]),
         completed_at=_dt(row["completed_at"]),
         updated_at=_dt(row["updated_at"]),
+        step_name=row["step_name"],
     )
 
 
@@ -410,6 +442,8 @@ class SQLiteStore(Store):
                     queue=r["queue"],
                     has_children=bool(r["has_children"]),
                     cancel_requested=r["cancel_requested_at"] is not None,
+                    workflow_id=r["workflow_id"],
+                    step_name=r["step_name"],
                 )
                 for r in conn.execute(Q["running_by_ids"], (ids,))
             }
@@ -442,12 +476,19 @@ class SQLiteStore(Store):
                 Q["insert_event"],
                 [(t, job_id, orjson.dumps(data), now) for t, job_id, data in plan.events],
             )
+            moved = plan.moved
             if plan.finished_parents:
-                self._settle_children(conn, plan.finished_parents, now)
+                moved = moved + self._settle_children(conn, plan.finished_parents, now)
+            if moved:
+                self._settle_workflows(conn, moved, now)
         return plan.accepted
 
-    def _settle_children(self, conn: sqlite3.Connection, parents: list[str], now: float) -> None:
-        """Unblock children whose parents all completed; cancel those with a failed parent."""
+    def _settle_children(
+        self, conn: sqlite3.Connection, parents: list[str], now: float
+    ) -> list[Moved]:
+        """Unblock children whose parents all completed; cancel those with a failed
+        parent. Returns the workflow steps it cancelled."""
+        moved: list[Moved] = []
         todo = parents
         while todo:
             children = conn.execute(Q["blocked_children"], (orjson.dumps(todo).decode(),))
@@ -467,6 +508,8 @@ class SQLiteStore(Store):
                         )
                     )
                     todo.append(child["id"])
+                    if child["workflow_id"] is not None:
+                        moved.append(Moved(child["workflow_id"], child["step_name"], "cancelled"))
                 elif set(states) == {"completed"}:
                     conn.execute(Q["unblock"], (now, now, child["id"]))
                     events.append(
@@ -478,6 +521,7 @@ class SQLiteStore(Store):
                         )
                     )
             conn.executemany(Q["insert_event"], events)
+        return moved
 
     # -- workers ----------------------------------------------------------------------
     async def register_worker(self, worker: WorkerInfo, now: datetime) -> None:
@@ -577,6 +621,7 @@ class SQLiteStore(Store):
                     for w in dead
                 ]
                 finished: list[str] = []
+                moved: list[Moved] = []
                 for row in conn.execute(Q["orphaned_running"]).fetchall():
                     job = job_from_row(row)
                     action = lost_action(job, max_lost)
@@ -585,6 +630,8 @@ class SQLiteStore(Store):
                     status, event = state.value, EVENT_FOR_ACTION[action].value
                     if state.is_terminal:
                         finished.append(job.id)
+                        if job.workflow_id is not None:
+                            moved.append(Moved(job.workflow_id, job.step_name or job.id, status))
                     conn.execute(
                         Q["end_execution"], (ts, "lost", "worker_lost", job.id, job.attempt)
                     )
@@ -605,7 +652,9 @@ class SQLiteStore(Store):
                     out.append(Rescued(job.id, job.worker_id, action))
                 conn.executemany(Q["insert_event"], events)
                 if finished:
-                    self._settle_children(conn, finished, ts)
+                    moved += self._settle_children(conn, finished, ts)
+                if moved:
+                    self._settle_workflows(conn, moved, ts)
             return out
 
         return await self._run(_do)
@@ -646,8 +695,13 @@ class SQLiteStore(Store):
                             ts,
                         ),
                     )
+                    moved: list[Moved] = []
+                    if row["workflow_id"] is not None:
+                        moved.append(Moved(row["workflow_id"], row["step_name"], "cancelled"))
                     if row["has_children"]:
-                        self._settle_children(conn, [job_id], ts)
+                        moved += self._settle_children(conn, [job_id], ts)
+                    if moved:
+                        self._settle_workflows(conn, moved, ts)
                 return job_from_row(conn.execute(Q["get_job"], (job_id,)).fetchone())
 
         return await self._run(_do)
@@ -720,6 +774,8 @@ class SQLiteStore(Store):
                 self._delete(conn, ids)
                 if not ids:
                     conn.execute(Q["prune_events"], (cutoff,))
+                    for (wf_id,) in conn.execute(W["prunable_workflows"], (cutoff,)).fetchall():
+                        conn.execute(W["delete_workflow"], (wf_id,))
                 return len(ids)
 
         total = 0
@@ -1036,6 +1092,333 @@ class SQLiteStore(Store):
             self._webhook(self._conn, webhook_id)
             rows = self._conn.execute(Q["list_deliveries"], (webhook_id, limit))
             return [delivery_from_row(r, _dt) for r in rows]
+
+        return await self._run(_do)
+
+    # -- workflows ------------------------------------------------------------------------
+    def _settle_workflows(self, conn: sqlite3.Connection, moved: list[Moved], now: float) -> None:
+        """Apply ``fail_fast``, write ``workflow_updated`` and, once no step can run,
+        the status and terminal event, for the workflows whose steps ``moved``."""
+        for wf_id, steps in group_moved(moved).items():
+            row = conn.execute(W["get_workflow"], (wf_id,)).fetchone()
+            if row is None or row["status"] != "running":
+                continue
+            failed = wants_fail_fast(row["on_failure"], steps)
+            if failed is not None:
+                steps = steps + self._cancel_steps(conn, wf_id, fail_fast_reason(failed), now)
+            counts = self._step_counts(conn, wf_id)
+            events = [
+                (
+                    WORKFLOW_UPDATED,
+                    None,
+                    orjson.dumps(updated_event(wf_id, row["name"], counts, steps)),
+                    now,
+                )
+            ]
+            status = settled_status(counts, cancel_requested=row["cancel_requested_at"] is not None)
+            if status is not None:
+                conn.execute(
+                    W["set_workflow_status"],
+                    {"id": wf_id, "status": status.value, "finished_at": now, "now": now},
+                )
+                details = event_steps(self._step_details(conn, wf_id, results=False))
+                type_, data = terminal_event(wf_id, row["name"], status, counts, details)
+                events.append((type_, None, orjson.dumps(data), now))
+            conn.executemany(Q["insert_event"], events)
+
+    def _cancel_steps(
+        self, conn: sqlite3.Connection, wf_id: str, reason: str, now: float
+    ) -> list[Moved]:
+        """Cancel the workflow's waiting steps and ask its running ones to stop."""
+        params = {"workflow_id": wf_id, "reason": reason, "now": now}
+        cancelled = conn.execute(W["cancel_waiting_steps"], params).fetchall()
+        running = conn.execute(W["cancel_running_steps"], params).fetchall()
+        events = [
+            (
+                EventType.JOB_CANCELLED.value,
+                r["id"],
+                _event_json(
+                    r, "cancelled", r["attempt"], error=f"cancelled: {reason}", reason=reason
+                ),
+                now,
+            )
+            for r in cancelled
+        ] + [
+            (
+                EventType.JOB_STATUS_CHANGED.value,
+                r["id"],
+                _event_json(r, "cancelling", r["attempt"], reason=reason),
+                now,
+            )
+            for r in running
+        ]
+        conn.executemany(Q["insert_event"], events)
+        moved = [Moved(wf_id, r["step_name"], "cancelled") for r in cancelled]
+        parents = [r["id"] for r in cancelled if r["has_children"]]
+        if parents:  # a plain job may depend on a step
+            moved += [
+                m for m in self._settle_children(conn, parents, now) if m.workflow_id != wf_id
+            ]
+        return moved
+
+    @staticmethod
+    def _step_counts(conn: sqlite3.Connection, wf_id: str) -> dict[str, int]:
+        return {r[0]: r[1] for r in conn.execute(W["step_counts"], (wf_id,))}
+
+    @staticmethod
+    def _step_details(conn: sqlite3.Connection, wf_id: str, *, results: bool) -> list[StepDetail]:
+        rows = conn.execute(W["step_rows"], (wf_id,)).fetchall()
+        edges = [(r[0], r[1]) for r in conn.execute(W["step_edges"], (wf_id,))]
+        return step_details(rows, edges, _dt, results=results, load=orjson.loads)
+
+    def _workflow(
+        self, conn: sqlite3.Connection, wf_id: str, *, steps: bool, results: bool = True
+    ) -> Workflow:
+        row = conn.execute(W["get_workflow"], (wf_id,)).fetchone()
+        if row is None:
+            raise WorkflowNotFound(wf_id)
+        details = self._step_details(conn, wf_id, results=results) if steps else None
+        return workflow_from_row(row, self._step_counts(conn, wf_id), _dt, details)
+
+    def _insert_steps(
+        self,
+        conn: sqlite3.Connection,
+        wf_id: str,
+        steps: Sequence[tuple[str, NewJob]],
+        rows: list[dict[str, Any]],
+        known: dict[str, tuple[str, str]],
+        now: float,
+    ) -> list[Job]:
+        """Insert steps (parents first); ``known``: step name -> (job id, state) of the
+        steps already there, extended with the new ones."""
+        last_seq = conn.execute(Q["max_seq"]).fetchone()[0]
+        dep_rows: list[tuple[str, str]] = []
+        parents: set[str] = set()
+        jobs = []
+        now_dt = _dt(now)
+        assert now_dt is not None
+        for (name, new), row in zip(steps, rows, strict=True):
+            state = step_state(JobState(known[d][1]) for d in new.depends_on)
+            row["state"] = state.value
+            row["workflow_id"] = wf_id
+            row["step_name"] = name
+            if state is JobState.CANCELLED:
+                row["error"] = PARENT_FAILED_ERROR
+                row["completed_at"] = now
+            known[name] = (row["id"], state.value)
+            for d in dict.fromkeys(new.depends_on):
+                dep_rows.append((row["id"], known[d][0]))
+                parents.add(known[d][0])
+            job = _job_from_params(row, new, now_dt)
+            job.workflow_id, job.step_name = wf_id, name
+            job.depends_on = [known[d][0] for d in dict.fromkeys(new.depends_on)]
+            jobs.append(job)
+        conn.executemany(W["insert_step"], rows)
+        conn.executemany(Q["insert_dependency"], dep_rows)
+        conn.executemany(Q["mark_has_children"], [(p,) for p in parents])
+        conn.execute(Q["insert_submitted_events"], (now, last_seq))
+        return jobs
+
+    async def create_workflow(
+        self, workflow: NewWorkflow, steps: Sequence[tuple[str, NewJob]], now: datetime
+    ) -> tuple[Workflow, bool]:
+        validate_batch([new for _, new in steps])
+        rows = [_job_params(new, now) for _, new in steps]
+        wf_id, ts = new_job_id(), now.timestamp()
+        params = {
+            "id": wf_id,
+            "name": workflow.name,
+            "on_failure": workflow.on_failure.value,
+            "total_steps": len(steps),
+            "idempotency_key": workflow.idempotency_key,
+            "metadata": dumps_object(workflow.metadata, "metadata"),
+            "created_by": workflow.created_by,
+            "now": now.timestamp(),
+        }
+
+        def _do() -> tuple[Workflow, bool]:
+            with self._tx() as conn:
+                if workflow.idempotency_key is not None:
+                    held = conn.execute(
+                        W["workflow_by_key"], (workflow.idempotency_key,)
+                    ).fetchone()
+                    if held is not None:
+                        return self._workflow(conn, held["id"], steps=False), True
+                conn.execute(W["insert_workflow"], params)
+                self._insert_steps(conn, wf_id, steps, rows, {}, ts)
+                wf = self._workflow(conn, wf_id, steps=False)
+                data = workflow_event(
+                    wf.id,
+                    wf.name,
+                    "running",
+                    self._step_counts(conn, wf.id),
+                    on_failure=wf.on_failure.value,
+                )
+                conn.execute(
+                    Q["insert_event"], (WORKFLOW_SUBMITTED, None, orjson.dumps(data), params["now"])
+                )
+                return wf, False
+
+        return await self._run(_do)
+
+    async def get_workflow(self, workflow_id: str, *, results: bool = True) -> Workflow:
+        def _do() -> Workflow:
+            assert self._conn is not None
+            return self._workflow(self._conn, workflow_id, steps=True, results=results)
+
+        return await self._run(_do)
+
+    async def list_workflows(self, query: WorkflowQuery) -> tuple[list[Workflow], int]:
+        params = {
+            "status": None if query.status is None else query.status.value,
+            "name": query.name,
+            "limit": query.limit,
+            "offset": query.offset,
+        }
+
+        def _do() -> tuple[list[Workflow], int]:
+            assert self._conn is not None
+            conn = self._conn
+            rows = conn.execute(W["list_workflows"], params).fetchall()
+            counts: dict[str, dict[str, int]] = {}
+            ids = orjson.dumps([r["id"] for r in rows]).decode()
+            for r in conn.execute(W["step_counts_many"], (ids,)):
+                counts.setdefault(r[0], {})[r[1]] = r[2]
+            total = conn.execute(W["count_workflows"], params).fetchone()[0]
+            return [workflow_from_row(r, counts.get(r["id"], {}), _dt) for r in rows], total
+
+        return await self._run(_do)
+
+    async def cancel_workflow(self, workflow_id: str, now: datetime) -> Workflow:
+        ts = now.timestamp()
+
+        def _do() -> Workflow:
+            with self._tx() as conn:
+                row = conn.execute(W["get_workflow"], (workflow_id,)).fetchone()
+                if row is None:
+                    raise WorkflowNotFound(workflow_id)
+                if row["status"] == "running":
+                    conn.execute(W["request_workflow_cancel"], {"id": workflow_id, "now": ts})
+                    moved = self._cancel_steps(conn, workflow_id, WORKFLOW_CANCEL_REASON, ts)
+                    if moved:
+                        self._settle_workflows(conn, moved, ts)
+                    else:  # nothing was waiting: settle on the running steps' outcome
+                        self._settle_workflows(conn, [Moved(workflow_id, "", "cancelled")], ts)
+                return self._workflow(conn, workflow_id, steps=True)
+
+        return await self._run(_do)
+
+    async def retry_workflow(self, workflow_id: str, now: datetime) -> Workflow:
+        ts = now.timestamp()
+
+        def _do() -> Workflow:
+            with self._tx() as conn:
+                row = conn.execute(W["get_workflow"], (workflow_id,)).fetchone()
+                if row is None:
+                    raise WorkflowNotFound(workflow_id)
+                if row["status"] == "running":
+                    raise WorkflowConflict(
+                        workflow_id,
+                        "running",
+                        "retry",
+                        "Cannot retry a running workflow: wait for it to finish or cancel it",
+                    )
+                again = conn.execute(W["retryable_steps"], (workflow_id,)).fetchall()
+                edges = [(r[0], r[1]) for r in conn.execute(W["step_edges"], (workflow_id,))]
+                states = retry_states((r["step_name"] for r in again), edges)
+                conn.execute(W["reopen_workflow"], {"id": workflow_id, "now": ts})
+                events = []
+                for r in again:
+                    state = states[r["step_name"]]
+                    conn.execute(W["reset_step"], {"id": r["id"], "state": state, "now": ts})
+                    events.append(
+                        (
+                            EventType.JOB_STATUS_CHANGED.value,
+                            r["id"],
+                            _event_json(r, state, 0, reason="workflow_retry"),
+                            ts,
+                        )
+                    )
+                conn.executemany(Q["insert_event"], events)
+                wf = self._workflow(conn, workflow_id, steps=False)
+                data = workflow_event(
+                    wf.id,
+                    wf.name,
+                    "running",
+                    self._step_counts(conn, wf.id),
+                    retried_steps=[r["step_name"] for r in again][:MAX_MOVED_LISTED],
+                )
+                conn.execute(Q["insert_event"], (WORKFLOW_UPDATED, None, orjson.dumps(data), ts))
+                return self._workflow(conn, workflow_id, steps=True)
+
+        return await self._run(_do)
+
+    async def add_steps(
+        self,
+        workflow_id: str,
+        job_id: str,
+        lease_token: str,
+        steps: Sequence[tuple[str, NewJob]],
+        now: datetime,
+    ) -> list[Job]:
+        validate_batch([new for _, new in steps])
+        rows = [_job_params(new, now) for _, new in steps]
+        ts = now.timestamp()
+
+        def _do() -> list[Job]:
+            with self._tx() as conn:
+                caller = conn.execute(Q["get_job"], (job_id,)).fetchone()
+                if (
+                    caller is None
+                    or caller["state"] != "running"
+                    or caller["lease_token"] != lease_token
+                    or caller["workflow_id"] != workflow_id
+                ):
+                    raise LeaseLost(
+                        f"Job {job_id!r} no longer holds its lease in workflow {workflow_id!r}: "
+                        "it cannot add steps"
+                    )
+                row = conn.execute(W["get_workflow"], (workflow_id,)).fetchone()
+                if row is None:
+                    raise WorkflowNotFound(workflow_id)
+                if row["status"] != "running" or row["cancel_requested_at"] is not None:
+                    raise WorkflowConflict(
+                        workflow_id,
+                        row["status"],
+                        "add steps",
+                        f"Cannot add steps to workflow {workflow_id!r}: it is {row['status']}"
+                        + (" (cancelling)" if row["cancel_requested_at"] else ""),
+                    )
+                existing = self._step_details(conn, workflow_id, results=False)
+                check_dag(
+                    [
+                        StepSpec(n, new.job_type, depends_on=tuple(new.depends_on))
+                        for n, new in steps
+                    ],
+                    existing={d.name: d.depends_on for d in existing},
+                )
+                known = {
+                    d.name: (d.job_id, "running" if d.status == "cancelling" else d.status)
+                    for d in existing
+                }
+                jobs = self._insert_steps(conn, workflow_id, steps, rows, known, ts)
+                conn.execute(W["add_total_steps"], {"id": workflow_id, "n": len(steps), "now": ts})
+                return jobs
+
+        return await self._run(_do)
+
+    async def parent_results(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        ids = orjson.dumps(list(job_ids)).decode()
+
+        def _do() -> dict[str, dict[str, Any]]:
+            assert self._conn is not None
+            out: dict[str, dict[str, Any]] = {}
+            for r in self._conn.execute(W["parent_results"], (ids,)):
+                result = r["result"]
+                out.setdefault(r["child_id"], {})[r["step_name"] or r["parent_id"]] = (
+                    None if result is None else orjson.loads(result)
+                )
+            return out
 
         return await self._run(_do)
 

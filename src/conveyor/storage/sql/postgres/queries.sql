@@ -169,7 +169,7 @@ SELECT * FROM upd ORDER BY priority DESC, run_at, seq
 SELECT j.* FROM unnest($1::text[]) AS t(id)
 CROSS JOIN LATERAL (
     SELECT id, state, lease_token, attempt, started_at, job_type, queue, has_children,
-           cancel_requested_at, run_at, error
+           cancel_requested_at, run_at, error, workflow_id, step_name
     FROM conveyor.jobs
     WHERE id = t.id
     FOR UPDATE
@@ -222,17 +222,23 @@ WHERE id IN (SELECT child_id FROM conveyor.job_dependencies WHERE parent_id = AN
 ORDER BY seq
 FOR UPDATE
 
--- name: parent_states
-SELECT j.state FROM conveyor.job_dependencies d JOIN conveyor.jobs j ON j.id = d.parent_id
-WHERE d.child_id = $1
+-- name: parent_verdicts
+-- For children locked by blocked_children: what their parents' states decide. A
+-- statement of its own, after the lock: its snapshot sees a parent another
+-- transaction finished while we waited for that lock.
+SELECT d.child_id, bool_or(p.state IN ('failed', 'cancelled')) AS any_failed,
+       bool_and(p.state = 'completed') AS all_completed
+FROM conveyor.job_dependencies d JOIN conveyor.jobs p ON p.id = d.parent_id
+WHERE d.child_id = ANY($1::text[])
+GROUP BY d.child_id
 
 -- name: unblock
 UPDATE conveyor.jobs SET state = 'pending', run_at = $1, updated_at = $1
-WHERE id = $2 AND state = 'blocked'
+WHERE id = ANY($2::text[]) AND state = 'blocked'
 
 -- name: cancel_blocked
 UPDATE conveyor.jobs SET state = 'cancelled', error = $1, completed_at = $2, updated_at = $2
-WHERE id = $3 AND state = 'blocked'
+WHERE id = ANY($3::text[]) AND state = 'blocked'
 
 -- name: get_job_for_update
 SELECT * FROM conveyor.jobs WHERE id = $1 FOR UPDATE

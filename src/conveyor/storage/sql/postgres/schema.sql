@@ -49,6 +49,7 @@ CREATE TABLE conveyor.jobs (
     started_at timestamp with time zone,
     completed_at timestamp with time zone,
     updated_at timestamp with time zone NOT NULL,
+    step_name text,
     CONSTRAINT jobs_state_check CHECK ((state = ANY (ARRAY['blocked'::text, 'pending'::text, 'running'::text, 'completed'::text, 'failed'::text, 'cancelled'::text])))
 )
 WITH (autovacuum_vacuum_scale_factor='0.01', autovacuum_analyze_scale_factor='0.02', fillfactor='80');
@@ -162,6 +163,35 @@ CREATE TABLE conveyor.webhooks (
     last_delivered_at timestamp with time zone,
     replay_after bigint
 );
+
+CREATE TABLE conveyor.workflows (
+    id text NOT NULL,
+    name text NOT NULL,
+    status text NOT NULL,
+    on_failure text NOT NULL,
+    total_steps integer NOT NULL,
+    idempotency_key text,
+    metadata jsonb DEFAULT '{}'::jsonb NOT NULL,
+    created_by text,
+    cancel_requested_at timestamp with time zone,
+    created_at timestamp with time zone NOT NULL,
+    finished_at timestamp with time zone,
+    updated_at timestamp with time zone NOT NULL
+);
+
+ALTER TABLE ONLY conveyor.workflows
+    ADD CONSTRAINT workflows_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY conveyor.workflows
+    ADD CONSTRAINT workflows_idempotency_key_key UNIQUE (idempotency_key);
+
+CREATE INDEX workflows_created ON conveyor.workflows USING btree (created_at);
+
+CREATE INDEX workflows_status ON conveyor.workflows USING btree (status, created_at);
+
+CREATE INDEX jobs_workflow ON conveyor.jobs USING btree (workflow_id, state) WHERE (workflow_id IS NOT NULL);
+
+CREATE UNIQUE INDEX jobs_workflow_step ON conveyor.jobs USING btree (workflow_id, step_name) WHERE (workflow_id IS NOT NULL);
 
 CREATE TABLE conveyor.workers (
     id text NOT NULL,

@@ -60,7 +60,7 @@ ORDER BY priority DESC, run_at, seq
 -- name: running_by_ids
 -- Driven from the id list: otherwise the planner scans by state.
 SELECT jobs.id, jobs.lease_token, jobs.attempt, jobs.started_at, jobs.job_type, jobs.queue,
-       jobs.has_children, jobs.cancel_requested_at
+       jobs.has_children, jobs.cancel_requested_at, jobs.workflow_id, jobs.step_name
 FROM json_each(?) AS ids CROSS JOIN jobs ON jobs.id = ids.value
 WHERE jobs.state = 'running'
 

@@ -1,0 +1,158 @@
+"""Workflow bookkeeping every store adapter shares: turning step transitions into
+workflow events and statuses, and step rows into ``Workflow`` values.
+
+A store calls its *settle* step at the end of each transaction in which steps
+of a workflow finished (a worker's finish, a cascade of cancels, a rescue, an
+operator's cancel). Settling applies ``fail_fast``, writes ``workflow_updated``
+and, when no step can run any more, the status and the one terminal event,
+all in that same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from conveyor.domain.states import JobState
+from conveyor.domain.workflow import (
+    OnFailure,
+    StepDetail,
+    Workflow,
+    WorkflowStatus,
+    workflow_event,
+)
+
+#: A ``workflow_updated`` event lists at most this many moved steps.
+MAX_MOVED_LISTED = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A step that reached a final state in the current transaction."""
+
+    workflow_id: str
+    step: str
+    state: str
+
+
+def group_moved(moved: Iterable[Moved]) -> dict[str, list[Moved]]:
+    out: dict[str, list[Moved]] = {}
+    for m in moved:
+        out.setdefault(m.workflow_id, []).append(m)
+    return out
+
+
+def first_failed(moved: Sequence[Moved]) -> str | None:
+    """The first step that failed for good (dead-lettered) among ``moved``."""
+    return next((m.step for m in moved if m.state == JobState.FAILED.value), None)
+
+
+def wants_fail_fast(on_failure: str, moved: Sequence[Moved]) -> str | None:
+    """The failed step whose failure cancels the rest, if the policy says so."""
+    if on_failure != OnFailure.FAIL_FAST.value:
+        return None
+    return first_failed(moved)
+
+
+def updated_event(
+    workflow_id: str, name: str, counts: Mapping[str, int], moved: Sequence[Moved]
+) -> dict[str, Any]:
+    """``workflow_updated``: the counts and the step that moved (the first one, with
+    the others listed when a transaction moved several)."""
+    extra: dict[str, Any] = {"step": moved[0].step, "step_status": moved[0].state}
+    if len(moved) > 1:
+        extra["moved"] = [{"step": m.step, "status": m.state} for m in moved[:MAX_MOVED_LISTED]]
+        extra["moved_count"] = len(moved)
+    return workflow_event(workflow_id, name, "running", counts, **extra)
+
+
+def step_details(
+    rows: Iterable[Any],
+    edges: Iterable[tuple[str, str]],
+    ts: Callable[[Any], datetime | None],
+    *,
+    results: bool,
+    load: Callable[[Any], Any] = lambda v: v,
+) -> list[StepDetail]:
+    """``StepDetail`` per step row (columns of ``step_rows``); ``edges``: (child, parent)."""
+    parents: dict[str, list[str]] = {}
+    for child, parent in edges:
+        parents.setdefault(child, []).append(parent)
+    out = []
+    for r in rows:
+        state = r["state"]
+        status = "cancelling" if state == "running" and r["cancel_requested_at"] else state
+        result = r["result"] if results else None
+        out.append(
+            StepDetail(
+                name=r["step_name"],
+                job_id=r["id"],
+                job_type=r["job_type"],
+                status=status,
+                attempt=r["attempt"],
+                depends_on=sorted(parents.get(r["step_name"], ())),
+                started_at=ts(r["started_at"]),
+                finished_at=ts(r["completed_at"]),
+                error=r["error"],
+                result=None if result is None else load(result),
+            )
+        )
+    return out
+
+
+def event_steps(details: Sequence[StepDetail]) -> list[dict[str, Any]]:
+    """``step_details`` as a terminal event carries them: no results (they stay on
+    the jobs, where ``GET /api/workflows/{id}`` reads them)."""
+    return [
+        {
+            "name": d.name,
+            "job_id": d.job_id,
+            "job_type": d.job_type,
+            "status": d.status,
+            "attempt": d.attempt,
+            "depends_on": d.depends_on,
+            "error": d.error,
+        }
+        for d in details
+    ]
+
+
+def workflow_from_row(
+    row: Any,
+    counts: Mapping[str, int],
+    ts: Callable[[Any], datetime | None],
+    steps: list[StepDetail] | None = None,
+) -> Workflow:
+    metadata = row["metadata"]
+    if isinstance(metadata, str | bytes):
+        metadata = orjson.loads(metadata)
+    return Workflow(
+        id=row["id"],
+        name=row["name"],
+        status=WorkflowStatus(row["status"]),
+        on_failure=OnFailure(row["on_failure"]),
+        total_steps=row["total_steps"],
+        completed_steps=counts.get("completed", 0),
+        failed_steps=counts.get("failed", 0),
+        cancelled_steps=counts.get("cancelled", 0),
+        running_steps=counts.get("running", 0),
+        idempotency_key=row["idempotency_key"],
+        metadata=dict(metadata),
+        created_by=row["created_by"],
+        created_at=ts(row["created_at"]),
+        finished_at=ts(row["finished_at"]),
+        cancel_requested_at=ts(row["cancel_requested_at"]),
+        steps=steps,
+    )
+
+
+def retry_states(retried: Iterable[str], edges: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The state each retried step starts in: ``blocked`` when a parent is retried
+    too, else ``pending`` (its parents all completed)."""
+    again = set(retried)
+    waiting = {child for child, parent in edges if child in again and parent in again}
+    return {s: ("blocked" if s in waiting else "pending") for s in again}
