@@ -46,6 +46,13 @@ from conveyor.runtime.worker import Worker, exit_if_abandoned
 from conveyor.security.redact import redact_url
 from conveyor.settings import ISOLATION_MODES, Settings
 from conveyor.storage.base import Store
+from conveyor.workflows import (
+    WorkflowBuilder,
+    WorkflowIn,
+    WorkflowRun,
+    WorkflowService,
+    parse_definition,
+)
 
 F = TypeVar("F", bound=Handler)
 log = structlog.get_logger("conveyor.app")
@@ -149,6 +156,7 @@ class Conveyor:
         self._pending_signals: set[asyncio.Future[bool]] = set()
         self._known_types: dict[str, JobTypeInfo] = {}
         self._known_types_at = -1e9
+        self.workflows = WorkflowService(self)
         s = self.settings
         self.webhooks = WebhookSender(
             self,
@@ -586,6 +594,40 @@ class Conveyor:
     def emit_finished(self, finish: Finish, accepted: bool) -> None:
         for cb in self._finish_listeners:
             cb(finish, accepted)
+
+    # -- workflows ------------------------------------------------------------------------
+    def workflow(
+        self,
+        name: str,
+        *,
+        on_failure: str = "fail_fast",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> WorkflowBuilder:
+        """Start building a workflow (``docs/workflows.md``): add steps with
+        ``.step(...)``, then ``run = await wf.submit()`` and ``await run.wait()``."""
+        return WorkflowBuilder(self.workflows, name, on_failure=on_failure, metadata=metadata)
+
+    async def submit_workflow(
+        self, definition: Mapping[str, Any] | WorkflowIn, *, created_by: str | None = None
+    ) -> WorkflowRun:
+        """Submit a workflow from its definition (the ``POST /api/workflows`` shape,
+        as a dict, or loaded with ``conveyor.workflows.load_definition``)."""
+        if not isinstance(definition, WorkflowIn):
+            definition = parse_definition(definition)
+        wf, _ = await self.workflows.submit(definition, created_by=created_by)
+        return WorkflowRun(self.workflows, wf.id)
+
+    def after_submit(self) -> None:
+        """Wake this process's workers and outbox readers, and other processes'
+        workers (over the bus), after jobs were made ready."""
+        self.notify_listeners()
+        self.events_written()
+        if self.bus.backend != "memory":
+            self._signal_soon(WAKE_TOPIC, {})
+
+    async def signal_cancel(self, job_id: str) -> None:
+        """Tell the worker running ``job_id`` that its cancel was requested."""
+        await self.signal(CANCEL_TOPIC, {"job_id": job_id})
 
     # -- running --------------------------------------------------------------------------
     def worker(self, **options: Any) -> Worker:
