@@ -13,6 +13,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
@@ -40,6 +41,7 @@ from conveyor.domain.job import (
 from conveyor.domain.limits import delay_error, run_at_after, text_error, timeout_error
 from conveyor.domain.retry import RetryPolicy
 from conveyor.domain.states import JobState
+from conveyor.runtime.ports import RuntimeDeps, Signals
 from conveyor.runtime.registry import Handler, JobDefinition
 from conveyor.runtime.webhooks import WEBHOOK_JOB, WebhookSender
 from conveyor.runtime.worker import Worker, exit_if_abandoned
@@ -142,9 +144,7 @@ class Conveyor:
         self._clock = clock or (lambda: datetime.now(UTC))
         self.rand: Callable[[], float] = rand or random.random
         self.registry: dict[str, JobDefinition] = {}
-        self._listeners: list[Callable[[], None]] = []
-        self._finish_listeners: list[Callable[[Finish, bool], None]] = []
-        self._event_listeners: list[Callable[[], None]] = []
+        self.signals = Signals()
         self._opened = False
         self.bus = (
             bus
@@ -157,9 +157,22 @@ class Conveyor:
         self._known_types: dict[str, JobTypeInfo] = {}
         self._known_types_at = -1e9
         self.workflows = WorkflowService(self)
+        # What the runtime gets instead of this object (it never imports app.py).
+        self.deps = RuntimeDeps(
+            settings=self.settings,
+            store=self.store,
+            bus=self.bus,
+            registry=self.registry,
+            now=self.now,
+            rand=self.rand,
+            signals=self.signals,
+            new_job=self.new_job,
+            submit_many=self.submit_many,
+            add_steps=self.workflows.add_steps,
+        )
         s = self.settings
         self.webhooks = WebhookSender(
-            self,
+            self.deps,
             timeout=s.webhook_timeout,
             disable_after=s.webhook_disable_after,
             allow_private=s.webhook_allow_private,
@@ -172,6 +185,17 @@ class Conveyor:
             retry=RetryPolicy(base=s.webhook_retry_base, max_delay=3600.0),
             _internal=True,
         )(self.webhooks.deliver)
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: Settings) -> None:
+        # Settings replaced after construction (tests do) reach the workers built later.
+        self._settings = value
+        if hasattr(self, "deps"):
+            self.deps = replace(self.deps, settings=value)
 
     # -- lifecycle --------------------------------------------------------------
     def now(self) -> datetime:
@@ -561,39 +585,34 @@ class Conveyor:
 
     # -- in-process signals -------------------------------------------------------------
     def add_listener(self, callback: Callable[[], None]) -> None:
-        self._listeners.append(callback)
+        self.signals.add_listener(callback)
 
     def remove_listener(self, callback: Callable[[], None]) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
+        self.signals.remove_listener(callback)
 
     def notify_listeners(self) -> None:
-        for cb in list(self._listeners):
-            cb()
+        self.signals.notify_listeners()
 
     def on_events_written(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (cheap, sync) when this process just committed events:
         the outbox readers look at once instead of at their next poll."""
-        self._event_listeners.append(callback)
+        self.signals.on_events_written(callback)
 
     def remove_events_listener(self, callback: Callable[[], None]) -> None:
-        if callback in self._event_listeners:
-            self._event_listeners.remove(callback)
+        self.signals.remove_events_listener(callback)
 
     def events_written(self) -> None:
-        for cb in list(self._event_listeners):
-            cb()
+        self.signals.events_written()
 
     def on_finish(self, callback: Callable[[Finish, bool], None]) -> None:
-        self._finish_listeners.append(callback)
+        self.signals.on_finish(callback)
 
     @property
     def has_finish_listeners(self) -> bool:
-        return bool(self._finish_listeners)
+        return self.signals.has_finish_listeners
 
     def emit_finished(self, finish: Finish, accepted: bool) -> None:
-        for cb in self._finish_listeners:
-            cb(finish, accepted)
+        self.signals.emit_finished(finish, accepted)
 
     # -- workflows ------------------------------------------------------------------------
     def workflow(
@@ -631,7 +650,7 @@ class Conveyor:
 
     # -- running --------------------------------------------------------------------------
     def worker(self, **options: Any) -> Worker:
-        return Worker(self, **options)
+        return Worker(self.deps, **options)
 
     async def run_worker(self, **options: Any) -> None:
         """Open the store and run a worker until SIGTERM/SIGINT."""

@@ -26,7 +26,7 @@ import orjson
 import pydantic
 
 from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
-from conveyor.domain.job import NewJob
+from conveyor.domain.job import Job, NewJob
 from conveyor.domain.workflow import (
     MAX_NAME_CHARS,
     MAX_WORKFLOW_STEPS,
@@ -193,6 +193,39 @@ class WorkflowService:
             app.after_submit()
         return wf, duplicate
 
+    async def add_steps(
+        self,
+        workflow_id: str,
+        job_id: str,
+        lease_token: str,
+        steps: Sequence[Mapping[str, Any] | StepIn],
+    ) -> list[Job]:
+        """Steps a running step (``job_id`` with ``lease_token``) adds to its own
+        workflow (dynamic fan-out): the ``StepIn`` shape; ``depends_on`` may name
+        any step of the workflow. Raises ``ValidationError``, ``LeaseLost``,
+        ``WorkflowConflict``."""
+        parsed: list[StepIn] = []
+        for i, s in enumerate(steps):
+            if isinstance(s, StepIn):
+                parsed.append(s)
+                continue
+            try:
+                parsed.append(StepIn.model_validate(s))
+            except pydantic.ValidationError as exc:
+                e = exc.errors()[0]
+                where = ".".join(str(p) for p in e["loc"])
+                raise ValidationError(
+                    f"Invalid step {i}: {where} {e['msg']}",
+                    [FieldError(f"steps[{i}].{where}", e["msg"])],
+                ) from None
+        if not parsed:
+            return []
+        built = await self.build_steps(parsed)
+        app = self._app
+        jobs = await app.store.add_steps(workflow_id, job_id, lease_token, built, app.now())
+        app.after_submit()
+        return jobs
+
     async def get(self, workflow_id: str, *, results: bool = True) -> Workflow:
         await self._app.open()
         return await self._app.store.get_workflow(workflow_id, results=results)
@@ -241,7 +274,11 @@ class WorkflowService:
         return wf
 
     async def wait(
-        self, workflow_id: str, *, timeout: float | None = None, poll: float = 0.05
+        self,
+        workflow_id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the deadline of our own polling
+        poll: float = 0.05,
     ) -> Workflow:
         """Return the workflow once it is finished (any terminal status). Raises
         ``TimeoutError`` after ``timeout`` seconds."""

@@ -422,7 +422,7 @@ async def test_the_relay_skips_events_no_one_can_hear_on_the_in_process_bus(
 
 
 async def test_the_webhook_dispatcher_skips_while_no_endpoint_exists(cv: Conveyor) -> None:
-    dispatcher = WebhookDispatcher(cv)
+    dispatcher = WebhookDispatcher(cv.deps)
     consumer = OutboxConsumer(
         cv.store, "webhooks", dispatcher, clock=cv.now, skip_to=dispatcher.skip_to
     )

@@ -308,7 +308,7 @@ def create_app(
         """Prometheus text format."""
         counts = await conveyor.store.count_by_state()
         fleet = await conveyor.store.list_workers()
-        metrics.set_depths(counts, sum(1 for w in fleet if is_alive(w, conveyor)))
+        metrics.set_depths(counts, sum(1 for w in fleet if is_alive(w, conveyor.deps)))
         for w in workers:
             metrics.stuck_jobs.labels(w.id).set(w.stuck_jobs())
         metrics.set_outbox(
@@ -400,7 +400,7 @@ def create_app(
             "metrics": {
                 "queue_depths": depths,
                 "worker_health": [
-                    worker_dict(w, alive=is_alive(w, conveyor))
+                    worker_dict(w, alive=is_alive(w, conveyor.deps))
                     for w in workers
                     if w.state == "running"
                 ],

@@ -203,7 +203,7 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
         """Re-activate a disabled endpoint and deliver the events it missed while
         disabled (those the outbox still keeps). ``replayed``: delivery jobs
         submitted; 0 for an endpoint that was active already."""
-        enabled = await enable_and_replay(conveyor, webhook_id)
+        enabled = await enable_and_replay(conveyor.deps, webhook_id)
         return {
             "success": True,
             "webhook": webhook_dict(enabled.webhook),

@@ -648,7 +648,7 @@ def webhooks_enable(obj: Ctx, webhook_id: str) -> None:
     """Re-enable a disabled endpoint and deliver the events it missed meanwhile."""
     from conveyor.runtime.webhooks import enable_webhook
 
-    enabled = run(lambda a: enable_webhook(a, webhook_id), obj.app())
+    enabled = run(lambda a: enable_webhook(a.deps, webhook_id), obj.app())
     out.print(
         f"Webhook {enabled.webhook.id} is {enabled.webhook.state.value}; "
         f"{enabled.replayed} missed event(s) queued for delivery",
@@ -662,7 +662,7 @@ def webhooks_enable(obj: Ctx, webhook_id: str) -> None:
 @click.pass_obj
 def status(obj: Ctx, as_json: bool) -> None:
     """Queue depths, live workers, job types no live worker handles, outbox lag."""
-    data = run(collect_status, obj.app())
+    data = run(lambda a: collect_status(a.deps), obj.app())
     if as_json:
         emit_json(data)
         return

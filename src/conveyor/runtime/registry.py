@@ -15,8 +15,8 @@ from conveyor.domain.job import DEFAULT_MAX_RETRIES, DEFAULT_PRIORITY, DEFAULT_Q
 from conveyor.domain.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from conveyor.app import Conveyor
     from conveyor.domain.job import Job
+    from conveyor.runtime.ports import Submitter
 
 Handler = Callable[..., Any]
 
@@ -27,7 +27,7 @@ class JobDefinition:
 
     job_type: str
     handler: Handler
-    app: Conveyor
+    app: Submitter  # the application it was registered on
     queue: str = DEFAULT_QUEUE
     priority: int = DEFAULT_PRIORITY
     max_retries: int = DEFAULT_MAX_RETRIES

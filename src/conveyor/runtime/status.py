@@ -9,28 +9,28 @@ from conveyor.domain.job import WorkerInfo
 from conveyor.presenters import worker_dict
 
 if TYPE_CHECKING:
-    from conveyor.app import Conveyor
+    from conveyor.runtime.ports import RuntimeDeps
 
 
-def is_alive(w: WorkerInfo, app: Conveyor) -> bool:
-    cutoff = app.now() - timedelta(seconds=app.settings.heartbeat_timeout)
+def is_alive(w: WorkerInfo, deps: RuntimeDeps) -> bool:
+    cutoff = deps.now() - timedelta(seconds=deps.settings.heartbeat_timeout)
     return w.state == "running" and w.heartbeat_at is not None and w.heartbeat_at >= cutoff
 
 
-async def collect_status(app: Conveyor) -> dict[str, Any]:
+async def collect_status(deps: RuntimeDeps) -> dict[str, Any]:
     """Queue depths, workers (alive or not) and job types nobody serves."""
-    counts = await app.store.count_by_state()
-    workers = await app.store.list_workers()
-    pending = await app.store.pending_by_type()
-    alive = [w for w in workers if is_alive(w, app)]
+    counts = await deps.store.count_by_state()
+    workers = await deps.store.list_workers()
+    pending = await deps.store.pending_by_type()
+    alive = [w for w in workers if is_alive(w, deps)]
     served = {(q, t) for w in alive for q in w.queues for t in w.job_types}
     unserved = [
         {"queue": q, "job_type": t, "pending": n}
         for (q, t), n in sorted(pending.items())
         if (q, t) not in served
     ]
-    latest = await app.store.latest_event_id()
-    positions = await app.store.consumer_positions()
+    latest = await deps.store.latest_event_id()
+    positions = await deps.store.consumer_positions()
     return {
         "queue_depths": {s.value: n for s, n in counts.items()},
         "outbox": {

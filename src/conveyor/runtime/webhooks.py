@@ -58,7 +58,7 @@ from conveyor.domain.webhooks import (
 from conveyor.runtime.context import JobContext
 
 if TYPE_CHECKING:
-    from conveyor.app import Conveyor
+    from conveyor.runtime.ports import RuntimeDeps
 
 log = structlog.get_logger("conveyor.webhooks")
 
@@ -196,14 +196,14 @@ class PinnedTransport(httpx.AsyncHTTPTransport):
         )
 
 
-def delivery_job(app: Conveyor, hook: Webhook, event: Event) -> NewJob:
+def delivery_job(deps: RuntimeDeps, hook: Webhook, event: Event) -> NewJob:
     """The ``conveyor.webhook`` job delivering ``event`` to ``hook``."""
     payload = {
         "webhook_id": hook.id,
         "delivery_id": f"{event.id}-{hook.id}-{new_token()[:8]}",
         "event": envelope(event),
     }
-    return app.new_job(
+    return deps.new_job(
         WEBHOOK_JOB, payload, idempotency_key=delivery_key(hook.id, event.id), internal=True
     )
 
@@ -219,7 +219,7 @@ class Enabled:
     replayed: int  # delivery jobs submitted for the events it missed
 
 
-async def enable_webhook(app: Conveyor, webhook_id: str, *, batch: int = 500) -> Enabled:
+async def enable_webhook(deps: RuntimeDeps, webhook_id: str, *, batch: int = 500) -> Enabled:
     """Re-activate a disabled endpoint and deliver what it missed.
 
     Every event after its ``webhook_disabled`` event, up to the newest one when
@@ -229,26 +229,26 @@ async def enable_webhook(app: Conveyor, webhook_id: str, *, batch: int = 500) ->
     idempotency key. An endpoint already active is returned unchanged, with
     nothing replayed. Raises ``WebhookNotFound``.
     """
-    hook, after = await app.store.enable_webhook(webhook_id)
+    hook, after = await deps.store.enable_webhook(webhook_id)
     if after is None:
         return Enabled(hook, 0)
     # Read after the enable committed: any dispatcher batch that still saw the
     # endpoint disabled ends at or before this event.
-    until = await app.store.latest_event_id()
+    until = await deps.store.latest_event_id()
     replayed, cursor, done = 0, after, until == after
     while not done:
-        events = await app.store.events_after(cursor, batch)
+        events = await deps.store.events_after(cursor, batch)
         if not events:
             break
         jobs = []
         for e in events:
             if feeds_webhooks(e) and type_matches(hook.event_types, e.type):
-                jobs.append(delivery_job(app, hook, e))
+                jobs.append(delivery_job(deps, hook, e))
             if e.id == until:
                 done = True
                 break
         if jobs:
-            results = await app.submit_many(jobs)
+            results = await deps.submit_many(jobs)
             replayed += sum(1 for r in results if not r.duplicate)
         cursor = events[-1].id
     log.info("webhook_enabled", webhook_id=hook.id, replayed=replayed)
@@ -258,11 +258,11 @@ async def enable_webhook(app: Conveyor, webhook_id: str, *, batch: int = 500) ->
 class WebhookDispatcher:
     """Outbox batch handler: one delivery job per (matching endpoint, event)."""
 
-    def __init__(self, app: Conveyor) -> None:
-        self.app = app
+    def __init__(self, deps: RuntimeDeps) -> None:
+        self.deps = deps
 
     async def _webhooks(self) -> list[Webhook]:
-        hooks = await self.app.store.list_webhooks()
+        hooks = await self.deps.store.list_webhooks()
         return [w for w in hooks if w.state is WebhookState.ACTIVE]
 
     async def skip_to(self) -> int | None:
@@ -270,7 +270,7 @@ class WebhookDispatcher:
         endpoints, so one created after the check gets every event after it."""
         if await self._webhooks():  # endpoints exist: deliver, no more queries
             return None
-        latest = await self.app.store.latest_event_id()
+        latest = await self.deps.store.latest_event_id()
         return None if await self._webhooks() else latest
 
     async def __call__(self, events: Sequence[Event]) -> None:
@@ -278,13 +278,13 @@ class WebhookDispatcher:
         if not hooks:
             return
         jobs = [
-            delivery_job(self.app, hook, e)
+            delivery_job(self.deps, hook, e)
             for e in events
             if feeds_webhooks(e)
             for hook in wanted(hooks, e.type)
         ]
         if jobs:
-            await self.app.submit_many(jobs)
+            await self.deps.submit_many(jobs)
 
 
 class WebhookSender:
@@ -292,7 +292,7 @@ class WebhookSender:
 
     def __init__(
         self,
-        app: Conveyor,
+        deps: RuntimeDeps,
         *,
         timeout: float,
         disable_after: int,
@@ -301,10 +301,10 @@ class WebhookSender:
         disable_after_seconds: float | None = None,
         resolver: Resolver = system_resolver,
     ) -> None:
-        self.app = app
+        self.deps = deps
         self.timeout = timeout
         if disable_after_seconds is None:
-            disable_after_seconds = app.settings.webhook_disable_after_seconds
+            disable_after_seconds = deps.settings.webhook_disable_after_seconds
         self.policy = DisablePolicy(after_seconds=disable_after_seconds, min_failures=disable_after)
         self.allow_private = allow_private
         self.resolver = resolver
@@ -335,7 +335,7 @@ class WebhookSender:
         self, ctx: JobContext, webhook_id: str, delivery_id: str, event: dict[str, Any]
     ) -> dict[str, Any]:
         try:
-            hook = await self.app.store.get_webhook(webhook_id)
+            hook = await self.deps.store.get_webhook(webhook_id)
         except WebhookNotFound:
             raise Permanent(f"webhook {webhook_id} was deleted") from None
         if hook.state is not WebhookState.ACTIVE:
@@ -376,7 +376,7 @@ class WebhookSender:
             created_at=self._clock(),
         )
         try:
-            after = await self.app.store.record_delivery(attempt, self.policy)
+            after = await self.deps.store.record_delivery(attempt, self.policy)
         except WebhookNotFound:
             raise Permanent(f"webhook {webhook_id} was deleted") from None
         if error is None:

@@ -48,7 +48,7 @@ from conveyor.runtime.webhooks import WebhookDispatcher
 from conveyor.storage.codec import storable_result
 
 if TYPE_CHECKING:
-    from conveyor.app import Conveyor
+    from conveyor.runtime.ports import RuntimeDeps
     from conveyor.runtime.registry import JobDefinition
 
 log = structlog.get_logger("conveyor.worker")
@@ -163,7 +163,7 @@ DESCRIBE_TIMEOUT = 1.0
 class Worker:
     def __init__(
         self,
-        app: Conveyor,
+        deps: RuntimeDeps,
         *,
         concurrency: int | None = None,
         queues: Sequence[str] | None = None,
@@ -172,18 +172,18 @@ class Worker:
         maintenance: bool = True,
         isolation: str | None = None,
     ) -> None:
-        s = app.settings
-        self.app = app
-        self.store = app.store
+        s = deps.settings
+        self.deps = deps
+        self.store = deps.store
         self.concurrency = concurrency or s.concurrency
         self.queues = tuple(queues or s.queues)
-        self.job_types = tuple(job_types or app.registry)
+        self.job_types = tuple(job_types or deps.registry)
         if not self.job_types:
             raise ConveyorError(
                 "This worker has no job types: register handlers with @app.job(...) "
                 "before starting it"
             )
-        unknown = set(self.job_types) - set(app.registry)
+        unknown = set(self.job_types) - set(deps.registry)
         if unknown:
             raise ConveyorError(f"No handler registered for job types: {sorted(unknown)}")
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_token()[:8]}"
@@ -204,7 +204,7 @@ class Worker:
         # not per job), with the names of its job type's permanent errors.
         self._child_specs: dict[str, tuple[Any, tuple[str, ...]]] = {}
         for name in self.job_types:
-            definition = app.registry[name]
+            definition = deps.registry[name]
             if self._isolated(definition):
                 from conveyor.runtime.isolation import HandlerRef
 
@@ -253,7 +253,7 @@ class Worker:
 
     async def run(self) -> None:
         """Run until ``request_stop``; returns after a graceful shutdown."""
-        now = self.app.now()
+        now = self.deps.now()
         await self.store.register_worker(
             WorkerInfo(
                 id=self.id,
@@ -266,10 +266,10 @@ class Worker:
             now,
         )
         await self.store.record_job_types(
-            [self.app.registry[t].info() for t in self.job_types], now
+            [self.deps.registry[t].info() for t in self.job_types], now
         )
         for name in self.job_types:
-            queue = self.app.registry[name].queue
+            queue = self.deps.registry[name].queue
             if queue not in self.queues:
                 log.warning(
                     "job_type_queue_not_served",
@@ -279,7 +279,7 @@ class Worker:
                     queues=list(self.queues),
                     hint=f"jobs of {name!r} wait in queue {queue!r}: add --queue {queue}",
                 )
-        self.app.add_listener(self.notify)
+        self.deps.signals.add_listener(self.notify)
         await self.store.subscribe_wakeups(self.notify)
         log.info(
             "worker_started",
@@ -297,7 +297,7 @@ class Worker:
         events_stop = asyncio.Event()
         self._consumers = self.outbox_consumers()
         for c in self._consumers:
-            self.app.on_events_written(c.wake)
+            self.deps.signals.on_events_written(c.wake)
         consumers = [
             asyncio.create_task(c.run(events_stop), name=f"conveyor-outbox-{c.name}")
             for c in self._consumers
@@ -308,11 +308,11 @@ class Worker:
             await self._fetch_loop()
             await self._drain()
         finally:
-            self.app.remove_listener(self.notify)
+            self.deps.signals.remove_listener(self.notify)
             self.store.unsubscribe_wakeups(self.notify)
             events_stop.set()
             for c in self._consumers:
-                self.app.remove_events_listener(c.wake)
+                self.deps.signals.remove_events_listener(c.wake)
             for sub in subscriptions:
                 with contextlib.suppress(Exception):
                     await sub.close()
@@ -324,7 +324,7 @@ class Worker:
             # The flusher exits once the outbox is empty and no job is running.
             try:
                 await asyncio.wait_for(
-                    helpers[0], timeout=max(5.0, self.app.settings.shutdown_grace)
+                    helpers[0], timeout=max(5.0, self.deps.settings.shutdown_grace)
                 )
             except (asyncio.CancelledError, TimeoutError):
                 # The store would not take the last results: those jobs stay leased to
@@ -334,7 +334,7 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
             with contextlib.suppress(ConveyorError):
-                await self.store.deregister_worker(self.id, self.app.now())
+                await self.store.deregister_worker(self.id, self.deps.now())
             self._threads.shutdown(wait=False, cancel_futures=True)
             self._describer.shutdown(wait=False, cancel_futures=True)
             if self._pool is not None:
@@ -347,18 +347,18 @@ class Worker:
         Every worker runs them; a lease makes one of each active at a time."""
         if not self.maintenance:
             return []
-        s = self.app.settings
-        options: dict[str, Any] = {"clock": self.app.now, "poll_interval": s.event_poll_interval}
+        s = self.deps.settings
+        options: dict[str, Any] = {"clock": self.deps.now, "poll_interval": s.event_poll_interval}
         maxlen = s.event_stream_maxlen
-        if self.app.bus.backend == "memory":
+        if self.deps.bus.backend == "memory":
             maxlen = min(maxlen, MEMORY_STREAM_MAXLEN)  # it lives in this process's RAM
-        dispatcher = WebhookDispatcher(self.app)
+        dispatcher = WebhookDispatcher(self.deps)
         return [
             OutboxConsumer(
                 self.store,
                 "relay",
-                bus_relay(self.app.bus, stream_maxlen=maxlen),
-                skip_to=skip_unheard(self.store, self.app.bus),
+                bus_relay(self.deps.bus, stream_maxlen=maxlen),
+                skip_to=skip_unheard(self.store, self.deps.bus),
                 **options,
             ),
             OutboxConsumer(
@@ -380,16 +380,16 @@ class Worker:
 
         subscriptions: list[Subscription] = []
         try:
-            subscriptions.append(await self.app.bus.subscribe(CANCEL_TOPIC, on_cancel))
-            if self.app.bus.backend != "memory":
-                subscriptions.append(await self.app.bus.subscribe(WAKE_TOPIC, on_wake))
+            subscriptions.append(await self.deps.bus.subscribe(CANCEL_TOPIC, on_cancel))
+            if self.deps.bus.backend != "memory":
+                subscriptions.append(await self.deps.bus.subscribe(WAKE_TOPIC, on_wake))
         except Exception as exc:  # noqa: BLE001 - the worker runs without the bus
             log.warning("bus_subscribe_failed", worker_id=self.id, error=str(exc))
         return subscriptions
 
     # -- fetch loop ---------------------------------------------------------------
     async def _fetch_loop(self) -> None:
-        poll = self.app.settings.poll_interval
+        poll = self.deps.settings.poll_interval
         backoff = 0.1
         while not self._stopping.is_set():
             free = self.concurrency - len(self._running)
@@ -402,7 +402,7 @@ class Worker:
                         queues=self.queues,
                         job_types=self.job_types,
                         limit=free,
-                        now=self.app.now(),
+                        now=self.deps.now(),
                     )
                     backoff = 0.1
                 except Exception as exc:  # noqa: BLE001 - keep the worker alive
@@ -414,7 +414,7 @@ class Worker:
                     continue
                 got = len(jobs)
                 if got:
-                    self.app.events_written()
+                    self.deps.signals.events_written()
                 for job in jobs:
                     self._start(job)
                 if got == free:
@@ -447,7 +447,7 @@ class Worker:
                 return
 
     def _start(self, job: Job) -> None:
-        definition = self.app.registry[job.job_type]
+        definition = self.deps.registry[job.job_type]
         ctx = JobContext(
             job_id=job.id,
             job_type=job.job_type,
@@ -487,7 +487,7 @@ class Worker:
         if finish is None or entry.abandoned:
             self._abandoned.add(job.id)
             return  # its code may still run: leave the lease to expire (rescue)
-        if self.app.has_finish_listeners:
+        if self.deps.signals.has_finish_listeners:
             finish = replace(finish, job_type=job.job_type, duration=time.perf_counter() - started)
         self._outbox.append(finish)
         self._outbox_event.set()
@@ -678,7 +678,7 @@ class Worker:
         if self._pool is None:
             from conveyor.runtime.isolation import ProcessPool
 
-            s = self.app.settings
+            s = self.deps.settings
             self._pool = ProcessPool(
                 self.concurrency,
                 max_jobs_per_child=s.max_jobs_per_child or None,
@@ -722,11 +722,11 @@ class Worker:
             attempt=job.attempt,
             max_retries=job.max_retries,
             policy=definition.retry,
-            rand=self.app.rand,
+            rand=self.deps.rand,
             error=None if error is None else safe_text(error),
         )
         retry_at = (
-            self.app.now() + timedelta(seconds=decision.delay)
+            self.deps.now() + timedelta(seconds=decision.delay)
             if decision.action is Action.RETRY
             else None
         )
@@ -752,7 +752,7 @@ class Worker:
                 batch, self._outbox = self._outbox, []
                 written, unwritten, error = await self._write(batch)
                 if written:
-                    self.app.events_written()
+                    self.deps.signals.events_written()
                 for f, ok in written:
                     if not ok:
                         log.warning(
@@ -761,7 +761,7 @@ class Worker:
                             action=f.action.value,
                             worker_id=self.id,
                         )
-                    self.app.emit_finished(f, ok)
+                    self.deps.signals.emit_finished(f, ok)
                 if unwritten:
                     # The store is failing (not one row): keep the outcomes, the jobs
                     # stay leased to us until written.
@@ -797,7 +797,7 @@ class Worker:
         while chunks:
             chunk = chunks.pop(0)
             try:
-                accepted = await self.store.finish_many(chunk, self.app.now())
+                accepted = await self.store.finish_many(chunk, self.deps.now())
             except Exception as exc:  # noqa: BLE001 - isolate the row, keep the worker alive
                 if len(chunk) > 1:
                     mid = len(chunk) // 2
@@ -807,13 +807,13 @@ class Worker:
                 if fallback is None:
                     return written, [f for c in [chunk, *chunks] for f in c], exc
                 try:  # once more alone: a passing fault must not fail a good outcome
-                    accepted = await self.store.finish_many(chunk, self.app.now())
+                    accepted = await self.store.finish_many(chunk, self.deps.now())
                     written.extend(zip(chunk, accepted, strict=True))
                     continue
                 except Exception:  # noqa: BLE001 - it is this row
                     pass
                 try:
-                    accepted = await self.store.finish_many([fallback], self.app.now())
+                    accepted = await self.store.finish_many([fallback], self.deps.now())
                 except Exception:  # noqa: BLE001 - the store itself is failing
                     return written, [f for c in [chunk, *chunks] for f in c], exc
                 log.error(
@@ -833,7 +833,7 @@ class Worker:
         cancellation) is *abandoned*: no outcome is written, its lease expires with
         this process and the rescuer re-runs it as after a crash, so it never runs
         twice at once."""
-        grace = self.app.settings.shutdown_grace
+        grace = self.deps.settings.shutdown_grace
         deadline = time.monotonic() + grace
         while self._running and not self._force_stop and time.monotonic() < deadline:
             tasks = [r.task for r in self._running.values()]
@@ -877,7 +877,7 @@ class Worker:
         stuck = self.stuck_jobs()
         if not stuck:
             return
-        limit = self.app.settings.max_stuck_jobs or self.concurrency
+        limit = self.deps.settings.max_stuck_jobs or self.concurrency
         log.warning("worker_stuck_handlers", worker_id=self.id, stuck=stuck, limit=limit)
         if stuck >= limit and not self._stopping.is_set():
             # Its slots are held by code that won't stop: exit so the supervisor
@@ -887,12 +887,14 @@ class Worker:
             self._force_stop = True
 
     async def _heartbeat_loop(self) -> None:
-        interval = self.app.settings.heartbeat_interval
+        interval = self.deps.settings.heartbeat_interval
         while True:
             await asyncio.sleep(interval)
             self._check_stuck()
             try:
-                cancel_ids = await self.store.heartbeat(self.id, len(self._running), self.app.now())
+                cancel_ids = await self.store.heartbeat(
+                    self.id, len(self._running), self.deps.now()
+                )
             except Exception as exc:  # noqa: BLE001 - keep the worker alive
                 log.warning("heartbeat_failed", worker_id=self.id, error=str(exc))
                 continue
@@ -911,7 +913,7 @@ class Worker:
         return True
 
     async def _maintenance_loop(self) -> None:
-        s = self.app.settings
+        s = self.deps.settings
         last_prune = 0.0
         while True:
             await asyncio.sleep(s.heartbeat_interval)
@@ -919,7 +921,7 @@ class Worker:
                 rescued = await self.store.rescue(
                     heartbeat_timeout=s.heartbeat_timeout,
                     max_lost=s.max_lost,
-                    now=self.app.now(),
+                    now=self.deps.now(),
                 )
                 for r in rescued:
                     log.warning(
@@ -929,10 +931,12 @@ class Worker:
                         action=r.action.value,
                     )
                 if rescued:
-                    self.app.notify_listeners()
+                    self.deps.signals.notify_listeners()
                 if time.monotonic() - last_prune > 60:
                     last_prune = time.monotonic()
-                    pruned = await self.store.prune(self.app.now() - timedelta(seconds=s.retention))
+                    pruned = await self.store.prune(
+                        self.deps.now() - timedelta(seconds=s.retention)
+                    )
                     if pruned:
                         log.info("jobs_pruned", count=pruned)
             except Exception as exc:  # noqa: BLE001 - keep the worker alive
