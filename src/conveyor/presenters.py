@@ -8,6 +8,7 @@ from typing import Any
 from conveyor.domain.job import Execution, Job, Page, WorkerInfo
 from conveyor.domain.states import JobState
 from conveyor.domain.webhooks import DeliveryAttempt, Webhook
+from conveyor.domain.workflow import StepDetail, Workflow
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -43,6 +44,7 @@ def job_dict(job: Job, executions: list[Execution] | None = None) -> dict[str, A
         "worker_id": job.worker_id,
         "idempotency_key": job.idempotency_key,
         "workflow_id": job.workflow_id,
+        "step_name": job.step_name,
         "depends_on": job.depends_on,
         "lost_count": job.lost_count,
         "cancel_requested_at": iso(job.cancel_requested_at),
@@ -123,3 +125,44 @@ def delivery_dict(d: DeliveryAttempt) -> dict[str, Any]:
         "duration_ms": d.duration_ms,
         "created_at": iso(d.created_at),
     }
+
+
+def step_dict(d: StepDetail) -> dict[str, Any]:
+    return {
+        "name": d.name,
+        "job_id": d.job_id,
+        "job_type": d.job_type,
+        "status": d.status,
+        "attempt": d.attempt,
+        "depends_on": d.depends_on,
+        "started_at": iso(d.started_at),
+        "finished_at": iso(d.finished_at),
+        "error": d.error,
+        "result": d.result,
+    }
+
+
+def workflow_dict(wf: Workflow) -> dict[str, Any]:
+    """A workflow as ``GET /api/workflows/{id}`` shows it (``step_details`` only
+    when the steps were loaded)."""
+    out: dict[str, Any] = {
+        "id": wf.id,
+        "name": wf.name,
+        "status": wf.status.value,
+        "on_failure": wf.on_failure.value,
+        "total_steps": wf.total_steps,
+        "completed_steps": wf.completed_steps,
+        "failed_steps": wf.failed_steps,
+        "cancelled_steps": wf.cancelled_steps,
+        "running_steps": wf.running_steps,
+        "progress": wf.progress,
+        "created_at": iso(wf.created_at),
+        "finished_at": iso(wf.finished_at),
+        "cancel_requested_at": iso(wf.cancel_requested_at),
+        "idempotency_key": wf.idempotency_key,
+        "created_by": wf.created_by,
+        "metadata": wf.metadata,
+    }
+    if wf.steps is not None:
+        out["step_details"] = [step_dict(d) for d in wf.steps]
+    return out

@@ -21,12 +21,17 @@ from conveyor.domain.errors import FieldError, ValidationError
 from conveyor.domain.job import INTERNAL_JOB_PREFIX as _INTERNAL_JOB_PREFIX
 from conveyor.domain.job import Event
 from conveyor.domain.states import EVENT_VERSION, EventType
+from conveyor.domain.workflow import WORKFLOW_EVENT_TYPES
 
 #: Events about Conveyor's own machinery (webhook endpoints, not jobs).
 WEBHOOK_DISABLED = "webhook_disabled"
 
 #: Every event type a consumer can ask for.
-EVENT_TYPES: tuple[str, ...] = (*(t.value for t in EventType), WEBHOOK_DISABLED)
+EVENT_TYPES: tuple[str, ...] = (
+    *(t.value for t in EventType),
+    WEBHOOK_DISABLED,
+    *WORKFLOW_EVENT_TYPES,
+)
 
 #: Job types Conveyor runs for itself (``conveyor.``); their events never feed
 #: webhooks (no loops).
@@ -34,7 +39,11 @@ INTERNAL_JOB_PREFIX = _INTERNAL_JOB_PREFIX
 
 #: The filters the OpenAPI document advertises (the parser accepts any glob that
 #: matches a known type; this regex lists the useful ones).
-_ONE_FILTER = "(" + "|".join([r"\*", r"job_\*", r"worker_\*", r"webhook_\*", *EVENT_TYPES]) + ")"
+_ONE_FILTER = (
+    "("
+    + "|".join([r"\*", r"job_\*", r"worker_\*", r"webhook_\*", r"workflow_\*", *EVENT_TYPES])
+    + ")"
+)
 TYPE_FILTER_REGEX = f"^{_ONE_FILTER}$"
 TYPE_FILTERS_REGEX = rf"^(\s*{_ONE_FILTER}\s*(,\s*{_ONE_FILTER}\s*)*)?$"
 

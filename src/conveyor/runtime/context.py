@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+
+from conveyor.domain.errors import ConfigurationError
 
 
 @dataclass
@@ -27,6 +30,13 @@ class JobContext:
     metadata: dict[str, Any]
     cancelled: threading.Event = field(default_factory=threading.Event)
     _logger: Any = None
+    #: The workflow this job is a step of (``None`` for a plain job) and its step name.
+    workflow_id: str | None = None
+    step_name: str | None = None
+    #: Fan-in: each completed parent step's result, by step name (``{}`` for a root
+    #: step or a plain job). Read before the attempt starts; JSON values.
+    parent_results: dict[str, Any] = field(default_factory=dict)
+    _add_steps: Any = None
 
     @property
     def logger(self) -> Any:
@@ -39,3 +49,27 @@ class JobContext:
     @property
     def is_cancelled(self) -> bool:
         return self.cancelled.is_set()
+
+    async def add_steps(self, steps: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Dynamic fan-out: add steps to this job's workflow while it runs.
+
+        ``steps``: objects of the ``POST /api/workflows`` step shape (``name``,
+        ``job_type``, ``payload``, ``depends_on``...). ``depends_on`` may name any
+        step of the workflow, this one included, and the new ones (e.g. one step
+        per item, each after this one, then a ``join`` step after all of them).
+        Returns the new steps' job ids. Raises ``ConfigurationError`` outside a
+        workflow or in a process-isolated handler, ``ValidationError`` for a bad
+        step or a cycle, ``WorkflowConflict`` when the workflow is finishing,
+        ``LeaseLost`` when this attempt no longer holds the job.
+        """
+        if self.workflow_id is None:
+            raise ConfigurationError(
+                f"Job {self.job_id!r} is not a workflow step: only steps can add steps"
+            )
+        if self._add_steps is None:
+            raise ConfigurationError(
+                "ctx.add_steps is not available in a process-isolated handler: run the "
+                "step that fans out with isolation='thread' (or 'none')"
+            )
+        jobs = await self._add_steps(list(steps))
+        return [j.id for j in jobs]

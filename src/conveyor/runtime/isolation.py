@@ -228,6 +228,8 @@ class ChildJob:
     handler: HandlerRef
     is_async: bool
     permanent_errors: tuple[str, ...] = ()
+    #: For a workflow step: {"workflow_id", "step_name", "parent_results"}.
+    workflow: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -242,6 +244,7 @@ class ChildJob:
             "handler": [self.handler.module, self.handler.qualname],
             "is_async": self.is_async,
             "permanent_errors": list(self.permanent_errors),
+            "workflow": self.workflow,
         }
 
     @classmethod
@@ -259,6 +262,7 @@ class ChildJob:
             handler=HandlerRef(module, qualname),
             is_async=data["is_async"],
             permanent_errors=tuple(data.get("permanent_errors", ())),
+            workflow=data.get("workflow"),
         )
 
 
@@ -1271,6 +1275,10 @@ def _run_job(job: ChildJob, state: _ChildState) -> dict[str, Any]:
         worker_id=job.worker_id,
         metadata=job.metadata,
     )
+    if job.workflow is not None:
+        ctx.workflow_id = job.workflow.get("workflow_id")
+        ctx.step_name = job.workflow.get("step_name")
+        ctx.parent_results = job.workflow.get("parent_results") or {}
     state.ctx = ctx
     try:
         key = (job.handler.module, job.handler.qualname)

@@ -415,8 +415,9 @@ class Worker:
                 got = len(jobs)
                 if got:
                     self.deps.signals.events_written()
+                parents = await self._parent_results(jobs)
                 for job in jobs:
-                    self._start(job)
+                    self._start(job, parents)
                 if got == free:
                     continue  # there may be more: fetch again as soon as a slot is free
             else:
@@ -446,7 +447,19 @@ class Worker:
             except ConveyorError:
                 return
 
-    def _start(self, job: Job) -> None:
+    async def _parent_results(self, jobs: Sequence[Job]) -> dict[str, dict[str, Any]] | None:
+        """The fetched workflow steps' parent results, in one read for the batch
+        (None if that read failed: each step then reads its own when it starts)."""
+        steps = [j.id for j in jobs if j.workflow_id is not None]
+        if not steps:
+            return {}
+        try:
+            return await self.store.parent_results(steps)
+        except Exception as exc:  # noqa: BLE001 - retried per step in _attempt
+            log.warning("parent_results_failed", worker_id=self.id, error=str(exc))
+            return None
+
+    def _start(self, job: Job, parents: dict[str, dict[str, Any]] | None = None) -> None:
         definition = self.deps.registry[job.job_type]
         ctx = JobContext(
             job_id=job.id,
@@ -456,7 +469,22 @@ class Worker:
             queue=job.queue,
             worker_id=self.id,
             metadata=job.metadata,
+            workflow_id=job.workflow_id,
+            step_name=job.step_name,
         )
+        if job.workflow_id is not None:
+            if parents is not None:
+                ctx.parent_results = parents.get(job.id, {})
+            else:
+                ctx.parent_results = None  # type: ignore[assignment] # read in _attempt
+            add = self.deps.add_steps
+            if add is not None and not self._isolated(definition):
+                token, wf_id = job.lease_token or "", job.workflow_id
+
+                async def _add(steps: Sequence[Any]) -> list[Job]:
+                    return await add(wf_id, job.id, token, steps)
+
+                ctx._add_steps = _add
         task = asyncio.create_task(self._execute(job, ctx, definition))
         self._running[job.id] = _Running(job, ctx, task)
 
@@ -498,6 +526,8 @@ class Worker:
         timeout = job.timeout_ms / 1000 if job.timeout_ms else definition.timeout
         raised: BaseException
         try:
+            if ctx.parent_results is None:  # the batch read failed: this step's own
+                ctx.parent_results = (await self.store.parent_results([job.id])).get(job.id, {})
             kwargs = definition.validated_payload(job.payload)
             if self._isolated(definition):
                 outcome = await self._run_in_child(job, ctx, definition, kwargs, timeout)
@@ -661,6 +691,13 @@ class Worker:
             handler=handler,
             is_async=definition.is_async,
             permanent_errors=permanent_errors,
+            workflow=None
+            if ctx.workflow_id is None
+            else {
+                "workflow_id": ctx.workflow_id,
+                "step_name": ctx.step_name,
+                "parent_results": ctx.parent_results,
+            },
         )
         entry = self._running[job.id]
         entry.deadline = _deadline(timeout)
