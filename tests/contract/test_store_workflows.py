@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from storekit import BASE, all_events, at, lease, register
 
 from conveyor.domain.errors import LeaseLost, ValidationError, WorkflowConflict, WorkflowNotFound
 from conveyor.domain.job import Finish, NewJob
 from conveyor.domain.states import Action
 from conveyor.domain.workflow import NewWorkflow, OnFailure, WorkflowQuery, WorkflowStatus
 from conveyor.storage.base import Store
-from storekit import BASE, all_events, at, lease, register
 
 
 def steps(*spec: tuple[str, list[str]]) -> list[tuple[str, NewJob]]:
@@ -32,10 +32,7 @@ async def run_ready(store: Store, action=Action.COMPLETE, *, now=BASE, result=No
     jobs = await lease(store, now=now, limit=100)
     done = []
     for j in jobs:
-        if only is not None and j.step_name not in only:
-            act = Action.COMPLETE
-        else:
-            act = action
+        act = Action.COMPLETE if only is not None and j.step_name not in only else action
         ok = await store.finish_many(
             [
                 Finish(
@@ -56,18 +53,21 @@ async def run_ready(store: Store, action=Action.COMPLETE, *, now=BASE, result=No
 async def test_diamond_runs_in_dependency_order_and_completes(store: Store):
     await register(store)
     wf = await create(store)
-    assert wf.status is WorkflowStatus.RUNNING and wf.total_steps == 4
+    assert wf.status is WorkflowStatus.RUNNING
+    assert wf.total_steps == 4
     assert await run_ready(store) == ["a"]
     assert await run_ready(store) == ["b", "c"]
     got = await store.get_workflow(wf.id)
     assert (got.completed_steps, got.progress) == (3, 0.75)
     assert await run_ready(store) == ["d"]
     got = await store.get_workflow(wf.id)
-    assert got.status is WorkflowStatus.COMPLETED and got.finished_at is not None
+    assert got.status is WorkflowStatus.COMPLETED
+    assert got.finished_at is not None
     assert got.progress == 1.0
     detail = {s.name: s for s in got.steps or []}
     assert detail["d"].depends_on == ["b", "c"]
-    assert detail["d"].result == {"from": "d"} and detail["d"].status == "completed"
+    assert detail["d"].result == {"from": "d"}
+    assert detail["d"].status == "completed"
     job = await store.get(detail["b"].job_id)
     assert (job.workflow_id, job.step_name) == (wf.id, "b")
     types = [e.type for e in await all_events(store)]
@@ -85,7 +85,7 @@ async def test_parent_results_by_step_name(store: Store):
     await create(store)
     await run_ready(store)
     await run_ready(store)
-    (d,) = [j for j in await lease(store, limit=10)]
+    (d,) = list(await lease(store, limit=10))
     assert (await store.parent_results([d.id]))[d.id] == {"b": {"from": "b"}, "c": {"from": "c"}}
 
 
@@ -112,7 +112,8 @@ async def test_fail_fast_cancels_the_rest_naming_the_failed_step(store: Store):
     ends = ("workflow_completed", "workflow_failed", "workflow_cancelled")
     terminal = [e for e in await all_events(store) if e.type in ends]
     assert [e.type for e in terminal] == ["workflow_failed"]
-    assert terminal[0].data["failed_count"] == 1 and terminal[0].data["cancelled_count"] == 2
+    assert terminal[0].data["failed_count"] == 1
+    assert terminal[0].data["cancelled_count"] == 2
 
 
 async def test_continue_runs_independent_branches(store: Store):
@@ -142,7 +143,8 @@ async def test_cancel_then_retry_reruns_only_unfinished_steps(store: Store):
     again = await store.cancel_workflow(wf.id, at(2))  # idempotent
     assert again.status is WorkflowStatus.CANCELLED
     retried = await store.retry_workflow(wf.id, at(3))
-    assert retried.status is WorkflowStatus.RUNNING and retried.finished_at is None
+    assert retried.status is WorkflowStatus.RUNNING
+    assert retried.finished_at is None
     assert {s.name: s.status for s in retried.steps or []} == {
         "a": "completed",
         "b": "pending",
@@ -163,9 +165,11 @@ async def test_idempotency_key_returns_the_first_workflow(store: Store):
     again, dup = await store.create_workflow(
         NewWorkflow("etl", idempotency_key="nightly-1"), DIAMOND, at(1)
     )
-    assert dup and again.id == first.id
+    assert dup
+    assert again.id == first.id
     page, total = await store.list_workflows(WorkflowQuery())
-    assert total == 1 and len(page) == 1
+    assert total == 1
+    assert len(page) == 1
 
 
 async def test_list_filters_and_counts(store: Store):
@@ -176,7 +180,8 @@ async def test_list_filters_and_counts(store: Store):
     page, total = await store.list_workflows(WorkflowQuery(status=WorkflowStatus.COMPLETED))
     assert total == 2
     page, total = await store.list_workflows(WorkflowQuery(limit=1))
-    assert total == 2 and len(page) == 1
+    assert total == 2
+    assert len(page) == 1
     with pytest.raises(WorkflowNotFound):
         await store.get_workflow("nope")
     got = await store.get_workflow(a.id)
@@ -202,7 +207,8 @@ async def test_a_running_step_adds_steps_and_a_fan_in(store: Store):
     assert await run_ready(store) == ["item-0", "item-1"]
     assert await run_ready(store) == ["join"]
     got = await store.get_workflow(wf.id)
-    assert got.status is WorkflowStatus.COMPLETED and got.total_steps == 4
+    assert got.status is WorkflowStatus.COMPLETED
+    assert got.total_steps == 4
 
 
 async def test_rescued_step_that_is_quarantined_fails_the_workflow(store: Store):

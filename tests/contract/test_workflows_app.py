@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from appkit import api_client, app_on
+
 from conveyor import Conveyor
 from conveyor.domain.errors import ValidationError
 from conveyor.domain.workflow import WorkflowStatus
@@ -77,7 +77,8 @@ async def test_builder_runs_a_dag_and_passes_results(store: Store):
             "sum": 12 + 12 + 1,
             "parents": ["extract2", "left", "right"],
         }
-        assert done.progress == 1.0 and done.completed_steps == 5
+        assert done.progress == 1.0
+        assert done.completed_steps == 5
 
 
 async def test_fail_fast_over_rest_then_retry(store: Store):
@@ -93,7 +94,8 @@ async def test_fail_fast_over_rest_then_retry(store: Store):
         r = await http.post("/api/workflows", json=body)
         assert r.status_code == 201, r.text
         out = r.json()
-        assert out["success"] and out["status"] == "running"
+        assert out["success"]
+        assert out["status"] == "running"
         assert [s["name"] for s in out["steps"]] == ["a", "bad", "after"]
         wf_id = out["workflow_id"]
         job = (await http.get(f"/api/jobs/{out['steps'][1]['job_id']}")).json()["job"]
@@ -106,7 +108,8 @@ async def test_fail_fast_over_rest_then_retry(store: Store):
         assert [s["status"] for s in got["step_details"]] == ["completed", "failed", "cancelled"]
         assert "step exploded" in got["step_details"][1]["error"]
         listed = (await http.get("/api/workflows", params={"status": "failed"})).json()
-        assert listed["total"] == 1 and listed["workflows"][0]["id"] == wf_id
+        assert listed["total"] == 1
+        assert listed["workflows"][0]["id"] == wf_id
         r = await http.post(f"/api/workflows/{wf_id}/retry")
         assert r.status_code == 200
         steps = r.json()["workflow"]["step_details"]
@@ -114,7 +117,8 @@ async def test_fail_fast_over_rest_then_retry(store: Store):
         assert steps[0]["result"] == {"rows": [0]}
         events = (await http.get("/api/events", params={"types": "workflow_*"})).json()
         kinds = [e["type"] for e in events["events"]]
-        assert kinds[0] == "workflow_submitted" and "workflow_failed" in kinds
+        assert kinds[0] == "workflow_submitted"
+        assert "workflow_failed" in kinds
 
 
 @pytest.mark.parametrize(
@@ -148,9 +152,9 @@ async def test_bad_workflows_are_refused_and_store_nothing(store: Store, steps, 
         assert body["success"] is False
         assert needle in body["error"] + str(body.get("details"))
         assert (await http.get("/api/workflows")).json()["total"] == 0
-        assert (await app.store.count_by_state()) == {
-            s: 0 for s in await app.store.count_by_state()
-        }
+        assert (await app.store.count_by_state()) == dict.fromkeys(
+            await app.store.count_by_state(), 0
+        )
         with pytest.raises(ValidationError):
             await app.submit_workflow({"name": "bad", "steps": steps})
 

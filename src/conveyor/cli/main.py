@@ -705,6 +705,10 @@ def status(obj: Ctx, as_json: bool) -> None:
             )
 
 
+# Command groups in modules of their own register themselves on ``cli`` when imported.
+from conveyor.cli import workflows as _workflows  # noqa: E402, F401
+
+
 def main() -> None:
     # A long-running worker allocates many short-lived objects per job; moving the
     # start-up heap out of the collector's way and collecting young objects less

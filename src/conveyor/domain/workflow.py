@@ -21,6 +21,7 @@ failed.
 
 from __future__ import annotations
 
+import heapq
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -253,25 +254,27 @@ def check_dag(
 
 
 def _topological(steps: Sequence[StepSpec]) -> list[str]:
-    """Kahn's algorithm over the new steps (parents outside them count as done).
-    Steps left out of the result are on, or downstream of, a cycle."""
-    names = {s.name for s in steps}
-    indegree = {s.name: 0 for s in steps}
-    children: dict[str, list[str]] = {}
-    for s in steps:
+    """Kahn's algorithm over the new steps (parents outside them count as done),
+    taking ready steps in the order they were given. Steps left out of the result
+    are on, or downstream of, a cycle."""
+    index = {s.name: i for i, s in enumerate(steps)}
+    indegree = [0] * len(steps)
+    children: dict[int, list[int]] = {}
+    for i, s in enumerate(steps):
         for d in dict.fromkeys(s.depends_on):
-            if d in names:
-                indegree[s.name] += 1
-                children.setdefault(d, []).append(s.name)
-    ready = [s.name for s in steps if indegree[s.name] == 0]
+            if d in index:
+                indegree[i] += 1
+                children.setdefault(index[d], []).append(i)
+    ready = [i for i in range(len(steps)) if indegree[i] == 0]
+    heapq.heapify(ready)
     order: list[str] = []
     while ready:
-        name = ready.pop()
-        order.append(name)
-        for c in children.get(name, ()):
+        i = heapq.heappop(ready)
+        order.append(steps[i].name)
+        for c in children.get(i, ()):
             indegree[c] -= 1
             if indegree[c] == 0:
-                ready.append(c)
+                heapq.heappush(ready, c)
     return order
 
 

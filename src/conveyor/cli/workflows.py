@@ -1,0 +1,163 @@
+"""``conveyor workflows``: submit a definition file, list, show (the DAG as a tree),
+cancel and retry workflows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from rich.markup import escape
+from rich.tree import Tree
+
+from conveyor.app import Conveyor
+from conveyor.cli.main import ConveyorGroup, Ctx, _add_row, _table, cli, emit_json, out, run
+from conveyor.presenters import workflow_dict
+from conveyor.workflows import load_definition
+
+_STATUS_STYLE = {
+    "completed": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+    "cancelling": "yellow",
+    "running": "cyan",
+    "pending": "white",
+    "blocked": "dim",
+}
+
+
+@cli.group(cls=ConveyorGroup)
+def workflows() -> None:
+    """Submit, list, show, cancel and retry workflows (DAGs of steps)."""
+
+
+@workflows.command("submit")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--wait", "wait_s", type=float, default=None, help="Wait up to N seconds for the end."
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def workflows_submit(obj: Ctx, file: str, wait_s: float | None, as_json: bool) -> None:
+    """Submit the workflow defined in FILE (.json, .yaml or .yml; the shape of
+    POST /api/workflows)."""
+    definition = load_definition(file)
+
+    async def go(app: Conveyor) -> dict[str, Any]:
+        wf, duplicate = await app.workflows.submit(definition, created_by="cli")
+        if wait_s is not None:
+            done = await app.workflows.wait(wf.id, timeout=wait_s)
+        else:
+            done = await app.workflows.get(wf.id, results=False)
+        return {**workflow_dict(done), "duplicate": duplicate}
+
+    data = run(go, obj.app())
+    if as_json:
+        emit_json(data)
+        return
+    dup = " (duplicate: the workflow already submitted with this key)" if data["duplicate"] else ""
+    out.print(f"{data['id']} {data['status']} {data['total_steps']} steps{dup}", highlight=False)
+
+
+@workflows.command("list")
+@click.option("--status", default=None, help="running, completed, failed or cancelled")
+@click.option("--name", default=None)
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--offset", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def workflows_list(
+    obj: Ctx, status: str | None, name: str | None, limit: int, offset: int, as_json: bool
+) -> None:
+    """List workflows, newest first."""
+
+    async def go(app: Conveyor) -> dict[str, Any]:
+        rows, total = await app.workflows.list(status=status, name=name, limit=limit, offset=offset)
+        return {"workflows": [workflow_dict(w) for w in rows], "total": total}
+
+    data = run(go, obj.app())
+    if as_json:
+        emit_json(data)
+        return
+    table = _table(f"Workflows ({data['total']})", ["id", "name", "status", "progress", "created"])
+    for w in data["workflows"]:
+        done = w["completed_steps"] + w["failed_steps"] + w["cancelled_steps"]
+        _add_row(
+            table,
+            w["id"],
+            w["name"],
+            w["status"],
+            f"{done}/{w['total_steps']} ({w['progress']:.0%})",
+            w["created_at"],
+        )
+    out.print(table)
+
+
+def _tree(data: dict[str, Any]) -> Tree:
+    """The DAG as a tree: each step under its first parent, its other parents named."""
+    steps = data["step_details"]
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for s in steps:
+        children.setdefault(s["depends_on"][0] if s["depends_on"] else None, []).append(s)
+    root = Tree(
+        f"[bold]{escape(data['name'])}[/] {data['id']} "
+        f"[{_STATUS_STYLE.get(data['status'], 'white')}]{data['status']}[/] "
+        f"{data['progress']:.0%}"
+    )
+
+    def add(node: Tree, parent: str | None) -> None:
+        for s in children.get(parent, []):
+            style = _STATUS_STYLE.get(s["status"], "white")
+            label = f"{escape(s['name'])} [{style}]{s['status']}[/] ({escape(s['job_type'])}"
+            label += f", attempt {s['attempt']})" if s["attempt"] else ")"
+            if len(s["depends_on"]) > 1:
+                label += " after " + ", ".join(escape(p) for p in s["depends_on"])
+            if s["error"]:
+                label += f" [red]{escape(s['error'][:120])}[/]"
+            add(node.add(label), s["name"])
+
+    add(root, None)
+    return root
+
+
+@workflows.command("show")
+@click.argument("workflow_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def workflows_show(obj: Ctx, workflow_id: str, as_json: bool) -> None:
+    """Show a workflow: the DAG as a tree with each step's state."""
+
+    async def go(app: Conveyor) -> dict[str, Any]:
+        return workflow_dict(await app.workflows.get(workflow_id, results=as_json))
+
+    data = run(go, obj.app())
+    if as_json:
+        emit_json(data)
+        return
+    out.print(_tree(data))
+
+
+@workflows.command("cancel")
+@click.argument("workflow_id")
+@click.pass_obj
+def workflows_cancel(obj: Ctx, workflow_id: str) -> None:
+    """Cancel every unfinished step of a workflow."""
+
+    async def go(app: Conveyor) -> dict[str, Any]:
+        return workflow_dict(await app.workflows.cancel(workflow_id))
+
+    data = run(go, obj.app())
+    out.print(f"{data['id']} {data['status']}", highlight=False)
+
+
+@workflows.command("retry")
+@click.argument("workflow_id")
+@click.pass_obj
+def workflows_retry(obj: Ctx, workflow_id: str) -> None:
+    """Run a finished workflow's failed and cancelled steps again."""
+
+    async def go(app: Conveyor) -> dict[str, Any]:
+        return workflow_dict(await app.workflows.retry(workflow_id))
+
+    data = run(go, obj.app())
+    again = [s["name"] for s in data["step_details"] if s["status"] in ("pending", "blocked")]
+    out.print(f"{data['id']} {data['status']}: {len(again)} step(s) to run again", highlight=False)
