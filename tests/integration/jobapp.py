@@ -55,8 +55,17 @@ async def slow(ctx: JobContext, seconds: float = 0.05) -> dict[str, Any]:
     return {"pid": os.getpid()}
 
 
+async def wf_step(ctx: JobContext, seconds: float = 0.05) -> dict[str, Any]:
+    """A workflow step: announces itself, works a little, returns what it saw."""
+    _record(ctx, "start")
+    await asyncio.sleep(seconds)  # wait-ok: the step's simulated work
+    _record(ctx, "done")
+    return {"step": ctx.step_name, "parents": sorted(ctx.parent_results), "pid": os.getpid()}
+
+
 def register(app: Conveyor) -> None:
     app.job("record")(record)
     app.job("hang_first")(hang_first)
     app.job("blocking_first")(blocking_first)
     app.job("slow")(slow)
+    app.job("wf_step")(wf_step)
