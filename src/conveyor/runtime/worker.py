@@ -790,6 +790,10 @@ class Worker:
                 written, unwritten, error = await self._write(batch)
                 if written:
                     self.deps.signals.events_written()
+                    if any(ok and f.action is Action.COMPLETE for f, ok in written):
+                        # A completion may have made dependent jobs (workflow steps)
+                        # ready in the same transaction: look for them now.
+                        self.deps.signals.notify_listeners()
                 for f, ok in written:
                     if not ok:
                         log.warning(

@@ -1414,12 +1414,17 @@ class PostgresStore(Store):
         groups = group_moved(moved)
         types: list[str] = []
         datas: list[dict[str, Any]] = []
-        for row in await conn.fetch(W["lock_workflows"], sorted(groups)):
+        locked = await conn.fetch(W["lock_workflows"], sorted(groups))
+        all_counts: dict[str, dict[str, int]] = {}
+        # After the lock: this statement sees steps other transactions finished.
+        for r in await conn.fetch(W["step_counts_many"], [r["id"] for r in locked]):
+            all_counts.setdefault(r[0], {})[r[1]] = r[2]
+        for row in locked:
             if row["status"] != "running":
                 continue
             wf_id = row["id"]
             steps = groups[wf_id]
-            counts = await self._step_counts(conn, wf_id)
+            counts = all_counts.get(wf_id, {})
             failed = wants_fail_fast(row["on_failure"], steps)
             if failed is None and row["on_failure"] == "fail_fast" and counts.get("failed"):
                 failed = "?"  # a step that failed before; cancel what slipped past it

@@ -1098,23 +1098,27 @@ class SQLiteStore(Store):
     # -- workflows ------------------------------------------------------------------------
     def _settle_workflows(self, conn: sqlite3.Connection, moved: list[Moved], now: float) -> None:
         """Apply ``fail_fast``, write ``workflow_updated`` and, once no step can run,
-        the status and terminal event, for the workflows whose steps ``moved``."""
-        for wf_id, steps in group_moved(moved).items():
-            row = conn.execute(W["get_workflow"], (wf_id,)).fetchone()
-            if row is None or row["status"] != "running":
+        the status and terminal event, for the workflows whose steps ``moved``
+        (their rows and step counts read in one query each, for the whole batch)."""
+        groups = group_moved(moved)
+        ids = orjson.dumps(sorted(groups)).decode()
+        rows = conn.execute(W["workflows_by_ids"], (ids,)).fetchall()
+        all_counts: dict[str, dict[str, int]] = {}
+        for r in conn.execute(W["step_counts_many"], (ids,)):
+            all_counts.setdefault(r[0], {})[r[1]] = r[2]
+        events = []
+        for row in rows:
+            if row["status"] != "running":
                 continue
+            wf_id = row["id"]
+            steps = groups[wf_id]
+            counts = all_counts.get(wf_id, {})
             failed = wants_fail_fast(row["on_failure"], steps)
             if failed is not None:
                 steps = steps + self._cancel_steps(conn, wf_id, fail_fast_reason(failed), now)
-            counts = self._step_counts(conn, wf_id)
-            events = [
-                (
-                    WORKFLOW_UPDATED,
-                    None,
-                    orjson.dumps(updated_event(wf_id, row["name"], counts, steps)),
-                    now,
-                )
-            ]
+                counts = self._step_counts(conn, wf_id)
+            data = updated_event(wf_id, row["name"], counts, steps)
+            events.append((WORKFLOW_UPDATED, None, orjson.dumps(data), now))
             status = settled_status(counts, cancel_requested=row["cancel_requested_at"] is not None)
             if status is not None:
                 conn.execute(
@@ -1124,7 +1128,7 @@ class SQLiteStore(Store):
                 details = event_steps(self._step_details(conn, wf_id, results=False))
                 type_, data = terminal_event(wf_id, row["name"], status, counts, details)
                 events.append((type_, None, orjson.dumps(data), now))
-            conn.executemany(Q["insert_event"], events)
+        conn.executemany(Q["insert_event"], events)
 
     def _cancel_steps(
         self, conn: sqlite3.Connection, wf_id: str, reason: str, now: float

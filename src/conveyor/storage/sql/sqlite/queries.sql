@@ -92,8 +92,12 @@ UPDATE job_executions SET finished_at = ?, outcome = ?, error = ?
 WHERE job_id = ? AND attempt = ? AND finished_at IS NULL
 
 -- name: blocked_children
-SELECT DISTINCT j.* FROM job_dependencies d JOIN jobs j ON j.id = d.child_id
-WHERE d.parent_id IN (SELECT value FROM json_each(?)) AND j.state = 'blocked'
+-- Driven from the parents' ids (CROSS JOIN keeps that order): otherwise the
+-- planner starts from every blocked job.
+SELECT DISTINCT j.* FROM json_each(?) AS ids
+CROSS JOIN job_dependencies d ON d.parent_id = ids.value
+CROSS JOIN jobs j ON j.id = d.child_id
+WHERE j.state = 'blocked'
 
 -- name: parent_states
 SELECT j.state, count(*) AS n FROM job_dependencies d JOIN jobs j ON j.id = d.parent_id

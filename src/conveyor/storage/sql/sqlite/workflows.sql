@@ -12,6 +12,9 @@ SELECT * FROM workflows WHERE idempotency_key = ?
 -- name: get_workflow
 SELECT * FROM workflows WHERE id = ?
 
+-- name: workflows_by_ids
+SELECT * FROM workflows WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id
+
 -- name: insert_step
 INSERT INTO jobs (id, queue, job_type, state, priority, payload, error, max_retries, timeout_ms,
                   run_at, workflow_id, step_name, created_by, metadata, created_at,
@@ -24,8 +27,9 @@ VALUES (:id, :queue, :job_type, :state, :priority, :payload, :error, :max_retrie
 SELECT state, count(*) AS n FROM jobs WHERE workflow_id = ? GROUP BY state
 
 -- name: step_counts_many
-SELECT workflow_id, state, count(*) AS n FROM jobs
-WHERE workflow_id IN (SELECT value FROM json_each(?)) GROUP BY workflow_id, state
+SELECT jobs.workflow_id, jobs.state, count(*) AS n
+FROM json_each(?) AS ids CROSS JOIN jobs ON jobs.workflow_id = ids.value
+GROUP BY jobs.workflow_id, jobs.state
 
 -- name: step_rows
 SELECT id, step_name, job_type, state, cancel_requested_at, attempt, started_at, completed_at,
@@ -89,9 +93,12 @@ WHERE id = :id
 UPDATE workflows SET total_steps = total_steps + :n, updated_at = :now WHERE id = :id
 
 -- name: parent_results
+-- Driven from the id list (CROSS JOIN keeps that order): otherwise the planner
+-- starts from every completed job.
 SELECT d.child_id, p.id AS parent_id, p.step_name, p.result
-FROM json_each(?) AS ids JOIN job_dependencies AS d ON d.child_id = ids.value
-JOIN jobs AS p ON p.id = d.parent_id
+FROM json_each(?) AS ids
+CROSS JOIN job_dependencies AS d ON d.child_id = ids.value
+CROSS JOIN jobs AS p ON p.id = d.parent_id
 WHERE p.state = 'completed'
 
 -- name: prunable_workflows
