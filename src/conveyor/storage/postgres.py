@@ -925,7 +925,6 @@ class PostgresStore(Store):
         child. Returns the workflow steps it cancelled."""
         moved: list[Moved] = []
         todo = parents
-        woke = False
         while todo:
             children = await conn.fetch(Q["blocked_children"], todo)
             todo = []
@@ -957,15 +956,10 @@ class PostgresStore(Store):
                     types.append(EventType.JOB_STATUS_CHANGED.value)
                     datas.append(row_event(child, "pending", child["attempt"]))
                     ids.append(child["id"])
-                    woke = True
             if cancel:
                 await conn.execute(Q["cancel_blocked"], PARENT_FAILED_ERROR, now, cancel)
-            if unblock:
-                await conn.execute(Q["unblock"], now, unblock)
-            if types:
-                await conn.execute(Q["insert_events"], types, ids, _json(datas), now)
-        if woke:
-            await conn.execute(Q["notify"], "")
+            if types:  # the unblock, the level's events and the wake-up: one round trip
+                await conn.execute(Q["unblock_with_events"], now, unblock, types, ids, _json(datas))
         return moved
 
     # -- workers ---------------------------------------------------------------------------------

@@ -232,9 +232,19 @@ FROM conveyor.job_dependencies d JOIN conveyor.jobs p ON p.id = d.parent_id
 WHERE d.child_id = ANY($1::text[])
 GROUP BY d.child_id
 
--- name: unblock
-UPDATE conveyor.jobs SET state = 'pending', run_at = $1, updated_at = $1
-WHERE id = ANY($2::text[]) AND state = 'blocked'
+-- name: unblock_with_events
+-- unblock ($2: may be empty), the events of a level of children ($3-$5) and one
+-- NOTIFY when a child became ready, in one statement.
+WITH u AS (
+    UPDATE conveyor.jobs SET state = 'pending', run_at = $1, updated_at = $1
+    WHERE id = ANY($2::text[]) AND state = 'blocked'
+    RETURNING id
+), ev AS (
+    INSERT INTO conveyor.events (type, job_id, data, created_at)
+    SELECT type, job_id, data::jsonb, $1
+    FROM unnest($3::text[], $4::text[], $5::text[]) AS t(type, job_id, data)
+)
+SELECT pg_notify('conveyor_jobs', '') FROM u LIMIT 1
 
 -- name: cancel_blocked
 UPDATE conveyor.jobs SET state = 'cancelled', error = $1, completed_at = $2, updated_at = $2
