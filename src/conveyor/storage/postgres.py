@@ -55,6 +55,7 @@ from conveyor.domain.job import (
     require_failed,
     validate_batch,
 )
+from conveyor.domain.locks import LockInfo
 from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState, next_state
 from conveyor.domain.webhooks import (
     DeliveryAttempt,
@@ -77,10 +78,12 @@ from conveyor.storage.base import (
 )
 from conveyor.storage.codec import dumps_object, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
+from conveyor.storage.locks import lock_from_row
 from conveyor.storage.sql import load_migrations, load_queries
 
 T = TypeVar("T")
 Q = load_queries("postgres")
+LQ = load_queries("postgres", "locks.sql")
 # insert_jobs for batches with an idempotency key (and without: no conflict possible)
 _INSERT_KEYED = Q["insert_jobs"].replace("{on_key_conflict}", Q["on_key_conflict"])
 _INSERT_UNKEYED = Q["insert_jobs"].replace("{on_key_conflict}", "")
@@ -1331,6 +1334,40 @@ class PostgresStore(Store):
                 raise WebhookNotFound(webhook_id)
             rows = await conn.fetch(Q["list_deliveries"], webhook_id, limit)
         return [delivery_from_row(r, _same) for r in rows]
+
+    # -- distributed locks -------------------------------------------------------------
+    async def acquire_lock(self, key: str, owner: str, ttl: float, now: datetime) -> int | None:
+        async with self._conn() as conn:
+            token = await conn.fetchval(
+                LQ["acquire_lock"], key, owner, now, now + timedelta(seconds=ttl)
+            )
+        return None if token is None else int(token)
+
+    async def extend_lock(
+        self, key: str, owner: str, token: int, ttl: float, now: datetime
+    ) -> bool:
+        async with self._conn() as conn:
+            status = await conn.execute(
+                LQ["extend_lock"], key, owner, token, now, now + timedelta(seconds=ttl)
+            )
+        return bool(status == "UPDATE 1")
+
+    async def release_lock(self, key: str, owner: str, token: int, now: datetime) -> bool:
+        async with self._conn() as conn:
+            held = await conn.fetchval(LQ["release_lock"], key, owner, token, now)
+        return bool(held)
+
+    async def check_lock(self, key: str, token: int, now: datetime) -> bool:
+        async with self._conn() as conn:
+            return await conn.fetchval(LQ["check_lock"], key, token, now) is not None
+
+    async def list_locks(
+        self, now: datetime, *, limit: int = 100, include_free: bool = False
+    ) -> list[LockInfo]:
+        check_limit(limit)
+        async with self._conn() as conn:
+            rows = await conn.fetch(LQ["list_locks"], include_free, now, limit)
+        return [lock_from_row(r, _same, now) for r in rows]
 
 
 _STATES = {s.value: s for s in JobState}
