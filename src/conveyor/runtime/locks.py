@@ -46,6 +46,9 @@ FIRST_BACKOFF = 0.02
 MAX_BACKOFF = 1.0
 #: Seconds between tries to renew a lock or lease after the backend failed.
 RENEW_RETRY = 0.2
+#: The leader lease of the workers' maintenance passes (rescue of dead workers'
+#: jobs, pruning): the lock key ``leader:conveyor.maintenance``.
+MAINTENANCE_LEADER = "conveyor.maintenance"
 
 
 class LockBackend(Protocol):
@@ -138,7 +141,7 @@ class Lock:
         return f"<Lock {self.key!r} token={self.token} held={self.held}>"
 
 
-class _Acquiring:
+class LockRequest:
     """``async with locks(key, ...) as lock`` (also ``lock = await locks(key, ...)``)."""
 
     def __init__(self, locks: Locks, key: str, ttl: float, wait: float) -> None:
@@ -182,11 +185,11 @@ class Locks:
         self._rand = rand
         self._wakeups: dict[str, asyncio.Event] = {}
 
-    def __call__(self, key: str, *, ttl: float = 30.0, wait: float = 0.0) -> _Acquiring:
+    def __call__(self, key: str, *, ttl: float = 30.0, wait: float = 0.0) -> LockRequest:
         """``async with locks("invoice:42", ttl=30, wait=5) as lock:`` (released at
         the end; see ``acquire``)."""
         check_lock_args(key, ttl=ttl, wait=wait)
-        return _Acquiring(self, key, ttl, wait)
+        return LockRequest(self, key, ttl, wait)
 
     async def acquire(self, key: str, *, ttl: float = 30.0, wait: float = 0.0) -> Lock:
         """Take ``key`` for ``ttl`` seconds. While someone holds it, try again with
@@ -429,7 +432,7 @@ class Leadership:
         try:
             return await hold_while(self.renew, self, fn(*args, **kwargs), None)
         finally:
-            await self._resign_quietly()
+            await self.resign_quietly()
 
     async def __aenter__(self) -> Leadership:
         await self.wait_until_leader()
@@ -443,7 +446,7 @@ class Leadership:
         if renewer is not None:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
-        await self._resign_quietly()
+        await self.resign_quietly()
         lost, self._lost = self._lost, None
         if lost is not None and exc_type is asyncio.CancelledError:
             task = self._task
@@ -460,7 +463,8 @@ class Leadership:
             if self._task is not None:
                 self._task.cancel()
 
-    async def _resign_quietly(self) -> None:
+    async def resign_quietly(self) -> None:
+        """``resign``, logging instead of raising when the backend fails."""
         try:
             await self.resign()
         except Exception as exc:  # noqa: BLE001 - the lease then expires on its own
