@@ -230,3 +230,48 @@ async def test_api_lists_locks_for_admins_only(store: Store) -> None:
                 assert (await client.delete("/api/locks", headers=as_admin)).status_code == 405
             r = await client.get("/api/locks?include_free=true", headers=as_admin)
             assert [(x["key"], x["held"]) for x in r.json()["locks"]] == [("invoice:42", False)]
+
+
+async def test_one_worker_leads_the_maintenance_passes_and_hands_over_on_stop(
+    store: Store,
+) -> None:
+    from datetime import timedelta
+
+    from storekit import worker_info
+
+    from conveyor.domain.job import NewJob
+    from conveyor.runtime.locks import MAINTENANCE_LEADER
+    from support import async_wait_until, running_worker
+
+    key = leader_key(MAINTENANCE_LEADER)
+    async with app_on(store, allow_unknown_job_types=True) as app:
+        # A job leased to a worker that died long ago: the leader's pass rescues it.
+        past = app.now() - timedelta(seconds=100)
+        await store.register_worker(worker_info("dead"), past)
+        (submitted,) = await store.enqueue_many([NewJob("orphan")], past)
+        (leased,) = await store.fetch("dead", queues=(), job_types=(), limit=1, now=past)
+
+        async def leaders() -> list:
+            return [r for r in await app.list_locks() if r.key == key]
+
+        async with running_worker(app) as first:
+            (lease,) = await async_wait_until(leaders, 10, "a maintenance leader")
+
+            async def rescued() -> bool:
+                job = await store.get(leased.id)
+                return job.lost_count == 1
+
+            await async_wait_until(rescued, 10, "the dead worker's job rescued")
+            async with running_worker(app) as second:
+                await asyncio.sleep(0.6)  # wait-ok: three maintenance intervals of both
+                assert [(r.owner, r.token) for r in await leaders()] == [(lease.owner, lease.token)]
+                first.request_stop()
+
+                async def handed_over() -> list:
+                    rows = await leaders()
+                    return [r for r in rows if r.owner != lease.owner]
+
+                (after,) = await async_wait_until(handed_over, 10, "the second to lead")
+                assert after.token == lease.token + 1
+                assert second.id != first.id
+        assert submitted.job.id == leased.id

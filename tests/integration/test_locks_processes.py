@@ -157,3 +157,19 @@ def test_killing_the_leader_hands_the_lease_over_within_its_ttl(
             if p.poll() is None:
                 p.kill()
             p.wait(10)
+
+
+async def test_cli_lists_held_locks_and_refuses_a_bad_limit(tmp_path: Path) -> None:
+    from conveyor import Conveyor
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    async with Conveyor(url) as app, app.lock("invoice:[42]", ttl=60) as lock:
+        shown = run_cli(url, "locks", "list", COLUMNS="200").stdout
+        assert "invoice:[42]" in shown  # printed as text, not markup
+        assert lock.owner in shown
+        listed = json.loads(run_cli(url, "locks", "list", "--json").stdout)
+        assert [(r["key"], r["token"], r["held"]) for r in listed] == [("invoice:[42]", 1, True)]
+        bad = run_cli(url, "locks", "list", "--limit", "0", check=False)
+        assert bad.returncode == 2
+        assert "--limit" in bad.stderr
+    assert json.loads(run_cli(url, "locks", "list", "--json").stdout) == []
