@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import sqlite3
 import sys
 import time
@@ -80,6 +81,9 @@ async def contend(db: str, log: str, seconds: float, resource: str, expire_once:
             await asyncio.sleep(0.01)  # wait-ok: the work done while holding the lock
             released_at = time.time()
             still_held = await lock.release()
+            # Other work between holdings: without it the releaser would win the
+            # next round over waiters in backoff (the lock promises no fairness).
+            await asyncio.sleep(random.uniform(0.005, 0.03))  # wait-ok: think time
             log_line(
                 log,
                 event="held",
