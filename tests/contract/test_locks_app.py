@@ -4,6 +4,7 @@ on every backend (the store keeps the locks)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 
@@ -275,3 +276,24 @@ async def test_one_worker_leads_the_maintenance_passes_and_hands_over_on_stop(
                 assert after.token == lease.token + 1
                 assert second.id != first.id
         assert submitted.job.id == leased.id
+
+
+async def test_a_leader_body_that_swallows_the_cancel_still_learns_it_lost(
+    store: Store,
+) -> None:
+    async with app_on(store) as app:
+
+        async def lead() -> None:
+            async with app.leader("swallow", ttl=0.6) as lease:
+                key, token = lease.key, lease.token or 0
+                (info,) = await app.list_locks()
+                assert await store.release_lock(key, info.owner or "", token, app.now())
+                assert await store.acquire_lock(key, "thief", 30, app.now()) == token + 1
+                # A body that ignores the cancel still gets LockLost at the end.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(10)  # wait-ok: cancelled by the lost lease
+
+        task = asyncio.create_task(lead())
+        with pytest.raises(LockLost):
+            await asyncio.wait_for(task, 10)
+        assert task.cancelling() == 0

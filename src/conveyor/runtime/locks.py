@@ -445,14 +445,23 @@ class Leadership:
         renewer, self._renewer = self._renewer, None
         if renewer is not None:
             renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+            try:
+                await asyncio.gather(renewer, return_exceptions=True)
+            except asyncio.CancelledError:
+                # The renewer's cancel landed here, after the body ended: ours, consumed.
+                if self._lost is None:
+                    raise
         await self.resign_quietly()
         lost, self._lost = self._lost, None
-        if lost is not None and exc_type is asyncio.CancelledError:
-            task = self._task
-            # Our own cancel becomes LockLost; a cancel from outside stays a cancel.
-            if task is not None and task.uncancel() == 0:
-                raise lost
+        task, self._task = self._task, None
+        # Our own cancel becomes LockLost; a cancel from outside stays a cancel.
+        if (
+            lost is not None
+            and task is not None
+            and task.uncancel() == 0
+            and exc_type in (None, asyncio.CancelledError)
+        ):
+            raise lost
         return False
 
     async def _renew_or_cancel(self) -> None:
