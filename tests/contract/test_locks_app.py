@@ -297,3 +297,14 @@ async def test_a_leader_body_that_swallows_the_cancel_still_learns_it_lost(
         with pytest.raises(LockLost):
             await asyncio.wait_for(task, 10)
         assert task.cancelling() == 0
+
+
+async def test_with_lock_refuses_a_plain_function_and_releases(store: Store) -> None:
+    async with app_on(store) as app:
+        with pytest.raises(TypeError, match="async function"):
+            await app.with_lock("k", lambda: 42)
+        assert await app.list_locks() == []
+        with pytest.raises(TypeError, match="async function"):
+            await app.with_lock("k", "not callable")  # type: ignore[arg-type]
+        (info,) = await app.list_locks(include_free=True)
+        assert info.token == 1  # the second call took nothing

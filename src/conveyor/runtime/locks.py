@@ -23,6 +23,7 @@ tells when a held lock runs out locally.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import random
 import socket
@@ -262,9 +263,17 @@ class Locks:
         When the lock can't be renewed (taken over, or the backend unreachable
         until it ran out), ``fn`` is cancelled and ``LockLost`` raised. Raises
         ``LockNotAcquired`` as ``acquire`` does."""
+        if not callable(fn):
+            raise TypeError(f"with_lock needs an async function, got {type(fn).__name__}")
         lock = await self.acquire(key, ttl=ttl, wait=wait)
         try:
-            return await hold_while(lock.extend, lock, fn(*args, **kwargs), renew_every)
+            work = fn(*args, **kwargs)
+            if not inspect.isawaitable(work):
+                raise TypeError(
+                    f"with_lock needs an async function: {fn!r} returned "
+                    f"{type(work).__name__}, not an awaitable"
+                )
+            return await hold_while(lock.extend, lock, work, renew_every)
         finally:
             await lock.release()  # a no-op once lost or taken over
 
