@@ -12,7 +12,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from itertools import islice
@@ -39,8 +39,10 @@ from conveyor.domain.job import (
     is_internal,
 )
 from conveyor.domain.limits import delay_error, run_at_after, text_error, timeout_error
+from conveyor.domain.locks import LEADER_PREFIX, LockInfo
 from conveyor.domain.retry import RetryPolicy
 from conveyor.domain.states import JobState
+from conveyor.runtime.locks import Leadership, LockBackend, LockRequest, Locks
 from conveyor.runtime.ports import RuntimeDeps, Signals
 from conveyor.runtime.registry import Handler, JobDefinition
 from conveyor.runtime.webhooks import WEBHOOK_JOB, WebhookSender
@@ -57,6 +59,7 @@ from conveyor.workflows import (
 )
 
 F = TypeVar("F", bound=Handler)
+T = TypeVar("T")
 log = structlog.get_logger("conveyor.app")
 SIGNAL_TIMEOUT = 1.0
 #: Fewest characters of a job id prefix accepted for an id (CLI).
@@ -185,6 +188,7 @@ class Conveyor:
             retry=RetryPolicy(base=s.webhook_retry_base, max_delay=3600.0),
             _internal=True,
         )(self.webhooks.deliver)
+        self.locks = Locks(lock_backend(self.settings, self.store), clock=self.now)
 
     @property
     def settings(self) -> Settings:
@@ -218,6 +222,8 @@ class Conveyor:
             try:
                 await self.webhooks.close()
                 await self.bus.close()
+                if self.locks.backend is not self.store:  # Redis locks: their own client
+                    await self.locks.backend.close()  # type: ignore[attr-defined]
             finally:
                 await self.store.close()
 
@@ -670,6 +676,63 @@ class Conveyor:
             await self.close()
         exit_if_abandoned(worker)
 
+    # -- distributed locks and leader election (docs/locks.md) -----------------------
+    def lock(self, key: str, *, ttl: float = 30.0, wait: float = 0.0) -> LockRequest:
+        """A distributed lock on ``key`` for ``ttl`` seconds::
+
+            async with app.lock("invoice:42", ttl=30, wait=5) as lock:
+                await lock.check()          # or pass lock.token to your own writes
+                await lock.extend(30)
+
+        ``lock.token`` is the fencing token: greater than every earlier holder's of
+        this key. ``wait`` seconds to wait while someone holds it (0: fail fast),
+        then ``LockNotAcquired``. Released at the end of the block; an expired
+        lock is not renewed for you (``extend``, or use ``with_lock``). The store
+        keeps the locks, or Redis with ``CONVEYOR_LOCKS_BACKEND=redis``.
+        ``ValidationError`` for a bad key (1-200 characters, no control
+        characters), ttl (0.01 s to 30 days) or wait (0 to 86,400 s)."""
+        return self.locks(key, ttl=ttl, wait=wait)
+
+    async def with_lock(
+        self,
+        key: str,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        ttl: float = 30.0,
+        wait: float = 0.0,
+        renew_every: float | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """``await fn(*args, **kwargs)`` while holding ``key``, renewed every
+        ``renew_every`` seconds (default ``ttl / 3``). If the lock is lost (taken
+        over, or not renewable before it expires), ``fn`` is cancelled and
+        ``LockLost`` raised. Returns ``fn``'s result."""
+        return await self.locks.run(
+            key, fn, *args, ttl=ttl, wait=wait, renew_every=renew_every, **kwargs
+        )
+
+    def leader(self, name: str, *, ttl: float = 15.0) -> Leadership:
+        """The leader lease ``name`` (kept in the store under ``leader:<name>``):
+        one process of the fleet holds it; if it dies, another takes over within
+        ``ttl`` seconds (plus its polling interval, ``ttl / 3``)::
+
+            async with app.leader("report-sender") as lease:
+                await send_reports(fence=lease.token)   # cancelled if the lease is lost
+
+        or ``if await lease.hold(): ...`` in a loop faster than ``ttl``."""
+        return Leadership(self.store, name, ttl=ttl, clock=self.now)
+
+    async def list_locks(self, *, limit: int = 100, include_free: bool = False) -> list[LockInfo]:
+        """The held locks and leader leases in key order (``include_free``: every
+        key ever locked, with its last token); at most ``limit``."""
+        rows = await self.locks.list(limit=limit, include_free=include_free)
+        if self.locks.backend is not self.store:  # leader leases always live in the store
+            leases = await self.store.list_locks(self.now(), limit=limit, include_free=include_free)
+            rows = sorted(
+                rows + [r for r in leases if r.key.startswith(LEADER_PREFIX)], key=lambda r: r.key
+            )[:limit]
+        return rows
+
 
 def _integral(value: Any) -> Any:
     """``50.0`` as ``50``, as the REST API reads a JSON number (JSON has one number
@@ -695,3 +758,16 @@ def _payload_error_at(exc: ValidationError, index: int) -> ValidationError:
         for d in exc.details
     ]
     return ValidationError(f"payloads[{index}]: {exc}", details)
+
+
+def lock_backend(settings: Settings, store: Store) -> LockBackend:
+    """Where locks live: the store, or Redis with ``locks_backend=redis``."""
+    if settings.locks_backend != "redis":
+        return store
+    try:
+        from conveyor.storage.redis_locks import RedisLocks
+    except ImportError as exc:
+        raise ConfigurationError(
+            "Redis locks need redis-py: pip install 'conveyor[redis]'"
+        ) from exc
+    return RedisLocks(settings.redis_url)

@@ -13,6 +13,7 @@ from conveyor.domain.errors import ConfigurationError
 DEFAULT_DATABASE_URL = "sqlite:///./conveyor.db"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # auto: uvloop when installed
 ISOLATION_MODES = ("thread", "process")
+LOCKS_BACKENDS = ("store", "redis")  # redis: needs redis_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class Settings:
     # Host names the API answers besides localhost and loopback addresses
     # (DNS-rebinding guard); "*" = any, ".example.com" = its subdomains.
     allowed_hosts: tuple[str, ...] = ()
+    locks_backend: str = "store"  # one of LOCKS_BACKENDS: where app.lock() keeps its locks
 
     def __post_init__(self) -> None:
         problems = [
@@ -110,6 +112,10 @@ class Settings:
             )
         if not self.queues or not all(self.queues):
             problems.append("queues must name at least one queue")
+        if self.locks_backend not in LOCKS_BACKENDS:
+            problems.append(f"locks_backend must be one of {', '.join(LOCKS_BACKENDS)}")
+        elif self.locks_backend == "redis" and not self.redis_url:
+            problems.append("locks_backend=redis needs redis_url (CONVEYOR_REDIS_URL)")
         if problems:
             raise ConfigurationError("Invalid settings: " + "; ".join(problems))
 

@@ -656,6 +656,40 @@ def webhooks_enable(obj: Ctx, webhook_id: str) -> None:
     )
 
 
+# -- locks ----------------------------------------------------------------------------------
+@cli.group(cls=ConveyorGroup)
+def locks() -> None:
+    """Look at distributed locks and leader leases (taken and freed from code)."""
+
+
+@locks.command("list")
+@click.option("--all", "include_free", is_flag=True, help="Also free keys, with their last token.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def locks_list(obj: Ctx, include_free: bool, limit: int, as_json: bool) -> None:
+    """List the held locks and leader leases (key, fencing token, owner, expiry)."""
+    rows = [
+        r.to_dict()
+        for r in run(lambda a: a.list_locks(limit=limit, include_free=include_free), obj.app())
+    ]
+    if as_json:
+        emit_json(rows)
+        return
+    table = _table("Locks", ("key", "token", "held", "owner", "acquired at", "expires at"))
+    for r in rows:
+        _add_row(
+            table,
+            r["key"],
+            str(r["token"]),
+            "yes" if r["held"] else "no",
+            r["owner"],
+            r["acquired_at"],
+            r["expires_at"],
+        )
+    out.print(table)
+
+
 # -- status ---------------------------------------------------------------------------------
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)

@@ -13,6 +13,10 @@ Every error Conveyor raises derives from :class:`ConveyorError`::
     │   ├── JobNotCancellable        cancelling a finished job
     │   └── WorkflowConflict         a workflow action its status forbids
     ├── LeaseLost                    a fenced write whose lease is no longer held
+    ├── LockError                    distributed locks and leader leases
+    │   ├── LockNotAcquired          held by someone else (past the ``wait``)
+    │   ├── LockLost                 a held lock or lease expired or was taken over
+    │   └── StaleFencingToken        a fenced write with a token that no longer holds
     ├── StoreError                   the store failed (cause kept in __cause__)
     │   └── StoreUnavailable         the store cannot be reached or is full (retry later)
     └── HandlerError                 base of the signals a handler may raise
@@ -152,3 +156,37 @@ class Retry(HandlerError):
         if delay is not None and delay < 0:
             raise ValueError("Retry delay must be >= 0 seconds")
         self.delay = delay
+
+
+class LockError(ConveyorError):
+    """Base of the errors of distributed locks and leader leases."""
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class LockNotAcquired(LockError):
+    """Someone else holds the lock, and kept it for the whole ``wait``."""
+
+
+class LockLost(LockError):
+    """A lock (or leader lease) this process held expired or was taken over: work
+    done under it from now on is not protected. Its ``token`` is the lost one."""
+
+    def __init__(self, message: str, *, key: str, token: int) -> None:
+        super().__init__(message, key=key)
+        self.token = token
+
+
+class StaleFencingToken(LockError):
+    """A fenced write was refused: ``token`` no longer holds ``key`` (it expired, was
+    released, or a newer holder has the key)."""
+
+    def __init__(self, key: str, token: int) -> None:
+        super().__init__(
+            f"Fencing token {token} no longer holds lock {key!r}: the lock expired, was "
+            "released or another holder took it; refusing the write",
+            key=key,
+        )
+        self.token = token

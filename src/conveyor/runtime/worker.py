@@ -8,7 +8,8 @@ outcomes pile up, so batches grow with load and cost nothing when idle.
 
 A heartbeat per worker (not per job) keeps its leases alive and brings back
 cancel requests. The maintenance loop rescues the jobs of dead workers and
-prunes old finished jobs; it is safe to run in every worker at once.
+prunes old finished jobs; every worker runs it, and the one holding the leader
+lease ``conveyor.maintenance`` does the passes (see runtime/locks.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from conveyor.domain.limits import safe_text
 from conveyor.domain.retry import decide, describe
 from conveyor.domain.states import Action
 from conveyor.runtime.context import JobContext
+from conveyor.runtime.locks import MAINTENANCE_LEADER, Leadership
 from conveyor.runtime.relay import OutboxConsumer, bus_relay, skip_unheard
 from conveyor.runtime.webhooks import WebhookDispatcher
 from conveyor.storage.codec import storable_result
@@ -335,6 +337,8 @@ class Worker:
                     await t
             with contextlib.suppress(ConveyorError):
                 await self.store.deregister_worker(self.id, self.deps.now())
+            if (lease := getattr(self, "_maintenance_lease", None)) is not None:
+                await lease.resign_quietly()  # the next worker's pass takes over at once
             self._threads.shutdown(wait=False, cancel_futures=True)
             self._describer.shutdown(wait=False, cancel_futures=True)
             if self._pool is not None:
@@ -956,9 +960,16 @@ class Worker:
     async def _maintenance_loop(self) -> None:
         s = self.deps.settings
         last_prune = 0.0
+        # One process of the fleet runs the passes; if it dies another takes over
+        # after heartbeat_timeout, as dead workers' jobs are rescued after it.
+        lease = self._maintenance_lease = Leadership(
+            self.store, MAINTENANCE_LEADER, ttl=s.heartbeat_timeout, clock=self.deps.now
+        )
         while True:
             await asyncio.sleep(s.heartbeat_interval)
             try:
+                if not await lease.hold():
+                    continue
                 rescued = await self.store.rescue(
                     heartbeat_timeout=s.heartbeat_timeout,
                     max_lost=s.max_lost,

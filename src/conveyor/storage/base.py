@@ -35,6 +35,7 @@ from conveyor.domain.job import (
     Rescued,
     WorkerInfo,
 )
+from conveyor.domain.locks import LockInfo
 from conveyor.domain.states import JobState
 from conveyor.domain.webhooks import (
     DeliveryAttempt,
@@ -333,6 +334,41 @@ class Store(abc.ABC):
     @staticmethod
     def event_data(job: Job, **extra: Any) -> dict[str, Any]:
         return event_data(job.id, job.job_type, job.queue, job.status, job.attempt, **extra)
+
+    # -- distributed locks and leader leases (one row per key, never deleted) ---------
+    @abc.abstractmethod
+    async def acquire_lock(self, key: str, owner: str, ttl: float, now: datetime) -> int | None:
+        """Take ``key`` for ``ttl`` seconds from ``now`` when it is free (never held,
+        released, or its holder's ``expires_at <= now``), in one statement. Returns
+        the new fencing token, greater than every token ``key`` was given before
+        (1 for a new key), or ``None`` when someone holds it (its owner included:
+        not re-entrant)."""
+
+    @abc.abstractmethod
+    async def extend_lock(
+        self, key: str, owner: str, token: int, ttl: float, now: datetime
+    ) -> bool:
+        """Move the expiry of ``key`` to ``now + ttl`` when ``owner``/``token`` still
+        hold it at ``now``; ``False`` (nothing changed) when it expired or was
+        released or taken over."""
+
+    @abc.abstractmethod
+    async def release_lock(self, key: str, owner: str, token: int, now: datetime) -> bool:
+        """Free ``key`` when ``owner``/``token`` is its holder (an expired one too,
+        as long as no one took it since); the token is kept. Returns whether the
+        lock was still held at ``now``; anyone else's call changes nothing."""
+
+    @abc.abstractmethod
+    async def check_lock(self, key: str, token: int, now: datetime) -> bool:
+        """Whether ``token`` is the holder of ``key`` at ``now`` (not expired, not
+        released, not superseded): the fencing check."""
+
+    @abc.abstractmethod
+    async def list_locks(
+        self, now: datetime, *, limit: int = 100, include_free: bool = False
+    ) -> list[LockInfo]:
+        """Keys in key order: the held ones, or every key ever locked with
+        ``include_free`` (each with its last token), at most ``limit``."""
 
 
 def event_data(

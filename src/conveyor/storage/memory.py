@@ -48,6 +48,7 @@ from conveyor.domain.job import (
     require_failed,
     validate_batch,
 )
+from conveyor.domain.locks import LockInfo
 from conveyor.domain.states import (
     EVENT_FOR_ACTION,
     Action,
@@ -88,6 +89,7 @@ from conveyor.storage.base import (
     result_fields,
 )
 from conveyor.storage.codec import roundtrip
+from conveyor.storage.locks import lock_from_row
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
     Moved,
@@ -120,6 +122,7 @@ class MemoryStore(Store):
         self._workflows: dict[str, dict[str, Any]] = {}
         self._wf_steps: dict[str, list[str]] = {}
         self._moved: list[Moved] = []
+        self._locks: dict[str, _LockRow] = {}
 
     async def open(self) -> None:
         return None
@@ -1002,9 +1005,72 @@ class MemoryStore(Store):
                     )
         return out
 
+    # -- distributed locks -------------------------------------------------------------
+    async def acquire_lock(self, key: str, owner: str, ttl: float, now: datetime) -> int | None:
+        async with self._lock:
+            row = self._locks.get(key)
+            if row is not None and row.owner is not None and row.expires_at > now:
+                return None
+            token = 1 if row is None else row.token + 1
+            self._locks[key] = _LockRow(owner, token, now, now + timedelta(seconds=ttl))
+            return token
+
+    async def extend_lock(
+        self, key: str, owner: str, token: int, ttl: float, now: datetime
+    ) -> bool:
+        async with self._lock:
+            row = self._locks.get(key)
+            if row is None or (row.owner, row.token) != (owner, token) or row.expires_at <= now:
+                return False
+            row.expires_at = now + timedelta(seconds=ttl)
+            return True
+
+    async def release_lock(self, key: str, owner: str, token: int, now: datetime) -> bool:
+        async with self._lock:
+            row = self._locks.get(key)
+            if row is None or (row.owner, row.token) != (owner, token):
+                return False
+            row.owner = None
+            return row.expires_at > now
+
+    async def check_lock(self, key: str, token: int, now: datetime) -> bool:
+        row = self._locks.get(key)
+        return (
+            row is not None
+            and row.token == token
+            and row.owner is not None
+            and (row.expires_at > now)
+        )
+
+    async def list_locks(
+        self, now: datetime, *, limit: int = 100, include_free: bool = False
+    ) -> list[LockInfo]:
+        check_limit(limit)
+        out = []
+        for key in sorted(self._locks):
+            r = self._locks[key]
+            info = lock_from_row((key, r.owner, r.token, r.acquired_at, r.expires_at), _same, now)
+            if include_free or info.held:
+                out.append(info)
+            if len(out) >= limit:
+                break
+        return out
+
 
 @dataclass(slots=True)
 class _Consumer:
     position: int = 0
     owner: str | None = None
     expires: datetime | None = None
+
+
+@dataclass(slots=True)
+class _LockRow:
+    owner: str | None
+    token: int
+    acquired_at: datetime
+    expires_at: datetime
+
+
+def _same(value: datetime | None) -> datetime | None:
+    return value

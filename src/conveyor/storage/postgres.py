@@ -58,6 +58,7 @@ from conveyor.domain.job import (
     require_failed,
     validate_batch,
 )
+from conveyor.domain.locks import LockInfo
 from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState, next_state
 from conveyor.domain.webhooks import (
     DeliveryAttempt,
@@ -96,6 +97,7 @@ from conveyor.storage.base import (
 )
 from conveyor.storage.codec import dumps_object, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
+from conveyor.storage.locks import lock_from_row
 from conveyor.storage.sql import load_migrations, load_queries
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
@@ -113,6 +115,7 @@ from conveyor.storage.workflows import (
 T = TypeVar("T")
 Q = load_queries("postgres")
 W = load_queries("postgres", "workflows.sql")
+LQ = load_queries("postgres", "locks.sql")
 # insert_jobs for batches with an idempotency key (and without: no conflict possible)
 _INSERT_KEYED = Q["insert_jobs"].replace("{on_key_conflict}", Q["on_key_conflict"])
 _INSERT_UNKEYED = Q["insert_jobs"].replace("{on_key_conflict}", "")
@@ -1711,6 +1714,40 @@ class PostgresStore(Store):
             for r in await conn.fetch(W["parent_results"], list(job_ids)):
                 out.setdefault(r["child_id"], {})[r["step_name"] or r["parent_id"]] = r["result"]
         return out
+
+    # -- distributed locks -------------------------------------------------------------
+    async def acquire_lock(self, key: str, owner: str, ttl: float, now: datetime) -> int | None:
+        async with self._conn() as conn:
+            token = await conn.fetchval(
+                LQ["acquire_lock"], key, owner, now, now + timedelta(seconds=ttl)
+            )
+        return None if token is None else int(token)
+
+    async def extend_lock(
+        self, key: str, owner: str, token: int, ttl: float, now: datetime
+    ) -> bool:
+        async with self._conn() as conn:
+            status = await conn.execute(
+                LQ["extend_lock"], key, owner, token, now, now + timedelta(seconds=ttl)
+            )
+        return bool(status == "UPDATE 1")
+
+    async def release_lock(self, key: str, owner: str, token: int, now: datetime) -> bool:
+        async with self._conn() as conn:
+            held = await conn.fetchval(LQ["release_lock"], key, owner, token, now)
+        return bool(held)
+
+    async def check_lock(self, key: str, token: int, now: datetime) -> bool:
+        async with self._conn() as conn:
+            return await conn.fetchval(LQ["check_lock"], key, token, now) is not None
+
+    async def list_locks(
+        self, now: datetime, *, limit: int = 100, include_free: bool = False
+    ) -> list[LockInfo]:
+        check_limit(limit)
+        async with self._conn() as conn:
+            rows = await conn.fetch(LQ["list_locks"], include_free, now, limit)
+        return [lock_from_row(r, _same, now) for r in rows]
 
 
 _STATES = {s.value: s for s in JobState}

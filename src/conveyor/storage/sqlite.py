@@ -59,6 +59,7 @@ from conveyor.domain.job import (
     require_failed,
     validate_batch,
 )
+from conveyor.domain.locks import LockInfo
 from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState, next_state
 from conveyor.domain.webhooks import (
     DeliveryAttempt,
@@ -97,6 +98,7 @@ from conveyor.storage.base import (
 )
 from conveyor.storage.codec import dumps, dumps_object
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
+from conveyor.storage.locks import lock_from_row
 from conveyor.storage.sql import load_migrations, load_queries
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
@@ -113,6 +115,7 @@ from conveyor.storage.workflows import (
 T = TypeVar("T")
 Q = load_queries("sqlite")
 W = load_queries("sqlite", "workflows.sql")
+LQ = load_queries("sqlite", "locks.sql")
 
 _FINISH_SQL = {
     Action.COMPLETE: Q["finish_complete"],
@@ -1426,6 +1429,67 @@ class SQLiteStore(Store):
 
         return await self._run(_do)
 
+    # -- distributed locks -------------------------------------------------------------
+    async def acquire_lock(self, key: str, owner: str, ttl: float, now: datetime) -> int | None:
+        params = {"key": key, "owner": owner, "now": now.timestamp(), "expires": _expiry(now, ttl)}
+
+        def _do() -> int | None:
+            with self._tx() as conn:
+                row = conn.execute(LQ["acquire_lock"], params).fetchone()
+                return None if row is None else int(row[0])
+
+        return await self._run(_do)
+
+    async def extend_lock(
+        self, key: str, owner: str, token: int, ttl: float, now: datetime
+    ) -> bool:
+        params = {
+            "key": key,
+            "owner": owner,
+            "token": token,
+            "now": now.timestamp(),
+            "expires": _expiry(now, ttl),
+        }
+
+        def _do() -> bool:
+            with self._tx() as conn:
+                return conn.execute(LQ["extend_lock"], params).rowcount == 1
+
+        return await self._run(_do)
+
+    async def release_lock(self, key: str, owner: str, token: int, now: datetime) -> bool:
+        params = {"key": key, "owner": owner, "token": token, "now": now.timestamp()}
+
+        def _do() -> bool:
+            with self._tx() as conn:
+                row = conn.execute(LQ["release_lock"], params).fetchone()
+                return row is not None and bool(row[0])
+
+        return await self._run(_do)
+
+    async def check_lock(self, key: str, token: int, now: datetime) -> bool:
+        params = {"key": key, "token": token, "now": now.timestamp()}
+
+        def _do() -> bool:
+            assert self._conn is not None
+            return self._conn.execute(LQ["check_lock"], params).fetchone() is not None
+
+        return await self._run(_do)
+
+    async def list_locks(
+        self, now: datetime, *, limit: int = 100, include_free: bool = False
+    ) -> list[LockInfo]:
+        check_limit(limit)
+        params = {"all": include_free, "now": now.timestamp(), "limit": limit}
+
+        def _do() -> list[LockInfo]:
+            assert self._conn is not None
+            return [
+                lock_from_row(r, _dt, now) for r in self._conn.execute(LQ["list_locks"], params)
+            ]
+
+        return await self._run(_do)
+
 
 def _key_from_row(row: sqlite3.Row) -> ApiKey:
     return ApiKey(
@@ -1508,3 +1572,7 @@ def _webhook_params(w: Webhook) -> tuple[Any, ...]:
         w.state.value,
         w.created_at.timestamp(),
     )
+
+
+def _expiry(now: datetime, ttl: float) -> float:
+    return now.timestamp() + ttl

@@ -263,3 +263,14 @@ CREATE INDEX webhook_deliveries_hook ON conveyor.webhook_deliveries USING btree 
 
 ALTER TABLE ONLY conveyor.webhook_deliveries
     ADD CONSTRAINT webhook_deliveries_webhook_id_fkey FOREIGN KEY (webhook_id) REFERENCES conveyor.webhooks(id) ON DELETE CASCADE;
+
+CREATE TABLE conveyor.locks (
+    key text NOT NULL,
+    owner text,
+    token bigint NOT NULL,
+    acquired_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone NOT NULL
+);
+
+ALTER TABLE ONLY conveyor.locks
+    ADD CONSTRAINT locks_pkey PRIMARY KEY (key);
