@@ -219,3 +219,23 @@ async def test_rescued_step_that_is_quarantined_fails_the_workflow(store: Store)
     got = await store.get_workflow(wf.id)
     assert got.status is WorkflowStatus.FAILED
     assert {s.name: s.status for s in got.steps or []} == {"a": "failed", "b": "cancelled"}
+
+
+async def test_a_step_retried_from_the_dlq_reopens_its_workflow(store: Store):
+    await register(store)
+    wf = await create(store, steps(("a", []), ("b", [])), on_failure=OnFailure.CONTINUE)
+    assert await run_ready(store, Action.FAIL, only={"a"}) == ["a", "b"]
+    got = await store.get_workflow(wf.id)
+    assert got.status is WorkflowStatus.FAILED
+    a = next(s for s in got.steps or [] if s.name == "a")
+    await store.retry_failed([a.job_id], at(1))
+    assert (await store.get_workflow(wf.id)).status is WorkflowStatus.RUNNING
+    assert await run_ready(store, now=at(2)) == ["a"]
+    got = await store.get_workflow(wf.id)
+    assert got.status is WorkflowStatus.COMPLETED
+    ends = [
+        e.type
+        for e in await all_events(store)
+        if e.type.startswith("workflow_") and e.type != "workflow_updated"
+    ]
+    assert ends == ["workflow_submitted", "workflow_failed", "workflow_completed"]

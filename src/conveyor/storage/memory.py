@@ -470,6 +470,9 @@ class MemoryStore(Store):
                 job.cancel_requested_at = None
                 job.worker_id = None
                 self._move(job, Action.DLQ_RETRY, now, reason="dlq_retry")
+                wf = self._workflows.get(job.workflow_id or "")
+                if wf is not None and wf["status"] != "running":  # it runs again
+                    wf.update(status="running", finished_at=None, updated_at=now)
             return [copy.deepcopy(j) for j in jobs]
 
     async def purge_failed(self, job_ids: Sequence[str] | None, now: datetime) -> int:

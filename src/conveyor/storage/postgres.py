@@ -1135,6 +1135,9 @@ class PostgresStore(Store):
                     _json([row_event(r, "pending", 0, reason="dlq_retry") for r in rows]),
                     now,
                 )
+                wf_ids = sorted({r["workflow_id"] for r in rows if r["workflow_id"] is not None})
+                if wf_ids:  # their workflows run again
+                    await conn.execute(W["reopen_finished_workflows"], wf_ids, now)
                 await conn.execute(Q["notify"], "")
             return out
 

@@ -725,6 +725,10 @@ class SQLiteStore(Store):
                     rows.append(row)
                 for row in rows:
                     conn.execute(Q["retry_failed"], {"id": row["id"], "now": ts})
+                    if row["workflow_id"] is not None:  # its workflow runs again
+                        conn.execute(
+                            W["reopen_finished_workflow"], {"id": row["workflow_id"], "now": ts}
+                        )
                 conn.executemany(
                     Q["insert_event"],
                     [

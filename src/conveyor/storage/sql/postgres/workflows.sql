@@ -115,6 +115,11 @@ UPDATE conveyor.workflows SET status = 'running', finished_at = NULL, cancel_req
     updated_at = $2
 WHERE id = $1
 
+-- name: reopen_finished_workflows
+-- Steps retried from the dead-letter queue: their finished workflows run again.
+UPDATE conveyor.workflows SET status = 'running', finished_at = NULL, updated_at = $2
+WHERE id = ANY($1::text[]) AND status != 'running'
+
 -- name: add_total_steps
 UPDATE conveyor.workflows SET total_steps = total_steps + $2, updated_at = $3 WHERE id = $1
 

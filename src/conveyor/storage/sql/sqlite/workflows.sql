@@ -89,6 +89,11 @@ UPDATE workflows SET status = 'running', finished_at = NULL, cancel_requested_at
     updated_at = :now
 WHERE id = :id
 
+-- name: reopen_finished_workflow
+-- A step retried from the dead-letter queue: its finished workflow runs again.
+UPDATE workflows SET status = 'running', finished_at = NULL, updated_at = :now
+WHERE id = :id AND status != 'running'
+
 -- name: add_total_steps
 UPDATE workflows SET total_steps = total_steps + :n, updated_at = :now WHERE id = :id
 
