@@ -301,8 +301,11 @@ def settled_status(counts: Mapping[str, int], *, cancel_requested: bool) -> Work
     return WorkflowStatus.COMPLETED
 
 
-def fail_fast_reason(failed_step: str) -> str:
-    """The cancel reason of the steps a ``fail_fast`` workflow cancels."""
+def fail_fast_reason(failed_step: str | None) -> str:
+    """The cancel reason of the steps a ``fail_fast`` workflow cancels (naming the
+    failed step when known)."""
+    if failed_step is None:
+        return "workflow failed: an earlier step failed"
     return f"workflow failed: step {failed_step!r} failed"
 
 

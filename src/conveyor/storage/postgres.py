@@ -103,7 +103,6 @@ from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
     Moved,
     event_steps,
-    first_failed,
     group_moved,
     retry_states,
     step_details,
@@ -1426,12 +1425,14 @@ class PostgresStore(Store):
             steps = groups[wf_id]
             counts = all_counts.get(wf_id, {})
             failed = wants_fail_fast(row["on_failure"], steps)
-            if failed is None and row["on_failure"] == "fail_fast" and counts.get("failed"):
-                failed = "?"  # a step that failed before; cancel what slipped past it
-            if failed is not None and (
+            reason = None if failed is None else fail_fast_reason(failed)
+            if reason is None and row["on_failure"] == "fail_fast" and counts.get("failed"):
+                # A step failed in an earlier transaction, and a step that was locked
+                # by another transaction then (SKIP LOCKED) slipped past its cancel.
+                reason = fail_fast_reason(None)
+            if reason is not None and (
                 counts.get("pending") or counts.get("blocked") or counts.get("running")
             ):
-                reason = fail_fast_reason(first_failed(steps) or failed)
                 steps = steps + await self._cancel_steps(conn, wf_id, reason, now)
                 counts = await self._step_counts(conn, wf_id)
             types.append(WORKFLOW_UPDATED)
