@@ -52,6 +52,7 @@ def job_dict(job: Job, executions: list[Execution] | None = None) -> dict[str, A
         "started_at": iso(job.started_at),
         "completed_at": iso(job.completed_at),
         "updated_at": iso(job.updated_at),
+        "schedule_id": job.schedule_id,
     }
     if executions is not None:
         out["executions"] = [execution_dict(e) for e in executions]

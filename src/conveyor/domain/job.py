@@ -207,6 +207,8 @@ class Job:
     completed_at: datetime | None = None
     updated_at: datetime | None = None
     depends_on: list[str] = field(default_factory=list)
+    #: The schedule whose fire submitted this job (docs/schedules.md), else None.
+    schedule_id: str | None = None
 
     @property
     def status(self) -> str:

@@ -69,9 +69,10 @@ from conveyor.storage.base import (
     result_fields,
 )
 from conveyor.storage.codec import roundtrip
+from conveyor.storage.schedules_memory import MemorySchedules
 
 
-class MemoryStore(Store):
+class MemoryStore(MemorySchedules, Store):
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         self._seq: dict[str, int] = {}

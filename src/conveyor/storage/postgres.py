@@ -77,6 +77,7 @@ from conveyor.storage.base import (
 )
 from conveyor.storage.codec import dumps_object, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
+from conveyor.storage.schedules_postgres import PostgresSchedules
 from conveyor.storage.sql import load_migrations, load_queries
 
 T = TypeVar("T")
@@ -432,10 +433,11 @@ def job_from_record(r: asyncpg.Record) -> Job:
         started_at=r["started_at"],
         completed_at=r["completed_at"],
         updated_at=r["updated_at"],
+        schedule_id=r["schedule_id"],
     )
 
 
-class PostgresStore(Store):
+class PostgresStore(PostgresSchedules, Store):
     """Store on PostgreSQL. ``dsn``: ``postgresql://user:pass@host:5432/db``."""
 
     def __init__(

@@ -78,6 +78,7 @@ from conveyor.storage.base import (
 )
 from conveyor.storage.codec import dumps, dumps_object
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
+from conveyor.storage.schedules_sqlite import SQLiteSchedules
 from conveyor.storage.sql import load_migrations, load_queries
 
 T = TypeVar("T")
@@ -135,6 +136,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
         started_at=_dt(row["started_at"]),
         completed_at=_dt(row["completed_at"]),
         updated_at=_dt(row["updated_at"]),
+        schedule_id=row["schedule_id"],
     )
 
 
@@ -168,7 +170,7 @@ def _store_error(exc: sqlite3.DatabaseError, path: str) -> StoreError:
     return StoreError(f"SQLite error on {path}: {text}")
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLiteSchedules, Store):
     """Store on one SQLite file. ``path`` may be ``:memory:`` only for one process."""
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 30_000) -> None:
