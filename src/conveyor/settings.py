@@ -50,6 +50,12 @@ class Settings:
     # Host names the API answers besides localhost and loopback addresses
     # (DNS-rebinding guard); "*" = any, ".example.com" = its subdomains.
     allowed_hosts: tuple[str, ...] = ()
+    # Cron schedules (docs/schedules.md): whether `conveyor up` runs a scheduler,
+    # how late a fire time may be and still count as on time, and the longest
+    # the scheduler sleeps (how soon it sees new or changed schedules).
+    scheduler: bool = True
+    scheduler_misfire_grace: float = 60.0
+    scheduler_interval: float = 1.0
 
     def __post_init__(self) -> None:
         problems = [
@@ -110,6 +116,10 @@ class Settings:
             )
         if not self.queues or not all(self.queues):
             problems.append("queues must name at least one queue")
+        if self.scheduler_misfire_grace < 0:
+            problems.append("scheduler_misfire_grace must be >= 0 seconds")
+        if not 0 < self.scheduler_interval <= 60:
+            problems.append("scheduler_interval must be > 0 and <= 60 seconds")
         if problems:
             raise ConfigurationError("Invalid settings: " + "; ".join(problems))
 
@@ -152,6 +162,9 @@ _TYPES: dict[str, type] = {
     "max_stuck_jobs": int,
     "allow_unknown_job_types": bool,
     "trust_user_header": bool,
+    "scheduler": bool,
+    "scheduler_misfire_grace": float,
+    "scheduler_interval": float,
 }
 
 _TRUE = {"1", "true", "yes", "on"}

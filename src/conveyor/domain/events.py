@@ -20,13 +20,17 @@ from typing import Any
 from conveyor.domain.errors import FieldError, ValidationError
 from conveyor.domain.job import INTERNAL_JOB_PREFIX as _INTERNAL_JOB_PREFIX
 from conveyor.domain.job import Event
+from conveyor.domain.schedules import SCHEDULE_FIRED as _SCHEDULE_FIRED
 from conveyor.domain.states import EVENT_VERSION, EventType
 
 #: Events about Conveyor's own machinery (webhook endpoints, not jobs).
 WEBHOOK_DISABLED = "webhook_disabled"
 
+#: A cron schedule fired: written with the job it submitted (docs/schedules.md).
+SCHEDULE_FIRED = _SCHEDULE_FIRED
+
 #: Every event type a consumer can ask for.
-EVENT_TYPES: tuple[str, ...] = (*(t.value for t in EventType), WEBHOOK_DISABLED)
+EVENT_TYPES: tuple[str, ...] = (*(t.value for t in EventType), WEBHOOK_DISABLED, SCHEDULE_FIRED)
 
 #: Job types Conveyor runs for itself (``conveyor.``); their events never feed
 #: webhooks (no loops).
@@ -34,7 +38,11 @@ INTERNAL_JOB_PREFIX = _INTERNAL_JOB_PREFIX
 
 #: The filters the OpenAPI document advertises (the parser accepts any glob that
 #: matches a known type; this regex lists the useful ones).
-_ONE_FILTER = "(" + "|".join([r"\*", r"job_\*", r"worker_\*", r"webhook_\*", *EVENT_TYPES]) + ")"
+_ONE_FILTER = (
+    "("
+    + "|".join([r"\*", r"job_\*", r"worker_\*", r"webhook_\*", r"schedule_\*", *EVENT_TYPES])
+    + ")"
+)
 TYPE_FILTER_REGEX = f"^{_ONE_FILTER}$"
 TYPE_FILTERS_REGEX = rf"^(\s*{_ONE_FILTER}\s*(,\s*{_ONE_FILTER}\s*)*)?$"
 
