@@ -17,6 +17,8 @@ from rich.table import Table
 from conveyor.app import Conveyor
 from conveyor.cli.loader import apply_app
 from conveyor.cli.loop import run as run_loop
+from conveyor.cli.schedules import scheduler as scheduler_command
+from conveyor.cli.schedules import schedules as schedules_group
 from conveyor.domain.errors import ConveyorError, ValidationError
 from conveyor.domain.job import JobQuery
 from conveyor.domain.states import JobState, parse_states
@@ -703,6 +705,11 @@ def status(obj: Ctx, as_json: bool) -> None:
                 f"{_plain(repr(u['queue']))}: no live worker handles it",
                 highlight=False,
             )
+
+
+# -- cron schedules (cli/schedules.py) --------------------------------------------------
+cli.add_command(schedules_group)
+cli.add_command(scheduler_command)
 
 
 def main() -> None:

@@ -157,6 +157,9 @@ class Scheduler:
             except ConveyorError as exc:
                 log.error("scheduler_pass_failed", error=str(exc))
                 delay = self.interval
+            except Exception:  # noqa: BLE001 - one bad pass must not stop `conveyor up`
+                log.exception("scheduler_pass_crashed")
+                delay = self.interval
             await self._sleep(delay)
 
     async def _sleep(self, seconds: float) -> None:
