@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
 
 from conveyor.api.http import JSON, Auth
 from conveyor.api.models import NAME_PATTERN
@@ -61,7 +61,19 @@ _Zone = Annotated[
         description="IANA time zone the expression is read in (DST rules: docs/schedules.md).",
     ),
 ]
-_Int = Annotated[int, Field(strict=True)]
+
+
+def _json_integer(value: Any) -> Any:
+    # JSON Schema's "integer" admits 97.0 but not "97" or true (as for jobs).
+    if isinstance(value, str | bool):
+        raise ValueError("must be an integer")
+    return value
+
+
+def _ranged(low: int, high: int) -> Any:
+    """A JSON integer from ``low`` to ``high`` (bounds first, so that the OpenAPI
+    schema shows them)."""
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_json_integer)]
 
 
 class _Fields(BaseModel):
@@ -69,18 +81,18 @@ class _Fields(BaseModel):
 
     payload: dict[str, Any] | None = Field(None, examples=[{"report": "daily"}])
     queue: StrictStr | None = Field(None, pattern=NAME_PATTERN)
-    priority: _Int | None = Field(None, ge=0, le=100)
-    max_retries: _Int | None = Field(None, ge=0, le=MAX_RETRIES_LIMIT)
-    timeout_ms: _Int | None = Field(None, ge=1, le=MAX_TIMEOUT_MS)
+    priority: _ranged(0, 100) | None = None  # type: ignore[valid-type]
+    max_retries: _ranged(0, MAX_RETRIES_LIMIT) | None = None  # type: ignore[valid-type]
+    timeout_ms: _ranged(1, MAX_TIMEOUT_MS) | None = None  # type: ignore[valid-type]
     misfire: StrictStr | None = Field(
         None,
         json_schema_extra={"enum": list(MISFIRE_POLICIES)},
         description="skip (default): missed fire times are dropped; catch_up: the latest "
         "catch_up_max of them fire.",
     )
-    catch_up_max: _Int | None = Field(None, ge=1, le=MAX_CATCH_UP)
-    jitter: float | None = Field(
-        None, ge=0, le=MAX_JITTER, description="Seconds: each job runs up to this much later."
+    catch_up_max: _ranged(1, MAX_CATCH_UP) | None = None  # type: ignore[valid-type]
+    jitter: Annotated[float, Field(strict=True, ge=0, le=MAX_JITTER)] | None = Field(
+        None, description="Seconds: each job runs up to this much later."
     )
     overlap: StrictStr | None = Field(
         None,
@@ -158,8 +170,9 @@ def schedule_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
         responses={**missing, 400: {"description": "Invalid change (nothing changed)"}},
     )
     async def change(schedule_id: str, body: ScheduleChange) -> dict[str, Any]:
-        """Change some fields; a new expression or zone counts from now."""
-        changes = body.model_dump(exclude_unset=True)
+        """Change some fields (null or absent: unchanged); a new expression or zone
+        counts from now."""
+        changes = body.model_dump(exclude_unset=True, exclude_none=True)
         schedule = await update_schedule(conveyor, schedule_id, changes)
         return {"success": True, "schedule": view(schedule, upcoming=True)}
 

@@ -157,7 +157,7 @@ class Scheduler:
             except ConveyorError as exc:
                 log.error("scheduler_pass_failed", error=str(exc))
                 delay = self.interval
-            except Exception:  # noqa: BLE001 - one bad pass must not stop `conveyor up`
+            except Exception:  # one bad pass must not stop `conveyor up`
                 log.exception("scheduler_pass_crashed")
                 delay = self.interval
             await self._sleep(delay)
