@@ -221,7 +221,7 @@ class Scheduler:
             if created is not None:
                 fired += 1
                 self.fired += 1
-                log.info(
+                log.debug(
                     "schedule_fired",
                     schedule=schedule.name,
                     fire_at=fire_at.isoformat(),
