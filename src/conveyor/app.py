@@ -733,6 +733,7 @@ class Conveyor:
             "on_fired": fired,
             "declared": list(self.schedules.values()),
             "owned_job_types": [t for t in self.registry if not is_internal(t)],
+            "keep_fires": max(s.retention, 86_400.0),
         }
         values.update(options)
         return Scheduler(self.store, **values)

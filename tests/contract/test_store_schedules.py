@@ -270,3 +270,15 @@ async def test_jitter_delays_the_job_not_the_fire_record(store: Store) -> None:
     assert created is not None
     assert (await store.get(created.id)).run_at == at(60) + timedelta(seconds=15)
     assert (await store.get_schedule(s.id)).last_fired_at == at(60)
+
+
+async def test_old_fire_records_are_pruned(store: Store) -> None:
+    s = await store.create_schedule(schedule(), at(0))
+    for minute in (1, 2, 3):
+        assert await fire(store, s, at(60 * minute)) is not None
+    assert await store.prune_schedule_fires(at(150)) == 2
+    assert await store.prune_schedule_fires(at(150)) == 0
+    # The kept record still refuses its instant; the jobs stay.
+    await store.update_schedule((await store.get_schedule(s.id)).with_(next_fire_at=at(180)), at(1))
+    assert await fire(store, s, at(180)) is None
+    assert (await store.list_jobs(JobQuery(limit=10))).total == 3

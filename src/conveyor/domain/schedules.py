@@ -18,6 +18,7 @@ at the same instant.
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -303,10 +304,13 @@ def policy_errors(
     return errs
 
 
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,100}$")
+
+
 def name_error(name: object) -> str | None:
-    """Why ``name`` is not a schedule name (``None`` when it is one)."""
-    ok = NewJob(name if isinstance(name, str) else "").errors()
-    if not isinstance(name, str) or any(e.field == "job_type" for e in ok):
+    """Why ``name`` is not a schedule name (``None`` when it is one): the form of a
+    job type name."""
+    if not isinstance(name, str) or _NAME_RE.match(name) is None:
         return "must be 1-100 characters of letters, digits, '_', '-', '.', ':'"
     return None
 

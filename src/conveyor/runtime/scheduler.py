@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 
@@ -34,6 +35,8 @@ from conveyor.storage.base import Store
 log = structlog.get_logger("conveyor.scheduler")
 #: Due schedules handled per pass.
 BATCH = 100
+#: Seconds between deletions of old fire records (``keep_fires``).
+PRUNE_EVERY = 600.0
 
 
 async def sync_declared(
@@ -104,7 +107,8 @@ class Scheduler:
     ``clock``: aware UTC now; ``rand``: 0-1 for jitter; ``grace``: seconds a fire
     time may be late and still be on time (see ``plan_fires``); ``interval``:
     longest sleep; ``on_fired``: called (cheap, sync) after jobs were submitted,
-    so this process's workers and outbox readers look at once.
+    so this process's workers and outbox readers look at once; ``keep_fires``:
+    seconds fire records are kept (deleted every ``PRUNE_EVERY`` seconds).
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class Scheduler:
         on_fired: Callable[[], None] | None = None,
         declared: Sequence[Schedule] = (),
         owned_job_types: Collection[str] = (),
+        keep_fires: float = 7 * 86_400.0,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -128,6 +133,8 @@ class Scheduler:
         self.declared = list(declared)
         self.owned_job_types = set(owned_job_types)
         self.fired = 0  # jobs this scheduler submitted
+        self.keep_fires = keep_fires
+        self._pruned_at = -PRUNE_EVERY  # monotonic seconds: prune at the first pass
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -170,6 +177,9 @@ class Scheduler:
         """One pass: fire every due schedule; returns seconds until the next pass
         (the next due fire time, at most ``interval``)."""
         now = self.clock()
+        if time.monotonic() - self._pruned_at >= PRUNE_EVERY:
+            self._pruned_at = time.monotonic()
+            await self.store.prune_schedule_fires(now - timedelta(seconds=self.keep_fires))
         fired = 0
         for schedule in await self.store.due_schedules(now, BATCH):
             fired += await self.fire_due(schedule, now)

@@ -335,6 +335,11 @@ class Store(abc.ABC):
         moves on). Raises ``ValidationError`` for an invalid ``job``."""
         raise NotImplementedError
 
+    async def prune_schedule_fires(self, older_than: datetime) -> int:
+        """Delete fire records of instants before ``older_than`` (kept only to refuse
+        a second fire of the same instant; ``next_fire_at`` has long moved on)."""
+        raise NotImplementedError
+
     # -- helpers shared by adapters ----------------------------------------
     @staticmethod
     def event_data(job: Job, **extra: Any) -> dict[str, Any]:

@@ -183,3 +183,10 @@ class MemorySchedules:
             data = schedule_fired_event(s, fire_at, created)
             self._events.append(Event(next(self._event_ids), SCHEDULE_FIRED, created.id, data, now))
             return copy.deepcopy(created)
+
+    async def prune_schedule_fires(self, older_than: datetime) -> int:
+        async with self._lock:
+            old = [k for k in self._tables.fires if k[1] < older_than]
+            for key in old:
+                del self._tables.fires[key]
+            return len(old)

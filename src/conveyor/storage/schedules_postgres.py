@@ -198,6 +198,11 @@ class PostgresSchedules:
             )
             return created
 
+    async def prune_schedule_fires(self, older_than: datetime) -> int:
+        async with self._conn() as conn:
+            status = await conn.execute(S["prune_fires"], older_than)
+        return int(status.split()[-1])
+
     @contextlib.asynccontextmanager
     async def _fire_tx(self) -> AsyncIterator[asyncpg.Connection]:
         async with self._conn(tx=True) as conn:

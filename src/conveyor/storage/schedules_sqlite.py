@@ -233,6 +233,13 @@ class SQLiteSchedules:
 
         return await self._run(_do)
 
+    async def prune_schedule_fires(self, older_than: datetime) -> int:
+        def _do() -> int:
+            with self._tx() as conn:
+                return conn.execute(S["prune_fires"], (older_than.timestamp(),)).rowcount
+
+        return await self._run(_do)
+
 
 def _insert_job(conn: sqlite3.Connection, job: NewJob, now: datetime) -> Job:
     """Insert one pending job and its ``job_submitted`` event, as ``enqueue_many``

@@ -61,3 +61,6 @@ UPDATE conveyor.job_schedules SET last_fired_at = $1, last_job_id = $2 WHERE id 
 
 -- name: insert_schedule_event
 INSERT INTO conveyor.events (type, job_id, data, created_at) VALUES ($1, $2, $3::text::jsonb, $4)
+
+-- name: prune_fires
+DELETE FROM conveyor.schedule_fires WHERE fire_at < $1

@@ -59,3 +59,6 @@ UPDATE job_schedules SET last_fired_at = ?, last_job_id = ? WHERE id = ?
 
 -- name: insert_event
 INSERT INTO events (type, job_id, data, created_at) VALUES (?, ?, ?, ?)
+
+-- name: prune_fires
+DELETE FROM schedule_fires WHERE fire_at < ?
