@@ -4,6 +4,7 @@ scheduler firing jobs linked to their schedule (docs/schedules.md)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +17,7 @@ from conveyor.domain.errors import ConfigurationError, ValidationError
 from conveyor.domain.job import JobQuery
 from conveyor.runtime.scheduler import sync_declared
 from conveyor.storage.base import Store
+from support import async_wait_until
 
 T0 = datetime(2026, 3, 28, 23, 0, tzinfo=UTC)
 
@@ -242,3 +244,23 @@ async def test_declaring_in_code_validates_at_once(app: Conveyor) -> None:
     with pytest.raises(ConfigurationError):
         app.schedule("x", "@hourly", "report")
     assert list(app.schedules) == ["x"]
+
+
+async def test_the_loop_picks_up_a_new_schedule_and_stops_on_request(store: Store) -> None:
+    async with app_on(store, lambda a: a.job("report")(report)) as app:
+        scheduler = app.scheduler(interval=0.2)
+        task = asyncio.create_task(scheduler.run())
+        try:
+            async with api_client(app) as http:
+                r = await http.post("/api/schedules", json={**GOOD, "cron": "* * * * * *"})
+                sid = r.json()["schedule"]["id"]
+
+            async def two_jobs() -> bool:
+                page = await app.store.list_jobs(JobQuery(limit=10))
+                return page.total >= 2 and all(j.schedule_id == sid for j in page.jobs)
+
+            await async_wait_until(two_jobs, 10, "the loop to fire a schedule created after it")
+        finally:
+            scheduler.request_stop()
+            await asyncio.wait_for(task, 5)
+        assert scheduler.fired >= 2
