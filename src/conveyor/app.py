@@ -41,10 +41,12 @@ from conveyor.domain.job import (
 from conveyor.domain.limits import delay_error, run_at_after, text_error, timeout_error
 from conveyor.domain.locks import LEADER_PREFIX, LockInfo
 from conveyor.domain.retry import RetryPolicy
+from conveyor.domain.schedules import Schedule
 from conveyor.domain.states import JobState
 from conveyor.runtime.locks import Leadership, LockBackend, LockRequest, Locks
 from conveyor.runtime.ports import RuntimeDeps, Signals
 from conveyor.runtime.registry import Handler, JobDefinition
+from conveyor.runtime.scheduler import Scheduler
 from conveyor.runtime.webhooks import WEBHOOK_JOB, WebhookSender
 from conveyor.runtime.worker import Worker, exit_if_abandoned
 from conveyor.security.redact import redact_url
@@ -200,6 +202,8 @@ class Conveyor:
         self._settings = value
         if hasattr(self, "deps"):
             self.deps = replace(self.deps, settings=value)
+        #: Schedules declared in code (``@app.cron``, ``app.schedule``), by name.
+        self.schedules: dict[str, Schedule] = {}
 
     # -- lifecycle --------------------------------------------------------------
     def now(self) -> datetime:
@@ -294,6 +298,10 @@ class Conveyor:
                 raise ConfigurationError(f"Job type {job_type!r} is registered twice")
             definition.app = self
             self.registry[job_type] = definition
+        for name, declared in other.schedules.items():
+            if name in self.schedules:
+                raise ConfigurationError(f"Schedule {name!r} is declared twice")
+            self.schedules[name] = declared
 
     # -- submitting -------------------------------------------------------------------
     def new_job(
@@ -732,6 +740,143 @@ class Conveyor:
                 rows + [r for r in leases if r.key.startswith(LEADER_PREFIX)], key=lambda r: r.key
             )[:limit]
         return rows
+
+    # -- cron schedules (docs/schedules.md) -------------------------------------------
+    def cron(
+        self,
+        expression: str,
+        *,
+        timezone: str = "UTC",
+        name: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        misfire: str = "skip",
+        catch_up_max: int = 1,
+        jitter: float = 0.0,
+        overlap: str = "allow",
+    ) -> Callable[[JobDefinition], JobDefinition]:
+        """Fire the job type below on a cron schedule (put it above ``@app.job``)::
+
+            @app.cron("*/5 * * * *", timezone="Europe/Berlin")
+            @app.job("cleanup")
+            async def cleanup(ctx) -> None: ...
+
+        ``name`` defaults to the job type (give one per ``@app.cron`` when stacking
+        several). Raises ``ValidationError`` at once for a bad expression, zone,
+        payload or policy. Schedulers store it when they start (see ``schedule``).
+        """
+
+        def decorator(definition: JobDefinition) -> JobDefinition:
+            if not isinstance(definition, JobDefinition):
+                raise ConfigurationError(
+                    "@app.cron takes a registered job: put it above @app.job(...)"
+                )
+            self.schedule(
+                name or definition.job_type,
+                expression,
+                definition.job_type,
+                payload,
+                timezone=timezone,
+                misfire=misfire,
+                catch_up_max=catch_up_max,
+                jitter=jitter,
+                overlap=overlap,
+            )
+            return definition
+
+        return decorator
+
+    def schedule(
+        self,
+        name: str,
+        cron: str,
+        job_type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        timezone: str = "UTC",
+        queue: str | None = None,
+        priority: int | None = None,
+        max_retries: int | None = None,
+        timeout: float | None = None,
+        misfire: str = "skip",
+        catch_up_max: int = 1,
+        jitter: float = 0.0,
+        overlap: str = "allow",
+    ) -> Schedule:
+        """Declare a schedule in code: submit ``job_type`` with ``payload`` at every
+        fire time of ``cron`` (5 fields, 6 with seconds first, or a macro such as
+        ``@hourly``) in ``timezone``.
+
+        Job options left out take the job type's registration, as ``enqueue``
+        does. ``misfire``: ``"skip"`` or ``"catch_up"`` (up to ``catch_up_max``
+        missed fire times); ``jitter``: up to that many seconds added to each
+        job's run time; ``overlap``: ``"allow"`` or ``"skip_if_running"``. Raises
+        ``ValidationError`` (everything wrong at once) or ``ConfigurationError``
+        for a name declared twice. Every scheduler (``conveyor up``, ``conveyor
+        scheduler``) upserts the declared schedules when it starts.
+        """
+        from conveyor.scheduling import build_schedule
+
+        if isinstance(name, str) and name in self.schedules:
+            raise ConfigurationError(f"Schedule {name!r} is declared twice")
+        declared = build_schedule(
+            self,
+            name=name,
+            cron=cron,
+            job_type=job_type,
+            payload=payload,
+            timezone=timezone,
+            queue=queue,
+            priority=priority,
+            max_retries=max_retries,
+            timeout=timeout,
+            misfire=misfire,
+            catch_up_max=catch_up_max,
+            jitter=jitter,
+            overlap=overlap,
+            source="code",
+        )
+        self.schedules[declared.name] = declared
+        return declared
+
+    def scheduler(self, **options: Any) -> Scheduler:
+        """A scheduler loop on this app's store, clock and declared schedules
+        (``options`` override ``Scheduler``'s arguments)."""
+
+        def fired() -> None:
+            self.notify_listeners()
+            self.events_written()
+            if self.bus.backend != "memory":
+                self._signal_soon(WAKE_TOPIC, {})
+
+        s = self.settings
+        values: dict[str, Any] = {
+            "clock": self.now,
+            "rand": self.rand,
+            "grace": s.scheduler_misfire_grace,
+            "interval": s.scheduler_interval,
+            "on_fired": fired,
+            "declared": list(self.schedules.values()),
+            "owned_job_types": [t for t in self.registry if not is_internal(t)],
+            "keep_fires": max(s.retention, 86_400.0),
+        }
+        values.update(options)
+        return Scheduler(self.store, **values)
+
+    async def run_scheduler(self) -> None:
+        """Open the store and run a scheduler alone until SIGTERM/SIGINT."""
+        import signal
+
+        await self.open()
+        scheduler = self.scheduler()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, scheduler.request_stop)
+        try:
+            await scheduler.run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.close()
 
 
 def _integral(value: Any) -> Any:

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from conveyor.domain.job import Execution, Job, Page, WorkerInfo
+from conveyor.domain.schedules import Schedule
 from conveyor.domain.states import JobState
 from conveyor.domain.webhooks import DeliveryAttempt, Webhook
 from conveyor.domain.workflow import StepDetail, Workflow
@@ -54,6 +55,7 @@ def job_dict(job: Job, executions: list[Execution] | None = None) -> dict[str, A
         "started_at": iso(job.started_at),
         "completed_at": iso(job.completed_at),
         "updated_at": iso(job.updated_at),
+        "schedule_id": job.schedule_id,
     }
     if executions is not None:
         out["executions"] = [execution_dict(e) for e in executions]
@@ -165,4 +167,34 @@ def workflow_dict(wf: Workflow) -> dict[str, Any]:
     }
     if wf.steps is not None:
         out["step_details"] = [step_dict(d) for d in wf.steps]
+    return out
+
+
+def schedule_dict(s: Schedule, upcoming: list[datetime] | None = None) -> dict[str, Any]:
+    """A cron schedule; ``next_fire_times`` when ``upcoming`` is given."""
+    out: dict[str, Any] = {
+        "id": s.id,
+        "name": s.name,
+        "cron": s.cron,
+        "timezone": s.timezone,
+        "job_type": s.job_type,
+        "payload": dict(s.payload),
+        "queue": s.queue,
+        "priority": s.priority,
+        "max_retries": s.max_retries,
+        "timeout_ms": s.timeout_ms,
+        "misfire": s.misfire,
+        "catch_up_max": s.catch_up_max,
+        "jitter": s.jitter,
+        "overlap": s.overlap,
+        "state": s.state,
+        "source": s.source,
+        "next_fire_at": iso(s.next_fire_at) if s.state == "active" else None,
+        "last_fired_at": iso(s.last_fired_at),
+        "last_job_id": s.last_job_id,
+        "created_at": iso(s.created_at),
+        "updated_at": iso(s.updated_at),
+    }
+    if upcoming is not None:
+        out["next_fire_times"] = [iso(t) for t in upcoming]
     return out

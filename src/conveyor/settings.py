@@ -52,6 +52,12 @@ class Settings:
     # (DNS-rebinding guard); "*" = any, ".example.com" = its subdomains.
     allowed_hosts: tuple[str, ...] = ()
     locks_backend: str = "store"  # one of LOCKS_BACKENDS: where app.lock() keeps its locks
+    # Cron schedules (docs/schedules.md): whether `conveyor up` runs a scheduler,
+    # how late a fire time may be and still count as on time, and the longest
+    # the scheduler sleeps (how soon it sees new or changed schedules).
+    scheduler: bool = True
+    scheduler_misfire_grace: float = 60.0
+    scheduler_interval: float = 1.0
 
     def __post_init__(self) -> None:
         problems = [
@@ -116,6 +122,10 @@ class Settings:
             problems.append(f"locks_backend must be one of {', '.join(LOCKS_BACKENDS)}")
         elif self.locks_backend == "redis" and not self.redis_url:
             problems.append("locks_backend=redis needs redis_url (CONVEYOR_REDIS_URL)")
+        if self.scheduler_misfire_grace < 0:
+            problems.append("scheduler_misfire_grace must be >= 0 seconds")
+        if not 0 < self.scheduler_interval <= 60:
+            problems.append("scheduler_interval must be > 0 and <= 60 seconds")
         if problems:
             raise ConfigurationError("Invalid settings: " + "; ".join(problems))
 
@@ -158,6 +168,9 @@ _TYPES: dict[str, type] = {
     "max_stuck_jobs": int,
     "allow_unknown_job_types": bool,
     "trust_user_header": bool,
+    "scheduler": bool,
+    "scheduler_misfire_grace": float,
+    "scheduler_interval": float,
 }
 
 _TRUE = {"1", "true", "yes", "on"}

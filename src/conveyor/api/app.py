@@ -34,6 +34,7 @@ from conveyor.api.guard import (
 from conveyor.api.http import JSON, ApiError, Auth, fail, sees_internal
 from conveyor.api.locks import lock_router
 from conveyor.api.models import ErrorResponse, JobSubmit
+from conveyor.api.schedules import schedule_router
 from conveyor.api.workflows import workflow_router
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
@@ -590,6 +591,7 @@ def create_app(
     api.include_router(event_router(conveyor, auth, hub))
     api.include_router(workflow_router(conveyor, auth))
     api.include_router(lock_router(conveyor, auth))
+    api.include_router(schedule_router(conveyor, auth))
     document_errors(api)
     api.add_middleware(BodyLimit, limit=max_body_bytes)
     api.add_middleware(NoNul)

@@ -17,6 +17,8 @@ from rich.table import Table
 from conveyor.app import Conveyor
 from conveyor.cli.loader import apply_app
 from conveyor.cli.loop import run as run_loop
+from conveyor.cli.schedules import scheduler as scheduler_command
+from conveyor.cli.schedules import schedules as schedules_group
 from conveyor.domain.errors import ConveyorError, ValidationError
 from conveyor.domain.job import JobQuery
 from conveyor.domain.states import JobState, parse_states
@@ -741,6 +743,10 @@ def status(obj: Ctx, as_json: bool) -> None:
 
 # Command groups in modules of their own register themselves on ``cli`` when imported.
 from conveyor.cli import workflows as _workflows  # noqa: E402, F401
+
+# -- cron schedules (cli/schedules.py) --------------------------------------------------
+cli.add_command(schedules_group)
+cli.add_command(scheduler_command)
 
 
 def main() -> None:

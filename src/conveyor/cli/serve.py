@@ -67,6 +67,8 @@ async def serve_forever(
         # Every queue a registered type names, so `up` runs all of its own jobs.
         queues = sorted({*app.settings.queues, *(d.queue for d in app.registry.values())})
         worker = app.worker(queues=queues) if with_worker else None
+        # `up` fires cron schedules too (any number of processes may: docs/schedules.md).
+        scheduler = app.scheduler() if with_worker and app.settings.scheduler else None
         api = create_app(
             app,
             allow_anonymous=loopback,
@@ -96,6 +98,11 @@ async def serve_forever(
         if worker is not None:
             types = escape(", ".join(sorted(app.registry)))
             console.print(f"  worker: {worker.concurrency} slots for {types}", highlight=False)
+        if scheduler is not None:
+            console.print(
+                f"  scheduler: on ({len(app.schedules)} schedule(s) declared in code)",
+                highlight=False,
+            )
         if keys == 0:
             console.print(
                 "  auth: [yellow]off[/] (loopback only, no API key exists; "
@@ -140,6 +147,8 @@ async def serve_forever(
             server.should_exit = True
             if worker is not None and (escalate or not worker.stopping):
                 worker.request_stop()
+            if scheduler is not None:
+                scheduler.request_stop()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)
@@ -147,6 +156,8 @@ async def serve_forever(
             tasks = [asyncio.create_task(server.serve(), name="uvicorn")]
             if worker is not None:
                 tasks.append(asyncio.create_task(worker.run(), name="worker"))
+            if scheduler is not None:
+                tasks.append(asyncio.create_task(scheduler.run(), name="scheduler"))
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             stop(escalate=False)  # one part ended (or failed): stop the other, gracefully
             await asyncio.gather(*tasks)

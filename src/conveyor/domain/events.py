@@ -20,17 +20,22 @@ from typing import Any
 from conveyor.domain.errors import FieldError, ValidationError
 from conveyor.domain.job import INTERNAL_JOB_PREFIX as _INTERNAL_JOB_PREFIX
 from conveyor.domain.job import Event
+from conveyor.domain.schedules import SCHEDULE_FIRED as _SCHEDULE_FIRED
 from conveyor.domain.states import EVENT_VERSION, EventType
 from conveyor.domain.workflow import WORKFLOW_EVENT_TYPES
 
 #: Events about Conveyor's own machinery (webhook endpoints, not jobs).
 WEBHOOK_DISABLED = "webhook_disabled"
 
+#: A cron schedule fired: written with the job it submitted (docs/schedules.md).
+SCHEDULE_FIRED = _SCHEDULE_FIRED
+
 #: Every event type a consumer can ask for.
 EVENT_TYPES: tuple[str, ...] = (
     *(t.value for t in EventType),
     WEBHOOK_DISABLED,
     *WORKFLOW_EVENT_TYPES,
+    SCHEDULE_FIRED,
 )
 
 #: Job types Conveyor runs for itself (``conveyor.``); their events never feed
@@ -41,7 +46,17 @@ INTERNAL_JOB_PREFIX = _INTERNAL_JOB_PREFIX
 #: matches a known type; this regex lists the useful ones).
 _ONE_FILTER = (
     "("
-    + "|".join([r"\*", r"job_\*", r"worker_\*", r"webhook_\*", r"workflow_\*", *EVENT_TYPES])
+    + "|".join(
+        [
+            r"\*",
+            r"job_\*",
+            r"worker_\*",
+            r"webhook_\*",
+            r"workflow_\*",
+            r"schedule_\*",
+            *EVENT_TYPES,
+        ]
+    )
     + ")"
 )
 TYPE_FILTER_REGEX = f"^{_ONE_FILTER}$"

@@ -209,6 +209,8 @@ class Job:
     depends_on: list[str] = field(default_factory=list)
     #: The job's step name in its workflow (``workflow_id``), else None.
     step_name: str | None = None
+    #: The schedule whose fire submitted this job (docs/schedules.md), else None.
+    schedule_id: str | None = None
 
     @property
     def status(self) -> str:

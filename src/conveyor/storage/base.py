@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -36,6 +36,7 @@ from conveyor.domain.job import (
     WorkerInfo,
 )
 from conveyor.domain.locks import LockInfo
+from conveyor.domain.schedules import Schedule
 from conveyor.domain.states import JobState
 from conveyor.domain.webhooks import (
     DeliveryAttempt,
@@ -330,6 +331,71 @@ class Store(abc.ABC):
         id for a parent that is not a workflow step). Jobs without parents are
         left out."""
 
+    # -- schedules (docs/schedules.md) -------------------------------------------------
+    async def create_schedule(self, schedule: Schedule, now: datetime) -> Schedule:
+        """Store a new schedule (validated first). Raises ``ValidationError``, or
+        ``ScheduleNameTaken`` when another schedule has its name."""
+        raise NotImplementedError
+
+    async def get_schedule(self, schedule_id: str) -> Schedule:
+        """Raises ``ScheduleNotFound``."""
+        raise NotImplementedError
+
+    async def list_schedules(self) -> list[Schedule]:
+        """Every schedule, by name."""
+        raise NotImplementedError
+
+    async def update_schedule(self, schedule: Schedule, now: datetime) -> Schedule:
+        """Replace the stored schedule of ``schedule.id`` with it (every field but
+        ``id``, ``created_at``, ``last_fired_at`` and ``last_job_id``; validated
+        first). Raises ``ScheduleNotFound``, ``ScheduleNameTaken``, ``ValidationError``."""
+        raise NotImplementedError
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule and its fire records (its jobs stay). Raises
+        ``ScheduleNotFound``."""
+        raise NotImplementedError
+
+    async def due_schedules(self, until: datetime, limit: int) -> list[Schedule]:
+        """Up to ``limit`` active schedules whose ``next_fire_at`` is at or before
+        ``until``, earliest first."""
+        raise NotImplementedError
+
+    async def advance_schedule(
+        self, schedule_id: str, expected: datetime, next_fire_at: datetime | None, now: datetime
+    ) -> bool:
+        """Move an active schedule's ``next_fire_at`` from ``expected`` to
+        ``next_fire_at`` without firing (misfires skipped); False when it no longer
+        is ``expected`` (another scheduler moved it, or it was changed or paused)."""
+        raise NotImplementedError
+
+    async def fire_schedule(
+        self,
+        schedule_id: str,
+        fire_at: datetime,
+        job: NewJob,
+        next_fire_at: datetime | None,
+        now: datetime,
+    ) -> Job | None:
+        """Fire an active schedule's instant ``fire_at`` (its ``next_fire_at``), all
+        in one transaction: record ``(schedule_id, fire_at)`` (unique), submit
+        ``job`` linked to the schedule (``Job.schedule_id``) with its
+        ``job_submitted`` event, set ``last_fired_at``/``last_job_id``, write the
+        ``schedule_fired`` event and move ``next_fire_at`` on to ``next_fire_at``.
+
+        Returns the job, or ``None`` when nothing was submitted: the schedule is not
+        active or its ``next_fire_at`` is not ``fire_at`` (another scheduler fired
+        it: nothing changes), the instant was fired already, or ``overlap`` is
+        ``skip_if_running`` and the schedule's previous job is pending, blocked or
+        running (then the instant is recorded as skipped and ``next_fire_at``
+        moves on). Raises ``ValidationError`` for an invalid ``job``."""
+        raise NotImplementedError
+
+    async def prune_schedule_fires(self, older_than: datetime) -> int:
+        """Delete fire records of instants before ``older_than`` (kept only to refuse
+        a second fire of the same instant; ``next_fire_at`` has long moved on)."""
+        raise NotImplementedError
+
     # -- helpers shared by adapters ----------------------------------------
     @staticmethod
     def event_data(job: Job, **extra: Any) -> dict[str, Any]:
@@ -491,3 +557,23 @@ def prefix_upper_bound(prefix: str) -> str:
     """The smallest string above every string starting with ``prefix`` (a hex
     prefix: its last character is below ``"f"`` + 1)."""
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def schedule_fired_event(schedule: Any, fire_at: datetime, job: Job) -> dict[str, Any]:
+    """The data of the ``schedule_fired`` event (``schedule`` is a row or a Schedule
+    with ``id`` and ``name``)."""
+    sid = schedule["id"] if not isinstance(schedule, Schedule) else schedule.id
+    name = schedule["name"] if not isinstance(schedule, Schedule) else schedule.name
+    return {
+        "job_id": job.id,
+        "job_type": job.job_type,
+        "queue": job.queue,
+        "schedule_id": sid,
+        "name": name,
+        "fire_at": fire_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "run_at": None if job.run_at is None else job.run_at.isoformat(),
+    }
+
+
+#: Job states that count as "still running" for ``overlap="skip_if_running"``.
+OVERLAP_STATES = ("pending", "blocked", "running")

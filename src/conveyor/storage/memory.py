@@ -90,6 +90,7 @@ from conveyor.storage.base import (
 )
 from conveyor.storage.codec import roundtrip
 from conveyor.storage.locks import lock_from_row
+from conveyor.storage.schedules_memory import MemorySchedules
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
     Moved,
@@ -103,7 +104,7 @@ from conveyor.storage.workflows import (
 )
 
 
-class MemoryStore(Store):
+class MemoryStore(MemorySchedules, Store):
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         self._seq: dict[str, int] = {}

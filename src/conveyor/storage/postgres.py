@@ -98,6 +98,7 @@ from conveyor.storage.base import (
 from conveyor.storage.codec import dumps_object, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.locks import lock_from_row
+from conveyor.storage.schedules_postgres import PostgresSchedules
 from conveyor.storage.sql import load_migrations, load_queries
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
@@ -467,10 +468,11 @@ def job_from_record(r: asyncpg.Record) -> Job:
         completed_at=r["completed_at"],
         updated_at=r["updated_at"],
         step_name=r["step_name"],
+        schedule_id=r["schedule_id"],
     )
 
 
-class PostgresStore(Store):
+class PostgresStore(PostgresSchedules, Store):
     """Store on PostgreSQL. ``dsn``: ``postgresql://user:pass@host:5432/db``."""
 
     def __init__(

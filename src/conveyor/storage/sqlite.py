@@ -99,6 +99,7 @@ from conveyor.storage.base import (
 from conveyor.storage.codec import dumps, dumps_object
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.locks import lock_from_row
+from conveyor.storage.schedules_sqlite import SQLiteSchedules
 from conveyor.storage.sql import load_migrations, load_queries
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
@@ -170,6 +171,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
         completed_at=_dt(row["completed_at"]),
         updated_at=_dt(row["updated_at"]),
         step_name=row["step_name"],
+        schedule_id=row["schedule_id"],
     )
 
 
@@ -203,7 +205,7 @@ def _store_error(exc: sqlite3.DatabaseError, path: str) -> StoreError:
     return StoreError(f"SQLite error on {path}: {text}")
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLiteSchedules, Store):
     """Store on one SQLite file. ``path`` may be ``:memory:`` only for one process."""
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 30_000) -> None:
