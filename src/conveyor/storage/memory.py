@@ -906,6 +906,8 @@ class MemoryStore(Store):
                 )
             jobs = [self._jobs[i] for i in self._wf_steps.get(workflow_id, ()) if i in self._jobs]
             again = [j for j in jobs if j.state in (JobState.FAILED, JobState.CANCELLED)]
+            if not again:  # nothing would run: reopening would leave it running for ever
+                return self._workflow(workflow_id, steps=True)
             edges = [
                 (j.step_name or j.id, self._jobs[p].step_name or p)
                 for j in jobs

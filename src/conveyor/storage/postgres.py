@@ -1630,6 +1630,8 @@ class PostgresStore(Store):
                     "Cannot retry a running workflow: wait for it to finish or cancel it",
                 )
             again = await conn.fetch(W["retryable_steps"], workflow_id)
+            if not again:  # nothing would run: reopening would leave it running for ever
+                return await self._workflow(conn, workflow_id, steps=True)
             edges = [(r[0], r[1]) for r in await conn.fetch(W["step_edges"], workflow_id)]
             states = retry_states((r["step_name"] for r in again), edges)
             await conn.execute(W["reopen_workflow"], workflow_id, now)

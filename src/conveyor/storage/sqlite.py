@@ -1331,6 +1331,8 @@ class SQLiteStore(Store):
                         "Cannot retry a running workflow: wait for it to finish or cancel it",
                     )
                 again = conn.execute(W["retryable_steps"], (workflow_id,)).fetchall()
+                if not again:  # nothing would run: reopening would leave it running for ever
+                    return self._workflow(conn, workflow_id, steps=True)
                 edges = [(r[0], r[1]) for r in conn.execute(W["step_edges"], (workflow_id,))]
                 states = retry_states((r["step_name"] for r in again), edges)
                 conn.execute(W["reopen_workflow"], {"id": workflow_id, "now": ts})
