@@ -142,3 +142,100 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path: Path):
     with pytest.raises(ValidationError) as exc:
         load_definition(path)
     assert "alias" in exc.value.message.lower()
+
+
+def register_more(app: Conveyor) -> None:
+    register(app)
+    flag: dict[str, bool] = {"ok": False}
+    app.flaky_flag = flag  # type: ignore[attr-defined]
+
+    @app.job("flaky", max_retries=0)
+    async def flaky(ctx: Any) -> dict[str, Any]:
+        if not flag["ok"]:
+            raise RuntimeError("not yet")
+        return {"ok": True}
+
+    @app.job("slow")
+    async def slow(ctx: Any, seconds: float) -> dict[str, Any]:
+        import asyncio
+
+        await asyncio.sleep(seconds)  # wait-ok: the step must be running when cancelled
+        return {"slept": seconds}
+
+
+async def _wf(http: Any, wid: str) -> dict[str, Any]:
+    return (await http.get(f"/api/workflows/{wid}")).json()["workflow"]
+
+
+async def _finished(http: Any, wid: str) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        w = await _wf(http, wid)
+        return w if w["status"] != "running" else None
+
+    return await async_wait_until(done, 20, f"workflow {wid} to finish")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="POST /api/jobs/{step}/retry re-runs a step behind its workflow's back: the "
+    "step completes, its children stay cancelled, the workflow stays 'failed' with "
+    "failed_steps == 0 and no workflow event",
+)
+async def test_job_retry_of_a_step_keeps_the_workflow_consistent(store: Store):
+    async with app_on(store, register_more) as app, running_worker(app), api_client(app) as http:
+        body = {
+            "name": "w",
+            "on_failure": "continue",
+            "steps": [
+                {"name": "a", "job_type": "flaky"},
+                {"name": "b", "job_type": "extract", "depends_on": ["a"]},
+            ],
+        }
+        wid = (await http.post("/api/workflows", json=body)).json()["workflow_id"]
+        w = await _finished(http, wid)
+        assert w["status"] == "failed"
+        step_a = w["step_details"][0]["job_id"]
+        app.flaky_flag["ok"] = True  # type: ignore[attr-defined]
+        r = await http.post(f"/api/jobs/{step_a}/retry")
+        if r.status_code == 409:  # refused, pointing at the workflow's retry: fine
+            assert "workflow" in r.json()["error"].lower()
+            return
+
+        async def step_done() -> bool:
+            return (await app.store.get(step_a)).state.value == "completed"
+
+        await async_wait_until(step_done, 20, "the retried step to complete")
+        w = await _finished(http, wid)
+        # a workflow reported failed must have a failed step; its child must not stay
+        # cancelled "because a parent failed" when that parent completed
+        assert w["status"] != "failed" or w["failed_steps"] > 0, w
+        assert w["status"] == "completed", [(s["name"], s["status"]) for s in w["step_details"]]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="docs/workflows.md: 'cancelled (an operator cancelled the workflow, or one of "
+    "its steps, and nothing failed)'; cancelling one step ends the workflow 'failed'",
+)
+async def test_operator_cancel_of_one_step_ends_the_workflow_cancelled(store: Store):
+    async with app_on(store, register_more) as app, running_worker(app), api_client(app) as http:
+        body = {
+            "name": "w",
+            "steps": [
+                {"name": "a", "job_type": "slow", "payload": {"seconds": 5}},
+                {"name": "b", "job_type": "extract", "depends_on": ["a"]},
+                {"name": "c", "job_type": "extract"},
+            ],
+        }
+        out = (await http.post("/api/workflows", json=body)).json()
+        wid, step_a = out["workflow_id"], out["steps"][0]["job_id"]
+
+        async def running() -> bool:
+            return (await app.store.get(step_a)).state.value == "running"
+
+        await async_wait_until(running, 20, "step a to run")
+        r = await http.delete(f"/api/jobs/{step_a}")
+        assert r.status_code in (200, 202), r.text
+        w = await _finished(http, wid)
+        assert w["failed_steps"] == 0
+        assert w["status"] == "cancelled", [(s["name"], s["status"]) for s in w["step_details"]]
