@@ -239,3 +239,64 @@ async def test_operator_cancel_of_one_step_ends_the_workflow_cancelled(store: St
         w = await _finished(http, wid)
         assert w["failed_steps"] == 0
         assert w["status"] == "cancelled", [(s["name"], s["status"]) for s in w["step_details"]]
+
+
+def register_fan(app: Conveyor) -> None:
+    register(app)
+
+    @app.job("join")
+    async def join(ctx: Any) -> dict[str, Any]:
+        return {"parents": len(ctx.parent_results)}
+
+    @app.job("split", isolation="thread")
+    async def split(ctx: Any, n: int) -> dict[str, Any]:
+        names = [f"item-{i}" for i in range(n)]
+        await ctx.add_steps(
+            [{"name": x, "job_type": "extract", "depends_on": [ctx.step_name]} for x in names]
+            + [{"name": "join", "job_type": "join", "depends_on": names}]
+        )
+        return {"fanned_out": n}
+
+
+async def test_a_step_may_have_1000_parents_as_documented(store: Store):
+    """The store applied the plain job's limit (100 job ids) to a step's parents: 101
+    parents answered ``jobs[101].depends_on must list at most 100 jobs``."""
+    async with app_on(store, register_fan) as app, running_worker(app), api_client(app) as http:
+        names = [f"p{i}" for i in range(1000)]
+        steps = [{"name": x, "job_type": "extract"} for x in names]
+        steps.append({"name": "join", "job_type": "join", "depends_on": names})
+        r = await http.post("/api/workflows", json={"name": "wide", "steps": steps})
+        assert r.status_code == 201, r.text
+        w = await _finished(http, r.json()["workflow_id"])
+        assert w["status"] == "completed"
+        assert w["step_details"][-1]["result"] == {"parents": 1000}
+        steps.append({"name": "over", "job_type": "join", "depends_on": [*names, "join"]})
+        r = await http.post("/api/workflows", json={"name": "wider", "steps": steps})
+        assert r.status_code == 400
+        assert "over" in r.json()["error"]
+
+
+async def test_the_documented_fan_out_joins_150_items(store: Store):
+    async with app_on(store, register_fan) as app, running_worker(app):
+        wf = app.workflow("fan")
+        wf.step("split", "split", n=150)
+        done = await (await wf.submit()).wait(timeout=50)
+        steps = {s.name: s for s in done.steps or []}
+        assert done.status is WorkflowStatus.COMPLETED, steps["split"].error
+        assert steps["join"].result == {"parents": 150}
+
+
+async def test_a_parent_name_of_200_characters(store: Store):
+    """Step names may have 200 characters, but a child of one was refused: ``depends_on
+    must be a list of job ids`` (job ids have at most 64)."""
+    async with app_on(store, register_fan) as app, api_client(app) as http:
+        long = "p" * 200
+        body = {
+            "name": "long",
+            "steps": [
+                {"name": long, "job_type": "extract"},
+                {"name": "child", "job_type": "join", "depends_on": [long]},
+            ],
+        }
+        r = await http.post("/api/workflows", json=body)
+        assert r.status_code == 201, r.text

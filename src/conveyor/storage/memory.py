@@ -47,6 +47,7 @@ from conveyor.domain.job import (
     lost_action,
     require_failed,
     validate_batch,
+    validate_steps,
 )
 from conveyor.domain.locks import LockInfo
 from conveyor.domain.states import (
@@ -825,7 +826,7 @@ class MemoryStore(Store):
     async def create_workflow(
         self, workflow: NewWorkflow, steps: Sequence[tuple[str, NewJob]], now: datetime
     ) -> tuple[Workflow, bool]:
-        validate_batch([new for _, new in steps])
+        validate_steps(steps)
         for _, new in steps:  # refuse what the SQL stores refuse, before any write
             roundtrip(dict(new.payload))
             roundtrip(dict(new.metadata), "metadata")
@@ -955,7 +956,7 @@ class MemoryStore(Store):
         steps: Sequence[tuple[str, NewJob]],
         now: datetime,
     ) -> list[Job]:
-        validate_batch([new for _, new in steps])
+        validate_steps(steps)
         for _, new in steps:
             roundtrip(dict(new.payload))
             roundtrip(dict(new.metadata), "metadata")

@@ -57,6 +57,7 @@ from conveyor.domain.job import (
     lost_action,
     require_failed,
     validate_batch,
+    validate_steps,
 )
 from conveyor.domain.locks import LockInfo
 from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState, next_state
@@ -1547,7 +1548,7 @@ class PostgresStore(Store):
     async def create_workflow(
         self, workflow: NewWorkflow, steps: Sequence[tuple[str, NewJob]], now: datetime
     ) -> tuple[Workflow, bool]:
-        validate_batch([new for _, new in steps])
+        validate_steps(steps)
         encoded = [
             (dumps_object(new.payload), dumps_object(new.metadata, "metadata")) for _, new in steps
         ]
@@ -1669,7 +1670,7 @@ class PostgresStore(Store):
         steps: Sequence[tuple[str, NewJob]],
         now: datetime,
     ) -> list[Job]:
-        validate_batch([new for _, new in steps])
+        validate_steps(steps)
         encoded = [
             (dumps_object(new.payload), dumps_object(new.metadata, "metadata")) for _, new in steps
         ]

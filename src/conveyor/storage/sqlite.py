@@ -58,6 +58,7 @@ from conveyor.domain.job import (
     lost_action,
     require_failed,
     validate_batch,
+    validate_steps,
 )
 from conveyor.domain.locks import LockInfo
 from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState, next_state
@@ -1229,7 +1230,7 @@ class SQLiteStore(Store):
     async def create_workflow(
         self, workflow: NewWorkflow, steps: Sequence[tuple[str, NewJob]], now: datetime
     ) -> tuple[Workflow, bool]:
-        validate_batch([new for _, new in steps])
+        validate_steps(steps)
         rows = [_job_params(new, now) for _, new in steps]
         wf_id, ts = new_job_id(), now.timestamp()
         params = {
@@ -1370,7 +1371,7 @@ class SQLiteStore(Store):
         steps: Sequence[tuple[str, NewJob]],
         now: datetime,
     ) -> list[Job]:
-        validate_batch([new for _, new in steps])
+        validate_steps(steps)
         rows = [_job_params(new, now) for _, new in steps]
         ts = now.timestamp()
 
