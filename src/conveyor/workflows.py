@@ -379,7 +379,14 @@ class WorkflowBuilder:
         """Add a step running ``job`` (a registered handler or a job type name)
         with ``payload`` (or the keyword ``fields``) once every step in ``after``
         completed."""
-        job_type = job if isinstance(job, str) else job.job_type
+        job_type = job if isinstance(job, str) else getattr(job, "job_type", None)
+        if not isinstance(job_type, str):
+            raise ConfigurationError(
+                f"Step {name!r}: {job!r} is neither a job type's name nor a handler "
+                "registered with @app.job"
+            )
+        if isinstance(after, str | StepRef):  # one parent: a bare name is not its letters
+            after = [after]
         body = dict(payload or {})
         body.update(fields)
         self._steps.append(

@@ -300,3 +300,23 @@ async def test_a_parent_name_of_200_characters(store: Store):
         }
         r = await http.post("/api/workflows", json=body)
         assert r.status_code == 201, r.text
+
+
+async def test_builder_refuses_a_plain_function_and_takes_one_parent_by_name(store: Store):
+    from conveyor.domain.errors import ConfigurationError
+
+    async with app_on(store, register) as app:
+        wf = app.workflow("b")
+
+        async def not_registered(ctx: Any) -> None:
+            return None
+
+        # was: AttributeError: 'function' object has no attribute 'job_type'
+        with pytest.raises(ConfigurationError, match="registered"):
+            wf.step("a", not_registered)  # type: ignore[arg-type]
+        wf.step("extract", "extract")
+        # was: after="extract" read as the parents 'e', 'x', 't', 'r', 'a', 'c'
+        wf.step("b", "extract", after="extract")  # type: ignore[arg-type]
+        run = await wf.submit()
+        done = await app.workflows.get(run.id)
+        assert [s.depends_on for s in done.steps or []] == [[], ["extract"]]
