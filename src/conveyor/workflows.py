@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
 import pydantic
@@ -39,10 +39,21 @@ from conveyor.domain.workflow import (
     check_dag,
     name_error,
 )
+from conveyor.storage.codec import dumps
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
     from conveyor.runtime.registry import JobDefinition
+
+
+def _not_bool(value: Any) -> Any:
+    # JSON true is not 1: POST /api/jobs refuses it, and so must a step
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")
+    return value
+
+
+_StepInt = Annotated[int | None, pydantic.BeforeValidator(_not_bool)]
 
 
 class StepIn(pydantic.BaseModel):
@@ -54,9 +65,9 @@ class StepIn(pydantic.BaseModel):
     job_type: str = pydantic.Field(min_length=1, max_length=100)
     payload: dict[str, Any] = pydantic.Field(default_factory=dict)
     depends_on: list[str] = pydantic.Field(default_factory=list)
-    priority: int | None = None
-    max_retries: int | None = None
-    timeout_ms: int | None = None
+    priority: _StepInt = None
+    max_retries: _StepInt = None
+    timeout_ms: _StepInt = None
     queue: str | None = None
 
 
@@ -91,6 +102,24 @@ def parse_definition(data: Any) -> WorkflowIn:
         raise ValidationError(f"Invalid workflow: {first.field} {first.message}", details) from None
 
 
+def _no_alias_loader() -> Any:
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):  # type: ignore[misc]
+        """``safe_load`` without aliases: nested aliases expand exponentially (a
+        small file becomes gigabytes), and a workflow definition needs none."""
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, "YAML aliases (*name) are not allowed", event.start_mark
+                )
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
 def load_definition(path: str | Path) -> WorkflowIn:
     """Read a workflow definition from a ``.json``, ``.yaml`` or ``.yml`` file."""
     p = Path(path)
@@ -102,7 +131,7 @@ def load_definition(path: str | Path) -> WorkflowIn:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_no_alias_loader())  # a SafeLoader without aliases
         else:
             data = orjson.loads(text)
     except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
@@ -133,6 +162,8 @@ class WorkflowService:
             if s.job_type not in app.registry:
                 defaults = await app.recorded_job_type(s.job_type)
             try:
+                # the store checks this too, but without saying which step
+                dumps(s.payload)
                 new = app.new_job(
                     s.job_type,
                     s.payload,
@@ -348,7 +379,14 @@ class WorkflowBuilder:
         """Add a step running ``job`` (a registered handler or a job type name)
         with ``payload`` (or the keyword ``fields``) once every step in ``after``
         completed."""
-        job_type = job if isinstance(job, str) else job.job_type
+        job_type = job if isinstance(job, str) else getattr(job, "job_type", None)
+        if not isinstance(job_type, str):
+            raise ConfigurationError(
+                f"Step {name!r}: {job!r} is neither a job type's name nor a handler "
+                "registered with @app.job"
+            )
+        if isinstance(after, str | StepRef):  # one parent: a bare name is not its letters
+            after = [after]
         body = dict(payload or {})
         body.update(fields)
         self._steps.append(

@@ -758,4 +758,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as ``python -m conveyor.cli.main`` this module is ``__main__``, a second copy:
+    # the command groups of other modules (``workflows``) register on the ``cli`` of
+    # ``conveyor.cli.main``, so run that one.
+    from conveyor.cli.main import main as _package_main
+
+    _package_main()

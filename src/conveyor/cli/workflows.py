@@ -92,6 +92,9 @@ def workflows_list(
     out.print(table)
 
 
+_MAX_DEPTH = 8
+
+
 def _tree(data: dict[str, Any]) -> Tree:
     """The DAG as a tree: each step under its first parent, its other parents named."""
     steps = data["step_details"]
@@ -104,18 +107,22 @@ def _tree(data: dict[str, Any]) -> Tree:
         f"{data['progress']:.0%}"
     )
 
-    def add(node: Tree, parent: str | None) -> None:
+    # A stack, not recursion: a chain of 10,000 steps overflowed Python's stack.
+    # Past _MAX_DEPTH levels a chain goes on flat, each step naming its parent.
+    stack: list[tuple[Tree, str | None, int]] = [(root, None, 0)]
+    while stack:
+        node, parent, depth = stack.pop()
         for s in children.get(parent, []):
             style = _STATUS_STYLE.get(s["status"], "white")
             label = f"{escape(s['name'])} [{style}]{s['status']}[/] ({escape(s['job_type'])}"
             label += f", attempt {s['attempt']})" if s["attempt"] else ")"
-            if len(s["depends_on"]) > 1:
+            flat = depth >= _MAX_DEPTH
+            if len(s["depends_on"]) > 1 or (flat and s["depends_on"]):
                 label += " after " + ", ".join(escape(p) for p in s["depends_on"])
             if s["error"]:
                 label += f" [red]{escape(s['error'][:120])}[/]"
-            add(node.add(label), s["name"])
-
-    add(root, None)
+            child = node.add(label)
+            stack.append((node, s["name"], depth) if flat else (child, s["name"], depth + 1))
     return root
 
 

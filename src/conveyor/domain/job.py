@@ -412,3 +412,31 @@ def require_failed(job_id: str, state: str, action: str) -> None:
             f"Cannot {action} job {job_id} in {state} status; "
             f"only failed (dead-lettered) jobs can be {_PAST.get(action, action)}",
         )
+
+
+MAX_STEP_DEPENDENCIES = 1_000  # domain.workflow.MAX_STEP_PARENTS: a step's parents
+
+
+def validate_steps(steps: Sequence[tuple[str, NewJob]]) -> None:
+    """``validate_batch`` for workflow steps ``(name, job)``: a step's ``depends_on``
+    holds step names (1-200 characters, at most 1,000, resolved with the DAG), not
+    job ids (at most 100), so only its shape and count are checked here. One
+    ``ValidationError`` names every bad step."""
+    details: list[FieldError] = []
+    for i, (name, new) in enumerate(steps):
+        errs = [e for e in new.errors() if e.field != "depends_on"]
+        deps = new.depends_on
+        if isinstance(deps, str) or not all(isinstance(d, str) for d in deps):
+            errs.append(FieldError("depends_on", "must be a list of step names"))
+        elif len(deps) > MAX_STEP_DEPENDENCIES:
+            errs.append(
+                FieldError("depends_on", f"must list at most {MAX_STEP_DEPENDENCIES} steps")
+            )
+        details.extend(
+            FieldError(f"steps[{i}].{e.field}", f"(step {name!r}) {e.message}") for e in errs
+        )
+    if details:
+        raise ValidationError(
+            "Invalid workflow: " + "; ".join(f"{d.field} {d.message}" for d in details[:20]),
+            details,
+        )

@@ -308,7 +308,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def retry_workflow(self, workflow_id: str, now: datetime) -> Workflow:
         """Run the failed and cancelled steps again (fresh attempts), and through
-        them what depends on them; completed steps keep their results. Raises
+        them what depends on them; completed steps keep their results. A finished
+        workflow with no failed or cancelled step is returned unchanged. Raises
         ``WorkflowNotFound``, and ``WorkflowConflict`` while it is running."""
 
     @abc.abstractmethod

@@ -47,6 +47,7 @@ from conveyor.domain.job import (
     lost_action,
     require_failed,
     validate_batch,
+    validate_steps,
 )
 from conveyor.domain.locks import LockInfo
 from conveyor.domain.states import (
@@ -829,7 +830,7 @@ class MemoryStore(MemorySchedules, Store):
     async def create_workflow(
         self, workflow: NewWorkflow, steps: Sequence[tuple[str, NewJob]], now: datetime
     ) -> tuple[Workflow, bool]:
-        validate_batch([new for _, new in steps])
+        validate_steps(steps)
         for _, new in steps:  # refuse what the SQL stores refuse, before any write
             roundtrip(dict(new.payload))
             roundtrip(dict(new.metadata), "metadata")
@@ -910,6 +911,8 @@ class MemoryStore(MemorySchedules, Store):
                 )
             jobs = [self._jobs[i] for i in self._wf_steps.get(workflow_id, ()) if i in self._jobs]
             again = [j for j in jobs if j.state in (JobState.FAILED, JobState.CANCELLED)]
+            if not again:  # nothing would run: reopening would leave it running for ever
+                return self._workflow(workflow_id, steps=True)
             edges = [
                 (j.step_name or j.id, self._jobs[p].step_name or p)
                 for j in jobs
@@ -957,7 +960,7 @@ class MemoryStore(MemorySchedules, Store):
         steps: Sequence[tuple[str, NewJob]],
         now: datetime,
     ) -> list[Job]:
-        validate_batch([new for _, new in steps])
+        validate_steps(steps)
         for _, new in steps:
             roundtrip(dict(new.payload))
             roundtrip(dict(new.metadata), "metadata")

@@ -57,6 +57,7 @@ from conveyor.domain.job import (
     lost_action,
     require_failed,
     validate_batch,
+    validate_steps,
 )
 from conveyor.domain.locks import LockInfo
 from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState, next_state
@@ -1553,7 +1554,7 @@ class PostgresStore(PostgresSchedules, Store):
     async def create_workflow(
         self, workflow: NewWorkflow, steps: Sequence[tuple[str, NewJob]], now: datetime
     ) -> tuple[Workflow, bool]:
-        validate_batch([new for _, new in steps])
+        validate_steps(steps)
         encoded = [
             (dumps_object(new.payload), dumps_object(new.metadata, "metadata")) for _, new in steps
         ]
@@ -1636,6 +1637,8 @@ class PostgresStore(PostgresSchedules, Store):
                     "Cannot retry a running workflow: wait for it to finish or cancel it",
                 )
             again = await conn.fetch(W["retryable_steps"], workflow_id)
+            if not again:  # nothing would run: reopening would leave it running for ever
+                return await self._workflow(conn, workflow_id, steps=True)
             edges = [(r[0], r[1]) for r in await conn.fetch(W["step_edges"], workflow_id)]
             states = retry_states((r["step_name"] for r in again), edges)
             await conn.execute(W["reopen_workflow"], workflow_id, now)
@@ -1673,7 +1676,7 @@ class PostgresStore(PostgresSchedules, Store):
         steps: Sequence[tuple[str, NewJob]],
         now: datetime,
     ) -> list[Job]:
-        validate_batch([new for _, new in steps])
+        validate_steps(steps)
         encoded = [
             (dumps_object(new.payload), dumps_object(new.metadata, "metadata")) for _, new in steps
         ]

@@ -58,6 +58,7 @@ from conveyor.domain.job import (
     lost_action,
     require_failed,
     validate_batch,
+    validate_steps,
 )
 from conveyor.domain.locks import LockInfo
 from conveyor.domain.states import EVENT_FOR_ACTION, Action, EventType, JobState, next_state
@@ -1235,7 +1236,7 @@ class SQLiteStore(SQLiteSchedules, Store):
     async def create_workflow(
         self, workflow: NewWorkflow, steps: Sequence[tuple[str, NewJob]], now: datetime
     ) -> tuple[Workflow, bool]:
-        validate_batch([new for _, new in steps])
+        validate_steps(steps)
         rows = [_job_params(new, now) for _, new in steps]
         wf_id, ts = new_job_id(), now.timestamp()
         params = {
@@ -1337,6 +1338,8 @@ class SQLiteStore(SQLiteSchedules, Store):
                         "Cannot retry a running workflow: wait for it to finish or cancel it",
                     )
                 again = conn.execute(W["retryable_steps"], (workflow_id,)).fetchall()
+                if not again:  # nothing would run: reopening would leave it running for ever
+                    return self._workflow(conn, workflow_id, steps=True)
                 edges = [(r[0], r[1]) for r in conn.execute(W["step_edges"], (workflow_id,))]
                 states = retry_states((r["step_name"] for r in again), edges)
                 conn.execute(W["reopen_workflow"], {"id": workflow_id, "now": ts})
@@ -1374,7 +1377,7 @@ class SQLiteStore(SQLiteSchedules, Store):
         steps: Sequence[tuple[str, NewJob]],
         now: datetime,
     ) -> list[Job]:
-        validate_batch([new for _, new in steps])
+        validate_steps(steps)
         rows = [_job_params(new, now) for _, new in steps]
         ts = now.timestamp()
 
