@@ -112,11 +112,6 @@ async def test_a_bad_payload_error_names_the_step(store: Store, payload: dict[st
         assert (await http.get("/api/workflows")).json()["total"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="add_steps is not idempotent: a retried fan-out step gets 'duplicate step "
-    "names' for the steps its failed attempt added, so the workflow fails",
-)
 async def test_a_retried_fan_out_step_can_add_its_steps_again(store: Store):
     async with app_on(store, register) as app, running_worker(app):
         wf = app.workflow("fan")
@@ -175,12 +170,6 @@ async def _finished(http: Any, wid: str) -> dict[str, Any]:
     return await async_wait_until(done, 20, f"workflow {wid} to finish")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="POST /api/jobs/{step}/retry re-runs a step behind its workflow's back: the "
-    "step completes, its children stay cancelled, the workflow stays 'failed' with "
-    "failed_steps == 0 and no workflow event",
-)
 async def test_job_retry_of_a_step_keeps_the_workflow_consistent(store: Store):
     async with app_on(store, register_more) as app, running_worker(app), api_client(app) as http:
         body = {
@@ -212,11 +201,6 @@ async def test_job_retry_of_a_step_keeps_the_workflow_consistent(store: Store):
         assert w["status"] == "completed", [(s["name"], s["status"]) for s in w["step_details"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/workflows.md: 'cancelled (an operator cancelled the workflow, or one of "
-    "its steps, and nothing failed)'; cancelling one step ends the workflow 'failed'",
-)
 async def test_operator_cancel_of_one_step_ends_the_workflow_cancelled(store: Store):
     async with app_on(store, register_more) as app, running_worker(app), api_client(app) as http:
         body = {

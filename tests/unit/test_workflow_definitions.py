@@ -8,7 +8,7 @@ import pytest
 
 from conveyor.domain.errors import ConfigurationError, ValidationError
 from conveyor.domain.workflow import StepSpec, check_dag, name_error, settled_status
-from conveyor.storage.workflows import retry_states
+from conveyor.storage.workflows import descendants, retry_states
 from conveyor.workflows import load_definition, parse_definition
 
 
@@ -67,13 +67,15 @@ def test_limits_are_checked_before_anything_else():
 
 
 def test_settled_status_and_retry_states():
-    assert settled_status({"completed": 2, "running": 1}, cancel_requested=False) is None
-    assert settled_status({"completed": 3}, cancel_requested=False).value == "completed"
-    assert (
-        settled_status({"completed": 1, "cancelled": 1}, cancel_requested=True).value == "cancelled"
-    )
-    assert (
-        settled_status({"completed": 1, "cancelled": 1}, cancel_requested=False).value == "failed"
-    )
-    assert settled_status({"failed": 1, "cancelled": 1}, cancel_requested=True).value == "failed"
+    assert settled_status({"completed": 2, "running": 1}) is None
+    assert settled_status({"completed": 3}).value == "completed"
+    assert settled_status({"completed": 1, "cancelled": 1}).value == "cancelled"
+    assert settled_status({"failed": 1, "cancelled": 1}).value == "failed"
+    assert descendants(["a"], [("b", "a"), ("c", "b"), ("d", "x")]) == {"b", "c"}
+    edges = 50_001
+    specs = [StepSpec("root", "t")] + [
+        StepSpec(f"s{i}", "t", depends_on=("root",) * 1) for i in range(edges)
+    ]
+    with pytest.raises(ValidationError, match="dependencies in all"):
+        check_dag(specs, max_steps=100_000)
     assert retry_states(["b", "c"], [("b", "a"), ("c", "b")]) == {"b": "pending", "c": "blocked"}

@@ -14,9 +14,8 @@ good (dead-lettered) does to the rest:
   branches run to the end.
 
 The workflow is ``completed`` when every step completed, ``failed`` once no
-step can run and one failed (or was cancelled because of a failure),
-``cancelled`` when an operator cancelled it (or one of its steps) and none
-failed.
+step can run and one failed, ``cancelled`` when nothing failed but steps were
+cancelled (an operator cancelled the workflow or one of its steps).
 """
 
 from __future__ import annotations
@@ -39,6 +38,9 @@ MAX_WORKFLOW_STEPS = 10_000
 MAX_NAME_CHARS = 200
 #: At most this many parents per step.
 MAX_STEP_PARENTS = 1_000
+#: At most this many dependency edges in one workflow: readiness is settled in the
+#: transaction that finishes a parent, and a dense DAG would make those long.
+MAX_WORKFLOW_EDGES = 50_000
 #: How many offending steps an error lists before it says "and N more".
 _SHOWN = 10
 
@@ -180,6 +182,7 @@ def check_dag(
     *,
     existing: Mapping[str, Sequence[str]] | None = None,
     max_steps: int = MAX_WORKFLOW_STEPS,
+    allow_empty: bool = False,
 ) -> list[str]:
     """Validate ``steps`` and return their names in an order where every parent
     comes before its children (Kahn's algorithm).
@@ -191,12 +194,23 @@ def check_dag(
     depending on itself, and cycles."""
     existing = existing or {}
     errs: list[FieldError] = []
-    if not steps:
+    if not steps and not allow_empty:
         errs.append(FieldError("steps", "must list at least one step"))
     total = len(existing) + len(steps)
     if total > max_steps:
         errs.append(
             FieldError("steps", f"a workflow has at most {max_steps} steps (this one: {total})")
+        )
+    edges = sum(len(p) for p in existing.values()) + sum(
+        len(s.depends_on) for s in steps if not isinstance(s.depends_on, str)
+    )
+    if edges > MAX_WORKFLOW_EDGES:
+        errs.append(
+            FieldError(
+                "depends_on",
+                f"a workflow has at most {MAX_WORKFLOW_EDGES} dependencies in all "
+                f"(this one: {edges}); join through intermediate steps instead",
+            )
         )
     if errs:
         raise ValidationError("Invalid workflow: " + errs[0].message, errs)
@@ -288,7 +302,7 @@ def step_state(parent_states: Iterable[JobState]) -> JobState:
     return JobState.PENDING
 
 
-def settled_status(counts: Mapping[str, int], *, cancel_requested: bool) -> WorkflowStatus | None:
+def settled_status(counts: Mapping[str, int]) -> WorkflowStatus | None:
     """The terminal status once no step is blocked, pending or running (else None).
 
     ``counts``: number of steps per job state."""
@@ -297,7 +311,9 @@ def settled_status(counts: Mapping[str, int], *, cancel_requested: bool) -> Work
     if counts.get(JobState.FAILED.value, 0):
         return WorkflowStatus.FAILED
     if counts.get(JobState.CANCELLED.value, 0):
-        return WorkflowStatus.CANCELLED if cancel_requested else WorkflowStatus.FAILED
+        # Nothing failed: every cancel goes back to an operator's (of the workflow or
+        # of one of its steps), and what depended on it.
+        return WorkflowStatus.CANCELLED
     return WorkflowStatus.COMPLETED
 
 

@@ -95,9 +95,11 @@ from conveyor.storage.schedules_memory import MemorySchedules
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
     Moved,
+    descendants,
     event_steps,
     group_moved,
     retry_states,
+    split_added,
     step_details,
     updated_event,
     wants_fail_fast,
@@ -473,9 +475,35 @@ class MemoryStore(MemorySchedules, Store):
                 job.worker_id = None
                 self._move(job, Action.DLQ_RETRY, now, reason="dlq_retry")
                 wf = self._workflows.get(job.workflow_id or "")
-                if wf is not None and wf["status"] != "running":  # it runs again
-                    wf.update(status="running", finished_at=None, updated_at=now)
+                if wf is not None:  # its workflow runs again
+                    if wf["status"] != "running":
+                        wf.update(status="running", finished_at=None, updated_at=now)
+                    self._unblock_descendants(wf["id"], job.step_name or job.id, now)
             return [copy.deepcopy(j) for j in jobs]
+
+    def _unblock_descendants(self, wf_id: str, name: str, now: datetime) -> None:
+        """A step retried from the dead-letter queue: the steps below it that were
+        cancelled because of it wait for it again (``blocked``)."""
+        steps = [self._jobs[i] for i in self._wf_steps.get(wf_id, ()) if i in self._jobs]
+        edges = [
+            (j.step_name or j.id, self._jobs[p].step_name or p)
+            for j in steps
+            for p in j.depends_on
+            if p in self._jobs
+        ]
+        below = descendants([name], edges)
+        for job in steps:
+            if job.step_name in below and job.state is JobState.CANCELLED:
+                job.state = JobState.BLOCKED
+                job.attempt = 0
+                job.error = None
+                job.completed_at = None
+                job.cancel_requested_at = None
+                job.updated_at = now
+                job.metadata = {k: v for k, v in job.metadata.items() if k != "cancel_reason"}
+                self._emit(
+                    EventType.JOB_STATUS_CHANGED.value, job, now, reason="dlq_retry_of_parent"
+                )
 
     async def purge_failed(self, job_ids: Sequence[str] | None, now: datetime) -> int:
         async with self._lock:
@@ -720,9 +748,7 @@ class MemoryStore(MemorySchedules, Store):
                 self._emit(
                     WORKFLOW_UPDATED, None, now, **updated_event(wf_id, wf["name"], counts, steps)
                 )
-                status = settled_status(
-                    counts, cancel_requested=wf["cancel_requested_at"] is not None
-                )
+                status = settled_status(counts)
                 if status is not None:
                     wf.update(status=status.value, finished_at=now, updated_at=now)
                     details = event_steps(self._step_details(wf_id, results=False))
@@ -988,15 +1014,21 @@ class MemoryStore(MemorySchedules, Store):
                     + (" (cancelling)" if wf["cancel_requested_at"] else ""),
                 )
             existing = self._step_details(workflow_id, results=False)
+            fresh, already = split_added(steps, existing)
             check_dag(
-                [StepSpec(n, new.job_type, depends_on=tuple(new.depends_on)) for n, new in steps],
+                [StepSpec(n, new.job_type, depends_on=tuple(new.depends_on)) for n, new in fresh],
                 existing={d.name: d.depends_on for d in existing},
+                allow_empty=True,
             )
             known = {d.name: self._jobs[d.job_id] for d in existing}
-            jobs = self._insert_steps(workflow_id, steps, known, now)
-            wf["total_steps"] += len(steps)
+            jobs: dict[str | None, Job] = {
+                j.step_name: j for j in self._insert_steps(workflow_id, fresh, known, now)
+            }
+            for name, held in already.items():
+                jobs[name] = copy.deepcopy(self._jobs[held])
+            wf["total_steps"] += len(fresh)
             wf["updated_at"] = now
-            return jobs
+            return [jobs[n] for n, _ in steps]
 
     async def parent_results(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}

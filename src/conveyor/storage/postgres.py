@@ -104,9 +104,11 @@ from conveyor.storage.sql import load_migrations, load_queries
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
     Moved,
+    descendants,
     event_steps,
     group_moved,
     retry_states,
+    split_added,
     step_details,
     updated_event,
     wants_fail_fast,
@@ -1137,9 +1139,14 @@ class PostgresStore(PostgresSchedules, Store):
                     _json([row_event(r, "pending", 0, reason="dlq_retry") for r in rows]),
                     now,
                 )
-                wf_ids = sorted({r["workflow_id"] for r in rows if r["workflow_id"] is not None})
-                if wf_ids:  # their workflows run again
-                    await conn.execute(W["reopen_finished_workflows"], wf_ids, now)
+                steps: dict[str, list[str]] = {}
+                for r in rows:
+                    if r["workflow_id"] is not None:
+                        steps.setdefault(r["workflow_id"], []).append(r["step_name"])
+                if steps:  # their workflows run again
+                    await conn.execute(W["reopen_finished_workflows"], sorted(steps), now)
+                    for wf_id, names in steps.items():
+                        await self._unblock_descendants(conn, wf_id, names, now)
                 await conn.execute(Q["notify"], "")
             return out
 
@@ -1440,7 +1447,7 @@ class PostgresStore(PostgresSchedules, Store):
                 counts = await self._step_counts(conn, wf_id)
             types.append(WORKFLOW_UPDATED)
             datas.append(updated_event(wf_id, row["name"], counts, steps))
-            status = settled_status(counts, cancel_requested=row["cancel_requested_at"] is not None)
+            status = settled_status(counts)
             if status is not None:
                 await conn.execute(W["set_workflow_status"], wf_id, status.value, now)
                 details = event_steps(await self._step_details(conn, wf_id, results=False))
@@ -1478,6 +1485,29 @@ class PostgresStore(PostgresSchedules, Store):
                 m for m in await self._settle_children(conn, parents, now) if m.workflow_id != wf_id
             ]
         return moved
+
+    async def _unblock_descendants(
+        self, conn: asyncpg.Connection, wf_id: str, names: list[str], now: datetime
+    ) -> None:
+        """Steps retried from the dead-letter queue: the steps below them that were
+        cancelled because of them wait for them again (``blocked``)."""
+        edges = [(r[0], r[1]) for r in await conn.fetch(W["step_edges"], wf_id)]
+        below = descendants(names, edges)
+        again = [
+            r for r in await conn.fetch(W["retryable_steps"], wf_id) if r["step_name"] in below
+        ]
+        if not again:
+            return
+        await conn.execute(
+            W["reset_steps"], [r["id"] for r in again], ["blocked"] * len(again), now
+        )
+        await conn.execute(
+            Q["insert_events"],
+            [EventType.JOB_STATUS_CHANGED.value] * len(again),
+            [r["id"] for r in again],
+            _json([row_event(r, "blocked", 0, reason="dlq_retry_of_parent") for r in again]),
+            now,
+        )
 
     @staticmethod
     async def _step_counts(conn: asyncpg.Connection, wf_id: str) -> dict[str, int]:
@@ -1705,17 +1735,29 @@ class PostgresStore(PostgresSchedules, Store):
                     + (" (cancelling)" if row["cancel_requested_at"] else ""),
                 )
             existing = await self._step_details(conn, workflow_id, results=False)
+            fresh, already = split_added(steps, existing)
             check_dag(
-                [StepSpec(n, new.job_type, depends_on=tuple(new.depends_on)) for n, new in steps],
+                [StepSpec(n, new.job_type, depends_on=tuple(new.depends_on)) for n, new in fresh],
                 existing={d.name: d.depends_on for d in existing},
+                allow_empty=True,
             )
             known = {
                 d.name: (d.job_id, "running" if d.status == "cancelling" else d.status)
                 for d in existing
             }
-            jobs = await self._insert_steps(conn, workflow_id, steps, encoded, known, now)
-            await conn.execute(W["add_total_steps"], workflow_id, len(steps), now)
-            return jobs
+            fresh_encoded = [
+                e for (n, _), e in zip(steps, encoded, strict=True) if n not in already
+            ]
+            jobs: dict[str | None, Job] = {}
+            if fresh:
+                for j in await self._insert_steps(
+                    conn, workflow_id, fresh, fresh_encoded, known, now
+                ):
+                    jobs[j.step_name] = j
+                await conn.execute(W["add_total_steps"], workflow_id, len(fresh), now)
+            for name, held in already.items():
+                jobs[name] = job_from_record(await conn.fetchrow(Q["get_job"], held))
+            return [jobs[n] for n, _ in steps]
 
     async def parent_results(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}

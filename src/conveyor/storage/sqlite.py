@@ -105,9 +105,11 @@ from conveyor.storage.sql import load_migrations, load_queries
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
     Moved,
+    descendants,
     event_steps,
     group_moved,
     retry_states,
+    split_added,
     step_details,
     updated_event,
     wants_fail_fast,
@@ -726,12 +728,14 @@ class SQLiteStore(SQLiteSchedules, Store):
                         raise JobNotFound(job_id)
                     require_failed(job_id, row["state"], "retry")
                     rows.append(row)
+                steps: dict[str, list[str]] = {}
                 for row in rows:
                     conn.execute(Q["retry_failed"], {"id": row["id"], "now": ts})
-                    if row["workflow_id"] is not None:  # its workflow runs again
-                        conn.execute(
-                            W["reopen_finished_workflow"], {"id": row["workflow_id"], "now": ts}
-                        )
+                    if row["workflow_id"] is not None:
+                        steps.setdefault(row["workflow_id"], []).append(row["step_name"])
+                for wf_id, names in steps.items():  # its workflow runs again
+                    conn.execute(W["reopen_finished_workflow"], {"id": wf_id, "now": ts})
+                    self._unblock_descendants(conn, wf_id, names, ts)
                 conn.executemany(
                     Q["insert_event"],
                     [
@@ -1129,7 +1133,7 @@ class SQLiteStore(SQLiteSchedules, Store):
                 counts = self._step_counts(conn, wf_id)
             data = updated_event(wf_id, row["name"], counts, steps)
             events.append((WORKFLOW_UPDATED, None, orjson.dumps(data), now))
-            status = settled_status(counts, cancel_requested=row["cancel_requested_at"] is not None)
+            status = settled_status(counts)
             if status is not None:
                 conn.execute(
                     W["set_workflow_status"],
@@ -1174,6 +1178,27 @@ class SQLiteStore(SQLiteSchedules, Store):
                 m for m in self._settle_children(conn, parents, now) if m.workflow_id != wf_id
             ]
         return moved
+
+    def _unblock_descendants(
+        self, conn: sqlite3.Connection, wf_id: str, names: list[str], now: float
+    ) -> None:
+        """Steps retried from the dead-letter queue: the steps below them that were
+        cancelled because of them wait for them again (``blocked``)."""
+        edges = [(r[0], r[1]) for r in conn.execute(W["step_edges"], (wf_id,))]
+        below = descendants(names, edges)
+        events = []
+        for r in conn.execute(W["retryable_steps"], (wf_id,)).fetchall():
+            if r["step_name"] in below:
+                conn.execute(W["reset_step"], {"id": r["id"], "state": "blocked", "now": now})
+                events.append(
+                    (
+                        EventType.JOB_STATUS_CHANGED.value,
+                        r["id"],
+                        _event_json(r, "blocked", 0, reason="dlq_retry_of_parent"),
+                        now,
+                    )
+                )
+        conn.executemany(Q["insert_event"], events)
 
     @staticmethod
     def _step_counts(conn: sqlite3.Connection, wf_id: str) -> dict[str, int]:
@@ -1406,20 +1431,31 @@ class SQLiteStore(SQLiteSchedules, Store):
                         + (" (cancelling)" if row["cancel_requested_at"] else ""),
                     )
                 existing = self._step_details(conn, workflow_id, results=False)
+                fresh, already = split_added(steps, existing)
                 check_dag(
                     [
                         StepSpec(n, new.job_type, depends_on=tuple(new.depends_on))
-                        for n, new in steps
+                        for n, new in fresh
                     ],
                     existing={d.name: d.depends_on for d in existing},
+                    allow_empty=True,
                 )
                 known = {
                     d.name: (d.job_id, "running" if d.status == "cancelling" else d.status)
                     for d in existing
                 }
-                jobs = self._insert_steps(conn, workflow_id, steps, rows, known, ts)
-                conn.execute(W["add_total_steps"], {"id": workflow_id, "n": len(steps), "now": ts})
-                return jobs
+                fresh_rows = [r for (n, _), r in zip(steps, rows, strict=True) if n not in already]
+                jobs = {
+                    j.step_name: j
+                    for j in self._insert_steps(conn, workflow_id, fresh, fresh_rows, known, ts)
+                }
+                if fresh:
+                    conn.execute(
+                        W["add_total_steps"], {"id": workflow_id, "n": len(fresh), "now": ts}
+                    )
+                for name, held in already.items():
+                    jobs[name] = job_from_row(conn.execute(Q["get_job"], (held,)).fetchone())
+                return [jobs[n] for n, _ in steps]
 
         return await self._run(_do)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from conveyor.domain.errors import FieldError, ValidationError
 from conveyor.domain.states import JobState
 from conveyor.domain.workflow import (
     OnFailure,
@@ -156,3 +157,50 @@ def retry_states(retried: Iterable[str], edges: Iterable[tuple[str, str]]) -> di
     again = set(retried)
     waiting = {child for child, parent in edges if child in again and parent in again}
     return {s: ("blocked" if s in waiting else "pending") for s in again}
+
+
+def descendants(roots: Iterable[str], edges: Iterable[tuple[str, str]]) -> set[str]:
+    """Every step downstream of ``roots`` (not the roots); ``edges``: (child, parent)."""
+    children: dict[str, list[str]] = {}
+    for child, parent in edges:
+        children.setdefault(parent, []).append(child)
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            if c not in seen:
+                seen.add(c)
+                todo.append(c)
+    return seen
+
+
+def split_added(
+    steps: Sequence[tuple[str, Any]], existing: Sequence[StepDetail]
+) -> tuple[list[tuple[str, Any]], dict[str, str]]:
+    """A running step's ``add_steps`` again after a retry: the steps it asks for that
+    are already there with the same job type and parents were added by an earlier
+    attempt: they are not added twice (their job ids come back), so a fan-out
+    step can be retried. A name that exists with another definition is a
+    duplicate. Returns (steps to insert, name -> job id of those already there)."""
+    by_name = {d.name: d for d in existing}
+    new: list[tuple[str, Any]] = []
+    already: dict[str, str] = {}
+    clash: list[str] = []
+    for name, job in steps:
+        d = by_name.get(name)
+        if d is None:
+            new.append((name, job))
+        elif d.job_type == job.job_type and sorted(d.depends_on) == sorted(
+            dict.fromkeys(job.depends_on)
+        ):
+            already[name] = d.job_id
+        else:
+            clash.append(name)
+    if clash:
+        shown = ", ".join(repr(n) for n in clash[:10])
+        raise ValidationError(
+            f"Invalid workflow: duplicate step names: {shown} (already in the workflow "
+            "with another job type or parents)",
+            [FieldError("steps", f"duplicate step names: {shown}")],
+        )
+    return new, already
