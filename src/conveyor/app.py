@@ -41,6 +41,7 @@ from conveyor.domain.limits import delay_error, run_at_after, text_error, timeou
 from conveyor.domain.retry import RetryPolicy
 from conveyor.domain.states import JobState
 from conveyor.runtime.registry import Handler, JobDefinition
+from conveyor.runtime.steps import DEFAULT_MAX_HEALS, check_heal
 from conveyor.runtime.webhooks import WEBHOOK_JOB, WebhookSender
 from conveyor.runtime.worker import Worker, exit_if_abandoned
 from conveyor.security.redact import redact_url
@@ -207,13 +208,18 @@ class Conveyor:
         retry: RetryPolicy | None = None,
         isolation: str | None = None,
         _internal: bool = False,
+        heal: Callable[..., Any] | None = None,
+        max_heals: int = DEFAULT_MAX_HEALS,
     ) -> Callable[[F], JobDefinition]:
         """Register a handler ``(ctx, **payload)`` for ``job_type``.
 
         ``timeout`` in seconds (``None``: none); ``isolation``: ``"thread"`` or
         ``"process"`` (a supervised child process, see docs/operations.md), default
-        the worker's. Raises ``ValidationError`` / ``ConfigurationError`` for bad
-        values, a reserved (``conveyor.``) type or a type registered twice.
+        the worker's. ``heal``: ``fn(payload, error, attempt) -> new payload | None``
+        (sync or async) run before each retry of a failed attempt, at most
+        ``max_heals`` times per job (0-100; see docs/workflows.md). Raises
+        ``ValidationError`` / ``ConfigurationError`` for bad values, a reserved
+        (``conveyor.``) type or a type registered twice.
         """
         probe = NewJob(
             job_type, queue=queue, priority=priority, max_retries=max_retries, internal=_internal
@@ -227,6 +233,7 @@ class Conveyor:
             raise ConfigurationError(
                 f"isolation of job type {job_type!r} must be one of {', '.join(ISOLATION_MODES)}"
             )
+        check_heal(job_type, heal, max_heals)
 
         def decorator(fn: F) -> JobDefinition:
             if job_type in self.registry:
@@ -241,6 +248,8 @@ class Conveyor:
                 timeout=timeout,
                 retry=retry or RetryPolicy(),
                 isolation=isolation,
+                heal=heal,
+                max_heals=max_heals,
             )
             self.registry[job_type] = definition
             return definition

@@ -52,6 +52,7 @@ def job_dict(job: Job, executions: list[Execution] | None = None) -> dict[str, A
         "started_at": iso(job.started_at),
         "completed_at": iso(job.completed_at),
         "updated_at": iso(job.updated_at),
+        "payload_version": job.payload_version,
     }
     if executions is not None:
         out["executions"] = [execution_dict(e) for e in executions]
@@ -66,6 +67,7 @@ def execution_dict(e: Execution) -> dict[str, Any]:
         "finished_at": iso(e.finished_at),
         "outcome": e.outcome,
         "error": e.error,
+        "payload_version": e.payload_version,
     }
 
 

@@ -44,6 +44,7 @@ from conveyor.domain.retry import decide, describe
 from conveyor.domain.states import Action
 from conveyor.runtime.context import JobContext
 from conveyor.runtime.relay import OutboxConsumer, bus_relay, skip_unheard
+from conveyor.runtime.steps import attach_steps, heal_finish
 from conveyor.runtime.webhooks import WebhookDispatcher
 from conveyor.storage.codec import storable_result
 
@@ -126,6 +127,7 @@ class _Running:
     abandoned: bool = False  # shutdown left its code running: no outcome is written
     timeout_cm: asyncio.Timeout | None = None  # the handler's timeout, to tell it apart
     timed_out: bool = False  # the pool killed its child at the timeout
+    error: BaseException | None = None  # what the attempt raised (for a heal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,6 +459,7 @@ class Worker:
             worker_id=self.id,
             metadata=job.metadata,
         )
+        attach_steps(ctx, job, self.store, self.app.now)
         task = asyncio.create_task(self._execute(job, ctx, definition))
         self._running[job.id] = _Running(job, ctx, task)
 
@@ -482,6 +485,8 @@ class Worker:
                 Action.FAIL,
                 error="internal error while recording the outcome: " + describe(exc),
             )
+        if finish is not None and finish.action is Action.RETRY and not entry.abandoned:
+            finish = await heal_finish(finish, job, definition, entry.error)
         self._running.pop(job.id, None)
         self.processed += 1
         if finish is None or entry.abandoned:
@@ -717,6 +722,9 @@ class Worker:
         *,
         error: str | None = None,
     ) -> Finish:
+        entry = self._running.get(job.id)
+        if entry is not None:
+            entry.error = exc
         decision = decide(
             exc,
             attempt=job.attempt,

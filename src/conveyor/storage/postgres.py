@@ -75,7 +75,7 @@ from conveyor.storage.base import (
     row_event,
     webhook_from_row,
 )
-from conveyor.storage.codec import dumps_object, roundtrip
+from conveyor.storage.codec import dumps, dumps_object, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.sql import load_migrations, load_queries
 
@@ -432,6 +432,8 @@ def job_from_record(r: asyncpg.Record) -> Job:
         started_at=r["started_at"],
         completed_at=r["completed_at"],
         updated_at=r["updated_at"],
+        payload_version=r["payload_version"],
+        checkpoint=r["checkpoint"],
     )
 
 
@@ -834,6 +836,9 @@ class PostgresStore(Store):
             if f.action not in FINISH_ACTIONS:
                 raise InvalidTransition("running", f.action.value)
         finishes = [f if f.action is not Action.COMPLETE else _with_result(f) for f in finishes]
+        for f in finishes:
+            if f.action is Action.RETRY and f.payload is not None:
+                dumps(f.payload)  # a healed payload JSON can't hold: refused before the write
         if not finishes:
             return []
         async with self._conn(tx=True) as conn:
@@ -848,6 +853,7 @@ class PostgresStore(Store):
                     cancel_requested=r["cancel_requested_at"] is not None,
                     run_at=r["run_at"],
                     error=r["error"],
+                    payload_version=r["payload_version"],
                 )
                 for r in await conn.fetch(Q["lock_running"], sorted({f.job_id for f in finishes}))
                 if r["state"] == "running"
@@ -872,6 +878,7 @@ class PostgresStore(Store):
                     [e[0] for e in plan.events],
                     [e[1] for e in plan.events],
                     _json([e[2] for e in plan.events]),
+                    [None if x.payload is None else _jsonb(x.payload) for x in u],
                 )
                 if plan.finished_parents:
                     await self._settle_children(conn, plan.finished_parents, now)
@@ -998,6 +1005,7 @@ class PostgresStore(Store):
                     job.attempt,
                     job.worker_id,
                     job.started_at,
+                    job.payload_version,
                 )
                 types.append(event)
                 ids.append(job.id)
@@ -1123,6 +1131,7 @@ class PostgresStore(Store):
                     r["finished_at"],
                     r["outcome"],
                     r["error"],
+                    r["payload_version"],
                 )
                 for r in await conn.fetch(Q["executions"], job_id)
             ]
@@ -1331,6 +1340,27 @@ class PostgresStore(Store):
                 raise WebhookNotFound(webhook_id)
             rows = await conn.fetch(Q["list_deliveries"], webhook_id, limit)
         return [delivery_from_row(r, _same) for r in rows]
+
+    # -- durable steps and checkpoints -----------------------------------------------------
+    async def save_step(
+        self, job_id: str, lease_token: str, name: str, result: Any, now: datetime
+    ) -> bool:
+        data = dumps(result, "result")
+        async with self._conn(tx=True) as conn:
+            held = await conn.fetchval(Q["save_step"], job_id, lease_token, name, data, now)
+        return held is not None
+
+    async def job_steps(self, job_id: str) -> dict[str, Any]:
+        async with self._conn() as conn:
+            return {r[0]: r[1] for r in await conn.fetch(Q["job_steps"], job_id)}
+
+    async def save_checkpoint(
+        self, job_id: str, lease_token: str, state: Any, now: datetime
+    ) -> bool:
+        data = dumps(state, "checkpoint")
+        async with self._conn() as conn:
+            status = await conn.execute(Q["save_checkpoint"], job_id, lease_token, data)
+        return bool(status != "UPDATE 0")
 
 
 _STATES = {s.value: s for s in JobState}

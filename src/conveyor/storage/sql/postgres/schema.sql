@@ -233,3 +233,19 @@ CREATE INDEX webhook_deliveries_hook ON conveyor.webhook_deliveries USING btree 
 
 ALTER TABLE ONLY conveyor.webhook_deliveries
     ADD CONSTRAINT webhook_deliveries_webhook_id_fkey FOREIGN KEY (webhook_id) REFERENCES conveyor.webhooks(id) ON DELETE CASCADE;
+
+-- Durable steps, checkpoints and healed payloads (migration 0011).
+ALTER TABLE conveyor.jobs ADD COLUMN checkpoint jsonb;
+ALTER TABLE conveyor.jobs ADD COLUMN payload_version integer DEFAULT 1 NOT NULL;
+ALTER TABLE conveyor.job_executions ADD COLUMN payload_version integer DEFAULT 1 NOT NULL;
+
+CREATE TABLE conveyor.job_steps (
+    job_id text NOT NULL,
+    name text NOT NULL,
+    result jsonb NOT NULL,
+    attempt integer NOT NULL,
+    created_at timestamp with time zone NOT NULL
+);
+
+ALTER TABLE ONLY conveyor.job_steps
+    ADD CONSTRAINT job_steps_pkey PRIMARY KEY (job_id, name);
