@@ -22,9 +22,10 @@ from conveyor.domain.job import Finish, NewJob
 from conveyor.domain.retry import RetryPolicy
 from conveyor.domain.states import Action, JobState
 from conveyor.runtime.context import JobContext
-from conveyor.runtime.steps import LocalSteps, Steps, check_step_name
+from conveyor.runtime.steps import LocalSteps, Steps, check_step_name, child_calls
 from conveyor.storage.base import Store
-from support import running_worker
+from integration import stepsapp
+from support import async_wait_until, running_worker
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 QUICK = RetryPolicy(base=0, jitter=False)
@@ -374,3 +375,68 @@ def test_heal_options_are_checked_at_registration():
         app.job("a", max_heals=True)
     with pytest.raises(ConfigurationError, match="heal"):
         app.job("a", heal="not callable")
+
+
+# -- handlers in child processes (isolation="process") --------------------------------------
+
+
+@pytest.mark.parametrize("handler", [stepsapp.counted_steps, stepsapp.counted_steps_async])
+async def test_steps_and_checkpoints_work_in_a_child_process(app, tmp_path, handler):
+    app.job("child_steps", isolation="process", max_retries=2, retry=QUICK)(handler)
+    ran = tmp_path / "ran.txt"
+    (job,) = await run_jobs(app, ("child_steps", {"path": str(ran)}))
+    assert job.state is JobState.COMPLETED, job.error
+    assert ran.read_text().splitlines() == ["first"]  # once, in the first attempt's child
+    first = job.result["first"]
+    assert first[0] == "first"
+    assert job.result["checkpoint"] == {"after": "first"}
+    assert job.result["attempt"] == 2
+    assert await app.store.job_steps(job.id) == {"first": first}
+
+
+async def test_a_child_whose_attempt_lost_its_lease_gets_lease_lost(app, tmp_path):
+    app.job("zombie_steps", isolation="process", max_retries=2, timeout=30)(stepsapp.zombie_steps)
+    flag, out = tmp_path / "flag", tmp_path / "out.txt"
+    job = await app.enqueue("zombie_steps", {"flag": str(flag), "out": str(out)})
+    async with running_worker(app, concurrency=2):
+
+        async def stored_a() -> Any:
+            return (await app.store.job_steps(job.id)) or None
+
+        assert await async_wait_until(stored_a, 20, "step a") == {"a": "a"}
+        running = await app.store.get(job.id)
+        # Another party ends this attempt (as a rescue would): the lease is gone.
+        later = app.now() + timedelta(hours=1)
+        lost = Finish(job.id, running.lease_token, Action.RETRY, error="taken", retry_at=later)
+        assert await app.store.finish_many([lost], app.now()) == [True]
+        flag.write_text("go")
+
+        async def reported() -> Any:
+            return out.exists() and out.read_text().split()
+
+        assert await async_wait_until(reported, 20, "the child's step b") == ["LeaseLost"]
+    assert await app.store.job_steps(job.id) == {"a": "a"}
+    after = await app.store.get(job.id)
+    assert after.state is JobState.PENDING  # the zombie's own outcome was refused
+    assert after.attempt == 1
+
+
+async def test_calls_from_a_child_are_checked_like_any_input(store):
+    job = await leased(store)
+    ctx = JobContext(job.id, job.job_type, job.attempt, job.max_retries, job.queue, "w", {})
+    loop = asyncio.get_running_loop()
+    ctx._steps = Steps(LocalSteps(store, job.id, job.lease_token, lambda: NOW, loop))
+    answer = child_calls(ctx)
+    assert answer is not None
+    for bad in [
+        {"job_id": "other", "op": "load"},
+        {"job_id": job.id, "op": "drop_tables"},
+        {"job_id": job.id, "op": "save", "name": "", "value": 1},
+        {"job_id": job.id, "op": "save", "name": ["x"], "value": 1},
+        {"job_id": job.id, "op": "checkpoint", "value": float("nan")},
+    ]:
+        with pytest.raises(ValidationError):
+            await answer(bad)
+    assert await answer({"job_id": job.id, "op": "save", "name": "s", "value": "a\x00b"}) is None
+    assert await answer({"job_id": job.id, "op": "load"}) == {"s": "a\ufffdb"}
+    assert child_calls(JobContext("j", "t", 1, 0, "q", "w", {})) is None

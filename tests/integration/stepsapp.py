@@ -60,3 +60,48 @@ def register(app: Conveyor) -> None:
     app.job("three_steps_sync")(three_steps_sync)
     app.job("three_steps_process", isolation="process")(three_steps)
     app.job("three_steps_sync_process", isolation="process")(three_steps_sync)
+
+
+def _append(path: str, text: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+def counted_steps(ctx: JobContext, path: str) -> dict[str, Any]:
+    """A step that appends to ``path`` when it runs, a checkpoint, and a first
+    attempt that fails after both were stored."""
+    first = ctx.step("first", _append_and_return, path, "first")
+    if ctx.last_checkpoint is None:
+        ctx.checkpoint({"after": "first"})
+        raise RuntimeError("the first attempt fails after its step")
+    return {"first": first, "checkpoint": ctx.last_checkpoint, "attempt": ctx.attempt}
+
+
+async def counted_steps_async(ctx: JobContext, path: str) -> dict[str, Any]:
+    """``counted_steps`` as an async handler."""
+    first = await ctx.step("first", _append_and_return, path, "first")
+    if ctx.last_checkpoint is None:
+        await ctx.checkpoint({"after": "first"})
+        raise RuntimeError("the first attempt fails after its step")
+    return {"first": first, "checkpoint": ctx.last_checkpoint, "attempt": ctx.attempt}
+
+
+def _append_and_return(path: str, value: str) -> list[Any]:
+    _append(path, value)
+    return [value, os.getpid()]
+
+
+def zombie_steps(ctx: JobContext, flag: str, out: str) -> str:
+    """Stores step "a", then waits for ``flag`` (the test takes its lease meanwhile)
+    and tries step "b": the name of what that raised goes to ``out``."""
+    ctx.step("a", lambda: "a")
+    deadline = time.monotonic() + 20
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.01)  # wait-ok: polls the test's flag file, bounded
+    try:
+        ctx.step("b", lambda: "b")
+    except Exception as exc:
+        _append(out, type(exc).__name__)
+        raise
+    _append(out, "stored")
+    return "b stored"

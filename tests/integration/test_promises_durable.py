@@ -45,13 +45,22 @@ def worker(db: str, tmp_path: Path, log: Path, name: str) -> WorkerProcess:
     return WorkerProcess(db, tmp_path / f"{name}.out", "stepsapp", **env)
 
 
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` ended (a zombie waiting to be reaped counts as ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return "\nState:\tZ" in status
+
+
 def events(log: Path) -> Counter[str]:
     return Counter(ev for _job, _attempt, _pid, ev in exec_lines(log))
 
 
 @pytest.mark.parametrize(
     "job_type",
-    ["three_steps", "three_steps_sync"],
+    ["three_steps", "three_steps_sync", "three_steps_process", "three_steps_sync_process"],
 )
 async def test_kill_9_after_step_2_resumes_at_step_3(app, db, tmp_path, job_type):
     log = tmp_path / "steps.log"
@@ -94,3 +103,6 @@ async def test_kill_9_after_step_2_resumes_at_step_3(app, db, tmp_path, job_type
     }
     history = [(e.attempt, e.outcome) for e in await app.store.executions(job.id)]
     assert history == [(1, "lost"), (2, "completed")]
+    # What ran the killed attempt (the worker, or its child process) is gone: no
+    # orphan goes on with the job while the new worker runs it.
+    wait_until(lambda: gone(steps[1]["pid"]), 10, "the killed attempt's process to end")

@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -379,3 +379,33 @@ async def heal_finish(finish: Any, job: Any, definition: Any, error: BaseExcepti
         return finish
     log.info("job_healed", job_id=job.id, payload_version=job.payload_version + 1)
     return dataclasses.replace(finish, payload=new)
+
+
+def child_calls(ctx: Any) -> Callable[[dict[str, Any]], Awaitable[Any]] | None:
+    """What answers the calls ``ctx.step`` / ``ctx.checkpoint`` make from a child
+    process (``isolation="process"``): the attempt's own ``LocalSteps``, with the
+    child's message checked as any input (it is another process's word)."""
+    steps = ctx._steps
+    port = steps.port if isinstance(steps, Steps) else None
+    if port is None:
+        return None
+
+    async def on_call(message: dict[str, Any]) -> Any:
+        if message.get("job_id") != port.job_id:
+            raise ValidationError("a call for another job")
+        op = message.get("op")
+        if op == "load":
+            return await port.load()
+        if op == "save":
+            name = check_step_name(message.get("name"))
+            value = roundtrip(storable_result(message.get("value")), "result")
+            if not await port.save(name, value):
+                raise lease_lost(port.job_id, f"step {name!r}")
+            return None
+        if op == "checkpoint":
+            if not await port.save_checkpoint(encode_checkpoint(message.get("value"))):
+                raise lease_lost(port.job_id, "the checkpoint")
+            return None
+        raise ValidationError(f"unknown call {safe_text(repr(op), 40)}")
+
+    return on_call

@@ -44,7 +44,7 @@ from conveyor.domain.retry import decide, describe
 from conveyor.domain.states import Action
 from conveyor.runtime.context import JobContext
 from conveyor.runtime.relay import OutboxConsumer, bus_relay, skip_unheard
-from conveyor.runtime.steps import attach_steps, heal_finish
+from conveyor.runtime.steps import attach_steps, child_calls, heal_finish
 from conveyor.runtime.webhooks import WebhookDispatcher
 from conveyor.storage.codec import storable_result
 
@@ -666,11 +666,12 @@ class Worker:
             handler=handler,
             is_async=definition.is_async,
             permanent_errors=permanent_errors,
+            checkpoint=ctx.last_checkpoint,
         )
         entry = self._running[job.id]
         entry.deadline = _deadline(timeout)
         try:
-            return await pool.run(child_job, timeout)
+            return await pool.run(child_job, timeout, child_calls(ctx))
         except TimeoutError:
             entry.timed_out = True  # the pool's own: it killed the child
             raise
