@@ -440,3 +440,15 @@ async def test_calls_from_a_child_are_checked_like_any_input(store):
     assert await answer({"job_id": job.id, "op": "save", "name": "s", "value": "a\x00b"}) is None
     assert await answer({"job_id": job.id, "op": "load"}) == {"s": "a\ufffdb"}
     assert child_calls(JobContext("j", "t", 1, 0, "q", "w", {})) is None
+
+
+async def test_a_handler_called_directly_keeps_its_steps_in_memory():
+    runs: list[int] = []
+    ctx = JobContext("j", "t", 1, 0, "default", "test", {})
+    assert await ctx.step("a", lambda: runs.append(1) or 5) == 5
+    assert await ctx.step("a", lambda: runs.append(1) or 6) == 5
+    await ctx.checkpoint((1, 2))
+    assert ctx.last_checkpoint == [1, 2]
+    assert runs == [1]
+    sync_ctx = JobContext("j", "t", 1, 0, "default", "test", {})
+    assert await asyncio.to_thread(sync_ctx.step, "b", lambda: "in a thread") == "in a thread"

@@ -69,7 +69,8 @@ class JobContext:
 
         Raises ``ValidationError`` for a bad name or a result that can't be
         stored, ``LeaseLost`` when this attempt lost the job (the step is not
-        stored; let it propagate: the attempt is over).
+        stored; let it propagate: the attempt is over). A context made by hand
+        (a handler called directly in a test) keeps its steps in memory.
         """
         steps = self._durable()
         if in_event_loop():

@@ -170,22 +170,41 @@ def in_event_loop() -> bool:
     return True
 
 
-class Steps:
-    """The durable-step state of one attempt (held by its ``JobContext``)."""
+class _Detached:
+    """The port of a context no worker made (a handler called directly in a test):
+    steps and checkpoints live in the context only, and nothing is fenced."""
 
-    def __init__(self, port: StepPort | None, unavailable: str | None = None) -> None:
+    job_id = ""
+
+    async def load(self) -> dict[str, Any]:
+        return {}
+
+    async def save(self, name: str, result: Any) -> bool:
+        return True
+
+    async def save_checkpoint(self, state: Any) -> bool:
+        return True
+
+    def load_sync(self) -> dict[str, Any]:
+        return {}
+
+    def save_sync(self, name: str, result: Any) -> bool:
+        return True
+
+    def save_checkpoint_sync(self, state: Any) -> bool:
+        return True
+
+
+class Steps:
+    """The durable-step state of one attempt (held by its ``JobContext``).
+    ``port`` None: a context made by hand, whose steps live in memory only."""
+
+    def __init__(self, port: StepPort | None) -> None:
         self.port = port
-        self.unavailable = unavailable
         self.done: dict[str, Any] | None = None  # stored results, loaded on first use
 
     def _port(self) -> StepPort:
-        if self.port is None:
-            raise RuntimeError(
-                self.unavailable
-                or "durable steps need a job run by a worker (ctx.step and ctx.checkpoint "
-                "store through it); this context has no worker behind it"
-            )
-        return self.port
+        return _Detached() if self.port is None else self.port
 
     # -- async (an async handler) ---------------------------------------------------
     async def step(self, name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
