@@ -9,6 +9,7 @@ of the retry), and the history shows which payload version each attempt ran.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -140,6 +141,29 @@ async def test_an_unstorable_step_result_fails_the_job_and_is_not_stored(app):
     (job,) = await run_jobs(app, ("nan_step", {}))
     assert job.state is JobState.FAILED
     assert "finite" in job.error
+    assert await app.store.job_steps(job.id) == {}
+
+
+async def test_a_timed_out_job_ends_only_once_its_step_thread_returned(app):
+    spans: list[tuple[float, float]] = []
+
+    def slow_step() -> str:
+        began = time.time()
+        time.sleep(0.6)  # wait-ok: a step's blocking work that outlasts the job's timeout
+        spans.append((began, time.time()))
+        return "late"
+
+    @app.job("slow_step", max_retries=0, timeout=0.2)
+    async def slow_step_job(ctx: JobContext) -> Any:
+        return await ctx.step("slow", slow_step)
+
+    (job,) = await run_jobs(app, ("slow_step", {}))
+    assert job.state is JobState.FAILED
+    assert "timed out" in job.error
+    ((_began, ended),) = spans
+    (run,) = await app.store.executions(job.id)
+    # The attempt's outcome was written after its step's code had stopped.
+    assert run.finished_at.timestamp() >= ended
     assert await app.store.job_steps(job.id) == {}
 
 
@@ -329,7 +353,14 @@ async def slow_heal(payload: dict[str, Any], error: BaseException, attempt: int)
     return {"n": 5}
 
 
-@pytest.mark.parametrize("heal", [raising_heal, garbage_heal, invalid_heal, nan_heal, slow_heal])
+def stuck_heal(payload: dict[str, Any], error: BaseException, attempt: int) -> Any:
+    time.sleep(3)  # wait-ok: a sync heal that overruns its timeout (in its own thread)
+    return {"n": 5}
+
+
+@pytest.mark.parametrize(
+    "heal", [raising_heal, garbage_heal, invalid_heal, nan_heal, slow_heal, stuck_heal]
+)
 async def test_a_broken_heal_never_stops_the_retry(app, heal, monkeypatch):
     import conveyor.runtime.steps as steps
 

@@ -23,10 +23,11 @@ return the value themselves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
-import functools
 import inspect
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -257,6 +258,35 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
+def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+    """``fn(*args, **kwargs)`` in a new daemon thread (with this context's
+    variables); the future gets its result or exception. Not a pool: code that
+    never returns holds only its own thread, never one that asyncio (DNS
+    lookups) or the next job needs, and never holds up the process's exit."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(ok: bool, value: Any) -> None:
+        if fut.done():
+            return  # its waiter gave up (a timeout)
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            outcome = (True, context.run(fn, *args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+            outcome = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="conveyor-step", daemon=True).start()
+    return fut
+
+
 async def _call_async(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     """``fn`` called from an async handler: awaited if it is async, else run in a
     thread so that the event loop (and every other job's heartbeat) goes on. A
@@ -264,9 +294,7 @@ async def _call_async(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     attempt's code must have stopped before its outcome is written."""
     if inspect.iscoroutinefunction(fn):
         return await fn(*args, **kwargs)
-    loop = asyncio.get_running_loop()
-    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-    fut = loop.run_in_executor(None, call)
+    fut = in_thread(fn, *args, **kwargs)
     cancelled = False
     while True:
         try:
@@ -322,9 +350,7 @@ async def run_heal(
             async with asyncio.timeout(timeout):
                 new = await heal(copy, error, attempt)
         else:
-            loop = asyncio.get_running_loop()
-            call = functools.partial(contextvars.copy_context().run, heal, copy, error, attempt)
-            new = await asyncio.wait_for(loop.run_in_executor(None, call), timeout)
+            new = await asyncio.wait_for(in_thread(heal, copy, error, attempt), timeout)
             if inspect.isawaitable(new):
                 async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
                     new = await new
