@@ -258,7 +258,9 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
-def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+def in_thread(
+    fn: Callable[..., Any], *args: Any, **kwargs: Any
+) -> tuple[asyncio.Future[Any], threading.Thread]:
     """``fn(*args, **kwargs)`` in a new daemon thread (with this context's
     variables); the future gets its result or exception. Not a pool: code that
     never returns holds only its own thread, never one that asyncio (DNS
@@ -283,8 +285,9 @@ def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Futu
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
             loop.call_soon_threadsafe(settle, *outcome)
 
-    threading.Thread(target=run, name="conveyor-step", daemon=True).start()
-    return fut
+    thread = threading.Thread(target=run, name="conveyor-step", daemon=True)
+    thread.start()
+    return fut, thread
 
 
 async def _call_async(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
@@ -294,16 +297,22 @@ async def _call_async(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     attempt's code must have stopped before its outcome is written."""
     if inspect.iscoroutinefunction(fn):
         return await fn(*args, **kwargs)
-    fut = in_thread(fn, *args, **kwargs)
+    fut, thread = in_thread(fn, *args, **kwargs)
     cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(fut)
-            break
-        except asyncio.CancelledError:
-            if fut.done():
-                raise
-            cancelled = True  # keep waiting for the thread, then end as cancelled
+    try:
+        while True:
+            try:
+                result = await asyncio.shield(fut)
+                break
+            except asyncio.CancelledError:
+                if fut.done():
+                    raise
+                cancelled = True  # keep waiting for the thread, then end as cancelled
+    finally:
+        if fut.done():
+            # It handed its outcome over and is ending: gone before the job ends
+            # (a child process counts the threads a job leaves behind).
+            thread.join(1.0)
     if cancelled:
         raise asyncio.CancelledError
     if inspect.isawaitable(result):
@@ -350,7 +359,7 @@ async def run_heal(
             async with asyncio.timeout(timeout):
                 new = await heal(copy, error, attempt)
         else:
-            new = await asyncio.wait_for(in_thread(heal, copy, error, attempt), timeout)
+            new = await asyncio.wait_for(in_thread(heal, copy, error, attempt)[0], timeout)
             if inspect.isawaitable(new):
                 async with asyncio.timeout(max(0.0, timeout - (time.monotonic() - started))):
                     new = await new
