@@ -119,7 +119,9 @@ async def test_a_step_that_raises_is_not_stored_and_runs_again(app):
     assert "ConnectionError" in (await app.store.executions(job.id))[0].error
 
 
-@pytest.mark.parametrize("name", ["", "x" * 201, "bad\x00name", "tab\there", 42])
+@pytest.mark.parametrize(
+    "name", ["", "x" * 201, "bad\x00name", "tab\there", "c1\x85", "\ud800", 42]
+)
 async def test_bad_step_names_fail_the_job_permanently(app, name):
     @app.job("bad_name", max_retries=3)
     async def bad_name(ctx: JobContext) -> Any:

@@ -12,7 +12,7 @@ Where the store is reached from depends on where the handler runs:
   its thread pool): :class:`LocalSteps` calls the store on the worker's loop;
 - in a child process (``isolation="process"``): the child asks the worker
   over its socket (:class:`conveyor.runtime.isolation.ChildSteps`), and the
-  worker answers with a :class:`LocalSteps` (see :func:`answer_child`).
+  worker answers with a :class:`LocalSteps` (see :func:`child_calls`).
 
 ``ctx.step`` and ``ctx.checkpoint`` work in both kinds of handlers: called
 where an event loop runs (an async handler) they return an awaitable; called
@@ -29,6 +29,7 @@ import dataclasses
 import inspect
 import threading
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
@@ -59,7 +60,7 @@ def step_name_error(name: object) -> str | None:
         return "must be a non-empty string"
     if len(name) > MAX_STEP_NAME:
         return f"must be at most {MAX_STEP_NAME} characters"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if any(unicodedata.category(c) == "Cc" for c in name):
         return "must not contain NUL or other control characters"
     try:
         name.encode("utf-8")
