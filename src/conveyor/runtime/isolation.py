@@ -31,6 +31,10 @@ What crosses the process boundary
   ``ctx.cancelled`` is set when the child receives ``SIGTERM`` (timeout,
   cancel or shutdown); an async handler's task is also cancelled then. The
   handler has ``kill_grace`` seconds to stop before ``SIGKILL``.
+  ``ctx.step``, ``ctx.checkpoint`` and ``ctx.last_checkpoint`` work too: the
+  child sends each store call to the parent as a ``call`` message on its
+  socket and blocks for the ``reply`` (:class:`ChildSteps`), which ``run()``'s
+  ``on_call`` answers; the checkpoint comes with the job.
 - Exceptions come back as text (``error``: ``"Type: message"``, made storable
   and capped at :data:`ERROR_TEXT_LIMIT` bytes; ``traceback``, capped at
   :data:`TRACEBACK_LIMIT`) plus what the retry decision needs: ``Permanent``,
