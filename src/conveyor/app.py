@@ -47,6 +47,7 @@ from conveyor.runtime.locks import Leadership, LockBackend, LockRequest, Locks
 from conveyor.runtime.ports import RuntimeDeps, Signals
 from conveyor.runtime.registry import Handler, JobDefinition
 from conveyor.runtime.scheduler import Scheduler
+from conveyor.runtime.steps import DEFAULT_MAX_HEALS, check_heal
 from conveyor.runtime.webhooks import WEBHOOK_JOB, WebhookSender
 from conveyor.runtime.worker import Worker, exit_if_abandoned
 from conveyor.security.redact import redact_url
@@ -249,13 +250,18 @@ class Conveyor:
         retry: RetryPolicy | None = None,
         isolation: str | None = None,
         _internal: bool = False,
+        heal: Callable[..., Any] | None = None,
+        max_heals: int = DEFAULT_MAX_HEALS,
     ) -> Callable[[F], JobDefinition]:
         """Register a handler ``(ctx, **payload)`` for ``job_type``.
 
         ``timeout`` in seconds (``None``: none); ``isolation``: ``"thread"`` or
         ``"process"`` (a supervised child process, see docs/operations.md), default
-        the worker's. Raises ``ValidationError`` / ``ConfigurationError`` for bad
-        values, a reserved (``conveyor.``) type or a type registered twice.
+        the worker's. ``heal``: ``fn(payload, error, attempt) -> new payload | None``
+        (sync or async) run before each retry of a failed attempt, at most
+        ``max_heals`` times per job (0-100; see docs/workflows.md). Raises
+        ``ValidationError`` / ``ConfigurationError`` for bad values, a reserved
+        (``conveyor.``) type or a type registered twice.
         """
         probe = NewJob(
             job_type, queue=queue, priority=priority, max_retries=max_retries, internal=_internal
@@ -269,6 +275,7 @@ class Conveyor:
             raise ConfigurationError(
                 f"isolation of job type {job_type!r} must be one of {', '.join(ISOLATION_MODES)}"
             )
+        check_heal(job_type, heal, max_heals)
 
         def decorator(fn: F) -> JobDefinition:
             if job_type in self.registry:
@@ -283,6 +290,8 @@ class Conveyor:
                 timeout=timeout,
                 retry=retry or RetryPolicy(),
                 isolation=isolation,
+                heal=heal,
+                max_heals=max_heals,
             )
             self.registry[job_type] = definition
             return definition

@@ -56,6 +56,7 @@ def job_dict(job: Job, executions: list[Execution] | None = None) -> dict[str, A
         "completed_at": iso(job.completed_at),
         "updated_at": iso(job.updated_at),
         "schedule_id": job.schedule_id,
+        "payload_version": job.payload_version,
     }
     if executions is not None:
         out["executions"] = [execution_dict(e) for e in executions]
@@ -70,6 +71,7 @@ def execution_dict(e: Execution) -> dict[str, Any]:
         "finished_at": iso(e.finished_at),
         "outcome": e.outcome,
         "error": e.error,
+        "payload_version": e.payload_version,
     }
 
 

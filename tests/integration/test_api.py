@@ -322,7 +322,16 @@ async def test_get_job_lists_executions(cv, client):
     assert job["attempt"] == 1
     assert job["error"] == "boom"
     (ex,) = job["executions"]
-    assert set(ex) == {"attempt", "worker_id", "started_at", "finished_at", "outcome", "error"}
+    assert set(ex) == {
+        "attempt",
+        "worker_id",
+        "started_at",
+        "finished_at",
+        "outcome",
+        "error",
+        "payload_version",
+    }
+    assert ex["payload_version"] == job["payload_version"] == 1
     assert ex["attempt"] == 1
     assert ex["worker_id"] == "w1"
     assert ex["started_at"]

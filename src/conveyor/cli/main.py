@@ -507,7 +507,7 @@ def jobs_show(obj: Ctx, job_id: str, as_json: bool) -> None:
         _add_row(table, key, value if isinstance(value, str) else orjson.dumps(value).decode())
     out.print(table)
     ex = Table(title="Executions")
-    for col in ("attempt", "worker", "started", "finished", "outcome", "error"):
+    for col in ("attempt", "worker", "started", "finished", "outcome", "error", "payload v."):
         ex.add_column(col)
     for e in data["executions"]:
         _add_row(
@@ -518,6 +518,7 @@ def jobs_show(obj: Ctx, job_id: str, as_json: bool) -> None:
             e["finished_at"] or "",
             e["outcome"] or "",
             e["error"] or "",
+            str(e["payload_version"]),
         )
     out.print(ex)
 

@@ -211,6 +211,10 @@ class Job:
     step_name: str | None = None
     #: The schedule whose fire submitted this job (docs/schedules.md), else None.
     schedule_id: str | None = None
+    #: 1 as submitted, +1 each time a heal before a retry replaced the payload.
+    payload_version: int = 1
+    #: The last state a handler stored with ``ctx.checkpoint`` (None: none).
+    checkpoint: Any = None
 
     @property
     def status(self) -> str:
@@ -252,6 +256,8 @@ class Execution:
     finished_at: datetime | None
     outcome: str | None
     error: str | None
+    #: The version of the job's payload this attempt ran with.
+    payload_version: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +272,9 @@ class Finish:
     retry_at: datetime | None = None  # for Action.RETRY
     job_type: str = ""  # not persisted: for metrics and logs
     duration: float | None = None  # seconds the handler ran; not persisted
+    #: For Action.RETRY: the healed payload the next attempt runs with (its
+    #: payload_version goes up by one); None keeps the payload.
+    payload: dict[str, Any] | None = None
 
 
 FINISH_ACTIONS = frozenset(

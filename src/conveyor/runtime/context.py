@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from conveyor.domain.errors import ConfigurationError
+from conveyor.runtime.steps import Steps, in_event_loop
 
 
 @dataclass
@@ -37,6 +38,10 @@ class JobContext:
     #: step or a plain job). Read before the attempt starts; JSON values.
     parent_results: dict[str, Any] = field(default_factory=dict)
     _add_steps: Any = None
+    #: The state the last ``checkpoint`` stored, by this attempt or an earlier one
+    #: of the same job (None: none yet). JSON values (a tuple comes back a list).
+    last_checkpoint: Any = None
+    _steps: Steps | None = None
 
     @property
     def logger(self) -> Any:
@@ -73,3 +78,50 @@ class JobContext:
             )
         jobs = await self._add_steps(list(steps))
         return [j.id for j in jobs]
+
+    # -- durable steps (see docs/workflows.md) -------------------------------------------
+    def _durable(self) -> Steps:
+        if self._steps is None:
+            self._steps = Steps(None)
+        return self._steps
+
+    def step(self, name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` once per job and return its result.
+
+        The result (JSON: made storable like a job's result) is stored under
+        ``name`` (1-200 characters, no control characters), fenced by this
+        attempt's lease; a later attempt of the job (retry, rescue after a crash)
+        gets the stored result back without calling ``fn``. The first run returns
+        the result as stored too (a tuple comes back a list). An exception from
+        ``fn`` propagates and nothing is stored.
+
+        In an async handler: ``await ctx.step(...)`` (a sync ``fn`` runs in a
+        thread, off the event loop). In a sync handler: ``ctx.step(...)`` without
+        ``await`` (``fn`` runs in the handler's thread).
+
+        Raises ``ValidationError`` for a bad name or a result that can't be
+        stored, ``LeaseLost`` when this attempt lost the job (the step is not
+        stored; let it propagate: the attempt is over). A context made by hand
+        (a handler called directly in a test) keeps its steps in memory.
+        """
+        steps = self._durable()
+        if in_event_loop():
+            return steps.step(name, fn, args, kwargs)
+        return steps.step_sync(name, fn, args, kwargs)
+
+    def checkpoint(self, state: Any) -> Any:
+        """Store ``state`` (JSON, at most 16 MiB) as the job's checkpoint and make it
+        ``last_checkpoint``. Kept across attempts, replaced by the next call.
+
+        ``await ctx.checkpoint(state)`` in an async handler, ``ctx.checkpoint(state)``
+        in a sync one. Raises ``ValidationError`` (not JSON) or ``LeaseLost`` like
+        ``step``.
+        """
+        steps = self._durable()
+        if in_event_loop():
+            return self._checkpoint_async(steps, state)
+        self.last_checkpoint = steps.checkpoint_sync(state)
+        return None
+
+    async def _checkpoint_async(self, steps: Steps, state: Any) -> None:
+        self.last_checkpoint = await steps.checkpoint(state)

@@ -31,6 +31,10 @@ What crosses the process boundary
   ``ctx.cancelled`` is set when the child receives ``SIGTERM`` (timeout,
   cancel or shutdown); an async handler's task is also cancelled then. The
   handler has ``kill_grace`` seconds to stop before ``SIGKILL``.
+  ``ctx.step``, ``ctx.checkpoint`` and ``ctx.last_checkpoint`` work too: the
+  child sends each store call to the parent as a ``call`` message on its
+  socket and blocks for the ``reply`` (:class:`ChildSteps`), which ``run()``'s
+  ``on_call`` answers; the checkpoint comes with the job.
 - Exceptions come back as text (``error``: ``"Type: message"``, made storable
   and capped at :data:`ERROR_TEXT_LIMIT` bytes; ``traceback``, capped at
   :data:`TRACEBACK_LIMIT`) plus what the retry decision needs: ``Permanent``,
@@ -85,15 +89,24 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
 
-from conveyor.domain.errors import ConfigurationError, ConveyorError, Permanent, Retry
+from conveyor.domain.errors import (
+    ConfigurationError,
+    ConveyorError,
+    LeaseLost,
+    Permanent,
+    Retry,
+    StoreError,
+    ValidationError,
+)
 from conveyor.domain.limits import clamp_retry_delay
 from conveyor.runtime.context import JobContext
+from conveyor.runtime.steps import Steps
 
 __all__ = [
     "ERROR_TEXT_LIMIT",
@@ -117,6 +130,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Largest message a child may send: bounds a result, and the parent's buffer."""
 
 _HEADER = struct.Struct(">I")
+#: Answers a running job's call (``{"kind": "call", "op": ...}``) in the parent.
+CallHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
@@ -230,6 +245,8 @@ class ChildJob:
     permanent_errors: tuple[str, ...] = ()
     #: For a workflow step: {"workflow_id", "step_name", "parent_results"}.
     workflow: dict[str, Any] | None = None
+    #: The job's last checkpoint (``ctx.last_checkpoint`` in the child).
+    checkpoint: Any = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -245,6 +262,7 @@ class ChildJob:
             "is_async": self.is_async,
             "permanent_errors": list(self.permanent_errors),
             "workflow": self.workflow,
+            "checkpoint": self.checkpoint,
         }
 
     @classmethod
@@ -263,6 +281,7 @@ class ChildJob:
             is_async=data["is_async"],
             permanent_errors=tuple(data.get("permanent_errors", ())),
             workflow=data.get("workflow"),
+            checkpoint=data.get("checkpoint"),
         )
 
 
@@ -606,6 +625,7 @@ class ProcessPool:
         self,
         job: ChildJob,
         timeout: float | None,  # noqa: ASYNC109 - past it the child is killed, not just awaited
+        on_call: CallHandler | None = None,
     ) -> ChildOutcome:
         """Run ``job`` in a free child and return how it ended.
 
@@ -615,6 +635,9 @@ class ProcessPool:
         ``CancelledError`` when the caller is cancelled, in both cases only
         after the child was killed and reaped. Raises :class:`PoolClosed` when
         the pool is, or gets, closed (its child is then killed and reaped too).
+
+        ``on_call`` answers the calls the job makes while it runs (``ctx.step``,
+        ``ctx.checkpoint``: see :class:`ChildSteps`); without it they fail.
         """
         if self._closed:
             raise PoolClosed("the process pool is closed")
@@ -632,7 +655,7 @@ class ProcessPool:
             async with self._slots:
                 if self._closed:
                     raise PoolClosed("the process pool is closed")
-                return await self._run(job, timeout, data)
+                return await self._run(job, timeout, data, on_call)
         except asyncio.CancelledError:
             if task is not None and task in self._close_cancelled:
                 self._close_cancelled.discard(task)
@@ -640,28 +663,41 @@ class ProcessPool:
                     raise PoolClosed("the process pool was closed while the job ran") from None
             raise
 
-    async def _run(self, job: ChildJob, limit: float | None, data: bytes) -> ChildOutcome:
-        outcome = await self._run_once(job, limit, data)
+    async def _run(
+        self, job: ChildJob, limit: float | None, data: bytes, on_call: CallHandler | None = None
+    ) -> ChildOutcome:
+        outcome = await self._run_once(job, limit, data, on_call=on_call)
         if outcome is None:
             # The child died before it read the job (killed while idle, just
             # before it was picked): the job never started; a new child runs it.
-            outcome = await self._run_once(job, limit, data, retry=False)
+            outcome = await self._run_once(job, limit, data, retry=False, on_call=on_call)
         assert outcome is not None
         return outcome
 
     async def _run_once(
-        self, job: ChildJob, limit: float | None, data: bytes, *, retry: bool = True
+        self,
+        job: ChildJob,
+        limit: float | None,
+        data: bytes,
+        *,
+        retry: bool = True,
+        on_call: CallHandler | None = None,
     ) -> ChildOutcome | None:
         """The outcome; ``None`` (if ``retry``) when the child died before reading the job."""
         child = self._take_idle() or await self._spawn_for_run()
         if isinstance(child, ChildOutcome):
             return child
         self._busy[child] = asyncio.current_task()
+        calls = 0
         try:
             try:
                 async with asyncio.timeout(limit):
                     await asyncio.get_running_loop().sock_sendall(child.sock, data)
                     message = await self._next_message(child)
+                    while message.get("kind") == "call":
+                        calls += 1  # the job started: a later failure is never "unread"
+                        await self._answer(child, message, on_call)
+                        message = await self._next_message(child)
             except TimeoutError:
                 self._killed += 1
                 await self._end_uninterrupted(child)
@@ -671,7 +707,7 @@ class ProcessPool:
             except (_ProtocolError, OSError) as exc:
                 if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
                     child.unread = True  # it was gone before it could read the job
-                if child.unread and retry:
+                if child.unread and retry and not calls:
                     await self._end_uninterrupted(child)
                     return None
                 return await self._lost(child, exc)
@@ -694,6 +730,38 @@ class ProcessPool:
             return outcome
         self._check_in(child, outcome)
         return outcome
+
+    async def _answer(
+        self, child: _Child, message: dict[str, Any], on_call: CallHandler | None
+    ) -> None:
+        """Answer one call of a running job. Whatever ``on_call`` raises goes back
+        to the child as an error (its ``type`` and text), to be raised there."""
+        reply: dict[str, Any] = {"kind": "reply"}
+        try:
+            if on_call is None:
+                raise ConfigurationError(
+                    "this job's process pool has no store behind it: durable steps and "
+                    "checkpoints need a job run by a worker"
+                )
+            reply["value"] = await on_call(message)
+            reply["ok"] = True
+        except Exception as exc:  # noqa: BLE001 - reported to the job, raised there
+            reply.update(ok=False, error_type=_type_name(exc), error=safe_text(_describe(exc)))
+        try:
+            frame = _frame(reply)
+        except TypeError as exc:
+            frame = _frame(
+                {
+                    "kind": "reply",
+                    "ok": False,
+                    "error_type": "StoreError",
+                    "error": safe_text(f"the answer is not JSON: {exc}"),
+                }
+            )
+        try:
+            await asyncio.get_running_loop().sock_sendall(child.sock, frame)
+        except OSError as exc:
+            raise _ProtocolError(f"went away while its call was answered ({exc})") from None
 
     def _take_idle(self) -> _Child | None:
         """A live idle child: one killed while idle (the OOM killer, an operator)
@@ -1088,6 +1156,11 @@ class _ChildState:
             tuple[Callable[..., Any], Callable[[dict[str, Any]], dict[str, Any]] | None],
         ] = {}
         self.classes: dict[str, type[BaseException] | None] = {}
+        # A call to the parent (ctx.step) is in flight: the data the watcher sees
+        # is its reply, not the next job. ``ended``: the job's outcome was sent.
+        self.calling = False
+        self.ended = False
+        self.call_lock = threading.Lock()
 
 
 _CHILD: _ChildState | None = None  # set in a child process only
@@ -1147,6 +1220,7 @@ def _child_main(sock: socket.socket, config: dict[str, Any]) -> None:
         job = ChildJob.from_wire(orjson.loads(data)["job"])
         with state.cond:
             state.busy = True
+            state.ended = False
             state.seq += 1
             state.cond.notify_all()
         message = _run_job(job, state)
@@ -1157,6 +1231,9 @@ def _child_main(sock: socket.socket, config: dict[str, Any]) -> None:
         # child ends now, and the parent waits for that before returning.
         stray = sum(1 for t in threading.enumerate() if t not in own_threads)
         message["stray_threads"] = stray
+        with state.cond:
+            state.ended = True
+            state.cond.notify_all()
         try:
             _send(sock, message)
         except OSError:
@@ -1191,6 +1268,13 @@ def _watch_parent(state: _ChildState) -> None:
     def next_job() -> bool:
         return state.busy and state.seq != seen
 
+    def job_goes_on() -> bool | None:
+        """After data came: None while a call's reply is still unread; True when the
+        job read it and runs on; False when the data is the next job."""
+        if state.ended or state.seq != seen:
+            return False
+        return None if state.calling else True
+
     poller = select.poll()
     poller.register(state.sock, select.POLLIN)
     while True:
@@ -1205,13 +1289,18 @@ def _watch_parent(state: _ChildState) -> None:
                 continue  # woken for nothing: watch on
             except OSError:
                 peeked = b""
-            break
-        if not peeked:
-            if state.grouped:
-                with contextlib.suppress(OSError):
-                    os.killpg(0, signal.SIGKILL)
-            os._exit(70)
-        # Data: the next job arrived after this one ended; wait for it to start.
+            if not peeked:
+                if state.grouped:
+                    with contextlib.suppress(OSError):
+                        os.killpg(0, signal.SIGKILL)
+                os._exit(70)
+            # Data: the reply to a call of this job (watch on once the job has read
+            # it), or the next job after this one ended (wait for it to start).
+            with state.cond:
+                state.cond.wait_for(lambda: job_goes_on() is not None)
+                goes_on = job_goes_on()
+            if not goes_on:
+                break
 
 
 def _limit_memory(limit_mb: int) -> None:
@@ -1279,6 +1368,8 @@ def _run_job(job: ChildJob, state: _ChildState) -> dict[str, Any]:
         ctx.workflow_id = job.workflow.get("workflow_id")
         ctx.step_name = job.workflow.get("step_name")
         ctx.parent_results = job.workflow.get("parent_results") or {}
+    ctx.last_checkpoint = job.checkpoint
+    ctx._steps = Steps(ChildSteps(state, job.job_id))
     state.ctx = ctx
     try:
         key = (job.handler.module, job.handler.qualname)
@@ -1417,3 +1508,61 @@ def _class(name: str, state: _ChildState) -> type[BaseException] | None:
         ok = isinstance(found, type) and issubclass(found, BaseException)
         state.classes[name] = found if ok else None
     return state.classes[name]
+
+
+class ChildSteps:
+    """Durable steps of a job in a child process: each store call goes to the
+    worker over the child's socket (``{"kind": "call"}``, answered by a
+    ``{"kind": "reply"}``) and blocks until the answer. One call at a time."""
+
+    def __init__(self, state: _ChildState, job_id: str) -> None:
+        self.state = state
+        self.job_id = job_id
+
+    def _call(self, op: str, **fields: Any) -> Any:
+        state = self.state
+        with state.call_lock:
+            with state.cond:
+                state.calling = True
+            try:
+                _send(state.sock, {"kind": "call", "job_id": self.job_id, "op": op, **fields})
+                data = _recv_frame(state.sock)
+            finally:
+                with state.cond:
+                    state.calling = False
+                    state.cond.notify_all()
+        if data is None:
+            raise ChildCrashed("the worker went away while a durable step was being stored")
+        reply = orjson.loads(data)
+        if reply.get("ok") is True:
+            return reply.get("value")
+        name = str(reply.get("error_type") or "StoreError")
+        text = str(reply.get("error") or name)
+        message = text[len(name) + 2 :] if text.startswith(name + ": ") else text
+        if name == "LeaseLost":
+            raise LeaseLost(message)
+        if name == "ValidationError":
+            raise ValidationError(message)
+        raise StoreError(f"{name}: {message}")
+
+    def load_sync(self) -> dict[str, Any]:
+        value = self._call("load")
+        return dict(value) if isinstance(value, dict) else {}
+
+    def save_sync(self, name: str, result: Any) -> bool:
+        self._call("save", name=name, value=result)
+        return True
+
+    def save_checkpoint_sync(self, state: Any) -> bool:
+        self._call("checkpoint", value=state)
+        return True
+
+    # An async handler in the child runs alone on its loop: a short blocking call is fine.
+    async def load(self) -> dict[str, Any]:
+        return self.load_sync()
+
+    async def save(self, name: str, result: Any) -> bool:
+        return self.save_sync(name, result)
+
+    async def save_checkpoint(self, state: Any) -> bool:
+        return self.save_checkpoint_sync(state)

@@ -13,6 +13,7 @@ import pydantic
 from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
 from conveyor.domain.job import DEFAULT_MAX_RETRIES, DEFAULT_PRIORITY, DEFAULT_QUEUE, JobTypeInfo
 from conveyor.domain.retry import RetryPolicy
+from conveyor.runtime.steps import DEFAULT_MAX_HEALS
 
 if TYPE_CHECKING:
     from conveyor.domain.job import Job
@@ -36,6 +37,10 @@ class JobDefinition:
     isolation: str | None = None  # "thread" | "process"; None: the worker's mode
     is_async: bool = False
     _model: type[pydantic.BaseModel] | None = None
+    #: ``heal(payload, error, attempt) -> new payload | None``, run before each retry
+    #: of a failed attempt, at most ``max_heals`` times per job (see runtime/steps.py).
+    heal: Callable[..., Any] | None = None
+    max_heals: int = DEFAULT_MAX_HEALS
 
     def __post_init__(self) -> None:
         self.is_async = inspect.iscoroutinefunction(self.handler)

@@ -46,6 +46,7 @@ from conveyor.domain.states import Action
 from conveyor.runtime.context import JobContext
 from conveyor.runtime.locks import MAINTENANCE_LEADER, Leadership
 from conveyor.runtime.relay import OutboxConsumer, bus_relay, skip_unheard
+from conveyor.runtime.steps import attach_steps, child_calls, heal_finish
 from conveyor.runtime.webhooks import WebhookDispatcher
 from conveyor.storage.codec import storable_result
 
@@ -128,6 +129,7 @@ class _Running:
     abandoned: bool = False  # shutdown left its code running: no outcome is written
     timeout_cm: asyncio.Timeout | None = None  # the handler's timeout, to tell it apart
     timed_out: bool = False  # the pool killed its child at the timeout
+    error: BaseException | None = None  # what the attempt raised (for a heal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,6 +491,7 @@ class Worker:
                     return await add(wf_id, job.id, token, steps)
 
                 ctx._add_steps = _add
+        attach_steps(ctx, job, self.store, self.deps.now)
         task = asyncio.create_task(self._execute(job, ctx, definition))
         self._running[job.id] = _Running(job, ctx, task)
 
@@ -514,6 +517,8 @@ class Worker:
                 Action.FAIL,
                 error="internal error while recording the outcome: " + describe(exc),
             )
+        if finish is not None and finish.action is Action.RETRY and not entry.abandoned:
+            finish = await heal_finish(finish, job, definition, entry.error)
         self._running.pop(job.id, None)
         self.processed += 1
         if finish is None or entry.abandoned:
@@ -702,11 +707,12 @@ class Worker:
                 "step_name": ctx.step_name,
                 "parent_results": ctx.parent_results,
             },
+            checkpoint=ctx.last_checkpoint,
         )
         entry = self._running[job.id]
         entry.deadline = _deadline(timeout)
         try:
-            return await pool.run(child_job, timeout)
+            return await pool.run(child_job, timeout, child_calls(ctx))
         except TimeoutError:
             entry.timed_out = True  # the pool's own: it killed the child
             raise
@@ -758,6 +764,9 @@ class Worker:
         *,
         error: str | None = None,
     ) -> Finish:
+        entry = self._running.get(job.id)
+        if entry is not None:
+            entry.error = exc
         decision = decide(
             exc,
             attempt=job.attempt,

@@ -437,6 +437,28 @@ class Store(abc.ABC):
         """Keys in key order: the held ones, or every key ever locked with
         ``include_free`` (each with its last token), at most ``limit``."""
 
+    # -- durable steps and checkpoints (ctx.step, ctx.checkpoint) ------------------------
+    @abc.abstractmethod
+    async def save_step(
+        self, job_id: str, lease_token: str, name: str, result: Any, now: datetime
+    ) -> bool:
+        """Store the result (a JSON value, already ``storable_result``) of durable step
+        ``name`` of a running job, fenced by the attempt's ``lease_token``. ``False``
+        (nothing stored) when that attempt no longer holds the lease. A step stored
+        already keeps its first result (``True``). Kept until the job is deleted."""
+
+    @abc.abstractmethod
+    async def job_steps(self, job_id: str) -> dict[str, Any]:
+        """Every stored step result of a job, by step name (``{}`` if none or no job)."""
+
+    @abc.abstractmethod
+    async def save_checkpoint(
+        self, job_id: str, lease_token: str, state: Any, now: datetime
+    ) -> bool:
+        """Replace the job's checkpoint (a JSON value; ``Job.checkpoint``), fenced by
+        ``lease_token`` like ``save_step``. ``False`` when the lease is not held.
+        Raises ``ValidationError`` for a value JSON can't hold."""
+
 
 def event_data(
     job_id: str, job_type: str, queue: str, status: str, attempt: int, **extra: Any

@@ -45,6 +45,7 @@ class RunningRow:
     error: str | None = None
     workflow_id: str | None = None
     step_name: str | None = None
+    payload_version: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,8 @@ class JobUpdate:
     attempt: int
     keep_worker: bool
     completed_at: datetime | None
+    #: A retry's healed payload (the adapter stores it and bumps payload_version).
+    payload: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -90,6 +93,7 @@ def plan_finishes(
         state = next_state(JobState.RUNNING, action).value
         run_at = row.run_at
         result = None
+        payload = None
         if action is Action.COMPLETE:
             result = f.result
             error = None
@@ -102,6 +106,10 @@ def plan_finishes(
         elif action is Action.RETRY:
             run_at = f.retry_at or now
             extra = {"error": error, "run_at": run_at.isoformat()}
+            if f.payload is not None:
+                payload = f.payload
+                extra["healed"] = True
+                extra["payload_version"] = row.payload_version + 1
         elif action is Action.RELEASE:
             run_at = now
             attempt -= 1
@@ -122,6 +130,7 @@ def plan_finishes(
                 attempt=attempt,
                 keep_worker=action is not Action.RELEASE,
                 completed_at=now if action in TERMINAL_ACTIONS else None,
+                payload=payload,
             )
         )
         exec_error = (

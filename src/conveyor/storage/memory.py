@@ -127,6 +127,7 @@ class MemoryStore(MemorySchedules, Store):
         self._wf_steps: dict[str, list[str]] = {}
         self._moved: list[Moved] = []
         self._locks: dict[str, _LockRow] = {}
+        self._steps: dict[str, dict[str, Any]] = {}
 
     async def open(self) -> None:
         return None
@@ -279,7 +280,9 @@ class MemoryStore(MemorySchedules, Store):
                 job.started_at = now
                 self._move(job, Action.FETCH, now, worker_id=worker_id)
                 self._executions.setdefault(job.id, []).append(
-                    Execution(job.id, job.attempt, worker_id, now, None, None, None)
+                    Execution(
+                        job.id, job.attempt, worker_id, now, None, None, None, job.payload_version
+                    )
                 )
                 out.append(copy.deepcopy(job))
             return out
@@ -290,6 +293,12 @@ class MemoryStore(MemorySchedules, Store):
                 raise InvalidTransition("running", f.action.value)
         finishes = [
             replace(f, result=roundtrip(f.result, "result")) if f.action is Action.COMPLETE else f
+            for f in finishes
+        ]
+        finishes = [
+            replace(f, payload=roundtrip(f.payload))
+            if f.action is Action.RETRY and f.payload is not None
+            else f
             for f in finishes
         ]
         async with self._lock:
@@ -325,7 +334,12 @@ class MemoryStore(MemorySchedules, Store):
             job.error = f.error
             job.run_at = f.retry_at or now
             self._end_execution(job, now, "retry", f.error)
-            self._move(job, f.action, now, error=f.error, run_at=job.run_at.isoformat())
+            healed: dict[str, Any] = {}
+            if f.payload is not None:
+                job.payload = f.payload
+                job.payload_version += 1
+                healed = {"healed": True, "payload_version": job.payload_version}
+            self._move(job, f.action, now, error=f.error, run_at=job.run_at.isoformat(), **healed)
         elif f.action is Action.FAIL:
             job.error = f.error
             self._end_execution(job, now, "failed", f.error)
@@ -523,6 +537,7 @@ class MemoryStore(MemorySchedules, Store):
             self._seq.pop(i, None)
             self._executions.pop(i, None)
             self._children.pop(i, None)
+            self._steps.pop(i, None)
 
     async def prune(self, older_than: datetime) -> int:
         async with self._lock:
@@ -1094,6 +1109,38 @@ class MemoryStore(MemorySchedules, Store):
             if len(out) >= limit:
                 break
         return out
+
+    # -- durable steps and checkpoints ------------------------------------------------
+    def _leased(self, job_id: str, lease_token: str) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.state is not JobState.RUNNING or job.lease_token != lease_token:
+            return None
+        return job
+
+    async def save_step(
+        self, job_id: str, lease_token: str, name: str, result: Any, now: datetime
+    ) -> bool:
+        value = roundtrip(result, "result")
+        async with self._lock:
+            job = self._leased(job_id, lease_token)
+            if job is None:
+                return False
+            self._steps.setdefault(job_id, {}).setdefault(name, value)
+            return True
+
+    async def job_steps(self, job_id: str) -> dict[str, Any]:
+        return copy.deepcopy(self._steps.get(job_id, {}))
+
+    async def save_checkpoint(
+        self, job_id: str, lease_token: str, state: Any, now: datetime
+    ) -> bool:
+        value = roundtrip(state, "checkpoint")
+        async with self._lock:
+            job = self._leased(job_id, lease_token)
+            if job is None:
+                return False
+            job.checkpoint = value
+            return True
 
 
 @dataclass(slots=True)

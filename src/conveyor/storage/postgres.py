@@ -96,7 +96,7 @@ from conveyor.storage.base import (
     row_event,
     webhook_from_row,
 )
-from conveyor.storage.codec import dumps_object, roundtrip
+from conveyor.storage.codec import dumps, dumps_object, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.locks import lock_from_row
 from conveyor.storage.schedules_postgres import PostgresSchedules
@@ -472,6 +472,8 @@ def job_from_record(r: asyncpg.Record) -> Job:
         updated_at=r["updated_at"],
         step_name=r["step_name"],
         schedule_id=r["schedule_id"],
+        payload_version=r["payload_version"],
+        checkpoint=r["checkpoint"],
     )
 
 
@@ -874,6 +876,9 @@ class PostgresStore(PostgresSchedules, Store):
             if f.action not in FINISH_ACTIONS:
                 raise InvalidTransition("running", f.action.value)
         finishes = [f if f.action is not Action.COMPLETE else _with_result(f) for f in finishes]
+        for f in finishes:
+            if f.action is Action.RETRY and f.payload is not None:
+                dumps(f.payload)  # a healed payload JSON can't hold: refused before the write
         if not finishes:
             return []
         async with self._conn(tx=True) as conn:
@@ -890,6 +895,7 @@ class PostgresStore(PostgresSchedules, Store):
                     error=r["error"],
                     workflow_id=r["workflow_id"],
                     step_name=r["step_name"],
+                    payload_version=r["payload_version"],
                 )
                 for r in await conn.fetch(Q["lock_running"], sorted({f.job_id for f in finishes}))
                 if r["state"] == "running"
@@ -914,6 +920,7 @@ class PostgresStore(PostgresSchedules, Store):
                     [e[0] for e in plan.events],
                     [e[1] for e in plan.events],
                     _json([e[2] for e in plan.events]),
+                    [None if x.payload is None else _jsonb(x.payload) for x in u],
                 )
                 moved = plan.moved
                 if plan.finished_parents:
@@ -1061,6 +1068,7 @@ class PostgresStore(PostgresSchedules, Store):
                     job.attempt,
                     job.worker_id,
                     job.started_at,
+                    job.payload_version,
                 )
                 types.append(event)
                 ids.append(job.id)
@@ -1202,6 +1210,7 @@ class PostgresStore(PostgresSchedules, Store):
                     r["finished_at"],
                     r["outcome"],
                     r["error"],
+                    r["payload_version"],
                 )
                 for r in await conn.fetch(Q["executions"], job_id)
             ]
@@ -1799,6 +1808,27 @@ class PostgresStore(PostgresSchedules, Store):
         async with self._conn() as conn:
             rows = await conn.fetch(LQ["list_locks"], include_free, now, limit)
         return [lock_from_row(r, _same, now) for r in rows]
+
+    # -- durable steps and checkpoints -----------------------------------------------------
+    async def save_step(
+        self, job_id: str, lease_token: str, name: str, result: Any, now: datetime
+    ) -> bool:
+        data = dumps(result, "result")
+        async with self._conn(tx=True) as conn:
+            held = await conn.fetchval(Q["save_step"], job_id, lease_token, name, data, now)
+        return held is not None
+
+    async def job_steps(self, job_id: str) -> dict[str, Any]:
+        async with self._conn() as conn:
+            return {r[0]: r[1] for r in await conn.fetch(Q["job_steps"], job_id)}
+
+    async def save_checkpoint(
+        self, job_id: str, lease_token: str, state: Any, now: datetime
+    ) -> bool:
+        data = dumps(state, "checkpoint")
+        async with self._conn() as conn:
+            status = await conn.execute(Q["save_checkpoint"], job_id, lease_token, data)
+        return bool(status != "UPDATE 0")
 
 
 _STATES = {s.value: s for s in JobState}

@@ -174,6 +174,8 @@ def job_from_row(row: sqlite3.Row) -> Job:
         completed_at=_dt(row["completed_at"]),
         updated_at=_dt(row["updated_at"]),
         step_name=row["step_name"],
+        payload_version=row["payload_version"],
+        checkpoint=None if row["checkpoint"] is None else orjson.loads(row["checkpoint"]),
         schedule_id=row["schedule_id"],
     )
 
@@ -433,6 +435,11 @@ class SQLiteStore(SQLiteSchedules, Store):
         results = {
             id(f): dumps(f.result, "result") for f in finishes if f.action is Action.COMPLETE
         }
+        results.update(
+            (id(f), dumps(f.payload))
+            for f in finishes
+            if f.action is Action.RETRY and f.payload is not None
+        )
         return await self._run(self._finish, finishes, results, now)
 
     def _finish(
@@ -452,11 +459,13 @@ class SQLiteStore(SQLiteSchedules, Store):
                     cancel_requested=r["cancel_requested_at"] is not None,
                     workflow_id=r["workflow_id"],
                     step_name=r["step_name"],
+                    payload_version=r["payload_version"],
                 )
                 for r in conn.execute(Q["running_by_ids"], (ids,))
             }
             plan = plan_finishes(finishes, running, now_dt)
             by_action: dict[Action, list[tuple[Any, ...]]] = {}
+            healed: list[tuple[Any, ...]] = []
             for f, u in zip(
                 (f for f, ok in zip(finishes, plan.accepted, strict=True) if ok),
                 plan.updates,
@@ -464,6 +473,11 @@ class SQLiteStore(SQLiteSchedules, Store):
             ):
                 if u.action is Action.COMPLETE:
                     params: tuple[Any, ...] = (results[id(f)], now, now)
+                elif u.action is Action.RETRY and u.payload is not None:
+                    healed.append(
+                        (u.error, _ts(u.run_at), now, results[id(f)], u.job_id, f.lease_token)
+                    )
+                    continue
                 elif u.action is Action.RETRY:
                     params = (u.error, _ts(u.run_at), now)
                 elif u.action is Action.RELEASE:
@@ -473,6 +487,8 @@ class SQLiteStore(SQLiteSchedules, Store):
                 by_action.setdefault(u.action, []).append((*params, u.job_id, f.lease_token))
             for action, params_list in by_action.items():
                 conn.executemany(_FINISH_SQL[action], params_list)
+            if healed:
+                conn.executemany(Q["finish_retry_healed"], healed)
             conn.executemany(
                 Q["end_execution"],
                 [
@@ -777,6 +793,7 @@ class SQLiteStore(SQLiteSchedules, Store):
         conn.executemany(Q["delete_job"], params)
         conn.executemany(Q["delete_executions"], params)
         conn.executemany(Q["delete_dependencies"], params)
+        conn.executemany(Q["delete_steps"], params)
 
     async def prune(self, older_than: datetime) -> int:
         cutoff = older_than.timestamp()
@@ -826,6 +843,7 @@ class SQLiteStore(SQLiteSchedules, Store):
                     _dt(r["finished_at"]),
                     r["outcome"],
                     r["error"],
+                    r["payload_version"],
                 )
                 for r in self._conn.execute(Q["executions"], (job_id,))
             ]
@@ -1532,6 +1550,45 @@ class SQLiteStore(SQLiteSchedules, Store):
             return [
                 lock_from_row(r, _dt, now) for r in self._conn.execute(LQ["list_locks"], params)
             ]
+
+        return await self._run(_do)
+
+    # -- durable steps and checkpoints ------------------------------------------------
+    async def save_step(
+        self, job_id: str, lease_token: str, name: str, result: Any, now: datetime
+    ) -> bool:
+        params = {
+            "id": job_id,
+            "token": lease_token,
+            "name": name,
+            "result": dumps(result, "result"),
+            "now": now.timestamp(),
+        }
+
+        def _do() -> bool:
+            with self._tx() as conn:
+                if conn.execute(Q["holds_lease"], params).fetchone() is None:
+                    return False
+                conn.execute(Q["save_step"], params)
+                return True
+
+        return await self._run(_do)
+
+    async def job_steps(self, job_id: str) -> dict[str, Any]:
+        def _do() -> dict[str, Any]:
+            assert self._conn is not None
+            return {r[0]: orjson.loads(r[1]) for r in self._conn.execute(Q["job_steps"], (job_id,))}
+
+        return await self._run(_do)
+
+    async def save_checkpoint(
+        self, job_id: str, lease_token: str, state: Any, now: datetime
+    ) -> bool:
+        params = {"id": job_id, "token": lease_token, "state": dumps(state, "checkpoint")}
+
+        def _do() -> bool:
+            with self._tx() as conn:
+                return conn.execute(Q["save_checkpoint"], params).rowcount == 1
 
         return await self._run(_do)
 

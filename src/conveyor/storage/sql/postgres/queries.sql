@@ -169,7 +169,7 @@ SELECT * FROM upd ORDER BY priority DESC, run_at, seq
 SELECT j.* FROM unnest($1::text[]) AS t(id)
 CROSS JOIN LATERAL (
     SELECT id, state, lease_token, attempt, started_at, job_type, queue, has_children,
-           cancel_requested_at, run_at, error, workflow_id, step_name
+           cancel_requested_at, run_at, error, workflow_id, step_name, payload_version
     FROM conveyor.jobs
     WHERE id = t.id
     FOR UPDATE
@@ -181,13 +181,16 @@ CROSS JOIN LATERAL (
 -- joins go by id alone (see lock_running on why not by state too).
 WITH f AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
-                         $6::integer[], $7::boolean[], $8::timestamptz[])
-        AS t(id, state, result, error, run_at, attempt, keep_worker, completed_at)
+                         $6::integer[], $7::boolean[], $8::timestamptz[], $16::text[])
+        AS t(id, state, result, error, run_at, attempt, keep_worker, completed_at, payload)
 ), upd AS (
+    -- A healed retry (payload not NULL) replaces the payload and bumps its version.
     UPDATE conveyor.jobs j
     SET state = f.state, result = f.result::jsonb, error = f.error, run_at = f.run_at,
         attempt = f.attempt, worker_id = CASE WHEN f.keep_worker THEN j.worker_id END,
-        lease_token = NULL, completed_at = f.completed_at, updated_at = $12
+        lease_token = NULL, completed_at = f.completed_at, updated_at = $12,
+        payload = coalesce(f.payload::jsonb, j.payload),
+        payload_version = j.payload_version + (f.payload IS NOT NULL)::integer
     FROM f WHERE j.id = f.id
 ), x AS (
     SELECT * FROM unnest($1::text[], $9::integer[], $10::text[], $11::text[])
@@ -202,8 +205,9 @@ WITH f AS (
     -- The attempt's one execution row. Every CTE reads the snapshot from before the
     -- UPDATE above, so j is the running row: its worker and start time.
     INSERT INTO conveyor.job_executions (job_id, attempt, worker_id, started_at, finished_at,
-                                         outcome, error)
-    SELECT x.job_id, x.attempt, j.worker_id, j.started_at, $12, x.outcome, x.error
+                                         outcome, error, payload_version)
+    SELECT x.job_id, x.attempt, j.worker_id, j.started_at, $12, x.outcome, x.error,
+           j.payload_version
     FROM x JOIN conveyor.jobs j ON j.id = x.job_id
     WHERE x.job_id NOT IN (SELECT job_id FROM legacy)
 )
@@ -331,8 +335,8 @@ WITH legacy AS (
     RETURNING job_id
 )
 INSERT INTO conveyor.job_executions (job_id, attempt, worker_id, started_at, finished_at,
-                                     outcome, error)
-SELECT $4, $5, $6, $7, $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM legacy)
+                                     outcome, error, payload_version)
+SELECT $4, $5, $6, $7, $1, $2, $3, $8 WHERE NOT EXISTS (SELECT 1 FROM legacy)
 
 -- name: retry_failed
 UPDATE conveyor.jobs SET state = 'pending', attempt = 0, lost_count = 0, run_at = $2,
@@ -346,7 +350,8 @@ SELECT id FROM conveyor.jobs WHERE state = 'failed' FOR UPDATE
 
 -- name: delete_jobs
 WITH j AS (DELETE FROM conveyor.jobs WHERE id = ANY($1::text[])),
-     e AS (DELETE FROM conveyor.job_executions WHERE job_id = ANY($1::text[]))
+     e AS (DELETE FROM conveyor.job_executions WHERE job_id = ANY($1::text[])),
+     s AS (DELETE FROM conveyor.job_steps WHERE job_id = ANY($1::text[]))
 DELETE FROM conveyor.job_dependencies WHERE child_id = ANY($1::text[])
 
 -- name: prunable
@@ -370,11 +375,14 @@ SELECT 1 FROM conveyor.jobs WHERE id = $1
 -- name: executions
 -- Ended attempts, then the running one (from the job row: its execution row is
 -- written when it ends).
-SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error FROM (
-    SELECT id AS ord, job_id, attempt, worker_id, started_at, finished_at, outcome, error
+SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error, payload_version
+FROM (
+    SELECT id AS ord, job_id, attempt, worker_id, started_at, finished_at, outcome, error,
+           payload_version
     FROM conveyor.job_executions WHERE job_id = $1
     UNION ALL
-    SELECT 9223372036854775807, j.id, j.attempt, j.worker_id, j.started_at, NULL, NULL, NULL
+    SELECT 9223372036854775807, j.id, j.attempt, j.worker_id, j.started_at, NULL, NULL, NULL,
+           j.payload_version
     FROM conveyor.jobs j
     WHERE j.id = $1 AND j.state = 'running'
       AND NOT EXISTS (SELECT 1 FROM conveyor.job_executions e
@@ -543,3 +551,25 @@ FROM conveyor.job_types ORDER BY job_type
 SELECT id FROM conveyor.jobs
 WHERE id COLLATE "C" >= $1 AND id COLLATE "C" < $2
 ORDER BY id COLLATE "C" LIMIT $3
+
+-- name: save_step
+-- Fenced by the attempt's lease: FOR SHARE waits for a concurrent rescue or
+-- finish of the row and re-checks the lease on the row it left. A step stored
+-- already keeps its first result. Returns the job's id when the lease is held.
+WITH j AS (
+    SELECT id, attempt FROM conveyor.jobs
+    WHERE id = $1 AND state = 'running' AND lease_token = $2
+    FOR SHARE
+), ins AS (
+    INSERT INTO conveyor.job_steps (job_id, name, result, attempt, created_at)
+    SELECT id, $3, $4::text::jsonb, attempt, $5 FROM j
+    ON CONFLICT (job_id, name) DO NOTHING
+)
+SELECT id FROM j
+
+-- name: job_steps
+SELECT name, result FROM conveyor.job_steps WHERE job_id = $1
+
+-- name: save_checkpoint
+UPDATE conveyor.jobs SET checkpoint = $3::text::jsonb
+WHERE id = $1 AND state = 'running' AND lease_token = $2

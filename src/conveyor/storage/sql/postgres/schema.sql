@@ -323,3 +323,18 @@ ALTER TABLE ONLY conveyor.schedule_fires
 ALTER TABLE conveyor.jobs ADD COLUMN schedule_id text;
 
 CREATE INDEX jobs_schedule ON conveyor.jobs USING btree (schedule_id) WHERE (schedule_id IS NOT NULL);
+-- Durable steps, checkpoints and healed payloads (migration 0011).
+ALTER TABLE conveyor.jobs ADD COLUMN checkpoint jsonb;
+ALTER TABLE conveyor.jobs ADD COLUMN payload_version integer DEFAULT 1 NOT NULL;
+ALTER TABLE conveyor.job_executions ADD COLUMN payload_version integer DEFAULT 1 NOT NULL;
+
+CREATE TABLE conveyor.job_steps (
+    job_id text NOT NULL,
+    name text NOT NULL,
+    result jsonb NOT NULL,
+    attempt integer NOT NULL,
+    created_at timestamp with time zone NOT NULL
+);
+
+ALTER TABLE ONLY conveyor.job_steps
+    ADD CONSTRAINT job_steps_pkey PRIMARY KEY (job_id, name);

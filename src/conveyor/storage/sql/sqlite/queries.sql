@@ -42,8 +42,8 @@ WHERE seq IN (
 RETURNING *
 
 -- name: insert_started_executions
-INSERT INTO job_executions (job_id, attempt, worker_id, started_at)
-SELECT id, attempt, worker_id, started_at FROM jobs INDEXED BY jobs_running
+INSERT INTO job_executions (job_id, attempt, worker_id, started_at, payload_version)
+SELECT id, attempt, worker_id, started_at, payload_version FROM jobs INDEXED BY jobs_running
 WHERE state = 'running' AND worker_id = :worker AND lease_token = :token
 ORDER BY priority DESC, run_at, seq
 
@@ -60,7 +60,8 @@ ORDER BY priority DESC, run_at, seq
 -- name: running_by_ids
 -- Driven from the id list: otherwise the planner scans by state.
 SELECT jobs.id, jobs.lease_token, jobs.attempt, jobs.started_at, jobs.job_type, jobs.queue,
-       jobs.has_children, jobs.cancel_requested_at, jobs.workflow_id, jobs.step_name
+       jobs.has_children, jobs.cancel_requested_at, jobs.workflow_id, jobs.step_name,
+       jobs.payload_version
 FROM json_each(?) AS ids CROSS JOIN jobs ON jobs.id = ids.value
 WHERE jobs.state = 'running'
 
@@ -206,7 +207,7 @@ SELECT * FROM jobs WHERE id = ?
 SELECT parent_id FROM job_dependencies WHERE child_id = ?
 
 -- name: executions
-SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error
+SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error, payload_version
 FROM job_executions WHERE job_id = ? ORDER BY id
 
 -- name: list_jobs
@@ -394,3 +395,29 @@ FROM job_types ORDER BY job_type
 -- A range on the primary key: ids are lowercase hex, so [prefix, upper) is exactly
 -- the ids starting with prefix.
 SELECT id FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT ?
+
+-- name: finish_retry_healed
+-- A retry whose heal replaced the payload: the next attempt runs the new version.
+UPDATE jobs SET state = 'pending', error = ?, run_at = ?, lease_token = NULL, updated_at = ?,
+                payload = ?, payload_version = payload_version + 1
+WHERE id = ? AND state = 'running' AND lease_token = ?
+
+-- name: save_step
+-- Fenced by the attempt's lease; a step stored already keeps its first result.
+INSERT INTO job_steps (job_id, name, result, attempt, created_at)
+SELECT id, :name, :result, attempt, :now FROM jobs
+WHERE id = :id AND state = 'running' AND lease_token = :token
+ON CONFLICT (job_id, name) DO NOTHING
+
+-- name: holds_lease
+SELECT 1 FROM jobs WHERE id = :id AND state = 'running' AND lease_token = :token
+
+-- name: job_steps
+SELECT name, result FROM job_steps WHERE job_id = ?
+
+-- name: save_checkpoint
+UPDATE jobs SET checkpoint = :state
+WHERE id = :id AND state = 'running' AND lease_token = :token
+
+-- name: delete_steps
+DELETE FROM job_steps WHERE job_id = ?
