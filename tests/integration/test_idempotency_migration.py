@@ -31,10 +31,10 @@ def at(seconds: float) -> datetime:
     return NOW + timedelta(seconds=seconds)
 
 
-#: Later migrations adding columns that today's fetch and finish write: the old
+#: Later migrations adding columns that today's fetch and finish read or write: the old
 #: history is written by today's code, so these are applied ahead (they touch
 #: nothing 0004 changes).
-WRITTEN_BY_TODAYS_CODE = {11}
+WRITTEN_BY_TODAYS_CODE = {7, 8, 11}
 
 
 def only_up_to(version: int, backend: str) -> Callable[[str], list[Any]]:
