@@ -52,6 +52,10 @@ class Settings:
     # (DNS-rebinding guard); "*" = any, ".example.com" = its subdomains.
     allowed_hosts: tuple[str, ...] = ()
     locks_backend: str = "store"  # one of LOCKS_BACKENDS: where app.lock() keeps its locks
+    # `conveyor worker`'s /metrics, /health, /ready (docs/metrics.md): off by default,
+    # since a fixed port collides when several workers share a host.
+    metrics_port: int = 0  # 0 = off
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         problems = [
@@ -116,6 +120,10 @@ class Settings:
             problems.append(f"locks_backend must be one of {', '.join(LOCKS_BACKENDS)}")
         elif self.locks_backend == "redis" and not self.redis_url:
             problems.append("locks_backend=redis needs redis_url (CONVEYOR_REDIS_URL)")
+        if not 0 <= self.metrics_port <= 65535:
+            problems.append("metrics_port must be between 0 (off) and 65535")
+        if not self.metrics_host or any(c in self.metrics_host for c in " /\x00"):
+            problems.append("metrics_host must be a host name or address, e.g. 0.0.0.0")
         if problems:
             raise ConfigurationError("Invalid settings: " + "; ".join(problems))
 
@@ -158,6 +166,7 @@ _TYPES: dict[str, type] = {
     "max_stuck_jobs": int,
     "allow_unknown_job_types": bool,
     "trust_user_header": bool,
+    "metrics_port": int,
 }
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -39,6 +39,7 @@ from conveyor.domain.workflow import (
     check_dag,
     name_error,
 )
+from conveyor.runtime.observe import WorkflowSubmitted
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
@@ -191,6 +192,8 @@ class WorkflowService:
         )
         if not duplicate:
             app.after_submit()
+            if app.signals.observing:
+                app.signals.observe(WorkflowSubmitted(len(order)))
         return wf, duplicate
 
     async def add_steps(

@@ -264,6 +264,7 @@ class Finish:
     retry_at: datetime | None = None  # for Action.RETRY
     job_type: str = ""  # not persisted: for metrics and logs
     duration: float | None = None  # seconds the handler ran; not persisted
+    error_type: str = ""  # the exception's class name (RETRY/FAIL); for metrics, not persisted
 
 
 FINISH_ACTIONS = frozenset(

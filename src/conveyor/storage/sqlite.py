@@ -86,6 +86,7 @@ from conveyor.domain.workflow import (
     workflow_event,
 )
 from conveyor.storage.base import (
+    QueueStat,
     Store,
     check_limit,
     delivery_from_row,
@@ -116,6 +117,7 @@ T = TypeVar("T")
 Q = load_queries("sqlite")
 W = load_queries("sqlite", "workflows.sql")
 LQ = load_queries("sqlite", "locks.sql")
+MQ = load_queries("sqlite", "metrics.sql")
 
 _FINISH_SQL = {
     Action.COMPLETE: Q["finish_complete"],
@@ -1491,6 +1493,15 @@ class SQLiteStore(Store):
             return [
                 lock_from_row(r, _dt, now) for r in self._conn.execute(LQ["list_locks"], params)
             ]
+
+        return await self._run(_do)
+
+    # -- metrics ----------------------------------------------------------------------
+    async def queue_stats(self, now: datetime) -> list[QueueStat]:
+        def _do() -> list[QueueStat]:
+            assert self._conn is not None
+            rows = self._conn.execute(MQ["queue_stats"], {"now": now.timestamp()})
+            return [QueueStat(q, JobState(s), n, _dt(oldest)) for q, s, n, oldest in rows]
 
         return await self._run(_do)
 
