@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import click
 import orjson
+import prometheus_client
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -112,6 +113,9 @@ def emit_json(data: Any) -> None:
 def cli(ctx: click.Context, database_url: str | None, log_level: str) -> None:
     """Conveyor: durable jobs for Python."""
     configure_logging(log_level)
+    # No `_created` series beside each counter and histogram: a fifth of the scrape
+    # for a timestamp nobody queries (this process is ours; a library user decides).
+    prometheus_client.disable_created_metrics()
     ctx.obj = Ctx({"database_url": database_url, "log_level": log_level})
 
 
