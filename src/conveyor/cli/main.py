@@ -115,7 +115,7 @@ def cli(ctx: click.Context, database_url: str | None, log_level: str) -> None:
     configure_logging(log_level)
     # No `_created` series beside each counter and histogram: a fifth of the scrape
     # for a timestamp nobody queries (this process is ours; a library user decides).
-    prometheus_client.disable_created_metrics()
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     ctx.obj = Ctx({"database_url": database_url, "log_level": log_level})
 
 
