@@ -9,9 +9,11 @@ reads per scrape interval whatever the number of replicas, and a process no
 Prometheus scrapes never becomes the exporter.
 
 A graceful stop resigns the lease (the next scraped process takes over at its
-next scrape). A crashed exporter leaves a gap of up to ``FLEET_TTL`` seconds plus
-one scrape interval. During a hand-over two processes may export for one scrape:
-aggregate the fleet gauges with ``max``, never ``sum`` (docs/metrics.md).
+next scrape, or within ``RETRY_EVERY`` seconds if it lost the contest
+moments before). A crashed exporter leaves a gap of up to ``FLEET_TTL`` +
+``RETRY_EVERY`` seconds plus one scrape interval. During a hand-over two
+processes may export for one scrape: aggregate the fleet gauges with ``max``,
+never ``sum`` (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ FLEET_TTL = 30.0
 #: A snapshot younger than this is served again (several Prometheus servers, or
 #: a scrape and a curl, cost one set of reads).
 MIN_REFRESH = 1.0
+#: Seconds a process that lost the contest waits before trying again (it takes
+#: over from a crashed exporter within FLEET_TTL + RETRY_EVERY + a scrape interval).
+RETRY_EVERY = 5.0
 #: Seconds the store reads may take before this scrape serves the last snapshot.
 READ_TIMEOUT = 5.0
 #: A worker silent for longer than this is left out of ``conveyor_worker_alive``
@@ -67,6 +72,7 @@ class FleetExporter:
         self.lease = Leadership(deps.store, FLEET_LEADER, ttl=ttl, clock=deps.now)
         self._lock = asyncio.Lock()
         self._at = -1e9
+        self._next_try = 0.0
 
     async def refresh(self) -> None:
         """Bring every gauge up to date for a scrape; never raises (a store error
@@ -82,13 +88,27 @@ class FleetExporter:
             self._at = time.monotonic()
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
-                    if not await self.lease.hold():
+                    if not await self._leads():
                         m.clear_fleet()
                         return
                     m.set_fleet(await self.snapshot())
             except Exception as exc:  # noqa: BLE001 - a scrape never fails for the fleet
                 log.warning("fleet_metrics_failed", error=str(exc), kind=type(exc).__name__)
                 m.clear_fleet()
+
+    async def _leads(self) -> bool:
+        """Whether this process exports, writing to the store only when needed: the
+        lease is renewed once less than half of it is left, and a process that
+        lost the contest tries again after ``RETRY_EVERY`` seconds."""
+        lease, now = self.lease, time.monotonic()
+        if lease.is_leader and lease.remaining > lease.ttl / 2:
+            return True
+        if not lease.is_leader and now < self._next_try:
+            return False
+        if await lease.hold():
+            return True
+        self._next_try = now + RETRY_EVERY
+        return False
 
     async def snapshot(self) -> FleetSnapshot:
         store, deps = self.deps.store, self.deps

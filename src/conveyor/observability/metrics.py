@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from conveyor.domain.job import Finish, WorkerInfo
 from conveyor.domain.states import Action, JobState
 from conveyor.domain.workflow import WorkflowStatus
+from conveyor.observability.families import Counter, Family, Gauge, Histogram
 from conveyor.runtime.observe import (
     JobsRescued,
     JobsStarted,
@@ -68,6 +69,8 @@ class Metrics:
     and ``clear_fleet`` are driven by ``FleetExporter``."""
 
     def __init__(self, *, process_collector: bool = True) -> None:
+        # prometheus_client only for the process collector and the fleet gauges
+        # (a few dozen samples); Conveyor's own families render themselves.
         r = self.registry = CollectorRegistry(auto_describe=True)
         if process_collector:
             ProcessCollector(namespace="conveyor", registry=r)
@@ -77,26 +80,22 @@ class Metrics:
             "Job attempts finished by this process, by outcome (status: completed, "
             "retried, failed = dead-lettered, cancelled, released = handed back)",
             ["job_type", "status"],
-            registry=r,
         )
         self.jobs_failed = Counter(
             "conveyor_jobs_failed",
             "Job attempts that raised (retried or dead-lettered), by exception class",
             ["job_type", "error_type"],
-            registry=r,
         )
         self.job_retries = Counter(
             "conveyor_job_retries",
             "Failed attempts scheduled to run again",
             ["job_type"],
-            registry=r,
         )
         self.job_duration = Histogram(
             "conveyor_job_duration_seconds",
             "Handler run time of an attempt",
             ["job_type"],
             buckets=DURATION_BUCKETS,
-            registry=r,
         )
         self.job_wait = Histogram(
             "conveyor_job_wait_seconds",
@@ -104,77 +103,68 @@ class Metrics:
             "of this process started it",
             ["queue"],
             buckets=WAIT_BUCKETS,
-            registry=r,
         )
         self.stale_writes = Counter(
             "conveyor_stale_lease_rejected",
             "Fenced completions: outcomes rejected because the attempt's lease was lost",
-            registry=r,
         )
         self.jobs_rescued = Counter(
             "conveyor_jobs_rescued",
             "Running jobs of dead workers taken back by this process's maintenance pass "
             "(action: lost = back to pending, quarantined = to the DLQ after max_lost)",
             ["action"],
-            registry=r,
         )
         self.stuck_jobs = Gauge(
             "conveyor_worker_stuck_jobs",
             "Handlers of this process asked to stop (timeout, cancel) or past their timeout "
             "that still run",
             ["worker_id"],
-            registry=r,
         )
         self.jobs_running = Gauge(
             "conveyor_worker_jobs_running",
             "Jobs running in this process's worker",
             ["worker_id"],
-            registry=r,
         )
         # -- process: webhooks, HTTP, database, workflows -------------------------------
         self.webhook_deliveries = Counter(
             "conveyor_webhook_deliveries",
             "Webhook POSTs by outcome (delivered, http_error, network_error, refused)",
             ["outcome"],
-            registry=r,
         )
         self.webhook_duration = Histogram(
             "conveyor_webhook_delivery_seconds",
             "Webhook POST latency",
             buckets=WEBHOOK_BUCKETS,
-            registry=r,
         )
         self.http_duration = Histogram(
             "conveyor_http_request_duration_seconds",
             "HTTP request duration by route template",
             ["method", "route", "status"],
             buckets=HTTP_BUCKETS,
-            registry=r,
         )
         self.db_pool_in_use = Gauge(
             "conveyor_db_pool_in_use",
             "Database connections of this process in use (PostgreSQL only)",
-            registry=r,
         )
         self.db_pool_size = Gauge(
             "conveyor_db_pool_size",
             "Database connection pool size limit of this process (PostgreSQL only)",
-            registry=r,
         )
         self.workflows_submitted = Counter(
             "conveyor_workflows_submitted",
             "Workflows stored by this process (duplicates of an idempotency key not counted)",
-            registry=r,
         )
         # -- fleet (one exporter at a time) ---------------------------------------------
         self.fleet_exporter = Gauge(
             "conveyor_fleet_exporter",
             "1 in the one process exporting the fleet gauges (leader lease "
             "conveyor.metrics), 0 elsewhere",
-            registry=r,
         )
         self.fleet = FleetCollector()
         r.register(self.fleet)
+        self.families: list[Family] = [
+            v for v in vars(self).values() if isinstance(v, Counter | Gauge | Histogram)
+        ]
         self._error_types: dict[str, set[str]] = {}
         self._queues: set[str] = set()
 
@@ -247,7 +237,11 @@ class Metrics:
         self.fleet_exporter.set(0)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        out: list[str] = []
+        for family in self.families:
+            family.render(out)
+        out.append("")
+        return "\n".join(out).encode() + generate_latest(self.registry)
 
 
 @dataclass(frozen=True, slots=True)
