@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -157,6 +157,22 @@ class HandlerFailure(ConveyorError):
 
     def __str__(self) -> str:
         return self.text
+
+
+def _timed(f: Finish, job_type: str, duration: float) -> Finish:
+    """``f`` with its job type and handler duration (for metrics): built
+    positionally, as ``dataclasses.replace`` costs ~5 us a job walking the fields."""
+    return Finish(
+        f.job_id,
+        f.lease_token,
+        f.action,
+        f.result,
+        f.error,
+        f.retry_at,
+        job_type,
+        duration,
+        f.error_type,
+    )
 
 
 def _class_name(exc: BaseException) -> str:
@@ -530,7 +546,7 @@ class Worker:
             self._abandoned.add(job.id)
             return  # its code may still run: leave the lease to expire (rescue)
         if self.deps.signals.has_finish_listeners:
-            finish = replace(finish, job_type=job.job_type, duration=time.perf_counter() - started)
+            finish = _timed(finish, job.job_type, time.perf_counter() - started)
         self._outbox.append(finish)
         self._outbox_event.set()
         self._tick.set()
