@@ -174,3 +174,34 @@ def test_a_bad_metrics_port_is_refused(tmp_path: Path) -> None:
     proc = run_cli(db, "worker", "metricsapp", check=False, CONVEYOR_METRICS_PORT="x")
     assert proc.returncode == 2
     assert "metrics-port" in proc.stderr
+
+
+async def test_malformed_requests_get_400_and_the_server_goes_on(
+    app: Conveyor, tmp_path: Path
+) -> None:
+    port = free_port()
+    w = start(tmp_path, app.settings.database_url, port)
+    try:
+
+        async def up() -> bool:
+            assert w.proc.poll() is None, w.output()
+            try:
+                return (await get(port, "/health")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await async_wait_until(up, 20, "the worker's /health")
+        for raw in (b"GARBAGE\r\n\r\n", b"GET /metrics\r\n\r\n", b"\x00\xff\r\n\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 400 "), (raw, answer[:80])
+        # A client that connects and leaves at once.
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+        assert (await get(port, "/metrics")).status_code == 200
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0, w.output()
