@@ -10,6 +10,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 missing=()
 [ -n "${CONVEYOR_PG_BIN:-}" ] || python tests/pg.py bindir >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# promtool (rule checks and unit tests) and a Prometheus server (the alerting test).
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
         echo "== installing ${missing[*]}"

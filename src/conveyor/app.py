@@ -676,11 +676,26 @@ class Conveyor:
         return Worker(self.deps, **options)
 
     async def run_worker(self, **options: Any) -> None:
-        """Open the store and run a worker until SIGTERM/SIGINT."""
+        """Open the store and run a worker until SIGTERM/SIGINT; with
+        ``settings.metrics_port`` it also serves ``/metrics``, ``/health`` and
+        ``/ready`` on ``settings.metrics_host`` (``ConfigurationError`` when that
+        port can't be bound)."""
         import signal
 
         await self.open()
         worker = self.worker(**options)
+        endpoints = None
+        if self.settings.metrics_port:  # /metrics, /health, /ready (docs/metrics.md)
+            from conveyor.observability.endpoints import WorkerEndpoints
+
+            endpoints = WorkerEndpoints(
+                self.deps, worker, host=self.settings.metrics_host, port=self.settings.metrics_port
+            )
+            try:
+                await endpoints.start()
+            except BaseException:
+                await self.close()
+                raise
         gc.freeze()  # everything imported so far lives for the whole process
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -690,6 +705,8 @@ class Conveyor:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            if endpoints is not None:
+                await endpoints.close()
             await self.close()
         exit_if_abandoned(worker)
 

@@ -58,6 +58,10 @@ class Settings:
     scheduler: bool = True
     scheduler_misfire_grace: float = 60.0
     scheduler_interval: float = 1.0
+    # `conveyor worker`'s /metrics, /health, /ready (docs/metrics.md): off by default,
+    # since a fixed port collides when several workers share a host.
+    metrics_port: int = 0  # 0 = off
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         problems = [
@@ -126,6 +130,10 @@ class Settings:
             problems.append("scheduler_misfire_grace must be >= 0 seconds")
         if not 0 < self.scheduler_interval <= 60:
             problems.append("scheduler_interval must be > 0 and <= 60 seconds")
+        if not 0 <= self.metrics_port <= 65535:
+            problems.append("metrics_port must be between 0 (off) and 65535")
+        if not self.metrics_host or any(c in self.metrics_host for c in " /\x00"):
+            problems.append("metrics_host must be a host name or address, e.g. 0.0.0.0")
         if problems:
             raise ConfigurationError("Invalid settings: " + "; ".join(problems))
 
@@ -171,6 +179,7 @@ _TYPES: dict[str, type] = {
     "scheduler": bool,
     "scheduler_misfire_grace": float,
     "scheduler_interval": float,
+    "metrics_port": int,
 }
 
 _TRUE = {"1", "true", "yes", "on"}

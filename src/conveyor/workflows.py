@@ -39,6 +39,7 @@ from conveyor.domain.workflow import (
     check_dag,
     name_error,
 )
+from conveyor.runtime.observe import WorkflowSubmitted
 from conveyor.storage.codec import dumps
 
 if TYPE_CHECKING:
@@ -222,6 +223,8 @@ class WorkflowService:
         )
         if not duplicate:
             app.after_submit()
+            if app.signals.observing:
+                app.signals.observe(WorkflowSubmitted(len(order)))
         return wf, duplicate
 
     async def add_steps(

@@ -626,7 +626,7 @@ async def test_prometheus_metrics(client):
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/plain")
     text = resp.text
-    assert 'conveyor_queue_depth{state="pending"} 1.0' in text
+    assert 'conveyor_queue_depth{queue="default",state="pending"} 1.0' in text
     assert "conveyor_http_request_duration_seconds" in text
     # Labelled by route template, not by raw path (bounded cardinality).
     assert 'route="/api/jobs/{job_id}"' in text

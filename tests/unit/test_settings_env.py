@@ -164,3 +164,21 @@ def test_event_stream_max_bytes_is_parsed_and_checked() -> None:
         Settings.from_env({"CONVEYOR_EVENT_STREAM_MAX_BYTES": "100"})
     with pytest.raises(ConfigurationError, match="CONVEYOR_EVENT_STREAM_MAX_BYTES"):
         Settings.from_env({"CONVEYOR_EVENT_STREAM_MAX_BYTES": "64MiB"})
+
+
+def test_metrics_port_and_host() -> None:
+    s = Settings.from_env({})
+    assert (s.metrics_port, s.metrics_host) == (0, "127.0.0.1")  # off, loopback
+    s = Settings.from_env({"CONVEYOR_METRICS_PORT": "9090", "CONVEYOR_METRICS_HOST": "0.0.0.0"})
+    assert (s.metrics_port, s.metrics_host) == (9090, "0.0.0.0")
+    for env, problem in (
+        ({"CONVEYOR_METRICS_PORT": "70000"}, "metrics_port must be between 0 (off) and 65535"),
+        ({"CONVEYOR_METRICS_PORT": "-1"}, "metrics_port must be between 0 (off) and 65535"),
+        ({"CONVEYOR_METRICS_HOST": "a b"}, "metrics_host must be a host name or address"),
+        ({"CONVEYOR_METRICS_HOST": "a\x00"}, "metrics_host must be a host name or address"),
+    ):
+        with pytest.raises(ConfigurationError) as info:
+            Settings.from_env(env)
+        assert problem in str(info.value)
+    with pytest.raises(ConfigurationError, match="CONVEYOR_METRICS_PORT='x' is not a valid int"):
+        Settings.from_env({"CONVEYOR_METRICS_PORT": "x"})

@@ -49,6 +49,7 @@ from conveyor.domain.errors import (
 )
 from conveyor.domain.job import Job, JobQuery, is_internal
 from conveyor.domain.states import JobState, parse_states
+from conveyor.observability.fleet import FleetExporter
 from conveyor.observability.metrics import Metrics
 from conveyor.presenters import iso, job_dict, page_dict, worker_dict
 from conveyor.runtime.hub import EventHub
@@ -184,6 +185,7 @@ def create_app(
     and ``/metrics`` report their stuck handlers, and ``/ready`` answers 503 once
     one of them has reached ``max_stuck_jobs`` (it is about to exit)."""
     metrics = metrics or Metrics()
+    exporter = FleetExporter(metrics, conveyor.deps, workers=lambda: workers)
     auth = Auth(conveyor, allow_anonymous=allow_anonymous)
     hub = EventHub(
         conveyor.store,
@@ -200,6 +202,7 @@ def create_app(
         finally:
             conveyor.remove_events_listener(hub.wake)
             await hub.close()
+            await exporter.close()
 
     # /docs and /redoc with their scripts served from the package: servers often
     # have no internet, and a CDN-loaded page is blank there.
@@ -309,14 +312,7 @@ def create_app(
     @api.get("/metrics", tags=["service"], response_class=Response)
     async def prometheus() -> Response:
         """Prometheus text format."""
-        counts = await conveyor.store.count_by_state()
-        fleet = await conveyor.store.list_workers()
-        metrics.set_depths(counts, sum(1 for w in fleet if is_alive(w, conveyor.deps)))
-        for w in workers:
-            metrics.stuck_jobs.labels(w.id).set(w.stuck_jobs())
-        metrics.set_outbox(
-            await conveyor.store.latest_event_id(), await conveyor.store.consumer_positions()
-        )
+        await exporter.refresh()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def visible(job_id: str, request: Request) -> Job:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import click
 import orjson
+import prometheus_client
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -114,6 +115,9 @@ def emit_json(data: Any) -> None:
 def cli(ctx: click.Context, database_url: str | None, log_level: str) -> None:
     """Conveyor: durable jobs for Python."""
     configure_logging(log_level)
+    # No `_created` series beside each counter and histogram: a fifth of the scrape
+    # for a timestamp nobody queries (this process is ours; a library user decides).
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     ctx.obj = Ctx({"database_url": database_url, "log_level": log_level})
 
 
@@ -134,6 +138,19 @@ def cli(ctx: click.Context, database_url: str | None, log_level: str) -> None:
     default=None,
     help="Where handlers run unless their job type says: threads, or child processes.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    envvar="CONVEYOR_METRICS_PORT",
+    default=None,
+    help="Serve /metrics, /health and /ready on this port (0 = off, the default).",
+)
+@click.option(
+    "--metrics-host",
+    envvar="CONVEYOR_METRICS_HOST",
+    default=None,
+    help="Address of the metrics port (default 127.0.0.1; 0.0.0.0 for a scraper elsewhere).",
+)
 @click.pass_obj
 def worker(
     obj: Ctx,
@@ -146,9 +163,13 @@ def worker(
     worker_id: str | None,
     no_maintenance: bool,
     isolation: str | None,
+    metrics_port: int | None,
+    metrics_host: str | None,
 ) -> None:
     """Run a worker for the job types of APPS (module or module:attr)."""
     app = obj.app(
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
         concurrency=concurrency,
         queues=queues or None,
         heartbeat_interval=heartbeat_interval,

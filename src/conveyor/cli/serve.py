@@ -64,6 +64,7 @@ async def serve_forever(
         check_port(host, port)
         metrics = Metrics()
         app.on_finish(metrics.job_finished)
+        app.signals.on_observe(metrics.observe)
         # Every queue a registered type names, so `up` runs all of its own jobs.
         queues = sorted({*app.settings.queues, *(d.queue for d in app.registry.values())})
         worker = app.worker(queues=queues) if with_worker else None

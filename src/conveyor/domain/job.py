@@ -275,6 +275,7 @@ class Finish:
     #: For Action.RETRY: the healed payload the next attempt runs with (its
     #: payload_version goes up by one); None keeps the payload.
     payload: dict[str, Any] | None = None
+    error_type: str = ""  # the exception's class name (RETRY/FAIL); for metrics, not persisted
 
 
 FINISH_ACTIONS = frozenset(

@@ -15,13 +15,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
+import structlog
+
 from conveyor.bus.base import EventBus
 from conveyor.domain.job import EnqueueResult, Finish, Job, NewJob
+from conveyor.runtime.observe import Observation
 from conveyor.settings import Settings
 from conveyor.storage.base import Store
 
 if TYPE_CHECKING:
     from conveyor.runtime.registry import JobDefinition
+
+_log = structlog.get_logger("conveyor.signals")
 
 
 class Submitter(Protocol):
@@ -44,12 +49,13 @@ class Signals:
     Callbacks are cheap and synchronous.
     """
 
-    __slots__ = ("_event_listeners", "_finish_listeners", "_listeners")
+    __slots__ = ("_event_listeners", "_finish_listeners", "_listeners", "_observers")
 
     def __init__(self) -> None:
         self._listeners: list[Callable[[], None]] = []
         self._event_listeners: list[Callable[[], None]] = []
         self._finish_listeners: list[Callable[[Finish, bool], None]] = []
+        self._observers: list[Callable[[Observation], None]] = []
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
@@ -83,6 +89,22 @@ class Signals:
     def emit_finished(self, finish: Finish, accepted: bool) -> None:
         for cb in self._finish_listeners:
             cb(finish, accepted)
+
+    def on_observe(self, callback: Callable[[Observation], None]) -> None:
+        """Call ``callback`` with each ``runtime.observe`` event (jobs started,
+        rescued, webhook attempts, workflows submitted): metrics hook in here."""
+        self._observers.append(callback)
+
+    @property
+    def observing(self) -> bool:
+        return bool(self._observers)
+
+    def observe(self, event: Observation) -> None:
+        for cb in self._observers:
+            try:
+                cb(event)
+            except Exception as exc:  # noqa: BLE001 - an observer never breaks the job path
+                _log.warning("observer_failed", error=str(exc), kind=type(exc).__name__)
 
 
 @dataclass(frozen=True, slots=True)

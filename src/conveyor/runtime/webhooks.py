@@ -56,6 +56,7 @@ from conveyor.domain.webhooks import (
     wanted,
 )
 from conveyor.runtime.context import JobContext
+from conveyor.runtime.observe import WebhookAttempted
 
 if TYPE_CHECKING:
     from conveyor.runtime.ports import RuntimeDeps
@@ -350,17 +351,21 @@ class WebhookSender:
         started = time.perf_counter()
         status: int | None = None
         error: str | None = None
+        kind = "delivered"
         try:
             # The client's backend resolves and checks the host as it connects.
             response = await self.client().post(hook.url, content=body, headers=headers)
             status = response.status_code
             if not 200 <= status < 300:
-                error = f"HTTP {status}"
+                error, kind = f"HTTP {status}", "http_error"
         except TargetRefused as exc:
-            error = f"refused: {exc}"
+            error, kind = f"refused: {exc}", "refused"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            kind = "network_error"
         duration_ms = (time.perf_counter() - started) * 1000
+        if self.deps.signals.observing:
+            self.deps.signals.observe(WebhookAttempted(kind, duration_ms / 1000))
         outcome = DeliveryOutcome.DELIVERED if error is None else DeliveryOutcome.FAILED
         attempt = DeliveryAttempt(
             webhook_id=hook.id,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -458,6 +459,42 @@ class Store(abc.ABC):
         """Replace the job's checkpoint (a JSON value; ``Job.checkpoint``), fenced by
         ``lease_token`` like ``save_step``. ``False`` when the lease is not held.
         Raises ``ValidationError`` for a value JSON can't hold."""
+
+    # -- metrics (docs/metrics.md) -------------------------------------------------------
+    async def queue_stats(self, now: datetime) -> list[QueueStat]:
+        """Jobs by (queue, state) for the states that are work to do or to look at
+        (``blocked``, ``pending``, ``running``, ``failed``: the DLQ); finished ones
+        are not counted (their number grows with retention, not with load). Each
+        ``pending`` row carries its queue's oldest ``run_at`` that is due by
+        ``now`` (None when nothing is due). One query; no row per job comes back."""
+        counts = await self.count_by_state()
+        by_queue = await self.pending_by_type()
+        out = [QueueStat("", s, counts.get(s, 0), None) for s in STAT_STATES]
+        pending: dict[str, int] = {}
+        for (queue, _type), n in by_queue.items():
+            pending[queue] = pending.get(queue, 0) + n
+        return [o for o in out if o.state is not JobState.PENDING] + [
+            QueueStat(q, JobState.PENDING, n, None) for q, n in sorted(pending.items())
+        ]
+
+    def pool_stats(self) -> tuple[int, int] | None:
+        """Database connections ``(in use, pool size limit)``; None without a pool."""
+        return None
+
+
+#: The states ``queue_stats`` counts.
+STAT_STATES = (JobState.BLOCKED, JobState.PENDING, JobState.RUNNING, JobState.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStat:
+    """``count`` jobs of ``queue`` in ``state``; ``oldest_due``: the earliest
+    ``run_at`` already due among them (pending rows only, else None)."""
+
+    queue: str
+    state: JobState
+    count: int
+    oldest_due: datetime | None
 
 
 def event_data(

@@ -83,6 +83,8 @@ from conveyor.domain.workflow import (
     workflow_event,
 )
 from conveyor.storage.base import (
+    STAT_STATES,
+    QueueStat,
     Store,
     check_limit,
     disabled_event,
@@ -1141,6 +1143,24 @@ class MemoryStore(MemorySchedules, Store):
                 return False
             job.checkpoint = value
             return True
+
+    # -- metrics ----------------------------------------------------------------------
+    async def queue_stats(self, now: datetime) -> list[QueueStat]:
+        counts: dict[tuple[str, JobState], int] = {}
+        oldest: dict[str, datetime] = {}
+        for j in self._jobs.values():
+            if j.state not in STAT_STATES:
+                continue
+            key = (j.queue, j.state)
+            counts[key] = counts.get(key, 0) + 1
+            if j.state is JobState.PENDING and j.run_at is not None and j.run_at <= now:
+                seen = oldest.get(j.queue)
+                if seen is None or j.run_at < seen:
+                    oldest[j.queue] = j.run_at
+        return [
+            QueueStat(q, s, n, oldest.get(q) if s is JobState.PENDING else None)
+            for (q, s), n in sorted(counts.items())
+        ]
 
 
 @dataclass(slots=True)

@@ -87,6 +87,7 @@ from conveyor.domain.workflow import (
 )
 from conveyor.security.redact import redact, redact_url
 from conveyor.storage.base import (
+    QueueStat,
     Store,
     check_limit,
     delivery_from_row,
@@ -119,6 +120,7 @@ T = TypeVar("T")
 Q = load_queries("postgres")
 W = load_queries("postgres", "workflows.sql")
 LQ = load_queries("postgres", "locks.sql")
+MQ = load_queries("postgres", "metrics.sql")
 # insert_jobs for batches with an idempotency key (and without: no conflict possible)
 _INSERT_KEYED = Q["insert_jobs"].replace("{on_key_conflict}", Q["on_key_conflict"])
 _INSERT_UNKEYED = Q["insert_jobs"].replace("{on_key_conflict}", "")
@@ -1829,6 +1831,18 @@ class PostgresStore(PostgresSchedules, Store):
         async with self._conn() as conn:
             status = await conn.execute(Q["save_checkpoint"], job_id, lease_token, data)
         return bool(status != "UPDATE 0")
+
+    # -- metrics ----------------------------------------------------------------------
+    async def queue_stats(self, now: datetime) -> list[QueueStat]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(MQ["queue_stats"], now)
+        return [QueueStat(q, JobState(s), n, oldest) for q, s, n, oldest in rows]
+
+    def pool_stats(self) -> tuple[int, int] | None:
+        pool = self._pool
+        if pool is None:
+            return None
+        return pool.get_size() - pool.get_idle_size(), pool.get_max_size()
 
 
 _STATES = {s.value: s for s in JobState}

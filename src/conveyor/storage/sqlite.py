@@ -87,6 +87,7 @@ from conveyor.domain.workflow import (
     workflow_event,
 )
 from conveyor.storage.base import (
+    QueueStat,
     Store,
     check_limit,
     delivery_from_row,
@@ -120,6 +121,7 @@ T = TypeVar("T")
 Q = load_queries("sqlite")
 W = load_queries("sqlite", "workflows.sql")
 LQ = load_queries("sqlite", "locks.sql")
+MQ = load_queries("sqlite", "metrics.sql")
 
 _FINISH_SQL = {
     Action.COMPLETE: Q["finish_complete"],
@@ -1589,6 +1591,15 @@ class SQLiteStore(SQLiteSchedules, Store):
         def _do() -> bool:
             with self._tx() as conn:
                 return conn.execute(Q["save_checkpoint"], params).rowcount == 1
+
+        return await self._run(_do)
+
+    # -- metrics ----------------------------------------------------------------------
+    async def queue_stats(self, now: datetime) -> list[QueueStat]:
+        def _do() -> list[QueueStat]:
+            assert self._conn is not None
+            rows = self._conn.execute(MQ["queue_stats"], {"now": now.timestamp()})
+            return [QueueStat(q, JobState(s), n, _dt(oldest)) for q, s, n, oldest in rows]
 
         return await self._run(_do)
 
