@@ -136,11 +136,20 @@ def test_the_workers_timed_finish_keeps_every_field() -> None:
     from conveyor.runtime.worker import _timed
 
     f = Finish(
-        "j", "tok", Action.RETRY, {"r": 1}, "err", datetime(2026, 1, 1, tzinfo=UTC), "", None, "E"
+        "j",
+        "tok",
+        Action.RETRY,
+        {"r": 1},
+        "err",
+        datetime(2026, 1, 1, tzinfo=UTC),
+        "",
+        None,
+        {"healed": True},
+        "E",
     )
     timed = _timed(f, "t", 0.5)
-    assert [x.name for x in fields(Finish)][-3:] == ["job_type", "duration", "error_type"]
+    assert [x.name for x in fields(Finish)][-3:] == ["duration", "payload", "error_type"]
     for x in fields(Finish):
         expected = {"job_type": "t", "duration": 0.5}.get(x.name, getattr(f, x.name))
         assert getattr(timed, x.name) == expected, x.name
-    assert len(fields(Finish)) == 9  # a new field must be carried by _timed too
+    assert len(fields(Finish)) == 10  # a new field must be carried by _timed too
