@@ -1059,6 +1059,11 @@ class MemoryStore(Store):
                 break
         return out
 
+    # -- dashboard reads --------------------------------------------------------------------
+    async def job_children(self, job_id: str, limit: int) -> list[str]:
+        check_limit(limit)
+        return sorted(self._children.get(job_id, ()))[:limit]
+
 
 @dataclass(slots=True)
 class _Consumer:

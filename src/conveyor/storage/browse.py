@@ -1,0 +1,41 @@
+"""The dashboard's job list as SQL: only the filters asked for (so each query
+plans onto an index), newest first by (created_at, id), keyset-paged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conveyor.domain.job import JobQuery
+
+
+def browse_sql(
+    table: str, query: JobQuery, before: tuple[Any, str] | None, *, numbered: bool
+) -> tuple[str, list[Any]]:
+    """``SELECT *`` for ``query``'s filters after the ``before`` (created_at, id)
+    key; ``numbered``: ``$1`` placeholders (PostgreSQL), else ``?`` (SQLite)."""
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}" if numbered else "?"
+
+    where: list[str] = []
+    if query.states:
+        where.append(f"state IN ({', '.join(arg(s.value) for s in query.states)})")
+    if query.job_type is not None:
+        where.append(f"job_type = {arg(query.job_type)}")
+    if query.queue is not None:
+        where.append(f"queue = {arg(query.queue)}")
+    if query.created_by is not None:
+        where.append(f"created_by = {arg(query.created_by)}")
+    if not query.include_internal:
+        where.append("job_type NOT LIKE 'conveyor.%'")
+    if before is not None:
+        at, job_id = before
+        first, second = arg(at), arg(at)
+        where.append(f"(created_at < {first} OR (created_at = {second} AND id < {arg(job_id)}))")
+    sql = f"SELECT * FROM {table}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY created_at DESC, id DESC LIMIT {arg(query.limit)}"
+    return sql, args
