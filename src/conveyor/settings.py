@@ -52,6 +52,9 @@ class Settings:
     # (DNS-rebinding guard); "*" = any, ".example.com" = its subdomains.
     allowed_hosts: tuple[str, ...] = ()
     locks_backend: str = "store"  # one of LOCKS_BACKENDS: where app.lock() keeps its locks
+    # Signs dashboard session cookies; empty: a random secret per process (sessions
+    # end when the process restarts). Set it to keep logins across restarts.
+    dashboard_secret: str = ""
 
     def __post_init__(self) -> None:
         problems = [
