@@ -43,7 +43,7 @@ from conveyor.runtime.webhooks import enable_webhook as enable_and_replay
 from conveyor.runtime.worker import Worker
 
 COUNT_CAP = 10_000  #: state counts stop here; larger ones are estimates
-QUEUE_SCAN_CAP = 50_000  #: queue depths look at most this many unfinished jobs
+QUEUE_SCAN_CAP = 10_000  #: queue depths look at most this many unfinished jobs
 WAIT_SAMPLE = 2_000  #: the wait p95 covers this many most recently finished jobs
 PAGE_SIZE = 50
 MAX_IDS = 500  #: jobs per bulk action
@@ -160,7 +160,7 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(ago=_ago, duration=_duration, count=_count, pretty=_pretty, iso=_iso)
-    env.globals.update(urlencode=urlencode, quote=quote)
+    env.globals.update(urlencode=urlencode, quote=quote, queue_cap=QUEUE_SCAN_CAP)
     return env
 
 
@@ -395,25 +395,25 @@ def dashboard_router(conveyor: Conveyor, auth: Auth, workers: Sequence[Worker] =
         internal = sees_internal(viewer.key)
         message = None
         before = _parse_cursor(params.get("before"))
-        if filters["q"]:
-            rows = await _search(filters["q"], internal)
-            more = None
-            if not rows:
-                message = f"No job id starts with {filters['q']!r}"
+        prefix = filters["q"].lower()
+        query = JobQuery(
+            states=states,
+            job_type=filters["job_type"] or None,
+            queue=filters["queue"] or None,
+            created_by=filters["created_by"] or None,
+            limit=PAGE_SIZE + 1,
+            include_internal=internal,
+        )
+        if prefix and not all(ch in "0123456789abcdef" for ch in prefix):
+            rows, message = [], f"{filters['q']!r} is not a job id or id prefix (hex digits)"
         else:
-            query = JobQuery(
-                states=states,
-                job_type=filters["job_type"] or None,
-                queue=filters["queue"] or None,
-                created_by=filters["created_by"] or None,
-                limit=PAGE_SIZE + 1,
-                include_internal=internal,
-            )
-            rows = await store.browse_jobs(query, before)
-            more = _cursor_text(rows[PAGE_SIZE - 1]) if len(rows) > PAGE_SIZE else None
-            rows = rows[:PAGE_SIZE]
+            rows = await store.browse_jobs(query, before, prefix or None)
+            if prefix and not rows:
+                message = f"No job id starts with {filters['q']!r} (with these filters)"
+        more = _cursor_text(rows[PAGE_SIZE - 1]) if len(rows) > PAGE_SIZE else None
+        rows = rows[:PAGE_SIZE]
         counts = await store.state_counts(COUNT_CAP)
-        kept = {k: v for k, v in filters.items() if v and k != "q"}
+        kept = {k: v for k, v in filters.items() if v}
         return render(
             request,
             viewer,
@@ -429,21 +429,6 @@ def dashboard_router(conveyor: Conveyor, auth: Auth, workers: Sequence[Worker] =
             job_types=[t.job_type for t in await store.list_job_types()],
             message=message,
         )
-
-    async def _search(text: str, internal: bool) -> list[Job]:
-        key = text.lower()
-        if not all(ch in "0123456789abcdef" for ch in key):
-            return []
-        ids = await store.ids_with_prefix(key, PAGE_SIZE)
-        found = []
-        for job_id in ids:
-            try:
-                job = await store.get(job_id)
-            except NotFound:
-                continue
-            if internal or not is_internal(job.job_type):
-                found.append(job)
-        return found
 
     @page("/ui/jobs/{job_id}")
     async def job_detail(request: Request, viewer: Viewer) -> Response:

@@ -393,11 +393,18 @@ class Store(abc.ABC):
             out[(job.queue, job.state)] = out.get((job.queue, job.state), 0) + 1
         return out, True
 
-    async def browse_jobs(self, query: JobQuery, before: Cursor | None) -> list[Job]:
-        """Up to ``query.limit`` jobs matching ``query``'s filters, newest first by
-        (created_at, id), strictly after ``before`` in that order. No total is
-        counted: ask for one more than a page to know whether another follows."""
-        rows = [j async for j in self._all_jobs(replace(query, sort="created_at"))]
+    async def browse_jobs(
+        self, query: JobQuery, before: Cursor | None, id_prefix: str | None = None
+    ) -> list[Job]:
+        """Up to ``query.limit`` jobs matching ``query``'s filters (and whose id
+        starts with ``id_prefix``, lowercase hex), newest first by (created_at,
+        id), strictly after ``before`` in that order. No total is counted: ask
+        for one more than a page to know whether another follows."""
+        rows = [
+            j
+            async for j in self._all_jobs(replace(query, sort="created_at"))
+            if not id_prefix or j.id.startswith(id_prefix)
+        ]
         rows.sort(key=_newest_key, reverse=True)
         if before is not None:
             rows = [j for j in rows if _newest_key(j) < (before.created_at, before.job_id)]

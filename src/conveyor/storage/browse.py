@@ -6,13 +6,20 @@ from __future__ import annotations
 from typing import Any
 
 from conveyor.domain.job import JobQuery
+from conveyor.storage.base import prefix_upper_bound
 
 
 def browse_sql(
-    table: str, query: JobQuery, before: tuple[Any, str] | None, *, numbered: bool
+    table: str,
+    query: JobQuery,
+    before: tuple[Any, str] | None,
+    *,
+    numbered: bool,
+    id_prefix: str | None = None,
 ) -> tuple[str, list[Any]]:
     """``SELECT *`` for ``query``'s filters after the ``before`` (created_at, id)
-    key; ``numbered``: ``$1`` placeholders (PostgreSQL), else ``?`` (SQLite)."""
+    key, of ids starting with ``id_prefix`` (lowercase hex); ``numbered``: ``$1``
+    placeholders and byte-order id ranges (PostgreSQL), else ``?`` (SQLite)."""
     args: list[Any] = []
 
     def arg(value: Any) -> str:
@@ -20,6 +27,10 @@ def browse_sql(
         return f"${len(args)}" if numbered else "?"
 
     where: list[str] = []
+    if id_prefix:
+        column = 'id COLLATE "C"' if numbered else "id"
+        low, high = arg(id_prefix), arg(prefix_upper_bound(id_prefix))
+        where.append(f"{column} >= {low} AND {column} < {high}")
     if query.states:
         where.append(f"state IN ({', '.join(arg(s.value) for s in query.states)})")
     if query.job_type is not None:
@@ -32,8 +43,10 @@ def browse_sql(
         where.append("job_type NOT LIKE 'conveyor.%'")
     if before is not None:
         at, job_id = before
+        # The bare upper bound lets the created_at index serve the range; the
+        # OR breaks ties between jobs created in the same instant.
         first, second = arg(at), arg(at)
-        where.append(f"(created_at < {first} OR (created_at = {second} AND id < {arg(job_id)}))")
+        where.append(f"created_at <= {first} AND (created_at < {second} OR id < {arg(job_id)})")
     sql = f"SELECT * FROM {table}"
     if where:
         sql += " WHERE " + " AND ".join(where)

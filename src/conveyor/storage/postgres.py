@@ -1783,10 +1783,12 @@ class PostgresStore(Store):
         out = {(q, JobState(s)): int(n) for q, s, n in rows}
         return out, sum(out.values()) < cap
 
-    async def browse_jobs(self, query: JobQuery, before: Cursor | None) -> list[Job]:
+    async def browse_jobs(
+        self, query: JobQuery, before: Cursor | None, id_prefix: str | None = None
+    ) -> list[Job]:
         query.validate()
         key = None if before is None else (before.created_at, before.job_id)
-        sql, args = browse_sql("conveyor.jobs", query, key, numbered=True)
+        sql, args = browse_sql("conveyor.jobs", query, key, numbered=True, id_prefix=id_prefix)
         async with self._conn() as conn:
             rows = await conn.fetch(sql, *args)
         return [job_from_record(r) for r in rows]

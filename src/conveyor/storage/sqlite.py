@@ -1522,10 +1522,12 @@ class SQLiteStore(Store):
         out = await self._run(_do)
         return out, sum(out.values()) < cap
 
-    async def browse_jobs(self, query: JobQuery, before: Cursor | None) -> list[Job]:
+    async def browse_jobs(
+        self, query: JobQuery, before: Cursor | None, id_prefix: str | None = None
+    ) -> list[Job]:
         query.validate()
         key = None if before is None else (_ts(before.created_at), before.job_id)
-        sql, args = browse_sql("jobs", query, key, numbered=False)
+        sql, args = browse_sql("jobs", query, key, numbered=False, id_prefix=id_prefix)
 
         def _do() -> list[Job]:
             assert self._conn is not None
