@@ -56,6 +56,11 @@ async def test_browse_jobs_pages_newest_first_by_key_without_gaps(store: Store) 
     emails = await store.browse_jobs(JobQuery(job_type="email", limit=50), None)
     assert {j.job_type for j in emails} == {"email"}
     assert len(emails) == 3
+    prefix = ids[3][:14]
+    by_prefix = await store.browse_jobs(JobQuery(limit=50), None, prefix)
+    assert ids[3] in {j.id for j in by_prefix}
+    assert all(j.id.startswith(prefix) for j in by_prefix)
+    assert await store.browse_jobs(JobQuery(limit=50), None, "ffffffff") == []
     none = await store.browse_jobs(JobQuery(states=(JobState.FAILED,), limit=50), None)
     assert none == []
 

@@ -8,6 +8,7 @@ session's CSRF token. See docs/dashboard.md.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -342,12 +343,15 @@ def dashboard_router(conveyor: Conveyor, auth: Auth, workers: Sequence[Worker] =
     @page("/")
     async def overview(request: Request, viewer: Viewer) -> Response:
         now = conveyor.now()
-        after = await live_after()
-        counts = await store.state_counts(COUNT_CAP)
-        stats = await store.recent_stats(now - timedelta(hours=1), WAIT_SAMPLE)
-        fleet = await store.list_workers()
-        depths, complete = await store.queue_depths(
-            (JobState.PENDING, JobState.RUNNING, JobState.BLOCKED), QUEUE_SCAN_CAP
+        # Independent reads: a pooled store (PostgreSQL) runs them side by side.
+        after, counts, stats, fleet, (depths, complete) = await asyncio.gather(
+            live_after(),
+            store.state_counts(COUNT_CAP),
+            store.recent_stats(now - timedelta(hours=1), WAIT_SAMPLE),
+            store.list_workers(),
+            store.queue_depths(
+                (JobState.PENDING, JobState.RUNNING, JobState.BLOCKED), QUEUE_SCAN_CAP
+            ),
         )
         done = sum(b.completed for b in stats.buckets)
         failed = sum(b.failed for b in stats.buckets)
@@ -404,15 +408,21 @@ def dashboard_router(conveyor: Conveyor, auth: Auth, workers: Sequence[Worker] =
             limit=PAGE_SIZE + 1,
             include_internal=internal,
         )
+        counting = store.state_counts(COUNT_CAP)
+        typing = store.list_job_types()
+        rows: list[Job]
         if prefix and not all(ch in "0123456789abcdef" for ch in prefix):
-            rows, message = [], f"{filters['q']!r} is not a job id or id prefix (hex digits)"
+            counts, types = await asyncio.gather(counting, typing)
+            rows = []
+            message = f"{filters['q']!r} is not a job id or id prefix (hex digits)"
         else:
-            rows = await store.browse_jobs(query, before, prefix or None)
+            rows, counts, types = await asyncio.gather(
+                store.browse_jobs(query, before, prefix or None), counting, typing
+            )
             if prefix and not rows:
                 message = f"No job id starts with {filters['q']!r} (with these filters)"
         more = _cursor_text(rows[PAGE_SIZE - 1]) if len(rows) > PAGE_SIZE else None
         rows = rows[:PAGE_SIZE]
-        counts = await store.state_counts(COUNT_CAP)
         kept = {k: v for k, v in filters.items() if v}
         return render(
             request,
@@ -426,7 +436,7 @@ def dashboard_router(conveyor: Conveyor, auth: Auth, workers: Sequence[Worker] =
             counts=counts,
             next_url=("?" + urlencode({**kept, "before": more})) if more else None,
             first_url=("?" + urlencode(kept)) if before else None,
-            job_types=[t.job_type for t in await store.list_job_types()],
+            job_types=[t.job_type for t in types],
             message=message,
         )
 
@@ -521,9 +531,10 @@ def dashboard_router(conveyor: Conveyor, auth: Auth, workers: Sequence[Worker] =
             limit=PAGE_SIZE + 1,
             include_internal=sees_internal(viewer.key),
         )
-        rows = await store.browse_jobs(query, before)
+        rows, counts, types = await asyncio.gather(
+            store.browse_jobs(query, before), store.state_counts(COUNT_CAP), store.list_job_types()
+        )
         more = _cursor_text(rows[PAGE_SIZE - 1]) if len(rows) > PAGE_SIZE else None
-        counts = await store.state_counts(COUNT_CAP)
         kept = {"job_type": job_type} if job_type else {}
         return render(
             request,
@@ -534,7 +545,7 @@ def dashboard_router(conveyor: Conveyor, auth: Auth, workers: Sequence[Worker] =
             jobs=rows[:PAGE_SIZE],
             job_type=job_type or "",
             size=counts[JobState.FAILED],
-            job_types=[t.job_type for t in await store.list_job_types()],
+            job_types=[t.job_type for t in types],
             next_url=("?" + urlencode({**kept, "before": more})) if more else None,
             first_url=("?" + urlencode(kept)) if before else None,
         )

@@ -8,6 +8,8 @@ from typing import Any
 from conveyor.domain.job import JobQuery
 from conveyor.storage.base import prefix_upper_bound
 
+PREFIX_CANDIDATES = 1000  #: an id-prefix search looks at this many newest matching ids
+
 
 def browse_sql(
     table: str,
@@ -28,9 +30,15 @@ def browse_sql(
 
     where: list[str] = []
     if id_prefix:
+        # Candidates from the primary key first (the newest PREFIX_CANDIDATES ids
+        # with the prefix): left to itself, the planner may walk the created_at
+        # index through every job looking for a page of rare matches.
         column = 'id COLLATE "C"' if numbered else "id"
         low, high = arg(id_prefix), arg(prefix_upper_bound(id_prefix))
-        where.append(f"{column} >= {low} AND {column} < {high}")
+        where.append(
+            f"id IN (SELECT id FROM {table} WHERE {column} >= {low} AND {column} < {high}"
+            f" ORDER BY {column} DESC LIMIT {PREFIX_CANDIDATES})"
+        )
     if query.states:
         where.append(f"state IN ({', '.join(arg(s.value) for s in query.states)})")
     if query.job_type is not None:
