@@ -150,10 +150,11 @@ async def measure(dsn: str, rounds: int) -> None:
                 )
 
 
-async def run(dsn: str, jobs: int, rounds: int) -> None:
-    async with Conveyor(settings=Settings(database_url=dsn)):
-        pass  # migrations
-    await load(dsn, jobs)
+async def run(dsn: str, jobs: int, rounds: int, *, fill: bool = True) -> None:
+    if fill:
+        async with Conveyor(settings=Settings(database_url=dsn)):
+            pass  # migrations
+        await load(dsn, jobs)
     await measure(dsn, rounds)
 
 
@@ -162,9 +163,12 @@ def main() -> None:
     parser.add_argument("--dsn", help="use this database (it must be empty)")
     parser.add_argument("--jobs", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--measure-only", action="store_true", help="--dsn holds a loaded database already"
+    )
     args = parser.parse_args()
     if args.dsn:
-        asyncio.run(run(args.dsn, args.jobs, args.rounds))
+        asyncio.run(run(args.dsn, args.jobs, args.rounds, fill=not args.measure_only))
         return
     from pg import PostgresServer
 

@@ -149,6 +149,13 @@ def _pretty(value: Any) -> str:
         return repr(value)
 
 
+def _compact(value: Any) -> str:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return repr(value)
+
+
 def _iso(dt: datetime | None) -> str:
     return iso(dt) or ""
 
@@ -160,7 +167,9 @@ def environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(ago=_ago, duration=_duration, count=_count, pretty=_pretty, iso=_iso)
+    env.filters.update(
+        ago=_ago, duration=_duration, count=_count, pretty=_pretty, compact=_compact, iso=_iso
+    )
     env.globals.update(urlencode=urlencode, quote=quote, queue_cap=QUEUE_SCAN_CAP)
     return env
 

@@ -383,15 +383,19 @@ class Store(abc.ABC):
         self, states: Sequence[JobState], cap: int
     ) -> tuple[dict[tuple[str, JobState], int], bool]:
         """Jobs in ``states`` by (queue, state), counted over at most ``cap``
-        jobs; and whether that covered them all (False: lower bounds)."""
+        jobs of each state; and whether that covered them all (False: some
+        counts are lower bounds)."""
         out: dict[tuple[str, JobState], int] = {}
-        seen = 0
-        async for job in self._all_jobs(JobQuery(states=tuple(states), sort="created_at")):
-            if seen == cap:
-                return out, False
-            seen += 1
-            out[(job.queue, job.state)] = out.get((job.queue, job.state), 0) + 1
-        return out, True
+        complete = True
+        for state in states:
+            seen = 0
+            async for job in self._all_jobs(JobQuery(states=(state,), sort="created_at")):
+                if seen == cap:
+                    complete = False
+                    break
+                seen += 1
+                out[(job.queue, state)] = out.get((job.queue, state), 0) + 1
+        return out, complete
 
     async def browse_jobs(
         self, query: JobQuery, before: Cursor | None, id_prefix: str | None = None

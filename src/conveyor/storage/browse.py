@@ -33,11 +33,13 @@ def browse_sql(
         # Candidates from the primary key first (the newest PREFIX_CANDIDATES ids
         # with the prefix): left to itself, the planner may walk the created_at
         # index through every job looking for a page of rare matches.
-        column = 'id COLLATE "C"' if numbered else "id"
+        # Plain comparisons (no COLLATE) so the primary key's own collation
+        # serves the range; the exact prefix test keeps any collation honest.
         low, high = arg(id_prefix), arg(prefix_upper_bound(id_prefix))
+        exact = f"substr(id, 1, {len(id_prefix)}) = {arg(id_prefix)}"
         where.append(
-            f"id IN (SELECT id FROM {table} WHERE {column} >= {low} AND {column} < {high}"
-            f" ORDER BY {column} DESC LIMIT {PREFIX_CANDIDATES})"
+            f"id IN (SELECT id FROM {table} WHERE id >= {low} AND id < {high} AND {exact}"
+            f" ORDER BY id DESC LIMIT {PREFIX_CANDIDATES})"
         )
     if query.states:
         where.append(f"state IN ({', '.join(arg(s.value) for s in query.states)})")

@@ -1778,10 +1778,20 @@ class PostgresStore(Store):
     async def queue_depths(
         self, states: Sequence[JobState], cap: int
     ) -> tuple[dict[tuple[str, JobState], int], bool]:
+        out: dict[tuple[str, JobState], int] = {}
+        complete = True
         async with self._conn() as conn:
-            rows = await conn.fetch(DQ["queue_depths"], [s.value for s in states], cap)
-        out = {(q, JobState(s)): int(n) for q, s, n in rows}
-        return out, sum(out.values()) < cap
+            for state in states:
+                if state is JobState.PENDING:
+                    rows = await conn.fetch(DQ["queue_depths_pending"], cap)
+                else:
+                    rows = await conn.fetch(DQ["queue_depths_state"], state.value, cap)
+                seen = 0
+                for queue, n in rows:
+                    out[(queue, state)] = int(n)
+                    seen += int(n)
+                complete = complete and seen < cap
+        return out, complete
 
     async def browse_jobs(
         self, query: JobQuery, before: Cursor | None, id_prefix: str | None = None
@@ -1807,18 +1817,28 @@ class PostgresStore(Store):
             return [r[0] for r in await conn.fetch(DQ["job_children"], job_id, limit)]
 
     async def recent_stats(self, since: datetime, sample: int) -> RecentStats:
+        async def fetch(name: str, *args: Any) -> list[asyncpg.Record]:
+            async with self._conn() as conn:
+                return list(await conn.fetch(DQ[name], *args))
+
+        # Four independent reads, side by side on pooled connections.
+        finished, submitted, waits, oldest_rows = await asyncio.gather(
+            fetch("finished_per_minute", since),
+            fetch("submitted_per_minute", since),
+            fetch("wait_p95", since, sample),
+            fetch("oldest_pending"),
+        )
         buckets: dict[datetime, MinuteBucket] = {}
-        async with self._conn() as conn:
-            for minute, state, n in await conn.fetch(DQ["finished_per_minute"], since):
-                b = buckets.setdefault(minute, MinuteBucket(minute))
-                if state == "completed":
-                    b.completed += n
-                elif state == "failed":
-                    b.failed += n
-            for minute, n in await conn.fetch(DQ["submitted_per_minute"], since):
-                buckets.setdefault(minute, MinuteBucket(minute)).submitted += n
-            p95 = await conn.fetchval(DQ["wait_p95"], since, sample)
-            oldest = await conn.fetchval(DQ["oldest_pending"])
+        for minute, state, n in finished:
+            b = buckets.setdefault(minute, MinuteBucket(minute))
+            if state == "completed":
+                b.completed += n
+            elif state == "failed":
+                b.failed += n
+        for minute, n in submitted:
+            buckets.setdefault(minute, MinuteBucket(minute)).submitted += n
+        p95 = waits[0][0] if waits else None
+        oldest = oldest_rows[0][0] if oldest_rows else None
         return RecentStats(
             sorted(buckets.values(), key=lambda b: b.minute),
             None if p95 is None else float(p95),

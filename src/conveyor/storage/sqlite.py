@@ -1512,15 +1512,20 @@ class SQLiteStore(Store):
     async def queue_depths(
         self, states: Sequence[JobState], cap: int
     ) -> tuple[dict[tuple[str, JobState], int], bool]:
-        names = orjson.dumps([s.value for s in states]).decode()
-
-        def _do() -> dict[tuple[str, JobState], int]:
+        def _do() -> tuple[dict[tuple[str, JobState], int], bool]:
             assert self._conn is not None
-            rows = self._conn.execute(DQ["queue_depths"], (names, cap))
-            return {(q, JobState(s)): n for q, s, n in rows}
+            out: dict[tuple[str, JobState], int] = {}
+            complete = True
+            for state in states:
+                rows = self._conn.execute(DQ["queue_depths_state"], (state.value, cap))
+                seen = 0
+                for queue, n in rows:
+                    out[(queue, state)] = n
+                    seen += n
+                complete = complete and seen < cap
+            return out, complete
 
-        out = await self._run(_do)
-        return out, sum(out.values()) < cap
+        return await self._run(_do)
 
     async def browse_jobs(
         self, query: JobQuery, before: Cursor | None, id_prefix: str | None = None

@@ -6,7 +6,9 @@
 const body = document.body;
 const csrf = () => body.dataset.csrf || "";
 const live = (body.dataset.live || "").trim();
-const MIN_REFRESH_MS = 500;
+// Busy systems send many events: the overview (every event concerns it)
+// re-renders at most every 2 s, other pages every 0.5 s.
+const MIN_REFRESH_MS = Number(body.dataset.minRefresh || 500);
 const MAX_BACKOFF_MS = 10000;
 
 // -- which events concern this page ------------------------------------------------------
@@ -108,7 +110,12 @@ let socket = null;
 function connect() {
   if (after === undefined || !concerns) return;
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  const url = `${proto}//${location.host}/api/events/ws?after=${encodeURIComponent(after)}`;
+  // The server filters what it can (a job's own events, event type patterns),
+  // so a busy system does not stream every event to every open page.
+  const query = new URLSearchParams({ after });
+  if (live.startsWith("job:")) query.set("job_id", live.slice(4));
+  else if (live !== "*" && !live.startsWith("wf:")) query.set("types", live);
+  const url = `${proto}//${location.host}/api/events/ws?${query}`;
   socket = new WebSocket(url);
   let opened = false;
   socket.addEventListener("open", () => {

@@ -17,10 +17,18 @@ SELECT c.reltuples::bigint AS total,
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = 'conveyor' AND c.relname = 'jobs'
 
--- name: queue_depths
-SELECT queue, state, count(*) FROM (
-    SELECT queue, state FROM conveyor.jobs WHERE state = ANY($1::text[]) LIMIT $2
-) s GROUP BY queue, state
+-- name: queue_depths_pending
+-- The ready-queue index (pending only) serves this; a plain state filter would
+-- make the planner scan the table.
+SELECT queue, count(*) FROM (
+    SELECT queue FROM conveyor.jobs WHERE state = 'pending'
+    ORDER BY priority DESC, run_at, seq LIMIT $1
+) s GROUP BY queue
+
+-- name: queue_depths_state
+SELECT queue, count(*) FROM (
+    SELECT queue FROM conveyor.jobs WHERE state = $1 ORDER BY state, created_at LIMIT $2
+) s GROUP BY queue
 
 -- name: finished_per_minute
 SELECT date_trunc('minute', completed_at) AS minute, state, count(*) AS n

@@ -4,10 +4,8 @@
 -- name: state_count_capped
 SELECT count(*) FROM (SELECT 1 FROM jobs WHERE state = ? LIMIT ?)
 
--- name: queue_depths
-SELECT queue, state, count(*) FROM (
-    SELECT queue, state FROM jobs WHERE state IN (SELECT value FROM json_each(?)) LIMIT ?
-) GROUP BY queue, state
+-- name: queue_depths_state
+SELECT queue, count(*) FROM (SELECT queue FROM jobs WHERE state = ? LIMIT ?) GROUP BY queue
 
 -- name: finished_per_minute
 SELECT CAST(completed_at / 60 AS INTEGER) * 60 AS minute, state, count(*)
