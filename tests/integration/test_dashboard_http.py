@@ -76,6 +76,9 @@ async def test_keyless_pages_set_a_strict_cookie_and_actions_need_its_csrf(app):
         assert done.status_code == 200, done.text
         assert done.json()["done"] == {job.id: "cancelled"}
         assert (await app.store.get(job.id)).status == "cancelled"
+        login = await c.get("/ui/login?next=/ui/dlq")
+        assert login.status_code == 303  # no key needed: straight through
+        assert login.headers["location"] == "/ui/dlq"
 
 
 async def test_a_tampered_cookie_is_no_session(app):

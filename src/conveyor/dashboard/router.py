@@ -29,7 +29,6 @@ from conveyor.dashboard.session import COOKIE, Sessions, Viewer
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.dashboard import Count, Cursor
 from conveyor.domain.errors import (
-    ConveyorError,
     InvalidTransition,
     JobNotFound,
     NotFound,
@@ -75,9 +74,9 @@ class NavItem:
     href: str
 
 
-#: The sidebar. A feature with its own page appends here (``add_nav``) and
-#: includes its router next to the dashboard's.
-NAV: list[NavItem] = [
+#: The sidebar. A feature with its own page (schedules, say) includes its router
+#: next to the dashboard's and passes ``nav=(*DEFAULT_NAV, NavItem(...))``.
+DEFAULT_NAV: tuple[NavItem, ...] = (
     NavItem("overview", "Overview", "/"),
     NavItem("jobs", "Jobs", "/ui/jobs"),
     NavItem("queues", "Queues", "/ui/queues"),
@@ -86,13 +85,7 @@ NAV: list[NavItem] = [
     NavItem("workflows", "Workflows", "/ui/workflows"),
     NavItem("webhooks", "Webhooks", "/ui/webhooks"),
     NavItem("locks", "Locks", "/ui/locks"),
-]
-
-
-def add_nav(key: str, label: str, href: str) -> None:
-    """Add a page to the sidebar (e.g. schedules), once."""
-    if all(item.key != key for item in NAV):
-        NAV.append(NavItem(key, label, href))
+)
 
 
 class ActionError(Exception):
@@ -203,8 +196,17 @@ def _clean(raw: str | None, limit: int = 200) -> str | None:
 
 
 # -- the router ----------------------------------------------------------------------------
-def dashboard_router(conveyor: Conveyor, auth: Auth, workers: Sequence[Worker] = ()) -> APIRouter:
-    """Pages at ``/`` and ``/ui/...``, actions at ``/ui/actions/...``."""
+def dashboard_router(
+    conveyor: Conveyor,
+    auth: Auth,
+    workers: Sequence[Worker] = (),
+    nav: Sequence[NavItem] = DEFAULT_NAV,
+) -> APIRouter:
+    """Pages at ``/`` and ``/ui/...``, actions at ``/ui/actions/...``.
+
+    ``workers``: the workers of this process (their stuck handlers are shown);
+    ``nav``: the sidebar's pages. Sets ``auth.websocket_session`` so that the
+    events WebSocket accepts a logged-in session's cookie."""
     router = APIRouter(include_in_schema=False)
     sessions = Sessions(auth, conveyor.settings.dashboard_secret)
     auth.websocket_session = sessions.websocket_key
@@ -224,7 +226,7 @@ def dashboard_router(conveyor: Conveyor, auth: Auth, workers: Sequence[Worker] =
         html = env.get_template(template).render(
             request=request,
             viewer=viewer,
-            nav=NAV,
+            nav=nav,
             now=conveyor.now(),
             path=request.url.path,
             **context,
@@ -307,7 +309,7 @@ def dashboard_router(conveyor: Conveyor, auth: Auth, workers: Sequence[Worker] =
     async def login_page(request: Request) -> Response:
         viewer, fresh = await sessions.viewer(request)
         target = _safe_next(request.query_params.get("next"))
-        if viewer is not None and viewer.key is not None:
+        if viewer is not None:  # logged in, or no key is needed
             return RedirectResponse(target, status_code=303)
         session = fresh or sessions.decode(request.cookies.get(COOKIE))
         assert session is not None
@@ -317,7 +319,6 @@ def dashboard_router(conveyor: Conveyor, auth: Auth, workers: Sequence[Worker] =
             "login.html",
             csrf=sessions.csrf_for(session.nonce),
             next=target,
-            keys_required=viewer is None,
         )
         if fresh is not None:
             sessions.set_cookie(response, request, fresh)
@@ -824,4 +825,4 @@ def _json_error(status: int, error: str) -> JSONResponse:
     return JSONResponse({"success": False, "error": error}, status_code=status)
 
 
-__all__ = ["NAV", "ConveyorError", "add_nav", "dashboard_router"]
+__all__ = ["DEFAULT_NAV", "NavItem", "dashboard_router"]
