@@ -66,7 +66,11 @@ class Up:
             stdout=self._fh,
             stderr=subprocess.STDOUT,
         )
-        wait_until(self._healthy, 30, f"conveyor up on port {self.port}")
+        try:
+            wait_until(self._healthy, 30, f"conveyor up on port {self.port}")
+        except BaseException:
+            self.stop()
+            raise
 
     def _healthy(self) -> bool:
         if self.proc.poll() is not None:
@@ -77,6 +81,7 @@ class Up:
             return False
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL past 20 s; idempotent."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
