@@ -23,6 +23,12 @@ for backend in ("sqlite", "postgres"):
     assert any(n.endswith(".sql") for n in names), (backend, names)
     assert resources.files(sql).joinpath(backend, "queries.sql").is_file()
 import asyncpg, redis, fastapi_offline  # the extras and the docs assets came along
+import conveyor.dashboard as dash  # the dashboard's templates and static files too
+for name in ("templates/base.html", "templates/overview.html", "static/dashboard.js",
+             "static/dashboard.css", "static/favicon.svg"):
+    assert resources.files(dash).joinpath(name).is_file(), name
+from conveyor.dashboard.router import environment
+environment().get_template("overview.html")
 PY
 CONVEYOR_DATABASE_URL="sqlite:///$tmp/w.db" "$tmp/venv/bin/conveyor" migrate >/dev/null
 CONVEYOR_DATABASE_URL="sqlite:///$tmp/w.db" "$tmp/venv/bin/conveyor" jobs submit test_job \

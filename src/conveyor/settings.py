@@ -62,6 +62,9 @@ class Settings:
     # since a fixed port collides when several workers share a host.
     metrics_port: int = 0  # 0 = off
     metrics_host: str = "127.0.0.1"
+    # Signs dashboard session cookies; empty: a random secret per process (sessions
+    # end when the process restarts). Set it to keep logins across restarts.
+    dashboard_secret: str = ""
 
     def __post_init__(self) -> None:
         problems = [

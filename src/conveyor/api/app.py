@@ -37,6 +37,7 @@ from conveyor.api.models import ErrorResponse, JobSubmit
 from conveyor.api.schedules import schedule_router
 from conveyor.api.workflows import workflow_router
 from conveyor.app import Conveyor
+from conveyor.dashboard import dashboard_router
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.errors import (
     ConveyorError,
@@ -588,6 +589,7 @@ def create_app(
     api.include_router(workflow_router(conveyor, auth))
     api.include_router(lock_router(conveyor, auth))
     api.include_router(schedule_router(conveyor, auth))
+    api.include_router(dashboard_router(conveyor, auth, workers))
     document_errors(api)
     api.add_middleware(BodyLimit, limit=max_body_bytes)
     api.add_middleware(NoNul)

@@ -75,6 +75,8 @@ class Auth:
         self._keys_exist: tuple[float, bool] = (0.0, True)
         # key hash -> (checked at, key or None): many sockets on one key share a lookup.
         self._rechecked: dict[str, tuple[float, ApiKey | None]] = {}
+        #: The dashboard's hook: the key of a WebSocket's session cookie, if any.
+        self.websocket_session: Callable[[HTTPConnection], Awaitable[ApiKey | None]] | None = None
 
     async def keys_exist(self) -> bool:
         checked, value = self._keys_exist
@@ -104,6 +106,12 @@ class Auth:
                     {"WWW-Authenticate": "Bearer"},
                 )
             token = conn.query_params["token"]
+        if not token and conn.scope["type"] == "websocket" and self.websocket_session:
+            session_key = await self.websocket_session(conn)
+            if session_key is not None:
+                if not session_key.scope.allows(scope):
+                    raise ApiError(403, f"This API key has scope '{session_key.scope.value}'")
+                return session_key
         if not token:
             if self.allow_anonymous and not await self.keys_exist():
                 return None

@@ -13,14 +13,15 @@ Rules every adapter keeps:
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from conveyor.domain.auth import ApiKey
+from conveyor.domain.dashboard import Count, Cursor, MinuteBucket, RecentStats, percentile
 from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
 from conveyor.domain.job import (
     Activity,
@@ -481,6 +482,118 @@ class Store(abc.ABC):
         """Database connections ``(in use, pool size limit)``; None without a pool."""
         return None
 
+    # -- dashboard reads: bounded on big tables. These defaults page through the
+    # reads above (fine for the memory store); SQL stores override them.
+    async def state_counts(self, cap: int) -> dict[JobState, Count]:
+        """Jobs per state. A store may stop counting a state at ``cap`` jobs and
+        give an estimate or ``cap`` itself instead (``Count.exact`` False)."""
+        return {s: Count(n) for s, n in (await self.count_by_state()).items()}
+
+    async def queue_depths(
+        self, states: Sequence[JobState], cap: int
+    ) -> tuple[dict[tuple[str, JobState], int], bool]:
+        """Jobs in ``states`` by (queue, state), counted over at most ``cap``
+        jobs of each state; and whether that covered them all (False: some
+        counts are lower bounds)."""
+        out: dict[tuple[str, JobState], int] = {}
+        complete = True
+        for state in states:
+            seen = 0
+            async for job in self._all_jobs(JobQuery(states=(state,), sort="created_at")):
+                if seen == cap:
+                    complete = False
+                    break
+                seen += 1
+                out[(job.queue, state)] = out.get((job.queue, state), 0) + 1
+        return out, complete
+
+    async def browse_jobs(
+        self, query: JobQuery, before: Cursor | None, id_prefix: str | None = None
+    ) -> list[Job]:
+        """Up to ``query.limit`` jobs matching ``query``'s filters (and whose id
+        starts with ``id_prefix``, lowercase hex), newest first by (created_at,
+        id), strictly after ``before`` in that order. No total is counted: ask
+        for one more than a page to know whether another follows."""
+        rows = [
+            j
+            async for j in self._all_jobs(replace(query, sort="created_at"))
+            if not id_prefix or j.id.startswith(id_prefix)
+        ]
+        rows.sort(key=_newest_key, reverse=True)
+        if before is not None:
+            rows = [j for j in rows if _newest_key(j) < (before.created_at, before.job_id)]
+        return rows[: query.limit]
+
+    async def job_events(
+        self, job_id: str, since: datetime, until: datetime, limit: int
+    ) -> list[Event]:
+        """Up to ``limit`` events of one job created from ``since`` to ``until``
+        (its lifetime: the time range keeps the read cheap), oldest first."""
+        out: list[Event] = []
+        after = 0
+        while len(out) < limit:
+            batch = await self.events_after(after, 1000)
+            out.extend(e for e in batch if e.job_id == job_id and since <= e.created_at <= until)
+            if len(batch) < 1000:
+                break
+            after = batch[-1].id
+        return out[:limit]
+
+    async def job_children(self, job_id: str, limit: int) -> list[str]:
+        """Up to ``limit`` ids of the jobs that depend on ``job_id``, sorted."""
+        out = []
+        async for job in self._all_jobs(JobQuery()):
+            if job_id in job.depends_on:
+                out.append(job.id)
+        return sorted(out)[:limit]
+
+    async def recent_stats(self, since: datetime, sample: int) -> RecentStats:
+        """Per-minute activity since ``since``, the enqueue-to-start wait p95 over
+        the last ``sample`` jobs finished since then, and the oldest pending job."""
+        buckets: dict[datetime, MinuteBucket] = {}
+
+        def bucket(at: datetime) -> MinuteBucket:
+            minute = at.replace(second=0, microsecond=0)
+            return buckets.setdefault(minute, MinuteBucket(minute))
+
+        waits: list[float] = []
+        async for job in self._all_jobs(JobQuery(sort="completed_at")):
+            if job.completed_at is None:
+                continue
+            if job.completed_at < since:
+                break
+            if job.state is JobState.COMPLETED:
+                bucket(job.completed_at).completed += 1
+            elif job.state is JobState.FAILED:
+                bucket(job.completed_at).failed += 1
+            if job.started_at is not None and job.created_at is not None and len(waits) < sample:
+                start = max(job.created_at, job.run_at or job.created_at)
+                waits.append((job.started_at - start).total_seconds() * 1000)
+        async for job in self._all_jobs(JobQuery(sort="created_at")):
+            if job.created_at is None:
+                continue
+            if job.created_at < since:
+                break
+            bucket(job.created_at).submitted += 1
+        oldest = await self.list_jobs(
+            JobQuery(states=(JobState.PENDING,), limit=1, descending=False)
+        )
+        return RecentStats(
+            sorted(buckets.values(), key=lambda b: b.minute),
+            percentile(waits, 0.95),
+            oldest.jobs[0].created_at if oldest.jobs else None,
+        )
+
+    async def _all_jobs(self, query: JobQuery) -> AsyncIterator[Job]:
+        offset = 0
+        while True:
+            page = await self.list_jobs(replace(query, limit=1000, offset=offset))
+            for job in page.jobs:
+                yield job
+            if not page.has_more or not page.jobs:
+                return
+            offset += len(page.jobs)
+
 
 #: The states ``queue_stats`` counts.
 STAT_STATES = (JobState.BLOCKED, JobState.PENDING, JobState.RUNNING, JobState.FAILED)
@@ -495,6 +608,10 @@ class QueueStat:
     state: JobState
     count: int
     oldest_due: datetime | None
+
+
+def _newest_key(job: Job) -> tuple[datetime, str]:
+    return (job.created_at or datetime.min.replace(tzinfo=UTC), job.id)
 
 
 def event_data(

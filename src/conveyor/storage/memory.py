@@ -1162,6 +1162,11 @@ class MemoryStore(MemorySchedules, Store):
             for (q, s), n in sorted(counts.items())
         ]
 
+    # -- dashboard reads --------------------------------------------------------------------
+    async def job_children(self, job_id: str, limit: int) -> list[str]:
+        check_limit(limit)
+        return sorted(self._children.get(job_id, ()))[:limit]
+
 
 @dataclass(slots=True)
 class _Consumer:

@@ -22,6 +22,7 @@ import orjson
 import structlog
 
 from conveyor.domain.auth import ApiKey, Scope
+from conveyor.domain.dashboard import Count, Cursor, MinuteBucket, RecentStats
 from conveyor.domain.errors import (
     ApiKeyNotFound,
     ConfigurationError,
@@ -97,6 +98,7 @@ from conveyor.storage.base import (
     row_event,
     webhook_from_row,
 )
+from conveyor.storage.browse import browse_sql
 from conveyor.storage.codec import dumps, dumps_object, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.locks import lock_from_row
@@ -121,6 +123,7 @@ Q = load_queries("postgres")
 W = load_queries("postgres", "workflows.sql")
 LQ = load_queries("postgres", "locks.sql")
 MQ = load_queries("postgres", "metrics.sql")
+DQ = load_queries("postgres", "dashboard.sql")
 # insert_jobs for batches with an idempotency key (and without: no conflict possible)
 _INSERT_KEYED = Q["insert_jobs"].replace("{on_key_conflict}", Q["on_key_conflict"])
 _INSERT_UNKEYED = Q["insert_jobs"].replace("{on_key_conflict}", "")
@@ -1843,6 +1846,96 @@ class PostgresStore(PostgresSchedules, Store):
         if pool is None:
             return None
         return pool.get_size() - pool.get_idle_size(), pool.get_max_size()
+
+    # -- dashboard reads (storage/sql/postgres/dashboard.sql) ------------------------------
+    async def state_counts(self, cap: int) -> dict[JobState, Count]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(DQ["state_counts_capped"], [s.value for s in JobState], cap)
+            counts = {JobState(state): int(n) for state, n in rows}
+            estimates: dict[str, int] = {}
+            if any(n >= cap for n in counts.values()):
+                row = await conn.fetchrow(DQ["state_estimates"])
+                if row is not None and row["vals"] and row["freqs"]:
+                    vals = row["vals"].strip("{}").split(",")
+                    total = max(int(row["total"]), 0)
+                    estimates = {
+                        v.strip('"'): round(total * f)
+                        for v, f in zip(vals, row["freqs"], strict=False)
+                    }
+        return {
+            s: Count(n) if n < cap else Count(max(n, estimates.get(s.value, 0)), exact=False)
+            for s, n in counts.items()
+        }
+
+    async def queue_depths(
+        self, states: Sequence[JobState], cap: int
+    ) -> tuple[dict[tuple[str, JobState], int], bool]:
+        out: dict[tuple[str, JobState], int] = {}
+        complete = True
+        async with self._conn() as conn:
+            for state in states:
+                if state is JobState.PENDING:
+                    rows = await conn.fetch(DQ["queue_depths_pending"], cap)
+                else:
+                    rows = await conn.fetch(DQ["queue_depths_state"], state.value, cap)
+                seen = 0
+                for queue, n in rows:
+                    out[(queue, state)] = int(n)
+                    seen += int(n)
+                complete = complete and seen < cap
+        return out, complete
+
+    async def browse_jobs(
+        self, query: JobQuery, before: Cursor | None, id_prefix: str | None = None
+    ) -> list[Job]:
+        query.validate()
+        key = None if before is None else (before.created_at, before.job_id)
+        sql, args = browse_sql("conveyor.jobs", query, key, numbered=True, id_prefix=id_prefix)
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql, *args)
+        return [job_from_record(r) for r in rows]
+
+    async def job_events(
+        self, job_id: str, since: datetime, until: datetime, limit: int
+    ) -> list[Event]:
+        check_limit(limit)
+        async with self._conn() as conn:
+            rows = await conn.fetch(DQ["job_events"], job_id, since, until, limit)
+        return [_event(r) for r in rows]
+
+    async def job_children(self, job_id: str, limit: int) -> list[str]:
+        check_limit(limit)
+        async with self._conn() as conn:
+            return [r[0] for r in await conn.fetch(DQ["job_children"], job_id, limit)]
+
+    async def recent_stats(self, since: datetime, sample: int) -> RecentStats:
+        async def fetch(name: str, *args: Any) -> list[asyncpg.Record]:
+            async with self._conn() as conn:
+                return list(await conn.fetch(DQ[name], *args))
+
+        # Four independent reads, side by side on pooled connections.
+        finished, submitted, waits, oldest_rows = await asyncio.gather(
+            fetch("finished_per_minute", since),
+            fetch("submitted_per_minute", since),
+            fetch("wait_p95", since, sample),
+            fetch("oldest_pending"),
+        )
+        buckets: dict[datetime, MinuteBucket] = {}
+        for minute, state, n in finished:
+            b = buckets.setdefault(minute, MinuteBucket(minute))
+            if state == "completed":
+                b.completed += n
+            elif state == "failed":
+                b.failed += n
+        for minute, n in submitted:
+            buckets.setdefault(minute, MinuteBucket(minute)).submitted += n
+        p95 = waits[0][0] if waits else None
+        oldest = oldest_rows[0][0] if oldest_rows else None
+        return RecentStats(
+            sorted(buckets.values(), key=lambda b: b.minute),
+            None if p95 is None else float(p95),
+            oldest,
+        )
 
 
 _STATES = {s.value: s for s in JobState}

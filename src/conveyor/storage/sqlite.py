@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import orjson
 
 from conveyor.domain.auth import ApiKey, Scope
+from conveyor.domain.dashboard import Count, Cursor, MinuteBucket, RecentStats, percentile
 from conveyor.domain.errors import (
     ApiKeyNotFound,
     ConfigurationError,
@@ -98,6 +99,7 @@ from conveyor.storage.base import (
     row_event,
     webhook_from_row,
 )
+from conveyor.storage.browse import browse_sql
 from conveyor.storage.codec import dumps, dumps_object
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.locks import lock_from_row
@@ -122,6 +124,7 @@ Q = load_queries("sqlite")
 W = load_queries("sqlite", "workflows.sql")
 LQ = load_queries("sqlite", "locks.sql")
 MQ = load_queries("sqlite", "metrics.sql")
+DQ = load_queries("sqlite", "dashboard.sql")
 
 _FINISH_SQL = {
     Action.COMPLETE: Q["finish_complete"],
@@ -1600,6 +1603,100 @@ class SQLiteStore(SQLiteSchedules, Store):
             assert self._conn is not None
             rows = self._conn.execute(MQ["queue_stats"], {"now": now.timestamp()})
             return [QueueStat(q, JobState(s), n, _dt(oldest)) for q, s, n, oldest in rows]
+
+        return await self._run(_do)
+
+    # -- dashboard reads (storage/sql/sqlite/dashboard.sql) --------------------------------
+    async def state_counts(self, cap: int) -> dict[JobState, Count]:
+        def _do() -> dict[JobState, Count]:
+            assert self._conn is not None
+            out = {}
+            for s in JobState:
+                n = self._conn.execute(DQ["state_count_capped"], (s.value, cap)).fetchone()[0]
+                out[s] = Count(n, exact=n < cap)
+            return out
+
+        return await self._run(_do)
+
+    async def queue_depths(
+        self, states: Sequence[JobState], cap: int
+    ) -> tuple[dict[tuple[str, JobState], int], bool]:
+        def _do() -> tuple[dict[tuple[str, JobState], int], bool]:
+            assert self._conn is not None
+            out: dict[tuple[str, JobState], int] = {}
+            complete = True
+            for state in states:
+                rows = self._conn.execute(DQ["queue_depths_state"], (state.value, cap))
+                seen = 0
+                for queue, n in rows:
+                    out[(queue, state)] = n
+                    seen += n
+                complete = complete and seen < cap
+            return out, complete
+
+        return await self._run(_do)
+
+    async def browse_jobs(
+        self, query: JobQuery, before: Cursor | None, id_prefix: str | None = None
+    ) -> list[Job]:
+        query.validate()
+        key = None if before is None else (_ts(before.created_at), before.job_id)
+        sql, args = browse_sql("jobs", query, key, numbered=False, id_prefix=id_prefix)
+
+        def _do() -> list[Job]:
+            assert self._conn is not None
+            return [job_from_row(r) for r in self._conn.execute(sql, args)]
+
+        return await self._run(_do)
+
+    async def job_events(
+        self, job_id: str, since: datetime, until: datetime, limit: int
+    ) -> list[Event]:
+        check_limit(limit)
+        params = (since.timestamp(), until.timestamp(), job_id, limit)
+
+        def _do() -> list[Event]:
+            assert self._conn is not None
+            return [
+                Event(r[0], r[1], r[2], orjson.loads(r[3]), _dt(r[4]))  # type: ignore[arg-type]
+                for r in self._conn.execute(DQ["job_events"], params)
+            ]
+
+        return await self._run(_do)
+
+    async def job_children(self, job_id: str, limit: int) -> list[str]:
+        check_limit(limit)
+
+        def _do() -> list[str]:
+            assert self._conn is not None
+            return [r[0] for r in self._conn.execute(DQ["job_children"], (job_id, limit))]
+
+        return await self._run(_do)
+
+    async def recent_stats(self, since: datetime, sample: int) -> RecentStats:
+        ts = since.timestamp()
+
+        def _do() -> RecentStats:
+            assert self._conn is not None
+            buckets: dict[float, MinuteBucket] = {}
+
+            def bucket(minute: float) -> MinuteBucket:
+                return buckets.setdefault(minute, MinuteBucket(_dt(minute)))  # type: ignore[arg-type]
+
+            for minute, state, n in self._conn.execute(DQ["finished_per_minute"], (ts,)):
+                if state == "completed":
+                    bucket(minute).completed += n
+                elif state == "failed":
+                    bucket(minute).failed += n
+            for minute, n in self._conn.execute(DQ["submitted_per_minute"], (ts,)):
+                bucket(minute).submitted += n
+            waits = [r[0] for r in self._conn.execute(DQ["recent_waits"], (ts, sample))]
+            oldest = self._conn.execute(DQ["oldest_pending"]).fetchone()
+            return RecentStats(
+                [buckets[k] for k in sorted(buckets)],
+                percentile(waits, 0.95),
+                None if oldest is None else _dt(oldest[0]),
+            )
 
         return await self._run(_do)
 

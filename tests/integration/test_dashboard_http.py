@@ -1,0 +1,185 @@
+"""The dashboard over HTTP, in-process: sessions, CSRF, scopes, hostile URLs.
+
+The browser scenarios are in tests/browser; these check the server's side of
+the same rules without a browser, on the in-memory store.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from conveyor import Conveyor, Settings
+from conveyor.api.app import create_app
+from conveyor.dashboard.session import COOKIE
+from conveyor.security.api_keys import new_api_key
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[Conveyor]:
+    conveyor = Conveyor(settings=Settings(database_url="memory://"))
+
+    @conveyor.job("ok")
+    async def ok(ctx: object) -> None:
+        return None
+
+    await conveyor.open()
+    try:
+        yield conveyor
+    finally:
+        await conveyor.close()
+
+
+def client(app: Conveyor) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=create_app(app), raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://localhost")
+
+
+async def key(app: Conveyor, scope: str) -> str:
+    token, record = new_api_key(scope, scope, app.now())
+    await app.store.create_api_key(record)
+    return token
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'data-csrf="([0-9a-f]+)"', html)
+    assert match, html[:500]
+    return match[1]
+
+
+async def test_keyless_pages_set_a_strict_cookie_and_actions_need_its_csrf(app):
+    job = (await app.submit("ok", {}, run_at=app.now().replace(year=2100))).job
+    async with client(app) as c:
+        page = await c.get("/ui/jobs")
+        assert page.status_code == 200
+        assert "text/html" in page.headers["content-type"]
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        cookie = page.headers["set-cookie"].lower()
+        assert "httponly" in cookie
+        assert "samesite=strict" in cookie
+        assert "secure" not in cookie  # plain http on loopback
+        assert job.id in page.text
+        csrf = csrf_of(page.text)
+
+        url = "/ui/actions/jobs/cancel"
+        forged = await c.post(url, json={"ids": [job.id]})
+        assert forged.status_code == 403
+        assert (await app.store.get(job.id)).status == "pending"
+        wrong = await c.post(url, json={"ids": [job.id]}, headers={"X-CSRF-Token": "0" * 64})
+        assert wrong.status_code == 403
+        form = await c.post(url, data={"ids": job.id}, headers={"X-CSRF-Token": csrf})
+        assert form.status_code == 415  # the API's guard: JSON bodies only
+        done = await c.post(url, json={"ids": [job.id]}, headers={"X-CSRF-Token": csrf})
+        assert done.status_code == 200, done.text
+        assert done.json()["done"] == {job.id: "cancelled"}
+        assert (await app.store.get(job.id)).status == "cancelled"
+        login = await c.get("/ui/login?next=/ui/dlq")
+        assert login.status_code == 303  # no key needed: straight through
+        assert login.headers["location"] == "/ui/dlq"
+
+
+async def test_a_tampered_cookie_is_no_session(app):
+    async with client(app) as c:
+        page = await c.get("/")
+        csrf = csrf_of(page.text)
+        raw = c.cookies[COOKIE]
+        body, _, sig = raw.rpartition(".")
+        c.cookies.set(COOKIE, body + "." + ("0" if sig[0] != "0" else "1") + sig[1:])
+        refused = await c.post("/ui/actions/dlq/retry-all", json={}, headers={"X-CSRF-Token": csrf})
+        assert refused.status_code == 403
+
+
+async def test_keys_required_login_read_scope_and_redirects(app):
+    read = await key(app, "read")
+    write = await key(app, "write")
+    job = (await app.submit("ok", {}, run_at=app.now().replace(year=2100))).job
+    async with client(app) as c:
+        first = await c.get("/ui/jobs")
+        assert first.status_code == 303
+        assert first.headers["location"] == "/ui/login?next=%2Fui%2Fjobs"
+        login = await c.get("/ui/login?next=/ui/jobs")
+        csrf = csrf_of(login.text)
+        no_csrf = await c.post("/ui/login", json={"key": read})
+        assert no_csrf.status_code == 403
+        bad = await c.post("/ui/login", json={"key": "cvk_nope"}, headers={"X-CSRF-Token": csrf})
+        assert bad.status_code == 401
+        ok = await c.post(
+            "/ui/login",
+            json={"key": read, "next": "//evil.example/x"},
+            headers={"X-CSRF-Token": csrf},
+        )
+        assert ok.status_code == 200
+        assert ok.json()["next"] == "/"  # never an open redirect
+        assert read not in c.cookies[COOKIE]
+        page = await c.get("/ui/jobs")
+        assert page.status_code == 200
+        assert job.id in page.text
+        assert "data-bulk-action" not in page.text
+        assert "data-select-all" not in page.text
+        session_csrf = csrf_of(page.text)
+        assert session_csrf != csrf  # a new session at login
+        refused = await c.post(
+            "/ui/actions/jobs/cancel",
+            json={"ids": [job.id]},
+            headers={"X-CSRF-Token": session_csrf},
+        )
+        assert refused.status_code == 403
+        assert "scope" in refused.json()["error"]
+        locks = await c.get("/ui/locks")
+        assert "admin API key" in locks.text
+
+        logout = await c.post("/ui/logout", json={}, headers={"X-CSRF-Token": session_csrf})
+        assert logout.status_code == 200
+        assert (await c.get("/ui/jobs")).status_code == 303
+
+        csrf = csrf_of((await c.get("/ui/login")).text)
+        await c.post("/ui/login", json={"key": write}, headers={"X-CSRF-Token": csrf})
+        page = await c.get(f"/ui/jobs/{job.id}")
+        assert "Cancel job" in page.text
+        csrf = csrf_of(page.text)
+        done = await c.post(
+            "/ui/actions/jobs/cancel", json={"ids": [job.id]}, headers={"X-CSRF-Token": csrf}
+        )
+        assert done.json()["done"] == {job.id: "cancelled"}
+        purge = await c.post(
+            "/ui/actions/dlq/purge", json={"ids": [job.id]}, headers={"X-CSRF-Token": csrf}
+        )
+        assert purge.status_code == 403  # purging needs admin
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/ui/jobs?before=9e999~abc",
+        "/ui/jobs?before=nan~abc",
+        "/ui/jobs?before=1.5~" + "a" * 5000,
+        "/ui/jobs?state=bogus&job_type=" + "x" * 5000,
+        "/ui/jobs?q=zz%22%3E%3Cscript%3E",
+        "/ui/jobs?created_by=%E2%80%AE",
+        "/ui/dlq?before=-1~x",
+        "/ui/workflows?offset=99999999999999999999&status=nope",
+    ],
+)
+async def test_hostile_query_strings_render_a_page(app, path):
+    async with client(app) as c:
+        page = await c.get(path)
+        assert page.status_code == 200, page.text[:300]
+        assert "<script>" not in page.text
+
+
+async def test_unknown_ids_are_html_404s_and_bad_action_bodies_400(app):
+    async with client(app) as c:
+        assert (await c.get("/ui/jobs/0123456789abcdef")).status_code == 404
+        assert (await c.get("/ui/workflows/nope")).status_code == 404
+        assert (await c.get("/ui/jobs/x%00y")).status_code == 400
+        csrf = csrf_of((await c.get("/")).text)
+        headers = {"X-CSRF-Token": csrf}
+        for body in ({"ids": "x"}, {"ids": []}, {"ids": ["a b"]}, {"ids": ["x"] * 501}, [1]):
+            r = await c.post("/ui/actions/jobs/retry", json=body, headers=headers)
+            assert r.status_code == 400, (body, r.text)
+        unknown = await c.post("/ui/actions/jobs/retry", json={"ids": ["abc"]}, headers=headers)
+        assert unknown.status_code == 200
+        assert "abc" in unknown.json()["errors"]
