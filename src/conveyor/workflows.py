@@ -78,7 +78,7 @@ class WorkflowIn(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     name: str = pydantic.Field(min_length=1, max_length=MAX_NAME_CHARS)
-    steps: list[StepIn] = pydantic.Field(max_length=MAX_WORKFLOW_STEPS)
+    steps: list[StepIn] = pydantic.Field(min_length=1, max_length=MAX_WORKFLOW_STEPS)
     on_failure: Literal["fail_fast", "continue"] = "fail_fast"
     idempotency_key: str | None = pydantic.Field(default=None, min_length=1, max_length=255)
     metadata: dict[str, Any] = pydantic.Field(default_factory=dict)

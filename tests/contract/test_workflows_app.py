@@ -124,7 +124,7 @@ async def test_fail_fast_over_rest_then_retry(store: Store):
 @pytest.mark.parametrize(
     ("steps", "needle"),
     [
-        ([], "at least one step"),
+        ([], "at least 1"),
         ([{"name": "a", "job_type": "extract", "depends_on": ["a"]}], "themselves"),
         (
             [

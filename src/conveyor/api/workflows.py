@@ -76,13 +76,23 @@ def workflow_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
             }
         )
 
-    @router.get("/api/workflows/{workflow_id}", dependencies=read, tags=["workflows"])
+    @router.get(
+        "/api/workflows/{workflow_id}",
+        dependencies=read,
+        tags=["workflows"],
+        responses={404: {"description": "No such workflow"}},
+    )
     async def get_workflow(workflow_id: str) -> Response:
         """The workflow, its counts, progress and every step with its result."""
         wf = await service.get(workflow_id)
         return JSON({"success": True, "workflow": workflow_dict(wf)})
 
-    @router.delete("/api/workflows/{workflow_id}", dependencies=write, tags=["workflows"])
+    @router.delete(
+        "/api/workflows/{workflow_id}",
+        dependencies=write,
+        tags=["workflows"],
+        responses={404: {"description": "No such workflow"}},
+    )
     async def cancel_workflow(workflow_id: str) -> Response:
         """Cancel every unfinished step (running ones are asked to stop)."""
         wf = await service.cancel(workflow_id)
@@ -92,7 +102,10 @@ def workflow_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
         "/api/workflows/{workflow_id}/retry",
         dependencies=write,
         tags=["workflows"],
-        responses={409: {"description": "The workflow is still running"}},
+        responses={
+            404: {"description": "No such workflow"},
+            409: {"description": "The workflow is still running"},
+        },
     )
     async def retry_workflow(workflow_id: str) -> Response:
         """Run the failed and cancelled steps again, and what depends on them;
