@@ -16,6 +16,7 @@ unknown job types, and stores it all in one transaction.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -316,6 +317,8 @@ class WorkflowService:
     ) -> Workflow:
         """Return the workflow once it is finished (any terminal status). Raises
         ``TimeoutError`` after ``timeout`` seconds."""
+        if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
+            raise ValueError(f"timeout must be a number of seconds >= 0 or None, not {timeout!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = poll
         while True:

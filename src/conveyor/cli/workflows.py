@@ -3,6 +3,8 @@ cancel and retry workflows."""
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any
 
 import click
@@ -10,6 +12,7 @@ from rich.markup import escape
 from rich.tree import Tree
 
 from conveyor.app import Conveyor
+from conveyor.cli.loader import apply_app
 from conveyor.cli.main import ConveyorGroup, Ctx, _add_row, _table, cli, emit_json, out, run
 from conveyor.presenters import workflow_dict
 from conveyor.workflows import load_definition
@@ -35,27 +38,48 @@ def workflows() -> None:
 @click.option(
     "--wait", "wait_s", type=float, default=None, help="Wait up to N seconds for the end."
 )
+@click.option("--app", "apps", multiple=True, help="Module whose handlers validate the payloads.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def workflows_submit(obj: Ctx, file: str, wait_s: float | None, as_json: bool) -> None:
+def workflows_submit(
+    obj: Ctx, file: str, wait_s: float | None, apps: tuple[str, ...], as_json: bool
+) -> None:
     """Submit the workflow defined in FILE (.json, .yaml or .yml; the shape of
-    POST /api/workflows)."""
+    POST /api/workflows). Each step's payload is checked against its handler's
+    signature when the job type is known here: the demo types, and those of --app
+    modules. With --wait, the exit status is 0 only if the workflow completed
+    (1 failed or cancelled, 2 still running at the deadline)."""
+    if wait_s is not None and not (wait_s >= 0 and math.isfinite(wait_s)):
+        raise click.BadParameter("must be a number of seconds >= 0", param_hint="--wait")
     definition = load_definition(file)
+    app = obj.app()
+    for spec in ("conveyor.demo", *apps):
+        apply_app(app, spec)
 
     async def go(app: Conveyor) -> dict[str, Any]:
         wf, duplicate = await app.workflows.submit(definition, created_by="cli")
+        done = await app.workflows.get(wf.id, results=False)
         if wait_s is not None:
-            done = await app.workflows.wait(wf.id, timeout=wait_s)
-        else:
-            done = await app.workflows.get(wf.id, results=False)
+            try:
+                done = await app.workflows.wait(wf.id, timeout=wait_s)
+            except TimeoutError:
+                done = await app.workflows.get(wf.id, results=False)
         return {**workflow_dict(done), "duplicate": duplicate}
 
-    data = run(go, obj.app())
+    data = run(go, app)
     if as_json:
         emit_json(data)
-        return
-    dup = " (duplicate: the workflow already submitted with this key)" if data["duplicate"] else ""
-    out.print(f"{data['id']} {data['status']} {data['total_steps']} steps{dup}", highlight=False)
+    else:
+        dup = (
+            " (duplicate: the workflow already submitted with this key)"
+            if data["duplicate"]
+            else ""
+        )
+        out.print(
+            f"{data['id']} {data['status']} {data['total_steps']} steps{dup}", highlight=False
+        )
+    if wait_s is not None and data["status"] != "completed":
+        sys.exit(2 if data["status"] == "running" else 1)
 
 
 @workflows.command("list")

@@ -363,6 +363,9 @@ def terminal_event(
 ) -> tuple[str, dict[str, Any]]:
     """The single terminal event: type and data (``success_count`` .. and the
     steps without their results, which stay on the jobs)."""
+    extra: dict[str, Any] = {}
+    if len(step_details) < sum(counts.values()):
+        extra["step_details_truncated"] = True
     return TERMINAL_EVENT[status], workflow_event(
         workflow_id,
         name,
@@ -372,4 +375,5 @@ def terminal_event(
         failed_count=counts.get("failed", 0),
         cancelled_count=counts.get("cancelled", 0),
         step_details=step_details,
+        **extra,
     )

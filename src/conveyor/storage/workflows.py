@@ -105,9 +105,17 @@ def step_details(
     return out
 
 
+#: A terminal workflow event lists at most this many steps (the failed and
+#: cancelled ones first); ``step_details_truncated`` says when it left some out.
+MAX_EVENT_STEPS = 1_000
+
+
 def event_steps(details: Sequence[StepDetail]) -> list[dict[str, Any]]:
     """``step_details`` as a terminal event carries them: no results (they stay on
-    the jobs, where ``GET /api/workflows/{id}`` reads them)."""
+    the jobs, where ``GET /api/workflows/{id}`` reads them), at most
+    ``MAX_EVENT_STEPS`` of them, the ones that did not complete first."""
+    if len(details) > MAX_EVENT_STEPS:
+        details = sorted(details, key=lambda d: d.status == "completed")[:MAX_EVENT_STEPS]
     return [
         {
             "name": d.name,
