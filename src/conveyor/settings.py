@@ -14,6 +14,7 @@ DEFAULT_DATABASE_URL = "sqlite:///./conveyor.db"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # auto: uvloop when installed
 ISOLATION_MODES = ("thread", "process")
 LOCKS_BACKENDS = ("store", "redis")  # redis: needs redis_url
+LOG_FORMATS = ("console", "json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,7 @@ class Settings:
     # (DNS-rebinding guard); "*" = any, ".example.com" = its subdomains.
     allowed_hosts: tuple[str, ...] = ()
     locks_backend: str = "store"  # one of LOCKS_BACKENDS: where app.lock() keeps its locks
+    log_format: str = "console"  # one of LOG_FORMATS: console lines or one JSON object a line
 
     def __post_init__(self) -> None:
         problems = [
@@ -116,6 +118,8 @@ class Settings:
             problems.append(f"locks_backend must be one of {', '.join(LOCKS_BACKENDS)}")
         elif self.locks_backend == "redis" and not self.redis_url:
             problems.append("locks_backend=redis needs redis_url (CONVEYOR_REDIS_URL)")
+        if self.log_format not in LOG_FORMATS:
+            problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if problems:
             raise ConfigurationError("Invalid settings: " + "; ".join(problems))
 

@@ -24,7 +24,7 @@ from conveyor.observability.logging import configure_logging
 from conveyor.presenters import job_dict, page_dict
 from conveyor.runtime.status import collect_status
 from conveyor.security.redact import redact, redact_url
-from conveyor.settings import Settings
+from conveyor.settings import LOG_FORMATS, Settings
 
 T = TypeVar("T")
 out = Console(soft_wrap=True)
@@ -107,12 +107,20 @@ def emit_json(data: Any) -> None:
     ),
 )
 @click.option("--log-level", envvar="CONVEYOR_LOG_LEVEL", default="INFO", show_default=True)
+@click.option(
+    "--log-format",
+    envvar="CONVEYOR_LOG_FORMAT",
+    type=click.Choice(LOG_FORMATS),
+    default="console",
+    show_default=True,
+    help="console: readable lines; json: one JSON object per line (docs/operations.md).",
+)
 @click.version_option(package_name="conveyor")
 @click.pass_context
-def cli(ctx: click.Context, database_url: str | None, log_level: str) -> None:
+def cli(ctx: click.Context, database_url: str | None, log_level: str, log_format: str) -> None:
     """Conveyor: durable jobs for Python."""
-    configure_logging(log_level)
-    ctx.obj = Ctx({"database_url": database_url, "log_level": log_level})
+    configure_logging(log_level, fmt=log_format)
+    ctx.obj = Ctx({"database_url": database_url, "log_level": log_level, "log_format": log_format})
 
 
 # -- worker ------------------------------------------------------------------------
