@@ -503,7 +503,7 @@ class Worker:
         started = time.perf_counter()
         entry = self._running[job.id]
         finish: Finish | None
-        span = tracing.start_job(job, self.id)  # None while tracing is off
+        span = tracing.start_job(job)  # None while tracing is off
         if self._debug_jobs:
             log.debug("job_started", job_id=job.id, worker_id=self.id, job_type=job.job_type)
         try:
