@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import structlog
 from test_tracing import console_spans
@@ -22,7 +23,7 @@ from conveyor.app import Conveyor
 from conveyor.domain.errors import ConfigurationError
 from conveyor.observability.logging import configure_logging
 from conveyor.settings import Settings
-from support import conveyor_cmd, conveyor_env, run_cli, wait_until
+from support import conveyor_cmd, conveyor_env, free_port, run_cli, wait_until
 
 
 @pytest.fixture
@@ -67,13 +68,15 @@ def run_worker(db_url: str, tmp_path: Path, **env: str) -> tuple[subprocess.Pope
     return proc, (out, err)
 
 
-def stop(proc: subprocess.Popen[bytes], files: Any, tmp_path: Path) -> list[dict[str, Any]]:
+def stop(
+    proc: subprocess.Popen[bytes], files: Any, tmp_path: Path, name: str = "worker.err"
+) -> list[dict[str, Any]]:
     """SIGTERM, then every stderr line as JSON (each must parse and name its event)."""
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(30)
     for f in files:
         f.close()
-    text = (tmp_path / "worker.err").read_text()
+    text = (tmp_path / name).read_text()
     assert code == 0, text
     lines = []
     for raw in text.splitlines():
@@ -216,3 +219,62 @@ def test_tracing_is_configured_by_otel_variables_alone(
     if warning is not None:
         assert "tracing_unavailable" in proc.stderr
         assert warning in proc.stderr
+
+
+@pytest.mark.slow
+def test_up_with_json_logs_and_tracing(tmp_path: Path) -> None:
+    """``conveyor up``: stderr is JSON lines only (the banner too); a request's
+    ``traceparent`` header is the parent of the submit span, and the job's
+    process span its child, over a real HTTP server."""
+    port = free_port()
+    out, err = (tmp_path / "up.out").open("w"), (tmp_path / "up.err").open("w")
+    proc = subprocess.Popen(
+        conveyor_cmd("up", "--port", str(port)),
+        env=conveyor_env(
+            f"sqlite:///{tmp_path}/up.db",
+            CONVEYOR_LOG_FORMAT="json",
+            CONVEYOR_POLL_INTERVAL="0.05",
+            OTEL_TRACES_EXPORTER="console",
+            OTEL_BSP_SCHEDULE_DELAY="50",
+        ),
+        stdout=out,
+        stderr=err,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool:
+            assert proc.poll() is None, (tmp_path / "up.err").read_text()
+            try:
+                return httpx.get(f"{base}/health", timeout=1.0).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(healthy, 20, "conveyor up")
+        r = httpx.post(
+            f"{base}/api/jobs",
+            json={"job_type": "test_job", "payload": {"message": "hi"}},
+            headers={"traceparent": f"00-{TRACE}-{SPAN}-01"},
+        )
+        assert r.status_code == 201, r.text
+        job_id = r.json()["job_id"]
+        wait_until(
+            lambda: httpx.get(f"{base}/api/jobs/{job_id}").json()["job"]["status"] == "completed",
+            20,
+            "the job",
+        )
+    finally:
+        lines = stop(proc, (out, err), tmp_path, "up.err")
+    (started,) = [x for x in lines if x["event"] == "api_started"]
+    assert started["url"] == f"http://localhost:{port}"
+    spans = console_spans((tmp_path / "up.out").read_text())
+    (submit,) = [s for s in spans if s["name"] == "submit test_job"]
+    (process,) = [s for s in spans if s["name"] == "process test_job"]
+    assert submit["parent_id"] == f"0x{SPAN}"
+    assert submit["context"]["trace_id"] == process["context"]["trace_id"] == f"0x{TRACE}"
+    assert process["parent_id"] == submit["context"]["span_id"]
+    assert process["attributes"]["conveyor.job.outcome"] == "complete"
+
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+SPAN = "b7ad6b7169203331"

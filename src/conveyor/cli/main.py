@@ -193,7 +193,8 @@ def _serve(
             host=host,
             port=port,
             with_worker=with_worker,
-            console=err,
+            # JSON logs: stderr carries only JSON lines (the banner is `api_started`).
+            console=Console(stderr=True, quiet=True) if app.settings.log_format == "json" else err,
             max_body_bytes=max_body_bytes,
         ),
         app.settings.event_loop,
