@@ -278,3 +278,38 @@ def test_up_with_json_logs_and_tracing(tmp_path: Path) -> None:
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SPAN = "b7ad6b7169203331"
+
+
+def test_without_the_sdk_tracing_stays_off_with_a_warning() -> None:
+    """The ``otel`` extra left out: asked-for traces log ``tracing_unavailable``, jobs
+    are submitted as usual and carry no trace context."""
+    script = (
+        "import sys\n"
+        "class NoSdk:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'opentelemetry.sdk' or name.startswith('opentelemetry.sdk.'):\n"
+        "            raise ImportError('no SDK here')\n"
+        "sys.meta_path.insert(0, NoSdk())\n"
+        "import asyncio\n"
+        "from conveyor.app import Conveyor\n"
+        "from conveyor.observability import tracing\n"
+        "async def main():\n"
+        "    async with Conveyor('memory://') as app:\n"
+        "        app.job('t')(lambda ctx: None)\n"
+        "        job = await app.enqueue('t')\n"
+        "        print('ON' if tracing.enabled() else 'OFF', sorted(job.metadata))\n"
+        "asyncio.run(main())\n"
+    )
+    base = {k: v for k, v in conveyor_env("memory://").items() if not k.startswith("OTEL_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**base, "OTEL_TRACES_EXPORTER": "console"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "OFF []", proc.stderr
+    assert "tracing_unavailable" in proc.stderr
+    assert "SDK is not installed" in proc.stderr
