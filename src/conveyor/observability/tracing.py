@@ -29,6 +29,7 @@ import functools
 import importlib.metadata
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -78,6 +79,8 @@ def configure(*, force: bool = False) -> bool:
     _configured = True
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
+    if not _wanted() and "opentelemetry.sdk.trace" not in sys.modules:
+        return False  # no SDK provider can exist yet: spare every process the ~0.1 s import
     try:
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider  # noqa: F401 - is the SDK there?
@@ -105,6 +108,8 @@ def configure(*, force: bool = False) -> bool:
 
 def _adopt_global() -> bool:
     """Use the process's global provider when it is an SDK one (someone set it up)."""
+    if "opentelemetry.sdk.trace" not in sys.modules:
+        return False
     try:
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
