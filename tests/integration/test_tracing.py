@@ -77,6 +77,15 @@ def named(exporter: InMemorySpanExporter, prefix: str) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.name.startswith(prefix)]
 
 
+def root_of(span: ReadableSpan, exporter: InMemorySpanExporter) -> ReadableSpan:
+    """The outermost span of this process above ``span`` (its parent, if any, is
+    remote: the caller's)."""
+    by_id = {s.context.span_id: s for s in exporter.get_finished_spans()}
+    while span.parent is not None and span.parent.span_id in by_id:
+        span = by_id[span.parent.span_id]
+    return span
+
+
 def hex_trace(span: ReadableSpan) -> str:
     assert span.context is not None
     return format(span.context.trace_id, "032x")
@@ -117,9 +126,12 @@ async def test_one_trace_from_an_http_submit_to_the_handlers_span(
             for s in named(spans, inner)
             if s.parent is not None and s.parent.span_id == process.context.span_id
         ]
-        # The caller's span -> submit (PRODUCER) -> process (CONSUMER) -> the handler's.
-        assert submit.parent is not None
-        assert format(submit.parent.span_id, "016x") == CLIENT_SPAN
+        # The caller's span -> (FastAPI's server spans) -> submit (PRODUCER) ->
+        # process (CONSUMER) -> the handler's.
+        root = root_of(submit, spans)
+        assert root.parent is not None
+        assert root.parent.is_remote
+        assert format(root.parent.span_id, "016x") == CLIENT_SPAN
         assert hex_trace(submit) == hex_trace(process) == hex_trace(handler) == CLIENT_TRACE
         assert process.parent is not None
         assert process.parent.span_id == submit.context.span_id
@@ -295,3 +307,55 @@ async def test_the_worker_process_span_is_the_child_of_this_process_submit(
     assert process["resource"]["attributes"]["service.name"] == "conveyor-test-worker"
     assert inner["parent_id"] == process["context"]["span_id"]
     assert inner["context"]["trace_id"] == process["context"]["trace_id"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["garbage", "00-" + "f" * 32 + "-" + "0" * 16 + "-01", "00-" + "a" * 2000, "ff-" + "1" * 60],
+)
+async def test_a_hostile_traceparent_header_starts_a_new_trace(
+    app: Conveyor, spans: InMemorySpanExporter, header: str
+) -> None:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(app)), base_url="http://localhost"
+    ) as client:
+        r = await client.post(
+            "/api/jobs",
+            json={"job_type": "traced_ok", "payload": {}},
+            headers={"traceparent": header, "tracestate": header},
+        )
+    assert r.status_code == 201, r.text
+    (submit,) = named(spans, "submit traced_ok")
+    assert root_of(submit, spans).parent is None  # no remote parent taken from the header
+    job = await app.store.get(r.json()["job_id"])
+    assert job.metadata["traceparent"].split("-")[2] == format(submit.context.span_id, "016x")
+
+
+async def test_without_a_global_provider_the_header_is_the_submit_spans_parent(
+    app: Conveyor,
+) -> None:
+    """An application that hands Conveyor its own provider (``tracing.use``) and
+    sets none globally: FastAPI makes no server span, Conveyor's middleware reads
+    the ``traceparent`` header itself."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.use(provider)
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(app)), base_url="http://localhost"
+        ) as client:
+            r = await client.post(
+                "/api/jobs",
+                json={"job_type": "traced_ok", "payload": {}},
+                headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"},
+            )
+        assert r.status_code == 201, r.text
+    finally:
+        tracing.use(None)
+        provider.shutdown()
+    (submit,) = named(exporter, "submit traced_ok")
+    assert submit.parent is not None
+    assert submit.parent.is_remote
+    assert format(submit.parent.span_id, "016x") == CLIENT_SPAN
+    assert hex_trace(submit) == CLIENT_TRACE

@@ -484,13 +484,20 @@ def current_ids() -> tuple[str, str] | None:
 class TraceContextMiddleware:
     """ASGI middleware: a request's W3C ``traceparent``/``tracestate`` headers become
     the current context, so a submit span is the child of the caller's span (while
-    tracing is on; otherwise it passes the request straight on)."""
+    tracing is on; otherwise it passes the request straight on). When a server span
+    is current already (FastAPI's own telemetry, which is on whenever a global
+    provider is set, or an ASGI instrumentation), that one read the headers: it is
+    left as the parent."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if _tracer is None or scope["type"] != "http":
+        if (
+            _tracer is None
+            or scope["type"] != "http"
+            or _otel.get_current_span().get_span_context().is_valid
+        ):
             await self.app(scope, receive, send)
             return
         headers: dict[str, str] = {}
