@@ -9,7 +9,7 @@ drops them), jobs submitted while tracing (so each carries ``traceparent`` and i
 traces (``OTEL_TRACES_SAMPLER=parentbased_traceidratio``, ``..._ARG=0.1``). Also
 times 1-by-1 submits.
 
-    .venv/bin/python bench/tracing_bench.py            # ~1 min
+    .venv/bin/python bench/tracing_bench.py            # 5 rounds x 3 modes, ~2 min
     .venv/bin/python bench/tracing_bench.py --jobs 5000 --rounds 2
 """
 
@@ -208,5 +208,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--submits", type=int, default=1_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     asyncio.run(main(parser.parse_args()))
