@@ -32,7 +32,7 @@ from conveyor.app import Conveyor
 from conveyor.domain.states import JobState
 from conveyor.observability import tracing
 from conveyor.settings import Settings
-from support import conveyor_cmd, conveyor_env, running_worker
+from support import conveyor_cmd, conveyor_env, running_worker, wait_until
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -359,3 +359,112 @@ async def test_without_a_global_provider_the_header_is_the_submit_spans_parent(
     assert submit.parent.is_remote
     assert format(submit.parent.span_id, "016x") == CLIENT_SPAN
     assert hex_trace(submit) == CLIENT_TRACE
+
+
+class OtlpReceiver:
+    """A minimal OTLP/HTTP trace receiver on a loopback port (what a collector
+    does first: accept ``POST /v1/traces`` protobuf and answer 200)."""
+
+    def __init__(self) -> None:
+        import gzip
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+        received: list[Any] = []
+        self.received = received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = trace_service_pb2.ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                if self.path == "/v1/traces":
+                    received.append(request)
+                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200 if self.path == "/v1/traces" else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def spans(self) -> list[tuple[str, Any]]:
+        """(service.name, span) of every span received."""
+        out = []
+        for request in self.received:
+            for rs in request.resource_spans:
+                service = next(
+                    (
+                        a.value.string_value
+                        for a in rs.resource.attributes
+                        if a.key == "service.name"
+                    ),
+                    "",
+                )
+                for ss in rs.scope_spans:
+                    out.extend((service, span) for span in ss.spans)
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+async def test_a_worker_exports_over_otlp_to_a_collector(
+    app: Conveyor, spans: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    """``OTEL_EXPORTER_OTLP_ENDPOINT`` alone turns tracing on in a ``conveyor worker``
+    (OTLP over HTTP, the ``otel`` extra's exporter); its span reaches the collector
+    as the child of this process's submit span."""
+    receiver = OtlpReceiver()
+    env = conveyor_env(
+        app.settings.database_url,
+        PYTHONPATH=f"{Path(__file__).parent}:{conveyor_env('')['PYTHONPATH']}",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}",
+        OTEL_SERVICE_NAME="otlp-worker",
+        OTEL_BSP_SCHEDULE_DELAY="50",
+        CONVEYOR_POLL_INTERVAL="0.05",
+    )
+    env.pop("OTEL_TRACES_EXPORTER", None)
+    err = tmp_path / "worker.err"
+    try:
+        with err.open("w") as fe:
+            proc = subprocess.Popen(
+                conveyor_cmd("worker", "traceapp"), env=env, stdout=fe, stderr=fe
+            )
+            try:
+                job = await app.enqueue("traced_ok", {"n": 3})
+                done = await finished(app, [job.id])
+                assert done[job.id].state is JobState.COMPLETED
+
+                def exported() -> list[Any]:
+                    return [s for _, s in receiver.spans() if s.name == "process traced_ok"]
+
+                wait_until(exported, 20, "the worker's span at the collector")
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(30) == 0, err.read_text()
+        ((service, process),) = [
+            (svc, s) for svc, s in receiver.spans() if s.name == "process traced_ok"
+        ]
+    finally:
+        receiver.close()
+    (submit,) = named(spans, "submit traced_ok")
+    assert service == "otlp-worker"
+    assert process.trace_id.hex() == hex_trace(submit)
+    assert process.parent_span_id.hex() == f"{submit.context.span_id:016x}"
+    attributes = {a.key: a.value for a in process.attributes}
+    assert attributes["conveyor.job.id"].string_value == job.id
+    assert attributes["conveyor.job.outcome"].string_value == "complete"
