@@ -104,7 +104,8 @@ async def test_worker_json_logs_name_the_job_worker_and_trace(
     try:
         ok = [await app.enqueue("traced_ok", {"n": i}) for i in range(5)]
         bad = await app.enqueue("always_fails", max_retries=0)
-        await finished(app, [j.id for j in [*ok, bad]])
+        warns = await app.enqueue("logs_a_warning")
+        await finished(app, [j.id for j in [*ok, bad, warns]])
     finally:
         lines = stop(proc, files, tmp_path)
     (started,) = [x for x in lines if x["event"] == "worker_started"]
@@ -121,6 +122,17 @@ async def test_worker_json_logs_name_the_job_worker_and_trace(
         if s["name"] == "process always_fails"
     ]
     assert dead["trace_id"] == span["context"]["trace_id"].removeprefix("0x")
+    # The handler's own line (ctx.logger) names its job, worker and trace.
+    (own,) = [x for x in lines if x["event"] == "handler_noticed_something"]
+    assert own["job_id"] == warns.id
+    assert own["worker_id"] == worker_id
+    (warn_span,) = [
+        s
+        for s in console_spans((tmp_path / "worker.out").read_text())
+        if s["name"] == "process logs_a_warning"
+    ]
+    assert own["trace_id"] == warn_span["context"]["trace_id"].removeprefix("0x")
+    assert own["span_id"] == warn_span["context"]["span_id"].removeprefix("0x")
     # No per-job line at INFO for jobs that simply succeed.
     text = (tmp_path / "worker.err").read_text()
     assert not any(j.id in text for j in ok)

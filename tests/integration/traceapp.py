@@ -35,8 +35,13 @@ async def fails_first(ctx: JobContext) -> dict[str, Any]:
     return {"attempt": ctx.attempt}
 
 
+async def logs_a_warning(ctx: JobContext) -> None:
+    ctx.logger.warning("handler_noticed_something", detail="inside the job's span")
+
+
 def register(app: Conveyor) -> None:
     app.job("traced_ok")(traced_ok)
     app.job("traced_sync")(traced_sync)
     app.job("always_fails", max_retries=0)(always_fails)
     app.job("fails_first", max_retries=2)(fails_first)
+    app.job("logs_a_warning")(logs_a_warning)
