@@ -29,6 +29,8 @@ from traceapp import register
 from contract.appkit import finished
 from conveyor.api.app import create_app
 from conveyor.app import Conveyor
+from conveyor.domain.errors import ValidationError
+from conveyor.domain.job import JobQuery
 from conveyor.domain.states import JobState
 from conveyor.observability import tracing
 from conveyor.settings import Settings
@@ -468,3 +470,15 @@ async def test_a_worker_exports_over_otlp_to_a_collector(
     attributes = {a.key: a.value for a in process.attributes}
     assert attributes["conveyor.job.id"].string_value == job.id
     assert attributes["conveyor.job.outcome"].string_value == "complete"
+
+
+async def test_a_refused_submit_ends_its_span_in_error(
+    app: Conveyor, spans: InMemorySpanExporter
+) -> None:
+    with pytest.raises(ValidationError, match="priority"):
+        await app.enqueue("traced_ok", priority=500)
+    (submit,) = named(spans, "submit traced_ok")
+    assert submit.status.status_code is StatusCode.ERROR
+    (event,) = [e for e in submit.events if e.name == "exception"]
+    assert event.attributes["exception.type"].endswith("ValidationError")
+    assert (await app.store.list_jobs(JobQuery())).jobs == []
