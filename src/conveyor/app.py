@@ -43,6 +43,7 @@ from conveyor.domain.locks import LEADER_PREFIX, LockInfo
 from conveyor.domain.retry import RetryPolicy
 from conveyor.domain.schedules import Schedule
 from conveyor.domain.states import JobState
+from conveyor.observability import tracing
 from conveyor.runtime.locks import Leadership, LockBackend, LockRequest, Locks
 from conveyor.runtime.ports import RuntimeDeps, Signals
 from conveyor.runtime.registry import Handler, JobDefinition
@@ -192,6 +193,7 @@ class Conveyor:
             _internal=True,
         )(self.webhooks.deliver)
         self.locks = Locks(lock_backend(self.settings, self.store), clock=self.now)
+        tracing.configure()  # from OTEL_* variables, once per process
 
     @property
     def settings(self) -> Settings:
@@ -479,7 +481,9 @@ class Conveyor:
         if not self._opened:
             await self.open()
         await self._check_known_types(jobs)
-        results = await self.store.enqueue_many(jobs, self.now(), connection=connection)
+        with tracing.submitting(jobs) as traced:  # a PRODUCER span while tracing is on
+            results = await self.store.enqueue_many(traced.jobs, self.now(), connection=connection)
+            traced.done(results)
         self.notify_listeners()
         self.events_written()
         if connection is None and self.bus.backend != "memory":

@@ -14,6 +14,7 @@ DEFAULT_DATABASE_URL = "sqlite:///./conveyor.db"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # auto: uvloop when installed
 ISOLATION_MODES = ("thread", "process")
 LOCKS_BACKENDS = ("store", "redis")  # redis: needs redis_url
+LOG_FORMATS = ("console", "json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,7 @@ class Settings:
     # Signs dashboard session cookies; empty: a random secret per process (sessions
     # end when the process restarts). Set it to keep logins across restarts.
     dashboard_secret: str = ""
+    log_format: str = "console"  # one of LOG_FORMATS: console lines or one JSON object a line
 
     def __post_init__(self) -> None:
         problems = [
@@ -137,6 +139,8 @@ class Settings:
             problems.append("metrics_port must be between 0 (off) and 65535")
         if not self.metrics_host or any(c in self.metrics_host for c in " /\x00"):
             problems.append("metrics_host must be a host name or address, e.g. 0.0.0.0")
+        if self.log_format not in LOG_FORMATS:
+            problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if problems:
             raise ConfigurationError("Invalid settings: " + "; ".join(problems))
 

@@ -40,6 +40,7 @@ from conveyor.domain.workflow import (
     check_dag,
     name_error,
 )
+from conveyor.observability import tracing
 from conveyor.runtime.observe import WorkflowSubmitted
 from conveyor.storage.codec import dumps
 
@@ -219,9 +220,11 @@ class WorkflowService:
             _check_key(workflow.idempotency_key)
         app = self._app
         await app.open()
-        wf, duplicate = await app.store.create_workflow(
-            workflow, [(name, built[by_name[name].name]) for name in order], app.now()
-        )
+        steps = [(name, built[by_name[name].name]) for name in order]
+        with tracing.submitting([j for _, j in steps], "submit workflow") as traced:
+            steps = [(name, j) for (name, _), j in zip(steps, traced.jobs, strict=True)]
+            wf, duplicate = await app.store.create_workflow(workflow, steps, app.now())
+            traced.set("conveyor.workflow.id", wf.id)
         if not duplicate:
             app.after_submit()
             if app.signals.observing:
@@ -255,7 +258,7 @@ class WorkflowService:
                 ) from None
         if not parsed:
             return []
-        built = await self.build_steps(parsed)
+        built = tracing.steps_with_trace_context(await self.build_steps(parsed))
         app = self._app
         jobs = await app.store.add_steps(workflow_id, job_id, lease_token, built, app.now())
         app.after_submit()

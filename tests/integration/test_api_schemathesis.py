@@ -102,9 +102,13 @@ def positive_data_acceptance_but_unknown_parents(ctx: Any, response: Any, case: 
             return None
         # Workflows: a DAG's rules (unique names, known parents, no cycle, limits) and
         # each step's job rules, which the schema cannot express.
-        if case.path == "/api/workflows" and details and all(
-            str(d.get("field", "")).startswith(("steps", "depends_on", "name", "payload"))
-            for d in details
+        if (
+            case.path == "/api/workflows"
+            and details
+            and all(
+                str(d.get("field", "")).startswith(("steps", "depends_on", "name", "payload"))
+                for d in details
+            )
         ):
             return None
     return positive_data_acceptance(ctx, response, case)

@@ -52,6 +52,7 @@ from conveyor.domain.job import Job, JobQuery, is_internal
 from conveyor.domain.states import JobState, parse_states
 from conveyor.observability.fleet import FleetExporter
 from conveyor.observability.metrics import Metrics
+from conveyor.observability.tracing import TraceContextMiddleware
 from conveyor.presenters import iso, job_dict, page_dict, worker_dict
 from conveyor.runtime.hub import EventHub
 from conveyor.runtime.status import is_alive
@@ -596,6 +597,7 @@ def create_app(
     allowed_hosts = conveyor.settings.allowed_hosts
     policy = HostPolicy(allowed_hosts, enforce=allow_anonymous or bool(allowed_hosts))
     api.add_middleware(BrowserGuard, policy=policy)
+    api.add_middleware(TraceContextMiddleware)  # W3C traceparent header: the parent
     api.add_middleware(Timing, metrics=metrics)
     api.add_middleware(CatchAll)  # outermost: sees every exception the app let through
     return api

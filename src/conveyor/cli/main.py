@@ -27,7 +27,7 @@ from conveyor.observability.logging import configure_logging
 from conveyor.presenters import job_dict, page_dict
 from conveyor.runtime.status import collect_status
 from conveyor.security.redact import redact, redact_url
-from conveyor.settings import Settings
+from conveyor.settings import LOG_FORMATS, Settings
 
 T = TypeVar("T")
 out = Console(soft_wrap=True)
@@ -110,15 +110,23 @@ def emit_json(data: Any) -> None:
     ),
 )
 @click.option("--log-level", envvar="CONVEYOR_LOG_LEVEL", default="INFO", show_default=True)
+@click.option(
+    "--log-format",
+    envvar="CONVEYOR_LOG_FORMAT",
+    type=click.Choice(LOG_FORMATS),
+    default="console",
+    show_default=True,
+    help="console: readable lines; json: one JSON object per line (docs/operations.md).",
+)
 @click.version_option(package_name="conveyor")
 @click.pass_context
-def cli(ctx: click.Context, database_url: str | None, log_level: str) -> None:
+def cli(ctx: click.Context, database_url: str | None, log_level: str, log_format: str) -> None:
     """Conveyor: durable jobs for Python."""
-    configure_logging(log_level)
+    configure_logging(log_level, fmt=log_format)
     # No `_created` series beside each counter and histogram: a fifth of the scrape
     # for a timestamp nobody queries (this process is ours; a library user decides).
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
-    ctx.obj = Ctx({"database_url": database_url, "log_level": log_level})
+    ctx.obj = Ctx({"database_url": database_url, "log_level": log_level, "log_format": log_format})
 
 
 # -- worker ------------------------------------------------------------------------
@@ -208,7 +216,8 @@ def _serve(
             host=host,
             port=port,
             with_worker=with_worker,
-            console=err,
+            # JSON logs: stderr carries only JSON lines (the banner is `api_started`).
+            console=Console(stderr=True, quiet=True) if app.settings.log_format == "json" else err,
             max_body_bytes=max_body_bytes,
         ),
         app.settings.event_loop,

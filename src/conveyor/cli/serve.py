@@ -9,6 +9,7 @@ import signal
 import socket
 from collections.abc import Iterator
 
+import structlog
 import uvicorn
 from rich.console import Console
 from rich.markup import escape
@@ -21,6 +22,8 @@ from conveyor.domain.errors import ConfigurationError
 from conveyor.observability.metrics import Metrics
 from conveyor.runtime.worker import Worker, exit_if_abandoned
 from conveyor.security.redact import redact_url
+
+log = structlog.get_logger("conveyor.serve")
 
 
 class _Server(uvicorn.Server):
@@ -121,6 +124,14 @@ async def serve_forever(
         if "test_job" in app.registry and "fail" in app.registry:
             console.print(f"  demo types: {escape(demo.SUMMARY)}", highlight=False)
         grace = app.settings.shutdown_grace
+        if app.settings.log_format == "json":  # the banner, as one line for log collectors
+            log.info(
+                "api_started",
+                url=base,
+                database=redact_url(app.settings.database_url),
+                worker_concurrency=worker.concurrency if worker is not None else 0,
+                auth=keys > 0,
+            )
         console.print(
             f"  stop: Ctrl-C (running jobs get {grace:g} s to finish; a second Ctrl-C stops "
             "at once)",

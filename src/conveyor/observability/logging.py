@@ -19,10 +19,14 @@ import re
 import sys
 import traceback
 from collections.abc import MutableMapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
+from conveyor.domain.errors import ConfigurationError
+from conveyor.observability import tracing
 from conveyor.security.redact import MASK, redact
 
 MAX_FRAMES = 30  #: innermost frames kept in a logged traceback
@@ -98,31 +102,92 @@ class SafeFormatter(logging.Formatter):
         return cut(redact(super().format(record)), MAX_TRACEBACK_CHARS + MAX_VALUE_CHARS)
 
 
-def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+class JsonFormatter(logging.Formatter):
+    """A standard-library record (uvicorn, asyncio, libraries) as one JSON object:
+    ``event`` is the logger's name (stable; the text varies), ``message`` the
+    redacted text, ``exception`` a bounded traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "event": record.name,
+            "message": cut(redact(record.getMessage()), MAX_VALUE_CHARS),
+        }
+        ids = tracing.current_ids()
+        if ids is not None:
+            line["trace_id"], line["span_id"] = ids
+        if record.exc_info and record.exc_info[1] is not None:
+            line["exception"] = format_exception(record.exc_info[1])
+        return _json(line)
+
+
+def add_trace_ids(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: ``trace_id`` and ``span_id`` of the current span (while
+    tracing is on and a span is current, e.g. in a job's handler)."""
+    if "trace_id" not in event_dict:
+        ids = tracing.current_ids()
+        if ids is not None:
+            event_dict["trace_id"], event_dict["span_id"] = ids
+    return event_dict
+
+
+def _json(value: Any, **_: Any) -> str:
+    return orjson.dumps(value, default=repr).decode()
+
+
+#: Values of ``CONVEYOR_LOG_FORMAT``.
+LOG_FORMATS = ("console", "json")  # as conveyor.settings.LOG_FORMATS
+
+
+def configure_logging(
+    level: str = "INFO", stream: TextIO | None = None, fmt: str = "console"
+) -> None:
     """Log at ``level`` (DEBUG, INFO, WARNING, ERROR) to ``stream`` (default stderr),
-    one line per event (plus its traceback), through ``scrub_event``."""
+    through ``scrub_event``. ``fmt``: ``console`` (one readable line per event plus
+    its traceback) or ``json`` (one JSON object per line: ``timestamp`` (ISO 8601,
+    UTC), ``level``, ``event`` (a stable key such as ``job_dead_lettered``), the
+    event's fields (``job_id``, ``worker_id``...), ``trace_id``/``span_id`` while a
+    span is current, ``exception`` as one string). ``ConfigurationError`` for
+    another ``fmt``."""
+    if fmt not in LOG_FORMATS:
+        choices = ", ".join(LOG_FORMATS)
+        raise ConfigurationError(f"log format must be one of {choices} (got {fmt!r})")
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
     out = stream or sys.stderr
     handler = logging.StreamHandler(out)
-    handler.setFormatter(SafeFormatter("%(levelname)s %(name)s: %(message)s"))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(SafeFormatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
+    renderer: Any
+    if fmt == "json":
+        stamper = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
+        renderer = structlog.processors.JSONRenderer(serializer=_json)
+    else:
+        stamper = structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False)
+        # The exception is a string by now: the renderer prints it as it is,
+        # never with rich's locals.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+            stamper,
+            add_trace_ids,
             scrub_event,
-            # The exception is a string by now: the renderer prints it as it is,
-            # never with rich's locals.
-            structlog.dev.ConsoleRenderer(
-                colors=False, exception_formatter=structlog.dev.plain_traceback
-            ),
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(out),

@@ -47,7 +47,10 @@ class JobContext:
     def logger(self) -> Any:
         if self._logger is None:
             self._logger = structlog.get_logger("conveyor.job").bind(
-                job_id=self.job_id, job_type=self.job_type, attempt=self.attempt
+                job_id=self.job_id,
+                job_type=self.job_type,
+                attempt=self.attempt,
+                worker_id=self.worker_id,
             )
         return self._logger
 

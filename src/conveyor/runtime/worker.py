@@ -43,6 +43,7 @@ from conveyor.domain.job import Finish, Job, WorkerInfo, is_internal
 from conveyor.domain.limits import safe_text
 from conveyor.domain.retry import decide, describe
 from conveyor.domain.states import Action
+from conveyor.observability import tracing
 from conveyor.runtime.context import JobContext
 from conveyor.runtime.locks import MAINTENANCE_LEADER, Leadership
 from conveyor.runtime.observe import JobsRescued, JobsStarted
@@ -252,6 +253,8 @@ class Worker:
         self._abandoned: set[str] = set()
         self.started = asyncio.Event()
         self._consumers: list[OutboxConsumer] = []
+        # Per-job log lines are DEBUG; checked once here, not per job.
+        self._debug_jobs = logging.getLogger("conveyor.worker").isEnabledFor(logging.DEBUG)
 
     # -- control ----------------------------------------------------------------
     def notify(self) -> None:
@@ -530,12 +533,16 @@ class Worker:
         started = time.perf_counter()
         entry = self._running[job.id]
         finish: Finish | None
+        span = tracing.start_job(job)  # None while tracing is off
+        if self._debug_jobs:
+            log.debug("job_started", job_id=job.id, worker_id=self.id, job_type=job.job_type)
         try:
             finish = await self._attempt(job, ctx, definition)
         except BaseException as exc:  # noqa: BLE001 - the outcome path itself must not fail
             log.error(
                 "job_outcome_unrecorded",
                 job_id=job.id,
+                worker_id=self.id,
                 error=describe(exc),
             )
             finish = Finish(
@@ -548,6 +555,19 @@ class Worker:
             finish = await heal_finish(finish, job, definition, entry.error)
         self._running.pop(job.id, None)
         self.processed += 1
+        outcome = None if finish is None or entry.abandoned else finish.action.value
+        if span is not None:
+            tracing.end_job(span, outcome, finish.error if finish is not None else None)
+        if self._debug_jobs:
+            log.debug(
+                "job_finished",
+                job_id=job.id,
+                worker_id=self.id,
+                job_type=job.job_type,
+                attempt=job.attempt,
+                outcome=outcome or "abandoned",
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
         if finish is None or entry.abandoned:
             self._abandoned.add(job.id)
             return  # its code may still run: leave the lease to expire (rescue)
@@ -621,7 +641,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(
-                loop.run_in_executor(self._describer, self._failure, job, definition, exc),
+                loop.run_in_executor(
+                    self._describer,  # in the job's context: its log lines name its trace
+                    tracing.in_context(lambda: self._failure(job, definition, exc)),
+                ),
                 DESCRIBE_TIMEOUT,
             )
         except Exception:  # noqa: BLE001 - a timeout, a raise, or a pool shut down
@@ -653,7 +676,7 @@ class Worker:
             except BaseException as exc:  # noqa: BLE001 - StopIteration can't cross a Future
                 return _Raised(exc)
 
-        cf = self._threads.submit(call)
+        cf = self._threads.submit(tracing.in_context(call))
         fut = asyncio.wrap_future(cf)
         waiter = asyncio.ensure_future(began.wait())
         try:
@@ -684,6 +707,7 @@ class Worker:
         log.warning(
             "job_handler_still_running",
             job_id=entry.job.id,
+            worker_id=self.id,
             job_type=entry.job.job_type,
             reason="cancel" if entry.cancel_requested else "timeout or shutdown",
         )
@@ -768,6 +792,7 @@ class Worker:
             log.warning(
                 "job_child_crashed",
                 job_id=job.id,
+                worker_id=self.id,
                 job_type=job.job_type,
                 exit_code=outcome.exit_code,
                 error=outcome.error,
@@ -810,6 +835,7 @@ class Worker:
             log.warning(
                 "job_dead_lettered",
                 job_id=job.id,
+                worker_id=self.id,
                 job_type=job.job_type,
                 attempt=job.attempt,
                 error=decision.error,
@@ -904,6 +930,7 @@ class Worker:
                 log.error(
                     "job_outcome_unstorable",
                     job_id=chunk[0].job_id,
+                    worker_id=self.id,
                     action=chunk[0].action.value,
                     error=fallback.error,
                 )
@@ -1019,6 +1046,7 @@ class Worker:
                     log.warning(
                         "job_rescued",
                         job_id=r.job_id,
+                        worker_id=self.id,
                         lost_worker=r.worker_id,
                         action=r.action.value,
                     )
@@ -1032,6 +1060,6 @@ class Worker:
                         self.deps.now() - timedelta(seconds=s.retention)
                     )
                     if pruned:
-                        log.info("jobs_pruned", count=pruned)
+                        log.info("jobs_pruned", worker_id=self.id, count=pruned)
             except Exception as exc:  # noqa: BLE001 - keep the worker alive
-                log.warning("maintenance_failed", error=str(exc))
+                log.warning("maintenance_failed", worker_id=self.id, error=str(exc))
