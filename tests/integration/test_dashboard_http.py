@@ -15,6 +15,7 @@ import pytest
 from conveyor import Conveyor, Settings
 from conveyor.api.app import create_app
 from conveyor.dashboard.session import COOKIE
+from conveyor.runtime.scheduler import sync_declared
 from conveyor.security.api_keys import new_api_key
 
 
@@ -183,3 +184,27 @@ async def test_unknown_ids_are_html_404s_and_bad_action_bodies_400(app):
         unknown = await c.post("/ui/actions/jobs/retry", json={"ids": ["abc"]}, headers=headers)
         assert unknown.status_code == 200
         assert "abc" in unknown.json()["errors"]
+
+
+async def test_schedules_page_lists_next_fires_and_pauses_with_csrf(app):
+    app.schedule("nightly", "0 3 * * *", "ok", {}, timezone="Europe/Berlin")
+    await sync_declared(app.store, list(app.schedules.values()), app.now())
+    (schedule,) = await app.store.list_schedules()
+    async with client(app) as c:
+        page = await c.get("/ui/schedules")
+        assert page.status_code == 200, page.text
+        assert "nightly" in page.text
+        assert page.text.count("T01:00:00") + page.text.count("T02:00:00") == 5  # 03:00 Berlin
+        csrf = csrf_of(page.text)
+        url = "/ui/actions/schedules/pause"
+        assert (await c.post(url, json={"id": schedule.id})).status_code == 403
+        done = await c.post(url, json={"id": schedule.id}, headers={"X-CSRF-Token": csrf})
+        assert done.status_code == 200, done.text
+        assert (await app.store.get_schedule(schedule.id)).state == "paused"
+        again = await c.get("/ui/schedules")
+        assert "/ui/actions/schedules/resume" in again.text
+        back = await c.post(
+            "/ui/actions/schedules/resume", json={"id": schedule.id}, headers={"X-CSRF-Token": csrf}
+        )
+        assert back.status_code == 200, back.text
+        assert (await app.store.get_schedule(schedule.id)).state == "active"

@@ -37,10 +37,11 @@ from conveyor.domain.errors import (
 )
 from conveyor.domain.job import Job, JobQuery, is_internal
 from conveyor.domain.states import JobState
-from conveyor.presenters import iso, job_dict, webhook_dict, workflow_dict
+from conveyor.presenters import iso, job_dict, schedule_dict, webhook_dict, workflow_dict
 from conveyor.runtime.status import is_alive
 from conveyor.runtime.webhooks import enable_webhook as enable_and_replay
 from conveyor.runtime.worker import Worker
+from conveyor.scheduling import pause_schedule, resume_schedule
 
 COUNT_CAP = 10_000  #: state counts stop here; larger ones are estimates
 QUEUE_SCAN_CAP = 10_000  #: queue depths look at most this many unfinished jobs
@@ -83,9 +84,14 @@ DEFAULT_NAV: tuple[NavItem, ...] = (
     NavItem("workers", "Workers", "/ui/workers"),
     NavItem("dlq", "Dead letters", "/ui/dlq"),
     NavItem("workflows", "Workflows", "/ui/workflows"),
+    NavItem("schedules", "Schedules", "/ui/schedules"),
     NavItem("webhooks", "Webhooks", "/ui/webhooks"),
     NavItem("locks", "Locks", "/ui/locks"),
 )
+
+
+#: How many upcoming fire times the Schedules page shows per active schedule.
+UPCOMING_FIRES = 5
 
 
 class ActionError(Exception):
@@ -647,6 +653,18 @@ def dashboard_router(
         )
 
     # -- locks --------------------------------------------------------------------------------
+    @page("/ui/schedules")
+    async def schedules(request: Request, viewer: Viewer) -> Response:
+        after = await live_after()
+        now = conveyor.now()
+        rows = [
+            schedule_dict(s, s.spec().upcoming(now, UPCOMING_FIRES) if s.state == "active" else [])
+            for s in await store.list_schedules()
+        ]
+        return render(
+            request, viewer, "schedules.html", active="schedules", after=after, schedules=rows
+        )
+
     @page("/ui/locks")
     async def locks(request: Request, viewer: Viewer) -> Response:
         rows = (
@@ -776,6 +794,14 @@ def dashboard_router(
     async def enable_webhook(body: dict[str, Any]) -> dict[str, Any]:
         enabled = await enable_and_replay(conveyor.deps, id_of(body))
         return {"state": enabled.webhook.state.value, "replayed": enabled.replayed}
+
+    @action("/ui/actions/schedules/pause", KeyScope.WRITE)
+    async def pause_a_schedule(body: dict[str, Any]) -> dict[str, Any]:
+        return {"state": (await pause_schedule(conveyor, id_of(body))).state}
+
+    @action("/ui/actions/schedules/resume", KeyScope.WRITE)
+    async def resume_a_schedule(body: dict[str, Any]) -> dict[str, Any]:
+        return {"state": (await resume_schedule(conveyor, id_of(body))).state}
 
     @action("/ui/actions/workflows/cancel", KeyScope.WRITE)
     async def cancel_workflow(body: dict[str, Any]) -> dict[str, Any]:
