@@ -15,8 +15,9 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +37,13 @@ from conveyor.domain.errors import (
     ValidationError,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
+from conveyor.domain.flow import (
+    FlowLimits,
+    FlowStats,
+    KeyTemplate,
+    QueueInfo,
+    RateLimit,
+)
 from conveyor.domain.ids import new_job_id, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
@@ -78,10 +86,24 @@ from conveyor.storage.base import (
 )
 from conveyor.storage.codec import dumps, dumps_object
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
+from conveyor.storage.flow import (
+    KEEP_LIMIT,
+    NO_KEY,
+    Candidate,
+    FlowRow,
+    TypeLimit,
+    allowed,
+    check_queue_change,
+    choose,
+    flow_stats,
+    walk_keys,
+    window_start,
+)
 from conveyor.storage.sql import load_migrations, load_queries
 
 T = TypeVar("T")
 Q = load_queries("sqlite")
+FQ = load_queries("sqlite", "flow.sql")
 
 _FINISH_SQL = {
     Action.COMPLETE: Q["finish_complete"],
@@ -135,6 +157,8 @@ def job_from_row(row: sqlite3.Row) -> Job:
         started_at=_dt(row["started_at"]),
         completed_at=_dt(row["completed_at"]),
         updated_at=_dt(row["updated_at"]),
+        concurrency_key=row["concurrency_key"] or None,
+        requires=orjson.loads(row["requires"]) if row["requires"] else None,
     )
 
 
@@ -363,9 +387,11 @@ class SQLiteStore(Store):
         job_types: Sequence[str],
         limit: int,
         now: datetime,
+        capabilities: Mapping[str, str] | None = None,
     ) -> list[Job]:
         check_limit(limit)
         params = {
+            "caps": orjson.dumps(dict(capabilities or {})).decode(),
             "token": new_token(),
             "worker": worker_id,
             "now": now.timestamp(),
@@ -379,7 +405,12 @@ class SQLiteStore(Store):
 
     def _fetch(self, params: dict[str, Any]) -> list[Job]:
         with self._tx() as conn:
-            rows = conn.execute(Q["fetch"], params).fetchall()
+            limited = conn.execute(FQ["limited_types"], params).fetchall()
+            queue_limits = conn.execute(FQ["queue_limits"], params).fetchall()
+            if (limited or queue_limits) and params["limit"]:
+                rows = self._fetch_limited(conn, params, limited, queue_limits)
+            else:
+                rows = conn.execute(Q["fetch"], params).fetchall()
             if rows:
                 conn.execute(Q["insert_started_executions"], params)
                 conn.execute(Q["insert_started_events"], params)
@@ -491,10 +522,12 @@ class SQLiteStore(Store):
             "now": now.timestamp(),
         }
         event = orjson.dumps({"worker_id": worker.id, "status": "running"})
+        caps = orjson.dumps(dict(sorted(worker.capabilities.items()))).decode()
 
         def _do() -> None:
             with self._tx() as conn:
                 conn.execute(Q["upsert_worker"], params)
+                conn.execute(FQ["set_capabilities"], (caps, worker.id))
                 conn.execute(
                     Q["insert_event"],
                     (EventType.WORKER_STATUS_CHANGED.value, None, event, params["now"]),
@@ -821,6 +854,7 @@ class SQLiteStore(Store):
                     heartbeat_at=_dt(r["heartbeat_at"]),
                     state=r["state"],
                     jobs_running=r["jobs_running"],
+                    capabilities=orjson.loads(r["capabilities"]),
                 )
                 for r in self._conn.execute(Q["list_workers"])
             ]
@@ -1039,6 +1073,175 @@ class SQLiteStore(Store):
 
         return await self._run(_do)
 
+    # -- flow control ---------------------------------------------------------------
+    def _fetch_limited(
+        self,
+        conn: sqlite3.Connection,
+        params: dict[str, Any],
+        limited_rows: list[sqlite3.Row],
+        queue_limits: list[sqlite3.Row],
+    ) -> list[sqlite3.Row]:
+        """The limited fetch (storage/flow.py) inside the fetch transaction."""
+        limit = params["limit"]
+        now = params["now"]
+        limits = [TypeLimit(r[0], r[1], r[2], r[3], r[4]) for r in limited_rows]
+        params["limited"] = orjson.dumps([t.job_type for t in limits]).decode()
+        candidates = [
+            Candidate(1, r[1], 0, r[2], r[0], r[3], r[4], NO_KEY)
+            for r in conn.execute(FQ["open_candidates"], params)
+        ]
+        for tl in limits:
+            running = dict(conn.execute(FQ["running_by_key"], (tl.job_type,)).fetchall())
+            ws = window_start(tl, now)
+
+            def after(k: str, _inclusive: bool, t: str = tl.job_type) -> str | None:
+                row = conn.execute(FQ["key_after"], {"job_type": t, "key": k}).fetchone()
+                return None if row is None else row[0]
+
+            gave = 0
+            for walk, key in enumerate(walk_keys(after, tl.cursor), start=1):
+                started = 0
+                if ws is not None:
+                    row = conn.execute(FQ["window_started"], (tl.job_type, key, ws)).fetchone()
+                    started = 0 if row is None else row[0]
+                room = min(allowed(tl, running.get(key, 0), started), limit)
+                if room <= 0:
+                    continue
+                query = FQ["keyless_candidates"] if key == NO_KEY else FQ["key_candidates"]
+                rows = conn.execute(
+                    query, {**params, "job_type": tl.job_type, "key": key, "n": room}
+                ).fetchall()
+                candidates.extend(
+                    Candidate(rank, r[1], walk, r[2], r[0], r[3], tl.job_type, key)
+                    for rank, r in enumerate(rows, start=1)
+                )
+                if rows:
+                    gave += 1
+                    if gave >= limit:
+                        break
+        room_q: dict[str, int] = {}
+        if queue_limits:
+            running_q = dict(conn.execute(FQ["running_by_queue"]).fetchall())
+            room_q = {q: n - running_q.get(q, 0) for q, n in queue_limits}
+        chosen, cursors = choose(candidates, limit, room_q)
+        if not chosen:
+            return []
+        seqs = orjson.dumps([c.seq for c in chosen]).decode()
+        rows = conn.execute(FQ["lease_chosen"], {**params, "seqs": seqs}).fetchall()
+        by_type = {tl.job_type: tl for tl in limits}
+        started_now: dict[tuple[str, str], int] = {}
+        for c in chosen:
+            tl = by_type.get(c.job_type)
+            if tl is not None and tl.rate_limit is not None:
+                started_now[(c.job_type, c.key)] = started_now.get((c.job_type, c.key), 0) + 1
+        for (t, key), n in started_now.items():
+            ws = window_start(by_type[t], now)
+            conn.execute(FQ["count_start"], {"job_type": t, "key": key, "window_start": ws, "n": n})
+        conn.executemany(FQ["move_cursor"], [(k, t) for t, k in cursors.items()])
+        return rows
+
+    async def record_flow_limits(self, limits: Sequence[FlowLimits], now: datetime) -> None:
+        ts = now.timestamp()
+        upserts = [
+            (
+                lim.job_type,
+                lim.concurrency_key.text if lim.concurrency_key else None,
+                lim.concurrency_limit,
+                lim.rate_limit.limit if lim.rate_limit else None,
+                lim.rate_limit.window if lim.rate_limit else None,
+                orjson.dumps(dict(lim.requires)).decode() if lim.requires else None,
+                ts,
+            )
+            for lim in limits
+            if not lim.empty
+        ]
+        deletes = [(lim.job_type,) for lim in limits if lim.empty]
+
+        def _do() -> None:
+            with self._tx() as conn:
+                conn.executemany(FQ["upsert_flow_limits"], upserts)
+                conn.executemany(FQ["delete_flow_limits"], deletes)
+
+        await self._run(_do)
+
+    async def list_flow_limits(self) -> list[FlowLimits]:
+        def _do() -> list[FlowLimits]:
+            assert self._conn is not None
+            return [_limits_from_row(r) for r in self._conn.execute(FQ["list_flow_limits"])]
+
+        return await self._run(_do)
+
+    async def set_queue(
+        self,
+        queue: str,
+        now: datetime,
+        *,
+        paused: bool | None = None,
+        concurrency_limit: int | None = KEEP_LIMIT,
+    ) -> QueueInfo:
+        check_queue_change(queue, paused, concurrency_limit)
+
+        def _do() -> None:
+            with self._tx() as conn:
+                row = conn.execute(FQ["get_queue_settings"], (queue,)).fetchone()
+                old_paused = bool(row["paused"]) if row is not None else False
+                old_limit = row["concurrency_limit"] if row is not None else None
+                conn.execute(
+                    FQ["upsert_queue_settings"],
+                    (
+                        queue,
+                        old_paused if paused is None else paused,
+                        old_limit if concurrency_limit == KEEP_LIMIT else concurrency_limit,
+                        now.timestamp(),
+                    ),
+                )
+
+        await self._run(_do)
+        return next(q for q in await self.list_queues() if q.name == queue)
+
+    async def list_queues(self) -> list[QueueInfo]:
+        def _do() -> list[QueueInfo]:
+            assert self._conn is not None
+            settings = {
+                r["queue"]: QueueInfo(
+                    r["queue"],
+                    bool(r["paused"]),
+                    r["concurrency_limit"],
+                    updated_at=_dt(r["updated_at"]),
+                )
+                for r in self._conn.execute(FQ["list_queue_settings"])
+            }
+            counts: dict[str, dict[str, int]] = {}
+            for q, state, n in self._conn.execute(FQ["queue_counts"]):
+                counts.setdefault(q, {})[state] = n
+            return [
+                replace(
+                    settings.get(name, QueueInfo(name)),
+                    pending=counts.get(name, {}).get("pending", 0),
+                    running=counts.get(name, {}).get("running", 0),
+                )
+                for name in sorted(set(settings) | set(counts))
+            ]
+
+        return await self._run(_do)
+
+    async def flow_stats(self, now: datetime) -> FlowStats:
+        ts = now.timestamp()
+
+        def _do() -> tuple[dict[FlowRow, int], dict[tuple[str, str], tuple[float, int]]]:
+            assert self._conn is not None
+            rows = {
+                FlowRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5]): r[6]
+                for r in self._conn.execute(FQ["flow_rows"], {"now": ts})
+            }
+            windows = {(r[0], r[1]): (r[2], r[3]) for r in self._conn.execute(FQ["flow_windows"])}
+            return rows, windows
+
+        rows, windows = await self._run(_do)
+        return flow_stats(
+            rows, await self.list_flow_limits(), await self.list_queues(), windows, ts
+        )
+
 
 def _key_from_row(row: sqlite3.Row) -> ApiKey:
     return ApiKey(
@@ -1071,6 +1274,10 @@ def _job_params(new: NewJob, now: datetime) -> dict[str, Any]:
         "metadata": dumps_object(new.metadata, "metadata"),
         "created_at": ts,
         "completed_at": None,
+        "concurrency_key": new.concurrency_key or NO_KEY,
+        "requires": orjson.dumps(dict(sorted(new.requires.items()))).decode()
+        if new.requires
+        else None,
     }
 
 
@@ -1094,6 +1301,8 @@ def _job_from_params(row: dict[str, Any], new: NewJob, now: datetime) -> Job:
         completed_at=None if row["completed_at"] is None else now,
         updated_at=now,
         depends_on=list(dict.fromkeys(new.depends_on)),
+        concurrency_key=new.concurrency_key or None,
+        requires=dict(sorted(new.requires.items())) if new.requires else None,
     )
 
 
@@ -1120,4 +1329,19 @@ def _webhook_params(w: Webhook) -> tuple[Any, ...]:
         w.secret,
         w.state.value,
         w.created_at.timestamp(),
+    )
+
+
+def _limits_from_row(r: Any) -> FlowLimits:
+    """A ``flow_limits`` row (SQLite or PostgreSQL)."""
+    requires = r["requires"]
+    if isinstance(requires, str):
+        requires = orjson.loads(requires)
+    return FlowLimits(
+        job_type=r["job_type"],
+        concurrency_key=KeyTemplate.parse(r["concurrency_key"]) if r["concurrency_key"] else None,
+        concurrency_limit=r["concurrency_limit"],
+        rate_limit=RateLimit(r["rate_limit"], r["rate_window"]) if r["rate_limit"] else None,
+        requires=requires or {},
+        updated_at=_dt(r["updated_at"]) if isinstance(r["updated_at"], float) else r["updated_at"],
     )

@@ -5,10 +5,10 @@
 -- name: insert_job
 INSERT INTO jobs (id, queue, job_type, state, priority, payload, error, max_retries, timeout_ms,
                   run_at, idempotency_key, workflow_id, created_by, metadata, created_at,
-                  completed_at, updated_at)
+                  completed_at, updated_at, concurrency_key, requires)
 VALUES (:id, :queue, :job_type, :state, :priority, :payload, :error, :max_retries, :timeout_ms,
         :run_at, :idempotency_key, :workflow_id, :created_by, :metadata, :created_at,
-        :completed_at, :created_at)
+        :completed_at, :created_at, :concurrency_key, :requires)
 
 -- name: insert_dependency
 INSERT OR IGNORE INTO job_dependencies (child_id, parent_id) VALUES (?, ?)
@@ -37,6 +37,11 @@ WHERE seq IN (
     WHERE state = 'pending' AND run_at <= :now
       AND (:any_queue OR queue IN (SELECT value FROM json_each(:queues)))
       AND (:any_type OR job_type IN (SELECT value FROM json_each(:types)))
+      -- flow control: paused queues (read once per statement) and requirements
+      AND queue NOT IN (SELECT queue FROM queue_settings WHERE paused)
+      AND (requires IS NULL OR NOT EXISTS (
+            SELECT 1 FROM json_each(requires) AS r
+            WHERE json_extract(:caps, '$."' || r.key || '"') IS NOT r.value))
     ORDER BY priority DESC, run_at, seq
     LIMIT :limit)
 RETURNING *
