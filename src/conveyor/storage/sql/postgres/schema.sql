@@ -233,3 +233,157 @@ CREATE INDEX webhook_deliveries_hook ON conveyor.webhook_deliveries USING btree 
 
 ALTER TABLE ONLY conveyor.webhook_deliveries
     ADD CONSTRAINT webhook_deliveries_webhook_id_fkey FOREIGN KEY (webhook_id) REFERENCES conveyor.webhooks(id) ON DELETE CASCADE;
+
+-- 0009_flow_control
+
+ALTER TABLE conveyor.jobs ADD COLUMN concurrency_key text DEFAULT ''::text NOT NULL;
+
+ALTER TABLE conveyor.jobs ADD COLUMN requires jsonb;
+
+ALTER TABLE conveyor.workers ADD COLUMN capabilities jsonb DEFAULT '{}'::jsonb NOT NULL;
+
+CREATE TABLE conveyor.flow_limits (
+    job_type text NOT NULL,
+    concurrency_key text,
+    concurrency_limit integer,
+    rate_limit integer,
+    rate_window double precision,
+    requires jsonb,
+    cursor_key text DEFAULT ''::text NOT NULL,
+    updated_at timestamp with time zone NOT NULL
+);
+
+CREATE TABLE conveyor.flow_windows (
+    job_type text NOT NULL,
+    concurrency_key text NOT NULL,
+    window_start double precision NOT NULL,
+    started integer NOT NULL
+);
+
+CREATE TABLE conveyor.queue_settings (
+    queue text NOT NULL,
+    paused boolean DEFAULT false NOT NULL,
+    concurrency_limit integer,
+    updated_at timestamp with time zone NOT NULL
+);
+
+ALTER TABLE ONLY conveyor.flow_limits
+    ADD CONSTRAINT flow_limits_pkey PRIMARY KEY (job_type);
+
+ALTER TABLE ONLY conveyor.flow_windows
+    ADD CONSTRAINT flow_windows_pkey PRIMARY KEY (job_type, concurrency_key);
+
+ALTER TABLE ONLY conveyor.queue_settings
+    ADD CONSTRAINT queue_settings_pkey PRIMARY KEY (queue);
+
+CREATE INDEX jobs_flow_pending ON conveyor.jobs USING btree (job_type, concurrency_key, priority DESC, run_at, seq) WHERE ((state = 'pending'::text) AND (concurrency_key <> ''::text));
+
+CREATE INDEX jobs_flow_running ON conveyor.jobs USING btree (job_type, concurrency_key) WHERE (state = 'running'::text);
+
+CREATE FUNCTION conveyor.flow_candidates(
+    p_now timestamp with time zone, p_any_queue boolean, p_queues text[],
+    p_any_type boolean, p_types text[], p_caps jsonb, p_limit integer)
+RETURNS TABLE (rank integer, priority integer, walk integer, run_at timestamp with time zone,
+               seq bigint, queue text, job_type text, key text, queue_room integer)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    lim record;
+    k text;
+    after_key text;
+    next_key text;
+    phase integer;
+    pos integer;
+    gave integer;
+    room integer;
+    n_running integer;
+    n_started integer;
+    ws double precision;
+    got integer;
+    limited text[];
+    now_ts double precision := extract(epoch FROM p_now);
+BEGIN
+    PERFORM pg_advisory_xact_lock(7366427212);
+    SELECT coalesce(array_agg(l.job_type), '{}') INTO limited FROM conveyor.flow_limits l
+    WHERE (l.concurrency_limit IS NOT NULL OR l.rate_limit IS NOT NULL)
+      AND (p_any_type OR l.job_type = ANY(p_types));
+    RETURN QUERY
+        SELECT 1, j.priority::integer, 0, j.run_at, j.seq, j.queue, j.job_type, ''::text,
+               NULL::integer
+        FROM conveyor.jobs j
+        WHERE j.state = 'pending' AND j.run_at <= p_now
+          AND (p_any_queue OR j.queue = ANY(p_queues))
+          AND (p_any_type OR j.job_type = ANY(p_types))
+          AND j.job_type <> ALL(limited)
+          AND j.queue NOT IN (SELECT s.queue FROM conveyor.queue_settings s WHERE s.paused)
+          AND (j.requires IS NULL OR j.requires <@ p_caps)
+        ORDER BY j.priority DESC, j.run_at, j.seq
+        LIMIT p_limit;
+    FOR lim IN SELECT * FROM conveyor.flow_limits l WHERE l.job_type = ANY(limited)
+               ORDER BY l.job_type LOOP
+        ws := CASE WHEN lim.rate_limit IS NULL THEN NULL
+                   ELSE floor(now_ts / lim.rate_window) * lim.rate_window END;
+        pos := 0;
+        gave := 0;
+        phase := 0;  -- 0: keyless jobs; 1: keys after the cursor; 2: keys up to it
+        after_key := lim.cursor_key;
+        LOOP
+            IF phase = 0 THEN
+                k := '';
+                phase := 1;
+            ELSE
+                next_key := NULL;
+                SELECT j.concurrency_key INTO next_key FROM conveyor.jobs j
+                WHERE j.state = 'pending' AND j.concurrency_key <> ''
+                  AND j.job_type = lim.job_type AND j.concurrency_key > after_key
+                ORDER BY j.concurrency_key LIMIT 1;
+                IF next_key IS NULL OR (phase = 2 AND next_key > lim.cursor_key) THEN
+                    EXIT WHEN phase = 2 OR lim.cursor_key = '';
+                    phase := 2;
+                    after_key := '';
+                    CONTINUE;
+                END IF;
+                k := next_key;
+                after_key := next_key;
+            END IF;
+            pos := pos + 1;
+            SELECT count(*) INTO n_running FROM conveyor.jobs j
+            WHERE j.state = 'running' AND j.job_type = lim.job_type AND j.concurrency_key = k;
+            n_started := 0;
+            IF ws IS NOT NULL THEN
+                SELECT w.started INTO n_started FROM conveyor.flow_windows w
+                WHERE w.job_type = lim.job_type AND w.concurrency_key = k
+                  AND w.window_start = ws;
+                n_started := coalesce(n_started, 0);
+            END IF;
+            room := least(coalesce(lim.concurrency_limit - n_running, p_limit),
+                          coalesce(lim.rate_limit - n_started, p_limit), p_limit);
+            IF room > 0 THEN
+                RETURN QUERY
+                    SELECT (row_number() OVER (ORDER BY c.priority DESC, c.run_at, c.seq))::integer,
+                           c.priority::integer, pos, c.run_at, c.seq, c.queue, lim.job_type, k,
+                           NULL::integer
+                    FROM (SELECT j.priority, j.run_at, j.seq, j.queue FROM conveyor.jobs j
+                          WHERE j.state = 'pending' AND j.job_type = lim.job_type
+                            AND j.concurrency_key = k AND j.run_at <= p_now
+                            AND (p_any_queue OR j.queue = ANY(p_queues))
+                            AND j.queue NOT IN (SELECT s.queue FROM conveyor.queue_settings s
+                                                WHERE s.paused)
+                            AND (j.requires IS NULL OR j.requires <@ p_caps)
+                          ORDER BY j.priority DESC, j.run_at, j.seq
+                          LIMIT room) c;
+                GET DIAGNOSTICS got = ROW_COUNT;
+                IF got > 0 THEN
+                    gave := gave + 1;
+                    EXIT WHEN gave >= p_limit;
+                END IF;
+            END IF;
+        END LOOP;
+    END LOOP;
+    RETURN QUERY
+        SELECT 0, 0, 0, NULL::timestamptz, NULL::bigint, s.queue, NULL::text, NULL::text,
+               (s.concurrency_limit - (SELECT count(*) FROM conveyor.jobs j
+                                       WHERE j.state = 'running' AND j.queue = s.queue))::integer
+        FROM conveyor.queue_settings s
+        WHERE s.concurrency_limit IS NOT NULL AND (p_any_queue OR s.queue = ANY(p_queues));
+END
+$$;
