@@ -738,16 +738,16 @@ class MemoryStore(Store):
                     gave += 1
                     if gave >= limit:
                         break
-        room_q = {q: n - running_queue.get(q, 0) for q, n in caps.items()}
+        room_q = {q: n - running_queue.get(q, 0) for q, n in caps.items() if n is not None}
         chosen, cursors = choose(candidates, limit, room_q)
         self._flow_cursors.update(cursors)
         for c in chosen:
-            lim = limited.get(c.job_type)
-            if lim is not None and lim.rate_limit is not None:
-                ws = lim.rate_limit.window_start(ts)
+            counted = limited.get(c.job_type)
+            if counted is not None and counted.rate_limit is not None:
+                start = counted.rate_limit.window_start(ts)
                 w = self._flow_windows.get((c.job_type, c.key))
-                n = w[1] if w is not None and w[0] == ws else 0
-                self._flow_windows[(c.job_type, c.key)] = (ws, n + 1)
+                n = w[1] if w is not None and w[0] == start else 0
+                self._flow_windows[(c.job_type, c.key)] = (start, n + 1)
         return [jobs_by_seq[c.seq] for c in chosen]
 
     def _candidate(self, j: Job, rank: int, walk: int, key: str) -> Candidate:

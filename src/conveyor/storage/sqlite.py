@@ -1131,8 +1131,8 @@ class SQLiteStore(Store):
         by_type = {tl.job_type: tl for tl in limits}
         started_now: dict[tuple[str, str], int] = {}
         for c in chosen:
-            tl = by_type.get(c.job_type)
-            if tl is not None and tl.rate_limit is not None:
+            rated = by_type.get(c.job_type)
+            if rated is not None and rated.rate_limit is not None:
                 started_now[(c.job_type, c.key)] = started_now.get((c.job_type, c.key), 0) + 1
         for (t, key), n in started_now.items():
             ws = window_start(by_type[t], now)
