@@ -24,6 +24,7 @@ import structlog
 from conveyor.bus.base import CANCEL_TOPIC, WAKE_TOPIC, EventBus
 from conveyor.domain.errors import ConfigurationError, FieldError, JobNotFound, ValidationError
 from conveyor.domain.events import INTERNAL_JOB_PREFIX
+from conveyor.domain.flow import FlowLimits
 from conveyor.domain.job import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_PRIORITY,
@@ -40,6 +41,7 @@ from conveyor.domain.job import (
 from conveyor.domain.limits import delay_error, run_at_after, text_error, timeout_error
 from conveyor.domain.retry import RetryPolicy
 from conveyor.domain.states import JobState
+from conveyor.runtime.flow import flow_limits, job_flow, per_payload_key
 from conveyor.runtime.registry import Handler, JobDefinition
 from conveyor.runtime.webhooks import WEBHOOK_JOB, WebhookSender
 from conveyor.runtime.worker import Worker, exit_if_abandoned
@@ -148,6 +150,7 @@ class Conveyor:
         )
         self._pending_signals: set[asyncio.Future[bool]] = set()
         self._known_types: dict[str, JobTypeInfo] = {}
+        self._known_flow: dict[str, FlowLimits] = {}
         self._known_types_at = -1e9
         s = self.settings
         self.webhooks = WebhookSender(
@@ -207,6 +210,10 @@ class Conveyor:
         retry: RetryPolicy | None = None,
         isolation: str | None = None,
         _internal: bool = False,
+        concurrency_key: str | None = None,
+        concurrency_limit: int | None = None,
+        rate_limit: str | None = None,
+        requires: Mapping[str, str] | None = None,
     ) -> Callable[[F], JobDefinition]:
         """Register a handler ``(ctx, **payload)`` for ``job_type``.
 
@@ -214,6 +221,14 @@ class Conveyor:
         ``"process"`` (a supervised child process, see docs/operations.md), default
         the worker's. Raises ``ValidationError`` / ``ConfigurationError`` for bad
         values, a reserved (``conveyor.``) type or a type registered twice.
+
+        Flow control (docs/flow_control.md), enforced by the store for every
+        worker: ``concurrency_key`` a template over the payload
+        (``"tenant:{tenant_id}"``) that the limits count per;
+        ``concurrency_limit`` the most jobs running at once per key (or for the
+        type, without a key); ``rate_limit`` the most starting per fixed window
+        per key (``"100/60s"``); ``requires`` what a worker must offer
+        (``{"gpu": "a100"}``, see ``conveyor worker --capability``).
         """
         probe = NewJob(
             job_type, queue=queue, priority=priority, max_retries=max_retries, internal=_internal
@@ -228,6 +243,8 @@ class Conveyor:
                 f"isolation of job type {job_type!r} must be one of {', '.join(ISOLATION_MODES)}"
             )
 
+        flow = flow_limits(job_type, concurrency_key, concurrency_limit, rate_limit, requires)
+
         def decorator(fn: F) -> JobDefinition:
             if job_type in self.registry:
                 raise ConfigurationError(f"Job type {job_type!r} is already registered")
@@ -241,6 +258,7 @@ class Conveyor:
                 timeout=timeout,
                 retry=retry or RetryPolicy(),
                 isolation=isolation,
+                flow=flow,
             )
             self.registry[job_type] = definition
             return definition
@@ -276,6 +294,9 @@ class Conveyor:
         created_by: str | None = None,
         defaults: JobTypeInfo | None = None,
         internal: bool = False,
+        concurrency_key: str | None = None,
+        requires: Mapping[str, str] | None = None,
+        flow: FlowLimits | None = None,
     ) -> NewJob:
         """A ``NewJob`` with the job type's registered defaults filled in (payload checked).
 
@@ -286,6 +307,10 @@ class Conveyor:
         given); ``delay`` in seconds from now. Raises ``ValidationError`` for any
         value outside the documented ranges (``docs/api.md``), ``ConfigurationError``
         when both ``delay`` and ``run_at`` are given.
+
+        ``concurrency_key`` (text) overrides the key the job type's template would
+        compute from the payload; ``requires`` (``{"gpu": "a100"}``) overrides the
+        type's requirements. ``flow``: the type's recorded limits (as ``defaults``).
         """
         if not internal and type(job_type) is str and is_internal(job_type):
             NewJob(job_type).validate()  # names the reserved prefix, before the payload
@@ -346,6 +371,10 @@ class Conveyor:
             None,
             internal,
         )
+        if definition is not None:
+            flow = definition.flow
+        if concurrency_key is not None or requires is not None or flow is not None:
+            new.concurrency_key, new.requires = job_flow(flow, payload, concurrency_key, requires)
         return new  # validated (all fields at once) by the store when submitted
 
     async def submit(
@@ -363,6 +392,7 @@ class Conveyor:
         """
         if job_type not in self.registry and options.get("defaults") is None:
             options["defaults"] = await self.recorded_job_type(job_type)
+            options.setdefault("flow", self._known_flow.get(job_type))
         new = self.new_job(job_type, payload, **options)
         (result,) = await self.submit_many([new], connection=connection)
         return result
@@ -399,6 +429,7 @@ class Conveyor:
             return []
         if job_type not in self.registry and options.get("defaults") is None:
             options["defaults"] = await self.recorded_job_type(job_type)
+            options.setdefault("flow", self._known_flow.get(job_type))
         try:
             first = self.new_job(job_type, items[0], **options)  # defaults resolved once
         except ValidationError as exc:
@@ -415,6 +446,13 @@ class Conveyor:
                 except ValidationError as exc:
                     raise _payload_error_at(exc, i) from None
             jobs.append(first.with_payload(payload))
+        template = per_payload_key(self.registry.get(job_type), options)
+        if template is not None:  # each payload has its own key
+            for i, job in enumerate(jobs[1:], start=1):
+                try:
+                    job.concurrency_key = template.render(job.payload)
+                except ValidationError as exc:
+                    raise _payload_error_at(exc, i) from None
         return [r.job for r in await self.submit_many(jobs, connection=connection)]
 
     async def submit_many(
@@ -451,6 +489,7 @@ class Conveyor:
         if refresh or time.monotonic() - self._known_types_at >= JOB_TYPES_TTL:
             await self.open()
             self._known_types = {t.job_type: t for t in await self.store.list_job_types()}
+            self._known_flow = {f.job_type: f for f in await self.store.list_flow_limits()}
             self._known_types_at = time.monotonic()
         return self._known_types
 

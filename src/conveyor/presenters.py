@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from conveyor.domain.flow import QueueInfo
 from conveyor.domain.job import Execution, Job, Page, WorkerInfo
 from conveyor.domain.states import JobState
 from conveyor.domain.webhooks import DeliveryAttempt, Webhook
@@ -52,6 +53,8 @@ def job_dict(job: Job, executions: list[Execution] | None = None) -> dict[str, A
         "started_at": iso(job.started_at),
         "completed_at": iso(job.completed_at),
         "updated_at": iso(job.updated_at),
+        "concurrency_key": job.concurrency_key,
+        "requires": job.requires,
     }
     if executions is not None:
         out["executions"] = [execution_dict(e) for e in executions]
@@ -82,6 +85,7 @@ def worker_dict(w: WorkerInfo, *, alive: bool) -> dict[str, Any]:
         "jobs_running": w.jobs_running,
         "started_at": iso(w.started_at),
         "last_heartbeat": iso(w.heartbeat_at),
+        "capabilities": dict(w.capabilities),
     }
 
 
@@ -122,4 +126,15 @@ def delivery_dict(d: DeliveryAttempt) -> dict[str, Any]:
         "error": d.error,
         "duration_ms": d.duration_ms,
         "created_at": iso(d.created_at),
+    }
+
+
+def queue_dict(q: QueueInfo) -> dict[str, Any]:
+    return {
+        "name": q.name,
+        "paused": q.paused,
+        "concurrency_limit": q.concurrency_limit,
+        "pending": q.pending,
+        "running": q.running,
+        "updated_at": iso(q.updated_at),
     }

@@ -50,6 +50,9 @@ class Settings:
     # Host names the API answers besides localhost and loopback addresses
     # (DNS-rebinding guard); "*" = any, ".example.com" = its subdomains.
     allowed_hosts: tuple[str, ...] = ()
+    # What a worker offers to jobs with requirements: "gpu=a100" items
+    # (CONVEYOR_CAPABILITIES=gpu=a100,region=eu; CLI --capability).
+    capabilities: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = [
@@ -108,6 +111,8 @@ class Settings:
             problems.append(
                 "allowed_hosts must be host names (comma-separated), e.g. conveyor.internal"
             )
+        if any("=" not in c for c in self.capabilities):
+            problems.append("capabilities must be NAME=VALUE items, e.g. gpu=a100,region=eu")
         if not self.queues or not all(self.queues):
             problems.append("queues must name at least one queue")
         if problems:
@@ -159,7 +164,7 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def _parse(name: str, raw: str) -> Any:
-    if name in ("queues", "allowed_hosts"):
+    if name in ("queues", "allowed_hosts", "capabilities"):
         return tuple(q.strip() for q in raw.split(",") if q.strip())
     kind = _TYPES.get(name)
     if kind is None:

@@ -33,6 +33,7 @@ from conveyor.api.guard import (
 )
 from conveyor.api.http import JSON, ApiError, Auth, fail, sees_internal
 from conveyor.api.models import ErrorResponse, JobSubmit
+from conveyor.api.queues import queue_router
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.errors import (
@@ -48,6 +49,7 @@ from conveyor.domain.job import Job, JobQuery, is_internal
 from conveyor.domain.states import JobState, parse_states
 from conveyor.observability.metrics import Metrics
 from conveyor.presenters import iso, job_dict, page_dict, worker_dict
+from conveyor.runtime.flow import held_dict
 from conveyor.runtime.hub import EventHub
 from conveyor.runtime.status import is_alive
 from conveyor.runtime.worker import Worker
@@ -314,6 +316,8 @@ def create_app(
         metrics.set_outbox(
             await conveyor.store.latest_event_id(), await conveyor.store.consumer_positions()
         )
+        held = held_dict(await conveyor.store.flow_stats(conveyor.now()))
+        metrics.set_held({k: v for k, v in held.items() if k != "total"})
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def visible(job_id: str, request: Request) -> Job:
@@ -369,6 +373,8 @@ def create_app(
             depends_on=body.depends_on or (),
             metadata=body.metadata,
             created_by=created_by,
+            concurrency_key=body.concurrency_key,
+            requires=body.requires,
         )
         job = result.job
         content = {
@@ -416,6 +422,7 @@ def create_app(
                     "last_24h": round(completed(day) / 1440, 3),
                 },
                 "error_rates": day.error_rates(),
+                "flow_control": held_dict(await conveyor.store.flow_stats(now)),
                 "timestamp": iso(now),
             },
         }
@@ -586,6 +593,7 @@ def create_app(
         return {"success": True, "purged": n}
 
     api.include_router(event_router(conveyor, auth, hub))
+    api.include_router(queue_router(conveyor, auth))
     document_errors(api)
     api.add_middleware(BodyLimit, limit=max_body_bytes)
     api.add_middleware(NoNul)

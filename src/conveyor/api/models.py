@@ -85,6 +85,16 @@ class JobSubmit(BaseModel):
     idempotency_key: StrictStr | None = Field(None, min_length=1, max_length=255)
     depends_on: list[JobId] | None = Field(None, max_length=100)
     metadata: dict[str, Any] | None = None
+    concurrency_key: StrictStr | None = Field(
+        None,
+        description="Key the job type's concurrency and rate limits count per "
+        "(default: computed from the payload by the type's template).",
+    )
+    requires: dict[str, Any] | None = Field(
+        None,
+        examples=[{"gpu": "a100"}],
+        description="Capabilities a worker must offer to run it (default: the type's).",
+    )
 
 
 class WebhookCreate(BaseModel):
@@ -106,4 +116,15 @@ class WebhookCreate(BaseModel):
         min_length=16,
         max_length=256,
         description="HMAC key for X-Conveyor-Signature; generated (and shown once) if omitted.",
+    )
+
+
+class QueueChange(BaseModel):
+    """``PATCH /api/queues/{name}``: leave a field out to keep it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    paused: bool | None = None
+    concurrency_limit: Int | None = Field(
+        None, description="Most jobs of this queue running at once, fleet-wide; null removes it."
     )

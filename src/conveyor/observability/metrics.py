@@ -70,6 +70,14 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.jobs_held = Gauge(
+            "conveyor_jobs_held",
+            "Ready jobs held back by flow control, by limit kind and the queue or job "
+            "type it applies to (docs/flow_control.md)",
+            ["limit", "name"],
+            registry=self.registry,
+        )
+
     def job_finished(self, finish: Finish, accepted: bool) -> None:
         if not accepted:
             self.stale_writes.inc()
@@ -89,6 +97,13 @@ class Metrics:
     def set_outbox(self, latest: int, positions: dict[str, int]) -> None:
         for name, position in positions.items():
             self.outbox_lag.labels(name).set(max(0, latest - position))
+
+    def set_held(self, held: dict[str, dict[str, int]]) -> None:
+        """``held``: limit kind -> queue or job type -> ready jobs held back."""
+        self.jobs_held.clear()
+        for kind, by_name in held.items():
+            for name, n in by_name.items():
+                self.jobs_held.labels(kind, name).set(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

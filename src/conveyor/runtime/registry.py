@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pydantic
 
 from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
+from conveyor.domain.flow import FlowLimits
 from conveyor.domain.job import DEFAULT_MAX_RETRIES, DEFAULT_PRIORITY, DEFAULT_QUEUE, JobTypeInfo
 from conveyor.domain.retry import RetryPolicy
 
@@ -36,6 +37,8 @@ class JobDefinition:
     isolation: str | None = None  # "thread" | "process"; None: the worker's mode
     is_async: bool = False
     _model: type[pydantic.BaseModel] | None = None
+    #: Flow control as registered (docs/flow_control.md); workers record it.
+    flow: FlowLimits | None = None
 
     def __post_init__(self) -> None:
         self.is_async = inspect.iscoroutinefunction(self.handler)

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -43,6 +43,7 @@ from conveyor.domain.limits import safe_text
 from conveyor.domain.retry import decide, describe
 from conveyor.domain.states import Action
 from conveyor.runtime.context import JobContext
+from conveyor.runtime.flow import next_window_in, registered_limits, worker_capabilities
 from conveyor.runtime.relay import OutboxConsumer, bus_relay, skip_unheard
 from conveyor.runtime.webhooks import WebhookDispatcher
 from conveyor.storage.codec import storable_result
@@ -171,6 +172,7 @@ class Worker:
         worker_id: str | None = None,
         maintenance: bool = True,
         isolation: str | None = None,
+        capabilities: Mapping[str, str] | None = None,
     ) -> None:
         s = app.settings
         self.app = app
@@ -224,6 +226,8 @@ class Worker:
         self._abandoned: set[str] = set()
         self.started = asyncio.Event()
         self._consumers: list[OutboxConsumer] = []
+        #: What this worker offers to jobs with requirements (docs/flow_control.md).
+        self.capabilities = worker_capabilities(capabilities, s.capabilities)
 
     # -- control ----------------------------------------------------------------
     def notify(self) -> None:
@@ -262,12 +266,14 @@ class Worker:
                 queues=self.queues,
                 job_types=self.job_types,
                 concurrency=self.concurrency,
+                capabilities=self.capabilities,
             ),
             now,
         )
         await self.store.record_job_types(
             [self.app.registry[t].info() for t in self.job_types], now
         )
+        await self.store.record_flow_limits(registered_limits(self.app, self.job_types), now)
         for name in self.job_types:
             queue = self.app.registry[name].queue
             if queue not in self.queues:
@@ -403,6 +409,7 @@ class Worker:
                         job_types=self.job_types,
                         limit=free,
                         now=self.app.now(),
+                        capabilities=self.capabilities,
                     )
                     backoff = 0.1
                 except Exception as exc:  # noqa: BLE001 - keep the worker alive
@@ -423,7 +430,8 @@ class Worker:
                 self._tick.clear()
                 if len(self._running) < self.concurrency:
                     continue
-            await self._idle(poll)
+            window = next_window_in(self.app, self.job_types, time.time()) if free else None
+            await self._idle(poll if window is None else min(poll, window + 0.001))
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
