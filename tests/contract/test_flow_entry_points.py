@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 from appkit import api_client, app_on, finished
-from support import running_worker
 
 from conveyor import Conveyor
 from conveyor.domain.errors import ConfigurationError, ValidationError
 from conveyor.domain.flow import KeyTemplate, RateLimit
 from conveyor.runtime.status import collect_status
 from conveyor.storage.base import Store
+from support import running_worker
 
 
 def register(app: Conveyor) -> None:
@@ -102,7 +102,8 @@ async def test_rest_submit_with_key_and_requirements(store: Store) -> None:
 async def test_rest_pause_and_resume(store: Store) -> None:
     async with app_on(store, register) as app, api_client(app) as client:
         r = await client.post("/api/queues/default/pause")
-        assert r.status_code == 200 and r.json()["queue"]["paused"] is True
+        assert r.status_code == 200
+        assert r.json()["queue"]["paused"] is True
         job = await app.enqueue("tenant_task", {"tenant_id": 1})
         async with running_worker(app):
             listed = (await client.get("/api/queues")).json()["queues"]

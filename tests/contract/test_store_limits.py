@@ -60,9 +60,7 @@ async def test_limit_never_exceeded_by_concurrent_fetchers(store: Store) -> None
     )
     running: list[Job] = []
     for _round in range(6):
-        batches = await asyncio.gather(
-            *(lease(store, f"w{n}", limit=7) for n in range(4))
-        )
+        batches = await asyncio.gather(*(lease(store, f"w{n}", limit=7) for n in range(4)))
         for b in batches:
             running.extend(b)
         held = await running_by_key(store)
@@ -102,7 +100,9 @@ async def test_round_robin_with_a_big_backlog_in_one_key(store: Store) -> None:
 async def test_keys_take_turns_across_fetches(store: Store) -> None:
     await store.record_flow_limits([limits(concurrency_limit=100)], at(0))
     keys = [f"k{i:02d}" for i in range(10)]
-    await submit(store, *(new("task", concurrency_key=k, payload={"i": i}) for i in range(5) for k in keys))
+    await submit(
+        store, *(new("task", concurrency_key=k, payload={"i": i}) for i in range(5) for k in keys)
+    )
     seen: list[str | None] = []
     for _ in range(5):
         got = await lease(store, limit=2)
@@ -124,7 +124,8 @@ async def test_queue_concurrency_limit(store: Store) -> None:
 async def test_paused_queue_is_not_fetched_then_is_after_resume(store: Store) -> None:
     await submit(store, *(new("task", payload={"i": i}) for i in range(3)))
     info = await store.set_queue("default", at(0), paused=True)
-    assert info.paused and info.pending == 3
+    assert info.paused
+    assert info.pending == 3
     assert await lease(store, limit=10) == []
     queues = {q.name: q for q in await store.list_queues()}
     assert queues["default"].paused
@@ -164,7 +165,11 @@ async def test_requirements_route_jobs_to_capable_workers(store: Store) -> None:
 
 async def test_requirements_with_limits(store: Store) -> None:
     await store.record_flow_limits([limits(concurrency_limit=5)], at(0))
-    await submit(store, new("task", concurrency_key="a", requires={"gpu": "a100"}), new("task", concurrency_key="a"))
+    await submit(
+        store,
+        new("task", concurrency_key="a", requires={"gpu": "a100"}),
+        new("task", concurrency_key="a"),
+    )
     got = await store.fetch("w1", queues=(), job_types=(), limit=10, now=at(0))
     assert [j.requires for j in got] == [None]
 
