@@ -238,3 +238,20 @@ async def test_bad_requirements_are_refused(store: Store, requires: object) -> N
     from conveyor.domain.job import JobQuery
 
     assert (await store.list_jobs(JobQuery())).total == 0
+
+
+async def test_a_worker_serving_limited_and_unlimited_types(store: Store) -> None:
+    await store.record_flow_limits(
+        [limits(concurrency_key=KeyTemplate.parse("{t}"), concurrency_limit=1)], at(0)
+    )
+    await submit(store, *(new("task", concurrency_key="a", payload={"i": i}) for i in range(50)))
+    low, high = await submit(store, new("other", priority=10), new("other2", priority=90))
+    # Submitted before the template existed: no key, so not limited.
+    (old,) = await submit(store, new("task", payload={"old": True}))
+    got = await store.fetch(
+        "w1", queues=("default",), job_types=("task", "other", "other2"), limit=10, now=at(0)
+    )
+    assert Counter(j.concurrency_key for j in got if j.job_type == "task") == {"a": 1, None: 1}
+    others = [j.id for j in got if j.job_type != "task"]
+    assert others == [high.id, low.id]  # priority still orders types without limits
+    assert old.id in {j.id for j in got}

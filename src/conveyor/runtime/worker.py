@@ -228,6 +228,9 @@ class Worker:
         self._consumers: list[OutboxConsumer] = []
         #: What this worker offers to jobs with requirements (docs/flow_control.md).
         self.capabilities = worker_capabilities(capabilities, s.capabilities)
+        self._limited = any(
+            (flow := app.registry[t].flow) is not None and flow.limited for t in self.job_types
+        )
 
     # -- control ----------------------------------------------------------------
     def notify(self) -> None:
@@ -761,6 +764,8 @@ class Worker:
                 written, unwritten, error = await self._write(batch)
                 if written:
                     self.app.events_written()
+                    if self._limited:  # a finish just committed may free a limit's slot
+                        self._tick.set()
                 for f, ok in written:
                     if not ok:
                         log.warning(

@@ -3,7 +3,8 @@ runs the same steps in ``conveyor.flow_pick``, see its 0009 migration).
 
 The steps, inside the fetch's write transaction:
 
-1. ready jobs of job types without limits: the ordinary fetch order, ``limit`` of them;
+1. ready jobs of job types without limits (and keyless jobs of types whose key
+   comes from a template): the ordinary fetch order, ``limit`` of them;
 2. for each limited job type, its keys in round-robin order: starting after the key
    served last (``flow_limits.cursor_key``), wrapping around. A key may start
    ``min(concurrency_limit - running, rate_limit - started in this window)`` jobs:
@@ -52,6 +53,10 @@ class TypeLimit:
     rate_limit: int | None
     rate_window: float | None
     cursor: str
+    #: Its jobs get keys from a template: jobs without one (submitted before the
+    #: template was registered) are not limited, and the fetch serves them as jobs
+    #: of a type without limits (no scan for them).
+    templated: bool = False
 
 
 def allowed(limit: TypeLimit, running: int, started: int) -> int:
@@ -71,20 +76,27 @@ def window_start(limit: TypeLimit, now_ts: float) -> float | None:
     return (now_ts // w) * w
 
 
-def walk_keys(keys_after: Callable[[str, bool], str | None], cursor: str) -> Iterable[str]:
+def walk_keys(
+    keys_after: Callable[[str], list[str]], cursor: str, keyless: bool = True
+) -> Iterable[str]:
     """Every key with pending jobs, starting after ``cursor`` and wrapping around.
-    ``keys_after(k, inclusive)``: the first key > k (>= k when inclusive), or None."""
-    yield NO_KEY  # keyless jobs of the type: one bucket, visited every time
-    k = keys_after(cursor, False)
-    while k is not None:
-        yield k
-        k = keys_after(k, False)
+    ``keys_after(k)``: the next keys after ``k`` in order (a batch; empty at the end).
+    ``keyless``: visit the type's keyless jobs first (one bucket, every time)."""
+    if keyless:
+        yield NO_KEY
+    k = cursor
+    while batch := keys_after(k):
+        yield from batch
+        k = batch[-1]
     if not cursor:
         return
-    k = keys_after(NO_KEY, False)
-    while k is not None and k <= cursor:
-        yield k
-        k = keys_after(k, False)
+    k = NO_KEY
+    while batch := keys_after(k):
+        for key in batch:
+            if key > cursor:
+                return
+            yield key
+        k = batch[-1]
 
 
 def choose(

@@ -695,13 +695,15 @@ class MemoryStore(Store):
                 running_key[k] = running_key.get(k, 0) + 1
                 running_queue[j.queue] = running_queue.get(j.queue, 0) + 1
         ts = now.timestamp()
+        limited_templated = {t: lim.concurrency_key is not None for t, lim in limited.items()}
         by_key: dict[tuple[str, str], list[Job]] = {}
         candidates: list[Candidate] = []
         jobs_by_seq: dict[int, Job] = {}
         for j in ready:
             seq = self._seq[j.id]
             jobs_by_seq[seq] = j
-            if j.job_type in limited:
+            keyless_free = j.concurrency_key is None and limited_templated.get(j.job_type, False)
+            if j.job_type in limited and not keyless_free:
                 by_key.setdefault((j.job_type, j.concurrency_key or NO_KEY), []).append(j)
             elif len(candidates) < limit:
                 candidates.append(self._candidate(j, 1, 0, NO_KEY))
@@ -713,16 +715,17 @@ class MemoryStore(Store):
                 lim.rate_limit.limit if lim.rate_limit else None,
                 lim.rate_limit.window if lim.rate_limit else None,
                 self._flow_cursors.get(t, NO_KEY),
+                limited_templated[t],
             )
             keys = sorted({k for (jt, k) in by_key if jt == t and k != NO_KEY})
 
-            def after(k: str, inclusive: bool, keys: list[str] = keys) -> str | None:
-                i = bisect.bisect_left(keys, k) if inclusive else bisect.bisect_right(keys, k)
-                return keys[i] if i < len(keys) else None
+            def after(k: str, keys: list[str] = keys) -> list[str]:
+                i = bisect.bisect_right(keys, k)
+                return keys[i : i + 64]
 
             ws = window_start(tl, ts)
             gave = 0
-            for walk, key in enumerate(walk_keys(after, tl.cursor), start=1):
+            for walk, key in enumerate(walk_keys(after, tl.cursor, not tl.templated), start=1):
                 jobs = by_key.get((t, key))
                 if not jobs:
                     continue

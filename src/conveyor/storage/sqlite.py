@@ -1084,22 +1084,48 @@ class SQLiteStore(Store):
         """The limited fetch (storage/flow.py) inside the fetch transaction."""
         limit = params["limit"]
         now = params["now"]
-        limits = [TypeLimit(r[0], r[1], r[2], r[3], r[4]) for r in limited_rows]
-        params["limited"] = orjson.dumps([t.job_type for t in limits]).decode()
-        candidates = [
-            Candidate(1, r[1], 0, r[2], r[0], r[3], r[4], NO_KEY)
-            for r in conn.execute(FQ["open_candidates"], params)
-        ]
+        limits = [TypeLimit(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in limited_rows]
+        params["limited"] = orjson.dumps([t.job_type for t in limits if not t.templated]).decode()
+        params["keyed"] = orjson.dumps([t.job_type for t in limits if t.templated]).decode()
+        names = {t.job_type for t in limits}
+        candidates: list[Candidate] = []
+        walked = list(limits)
+        if params["any_type"]:
+            candidates.extend(
+                Candidate(1, r[1], 0, r[2], r[0], r[3], r[4], NO_KEY)
+                for r in conn.execute(FQ["open_candidates"], params)
+            )
+        else:
+            # Types without limits are walked like limited ones (no room to count):
+            # index ranges per type and key, never a scan past a limited backlog.
+            walked.extend(
+                TypeLimit(t, None, None, None, NO_KEY)
+                for t in sorted(set(orjson.loads(params["types"])) - names)
+            )
         for tl in limits:
-            running = dict(conn.execute(FQ["running_by_key"], (tl.job_type,)).fetchall())
+            if tl.templated:  # its keyless jobs are not limited
+                rows = conn.execute(
+                    FQ["keyless_candidates"], {**params, "job_type": tl.job_type, "n": limit}
+                ).fetchall()
+                candidates.extend(
+                    Candidate(1, r[1], 0, r[2], r[0], r[3], tl.job_type, NO_KEY) for r in rows
+                )
+        for tl in walked:
+            limited = tl.concurrency_limit is not None or tl.rate_limit is not None
+            counted = tl.concurrency_limit is not None
+            running = (
+                dict(conn.execute(FQ["running_by_key"], (tl.job_type,)).fetchall())
+                if counted
+                else {}
+            )
             ws = window_start(tl, now)
 
-            def after(k: str, _inclusive: bool, t: str = tl.job_type) -> str | None:
-                row = conn.execute(FQ["key_after"], {"job_type": t, "key": k}).fetchone()
-                return None if row is None else row[0]
+            def after(k: str, t: str = tl.job_type) -> list[str]:
+                rows = conn.execute(FQ["keys_after"], {"job_type": t, "key": k, "m": 128})
+                return [r[0] for r in rows]
 
             gave = 0
-            for walk, key in enumerate(walk_keys(after, tl.cursor), start=1):
+            for walk, key in enumerate(walk_keys(after, tl.cursor, not tl.templated), start=1):
                 started = 0
                 if ws is not None:
                     row = conn.execute(FQ["window_started"], (tl.job_type, key, ws)).fetchone()
@@ -1111,14 +1137,19 @@ class SQLiteStore(Store):
                 rows = conn.execute(
                     query, {**params, "job_type": tl.job_type, "key": key, "n": room}
                 ).fetchall()
-                candidates.extend(
-                    Candidate(rank, r[1], walk, r[2], r[0], r[3], tl.job_type, key)
-                    for rank, r in enumerate(rows, start=1)
-                )
-                if rows:
-                    gave += 1
-                    if gave >= limit:
-                        break
+                if not limited:  # priority and FIFO alone order a type without limits
+                    candidates.extend(
+                        Candidate(1, r[1], 0, r[2], r[0], r[3], tl.job_type, NO_KEY) for r in rows
+                    )
+                    gave += len(rows)
+                else:
+                    candidates.extend(
+                        Candidate(rank, r[1], walk, r[2], r[0], r[3], tl.job_type, key)
+                        for rank, r in enumerate(rows, start=1)
+                    )
+                    gave += 1 if rows else 0
+                if gave >= limit:
+                    break
         room_q: dict[str, int] = {}
         if queue_limits:
             running_q = dict(conn.execute(FQ["running_by_queue"]).fetchall())

@@ -3,7 +3,9 @@
 -- cannot change before the jobs are leased.
 
 -- name: limited_types
-SELECT job_type, concurrency_limit, rate_limit, rate_window, cursor_key FROM flow_limits
+SELECT job_type, concurrency_limit, rate_limit, rate_window, cursor_key,
+       concurrency_key IS NOT NULL AS templated
+FROM flow_limits
 WHERE (concurrency_limit IS NOT NULL OR rate_limit IS NOT NULL)
   AND (:any_type OR job_type IN (SELECT value FROM json_each(:types)))
 ORDER BY job_type
@@ -20,6 +22,7 @@ WHERE state = 'pending' AND run_at <= :now
   AND (:any_queue OR queue IN (SELECT value FROM json_each(:queues)))
   AND (:any_type OR job_type IN (SELECT value FROM json_each(:types)))
   AND job_type NOT IN (SELECT value FROM json_each(:limited))
+  AND job_type NOT IN (SELECT value FROM json_each(:keyed))
   AND queue NOT IN (SELECT queue FROM queue_settings WHERE paused)
   AND (requires IS NULL OR NOT EXISTS (
         SELECT 1 FROM json_each(requires) AS r
@@ -27,16 +30,25 @@ WHERE state = 'pending' AND run_at <= :now
 ORDER BY priority DESC, run_at, seq
 LIMIT :limit
 
--- name: key_after
-SELECT concurrency_key FROM jobs INDEXED BY jobs_flow_pending
-WHERE state = 'pending' AND concurrency_key <> '' AND job_type = :job_type
-  AND concurrency_key > :key
-ORDER BY job_type, concurrency_key LIMIT 1
+-- name: keys_after
+-- The next :m keys after :key with pending jobs of the type: one index seek per
+-- key (a loose index scan), however many jobs each key holds.
+WITH RECURSIVE walk(key, n) AS (
+    SELECT (SELECT concurrency_key FROM jobs INDEXED BY jobs_flow_pending
+            WHERE state = 'pending' AND job_type = :job_type AND concurrency_key > :key
+            ORDER BY job_type, concurrency_key LIMIT 1), 1
+    UNION ALL
+    SELECT (SELECT concurrency_key FROM jobs INDEXED BY jobs_flow_pending
+            WHERE state = 'pending' AND job_type = :job_type AND concurrency_key > walk.key
+            ORDER BY job_type, concurrency_key LIMIT 1), n + 1
+    FROM walk WHERE walk.key IS NOT NULL AND n < :m
+)
+SELECT key FROM walk WHERE key IS NOT NULL
 
 -- name: key_candidates
 -- A key's next ready jobs (keyed jobs through jobs_flow_pending).
 SELECT seq, priority, run_at, queue FROM jobs INDEXED BY jobs_flow_pending
-WHERE state = 'pending' AND concurrency_key <> '' AND job_type = :job_type
+WHERE state = 'pending' AND job_type = :job_type
   AND concurrency_key = :key AND run_at <= :now
   AND (:any_queue OR queue IN (SELECT value FROM json_each(:queues)))
   AND queue NOT IN (SELECT queue FROM queue_settings WHERE paused)
@@ -47,8 +59,9 @@ ORDER BY priority DESC, run_at, seq
 LIMIT :n
 
 -- name: keyless_candidates
--- The next ready keyless jobs of a limited type (one bucket).
-SELECT seq, priority, run_at, queue FROM jobs INDEXED BY jobs_ready
+-- The next ready keyless jobs of a limited type (one bucket, or not limited at all
+-- when the type's keys come from a template).
+SELECT seq, priority, run_at, queue FROM jobs INDEXED BY jobs_flow_pending
 WHERE state = 'pending' AND run_at <= :now AND job_type = :job_type
   AND concurrency_key = ''
   AND (:any_queue OR queue IN (SELECT value FROM json_each(:queues)))
@@ -60,7 +73,7 @@ ORDER BY priority DESC, run_at, seq
 LIMIT :n
 
 -- name: running_by_key
-SELECT concurrency_key, count(*) FROM jobs INDEXED BY jobs_flow_running
+SELECT concurrency_key, count(*) FROM jobs
 WHERE state = 'running' AND job_type = ? GROUP BY concurrency_key
 
 -- name: running_by_queue
@@ -85,7 +98,8 @@ UPDATE flow_limits SET cursor_key = ? WHERE job_type = ?
 UPDATE jobs
 SET state = 'running', attempt = attempt + 1, lease_token = :token, worker_id = :worker,
     started_at = :now, updated_at = :now
-WHERE seq IN (SELECT value FROM json_each(:seqs)) AND state = 'pending'
+-- +state: by rowid, not by an index over every pending job
+WHERE seq IN (SELECT value FROM json_each(:seqs)) AND +state = 'pending'
 RETURNING *
 
 -- name: upsert_flow_limits

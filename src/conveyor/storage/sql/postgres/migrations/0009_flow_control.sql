@@ -9,9 +9,9 @@ ALTER TABLE conveyor.workers ADD COLUMN capabilities jsonb NOT NULL DEFAULT '{}'
 
 CREATE INDEX jobs_flow_pending ON conveyor.jobs
     (job_type, concurrency_key, priority DESC, run_at, seq)
-    WHERE state = 'pending' AND concurrency_key <> '';
+    WHERE state = 'pending';
 CREATE INDEX jobs_flow_running ON conveyor.jobs (job_type, concurrency_key)
-    WHERE state = 'running';
+    WHERE state = 'running' AND concurrency_key <> '';
 
 CREATE TABLE conveyor.flow_limits (
     job_type text PRIMARY KEY,
@@ -64,31 +64,65 @@ DECLARE
     ws double precision;
     got integer;
     limited text[];
+    keyed text[];
+    open_type boolean;
     now_ts double precision := extract(epoch FROM p_now);
 BEGIN
     PERFORM pg_advisory_xact_lock(7366427212);
-    SELECT coalesce(array_agg(l.job_type), '{}') INTO limited FROM conveyor.flow_limits l
+    -- keyed: types whose keys come from a template; their keyless jobs (submitted
+    -- before it) are not limited and come with the unlimited ones (no scan for them).
+    SELECT coalesce(array_agg(l.job_type) FILTER (WHERE l.concurrency_key IS NULL), '{}'),
+           coalesce(array_agg(l.job_type) FILTER (WHERE l.concurrency_key IS NOT NULL), '{}')
+    INTO limited, keyed
+    FROM conveyor.flow_limits l
     WHERE (l.concurrency_limit IS NOT NULL OR l.rate_limit IS NOT NULL)
       AND (p_any_type OR l.job_type = ANY(p_types));
+    IF p_any_type THEN
+        RETURN QUERY
+            SELECT 1, j.priority::integer, 0, j.run_at, j.seq, j.queue, j.job_type, ''::text,
+                   NULL::integer
+            FROM conveyor.jobs j
+            WHERE j.state = 'pending' AND j.run_at <= p_now
+              AND (p_any_queue OR j.queue = ANY(p_queues))
+              AND (p_any_type OR j.job_type = ANY(p_types))
+              AND j.job_type <> ALL(limited) AND j.job_type <> ALL(keyed)
+              AND j.queue NOT IN (SELECT s.queue FROM conveyor.queue_settings s WHERE s.paused)
+              AND (j.requires IS NULL OR j.requires <@ p_caps)
+            ORDER BY j.priority DESC, j.run_at, j.seq
+            LIMIT p_limit;
+    END IF;
+    -- Keyless jobs of types with a key template: not limited (one index range each).
     RETURN QUERY
         SELECT 1, j.priority::integer, 0, j.run_at, j.seq, j.queue, j.job_type, ''::text,
                NULL::integer
-        FROM conveyor.jobs j
-        WHERE j.state = 'pending' AND j.run_at <= p_now
-          AND (p_any_queue OR j.queue = ANY(p_queues))
-          AND (p_any_type OR j.job_type = ANY(p_types))
-          AND j.job_type <> ALL(limited)
-          AND j.queue NOT IN (SELECT s.queue FROM conveyor.queue_settings s WHERE s.paused)
-          AND (j.requires IS NULL OR j.requires <@ p_caps)
-        ORDER BY j.priority DESC, j.run_at, j.seq
-        LIMIT p_limit;
-    FOR lim IN SELECT * FROM conveyor.flow_limits l WHERE l.job_type = ANY(limited)
-               ORDER BY l.job_type LOOP
+        FROM unnest(keyed) AS t(name)
+        CROSS JOIN LATERAL (
+            SELECT * FROM conveyor.jobs j
+            WHERE j.state = 'pending' AND j.job_type = t.name AND j.concurrency_key = ''
+              AND j.run_at <= p_now AND (p_any_queue OR j.queue = ANY(p_queues))
+              AND j.queue NOT IN (SELECT s.queue FROM conveyor.queue_settings s WHERE s.paused)
+              AND (j.requires IS NULL OR j.requires <@ p_caps)
+            ORDER BY j.priority DESC, j.run_at, j.seq
+            LIMIT p_limit) j;
+    -- Limited types, then (a worker names its types) those without limits, walked
+    -- the same way with nothing to count: index ranges per type and key, never a
+    -- scan past a limited backlog.
+    FOR lim IN SELECT l.job_type, l.concurrency_key, l.concurrency_limit, l.rate_limit,
+                      l.rate_window, l.cursor_key
+               FROM conveyor.flow_limits l
+               WHERE l.job_type = ANY(limited) OR l.job_type = ANY(keyed)
+               UNION ALL
+               SELECT t.name, NULL, NULL, NULL, NULL, ''
+               FROM unnest(p_types) AS t(name)
+               WHERE NOT p_any_type AND t.name <> ALL(limited) AND t.name <> ALL(keyed)
+               ORDER BY 1 LOOP
+        open_type := lim.concurrency_limit IS NULL AND lim.rate_limit IS NULL;
         ws := CASE WHEN lim.rate_limit IS NULL THEN NULL
                    ELSE floor(now_ts / lim.rate_window) * lim.rate_window END;
         pos := 0;
         gave := 0;
-        phase := 0;  -- 0: keyless jobs; 1: keys after the cursor; 2: keys up to it
+        -- 0: keyless jobs (types without a template); 1: keys after the cursor; 2: up to it
+        phase := CASE WHEN lim.concurrency_key IS NULL THEN 0 ELSE 1 END;
         after_key := lim.cursor_key;
         LOOP
             IF phase = 0 THEN
@@ -110,8 +144,12 @@ BEGIN
                 after_key := next_key;
             END IF;
             pos := pos + 1;
-            SELECT count(*) INTO n_running FROM conveyor.jobs j
-            WHERE j.state = 'running' AND j.job_type = lim.job_type AND j.concurrency_key = k;
+            n_running := 0;
+            IF lim.concurrency_limit IS NOT NULL THEN
+                SELECT count(*) INTO n_running FROM conveyor.jobs j
+                WHERE j.state = 'running' AND j.job_type = lim.job_type
+                  AND j.concurrency_key = k;
+            END IF;
             n_started := 0;
             IF ws IS NOT NULL THEN
                 SELECT w.started INTO n_started FROM conveyor.flow_windows w
@@ -122,10 +160,14 @@ BEGIN
             room := least(coalesce(lim.concurrency_limit - n_running, p_limit),
                           coalesce(lim.rate_limit - n_started, p_limit), p_limit);
             IF room > 0 THEN
+                -- A type without limits: priority and FIFO alone (rank 1, no walk).
                 RETURN QUERY
-                    SELECT (row_number() OVER (ORDER BY c.priority DESC, c.run_at, c.seq))::integer,
-                           c.priority::integer, pos, c.run_at, c.seq, c.queue, lim.job_type, k,
-                           NULL::integer
+                    SELECT CASE WHEN open_type THEN 1 ELSE
+                               (row_number() OVER (ORDER BY c.priority DESC, c.run_at, c.seq))::integer
+                           END,
+                           c.priority::integer, CASE WHEN open_type THEN 0 ELSE pos END,
+                           c.run_at, c.seq, c.queue, lim.job_type,
+                           CASE WHEN open_type THEN '' ELSE k END, NULL::integer
                     FROM (SELECT j.priority, j.run_at, j.seq, j.queue FROM conveyor.jobs j
                           WHERE j.state = 'pending' AND j.job_type = lim.job_type
                             AND j.concurrency_key = k AND j.run_at <= p_now
@@ -136,10 +178,8 @@ BEGIN
                           ORDER BY j.priority DESC, j.run_at, j.seq
                           LIMIT room) c;
                 GET DIAGNOSTICS got = ROW_COUNT;
-                IF got > 0 THEN
-                    gave := gave + 1;
-                    EXIT WHEN gave >= p_limit;
-                END IF;
+                gave := gave + CASE WHEN open_type THEN got WHEN got > 0 THEN 1 ELSE 0 END;
+                EXIT WHEN gave >= p_limit;
             END IF;
         END LOOP;
     END LOOP;

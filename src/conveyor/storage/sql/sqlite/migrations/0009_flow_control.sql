@@ -7,11 +7,12 @@ ALTER TABLE jobs ADD COLUMN concurrency_key TEXT NOT NULL DEFAULT '';
 ALTER TABLE jobs ADD COLUMN requires TEXT;
 ALTER TABLE workers ADD COLUMN capabilities TEXT NOT NULL DEFAULT '{}';
 
--- The limited fetch walks keys and takes each key's next jobs through this index;
--- keyless jobs stay out of it (the ordinary jobs_ready index serves them).
+-- The limited fetch walks keys and takes each key's next jobs (and a type's
+-- keyless ones, under key '') through this index.
 CREATE INDEX jobs_flow_pending ON jobs (job_type, concurrency_key, priority DESC, run_at, seq)
-    WHERE state = 'pending' AND concurrency_key <> '';
-CREATE INDEX jobs_flow_running ON jobs (job_type, concurrency_key) WHERE state = 'running';
+    WHERE state = 'pending';
+CREATE INDEX jobs_flow_running ON jobs (job_type, concurrency_key)
+    WHERE state = 'running' AND concurrency_key <> '';
 
 -- Limits as registered in code (@app.job(concurrency_limit=..., rate_limit=...)):
 -- workers record them at start, so every process enforces the same numbers.
