@@ -810,6 +810,8 @@ class PostgresStore(Store):
         if flow_rows:  # same transaction as the insert: no fetch sees the job without them
             columns = [list(c) for c in zip(*flow_rows, strict=True)]
             await conn.execute(FQ["set_flow_columns"], *columns)
+            if any(r[2] for r in flow_rows):
+                await conn.execute(FQ["flag_requires"])
         if not existing:
             return [EnqueueResult(job, False) for job in built]
         results = []
@@ -852,7 +854,6 @@ class PostgresStore(Store):
                 limit,
                 new_token(),
                 worker_id,
-                caps,
             )
         if not rows:
             # Nothing, or a limit now applies (the ordinary fetch stops then): look.
@@ -1378,6 +1379,8 @@ class PostgresStore(Store):
         types, capped = self._flow_config
         if not types and not capped:
             return False
+        if "" in capped:  # a job with requirements exists: capabilities filter every fetch
+            return True
         return bool(
             (not job_types and types)
             or types.intersection(job_types)
@@ -1388,9 +1391,11 @@ class PostgresStore(Store):
     async def _read_flow_config(self) -> None:
         async with self._conn() as conn:
             rows = await conn.fetch(FQ["flow_config"])
+        # Queues with a limit or paused; "" stands for "a job has requirements".
         self._flow_config = (
             frozenset(r[1] for r in rows if r[0] == "type"),
-            frozenset(r[1] for r in rows if r[0] == "queue"),
+            frozenset(r[1] for r in rows if r[0] == "queue")
+            | frozenset("" for r in rows if r[0] == "flag"),
         )
         self._flow_config_at = time.monotonic()
 

@@ -1,12 +1,19 @@
 -- Flow control queries of the PostgreSQL store (docs/flow_control.md).
 
 -- name: flow_config
--- Which of these job types and queues have limits: the fetch takes the limited
--- path for them (and the ordinary fetch returns nothing once one exists).
+-- Which job types and queues have limits, which queues are paused, and whether a
+-- job with requirements exists: the fetch takes the limited path for those (and
+-- the ordinary fetch returns nothing once one concerns it).
 SELECT 'type' AS kind, job_type AS name FROM conveyor.flow_limits
 WHERE concurrency_limit IS NOT NULL OR rate_limit IS NOT NULL
 UNION ALL
-SELECT 'queue', queue FROM conveyor.queue_settings WHERE concurrency_limit IS NOT NULL
+SELECT 'queue', queue FROM conveyor.queue_settings
+WHERE concurrency_limit IS NOT NULL OR paused
+UNION ALL
+SELECT 'flag', flag FROM conveyor.flow_flags
+
+-- name: flag_requires
+INSERT INTO conveyor.flow_flags (flag) VALUES ('requires') ON CONFLICT DO NOTHING
 
 -- name: fetch_limited
 -- $1 now, $2 any queue, $3 queues, $4 any type, $5 types, $6 capabilities,

@@ -253,6 +253,10 @@ CREATE TABLE conveyor.flow_limits (
     updated_at timestamp with time zone NOT NULL
 );
 
+CREATE TABLE conveyor.flow_flags (
+    flag text NOT NULL
+);
+
 CREATE TABLE conveyor.flow_windows (
     job_type text NOT NULL,
     concurrency_key text NOT NULL,
@@ -270,13 +274,16 @@ CREATE TABLE conveyor.queue_settings (
 ALTER TABLE ONLY conveyor.flow_limits
     ADD CONSTRAINT flow_limits_pkey PRIMARY KEY (job_type);
 
+ALTER TABLE ONLY conveyor.flow_flags
+    ADD CONSTRAINT flow_flags_pkey PRIMARY KEY (flag);
+
 ALTER TABLE ONLY conveyor.flow_windows
     ADD CONSTRAINT flow_windows_pkey PRIMARY KEY (job_type, concurrency_key);
 
 ALTER TABLE ONLY conveyor.queue_settings
     ADD CONSTRAINT queue_settings_pkey PRIMARY KEY (queue);
 
-CREATE INDEX jobs_flow_pending ON conveyor.jobs USING btree (job_type, concurrency_key, priority DESC, run_at, seq) WHERE (state = 'pending'::text);
+CREATE INDEX jobs_flow_pending ON conveyor.jobs USING btree (job_type, concurrency_key, priority DESC, run_at, seq) WHERE ((state = 'pending'::text) AND (concurrency_key IS NOT NULL));
 
 CREATE INDEX jobs_flow_running ON conveyor.jobs USING btree (job_type, concurrency_key) WHERE ((state = 'running'::text) AND (concurrency_key <> ''::text));
 

@@ -7,9 +7,12 @@ ALTER TABLE conveyor.jobs ADD COLUMN concurrency_key text NOT NULL DEFAULT '';
 ALTER TABLE conveyor.jobs ADD COLUMN requires jsonb;
 ALTER TABLE conveyor.workers ADD COLUMN capabilities jsonb NOT NULL DEFAULT '{}'::jsonb;
 
+-- "concurrency_key IS NOT NULL" (always true) keeps it for queries that name a
+-- key: a generic plan of the ordinary fetch would otherwise read a job type's
+-- every pending job through it and sort them (4x slower than jobs_ready).
 CREATE INDEX jobs_flow_pending ON conveyor.jobs
     (job_type, concurrency_key, priority DESC, run_at, seq)
-    WHERE state = 'pending';
+    WHERE state = 'pending' AND concurrency_key IS NOT NULL;
 CREATE INDEX jobs_flow_running ON conveyor.jobs (job_type, concurrency_key)
     WHERE state = 'running' AND concurrency_key <> '';
 
@@ -29,6 +32,12 @@ CREATE TABLE conveyor.queue_settings (
     paused boolean NOT NULL DEFAULT false,
     concurrency_limit integer,
     updated_at timestamp with time zone NOT NULL
+);
+
+-- 'requires': some job was submitted with requirements (set in its transaction);
+-- from then on fetches filter by capabilities (the limited fetch).
+CREATE TABLE conveyor.flow_flags (
+    flag text PRIMARY KEY
 );
 
 CREATE TABLE conveyor.flow_windows (
