@@ -35,7 +35,7 @@ WITH cand AS MATERIALIZED (
     UPDATE conveyor.jobs j
     SET state = 'running', attempt = j.attempt + 1, lease_token = $8, worker_id = $9,
         started_at = $1, updated_at = $1
-    FROM chosen WHERE j.seq = chosen.seq AND j.state = 'pending'
+    FROM chosen WHERE j.id = chosen.id AND j.state = 'pending'
     RETURNING j.*
 ), ev AS (
     INSERT INTO conveyor.events (type, job_id, data, created_at)

@@ -57,7 +57,7 @@ CREATE FUNCTION conveyor.flow_candidates(
     p_now timestamp with time zone, p_any_queue boolean, p_queues text[],
     p_any_type boolean, p_types text[], p_caps jsonb, p_limit integer)
 RETURNS TABLE (rank integer, priority integer, walk integer, run_at timestamp with time zone,
-               seq bigint, queue text, job_type text, key text, queue_room integer)
+               seq bigint, id text, queue text, job_type text, key text, queue_room integer)
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     lim record;
@@ -88,8 +88,8 @@ BEGIN
       AND (p_any_type OR l.job_type = ANY(p_types));
     IF p_any_type THEN
         RETURN QUERY
-            SELECT 1, j.priority::integer, 0, j.run_at, j.seq, j.queue, j.job_type, ''::text,
-                   NULL::integer
+            SELECT 1, j.priority::integer, 0, j.run_at, j.seq, j.id, j.queue, j.job_type,
+                   ''::text, NULL::integer
             FROM conveyor.jobs j
             WHERE j.state = 'pending' AND j.run_at <= p_now
               AND (p_any_queue OR j.queue = ANY(p_queues))
@@ -102,7 +102,7 @@ BEGIN
     END IF;
     -- Keyless jobs of types with a key template: not limited (one index range each).
     RETURN QUERY
-        SELECT 1, j.priority::integer, 0, j.run_at, j.seq, j.queue, j.job_type, ''::text,
+        SELECT 1, j.priority::integer, 0, j.run_at, j.seq, j.id, j.queue, j.job_type, ''::text,
                NULL::integer
         FROM unnest(keyed) AS t(name)
         CROSS JOIN LATERAL (
@@ -175,9 +175,9 @@ BEGIN
                                (row_number() OVER (ORDER BY c.priority DESC, c.run_at, c.seq))::integer
                            END,
                            c.priority::integer, CASE WHEN open_type THEN 0 ELSE pos END,
-                           c.run_at, c.seq, c.queue, lim.job_type,
+                           c.run_at, c.seq, c.id, c.queue, lim.job_type,
                            CASE WHEN open_type THEN '' ELSE k END, NULL::integer
-                    FROM (SELECT j.priority, j.run_at, j.seq, j.queue FROM conveyor.jobs j
+                    FROM (SELECT j.priority, j.run_at, j.seq, j.id, j.queue FROM conveyor.jobs j
                           WHERE j.state = 'pending' AND j.job_type = lim.job_type
                             AND j.concurrency_key = k AND j.run_at <= p_now
                             AND (p_any_queue OR j.queue = ANY(p_queues))
@@ -193,7 +193,8 @@ BEGIN
         END LOOP;
     END LOOP;
     RETURN QUERY
-        SELECT 0, 0, 0, NULL::timestamptz, NULL::bigint, s.queue, NULL::text, NULL::text,
+        SELECT 0, 0, 0, NULL::timestamptz, NULL::bigint, NULL::text, s.queue, NULL::text,
+               NULL::text,
                (s.concurrency_limit - (SELECT count(*) FROM conveyor.jobs j
                                        WHERE j.state = 'running' AND j.queue = s.queue))::integer
         FROM conveyor.queue_settings s
