@@ -63,7 +63,6 @@ DECLARE
     lim record;
     k text;
     after_key text;
-    next_key text;
     phase integer;
     pos integer;
     gave integer;
@@ -75,6 +74,15 @@ DECLARE
     limited text[];
     keyed text[];
     open_type boolean;
+    running_map jsonb;
+    batch text[];
+    idx integer;
+    ks text[];
+    rs integer[];
+    ps integer[];
+    done boolean;
+    rec record;
+    last_ord bigint;
     now_ts double precision := extract(epoch FROM p_now);
 BEGIN
     PERFORM pg_advisory_xact_lock(7366427212);
@@ -130,35 +138,65 @@ BEGIN
                    ELSE floor(now_ts / lim.rate_window) * lim.rate_window END;
         pos := 0;
         gave := 0;
+        running_map := '{}'::jsonb;  -- key -> its running jobs, read once per type
+        IF lim.concurrency_limit IS NOT NULL THEN
+            SELECT coalesce(jsonb_object_agg(r.concurrency_key, r.n), '{}'::jsonb)
+            INTO running_map
+            FROM (SELECT j.concurrency_key, count(*) AS n FROM conveyor.jobs j
+                  WHERE j.state = 'running' AND j.job_type = lim.job_type
+                  GROUP BY j.concurrency_key) r;
+        END IF;
         -- 0: keyless jobs (types without a template); 1: keys after the cursor; 2: up to it
         phase := CASE WHEN lim.concurrency_key IS NULL THEN 0 ELSE 1 END;
         after_key := lim.cursor_key;
+        batch := '{}';
+        idx := 1;
+        ks := '{}';
+        rs := '{}';
+        ps := '{}';
+        done := false;
         LOOP
             IF phase = 0 THEN
                 k := '';
                 phase := 1;
             ELSE
-                next_key := NULL;
-                SELECT j.concurrency_key INTO next_key FROM conveyor.jobs j
-                WHERE j.state = 'pending' AND j.concurrency_key <> ''
-                  AND j.job_type = lim.job_type AND j.concurrency_key > after_key
-                ORDER BY j.concurrency_key LIMIT 1;
-                IF next_key IS NULL OR (phase = 2 AND next_key > lim.cursor_key) THEN
-                    EXIT WHEN phase = 2 OR lim.cursor_key = '';
-                    phase := 2;
-                    after_key := '';
-                    CONTINUE;
+                IF idx > cardinality(batch) THEN
+                    -- The next 64 keys with pending jobs: a loose index scan, one
+                    -- index probe per key however many jobs each holds.
+                    SELECT coalesce(array_agg(w.key ORDER BY w.n), '{}') INTO batch
+                    FROM (WITH RECURSIVE walk(key, n) AS (
+                              SELECT (SELECT j.concurrency_key FROM conveyor.jobs j
+                                      WHERE j.state = 'pending' AND j.job_type = lim.job_type
+                                        AND j.concurrency_key > after_key
+                                      ORDER BY j.concurrency_key LIMIT 1), 1
+                              UNION ALL
+                              SELECT (SELECT j.concurrency_key FROM conveyor.jobs j
+                                      WHERE j.state = 'pending' AND j.job_type = lim.job_type
+                                        AND j.concurrency_key > walk.key
+                                      ORDER BY j.concurrency_key LIMIT 1), walk.n + 1
+                              FROM walk WHERE walk.key IS NOT NULL AND walk.n < 64)
+                          SELECT walk.key, walk.n FROM walk WHERE walk.key IS NOT NULL) w;
+                    idx := 1;
                 END IF;
-                k := next_key;
-                after_key := next_key;
+                IF cardinality(batch) = 0 OR (phase = 2 AND batch[idx] > lim.cursor_key) THEN
+                    IF phase = 2 OR lim.cursor_key = '' THEN
+                        done := true;
+                    ELSE
+                        phase := 2;
+                        after_key := '';
+                        batch := '{}';
+                        idx := 1;
+                        CONTINUE;
+                    END IF;
+                ELSE
+                    k := batch[idx];
+                    idx := idx + 1;
+                    after_key := k;
+                END IF;
             END IF;
+            IF NOT done THEN
             pos := pos + 1;
-            n_running := 0;
-            IF lim.concurrency_limit IS NOT NULL THEN
-                SELECT count(*) INTO n_running FROM conveyor.jobs j
-                WHERE j.state = 'running' AND j.job_type = lim.job_type
-                  AND j.concurrency_key = k;
-            END IF;
+            n_running := coalesce((running_map ->> k)::integer, 0);
             n_started := 0;
             IF ws IS NOT NULL THEN
                 SELECT w.started INTO n_started FROM conveyor.flow_windows w
@@ -169,27 +207,53 @@ BEGIN
             room := least(coalesce(lim.concurrency_limit - n_running, p_limit),
                           coalesce(lim.rate_limit - n_started, p_limit), p_limit);
             IF room > 0 THEN
-                -- A type without limits: priority and FIFO alone (rank 1, no walk).
-                RETURN QUERY
-                    SELECT CASE WHEN open_type THEN 1 ELSE
-                               (row_number() OVER (ORDER BY c.priority DESC, c.run_at, c.seq))::integer
-                           END,
-                           c.priority::integer, CASE WHEN open_type THEN 0 ELSE pos END,
-                           c.run_at, c.seq, c.id, c.queue, lim.job_type,
-                           CASE WHEN open_type THEN '' ELSE k END, NULL::integer
-                    FROM (SELECT j.priority, j.run_at, j.seq, j.id, j.queue FROM conveyor.jobs j
-                          WHERE j.state = 'pending' AND j.job_type = lim.job_type
-                            AND j.concurrency_key = k AND j.run_at <= p_now
-                            AND (p_any_queue OR j.queue = ANY(p_queues))
-                            AND j.queue NOT IN (SELECT s.queue FROM conveyor.queue_settings s
-                                                WHERE s.paused)
-                            AND (j.requires IS NULL OR j.requires <@ p_caps)
-                          ORDER BY j.priority DESC, j.run_at, j.seq
-                          LIMIT room) c;
-                GET DIAGNOSTICS got = ROW_COUNT;
-                gave := gave + CASE WHEN open_type THEN got WHEN got > 0 THEN 1 ELSE 0 END;
-                EXIT WHEN gave >= p_limit;
+                ks := ks || k;
+                rs := rs || room;
+                ps := ps || pos;
             END IF;
+            END IF;
+            -- The next jobs of the keys gathered so far, in one statement.
+            IF cardinality(ks) > 0 AND (done OR cardinality(ks) >= p_limit - gave) THEN
+                last_ord := NULL;
+                FOR rec IN
+                    SELECT x.ord, x.key AS kk, x.pos AS kpos, c.priority AS prio, c.run_at AS at,
+                           c.seq AS s, c.id AS jid, c.queue AS q,
+                           row_number() OVER (PARTITION BY x.ord
+                                              ORDER BY c.priority DESC, c.run_at, c.seq) AS rn
+                    FROM unnest(ks, rs, ps) WITH ORDINALITY AS x(key, room, pos, ord)
+                    CROSS JOIN LATERAL (
+                        SELECT j.priority, j.run_at, j.seq, j.id, j.queue FROM conveyor.jobs j
+                        WHERE j.state = 'pending' AND j.job_type = lim.job_type
+                          AND j.concurrency_key = x.key AND j.run_at <= p_now
+                          AND (p_any_queue OR j.queue = ANY(p_queues))
+                          AND j.queue NOT IN (SELECT s.queue FROM conveyor.queue_settings s
+                                              WHERE s.paused)
+                          AND (j.requires IS NULL OR j.requires <@ p_caps)
+                        ORDER BY j.priority DESC, j.run_at, j.seq
+                        LIMIT x.room) c
+                LOOP
+                    -- A type without limits: priority and FIFO alone (rank 1, no walk).
+                    rank := CASE WHEN open_type THEN 1 ELSE rec.rn END;
+                    priority := rec.prio;
+                    walk := CASE WHEN open_type THEN 0 ELSE rec.kpos END;
+                    run_at := rec.at;
+                    seq := rec.s;
+                    id := rec.jid;
+                    queue := rec.q;
+                    job_type := lim.job_type;
+                    key := CASE WHEN open_type THEN '' ELSE rec.kk END;
+                    queue_room := NULL;
+                    RETURN NEXT;
+                    IF open_type OR last_ord IS DISTINCT FROM rec.ord THEN
+                        gave := gave + 1;
+                        last_ord := rec.ord;
+                    END IF;
+                END LOOP;
+                ks := '{}';
+                rs := '{}';
+                ps := '{}';
+            END IF;
+            EXIT WHEN done OR gave >= p_limit;
         END LOOP;
     END LOOP;
     RETURN QUERY
