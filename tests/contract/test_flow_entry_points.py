@@ -144,3 +144,18 @@ async def test_a_capable_worker_runs_jobs_with_requirements(store: Store) -> Non
             status = await collect_status(app)
     assert done[job.id].result == "ok"
     assert status["unroutable_jobs"] == []
+
+
+async def test_a_process_without_the_handlers_computes_the_same_keys(store: Store) -> None:
+    # api_only is like `conveyor api`: no handlers, the limits come from the store.
+    async with (
+        app_on(store, register) as worker_app,
+        running_worker(worker_app),
+        app_on(store) as api_only,
+    ):
+        job = await api_only.enqueue("tenant_task", {"tenant_id": 5})
+        gpu = await api_only.enqueue("gpu_task")
+        with pytest.raises(ValidationError):
+            await api_only.enqueue("tenant_task", {"n": 1})
+    assert job.concurrency_key == "tenant:5"
+    assert (await store.get(gpu.id)).requires == {"gpu": "a100"}
