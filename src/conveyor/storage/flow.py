@@ -21,10 +21,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import orjson
 
 from conveyor.domain.errors import FieldError, ValidationError
-from conveyor.domain.flow import FlowLimits, FlowStats, QueueInfo, check_concurrency_limit
+from conveyor.domain.flow import (
+    FlowLimits,
+    FlowStats,
+    KeyTemplate,
+    QueueInfo,
+    RateLimit,
+    check_concurrency_limit,
+)
 from conveyor.domain.job import NewJob
 
 #: Keyless jobs of a limited type count together under this key.
@@ -207,3 +217,18 @@ def flow_stats(
         ):
             stats.queue_limit[r.queue] = stats.queue_limit.get(r.queue, 0) + n
     return stats
+
+
+def limits_from_row(r: Any, ts: Callable[[Any], datetime | None]) -> FlowLimits:
+    """A ``flow_limits`` row (SQLite or PostgreSQL; ``ts`` converts its timestamp)."""
+    requires = r["requires"]
+    if isinstance(requires, str):
+        requires = orjson.loads(requires)
+    return FlowLimits(
+        job_type=r["job_type"],
+        concurrency_key=KeyTemplate.parse(r["concurrency_key"]) if r["concurrency_key"] else None,
+        concurrency_limit=r["concurrency_limit"],
+        rate_limit=RateLimit(r["rate_limit"], r["rate_window"]) if r["rate_limit"] else None,
+        requires=requires or {},
+        updated_at=ts(r["updated_at"]),
+    )

@@ -79,7 +79,13 @@ from conveyor.storage.base import (
 )
 from conveyor.storage.codec import dumps_object, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
-from conveyor.storage.flow import KEEP_LIMIT, FlowRow, check_queue_change, flow_stats
+from conveyor.storage.flow import (
+    KEEP_LIMIT,
+    FlowRow,
+    check_queue_change,
+    flow_stats,
+    limits_from_row,
+)
 from conveyor.storage.sql import load_migrations, load_queries
 
 T = TypeVar("T")
@@ -1454,10 +1460,9 @@ class PostgresStore(Store):
         self._flow_config_at = -1e9  # this process sees its own change at once
 
     async def list_flow_limits(self) -> list[FlowLimits]:
-        from conveyor.storage.sqlite import _limits_from_row
-
         async with self._conn() as conn:
-            return [_limits_from_row(r) for r in await conn.fetch(FQ["list_flow_limits"])]
+            rows = await conn.fetch(FQ["list_flow_limits"])
+        return [limits_from_row(r, _same) for r in rows]
 
     async def set_queue(
         self,

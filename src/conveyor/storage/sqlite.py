@@ -40,9 +40,7 @@ from conveyor.domain.events import WEBHOOK_DISABLED
 from conveyor.domain.flow import (
     FlowLimits,
     FlowStats,
-    KeyTemplate,
     QueueInfo,
-    RateLimit,
 )
 from conveyor.domain.ids import new_job_id, new_token
 from conveyor.domain.job import (
@@ -96,6 +94,7 @@ from conveyor.storage.flow import (
     check_queue_change,
     choose,
     flow_stats,
+    limits_from_row,
     walk_keys,
     window_start,
 )
@@ -1198,7 +1197,7 @@ class SQLiteStore(Store):
     async def list_flow_limits(self) -> list[FlowLimits]:
         def _do() -> list[FlowLimits]:
             assert self._conn is not None
-            return [_limits_from_row(r) for r in self._conn.execute(FQ["list_flow_limits"])]
+            return [limits_from_row(r, _dt) for r in self._conn.execute(FQ["list_flow_limits"])]
 
         return await self._run(_do)
 
@@ -1360,19 +1359,4 @@ def _webhook_params(w: Webhook) -> tuple[Any, ...]:
         w.secret,
         w.state.value,
         w.created_at.timestamp(),
-    )
-
-
-def _limits_from_row(r: Any) -> FlowLimits:
-    """A ``flow_limits`` row (SQLite or PostgreSQL)."""
-    requires = r["requires"]
-    if isinstance(requires, str):
-        requires = orjson.loads(requires)
-    return FlowLimits(
-        job_type=r["job_type"],
-        concurrency_key=KeyTemplate.parse(r["concurrency_key"]) if r["concurrency_key"] else None,
-        concurrency_limit=r["concurrency_limit"],
-        rate_limit=RateLimit(r["rate_limit"], r["rate_window"]) if r["rate_limit"] else None,
-        requires=requires or {},
-        updated_at=_dt(r["updated_at"]) if isinstance(r["updated_at"], float) else r["updated_at"],
     )
