@@ -255,3 +255,10 @@ async def test_a_worker_serving_limited_and_unlimited_types(store: Store) -> Non
     others = [j.id for j in got if j.job_type != "task"]
     assert others == [high.id, low.id]  # priority still orders types without limits
     assert old.id in {j.id for j in got}
+
+
+async def test_flow_stats_with_and_without_requirements_in_one_queue(store: Store) -> None:
+    await submit(store, new("task", requires={"gpu": "a100"}), new("task"), new("task"))
+    stats = await store.flow_stats(at(0))
+    assert sum(stats.requirements.values()) == 1
+    assert stats.held()["paused_queue"] == 0

@@ -6,18 +6,21 @@ paused queues); running jobs finish. See docs/flow_control.md.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path
 
 from conveyor.api.http import Auth
-from conveyor.api.models import QueueChange
+from conveyor.api.models import NAME_PATTERN, QueueChange
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.errors import FieldError, ValidationError
 from conveyor.domain.flow import check_concurrency_limit
 from conveyor.presenters import queue_dict
 from conveyor.storage.flow import KEEP_LIMIT
+
+#: A queue name in the path: the job ``queue`` rules (400 with details otherwise).
+QueueName = Annotated[str, Path(pattern=NAME_PATTERN)]
 
 
 def queue_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
@@ -37,7 +40,7 @@ def queue_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
         tags=["queues"],
         responses={400: {"description": "Invalid queue name"}},
     )
-    async def pause(name: str) -> dict[str, Any]:
+    async def pause(name: QueueName) -> dict[str, Any]:
         """Stop fetching this queue's jobs (fleet-wide, at once); running jobs finish."""
         q = await conveyor.store.set_queue(name, conveyor.now(), paused=True)
         return {"success": True, "queue": queue_dict(q)}
@@ -48,7 +51,7 @@ def queue_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
         tags=["queues"],
         responses={400: {"description": "Invalid queue name"}},
     )
-    async def resume(name: str) -> dict[str, Any]:
+    async def resume(name: QueueName) -> dict[str, Any]:
         """Fetch this queue's jobs again."""
         q = await conveyor.store.set_queue(name, conveyor.now(), paused=False)
         conveyor.notify_listeners()
@@ -60,7 +63,7 @@ def queue_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
         tags=["queues"],
         responses={400: {"description": "Invalid change"}},
     )
-    async def change(name: str, body: QueueChange) -> dict[str, Any]:
+    async def change(name: QueueName, body: QueueChange) -> dict[str, Any]:
         """Pause/resume and set (or, with ``null``, remove) the queue's concurrency
         limit: the most of its jobs running at once across all workers."""
         sent = body.model_fields_set

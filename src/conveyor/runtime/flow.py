@@ -119,7 +119,7 @@ async def flow_status(app: Conveyor, alive: Sequence[WorkerInfo]) -> dict[str, A
     queues = await app.store.list_queues()
     limits = await app.store.list_flow_limits()
     unroutable = []
-    for (queue, job_type, requires_json), n in sorted(stats.requirements.items()):
+    for (queue, job_type, requires_json), n in stats.requirements.items():
         requires = orjson.loads(requires_json)
         serving = [w for w in alive if queue in w.queues and job_type in w.job_types]
         if any(not unmet(requires, w.capabilities) for w in serving):

@@ -182,7 +182,7 @@ def flow_stats(
             running_key[(r.job_type, r.key)] = running_key.get((r.job_type, r.key), 0) + n
             running_queue[r.queue] = running_queue.get(r.queue, 0) + n
     stats = FlowStats()
-    for r, n in sorted(rows.items()):
+    for r, n in rows.items():
         if r.state != "pending":
             continue
         if r.requires:
