@@ -371,6 +371,9 @@ class SQLiteStore(Store):
                 results.append(EnqueueResult(job, False))
             last_seq = conn.execute(Q["max_seq"]).fetchone()[0]
             conn.executemany(Q["insert_job"], inserts)
+            flow = [r for r in inserts if r["concurrency_key"] or r["requires"]]
+            if flow:
+                conn.executemany(FQ["set_flow_columns"], flow)
             if dep_rows:
                 conn.executemany(Q["insert_dependency"], dep_rows)
                 conn.executemany(Q["mark_has_children"], [(p,) for p in deps])

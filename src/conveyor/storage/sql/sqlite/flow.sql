@@ -144,3 +144,7 @@ SELECT job_type, concurrency_key, window_start, started FROM flow_windows
 
 -- name: set_capabilities
 UPDATE workers SET capabilities = ? WHERE id = ?
+
+-- name: set_flow_columns
+-- In the submit's transaction, right after insert_job: no fetch sees the job without them.
+UPDATE jobs SET concurrency_key = :concurrency_key, requires = :requires WHERE id = :id

@@ -5,10 +5,10 @@
 -- name: insert_job
 INSERT INTO jobs (id, queue, job_type, state, priority, payload, error, max_retries, timeout_ms,
                   run_at, idempotency_key, workflow_id, created_by, metadata, created_at,
-                  completed_at, updated_at, concurrency_key, requires)
+                  completed_at, updated_at)
 VALUES (:id, :queue, :job_type, :state, :priority, :payload, :error, :max_retries, :timeout_ms,
         :run_at, :idempotency_key, :workflow_id, :created_by, :metadata, :created_at,
-        :completed_at, :created_at, :concurrency_key, :requires)
+        :completed_at, :created_at)
 
 -- name: insert_dependency
 INSERT OR IGNORE INTO job_dependencies (child_id, parent_id) VALUES (?, ?)
