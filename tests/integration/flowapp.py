@@ -28,7 +28,7 @@ def _stamp(event: str, job_type: str, key: str) -> None:
 @app.job("tenant_work", concurrency_key="tenant:{tenant_id}", concurrency_limit=2)
 async def tenant_work(ctx: JobContext, tenant_id: int, i: int = 0) -> int:
     _stamp("start", "tenant_work", f"tenant:{tenant_id}")
-    await asyncio.sleep(0.02)  # wait-ok: the job's work; overlapping runs are what is limited
+    await asyncio.sleep(0.05)  # wait-ok: the job's work; overlapping runs are what is limited
     _stamp("stop", "tenant_work", f"tenant:{tenant_id}")
     return i
 

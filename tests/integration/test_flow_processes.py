@@ -82,10 +82,11 @@ async def test_two_per_tenant_across_four_worker_processes(db_url: str, tmp_path
     log = tmp_path / "handlers.log"
 
     async def submit(app: Conveyor) -> None:
-        for t in range(TENANTS):  # tenant 0's backlog first: it must not starve the others
-            await app.enqueue_many(
-                "tenant_work", [{"tenant_id": t, "i": i} for i in range(PER_TENANT)]
-            )
+        # One batch, tenant 0's backlog first: it must not starve the others.
+        await app.enqueue_many(
+            "tenant_work",
+            [{"tenant_id": t, "i": i} for t in range(TENANTS) for i in range(PER_TENANT)],
+        )
 
     app = await run_fleet(db_url, tmp_path, log, submit, TENANTS * PER_TENANT)
     await app.close()
