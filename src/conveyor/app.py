@@ -25,6 +25,7 @@ import structlog
 from conveyor.bus.base import CANCEL_TOPIC, WAKE_TOPIC, EventBus
 from conveyor.domain.errors import ConfigurationError, FieldError, JobNotFound, ValidationError
 from conveyor.domain.events import INTERNAL_JOB_PREFIX
+from conveyor.domain.flow import FlowLimits
 from conveyor.domain.job import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_PRIORITY,
@@ -44,6 +45,7 @@ from conveyor.domain.retry import RetryPolicy
 from conveyor.domain.schedules import Schedule
 from conveyor.domain.states import JobState
 from conveyor.observability import tracing
+from conveyor.runtime.flow import flow_limits, job_flow, per_payload_key
 from conveyor.runtime.locks import Leadership, LockBackend, LockRequest, Locks
 from conveyor.runtime.ports import RuntimeDeps, Signals
 from conveyor.runtime.registry import Handler, JobDefinition
@@ -162,6 +164,7 @@ class Conveyor:
         )
         self._pending_signals: set[asyncio.Future[bool]] = set()
         self._known_types: dict[str, JobTypeInfo] = {}
+        self._known_flow: dict[str, FlowLimits] = {}
         self._known_types_at = -1e9
         self.workflows = WorkflowService(self)
         # What the runtime gets instead of this object (it never imports app.py).
@@ -254,6 +257,10 @@ class Conveyor:
         _internal: bool = False,
         heal: Callable[..., Any] | None = None,
         max_heals: int = DEFAULT_MAX_HEALS,
+        concurrency_key: str | None = None,
+        concurrency_limit: int | None = None,
+        rate_limit: str | None = None,
+        requires: Mapping[str, str] | None = None,
     ) -> Callable[[F], JobDefinition]:
         """Register a handler ``(ctx, **payload)`` for ``job_type``.
 
@@ -264,6 +271,16 @@ class Conveyor:
         ``max_heals`` times per job (0-100; see docs/workflows.md). Raises
         ``ValidationError`` / ``ConfigurationError`` for bad values, a reserved
         (``conveyor.``) type or a type registered twice.
+        the worker's. Raises ``ValidationError`` / ``ConfigurationError`` for bad
+        values, a reserved (``conveyor.``) type or a type registered twice.
+
+        Flow control (docs/flow_control.md), enforced by the store for every
+        worker: ``concurrency_key`` a template over the payload
+        (``"tenant:{tenant_id}"``) that the limits count per;
+        ``concurrency_limit`` the most jobs running at once per key (or for the
+        type, without a key); ``rate_limit`` the most starting per fixed window
+        per key (``"100/60s"``); ``requires`` what a worker must offer
+        (``{"gpu": "a100"}``, see ``conveyor worker --capability``).
         """
         probe = NewJob(
             job_type, queue=queue, priority=priority, max_retries=max_retries, internal=_internal
@@ -278,6 +295,8 @@ class Conveyor:
                 f"isolation of job type {job_type!r} must be one of {', '.join(ISOLATION_MODES)}"
             )
         check_heal(job_type, heal, max_heals)
+
+        flow = flow_limits(job_type, concurrency_key, concurrency_limit, rate_limit, requires)
 
         def decorator(fn: F) -> JobDefinition:
             if job_type in self.registry:
@@ -294,6 +313,7 @@ class Conveyor:
                 isolation=isolation,
                 heal=heal,
                 max_heals=max_heals,
+                flow=flow,
             )
             self.registry[job_type] = definition
             return definition
@@ -333,6 +353,9 @@ class Conveyor:
         created_by: str | None = None,
         defaults: JobTypeInfo | None = None,
         internal: bool = False,
+        concurrency_key: str | None = None,
+        requires: Mapping[str, str] | None = None,
+        flow: FlowLimits | None = None,
     ) -> NewJob:
         """A ``NewJob`` with the job type's registered defaults filled in (payload checked).
 
@@ -343,6 +366,10 @@ class Conveyor:
         given); ``delay`` in seconds from now. Raises ``ValidationError`` for any
         value outside the documented ranges (``docs/api.md``), ``ConfigurationError``
         when both ``delay`` and ``run_at`` are given.
+
+        ``concurrency_key`` (text) overrides the key the job type's template would
+        compute from the payload; ``requires`` (``{"gpu": "a100"}``) overrides the
+        type's requirements. ``flow``: the type's recorded limits (as ``defaults``).
         """
         if not internal and type(job_type) is str and is_internal(job_type):
             NewJob(job_type).validate()  # names the reserved prefix, before the payload
@@ -403,6 +430,10 @@ class Conveyor:
             None,
             internal,
         )
+        if definition is not None:
+            flow = definition.flow
+        if concurrency_key is not None or requires is not None or flow is not None:
+            new.concurrency_key, new.requires = job_flow(flow, payload, concurrency_key, requires)
         return new  # validated (all fields at once) by the store when submitted
 
     async def submit(
@@ -420,6 +451,7 @@ class Conveyor:
         """
         if job_type not in self.registry and options.get("defaults") is None:
             options["defaults"] = await self.recorded_job_type(job_type)
+            options.setdefault("flow", self._known_flow.get(job_type))
         new = self.new_job(job_type, payload, **options)
         (result,) = await self.submit_many([new], connection=connection)
         return result
@@ -456,6 +488,7 @@ class Conveyor:
             return []
         if job_type not in self.registry and options.get("defaults") is None:
             options["defaults"] = await self.recorded_job_type(job_type)
+            options.setdefault("flow", self._known_flow.get(job_type))
         try:
             first = self.new_job(job_type, items[0], **options)  # defaults resolved once
         except ValidationError as exc:
@@ -472,6 +505,13 @@ class Conveyor:
                 except ValidationError as exc:
                     raise _payload_error_at(exc, i) from None
             jobs.append(first.with_payload(payload))
+        template = per_payload_key(self.registry.get(job_type), options)
+        if template is not None:  # each payload has its own key
+            for i, job in enumerate(jobs[1:], start=1):
+                try:
+                    job.concurrency_key = template.render(job.payload)
+                except ValidationError as exc:
+                    raise _payload_error_at(exc, i) from None
         return [r.job for r in await self.submit_many(jobs, connection=connection)]
 
     async def submit_many(
@@ -510,6 +550,7 @@ class Conveyor:
         if refresh or time.monotonic() - self._known_types_at >= JOB_TYPES_TTL:
             await self.open()
             self._known_types = {t.job_type: t for t in await self.store.list_job_types()}
+            self._known_flow = {f.job_type: f for f in await self.store.list_flow_limits()}
             self._known_types_at = time.monotonic()
         return self._known_types
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from conveyor.domain.flow import QueueInfo
 from conveyor.domain.job import Execution, Job, Page, WorkerInfo
 from conveyor.domain.schedules import Schedule
 from conveyor.domain.states import JobState
@@ -57,6 +58,8 @@ def job_dict(job: Job, executions: list[Execution] | None = None) -> dict[str, A
         "updated_at": iso(job.updated_at),
         "schedule_id": job.schedule_id,
         "payload_version": job.payload_version,
+        "concurrency_key": job.concurrency_key,
+        "requires": job.requires,
     }
     if executions is not None:
         out["executions"] = [execution_dict(e) for e in executions]
@@ -88,6 +91,7 @@ def worker_dict(w: WorkerInfo, *, alive: bool) -> dict[str, Any]:
         "jobs_running": w.jobs_running,
         "started_at": iso(w.started_at),
         "last_heartbeat": iso(w.heartbeat_at),
+        "capabilities": dict(w.capabilities),
     }
 
 
@@ -200,3 +204,14 @@ def schedule_dict(s: Schedule, upcoming: list[datetime] | None = None) -> dict[s
     if upcoming is not None:
         out["next_fire_times"] = [iso(t) for t in upcoming]
     return out
+
+
+def queue_dict(q: QueueInfo) -> dict[str, Any]:
+    return {
+        "name": q.name,
+        "paused": q.paused,
+        "concurrency_limit": q.concurrency_limit,
+        "pending": q.pending,
+        "running": q.running,
+        "updated_at": iso(q.updated_at),
+    }

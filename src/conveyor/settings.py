@@ -67,6 +67,9 @@ class Settings:
     # end when the process restarts). Set it to keep logins across restarts.
     dashboard_secret: str = ""
     log_format: str = "console"  # one of LOG_FORMATS: console lines or one JSON object a line
+    # What a worker offers to jobs with requirements: "gpu=a100" items
+    # (CONVEYOR_CAPABILITIES=gpu=a100,region=eu; CLI --capability).
+    capabilities: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = [
@@ -125,6 +128,8 @@ class Settings:
             problems.append(
                 "allowed_hosts must be host names (comma-separated), e.g. conveyor.internal"
             )
+        if any("=" not in c for c in self.capabilities):
+            problems.append("capabilities must be NAME=VALUE items, e.g. gpu=a100,region=eu")
         if not self.queues or not all(self.queues):
             problems.append("queues must name at least one queue")
         if self.locks_backend not in LOCKS_BACKENDS:
@@ -194,7 +199,7 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def _parse(name: str, raw: str) -> Any:
-    if name in ("queues", "allowed_hosts"):
+    if name in ("queues", "allowed_hosts", "capabilities"):
         return tuple(q.strip() for q in raw.split(",") if q.strip())
     kind = _TYPES.get(name)
     if kind is None:

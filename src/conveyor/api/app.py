@@ -34,6 +34,7 @@ from conveyor.api.guard import (
 from conveyor.api.http import JSON, ApiError, Auth, fail, sees_internal
 from conveyor.api.locks import lock_router
 from conveyor.api.models import ErrorResponse, JobSubmit
+from conveyor.api.queues import queue_router
 from conveyor.api.schedules import schedule_router
 from conveyor.api.workflows import workflow_router
 from conveyor.app import Conveyor
@@ -54,6 +55,7 @@ from conveyor.observability.fleet import FleetExporter
 from conveyor.observability.metrics import Metrics
 from conveyor.observability.tracing import TraceContextMiddleware
 from conveyor.presenters import iso, job_dict, page_dict, worker_dict
+from conveyor.runtime.flow import held_dict
 from conveyor.runtime.hub import EventHub
 from conveyor.runtime.status import is_alive
 from conveyor.runtime.worker import Worker
@@ -315,6 +317,11 @@ def create_app(
     async def prometheus() -> Response:
         """Prometheus text format."""
         await exporter.refresh()
+        if metrics.fleet.snapshot is not None:  # this process exports the fleet gauges
+            held = held_dict(await conveyor.store.flow_stats(conveyor.now()))
+            metrics.set_held({k: v for k, v in held.items() if k != "total"})
+        else:
+            metrics.set_held({})
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def visible(job_id: str, request: Request) -> Job:
@@ -370,6 +377,8 @@ def create_app(
             depends_on=body.depends_on or (),
             metadata=body.metadata,
             created_by=created_by,
+            concurrency_key=body.concurrency_key,
+            requires=body.requires,
         )
         job = result.job
         content = {
@@ -417,6 +426,7 @@ def create_app(
                     "last_24h": round(completed(day) / 1440, 3),
                 },
                 "error_rates": day.error_rates(),
+                "flow_control": held_dict(await conveyor.store.flow_stats(now)),
                 "timestamp": iso(now),
             },
         }
@@ -591,6 +601,7 @@ def create_app(
     api.include_router(lock_router(conveyor, auth))
     api.include_router(schedule_router(conveyor, auth))
     api.include_router(dashboard_router(conveyor, auth, workers))
+    api.include_router(queue_router(conveyor, auth))
     document_errors(api)
     api.add_middleware(BodyLimit, limit=max_body_bytes)
     api.add_middleware(NoNul)

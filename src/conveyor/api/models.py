@@ -10,10 +10,12 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StrictStr,
 )
 
 from conveyor.domain.events import TYPE_FILTER_REGEX
+from conveyor.domain.flow import MAX_CONCURRENCY_LIMIT
 from conveyor.domain.job import MAX_RETRIES_LIMIT, MAX_TIMEOUT_MS
 
 
@@ -40,6 +42,8 @@ IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_string)]
 Int = Annotated[int, BeforeValidator(_json_integer)]
 NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,100}$"
 JobId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+CapabilityName = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+CapabilityValue = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.:\-]{1,100}$")]
 
 
 class FieldProblem(BaseModel):
@@ -85,6 +89,20 @@ class JobSubmit(BaseModel):
     idempotency_key: StrictStr | None = Field(None, min_length=1, max_length=255)
     depends_on: list[JobId] | None = Field(None, max_length=100)
     metadata: dict[str, Any] | None = None
+    concurrency_key: StrictStr | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="Key the job type's concurrency and rate limits count per "
+        "(default: computed from the payload by the type's template).",
+    )
+    requires: dict[CapabilityName, CapabilityValue] | None = Field(
+        None,
+        max_length=20,
+        examples=[{"gpu": "a100"}],
+        description="Capabilities a worker must offer to run it (default: the type's).",
+        json_schema_extra={"propertyNames": {"pattern": r"^[A-Za-z0-9_\-]{1,64}$"}},
+    )
 
 
 class WebhookCreate(BaseModel):
@@ -106,4 +124,15 @@ class WebhookCreate(BaseModel):
         min_length=16,
         max_length=256,
         description="HMAC key for X-Conveyor-Signature; generated (and shown once) if omitted.",
+    )
+
+
+class QueueChange(BaseModel):
+    """``PATCH /api/queues/{name}``: leave a field out to keep it (at least one)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
+
+    paused: StrictBool | None = None
+    concurrency_limit: _ranged(1, MAX_CONCURRENCY_LIMIT) | None = Field(  # type: ignore[valid-type]
+        None, description="Most jobs of this queue running at once, fleet-wide; null removes it."
     )

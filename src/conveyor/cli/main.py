@@ -159,6 +159,12 @@ def cli(ctx: click.Context, database_url: str | None, log_level: str, log_format
     default=None,
     help="Address of the metrics port (default 127.0.0.1; 0.0.0.0 for a scraper elsewhere).",
 )
+@click.option(
+    "--capability",
+    "capabilities",
+    multiple=True,
+    help="NAME=VALUE this worker offers to jobs with requirements (repeatable), e.g. gpu=a100.",
+)
 @click.pass_obj
 def worker(
     obj: Ctx,
@@ -173,11 +179,13 @@ def worker(
     isolation: str | None,
     metrics_port: int | None,
     metrics_host: str | None,
+    capabilities: tuple[str, ...],
 ) -> None:
     """Run a worker for the job types of APPS (module or module:attr)."""
     app = obj.app(
         metrics_port=metrics_port,
         metrics_host=metrics_host,
+        capabilities=capabilities or None,
         concurrency=concurrency,
         queues=queues or None,
         heartbeat_interval=heartbeat_interval,
@@ -254,6 +262,12 @@ def serve_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @serve_options
 @click.option("--concurrency", "-c", type=int, envvar="CONVEYOR_CONCURRENCY", default=None)
 @click.option("--no-demo", is_flag=True, help="Do not register the demo job types.")
+@click.option(
+    "--capability",
+    "capabilities",
+    multiple=True,
+    help="NAME=VALUE the worker offers to jobs with requirements (repeatable).",
+)
 @click.pass_obj
 def up(
     obj: Ctx,
@@ -263,9 +277,20 @@ def up(
     max_body_bytes: int,
     concurrency: int | None,
     no_demo: bool,
+    capabilities: tuple[str, ...],
 ) -> None:
     """Run everything: REST API, a worker, the rescuer and pruner, in one process."""
-    _serve(obj, apps, host, port, True, not no_demo, max_body_bytes, concurrency=concurrency)
+    _serve(
+        obj,
+        apps,
+        host,
+        port,
+        True,
+        not no_demo,
+        max_body_bytes,
+        concurrency=concurrency,
+        capabilities=capabilities or None,
+    )
 
 
 @cli.command()
@@ -762,6 +787,7 @@ def status(obj: Ctx, as_json: bool) -> None:
         for c in consumers:
             _add_row(outbox, c["name"], str(c["position"]), str(c["lag"]))
         out.print(outbox)
+    _print_flow(data)
     if data["unserved_job_types"]:
         out.print("[bold yellow]Waiting for a worker:[/]")
         for u in data["unserved_job_types"]:
@@ -780,6 +806,51 @@ cli.add_command(schedules_group)
 cli.add_command(scheduler_command)
 
 
+def _print_flow(data: dict[str, Any]) -> None:
+    """``conveyor status``: paused or limited queues, held jobs, unroutable jobs."""
+    shown = [q for q in data.get("queues", []) if q["paused"] or q["concurrency_limit"]]
+    if shown:
+        table = _table("Queue controls", ("queue", "paused", "limit", "pending", "running"))
+        for q in shown:
+            _add_row(
+                table,
+                q["name"],
+                "PAUSED" if q["paused"] else "no",
+                str(q["concurrency_limit"] or "-"),
+                str(q["pending"]),
+                str(q["running"]),
+            )
+        out.print(table)
+    limits = data.get("flow_limits", [])
+    if limits:
+        table = _table("Flow limits", ("job type", "key", "concurrency", "rate", "requires"))
+        for lim in limits:
+            _add_row(
+                table,
+                lim["job_type"],
+                lim["concurrency_key"] or "-",
+                str(lim["concurrency_limit"] or "-"),
+                lim["rate_limit"] or "-",
+                ", ".join(f"{k}={v}" for k, v in lim["requires"].items()) or "-",
+            )
+        out.print(table)
+    held = data.get("held", {})
+    if any(held.get("total", {}).values()):
+        out.print("[bold yellow]Ready jobs held by flow control:[/]")
+        for kind in ("paused_queue", "concurrency_limit", "rate_limit", "queue_concurrency_limit"):
+            for name, n in held.get(kind, {}).items():
+                what = kind.replace("_", " ")
+                out.print(f"  {n} held by {what} ({_plain(name)})", highlight=False)
+    for u in data.get("unroutable_jobs", []):
+        needs = ", ".join(f"{k}={v}" for k, v in u["requires"].items())
+        out.print(
+            f"[bold yellow]No live worker can run[/] {u['pending']} pending job(s) of type "
+            f"{_plain(repr(u['job_type']))} on queue {_plain(repr(u['queue']))} needing "
+            f"{_plain(needs)}: {_plain(u['reason'])}",
+            highlight=False,
+        )
+
+
 def main() -> None:
     # A long-running worker allocates many short-lived objects per job; moving the
     # start-up heap out of the collector's way and collecting young objects less
@@ -787,6 +858,10 @@ def main() -> None:
     gc.set_threshold(10_000, 50, 100)
     cli(prog_name="conveyor")
 
+
+from conveyor.cli.queues import queues as _queues  # noqa: E402 - it imports this module
+
+cli.add_command(_queues)
 
 if __name__ == "__main__":
     # Run as ``python -m conveyor.cli.main`` this module is ``__main__``, a second copy:

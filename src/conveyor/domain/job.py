@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from conveyor.domain.errors import FieldError, InvalidTransition, ValidationError
+from conveyor.domain.flow import check_requirements, key_error
 from conveyor.domain.limits import run_at_error, text_error
 from conveyor.domain.states import Action, JobState
 
@@ -60,6 +61,10 @@ class NewJob:
     workflow_id: str | None = None
     #: Set only by Conveyor's own components: allows reserved job types and keys.
     internal: bool = False
+    #: Flow control (docs/flow_control.md): the key the job type's limits count
+    #: per, and what a worker must offer to run it (``{"gpu": "a100"}``).
+    concurrency_key: str | None = None
+    requires: Mapping[str, str] | None = None
 
     def errors(self) -> list[FieldError]:
         errs: list[FieldError] = []
@@ -138,6 +143,15 @@ class NewJob:
                     f"{INTERNAL_JOB_PREFIX!r} job types are reserved for Conveyor's own jobs",
                 )
             )
+        if self.concurrency_key is not None:
+            problem = key_error(self.concurrency_key)
+            if problem is not None:
+                errs.append(FieldError("concurrency_key", problem))
+        if self.requires is not None:
+            try:
+                check_requirements(self.requires)
+            except ValidationError as exc:
+                errs.extend(exc.details)
         return errs
 
     def with_payload(self, payload: Mapping[str, Any]) -> NewJob:
@@ -156,6 +170,8 @@ class NewJob:
             self.created_by,
             self.workflow_id,
             self.internal,
+            self.concurrency_key,
+            self.requires,
         )
 
     def validate(self) -> None:
@@ -215,6 +231,8 @@ class Job:
     payload_version: int = 1
     #: The last state a handler stored with ``ctx.checkpoint`` (None: none).
     checkpoint: Any = None
+    concurrency_key: str | None = None
+    requires: dict[str, str] | None = None
 
     @property
     def status(self) -> str:
@@ -302,6 +320,8 @@ class WorkerInfo:
     heartbeat_at: datetime | None = None
     state: str = "running"
     jobs_running: int = 0
+    #: What the worker offers to jobs with requirements (``--capability gpu=a100``).
+    capabilities: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,10 @@ class _Family(Generic[C]):
     def remove(self, *values: str) -> None:
         self._children.pop(values, None)
 
+    def clear(self) -> None:
+        """Drop every labelled child (a gauge whose label sets come and go)."""
+        self._children.clear()
+
     def _make(self, values: tuple[str, ...]) -> C:
         raise NotImplementedError
 

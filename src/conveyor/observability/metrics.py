@@ -160,6 +160,13 @@ class Metrics:
             "1 in the one process exporting the fleet gauges (leader lease "
             "conveyor.metrics), 0 elsewhere",
         )
+        # Fleet-level too, set by the process exporting the fleet gauges (api /metrics).
+        self.jobs_held = Gauge(
+            "conveyor_jobs_held",
+            "Ready jobs held back by flow control, by limit kind and the queue or job "
+            "type it applies to (docs/flow_control.md); only in the fleet exporter",
+            ["limit", "name"],
+        )
         self.fleet = FleetCollector()
         r.register(self.fleet)
         self.families: list[Family] = [
@@ -235,6 +242,13 @@ class Metrics:
         """Export no fleet gauge (another process does, or none could be read)."""
         self.fleet.snapshot = None
         self.fleet_exporter.set(0)
+
+    def set_held(self, held: dict[str, dict[str, int]]) -> None:
+        """``held``: limit kind -> queue or job type -> ready jobs held back."""
+        self.jobs_held.clear()
+        for kind, by_name in held.items():
+            for name, n in by_name.items():
+                self.jobs_held.labels(kind, name).set(n)
 
     def render(self) -> bytes:
         out: list[str] = []

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pydantic
 
 from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
+from conveyor.domain.flow import FlowLimits
 from conveyor.domain.job import DEFAULT_MAX_RETRIES, DEFAULT_PRIORITY, DEFAULT_QUEUE, JobTypeInfo
 from conveyor.domain.retry import RetryPolicy
 from conveyor.runtime.steps import DEFAULT_MAX_HEALS
@@ -41,6 +42,8 @@ class JobDefinition:
     #: of a failed attempt, at most ``max_heals`` times per job (see runtime/steps.py).
     heal: Callable[..., Any] | None = None
     max_heals: int = DEFAULT_MAX_HEALS
+    #: Flow control as registered (docs/flow_control.md); workers record it.
+    flow: FlowLimits | None = None
 
     def __post_init__(self) -> None:
         self.is_async = inspect.iscoroutinefunction(self.handler)

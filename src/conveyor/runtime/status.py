@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.domain.job import WorkerInfo
 from conveyor.presenters import worker_dict
+from conveyor.runtime.flow import flow_status
 
 if TYPE_CHECKING:
     from conveyor.runtime.ports import RuntimeDeps
@@ -45,4 +46,5 @@ async def collect_status(deps: RuntimeDeps) -> dict[str, Any]:
         ],
         "live_workers": len(alive),
         "unserved_job_types": unserved,
+        **await flow_status(deps.store, deps.now(), alive),
     }

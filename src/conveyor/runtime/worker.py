@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,6 +45,7 @@ from conveyor.domain.retry import decide, describe
 from conveyor.domain.states import Action
 from conveyor.observability import tracing
 from conveyor.runtime.context import JobContext
+from conveyor.runtime.flow import next_window_in, registered_limits, worker_capabilities
 from conveyor.runtime.locks import MAINTENANCE_LEADER, Leadership
 from conveyor.runtime.observe import JobsRescued, JobsStarted
 from conveyor.runtime.relay import OutboxConsumer, bus_relay, skip_unheard
@@ -200,6 +201,7 @@ class Worker:
         worker_id: str | None = None,
         maintenance: bool = True,
         isolation: str | None = None,
+        capabilities: Mapping[str, str] | None = None,
     ) -> None:
         s = deps.settings
         self.deps = deps
@@ -255,6 +257,11 @@ class Worker:
         self._consumers: list[OutboxConsumer] = []
         # Per-job log lines are DEBUG; checked once here, not per job.
         self._debug_jobs = logging.getLogger("conveyor.worker").isEnabledFor(logging.DEBUG)
+        #: What this worker offers to jobs with requirements (docs/flow_control.md).
+        self.capabilities = worker_capabilities(capabilities, s.capabilities)
+        self._limited = any(
+            (flow := deps.registry[t].flow) is not None and flow.limited for t in self.job_types
+        )
 
     # -- control ----------------------------------------------------------------
     def notify(self) -> None:
@@ -293,11 +300,15 @@ class Worker:
                 queues=self.queues,
                 job_types=self.job_types,
                 concurrency=self.concurrency,
+                capabilities=self.capabilities,
             ),
             now,
         )
         await self.store.record_job_types(
             [self.deps.registry[t].info() for t in self.job_types], now
+        )
+        await self.store.record_flow_limits(
+            registered_limits(self.deps.registry, self.job_types), now
         )
         for name in self.job_types:
             queue = self.deps.registry[name].queue
@@ -437,6 +448,7 @@ class Worker:
                         job_types=self.job_types,
                         limit=free,
                         now=fetched_at,
+                        capabilities=self.capabilities,
                     )
                     backoff = 0.1
                 except Exception as exc:  # noqa: BLE001 - keep the worker alive
@@ -460,7 +472,10 @@ class Worker:
                 self._tick.clear()
                 if len(self._running) < self.concurrency:
                     continue
-            await self._idle(poll)
+            window = (
+                next_window_in(self.deps.registry, self.job_types, time.time()) if free else None
+            )
+            await self._idle(poll if window is None else min(poll, window + 0.001))
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -864,6 +879,8 @@ class Worker:
                         # A completion may have made dependent jobs (workflow steps)
                         # ready in the same transaction: look for them now.
                         self.deps.signals.notify_listeners()
+                    elif self._limited:  # a finish just committed may free a limit's slot
+                        self._tick.set()
                 for f, ok in written:
                     if not ok:
                         log.warning(

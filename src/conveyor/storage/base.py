@@ -13,7 +13,7 @@ Rules every adapter keeps:
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +23,7 @@ import orjson
 from conveyor.domain.auth import ApiKey
 from conveyor.domain.dashboard import Count, Cursor, MinuteBucket, RecentStats, percentile
 from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
+from conveyor.domain.flow import FlowLimits, FlowStats, QueueInfo
 from conveyor.domain.job import (
     Activity,
     EnqueueResult,
@@ -90,10 +91,17 @@ class Store(abc.ABC):
         job_types: Sequence[str],
         limit: int,
         now: datetime,
+        capabilities: Mapping[str, str] | None = None,
     ) -> list[Job]:
         """Lease up to ``limit`` ready jobs (priority desc, then FIFO); each gets
         ``attempt + 1``, an execution row and a lease token that no earlier attempt
-        had (one fetch may share a token across its jobs: fencing matches id and token)."""
+        had (one fetch may share a token across its jobs: fencing matches id and token).
+
+        Flow control (docs/flow_control.md), in the same transaction: jobs of paused
+        queues and jobs whose ``requires`` ``capabilities`` does not meet are left
+        alone; with limits recorded (``record_flow_limits``, ``set_queue``) no key,
+        job type or queue goes over its concurrency or rate limit across all
+        fetchers, and keys are served round-robin."""
 
     @abc.abstractmethod
     async def finish_many(self, finishes: Sequence[Finish], now: datetime) -> list[bool]:
@@ -593,6 +601,39 @@ class Store(abc.ABC):
             if not page.has_more or not page.jobs:
                 return
             offset += len(page.jobs)
+
+    # -- flow control (docs/flow_control.md) ------------------------------------------
+    @abc.abstractmethod
+    async def record_flow_limits(self, limits: Sequence[FlowLimits], now: datetime) -> None:
+        """Insert or replace these job types' limits (a worker at start); a type
+        whose ``FlowLimits`` is ``empty`` loses its row. The last writer wins."""
+
+    @abc.abstractmethod
+    async def list_flow_limits(self) -> list[FlowLimits]:
+        """Every recorded job type limit, by job type."""
+
+    @abc.abstractmethod
+    async def set_queue(
+        self,
+        queue: str,
+        now: datetime,
+        *,
+        paused: bool | None = None,
+        concurrency_limit: int | None = -1,
+    ) -> QueueInfo:
+        """Pause (``paused=True``) or resume a queue, and/or set its concurrency limit
+        (``None`` removes it; ``-1``, the default, keeps it). Fetches from then on
+        leave a paused queue's jobs pending; running ones finish. Raises
+        ``ValidationError`` for a bad name or limit (nothing changes)."""
+
+    @abc.abstractmethod
+    async def list_queues(self) -> list[QueueInfo]:
+        """Queues with pending or running jobs or settings, by name, with counts."""
+
+    @abc.abstractmethod
+    async def flow_stats(self, now: datetime) -> FlowStats:
+        """Ready jobs held back now by each limit (paused queue, concurrency, rate,
+        queue concurrency) and pending jobs with requirements."""
 
 
 #: The states ``queue_stats`` counts.

@@ -7,12 +7,15 @@ One asyncio lock serialises writers, like SQLite's single writer.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import copy
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
+
+import orjson
 
 from conveyor.domain.auth import ApiKey
 from conveyor.domain.errors import (
@@ -27,6 +30,7 @@ from conveyor.domain.errors import (
     WorkflowNotFound,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
+from conveyor.domain.flow import FlowLimits, FlowStats, QueueInfo, unmet
 from conveyor.domain.ids import new_job_id, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
@@ -92,6 +96,19 @@ from conveyor.storage.base import (
     result_fields,
 )
 from conveyor.storage.codec import roundtrip
+from conveyor.storage.flow import (
+    KEEP_LIMIT,
+    NO_KEY,
+    Candidate,
+    FlowRow,
+    TypeLimit,
+    allowed,
+    check_queue_change,
+    choose,
+    flow_stats,
+    walk_keys,
+    window_start,
+)
 from conveyor.storage.locks import lock_from_row
 from conveyor.storage.schedules_memory import MemorySchedules
 from conveyor.storage.workflows import (
@@ -130,6 +147,10 @@ class MemoryStore(MemorySchedules, Store):
         self._moved: list[Moved] = []
         self._locks: dict[str, _LockRow] = {}
         self._steps: dict[str, dict[str, Any]] = {}
+        self._flow_limits: dict[str, FlowLimits] = {}
+        self._flow_cursors: dict[str, str] = {}
+        self._flow_windows: dict[tuple[str, str], tuple[float, int]] = {}
+        self._queue_settings: dict[str, QueueInfo] = {}
 
     async def open(self) -> None:
         return None
@@ -241,6 +262,8 @@ class MemoryStore(MemorySchedules, Store):
                     updated_at=now,
                     completed_at=now if state is JobState.CANCELLED else None,
                     depends_on=[p.id for p in parents],
+                    concurrency_key=new.concurrency_key,
+                    requires=dict(sorted(new.requires.items())) if new.requires else None,
                 )
                 self._jobs[job.id] = job
                 self._seq[job.id] = next(self._counter)
@@ -261,9 +284,12 @@ class MemoryStore(MemorySchedules, Store):
         job_types: Sequence[str],
         limit: int,
         now: datetime,
+        capabilities: Mapping[str, str] | None = None,
     ) -> list[Job]:
         check_limit(limit)
+        caps = capabilities or {}
         async with self._lock:
+            paused = {q for q, s in self._queue_settings.items() if s.paused}
             ready = [
                 j
                 for j in self._jobs.values()
@@ -272,10 +298,13 @@ class MemoryStore(MemorySchedules, Store):
                 and j.run_at <= now
                 and (not queues or j.queue in queues)
                 and (not job_types or j.job_type in job_types)
+                and j.queue not in paused
+                and (not j.requires or not unmet(j.requires, caps))
             ]
             ready.sort(key=lambda j: (-j.priority, j.run_at, self._seq[j.id]))
+            chosen = self._flow_choose(ready, limit, now)
             out = []
-            for job in ready[:limit]:
+            for job in chosen if chosen is not None else ready[:limit]:
                 job.attempt += 1
                 job.lease_token = new_token()
                 job.worker_id = worker_id
@@ -1166,6 +1195,158 @@ class MemoryStore(MemorySchedules, Store):
     async def job_children(self, job_id: str, limit: int) -> list[str]:
         check_limit(limit)
         return sorted(self._children.get(job_id, ()))[:limit]
+
+    # -- flow control ------------------------------------------------------------------
+    def _flow_choose(self, ready: list[Job], limit: int, now: datetime) -> list[Job] | None:
+        """The jobs to lease under the limits (see storage/flow.py), or None when no
+        limit applies (the ordinary order)."""
+        limited = {t: lim for t, lim in self._flow_limits.items() if lim.limited}
+        caps = {q: s.concurrency_limit for q, s in self._queue_settings.items()}
+        caps = {q: n for q, n in caps.items() if n is not None}
+        if not (limited or caps) or limit == 0:
+            return None
+        running_key: dict[tuple[str, str], int] = {}
+        running_queue: dict[str, int] = {}
+        for j in self._jobs.values():
+            if j.state is JobState.RUNNING:
+                k = (j.job_type, j.concurrency_key or NO_KEY)
+                running_key[k] = running_key.get(k, 0) + 1
+                running_queue[j.queue] = running_queue.get(j.queue, 0) + 1
+        ts = now.timestamp()
+        limited_templated = {t: lim.concurrency_key is not None for t, lim in limited.items()}
+        by_key: dict[tuple[str, str], list[Job]] = {}
+        candidates: list[Candidate] = []
+        jobs_by_seq: dict[int, Job] = {}
+        for j in ready:
+            seq = self._seq[j.id]
+            jobs_by_seq[seq] = j
+            keyless_free = j.concurrency_key is None and limited_templated.get(j.job_type, False)
+            if j.job_type in limited and not keyless_free:
+                by_key.setdefault((j.job_type, j.concurrency_key or NO_KEY), []).append(j)
+            elif len(candidates) < limit:
+                candidates.append(self._candidate(j, 1, 0, NO_KEY))
+        for t in sorted(limited):
+            lim = limited[t]
+            tl = TypeLimit(
+                t,
+                lim.concurrency_limit,
+                lim.rate_limit.limit if lim.rate_limit else None,
+                lim.rate_limit.window if lim.rate_limit else None,
+                self._flow_cursors.get(t, NO_KEY),
+                limited_templated[t],
+            )
+            keys = sorted({k for (jt, k) in by_key if jt == t and k != NO_KEY})
+
+            def after(k: str, keys: list[str] = keys) -> list[str]:
+                i = bisect.bisect_right(keys, k)
+                return keys[i : i + 64]
+
+            ws = window_start(tl, ts)
+            gave = 0
+            for walk, key in enumerate(walk_keys(after, tl.cursor, not tl.templated), start=1):
+                jobs = by_key.get((t, key))
+                if not jobs:
+                    continue
+                started = 0
+                if ws is not None:
+                    w = self._flow_windows.get((t, key))
+                    started = w[1] if w is not None and w[0] == ws else 0
+                room = allowed(tl, running_key.get((t, key), 0), started)
+                taken = jobs[: min(room, limit)]
+                for rank, j in enumerate(taken, start=1):
+                    candidates.append(self._candidate(j, rank, walk, key))
+                if taken:
+                    gave += 1
+                    if gave >= limit:
+                        break
+        room_q = {q: n - running_queue.get(q, 0) for q, n in caps.items() if n is not None}
+        chosen, cursors = choose(candidates, limit, room_q)
+        self._flow_cursors.update(cursors)
+        for c in chosen:
+            counted = limited.get(c.job_type)
+            if counted is not None and counted.rate_limit is not None:
+                start = counted.rate_limit.window_start(ts)
+                w = self._flow_windows.get((c.job_type, c.key))
+                n = w[1] if w is not None and w[0] == start else 0
+                self._flow_windows[(c.job_type, c.key)] = (start, n + 1)
+        return [jobs_by_seq[c.seq] for c in chosen]
+
+    def _candidate(self, j: Job, rank: int, walk: int, key: str) -> Candidate:
+        assert j.run_at is not None
+        return Candidate(
+            rank, j.priority, walk, j.run_at.timestamp(), self._seq[j.id], j.queue, j.job_type, key
+        )
+
+    async def record_flow_limits(self, limits: Sequence[FlowLimits], now: datetime) -> None:
+        async with self._lock:
+            for lim in limits:
+                if lim.empty:
+                    self._flow_limits.pop(lim.job_type, None)
+                else:
+                    self._flow_limits[lim.job_type] = replace(lim, updated_at=now)
+
+    async def list_flow_limits(self) -> list[FlowLimits]:
+        return [self._flow_limits[k] for k in sorted(self._flow_limits)]
+
+    async def set_queue(
+        self,
+        queue: str,
+        now: datetime,
+        *,
+        paused: bool | None = None,
+        concurrency_limit: int | None = KEEP_LIMIT,
+    ) -> QueueInfo:
+        check_queue_change(queue, paused, concurrency_limit)
+        async with self._lock:
+            old = self._queue_settings.get(queue, QueueInfo(queue))
+            self._queue_settings[queue] = replace(
+                old,
+                paused=old.paused if paused is None else paused,
+                concurrency_limit=(
+                    old.concurrency_limit if concurrency_limit == KEEP_LIMIT else concurrency_limit
+                ),
+                updated_at=now,
+            )
+        return next(q for q in await self.list_queues() if q.name == queue)
+
+    async def list_queues(self) -> list[QueueInfo]:
+        counts: dict[str, list[int]] = {}
+        for j in self._jobs.values():
+            if j.state in (JobState.PENDING, JobState.RUNNING):
+                c = counts.setdefault(j.queue, [0, 0])
+                c[0 if j.state is JobState.PENDING else 1] += 1
+        names = sorted(set(counts) | set(self._queue_settings))
+        out = []
+        for name in names:
+            s = self._queue_settings.get(name, QueueInfo(name))
+            pending, running = counts.get(name, [0, 0])
+            out.append(replace(s, pending=pending, running=running))
+        return out
+
+    async def flow_stats(self, now: datetime) -> FlowStats:
+        rows = [
+            FlowRow(
+                j.queue,
+                j.job_type,
+                j.concurrency_key or NO_KEY,
+                j.state.value,
+                j.run_at is not None and j.run_at <= now,
+                orjson.dumps(j.requires).decode() if j.requires else None,
+            )
+            for j in self._jobs.values()
+            if j.state in (JobState.PENDING, JobState.RUNNING)
+        ]
+        counted: dict[FlowRow, int] = {}
+        for r in rows:
+            counted[r] = counted.get(r, 0) + 1
+        windows = dict(self._flow_windows)
+        return flow_stats(
+            counted,
+            list(self._flow_limits.values()),
+            list(self._queue_settings.values()),
+            windows,
+            now.timestamp(),
+        )
 
 
 @dataclass(slots=True)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import select
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -39,6 +40,7 @@ from conveyor.domain.errors import (
     WorkflowNotFound,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
+from conveyor.domain.flow import FlowLimits, FlowStats, QueueInfo
 from conveyor.domain.ids import new_job_id, new_job_ids, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
@@ -101,6 +103,13 @@ from conveyor.storage.base import (
 from conveyor.storage.browse import browse_sql
 from conveyor.storage.codec import dumps, dumps_object, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
+from conveyor.storage.flow import (
+    KEEP_LIMIT,
+    FlowRow,
+    check_queue_change,
+    flow_stats,
+    limits_from_row,
+)
 from conveyor.storage.locks import lock_from_row
 from conveyor.storage.schedules_postgres import PostgresSchedules
 from conveyor.storage.sql import load_migrations, load_queries
@@ -124,6 +133,10 @@ W = load_queries("postgres", "workflows.sql")
 LQ = load_queries("postgres", "locks.sql")
 MQ = load_queries("postgres", "metrics.sql")
 DQ = load_queries("postgres", "dashboard.sql")
+FQ = load_queries("postgres", "flow.sql")
+#: Seconds a store trusts its copy of which job types and queues have limits
+#: (a new limit is seen at once anyway: the ordinary fetch returns nothing then).
+FLOW_CONFIG_TTL = 1.0
 # insert_jobs for batches with an idempotency key (and without: no conflict possible)
 _INSERT_KEYED = Q["insert_jobs"].replace("{on_key_conflict}", Q["on_key_conflict"])
 _INSERT_UNKEYED = Q["insert_jobs"].replace("{on_key_conflict}", "")
@@ -430,6 +443,8 @@ def _new_job(
         updated_at=now,
         completed_at=now if state == "cancelled" else None,
         depends_on=list(dict.fromkeys(new.depends_on)) if new.depends_on else [],
+        concurrency_key=new.concurrency_key or None,
+        requires=dict(sorted(new.requires.items())) if new.requires else None,
     )
 
 
@@ -479,6 +494,8 @@ def job_from_record(r: asyncpg.Record) -> Job:
         schedule_id=r["schedule_id"],
         payload_version=r["payload_version"],
         checkpoint=r["checkpoint"],
+        concurrency_key=r["concurrency_key"] or None,
+        requires=r["requires"],
     )
 
 
@@ -496,6 +513,8 @@ class PostgresStore(PostgresSchedules, Store):
         # quarter of a single-job submit. Other calls take turns in the pool.
         self._lane: Any = None
         self._lane_busy = False
+        self._flow_config: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
+        self._flow_config_at = -1e9
         self._anchors: dict[int, str] = {}  # event id -> its txid, for readers polling on
         self._listeners: list[Callable[[], None]] = []
         self._listen_task: asyncio.Task[None] | None = None
@@ -682,7 +701,8 @@ class PostgresStore(PostgresSchedules, Store):
         payloads = [dumps_object(j.payload) for j in jobs]
         metas = [dumps_object(j.metadata, "metadata") for j in jobs]
         try:
-            if len(jobs) == 1 and not jobs[0].depends_on:
+            flow = any(j.concurrency_key or j.requires for j in jobs)
+            if len(jobs) == 1 and not jobs[0].depends_on and not flow:
                 return [await self._enqueue_one(jobs[0], payloads[0], metas[0], now, connection)]
             if connection is not None:
                 # The caller's transaction: the jobs exist only if it commits.
@@ -691,7 +711,7 @@ class PostgresStore(PostgresSchedules, Store):
             raise StoreError(f"PostgreSQL error: {exc}") from exc
         # Without dependencies the insert is one statement (jobs, events, notify):
         # atomic on its own, so no BEGIN/COMMIT round trips.
-        needs_tx = any(j.depends_on for j in jobs)
+        needs_tx = flow or any(j.depends_on for j in jobs)
         async with self._conn(tx=needs_tx) as conn:
             return await self._enqueue(conn, jobs, payloads, metas, now)
 
@@ -835,6 +855,16 @@ class PostgresStore(PostgresSchedules, Store):
         ]
         if dep_children:
             await conn.execute(Q["insert_dependencies"], dep_children, dep_parents)
+        flow_rows = [
+            (i, j.concurrency_key or "", _requires_json(j.requires))
+            for i, j in zip(ids, jobs, strict=True)
+            if i in inserted and (j.concurrency_key or j.requires)
+        ]
+        if flow_rows:  # same transaction as the insert: no fetch sees the job without them
+            columns = [list(c) for c in zip(*flow_rows, strict=True)]
+            await conn.execute(FQ["set_flow_columns"], *columns)
+            if any(r[2] for r in flow_rows):
+                await conn.execute(FQ["flag_requires"])
         if not existing:
             return [EnqueueResult(job, False) for job in built]
         results = []
@@ -858,10 +888,14 @@ class PostgresStore(PostgresSchedules, Store):
         job_types: Sequence[str],
         limit: int,
         now: datetime,
+        capabilities: Mapping[str, str] | None = None,
     ) -> list[Job]:
         check_limit(limit)
         if limit == 0:
             return []
+        caps = dict(capabilities or {})
+        if self._flow_limited(queues, job_types):
+            return await self._fetch_limited(worker_id, queues, job_types, limit, now, caps)
         async with self._conn() as conn:
             rows = await conn.fetch(
                 Q["fetch"],
@@ -874,6 +908,11 @@ class PostgresStore(PostgresSchedules, Store):
                 new_token(),
                 worker_id,
             )
+        if not rows:
+            # Nothing, or a limit now applies (the ordinary fetch stops then): look.
+            await self._read_flow_config()
+            if self._flow_limited(queues, job_types):
+                return await self._fetch_limited(worker_id, queues, job_types, limit, now, caps)
         return [job_from_record(r) for r in rows]
 
     async def finish_many(self, finishes: Sequence[Finish], now: datetime) -> list[bool]:
@@ -993,6 +1032,11 @@ class PostgresStore(PostgresSchedules, Store):
                 list(worker.job_types),
                 worker.concurrency,
                 now,
+            )
+            await conn.execute(
+                FQ["set_capabilities"],
+                worker.id,
+                orjson.dumps(dict(sorted(worker.capabilities.items()))).decode(),
             )
             await conn.execute(
                 Q["insert_events"],
@@ -1255,6 +1299,7 @@ class PostgresStore(PostgresSchedules, Store):
                     heartbeat_at=r["heartbeat_at"],
                     state=r["state"],
                     jobs_running=r["jobs_running"],
+                    capabilities=r["capabilities"],
                 )
                 for r in await conn.fetch(Q["list_workers"])
             ]
@@ -1937,6 +1982,142 @@ class PostgresStore(PostgresSchedules, Store):
             oldest,
         )
 
+    # -- flow control ---------------------------------------------------------------
+    def _flow_limited(self, queues: Sequence[str], job_types: Sequence[str]) -> bool:
+        """Whether a limit applies to a fetch of these queues and types (cached)."""
+        if time.monotonic() - self._flow_config_at > FLOW_CONFIG_TTL:
+            return True  # unknown: the limited fetch is right either way, then reads it
+        types, capped = self._flow_config
+        if not types and not capped:
+            return False
+        if "" in capped:  # a job with requirements exists: capabilities filter every fetch
+            return True
+        return bool(
+            (not job_types and types)
+            or types.intersection(job_types)
+            or (not queues and capped)
+            or capped.intersection(queues)
+        )
+
+    async def _read_flow_config(self) -> None:
+        async with self._conn() as conn:
+            rows = await conn.fetch(FQ["flow_config"])
+        # Queues with a limit or paused; "" stands for "a job has requirements".
+        self._flow_config = (
+            frozenset(r[1] for r in rows if r[0] == "type"),
+            frozenset(r[1] for r in rows if r[0] == "queue")
+            | frozenset("" for r in rows if r[0] == "flag"),
+        )
+        self._flow_config_at = time.monotonic()
+
+    async def _fetch_limited(
+        self,
+        worker_id: str,
+        queues: Sequence[str],
+        job_types: Sequence[str],
+        limit: int,
+        now: datetime,
+        caps: dict[str, str],
+    ) -> list[Job]:
+        if time.monotonic() - self._flow_config_at > FLOW_CONFIG_TTL:
+            await self._read_flow_config()
+            if not self._flow_limited(queues, job_types):
+                return await self.fetch(
+                    worker_id,
+                    queues=queues,
+                    job_types=job_types,
+                    limit=limit,
+                    now=now,
+                    capabilities=caps,
+                )
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                FQ["fetch_limited"],
+                now,
+                not queues,
+                list(queues),
+                not job_types,
+                list(job_types),
+                orjson.dumps(caps).decode(),
+                limit,
+                new_token(),
+                worker_id,
+            )
+        return [job_from_record(r) for r in rows]
+
+    async def record_flow_limits(self, limits: Sequence[FlowLimits], now: datetime) -> None:
+        keep = [lim for lim in limits if not lim.empty]
+        drop = [lim.job_type for lim in limits if lim.empty]
+        async with self._conn(tx=True) as conn:
+            if keep:
+                await conn.execute(
+                    FQ["upsert_flow_limits"],
+                    [lim.job_type for lim in keep],
+                    [lim.concurrency_key.text if lim.concurrency_key else None for lim in keep],
+                    [lim.concurrency_limit for lim in keep],
+                    [lim.rate_limit.limit if lim.rate_limit else None for lim in keep],
+                    [lim.rate_limit.window if lim.rate_limit else None for lim in keep],
+                    [_requires_json(lim.requires) for lim in keep],
+                    [now] * len(keep),
+                )
+            if drop:
+                await conn.execute(FQ["delete_flow_limits"], drop)
+        self._flow_config_at = -1e9  # this process sees its own change at once
+
+    async def list_flow_limits(self) -> list[FlowLimits]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(FQ["list_flow_limits"])
+        return [limits_from_row(r, _same) for r in rows]
+
+    async def set_queue(
+        self,
+        queue: str,
+        now: datetime,
+        *,
+        paused: bool | None = None,
+        concurrency_limit: int | None = KEEP_LIMIT,
+    ) -> QueueInfo:
+        check_queue_change(queue, paused, concurrency_limit)
+        async with self._conn() as conn:
+            await conn.execute(FQ["set_queue"], queue, paused, concurrency_limit, now)
+        self._flow_config_at = -1e9
+        return next(q for q in await self.list_queues() if q.name == queue)
+
+    async def list_queues(self) -> list[QueueInfo]:
+        async with self._conn() as conn:
+            settings = {
+                r["queue"]: QueueInfo(
+                    r["queue"], r["paused"], r["concurrency_limit"], updated_at=r["updated_at"]
+                )
+                for r in await conn.fetch(FQ["list_queue_settings"])
+            }
+            counts: dict[str, dict[str, int]] = {}
+            for r in await conn.fetch(FQ["queue_counts"]):
+                counts.setdefault(r[0], {})[r[1]] = r[2]
+        return [
+            replace(
+                settings.get(name, QueueInfo(name)),
+                pending=counts.get(name, {}).get("pending", 0),
+                running=counts.get(name, {}).get("running", 0),
+            )
+            for name in sorted(set(settings) | set(counts))
+        ]
+
+    async def flow_stats(self, now: datetime) -> FlowStats:
+        async with self._conn() as conn:
+            rows = {
+                FlowRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5]): r[6]
+                for r in await conn.fetch(FQ["flow_rows"], now)
+            }
+            windows = {(r[0], r[1]): (r[2], r[3]) for r in await conn.fetch(FQ["flow_windows"])}
+        return flow_stats(
+            rows,
+            await self.list_flow_limits(),
+            await self.list_queues(),
+            windows,
+            now.timestamp(),
+        )
+
 
 _STATES = {s.value: s for s in JobState}
 
@@ -1972,3 +2153,7 @@ def _with_result(f: Finish) -> Finish:
 def _safe(dsn: str) -> str:
     """The DSN without its password, for messages."""
     return redact_url(dsn)
+
+
+def _requires_json(requires: Mapping[str, str] | None) -> str | None:
+    return orjson.dumps(dict(sorted(requires.items()))).decode() if requires else None

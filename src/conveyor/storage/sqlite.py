@@ -15,8 +15,9 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +41,11 @@ from conveyor.domain.errors import (
     WorkflowNotFound,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
+from conveyor.domain.flow import (
+    FlowLimits,
+    FlowStats,
+    QueueInfo,
+)
 from conveyor.domain.ids import new_job_id, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
@@ -102,6 +108,20 @@ from conveyor.storage.base import (
 from conveyor.storage.browse import browse_sql
 from conveyor.storage.codec import dumps, dumps_object
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
+from conveyor.storage.flow import (
+    KEEP_LIMIT,
+    NO_KEY,
+    Candidate,
+    FlowRow,
+    TypeLimit,
+    allowed,
+    check_queue_change,
+    choose,
+    flow_stats,
+    limits_from_row,
+    walk_keys,
+    window_start,
+)
 from conveyor.storage.locks import lock_from_row
 from conveyor.storage.schedules_sqlite import SQLiteSchedules
 from conveyor.storage.sql import load_migrations, load_queries
@@ -125,6 +145,7 @@ W = load_queries("sqlite", "workflows.sql")
 LQ = load_queries("sqlite", "locks.sql")
 MQ = load_queries("sqlite", "metrics.sql")
 DQ = load_queries("sqlite", "dashboard.sql")
+FQ = load_queries("sqlite", "flow.sql")
 
 _FINISH_SQL = {
     Action.COMPLETE: Q["finish_complete"],
@@ -182,6 +203,8 @@ def job_from_row(row: sqlite3.Row) -> Job:
         payload_version=row["payload_version"],
         checkpoint=None if row["checkpoint"] is None else orjson.loads(row["checkpoint"]),
         schedule_id=row["schedule_id"],
+        concurrency_key=row["concurrency_key"] or None,
+        requires=orjson.loads(row["requires"]) if row["requires"] else None,
     )
 
 
@@ -395,6 +418,9 @@ class SQLiteStore(SQLiteSchedules, Store):
                 results.append(EnqueueResult(job, False))
             last_seq = conn.execute(Q["max_seq"]).fetchone()[0]
             conn.executemany(Q["insert_job"], inserts)
+            flow = [r for r in inserts if r["concurrency_key"] or r["requires"]]
+            if flow:
+                conn.executemany(FQ["set_flow_columns"], flow)
             if dep_rows:
                 conn.executemany(Q["insert_dependency"], dep_rows)
                 conn.executemany(Q["mark_has_children"], [(p,) for p in deps])
@@ -410,9 +436,11 @@ class SQLiteStore(SQLiteSchedules, Store):
         job_types: Sequence[str],
         limit: int,
         now: datetime,
+        capabilities: Mapping[str, str] | None = None,
     ) -> list[Job]:
         check_limit(limit)
         params = {
+            "caps": orjson.dumps(dict(capabilities or {})).decode(),
             "token": new_token(),
             "worker": worker_id,
             "now": now.timestamp(),
@@ -426,7 +454,12 @@ class SQLiteStore(SQLiteSchedules, Store):
 
     def _fetch(self, params: dict[str, Any]) -> list[Job]:
         with self._tx() as conn:
-            rows = conn.execute(Q["fetch"], params).fetchall()
+            limited = conn.execute(FQ["limited_types"], params).fetchall()
+            queue_limits = conn.execute(FQ["queue_limits"], params).fetchall()
+            if (limited or queue_limits) and params["limit"]:
+                rows = self._fetch_limited(conn, params, limited, queue_limits)
+            else:
+                rows = conn.execute(Q["fetch"], params).fetchall()
             if rows:
                 conn.execute(Q["insert_started_executions"], params)
                 conn.execute(Q["insert_started_events"], params)
@@ -564,10 +597,12 @@ class SQLiteStore(SQLiteSchedules, Store):
             "now": now.timestamp(),
         }
         event = orjson.dumps({"worker_id": worker.id, "status": "running"})
+        caps = orjson.dumps(dict(sorted(worker.capabilities.items()))).decode()
 
         def _do() -> None:
             with self._tx() as conn:
                 conn.execute(Q["upsert_worker"], params)
+                conn.execute(FQ["set_capabilities"], (caps, worker.id))
                 conn.execute(
                     Q["insert_event"],
                     (EventType.WORKER_STATUS_CHANGED.value, None, event, params["now"]),
@@ -914,6 +949,7 @@ class SQLiteStore(SQLiteSchedules, Store):
                     heartbeat_at=_dt(r["heartbeat_at"]),
                     state=r["state"],
                     jobs_running=r["jobs_running"],
+                    capabilities=orjson.loads(r["capabilities"]),
                 )
                 for r in self._conn.execute(Q["list_workers"])
             ]
@@ -1700,6 +1736,206 @@ class SQLiteStore(SQLiteSchedules, Store):
 
         return await self._run(_do)
 
+    # -- flow control ---------------------------------------------------------------
+    def _fetch_limited(
+        self,
+        conn: sqlite3.Connection,
+        params: dict[str, Any],
+        limited_rows: list[sqlite3.Row],
+        queue_limits: list[sqlite3.Row],
+    ) -> list[sqlite3.Row]:
+        """The limited fetch (storage/flow.py) inside the fetch transaction."""
+        limit = params["limit"]
+        now = params["now"]
+        limits = [TypeLimit(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in limited_rows]
+        params["limited"] = orjson.dumps([t.job_type for t in limits if not t.templated]).decode()
+        params["keyed"] = orjson.dumps([t.job_type for t in limits if t.templated]).decode()
+        names = {t.job_type for t in limits}
+        candidates: list[Candidate] = []
+        walked = list(limits)
+        if params["any_type"]:
+            candidates.extend(
+                Candidate(1, r[1], 0, r[2], r[0], r[3], r[4], NO_KEY)
+                for r in conn.execute(FQ["open_candidates"], params)
+            )
+        else:
+            # Types without limits are walked like limited ones (no room to count):
+            # index ranges per type and key, never a scan past a limited backlog.
+            walked.extend(
+                TypeLimit(t, None, None, None, NO_KEY)
+                for t in sorted(set(orjson.loads(params["types"])) - names)
+            )
+        for tl in limits:
+            if tl.templated:  # its keyless jobs are not limited
+                rows = conn.execute(
+                    FQ["keyless_candidates"], {**params, "job_type": tl.job_type, "n": limit}
+                ).fetchall()
+                candidates.extend(
+                    Candidate(1, r[1], 0, r[2], r[0], r[3], tl.job_type, NO_KEY) for r in rows
+                )
+        for tl in walked:
+            limited = tl.concurrency_limit is not None or tl.rate_limit is not None
+            counted = tl.concurrency_limit is not None
+            running = (
+                dict(conn.execute(FQ["running_by_key"], (tl.job_type,)).fetchall())
+                if counted
+                else {}
+            )
+            ws = window_start(tl, now)
+
+            def after(k: str, t: str = tl.job_type) -> list[str]:
+                rows = conn.execute(FQ["keys_after"], {"job_type": t, "key": k, "m": 128})
+                return [r[0] for r in rows]
+
+            gave = 0
+            for walk, key in enumerate(walk_keys(after, tl.cursor, not tl.templated), start=1):
+                started = 0
+                if ws is not None:
+                    row = conn.execute(FQ["window_started"], (tl.job_type, key, ws)).fetchone()
+                    started = 0 if row is None else row[0]
+                room = min(allowed(tl, running.get(key, 0), started), limit)
+                if room <= 0:
+                    continue
+                query = FQ["keyless_candidates"] if key == NO_KEY else FQ["key_candidates"]
+                rows = conn.execute(
+                    query, {**params, "job_type": tl.job_type, "key": key, "n": room}
+                ).fetchall()
+                if not limited:  # priority and FIFO alone order a type without limits
+                    candidates.extend(
+                        Candidate(1, r[1], 0, r[2], r[0], r[3], tl.job_type, NO_KEY) for r in rows
+                    )
+                    gave += len(rows)
+                else:
+                    candidates.extend(
+                        Candidate(rank, r[1], walk, r[2], r[0], r[3], tl.job_type, key)
+                        for rank, r in enumerate(rows, start=1)
+                    )
+                    gave += 1 if rows else 0
+                if gave >= limit:
+                    break
+        room_q: dict[str, int] = {}
+        if queue_limits:
+            running_q = dict(conn.execute(FQ["running_by_queue"]).fetchall())
+            room_q = {q: n - running_q.get(q, 0) for q, n in queue_limits}
+        chosen, cursors = choose(candidates, limit, room_q)
+        if not chosen:
+            return []
+        seqs = orjson.dumps([c.seq for c in chosen]).decode()
+        rows = conn.execute(FQ["lease_chosen"], {**params, "seqs": seqs}).fetchall()
+        by_type = {tl.job_type: tl for tl in limits}
+        started_now: dict[tuple[str, str], int] = {}
+        for c in chosen:
+            rated = by_type.get(c.job_type)
+            if rated is not None and rated.rate_limit is not None:
+                started_now[(c.job_type, c.key)] = started_now.get((c.job_type, c.key), 0) + 1
+        for (t, key), n in started_now.items():
+            ws = window_start(by_type[t], now)
+            conn.execute(FQ["count_start"], {"job_type": t, "key": key, "window_start": ws, "n": n})
+        conn.executemany(FQ["move_cursor"], [(k, t) for t, k in cursors.items()])
+        return rows
+
+    async def record_flow_limits(self, limits: Sequence[FlowLimits], now: datetime) -> None:
+        ts = now.timestamp()
+        upserts = [
+            (
+                lim.job_type,
+                lim.concurrency_key.text if lim.concurrency_key else None,
+                lim.concurrency_limit,
+                lim.rate_limit.limit if lim.rate_limit else None,
+                lim.rate_limit.window if lim.rate_limit else None,
+                orjson.dumps(dict(lim.requires)).decode() if lim.requires else None,
+                ts,
+            )
+            for lim in limits
+            if not lim.empty
+        ]
+        deletes = [(lim.job_type,) for lim in limits if lim.empty]
+
+        def _do() -> None:
+            with self._tx() as conn:
+                conn.executemany(FQ["upsert_flow_limits"], upserts)
+                conn.executemany(FQ["delete_flow_limits"], deletes)
+
+        await self._run(_do)
+
+    async def list_flow_limits(self) -> list[FlowLimits]:
+        def _do() -> list[FlowLimits]:
+            assert self._conn is not None
+            return [limits_from_row(r, _dt) for r in self._conn.execute(FQ["list_flow_limits"])]
+
+        return await self._run(_do)
+
+    async def set_queue(
+        self,
+        queue: str,
+        now: datetime,
+        *,
+        paused: bool | None = None,
+        concurrency_limit: int | None = KEEP_LIMIT,
+    ) -> QueueInfo:
+        check_queue_change(queue, paused, concurrency_limit)
+
+        def _do() -> None:
+            with self._tx() as conn:
+                row = conn.execute(FQ["get_queue_settings"], (queue,)).fetchone()
+                old_paused = bool(row["paused"]) if row is not None else False
+                old_limit = row["concurrency_limit"] if row is not None else None
+                conn.execute(
+                    FQ["upsert_queue_settings"],
+                    (
+                        queue,
+                        old_paused if paused is None else paused,
+                        old_limit if concurrency_limit == KEEP_LIMIT else concurrency_limit,
+                        now.timestamp(),
+                    ),
+                )
+
+        await self._run(_do)
+        return next(q for q in await self.list_queues() if q.name == queue)
+
+    async def list_queues(self) -> list[QueueInfo]:
+        def _do() -> list[QueueInfo]:
+            assert self._conn is not None
+            settings = {
+                r["queue"]: QueueInfo(
+                    r["queue"],
+                    bool(r["paused"]),
+                    r["concurrency_limit"],
+                    updated_at=_dt(r["updated_at"]),
+                )
+                for r in self._conn.execute(FQ["list_queue_settings"])
+            }
+            counts: dict[str, dict[str, int]] = {}
+            for q, state, n in self._conn.execute(FQ["queue_counts"]):
+                counts.setdefault(q, {})[state] = n
+            return [
+                replace(
+                    settings.get(name, QueueInfo(name)),
+                    pending=counts.get(name, {}).get("pending", 0),
+                    running=counts.get(name, {}).get("running", 0),
+                )
+                for name in sorted(set(settings) | set(counts))
+            ]
+
+        return await self._run(_do)
+
+    async def flow_stats(self, now: datetime) -> FlowStats:
+        ts = now.timestamp()
+
+        def _do() -> tuple[dict[FlowRow, int], dict[tuple[str, str], tuple[float, int]]]:
+            assert self._conn is not None
+            rows = {
+                FlowRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5]): r[6]
+                for r in self._conn.execute(FQ["flow_rows"], {"now": ts})
+            }
+            windows = {(r[0], r[1]): (r[2], r[3]) for r in self._conn.execute(FQ["flow_windows"])}
+            return rows, windows
+
+        rows, windows = await self._run(_do)
+        return flow_stats(
+            rows, await self.list_flow_limits(), await self.list_queues(), windows, ts
+        )
+
 
 def _key_from_row(row: sqlite3.Row) -> ApiKey:
     return ApiKey(
@@ -1732,6 +1968,10 @@ def _job_params(new: NewJob, now: datetime) -> dict[str, Any]:
         "metadata": dumps_object(new.metadata, "metadata"),
         "created_at": ts,
         "completed_at": None,
+        "concurrency_key": new.concurrency_key or NO_KEY,
+        "requires": orjson.dumps(dict(sorted(new.requires.items()))).decode()
+        if new.requires
+        else None,
     }
 
 
@@ -1755,6 +1995,8 @@ def _job_from_params(row: dict[str, Any], new: NewJob, now: datetime) -> Job:
         completed_at=None if row["completed_at"] is None else now,
         updated_at=now,
         depends_on=list(dict.fromkeys(new.depends_on)),
+        concurrency_key=new.concurrency_key or None,
+        requires=dict(sorted(new.requires.items())) if new.requires else None,
     )
 
 

@@ -138,6 +138,17 @@ WITH next AS (
     WHERE state = 'pending' AND run_at <= $1
       AND ($2::boolean OR queue = ANY($3::text[]))
       AND ($4::boolean OR job_type = ANY($5::text[]))
+      -- flow control: once a limit, a paused queue or a job with requirements
+      -- concerns this fetch, this returns nothing and the store takes fetch_limited
+      -- (flow.sql, which filters them). One-time checks of tiny tables: the row
+      -- estimates, and so the plan, stay those of the ordinary fetch.
+      AND NOT EXISTS (SELECT 1 FROM conveyor.flow_limits l
+                      WHERE (l.concurrency_limit IS NOT NULL OR l.rate_limit IS NOT NULL)
+                        AND ($4::boolean OR l.job_type = ANY($5::text[])))
+      AND NOT EXISTS (SELECT 1 FROM conveyor.queue_settings s
+                      WHERE (s.paused OR s.concurrency_limit IS NOT NULL)
+                        AND ($2::boolean OR s.queue = ANY($3::text[])))
+      AND NOT EXISTS (SELECT 1 FROM conveyor.flow_flags f WHERE f.flag = 'requires')
     ORDER BY priority DESC, run_at, seq
     LIMIT $6
     FOR UPDATE SKIP LOCKED

@@ -37,6 +37,11 @@ WHERE seq IN (
     WHERE state = 'pending' AND run_at <= :now
       AND (:any_queue OR queue IN (SELECT value FROM json_each(:queues)))
       AND (:any_type OR job_type IN (SELECT value FROM json_each(:types)))
+      -- flow control: paused queues (read once per statement) and requirements
+      AND queue NOT IN (SELECT queue FROM queue_settings WHERE paused)
+      AND (requires IS NULL OR NOT EXISTS (
+            SELECT 1 FROM json_each(requires) AS r
+            WHERE json_extract(:caps, '$."' || r.key || '"') IS NOT r.value))
     ORDER BY priority DESC, run_at, seq
     LIMIT :limit)
 RETURNING *
