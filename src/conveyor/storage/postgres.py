@@ -103,6 +103,7 @@ from conveyor.storage.codec import dumps, dumps_object, roundtrip
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.locks import lock_from_row
 from conveyor.storage.schedules_postgres import PostgresSchedules
+from conveyor.storage.secrets_postgres import PostgresSecrets
 from conveyor.storage.sql import load_migrations, load_queries
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
@@ -482,7 +483,7 @@ def job_from_record(r: asyncpg.Record) -> Job:
     )
 
 
-class PostgresStore(PostgresSchedules, Store):
+class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
     """Store on PostgreSQL. ``dsn``: ``postgresql://user:pass@host:5432/db``."""
 
     def __init__(

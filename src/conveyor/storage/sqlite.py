@@ -104,6 +104,7 @@ from conveyor.storage.codec import dumps, dumps_object
 from conveyor.storage.finishing import RESCUE_QUERY, RunningRow, plan_finishes
 from conveyor.storage.locks import lock_from_row
 from conveyor.storage.schedules_sqlite import SQLiteSchedules
+from conveyor.storage.secrets_sqlite import SQLiteSecrets
 from conveyor.storage.sql import load_migrations, load_queries
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
@@ -215,7 +216,7 @@ def _store_error(exc: sqlite3.DatabaseError, path: str) -> StoreError:
     return StoreError(f"SQLite error on {path}: {text}")
 
 
-class SQLiteStore(SQLiteSchedules, Store):
+class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
     """Store on one SQLite file. ``path`` may be ``:memory:`` only for one process."""
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 30_000) -> None:

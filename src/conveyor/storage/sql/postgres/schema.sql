@@ -338,3 +338,17 @@ CREATE TABLE conveyor.job_steps (
 
 ALTER TABLE ONLY conveyor.job_steps
     ADD CONSTRAINT job_steps_pkey PRIMARY KEY (job_id, name);
+-- The secrets vault and key lifecycle (migration 0012).
+CREATE TABLE conveyor.secrets (
+    name text NOT NULL,
+    version integer NOT NULL,
+    key_id text NOT NULL,
+    ciphertext bytea NOT NULL,
+    created_at timestamp with time zone NOT NULL
+);
+
+ALTER TABLE ONLY conveyor.secrets
+    ADD CONSTRAINT secrets_pkey PRIMARY KEY (name, version);
+
+ALTER TABLE conveyor.api_keys ADD COLUMN expires_at timestamp with time zone;
+ALTER TABLE conveyor.api_keys ADD COLUMN last_used_at timestamp with time zone;
