@@ -13,6 +13,7 @@ import pydantic
 from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
 from conveyor.domain.job import DEFAULT_MAX_RETRIES, DEFAULT_PRIORITY, DEFAULT_QUEUE, JobTypeInfo
 from conveyor.domain.retry import RetryPolicy
+from conveyor.runtime.secret_refs import has_refs, with_placeholders
 from conveyor.runtime.steps import DEFAULT_MAX_HEALS
 
 if TYPE_CHECKING:
@@ -52,7 +53,8 @@ class JobDefinition:
     def validate_payload(self, payload: Mapping[str, Any]) -> None:
         """Raise ``ValidationError`` if ``payload`` does not fit the handler's signature."""
         if self._model is not None:
-            self._validate(payload)
+            # A secret reference stands for text, resolved by the worker (docs/security.md).
+            self._validate(with_placeholders(payload) if has_refs(payload) else payload)
 
     def _validate(self, payload: Mapping[str, Any]) -> Any:
         assert self._model is not None
