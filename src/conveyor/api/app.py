@@ -35,6 +35,7 @@ from conveyor.api.http import JSON, ApiError, Auth, fail, sees_internal
 from conveyor.api.locks import lock_router
 from conveyor.api.models import ErrorResponse, JobSubmit
 from conveyor.api.schedules import schedule_router
+from conveyor.api.secrets import secrets_router
 from conveyor.api.workflows import workflow_router
 from conveyor.app import Conveyor
 from conveyor.dashboard import dashboard_router
@@ -590,6 +591,7 @@ def create_app(
     api.include_router(workflow_router(conveyor, auth))
     api.include_router(lock_router(conveyor, auth))
     api.include_router(schedule_router(conveyor, auth))
+    api.include_router(secrets_router(conveyor, auth))
     api.include_router(dashboard_router(conveyor, auth, workers))
     document_errors(api)
     api.add_middleware(BodyLimit, limit=max_body_bytes)

@@ -773,6 +773,7 @@ def status(obj: Ctx, as_json: bool) -> None:
 
 
 # Command groups in modules of their own register themselves on ``cli`` when imported.
+from conveyor.cli import secrets as _secrets  # noqa: E402, F401
 from conveyor.cli import workflows as _workflows  # noqa: E402, F401
 
 # -- cron schedules (cli/schedules.py) --------------------------------------------------
