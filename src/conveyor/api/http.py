@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import Request
@@ -17,6 +17,9 @@ from conveyor.domain.auth import ApiKey
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.errors import FieldError
 from conveyor.security.api_keys import hash_key
+
+if TYPE_CHECKING:
+    from conveyor.api.ratelimit import RequestLimits
 
 
 class JSON(JSONResponse):
@@ -77,6 +80,8 @@ class Auth:
         self._rechecked: dict[str, tuple[float, ApiKey | None]] = {}
         #: The dashboard's hook: the key of a WebSocket's session cookie, if any.
         self.websocket_session: Callable[[HTTPConnection], Awaitable[ApiKey | None]] | None = None
+        #: Request rate limits (api/ratelimit.py); None = unlimited.
+        self.limits: RequestLimits | None = None
 
     async def keys_exist(self) -> bool:
         checked, value = self._keys_exist
@@ -115,6 +120,7 @@ class Auth:
         if not token:
             if self.allow_anonymous and not await self.keys_exist():
                 return None
+            await self._failed(conn)
             raise ApiError(
                 401,
                 "Missing API key: send 'Authorization: Bearer <key>' "
@@ -123,7 +129,10 @@ class Auth:
             )
         key = await self._find(hash_key(token), cached)
         if key is None:
+            await self._failed(conn)
             raise ApiError(401, "Invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+        if self.limits is not None and not cached:
+            await self.limits.key_used(key.id)
         if not key.scope.allows(scope):
             raise ApiError(
                 403,
@@ -143,6 +152,11 @@ class Auth:
                 self._rechecked.clear()
             self._rechecked[key_hash] = (now, key)
         return key
+
+    async def _failed(self, conn: HTTPConnection) -> None:
+        """Count a failed authentication of ``conn``'s address (429 past the limit)."""
+        if self.limits is not None:
+            await self.limits.auth_failed(conn.client.host if conn.client else "unknown")
 
     def require(self, scope: KeyScope) -> Callable[[Request], Awaitable[None]]:
         async def check(request: Request) -> None:
