@@ -74,3 +74,16 @@ def test_set_get_list_delete_rotate(tmp_path: Path) -> None:
     assert gone.returncode == 1
     assert "not found" in gone.stderr
     assert os.stat(new_file).st_mode & 0o777 == 0o600
+
+
+def test_keys_create_expires_in(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'k.db'}"
+    run_cli(db, "migrate")
+    run_cli(db, "keys", "create", "--scope", "read", "--name", "ci", "--expires-in", "90d")
+    (row,) = json.loads(run_cli(db, "keys", "list", "--json").stdout)
+    assert row["expires_at"] is not None
+    assert row["last_used_at"] is None
+    bad = run_cli(db, "keys", "create", "--scope", "read", "--expires-in", "5x", check=False)
+    assert bad.returncode == 1
+    assert "Invalid duration '5x'" in bad.stderr
+    assert len(json.loads(run_cli(db, "keys", "list", "--json").stdout)) == 1

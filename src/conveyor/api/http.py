@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import structlog
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
@@ -49,6 +51,8 @@ class ApiError(Exception):
 
 # -- auth ------------------------------------------------------------------------------------
 KEY_RECHECK_SECONDS = 2.0  #: an open WebSocket's key is checked again this often
+TOUCH_INTERVAL = 60.0  #: seconds between two writes of one key's ``last_used_at``
+_log = structlog.get_logger("conveyor.api")
 
 
 def sees_internal(key: ApiKey | None) -> bool:
@@ -82,6 +86,7 @@ class Auth:
         self.websocket_session: Callable[[HTTPConnection], Awaitable[ApiKey | None]] | None = None
         #: Request rate limits (api/ratelimit.py); None = unlimited.
         self.limits: RequestLimits | None = None
+        self._touched: dict[str, float] = {}  # key id -> when last_used_at was written
 
     async def keys_exist(self) -> bool:
         checked, value = self._keys_exist
@@ -131,6 +136,16 @@ class Auth:
         if key is None:
             await self._failed(conn)
             raise ApiError(401, "Invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+        now = self.conveyor.now()
+        if key.expired(now):
+            await self._failed(conn)
+            raise ApiError(
+                401,
+                f"This API key expired at {key.expires_at:%Y-%m-%dT%H:%M:%SZ}: create a new "
+                "one with `conveyor keys create`",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        await self._touch(key, now)
         if self.limits is not None and not cached:
             await self.limits.key_used(key.id)
         if not key.scope.allows(scope):
@@ -152,6 +167,20 @@ class Auth:
                 self._rechecked.clear()
             self._rechecked[key_hash] = (now, key)
         return key
+
+    async def _touch(self, key: ApiKey, now: datetime) -> None:
+        """Record ``last_used_at``, at most once a minute per key and process (a write
+        per request would cost more than the request)."""
+        last = self._touched.get(key.id)
+        if last is not None and time.monotonic() - last < TOUCH_INTERVAL:
+            return
+        if len(self._touched) > 10_000:
+            self._touched.clear()
+        self._touched[key.id] = time.monotonic()
+        try:
+            await self.conveyor.store.touch_api_key(key.id, now)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping never fails a request
+            _log.warning("api_key_touch_failed", key_id=key.id, error=type(exc).__name__)
 
     async def _failed(self, conn: HTTPConnection) -> None:
         """Count a failed authentication of ``conn``'s address (429 past the limit)."""

@@ -626,6 +626,11 @@ class Store(abc.ABC):
         transaction (an exception from ``rewrap`` changes nothing). Returns the count."""
         raise NotImplementedError
 
+    async def touch_api_key(self, key_id: str, now: datetime) -> None:
+        """Record that key ``key_id`` authenticated at ``now`` (``last_used_at``; an
+        older ``now`` than the stored one changes nothing)."""
+        raise NotImplementedError
+
 
 #: The states ``queue_stats`` counts.
 STAT_STATES = (JobState.BLOCKED, JobState.PENDING, JobState.RUNNING, JobState.FAILED)

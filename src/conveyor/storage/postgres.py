@@ -1296,6 +1296,7 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
                     key.key_hash,
                     key.prefix,
                     key.created_at,
+                    key.expires_at,
                 )
         except StoreError as exc:
             if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
@@ -1963,6 +1964,8 @@ def _key(r: asyncpg.Record) -> ApiKey:
         prefix=r["prefix"],
         created_at=r["created_at"],
         revoked_at=r["revoked_at"],
+        expires_at=r["expires_at"],
+        last_used_at=r["last_used_at"],
     )
 
 

@@ -1,4 +1,5 @@
-"""The secrets-vault methods of the in-memory Store (a mixin of ``MemoryStore``)."""
+"""The secrets-vault and key-lifecycle methods of the in-memory Store (a mixin of
+``MemoryStore``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 
+from conveyor.domain.auth import ApiKey
 from conveyor.domain.secrets import SecretInfo, SecretNotFound, SecretVersion
 from conveyor.storage.secrets import check_keep
 
@@ -15,6 +17,7 @@ class MemorySecrets:
     """Keeps its table on first use, so the host's ``__init__`` stays as it is."""
 
     _lock: asyncio.Lock
+    _keys: dict[str, ApiKey]
 
     @property
     def _secrets(self) -> dict[str, dict[int, SecretVersion]]:
@@ -79,3 +82,9 @@ class MemorySecrets:
                 row = self._secrets[name][version]
                 self._secrets[name][version] = replace(row, key_id=key_id, ciphertext=blob)
             return len(new)
+
+    async def touch_api_key(self, key_id: str, now: datetime) -> None:
+        keys = self._keys
+        key = keys.get(key_id)
+        if key is not None and (key.last_used_at is None or key.last_used_at < now):
+            keys[key_id] = replace(key, last_used_at=now)

@@ -83,3 +83,7 @@ class PostgresSecrets:
                 key_id, blob = rewrap(row)
                 await conn.execute(SQ["rewrap_secret"], key_id, blob, row.name, row.version)
         return len(rows)
+
+    async def touch_api_key(self, key_id: str, now: datetime) -> None:
+        async with self._conn() as conn:
+            await conn.execute(SQ["touch_api_key"], now, key_id)

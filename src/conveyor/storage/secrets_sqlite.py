@@ -107,3 +107,10 @@ class SQLiteSecrets:
                 return len(rows)
 
         return await self._run(_do)
+
+    async def touch_api_key(self, key_id: str, now: datetime) -> None:
+        def _do() -> None:
+            with self._tx() as conn:
+                conn.execute(SQ["touch_api_key"], (now.timestamp(), key_id))
+
+        await self._run(_do)

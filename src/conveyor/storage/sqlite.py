@@ -954,6 +954,7 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
             key.key_hash,
             key.prefix,
             key.created_at.timestamp(),
+            _ts(key.expires_at),
         )
 
         def _do() -> None:
@@ -1711,6 +1712,8 @@ def _key_from_row(row: sqlite3.Row) -> ApiKey:
         prefix=row["prefix"],
         created_at=_dt(row["created_at"]),  # type: ignore[arg-type]
         revoked_at=_dt(row["revoked_at"]),
+        expires_at=_dt(row["expires_at"]),
+        last_used_at=_dt(row["last_used_at"]),
     )
 
 

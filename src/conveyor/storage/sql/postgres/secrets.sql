@@ -33,3 +33,8 @@ ORDER BY name, version FOR UPDATE
 
 -- name: rewrap_secret
 UPDATE conveyor.secrets SET key_id = $1, ciphertext = $2 WHERE name = $3 AND version = $4
+
+-- name: touch_api_key
+-- Key lifecycle: when a key last authenticated (never moves back).
+UPDATE conveyor.api_keys SET last_used_at = $1
+WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $1)

@@ -26,3 +26,7 @@ SELECT name, version, key_id, ciphertext, created_at FROM secrets ORDER BY name,
 
 -- name: rewrap_secret
 UPDATE secrets SET key_id = ?, ciphertext = ? WHERE name = ? AND version = ?
+
+-- name: touch_api_key
+-- Key lifecycle: when a key last authenticated (never moves back).
+UPDATE api_keys SET last_used_at = ?1 WHERE id = ?2 AND (last_used_at IS NULL OR last_used_at < ?1)
