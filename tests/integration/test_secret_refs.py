@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import secrets
+import sys
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,9 @@ from support import async_wait_until, running_worker
 pytestmark = pytest.mark.timeout(90)
 
 
-async def test_plaintext_never_leaves_the_handler_call(tmp_path: Path) -> None:
+async def test_plaintext_never_leaves_the_handler_call(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     plain = "pw-" + secrets.token_hex(16)
     db = tmp_path / "c.db"
     logs = io.StringIO()
@@ -84,13 +87,40 @@ async def test_plaintext_never_leaves_the_handler_call(tmp_path: Path) -> None:
         for execution_list in [await app.store.executions(i) for i in ids.values()]:
             texts.append(repr(execution_list))
         texts.append(logs.getvalue())
+        captured = capfd.readouterr()  # the process's and its children's stdout/stderr
+        texts.extend((captured.out, captured.err))
         assert "job_dead_lettered" in logs.getvalue()
         for text in texts:
             assert plain not in text
     finally:
         await app.close()
-        configure_logging()
+        configure_logging(stream=sys.__stderr__)  # not the capture, closed after this test
     files = [p for p in tmp_path.iterdir() if p.name.startswith("c.db")]
     assert files
     for path in files:
         assert plain.encode() not in path.read_bytes(), path.name
+
+
+async def test_a_missing_secret_fails_the_attempt_clearly(tmp_path: Path) -> None:
+    settings = Settings(
+        database_url="memory://",
+        master_key=MasterKey.generate().to_base64(),
+        heartbeat_interval=0.2,
+    )
+    app = Conveyor(settings=settings)
+    app.job("use", max_retries=0)(h.use_secret)
+    out = str(tmp_path / "use.sha")
+    try:
+        await app.open()
+        job = await app.enqueue("use", {"password": {"$secret": "nope"}, "out": out})
+        async with running_worker(app, concurrency=1):
+
+            async def failed() -> object:
+                j = await app.store.get(job.id)
+                return j if j.state is JobState.FAILED else None
+
+            done = await async_wait_until(failed, 20, "the job to fail")
+        assert "Secret 'nope' not found" in done.error
+        assert not Path(out).exists()
+    finally:
+        await app.close()
