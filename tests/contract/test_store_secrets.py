@@ -130,3 +130,14 @@ async def test_cache_sees_a_new_version_from_another_process(store: Store) -> No
     assert await reader.get("k") == "one"
     await writer.set("k", "two")  # another provider: the reader's cache is stale
     assert await reader.get("k") == "two"
+
+
+async def test_keyring_rotation_without_downtime(store: Store) -> None:
+    old, new = MasterKey.generate(), MasterKey.generate()
+    await vault(store, old).set("a", "alpha")
+    both = vault(store, new, old)  # step 1: new key current, old one previous
+    assert await both.get("a") == "alpha"
+    assert await both.set("b", "beta")  # new rows under the new key at once
+    assert await both.rotate_master() == 2  # step 2: re-wrap the rest
+    assert {(await store.get_secret(n)).key_id for n in ("a", "b")} == {new.key_id}
+    assert await vault(store, new).get("a") == "alpha"  # step 3: old key gone
