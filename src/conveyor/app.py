@@ -54,6 +54,7 @@ from conveyor.runtime.steps import DEFAULT_MAX_HEALS, check_heal
 from conveyor.runtime.webhooks import WEBHOOK_JOB, WebhookSender
 from conveyor.runtime.worker import Worker, exit_if_abandoned
 from conveyor.security.redact import redact_url
+from conveyor.security.vault import StoreSecrets, load_keyring
 from conveyor.settings import ISOLATION_MODES, Settings
 from conveyor.storage.base import Store
 from conveyor.workflows import (
@@ -179,6 +180,7 @@ class Conveyor:
             new_job=self.new_job,
             submit_many=self.submit_many,
             add_steps=self.workflows.add_steps,
+            secrets=self._resolve_secret,
         )
         s = self.settings
         self.webhooks = WebhookSender(
@@ -948,6 +950,28 @@ class Conveyor:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.close()
+
+    # -- the secrets vault (docs/security.md) --------------------------------------------
+    @property
+    def secrets(self) -> StoreSecrets:
+        """The vault: ``await app.secrets.get("smtp")``, ``set``, ``list``, ``delete``,
+        ``rotate_master``. Built on first use from the master key settings (a bad
+        key or an unsafe key file raises ``ConfigurationError`` then)."""
+        vault: StoreSecrets | None = getattr(self, "_vault", None)
+        if vault is None or vault.store is not self.store:
+            s = self.settings
+            vault = StoreSecrets(
+                self.store,
+                load_keyring(s),
+                self.now,
+                cache_ttl=s.secrets_cache_ttl,
+                keep=s.secrets_keep_versions,
+            )
+            self._vault = vault
+        return vault
+
+    async def _resolve_secret(self, name: str) -> str:
+        return await self.secrets.get(name)
 
 
 def _integral(value: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from conveyor.domain.errors import ConfigurationError
@@ -70,6 +70,19 @@ class Settings:
     # What a worker offers to jobs with requirements: "gpu=a100" items
     # (CONVEYOR_CAPABILITIES=gpu=a100,region=eu; CLI --capability).
     capabilities: tuple[str, ...] = ()
+    # The secrets vault (docs/security.md): the master key as base64 of 32 bytes,
+    # or a file holding it (mode 0600, checked); a previous key still unwraps
+    # rows not yet re-wrapped by `conveyor secrets rotate-master`. Never printed.
+    master_key: str = field(default="", repr=False)
+    master_key_file: str = ""
+    master_key_previous: str = field(default="", repr=False)
+    secrets_cache_ttl: float = 300.0  # seconds a worker keeps a decrypted value
+    secrets_keep_versions: int = 5  # versions kept per secret (older ones are deleted)
+    # Request rate limits (`limits` notation, e.g. "600/minute"): per API key, and
+    # failed authentications per client address; shared through redis_url when set.
+    rate_limits: bool = True
+    rate_limit: str = "1200/minute"
+    rate_limit_auth_failures: str = "30/minute"
 
     def __post_init__(self) -> None:
         problems = [
@@ -140,6 +153,13 @@ class Settings:
             problems.append("scheduler_misfire_grace must be >= 0 seconds")
         if not 0 < self.scheduler_interval <= 60:
             problems.append("scheduler_interval must be > 0 and <= 60 seconds")
+        if self.secrets_cache_ttl < 0:
+            problems.append("secrets_cache_ttl must be >= 0 seconds (0 = no cache)")
+        if not 1 <= self.secrets_keep_versions <= 1000:
+            problems.append("secrets_keep_versions must be between 1 and 1000")
+        for name in ("rate_limit", "rate_limit_auth_failures"):
+            if not _is_rate(getattr(self, name)):
+                problems.append(f"{name} must look like 600/minute (count per second|minute|hour)")
         if not 0 <= self.metrics_port <= 65535:
             problems.append("metrics_port must be between 0 (off) and 65535")
         if not self.metrics_host or any(c in self.metrics_host for c in " /\x00"):
@@ -192,6 +212,9 @@ _TYPES: dict[str, type] = {
     "scheduler_misfire_grace": float,
     "scheduler_interval": float,
     "metrics_port": int,
+    "secrets_cache_ttl": float,
+    "secrets_keep_versions": int,
+    "rate_limits": bool,
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -214,3 +237,13 @@ def _parse(name: str, raw: str) -> Any:
         raise ConfigurationError(
             f"CONVEYOR_{name.upper()}={raw!r} is not a valid {kind.__name__}"
         ) from None
+
+
+def _is_rate(text: str) -> bool:
+    """``text`` is one ``N/unit`` or ``N per unit`` rate the ``limits`` library reads."""
+    from limits import parse_many
+
+    try:
+        return len(parse_many(text)) == 1
+    except ValueError:
+        return False

@@ -23,6 +23,7 @@ from schemathesis.checks import negative_data_rejection, positive_data_acceptanc
 import conveyor.demo
 from conveyor.api.app import create_app
 from conveyor.app import Conveyor
+from conveyor.security.vault import MasterKey
 from conveyor.settings import Settings
 
 # schemathesis needs the schema when the module is collected (its lazy `from_fixture`
@@ -30,8 +31,13 @@ from conveyor.settings import Settings
 _DIR = Path(tempfile.mkdtemp(prefix="conveyor-schemathesis-"))
 atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
 # schemathesis calls the app as host "testserver": allowed like a configured name.
+# A master key: /api/secrets answers 503 without one (a server fault, by design).
 CV = Conveyor(
-    settings=Settings(database_url=f"sqlite:///{_DIR / 'api.db'}", allowed_hosts=("testserver",))
+    settings=Settings(
+        database_url=f"sqlite:///{_DIR / 'api.db'}",
+        allowed_hosts=("testserver",),
+        master_key=MasterKey.generate().to_base64(),
+    )
 )
 conveyor.demo.register(CV)
 API = create_app(CV)

@@ -35,7 +35,9 @@ from conveyor.api.http import JSON, ApiError, Auth, fail, sees_internal
 from conveyor.api.locks import lock_router
 from conveyor.api.models import ErrorResponse, JobSubmit
 from conveyor.api.queues import queue_router
+from conveyor.api.ratelimit import RequestLimits
 from conveyor.api.schedules import schedule_router
+from conveyor.api.secrets import secrets_router
 from conveyor.api.workflows import workflow_router
 from conveyor.app import Conveyor
 from conveyor.dashboard import dashboard_router
@@ -191,6 +193,7 @@ def create_app(
     metrics = metrics or Metrics()
     exporter = FleetExporter(metrics, conveyor.deps, workers=lambda: workers)
     auth = Auth(conveyor, allow_anonymous=allow_anonymous)
+    auth.limits = RequestLimits.from_settings(conveyor.settings)
     hub = EventHub(
         conveyor.store,
         poll_interval=conveyor.settings.event_poll_interval,
@@ -600,6 +603,7 @@ def create_app(
     api.include_router(workflow_router(conveyor, auth))
     api.include_router(lock_router(conveyor, auth))
     api.include_router(schedule_router(conveyor, auth))
+    api.include_router(secrets_router(conveyor, auth))
     api.include_router(dashboard_router(conveyor, auth, workers))
     api.include_router(queue_router(conveyor, auth))
     document_errors(api)
@@ -668,6 +672,7 @@ _ERROR_TEXT = {
     "413": "Request body too large",
     "415": "The body must be JSON with Content-Type: application/json",
     "421": "The Host header is not allowed (CONVEYOR_ALLOWED_HOSTS)",
+    "429": "Rate limit: too many requests or failed authentications (see Retry-After)",
     "503": "Store unavailable",
 }
 
@@ -695,7 +700,7 @@ def document_errors(api: FastAPI) -> None:
                 responses.pop("422", None)
                 codes = {"400", "421"}
                 if path.startswith("/api/"):
-                    codes |= {"401", "403", "503"}
+                    codes |= {"401", "403", "429", "503"}
                     # Optional when the API allows anonymous loopback use.
                     op["security"] = [{"bearer": []}, {}]
                 if "{job_id}" in path:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import orjson
+import structlog
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
@@ -17,6 +19,9 @@ from conveyor.domain.auth import ApiKey
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.errors import FieldError
 from conveyor.security.api_keys import hash_key
+
+if TYPE_CHECKING:
+    from conveyor.api.ratelimit import RequestLimits
 
 
 class JSON(JSONResponse):
@@ -46,6 +51,8 @@ class ApiError(Exception):
 
 # -- auth ------------------------------------------------------------------------------------
 KEY_RECHECK_SECONDS = 2.0  #: an open WebSocket's key is checked again this often
+TOUCH_INTERVAL = 60.0  #: seconds between two writes of one key's ``last_used_at``
+_log = structlog.get_logger("conveyor.api")
 
 
 def sees_internal(key: ApiKey | None) -> bool:
@@ -77,6 +84,9 @@ class Auth:
         self._rechecked: dict[str, tuple[float, ApiKey | None]] = {}
         #: The dashboard's hook: the key of a WebSocket's session cookie, if any.
         self.websocket_session: Callable[[HTTPConnection], Awaitable[ApiKey | None]] | None = None
+        #: Request rate limits (api/ratelimit.py); None = unlimited.
+        self.limits: RequestLimits | None = None
+        self._touched: dict[str, float] = {}  # key id -> when last_used_at was written
 
     async def keys_exist(self) -> bool:
         checked, value = self._keys_exist
@@ -115,6 +125,7 @@ class Auth:
         if not token:
             if self.allow_anonymous and not await self.keys_exist():
                 return None
+            await self._failed(conn)
             raise ApiError(
                 401,
                 "Missing API key: send 'Authorization: Bearer <key>' "
@@ -123,7 +134,20 @@ class Auth:
             )
         key = await self._find(hash_key(token), cached)
         if key is None:
+            await self._failed(conn)
             raise ApiError(401, "Invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+        now = self.conveyor.now()
+        if key.expired(now):
+            await self._failed(conn)
+            raise ApiError(
+                401,
+                f"This API key expired at {key.expires_at:%Y-%m-%dT%H:%M:%SZ}: create a new "
+                "one with `conveyor keys create`",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        await self._touch(key, now)
+        if self.limits is not None and not cached:
+            await self.limits.key_used(key.id)
         if not key.scope.allows(scope):
             raise ApiError(
                 403,
@@ -143,6 +167,25 @@ class Auth:
                 self._rechecked.clear()
             self._rechecked[key_hash] = (now, key)
         return key
+
+    async def _touch(self, key: ApiKey, now: datetime) -> None:
+        """Record ``last_used_at``, at most once a minute per key and process (a write
+        per request would cost more than the request)."""
+        last = self._touched.get(key.id)
+        if last is not None and time.monotonic() - last < TOUCH_INTERVAL:
+            return
+        if len(self._touched) > 10_000:
+            self._touched.clear()
+        self._touched[key.id] = time.monotonic()
+        try:
+            await self.conveyor.store.touch_api_key(key.id, now)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping never fails a request
+            _log.warning("api_key_touch_failed", key_id=key.id, error=type(exc).__name__)
+
+    async def _failed(self, conn: HTTPConnection) -> None:
+        """Count a failed authentication of ``conn``'s address (429 past the limit)."""
+        if self.limits is not None:
+            await self.limits.auth_failed(conn.client.host if conn.client else "unknown")
 
     def require(self, scope: KeyScope) -> Callable[[Request], Awaitable[None]]:
         async def check(request: Request) -> None:

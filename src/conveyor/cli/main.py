@@ -310,13 +310,20 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--scope", type=click.Choice(["read", "write", "admin"]), required=True)
 @click.option("--name", default="default", show_default=True)
+@click.option(
+    "--expires-in",
+    default=None,
+    help="Refuse the key after this long: 90d, 12h, 30m, 2w (default: never).",
+)
 @click.pass_obj
-def keys_create(obj: Ctx, scope: str, name: str) -> None:
+def keys_create(obj: Ctx, scope: str, name: str, expires_in: str | None) -> None:
     """Create a key; it is printed once and stored only as a hash."""
-    from conveyor.security.api_keys import new_api_key
+    from conveyor.security.api_keys import new_api_key, parse_duration
+
+    lifetime = None if expires_in is None else parse_duration(expires_in)
 
     async def go(app: Conveyor) -> str:
-        key, record = new_api_key(name, scope, app.now())
+        key, record = new_api_key(name, scope, app.now(), lifetime)
         await app.store.create_api_key(record)
         return key
 
@@ -344,13 +351,18 @@ def keys_list(obj: Ctx, as_json: bool) -> None:
             "prefix": k.prefix,
             "created_at": iso(k.created_at),
             "revoked_at": iso(k.revoked_at),
+            "expires_at": iso(k.expires_at),
+            "last_used_at": iso(k.last_used_at),
         }
         for k in found
     ]
     if as_json:
         emit_json(rows)
         return
-    table = _table("API keys", ("id", "name", "scope", "prefix", "created", "revoked"))
+    table = _table(
+        "API keys",
+        ("id", "name", "scope", "prefix", "created", "revoked", "expires", "last used"),
+    )
     for r in rows:
         _add_row(
             table,
@@ -360,6 +372,8 @@ def keys_list(obj: Ctx, as_json: bool) -> None:
             f"{r['prefix']}...",
             r["created_at"] or "",
             r["revoked_at"] or "",
+            r["expires_at"] or "",
+            r["last_used_at"] or "",
         )
     out.print(table)
 
@@ -799,6 +813,7 @@ def status(obj: Ctx, as_json: bool) -> None:
 
 
 # Command groups in modules of their own register themselves on ``cli`` when imported.
+from conveyor.cli import secrets as _secrets  # noqa: E402, F401
 from conveyor.cli import workflows as _workflows  # noqa: E402, F401
 
 # -- cron schedules (cli/schedules.py) --------------------------------------------------

@@ -29,7 +29,12 @@ class ApiKey:
     prefix: str  # first characters of the key, to recognise it in listings
     created_at: datetime
     revoked_at: datetime | None = None
+    expires_at: datetime | None = None  # refused from this instant on; None = never
+    last_used_at: datetime | None = None  # recorded at most once a minute per process
 
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at

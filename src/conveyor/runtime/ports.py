@@ -133,3 +133,6 @@ class RuntimeDeps:
     add_steps: (
         Callable[[str, str, str, Sequence[Mapping[str, Any]]], Awaitable[list[Job]]] | None
     ) = None
+    #: ``secrets(name)``: the value of a vault secret, for payload references
+    #: ``{"$secret": name}`` resolved just before a handler call (docs/security.md).
+    secrets: Callable[[str], Awaitable[str]] | None = None

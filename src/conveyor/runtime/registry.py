@@ -14,6 +14,7 @@ from conveyor.domain.errors import ConfigurationError, FieldError, ValidationErr
 from conveyor.domain.flow import FlowLimits
 from conveyor.domain.job import DEFAULT_MAX_RETRIES, DEFAULT_PRIORITY, DEFAULT_QUEUE, JobTypeInfo
 from conveyor.domain.retry import RetryPolicy
+from conveyor.runtime.secret_refs import has_refs, with_placeholders
 from conveyor.runtime.steps import DEFAULT_MAX_HEALS
 
 if TYPE_CHECKING:
@@ -55,7 +56,8 @@ class JobDefinition:
     def validate_payload(self, payload: Mapping[str, Any]) -> None:
         """Raise ``ValidationError`` if ``payload`` does not fit the handler's signature."""
         if self._model is not None:
-            self._validate(payload)
+            # A secret reference stands for text, resolved by the worker (docs/security.md).
+            self._validate(with_placeholders(payload) if has_refs(payload) else payload)
 
     def _validate(self, payload: Mapping[str, Any]) -> Any:
         assert self._model is not None

@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,7 @@ from conveyor.runtime.flow import next_window_in, registered_limits, worker_capa
 from conveyor.runtime.locks import MAINTENANCE_LEADER, Leadership
 from conveyor.runtime.observe import JobsRescued, JobsStarted
 from conveyor.runtime.relay import OutboxConsumer, bus_relay, skip_unheard
+from conveyor.runtime.secret_refs import has_refs, resolve_refs, scrub
 from conveyor.runtime.steps import attach_steps, child_calls, heal_finish
 from conveyor.runtime.webhooks import WebhookDispatcher
 from conveyor.storage.codec import storable_result
@@ -133,6 +134,7 @@ class _Running:
     timeout_cm: asyncio.Timeout | None = None  # the handler's timeout, to tell it apart
     timed_out: bool = False  # the pool killed its child at the timeout
     error: BaseException | None = None  # what the attempt raised (for a heal)
+    secrets: tuple[str, ...] = ()  # values its secret references resolved to (scrubbed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -599,7 +601,11 @@ class Worker:
         try:
             if ctx.parent_results is None:  # the batch read failed: this step's own
                 ctx.parent_results = (await self.store.parent_results([job.id])).get(job.id, {})
-            kwargs = definition.validated_payload(job.payload)
+            payload = job.payload
+            if self.deps.secrets is not None and has_refs(payload):
+                payload, values = await resolve_refs(payload, self.deps.secrets)
+                entry.secrets = tuple(values)
+            kwargs = definition.validated_payload(payload)
             if self._isolated(definition):
                 outcome = await self._run_in_child(job, ctx, definition, kwargs, timeout)
                 return self._child_outcome(job, definition, outcome)
@@ -810,7 +816,7 @@ class Worker:
                 worker_id=self.id,
                 job_type=job.job_type,
                 exit_code=outcome.exit_code,
-                error=outcome.error,
+                error=scrub(outcome.error, getattr(self._running.get(job.id), "secrets", ())),
             )
         # The child described the exception already (safely, in its own process).
         return self._failure(job, definition, outcome.as_exception(), error=outcome.error)
@@ -841,6 +847,8 @@ class Worker:
             rand=self.deps.rand,
             error=None if error is None else safe_text(error),
         )
+        if entry is not None and entry.secrets:  # never store a resolved secret
+            decision = replace(decision, error=scrub(decision.error, entry.secrets) or "")
         retry_at = (
             self.deps.now() + timedelta(seconds=decision.delay)
             if decision.action is Action.RETRY

@@ -40,6 +40,7 @@ from conveyor.domain.job import (
 )
 from conveyor.domain.locks import LockInfo
 from conveyor.domain.schedules import Schedule
+from conveyor.domain.secrets import SecretInfo, SecretVersion
 from conveyor.domain.states import JobState
 from conveyor.domain.webhooks import (
     DeliveryAttempt,
@@ -634,6 +635,42 @@ class Store(abc.ABC):
     async def flow_stats(self, now: datetime) -> FlowStats:
         """Ready jobs held back now by each limit (paused queue, concurrency, rate,
         queue concurrency) and pending jobs with requirements."""
+
+    # -- the secrets vault (docs/security.md): ciphertexts only ---------------------------
+    async def put_secret(
+        self, name: str, key_id: str, seal: Callable[[int], bytes], now: datetime, keep: int
+    ) -> SecretVersion:
+        """Add the next version of secret ``name`` (1 for a new name), sealed by
+        ``seal(version)`` inside the write, and drop all but its newest ``keep``
+        versions. Returns the stored version. Raises ``ValidationError`` (keep)."""
+        raise NotImplementedError
+
+    async def get_secret(self, name: str, version: int | None = None) -> SecretVersion:
+        """One version (the newest when ``version`` is None). Raises ``SecretNotFound``."""
+        raise NotImplementedError
+
+    async def secret_version(self, name: str) -> int | None:
+        """The newest version of ``name``, None when there is no such secret (a cheap
+        check, so caches see a change)."""
+        raise NotImplementedError
+
+    async def list_secrets(self) -> list[SecretInfo]:
+        """Every secret, by name: versions and dates, never a value."""
+        raise NotImplementedError
+
+    async def delete_secret(self, name: str) -> None:
+        """Delete every version of ``name``. Raises ``SecretNotFound``."""
+        raise NotImplementedError
+
+    async def rewrap_secrets(self, rewrap: Callable[[SecretVersion], tuple[str, bytes]]) -> int:
+        """Replace every row's ``(key_id, ciphertext)`` by ``rewrap(row)``, all in one
+        transaction (an exception from ``rewrap`` changes nothing). Returns the count."""
+        raise NotImplementedError
+
+    async def touch_api_key(self, key_id: str, now: datetime) -> None:
+        """Record that key ``key_id`` authenticated at ``now`` (``last_used_at``; an
+        older ``now`` than the stored one changes nothing)."""
+        raise NotImplementedError
 
 
 #: The states ``queue_stats`` counts.

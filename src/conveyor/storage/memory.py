@@ -111,6 +111,7 @@ from conveyor.storage.flow import (
 )
 from conveyor.storage.locks import lock_from_row
 from conveyor.storage.schedules_memory import MemorySchedules
+from conveyor.storage.secrets_memory import MemorySecrets
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
     Moved,
@@ -126,7 +127,7 @@ from conveyor.storage.workflows import (
 )
 
 
-class MemoryStore(MemorySchedules, Store):
+class MemoryStore(MemorySchedules, MemorySecrets, Store):
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         self._seq: dict[str, int] = {}

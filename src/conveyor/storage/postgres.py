@@ -112,6 +112,7 @@ from conveyor.storage.flow import (
 )
 from conveyor.storage.locks import lock_from_row
 from conveyor.storage.schedules_postgres import PostgresSchedules
+from conveyor.storage.secrets_postgres import PostgresSecrets
 from conveyor.storage.sql import load_migrations, load_queries
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
@@ -499,7 +500,7 @@ def job_from_record(r: asyncpg.Record) -> Job:
     )
 
 
-class PostgresStore(PostgresSchedules, Store):
+class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
     """Store on PostgreSQL. ``dsn``: ``postgresql://user:pass@host:5432/db``."""
 
     def __init__(
@@ -1340,6 +1341,7 @@ class PostgresStore(PostgresSchedules, Store):
                     key.key_hash,
                     key.prefix,
                     key.created_at,
+                    key.expires_at,
                 )
         except StoreError as exc:
             if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
@@ -2143,6 +2145,8 @@ def _key(r: asyncpg.Record) -> ApiKey:
         prefix=r["prefix"],
         created_at=r["created_at"],
         revoked_at=r["revoked_at"],
+        expires_at=r["expires_at"],
+        last_used_at=r["last_used_at"],
     )
 
 

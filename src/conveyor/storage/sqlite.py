@@ -124,6 +124,7 @@ from conveyor.storage.flow import (
 )
 from conveyor.storage.locks import lock_from_row
 from conveyor.storage.schedules_sqlite import SQLiteSchedules
+from conveyor.storage.secrets_sqlite import SQLiteSecrets
 from conveyor.storage.sql import load_migrations, load_queries
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
@@ -238,7 +239,7 @@ def _store_error(exc: sqlite3.DatabaseError, path: str) -> StoreError:
     return StoreError(f"SQLite error on {path}: {text}")
 
 
-class SQLiteStore(SQLiteSchedules, Store):
+class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
     """Store on one SQLite file. ``path`` may be ``:memory:`` only for one process."""
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 30_000) -> None:
@@ -989,6 +990,7 @@ class SQLiteStore(SQLiteSchedules, Store):
             key.key_hash,
             key.prefix,
             key.created_at.timestamp(),
+            _ts(key.expires_at),
         )
 
         def _do() -> None:
@@ -1946,6 +1948,8 @@ def _key_from_row(row: sqlite3.Row) -> ApiKey:
         prefix=row["prefix"],
         created_at=_dt(row["created_at"]),  # type: ignore[arg-type]
         revoked_at=_dt(row["revoked_at"]),
+        expires_at=_dt(row["expires_at"]),
+        last_used_at=_dt(row["last_used_at"]),
     )
 
 

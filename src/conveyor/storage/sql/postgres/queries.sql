@@ -443,8 +443,8 @@ WHERE completed_at >= $1 AND state IN ('completed', 'failed', 'cancelled')
 GROUP BY job_type, state
 
 -- name: insert_api_key
-INSERT INTO conveyor.api_keys (id, name, scope, key_hash, prefix, created_at)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO conveyor.api_keys (id, name, scope, key_hash, prefix, created_at, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 
 -- name: list_api_keys
 SELECT * FROM conveyor.api_keys ORDER BY created_at

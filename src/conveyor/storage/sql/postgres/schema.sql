@@ -603,3 +603,17 @@ BEGIN
         WHERE s.concurrency_limit IS NOT NULL AND (p_any_queue OR s.queue = ANY(p_queues));
 END
 $$;
+-- The secrets vault and key lifecycle (migration 0012).
+CREATE TABLE conveyor.secrets (
+    name text NOT NULL,
+    version integer NOT NULL,
+    key_id text NOT NULL,
+    ciphertext bytea NOT NULL,
+    created_at timestamp with time zone NOT NULL
+);
+
+ALTER TABLE ONLY conveyor.secrets
+    ADD CONSTRAINT secrets_pkey PRIMARY KEY (name, version);
+
+ALTER TABLE conveyor.api_keys ADD COLUMN expires_at timestamp with time zone;
+ALTER TABLE conveyor.api_keys ADD COLUMN last_used_at timestamp with time zone;

@@ -260,7 +260,8 @@ SELECT version, name, checksum FROM schema_migrations ORDER BY version
 INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, ?)
 
 -- name: insert_api_key
-INSERT INTO api_keys (id, name, scope, key_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?, ?)
+INSERT INTO api_keys (id, name, scope, key_hash, prefix, created_at, expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)
 
 -- name: list_api_keys
 SELECT * FROM api_keys ORDER BY created_at

@@ -1,0 +1,126 @@
+"""Secret references end to end: ``{"$secret": name}`` is resolved only for the
+handler call (thread and process isolation); the plaintext is nowhere else:
+not in the SQLite files, the logs, the events, the API answers or stored errors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import secrets
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conveyor import Conveyor
+from conveyor.api.app import create_app
+from conveyor.domain.states import JobState
+from conveyor.observability.logging import configure_logging
+from conveyor.security.vault import MasterKey
+from conveyor.settings import Settings
+from integration import secret_handlers as h
+from support import async_wait_until, running_worker
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def test_plaintext_never_leaves_the_handler_call(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    plain = "pw-" + secrets.token_hex(16)
+    db = tmp_path / "c.db"
+    logs = io.StringIO()
+    configure_logging("DEBUG", stream=logs, fmt="json")
+    settings = Settings(
+        database_url=f"sqlite:///{db}",
+        master_key=MasterKey.generate().to_base64(),
+        heartbeat_interval=0.2,
+    )
+    app = Conveyor(settings=settings)
+    for isolation in ("thread", "process"):
+        app.job(f"use_{isolation}", isolation=isolation, max_retries=0)(h.use_secret)
+        app.job(f"leak_{isolation}", isolation=isolation, max_retries=0)(h.leak_secret)
+    ref = {"$secret": "smtp_password"}
+    try:
+        await app.open()
+        await app.secrets.set("smtp_password", plain)
+        ids: dict[str, str] = {}
+        for kind in ("use_thread", "use_process", "leak_thread", "leak_process"):
+            out = str(tmp_path / f"{kind}.sha")
+            ids[kind] = (await app.enqueue(kind, {"password": ref, "out": out})).id
+        async with running_worker(app, concurrency=4):
+
+            async def all_final() -> dict | None:
+                found = {i: await app.store.get(i) for i in ids.values()}
+                final = (JobState.COMPLETED, JobState.FAILED)
+                return found if all(j.state in final for j in found.values()) else None
+
+            jobs = await async_wait_until(all_final, 30, "the four jobs to finish")
+        digest = hashlib.sha256(plain.encode()).hexdigest()
+        for kind in ("use_thread", "use_process"):
+            job = jobs[ids[kind]]
+            assert job.state is JobState.COMPLETED, job.error
+            assert job.result == {"length": len(plain)}
+            assert (tmp_path / f"{kind}.sha").read_text() == digest  # it got the value
+        for kind in ("leak_thread", "leak_process"):
+            job = jobs[ids[kind]]
+            assert job.state is JobState.FAILED
+            assert "login refused for password ***" in (job.error or "")
+            assert plain not in (job.error or "")
+        for job in jobs.values():
+            assert job.payload["password"] == ref  # stored as the reference
+        texts: list[str] = []
+        transport = httpx.ASGITransport(app=create_app(app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+            for job_id in ids.values():
+                r = await http.get(f"/api/jobs/{job_id}")
+                assert r.status_code == 200
+                assert '"$secret"' in r.text
+                texts.append(r.text)
+            r = await http.get("/api/events", params={"limit": 1000})
+            assert r.status_code == 200
+            assert len(r.json()["events"]) >= 8
+            texts.append(r.text)
+        events = await app.store.events_after(0, 10_000)
+        texts.append(repr(events))
+        for execution_list in [await app.store.executions(i) for i in ids.values()]:
+            texts.append(repr(execution_list))
+        texts.append(logs.getvalue())
+        captured = capfd.readouterr()  # the process's and its children's stdout/stderr
+        texts.extend((captured.out, captured.err))
+        assert "job_dead_lettered" in logs.getvalue()
+        for text in texts:
+            assert plain not in text
+    finally:
+        await app.close()
+        configure_logging(stream=sys.__stderr__)  # not the capture, closed after this test
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("c.db")]
+    assert files
+    for path in files:
+        assert plain.encode() not in path.read_bytes(), path.name
+
+
+async def test_a_missing_secret_fails_the_attempt_clearly(tmp_path: Path) -> None:
+    settings = Settings(
+        database_url="memory://",
+        master_key=MasterKey.generate().to_base64(),
+        heartbeat_interval=0.2,
+    )
+    app = Conveyor(settings=settings)
+    app.job("use", max_retries=0)(h.use_secret)
+    out = str(tmp_path / "use.sha")
+    try:
+        await app.open()
+        job = await app.enqueue("use", {"password": {"$secret": "nope"}, "out": out})
+        async with running_worker(app, concurrency=1):
+
+            async def failed() -> object:
+                j = await app.store.get(job.id)
+                return j if j.state is JobState.FAILED else None
+
+            done = await async_wait_until(failed, 20, "the job to fail")
+        assert "Secret 'nope' not found" in done.error
+        assert not Path(out).exists()
+    finally:
+        await app.close()
