@@ -204,6 +204,11 @@ class Steps:
     def __init__(self, port: StepPort | None) -> None:
         self.port = port
         self.done: dict[str, Any] | None = None  # stored results, loaded on first use
+        # Concurrent calls with one name (asyncio.gather, threads) take turns: the
+        # second finds the first's stored result instead of running fn again.
+        self._running: dict[str, asyncio.Lock] = {}
+        self._running_sync: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
 
     def _port(self) -> StepPort:
         return _Detached() if self.port is None else self.port
@@ -211,6 +216,11 @@ class Steps:
     # -- async (an async handler) ---------------------------------------------------
     async def step(self, name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         check_step_name(name)
+        turn = self._running.setdefault(name, asyncio.Lock())
+        async with turn:
+            return await self._step(name, fn, args, kwargs)
+
+    async def _step(self, name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         port = self._port()
         if self.done is None:
             self.done = await port.load()
@@ -233,6 +243,12 @@ class Steps:
     # -- sync (a sync handler, in its thread) ---------------------------------------
     def step_sync(self, name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         check_step_name(name)
+        with self._guard:
+            turn = self._running_sync.setdefault(name, threading.Lock())
+        with turn:
+            return self._step_sync(name, fn, args, kwargs)
+
+    def _step_sync(self, name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         port = self._port()
         if self.done is None:
             self.done = port.load_sync()
