@@ -408,6 +408,7 @@ def plan_fires(schedule: Schedule, spec: CronSpec, now: datetime, grace: float) 
     missed_count = 0
     current: datetime | None = first
     looked = 0
+    window_start = first
     while current is not None and current <= now:
         if current < late_before:
             missed_count += 1
@@ -415,10 +416,18 @@ def plan_fires(schedule: Schedule, spec: CronSpec, now: datetime, grace: float) 
             if keep:
                 missed.append(current)
             if looked >= CATCH_UP_LOOKBACK:
-                # Far behind: jump to the recent past instead of walking every instant.
-                current = spec.next_after(late_before - timedelta(microseconds=1))
+                # Far behind: jump instead of walking every instant. ``skip`` jumps to the
+                # recent past; ``catch_up`` must still see the most recent misfires, so it
+                # jumps to about one walked window (as long as the last one) before them.
+                span = current - window_start
+                target = late_before - span if keep else late_before
                 looked = 0
-                continue
+                if target > current:
+                    missed.clear()  # older than every instant still ahead
+                    current = spec.next_after(target - timedelta(microseconds=1))
+                    window_start = current
+                    continue
+                window_start = current
         else:
             on_time.append(current)
         current = spec.next_after(current)
