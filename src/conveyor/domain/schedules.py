@@ -54,6 +54,8 @@ MAX_JITTER = 86_400.0
 #: How many past fire times a catch-up looks through at most (an every-second
 #: schedule down for longer loses the older ones).
 CATCH_UP_LOOKBACK = 10_000
+#: Zone file names that are host configuration, not zones (refused).
+HOST_ZONE_ALIASES = frozenset({"localtime", "posixrules"})
 DEFAULT_TIMEZONE = "UTC"
 #: The ``schedule_fired`` event (written with the job it creates).
 SCHEDULE_FIRED = "schedule_fired"
@@ -179,6 +181,17 @@ def _zone(timezone: object, errs: list[FieldError]) -> ZoneInfo | None:
         return None
     if text_error(timezone) is not None or timezone.startswith(("/", ".")) or ".." in timezone:
         errs.append(FieldError("timezone", f"unknown time zone {timezone!r}"))
+        return None
+    if timezone.lower() in HOST_ZONE_ALIASES:
+        # Links to whatever zone each host is configured with: two schedulers on
+        # different hosts would read one schedule in two zones.
+        errs.append(
+            FieldError(
+                "timezone",
+                f"{timezone!r} means a different zone on each host: give an IANA name "
+                "(e.g. Europe/Berlin)",
+            )
+        )
         return None
     try:
         return ZoneInfo(timezone)
