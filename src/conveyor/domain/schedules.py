@@ -438,7 +438,8 @@ def plan_fires(schedule: Schedule, spec: CronSpec, now: datetime, grace: float) 
                 if target > current:
                     missed.clear()  # older than every instant still ahead
                     current = spec.next_after(target - timedelta(microseconds=1))
-                    window_start = current
+                    if current is not None:
+                        window_start = current
                     continue
                 window_start = current
         else:
