@@ -136,6 +136,15 @@ async def test_concurrent_calls_with_one_name_run_the_step_once(app):
     assert tjob.result == [7] * 4
 
 
+async def test_a_step_name_keeps_no_lock_once_its_calls_returned() -> None:
+    steps = Steps(None)
+    for i in range(100):
+        assert await steps.step(f"item-{i}", lambda i=i: i, (), {}) == i
+    assert steps.step_sync("sync", lambda: 1, (), {}) == 1
+    assert steps._running == {}
+    assert steps._running_sync == {}
+
+
 async def test_a_step_that_raises_is_not_stored_and_runs_again(app):
     calls: list[int] = []
 
