@@ -15,6 +15,8 @@ EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # auto: uvloop when installed
 ISOLATION_MODES = ("thread", "process")
 LOCKS_BACKENDS = ("store", "redis")  # redis: needs redis_url
 LOG_FORMATS = ("console", "json")
+#: Longest CONVEYOR_SCHEDULER_MISFIRE_GRACE, in seconds (one day).
+MAX_MISFIRE_GRACE = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +151,12 @@ class Settings:
             problems.append(f"locks_backend must be one of {', '.join(LOCKS_BACKENDS)}")
         elif self.locks_backend == "redis" and not self.redis_url:
             problems.append("locks_backend=redis needs redis_url (CONVEYOR_REDIS_URL)")
-        if self.scheduler_misfire_grace < 0:
-            problems.append("scheduler_misfire_grace must be >= 0 seconds")
+        if not 0 <= self.scheduler_misfire_grace <= MAX_MISFIRE_GRACE:
+            # Past this, fire times overflow datetime arithmetic (every pass crashed)
+            # and an every-second schedule would fire a day of instants at once.
+            problems.append(
+                f"scheduler_misfire_grace must be >= 0 and <= {MAX_MISFIRE_GRACE:g} seconds"
+            )
         if not 0 < self.scheduler_interval <= 60:
             problems.append("scheduler_interval must be > 0 and <= 60 seconds")
         if self.secrets_cache_ttl < 0:

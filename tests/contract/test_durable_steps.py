@@ -99,6 +99,52 @@ async def test_sync_handlers_use_steps_without_await(app):
     assert runs == ["first", "second"]
 
 
+async def test_concurrent_calls_with_one_name_run_the_step_once(app):
+    # "Two calls with the same name in one job return the first stored result":
+    # also when they overlap (asyncio.gather). Both used to run fn and each got its
+    # own value back, while only the first was stored for later attempts.
+    runs: list[int] = []
+
+    async def charge() -> int:
+        runs.append(1)
+        n = len(runs)
+        await asyncio.sleep(0.05)  # wait-ok: keeps the calls overlapping
+        return n
+
+    @app.job("gathered")
+    async def gathered(ctx: JobContext) -> Any:
+        return await asyncio.gather(*[ctx.step("charge", charge) for _ in range(5)])
+
+    @app.job("threaded")
+    def threaded(ctx: JobContext) -> Any:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def once() -> int:
+            runs.append(1)
+            time.sleep(0.05)  # wait-ok: keeps the calls overlapping
+            return 7
+
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(lambda _: ctx.step("charge", once), range(4)))
+
+    job, tjob = await run_jobs(app, ("gathered", {}), ("threaded", {}))
+    assert job.state is JobState.COMPLETED, job.error
+    assert tjob.state is JobState.COMPLETED, tjob.error
+    assert len(runs) == 2
+    stored = (await app.store.job_steps(job.id))["charge"]
+    assert job.result == [stored] * 5
+    assert tjob.result == [7] * 4
+
+
+async def test_a_step_name_keeps_no_lock_once_its_calls_returned() -> None:
+    steps = Steps(None)
+    for i in range(100):
+        assert await steps.step(f"item-{i}", lambda i=i: i, (), {}) == i
+    assert steps.step_sync("sync", lambda: 1, (), {}) == 1
+    assert steps._running == {}
+    assert steps._running_sync == {}
+
+
 async def test_a_step_that_raises_is_not_stored_and_runs_again(app):
     calls: list[int] = []
 

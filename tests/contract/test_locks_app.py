@@ -308,3 +308,23 @@ async def test_with_lock_refuses_a_plain_function_and_releases(store: Store) -> 
             await app.with_lock("k", "not callable")  # type: ignore[arg-type]
         (info,) = await app.list_locks(include_free=True)
         assert info.token == 1  # the second call took nothing
+
+
+@pytest.mark.parametrize("renew_every", [0, -5, math.nan, math.inf, "5", True])
+async def test_with_lock_refuses_a_bad_renew_period_before_taking_the_lock(
+    store: Store, renew_every: object
+) -> None:
+    # 0, NaN or a negative period used to renew every 5 ms (a store write each
+    # time) for as long as the function ran; a string failed only after it had started.
+    ran: list[int] = []
+
+    async def work() -> int:
+        ran.append(1)
+        return 1
+
+    async with app_on(store) as app:
+        with pytest.raises(ValidationError) as bad:
+            await app.with_lock("k", work, renew_every=renew_every)  # type: ignore[arg-type]
+        assert [d.field for d in bad.value.details] == ["renew_every"]
+        assert ran == []
+        assert await app.list_locks(include_free=True) == []

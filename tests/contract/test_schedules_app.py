@@ -122,6 +122,9 @@ GOOD = {"name": "n1", "cron": "*/5 * * * *", "job_type": "report"}
         ({"cron": "0 0 30 2 *"}, "cron"),
         ({"timezone": "Europe/Atlantis"}, "timezone"),
         ({"timezone": "../../etc/passwd"}, "timezone"),
+        # Host configuration, not zones: each scheduler's host would read its own.
+        ({"timezone": "localtime"}, "timezone"),
+        ({"timezone": "posixrules"}, "timezone"),
         ({"name": "bad name"}, "name"),
         ({"name": "a\x00b"}, "name"),
         ({"payload": {"n": "not a number"}}, "payload.n"),

@@ -282,3 +282,33 @@ async def test_old_fire_records_are_pruned(store: Store) -> None:
     await store.update_schedule((await store.get_schedule(s.id)).with_(next_fire_at=at(180)), at(1))
     assert await fire(store, s, at(180)) is None
     assert (await store.list_jobs(JobQuery(limit=10))).total == 3
+
+
+async def test_a_stored_schedule_this_host_cannot_read_does_not_spin_the_loop(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A zone this host lacks (no tzdata here, another host wrote it): the schedule
+    # stays due. The loop used to see it as due at every pass and sleep 0 s,
+    # logging `schedule_invalid` thousands of times a second at full CPU.
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from structlog.testing import capture_logs
+
+    from conveyor.domain import schedules as domain
+
+    s = await store.create_schedule(schedule(next_fire_at=at(0), timezone="Europe/Berlin"), at(0))
+
+    def no_tzdata(key: str) -> ZoneInfo:
+        if key == "Europe/Berlin":
+            raise ZoneInfoNotFoundError(key)
+        return ZoneInfo(key)
+
+    monkeypatch.setattr(domain, "ZoneInfo", no_tzdata)
+    now = at(600.5)
+    scheduler = _scheduler(store, now)
+    with capture_logs() as logs:
+        waits = [await scheduler.tick() for _ in range(3)]
+    assert waits == [scheduler.interval] * 3
+    assert [e["event"] for e in logs].count("schedule_invalid") == 1
+    assert await _fired_at(store) == []
+    assert (await store.get_schedule(s.id)).next_fire_at == at(0)  # left for another host

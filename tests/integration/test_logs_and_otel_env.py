@@ -192,6 +192,15 @@ def test_cli_refuses_an_unknown_log_format(tmp_path: Path) -> None:
     assert "xml" in proc.stderr
 
 
+def test_cli_refuses_an_unknown_log_level(tmp_path: Path) -> None:
+    # It used to fall back to INFO silently.
+    url = f"sqlite:///{tmp_path}/x.db"
+    proc = run_cli(url, "status", check=False, CONVEYOR_LOG_LEVEL="LOUD")
+    assert proc.returncode == 2
+    assert "LOUD" in proc.stderr
+    assert run_cli(url, "status", check=False, CONVEYOR_LOG_LEVEL="warning").returncode == 0
+
+
 # -- configuration by OTEL_* variables only -------------------------------------------
 PROBE = (
     "from conveyor.observability import tracing; from conveyor.app import Conveyor; "

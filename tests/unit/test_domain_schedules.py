@@ -283,6 +283,26 @@ def test_a_catch_up_far_behind_stays_bounded() -> None:
     assert plan.fires[-1][0] == now
 
 
+@pytest.mark.parametrize("cron", ["* * * * * *", "*/7 * * * * *", "0 0 * * * *"])
+def test_a_catch_up_far_behind_fires_the_most_recent_misfires(cron: str) -> None:
+    # Past the 10,000-instant lookback, the plan used to fire instants from the start
+    # of the outage (two days old here) instead of the latest ones before the grace.
+    s = _schedule(cron=cron, misfire="catch_up", catch_up_max=5)
+    now = _utc(2028, 1, 1)  # two years of hourly, two days of per-second instants behind
+    if cron != "0 0 * * * *":
+        now = _utc(2026, 1, 3)
+    spec = s.spec()
+    plan = plan_fires(s, spec, now, grace=1)
+    late_before = now - timedelta(seconds=1)
+    expected: list[datetime] = []
+    t = spec.next_after(late_before - timedelta(days=1))
+    while t is not None and t < late_before:
+        expected = [*expected[-4:], t]
+        t = spec.next_after(t)
+    assert [f for f, _ in plan.fires][:5] == expected
+    assert plan.skip_to == expected[0]
+
+
 def test_jitter_delays_run_at_within_the_bound() -> None:
     s = _schedule(jitter=10.0)
     assert job_for_fire(s, _utc(2026, 1, 1), 0.0).run_at == _utc(2026, 1, 1)

@@ -98,6 +98,15 @@ def test_unparsable_values_name_the_variable(name: str, raw: str, kind: str) -> 
         ({"CONVEYOR_SHUTDOWN_GRACE": "-0.1"}, "shutdown_grace must be >= 0 seconds"),
         ({"CONVEYOR_RETENTION": "0"}, "retention must be > 0 seconds"),
         ({"CONVEYOR_QUEUES": " , ,"}, "queues must name at least one queue"),
+        # 1e300 used to pass and crash every scheduler pass (timedelta overflow).
+        (
+            {"CONVEYOR_SCHEDULER_MISFIRE_GRACE": "1e300"},
+            "scheduler_misfire_grace must be >= 0 and <= 86400 seconds",
+        ),
+        (
+            {"CONVEYOR_SCHEDULER_MISFIRE_GRACE": "-5"},
+            "scheduler_misfire_grace must be >= 0 and <= 86400 seconds",
+        ),
     ],
 )
 def test_invalid_values_are_explained(env: dict[str, str], problem: str) -> None:

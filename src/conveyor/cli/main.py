@@ -109,7 +109,14 @@ def emit_json(data: Any) -> None:
         "(needs the postgres extra) or memory://"
     ),
 )
-@click.option("--log-level", envvar="CONVEYOR_LOG_LEVEL", default="INFO", show_default=True)
+@click.option(
+    "--log-level",
+    envvar="CONVEYOR_LOG_LEVEL",
+    # A typo ("LOUD", "WARN ") used to fall back to INFO without a word.
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
 @click.option(
     "--log-format",
     envvar="CONVEYOR_LOG_FORMAT",

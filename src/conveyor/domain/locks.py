@@ -91,12 +91,14 @@ def check_lock_args(
     ttl: object = None,
     wait: object = None,
     token: object = None,
+    renew_every: object = None,
     field: str = "key",
 ) -> None:
     """Raise ``ValidationError`` (with ``details``) when any given argument is bad:
     ``key`` a 1..200 character string without control characters; ``ttl``
     ``MIN_LOCK_TTL..MAX_LOCK_TTL`` seconds; ``wait`` ``0..MAX_LOCK_WAIT`` seconds;
-    ``token`` a positive 63-bit integer. ``None`` skips that argument."""
+    ``token`` a positive 63-bit integer; ``renew_every`` above 0 and at most
+    ``MAX_LOCK_TTL`` seconds. ``None`` skips that argument."""
     problems = []
     if (why := _text_error(key, MAX_LOCK_KEY_CHARS)) is not None:
         problems.append(FieldError(field, why))
@@ -106,6 +108,10 @@ def check_lock_args(
         problems.append(FieldError("ttl", why))
     if wait is not None and (why := _seconds_error(wait, 0.0, MAX_LOCK_WAIT, low_inclusive=True)):
         problems.append(FieldError("wait", why))
+    if renew_every is not None and (
+        why := _seconds_error(renew_every, 0.0, MAX_LOCK_TTL, low_inclusive=False)
+    ):
+        problems.append(FieldError("renew_every", why))
     if token is not None and (
         isinstance(token, bool) or not isinstance(token, int) or not 1 <= token < 2**63
     ):

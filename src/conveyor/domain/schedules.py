@@ -54,6 +54,8 @@ MAX_JITTER = 86_400.0
 #: How many past fire times a catch-up looks through at most (an every-second
 #: schedule down for longer loses the older ones).
 CATCH_UP_LOOKBACK = 10_000
+#: Zone file names that are host configuration, not zones (refused).
+HOST_ZONE_ALIASES = frozenset({"localtime", "posixrules"})
 DEFAULT_TIMEZONE = "UTC"
 #: The ``schedule_fired`` event (written with the job it creates).
 SCHEDULE_FIRED = "schedule_fired"
@@ -179,6 +181,17 @@ def _zone(timezone: object, errs: list[FieldError]) -> ZoneInfo | None:
         return None
     if text_error(timezone) is not None or timezone.startswith(("/", ".")) or ".." in timezone:
         errs.append(FieldError("timezone", f"unknown time zone {timezone!r}"))
+        return None
+    if timezone.lower() in HOST_ZONE_ALIASES:
+        # Links to whatever zone each host is configured with: two schedulers on
+        # different hosts would read one schedule in two zones.
+        errs.append(
+            FieldError(
+                "timezone",
+                f"{timezone!r} means a different zone on each host: give an IANA name "
+                "(e.g. Europe/Berlin)",
+            )
+        )
         return None
     try:
         return ZoneInfo(timezone)
@@ -408,6 +421,7 @@ def plan_fires(schedule: Schedule, spec: CronSpec, now: datetime, grace: float) 
     missed_count = 0
     current: datetime | None = first
     looked = 0
+    window_start = first
     while current is not None and current <= now:
         if current < late_before:
             missed_count += 1
@@ -415,10 +429,19 @@ def plan_fires(schedule: Schedule, spec: CronSpec, now: datetime, grace: float) 
             if keep:
                 missed.append(current)
             if looked >= CATCH_UP_LOOKBACK:
-                # Far behind: jump to the recent past instead of walking every instant.
-                current = spec.next_after(late_before - timedelta(microseconds=1))
+                # Far behind: jump instead of walking every instant. ``skip`` jumps to the
+                # recent past; ``catch_up`` must still see the most recent misfires, so it
+                # jumps to about one walked window (as long as the last one) before them.
+                span = current - window_start
+                target = late_before - span if keep else late_before
                 looked = 0
-                continue
+                if target > current:
+                    missed.clear()  # older than every instant still ahead
+                    current = spec.next_after(target - timedelta(microseconds=1))
+                    if current is not None:
+                        window_start = current
+                    continue
+                window_start = current
         else:
             on_time.append(current)
         current = spec.next_after(current)

@@ -265,6 +265,9 @@ class Locks:
         ``LockNotAcquired`` as ``acquire`` does."""
         if not callable(fn):
             raise TypeError(f"with_lock needs an async function, got {type(fn).__name__}")
+        # Checked before taking the lock: 0, NaN or a negative period would renew in a
+        # hot loop (one store write every few ms), a string would fail only after fn started.
+        check_lock_args(key, ttl=ttl, wait=wait, renew_every=renew_every)
         lock = await self.acquire(key, ttl=ttl, wait=wait)
         try:
             work = fn(*args, **kwargs)

@@ -37,6 +37,9 @@ log = structlog.get_logger("conveyor.scheduler")
 BATCH = 100
 #: Seconds between deletions of old fire records (``keep_fires``).
 PRUNE_EVERY = 600.0
+#: Seconds between two ``schedule_invalid`` errors for one stored schedule this
+#: process can't read (a zone its host lacks, an expression of other rules).
+INVALID_LOG_EVERY = 60.0
 
 
 async def sync_declared(
@@ -136,6 +139,9 @@ class Scheduler:
         self.keep_fires = keep_fires
         self._pruned_at = -PRUNE_EVERY  # monotonic seconds: prune at the first pass
         self._stop = asyncio.Event()
+        # Stored schedules this process can't read (id -> updated_at, when it last
+        # said so). They stay due, so the sleep must not count them.
+        self._unreadable: dict[str, tuple[datetime | None, float]] = {}
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -187,7 +193,11 @@ class Scheduler:
             self.on_fired()
         now = self.clock()
         horizon = now + timedelta(seconds=self.interval)
-        upcoming = await self.store.due_schedules(horizon, 1)
+        upcoming = [
+            s
+            for s in await self.store.due_schedules(horizon, len(self._unreadable) + 1)
+            if s.id not in self._unreadable
+        ]
         if upcoming and upcoming[0].next_fire_at is not None:
             return min(self.interval, max(0.0, (upcoming[0].next_fire_at - now).total_seconds()))
         return self.interval
@@ -197,9 +207,19 @@ class Scheduler:
         jobs submitted (0 when another scheduler got there first)."""
         try:
             spec = schedule.spec()
-        except ValidationError as exc:  # stored by an older version's rules
-            log.error("schedule_invalid", schedule=schedule.name, error=str(exc))
+        except ValidationError as exc:  # stored by other rules, or a zone this host lacks
+            # It stays due (another host may read it): say so now and then, not in a
+            # loop, and leave it out of the sleep (see tick).
+            seen = self._unreadable.get(schedule.id)
+            if (
+                seen is None
+                or seen[0] != schedule.updated_at
+                or (time.monotonic() - seen[1] >= INVALID_LOG_EVERY)
+            ):
+                log.error("schedule_invalid", schedule=schedule.name, error=str(exc))
+                self._unreadable[schedule.id] = (schedule.updated_at, time.monotonic())
             return 0
+        self._unreadable.pop(schedule.id, None)
         plan = plan_fires(schedule, spec, now, self.grace)
         current = schedule.next_fire_at
         if current is None or (not plan.fires and not plan.skipped):

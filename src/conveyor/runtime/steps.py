@@ -204,6 +204,13 @@ class Steps:
     def __init__(self, port: StepPort | None) -> None:
         self.port = port
         self.done: dict[str, Any] | None = None  # stored results, loaded on first use
+        # Concurrent calls with one name (asyncio.gather, threads) take turns: the
+        # second finds the first's stored result instead of running fn again.
+        # name -> (its lock, how many calls hold or wait for it): dropped when the
+        # last one leaves, so a loop of many step names keeps no lock per name.
+        self._running: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._running_sync: dict[str, tuple[threading.Lock, int]] = {}
+        self._guard = threading.Lock()
 
     def _port(self) -> StepPort:
         return _Detached() if self.port is None else self.port
@@ -211,6 +218,19 @@ class Steps:
     # -- async (an async handler) ---------------------------------------------------
     async def step(self, name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         check_step_name(name)
+        turn, users = self._running.get(name, (asyncio.Lock(), 0))
+        self._running[name] = (turn, users + 1)
+        try:
+            async with turn:
+                return await self._step(name, fn, args, kwargs)
+        finally:
+            turn, users = self._running[name]
+            if users == 1:
+                del self._running[name]
+            else:
+                self._running[name] = (turn, users - 1)
+
+    async def _step(self, name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         port = self._port()
         if self.done is None:
             self.done = await port.load()
@@ -233,6 +253,21 @@ class Steps:
     # -- sync (a sync handler, in its thread) ---------------------------------------
     def step_sync(self, name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         check_step_name(name)
+        with self._guard:
+            lock, users = self._running_sync.get(name, (threading.Lock(), 0))
+            self._running_sync[name] = (lock, users + 1)
+        try:
+            with lock:
+                return self._step_sync(name, fn, args, kwargs)
+        finally:
+            with self._guard:
+                lock, users = self._running_sync[name]
+                if users == 1:
+                    del self._running_sync[name]
+                else:
+                    self._running_sync[name] = (lock, users - 1)
+
+    def _step_sync(self, name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         port = self._port()
         if self.done is None:
             self.done = port.load_sync()
