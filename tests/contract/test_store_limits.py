@@ -85,6 +85,19 @@ async def test_rate_limit_per_fixed_window(store: Store) -> None:
     assert await lease(store, now=at(15), limit=100) == []
 
 
+async def test_a_fetch_with_a_stale_clock_never_reopens_a_window(store: Store) -> None:
+    # Two workers read their clocks, the later one fetches first (the other waited for
+    # the store): the window it counted must not be reset by the earlier clock.
+    await store.record_flow_limits(
+        [limits(rate_limit=RateLimit(3, 10.0), concurrency_key=KeyTemplate.parse("{t}"))], at(0)
+    )
+    await submit(store, *(new("task", concurrency_key="a", payload={"i": i}) for i in range(10)))
+    assert len(await lease(store, now=at(10.1), limit=100)) == 3  # window [10, 20)
+    assert await lease(store, now=at(9.9), limit=100) == []  # window [0, 10): stale
+    assert await lease(store, now=at(10.5), limit=100) == []  # still full
+    assert len(await lease(store, now=at(20), limit=100)) == 3
+
+
 async def test_round_robin_with_a_big_backlog_in_one_key(store: Store) -> None:
     await store.record_flow_limits([limits(concurrency_limit=1000)], at(0))
     await submit(store, *(new("task", concurrency_key="big", payload={"i": i}) for i in range(300)))

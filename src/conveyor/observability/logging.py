@@ -169,6 +169,13 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
+    # uvicorn's own logging config (an in-process server started before) gives its
+    # loggers handlers of their own: lines would skip this format and the redaction.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        logger.propagate = True
     renderer: Any
     if fmt == "json":
         stamper = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")

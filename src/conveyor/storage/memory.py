@@ -1251,6 +1251,8 @@ class MemoryStore(MemorySchedules, MemorySecrets, Store):
                 started = 0
                 if ws is not None:
                     w = self._flow_windows.get((t, key))
+                    if w is not None and w[0] > ws:  # a stale clock never reopens a window
+                        continue
                     started = w[1] if w is not None and w[0] == ws else 0
                 room = allowed(tl, running_key.get((t, key), 0), started)
                 taken = jobs[: min(room, limit)]
@@ -1268,6 +1270,8 @@ class MemoryStore(MemorySchedules, MemorySecrets, Store):
             if counted is not None and counted.rate_limit is not None:
                 start = counted.rate_limit.window_start(ts)
                 w = self._flow_windows.get((c.job_type, c.key))
+                if w is not None and w[0] > start:
+                    continue
                 n = w[1] if w is not None and w[0] == start else 0
                 self._flow_windows[(c.job_type, c.key)] = (start, n + 1)
         return [jobs_by_seq[c.seq] for c in chosen]

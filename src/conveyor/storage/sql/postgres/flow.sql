@@ -56,6 +56,7 @@ WITH cand AS MATERIALIZED (
                        THEN conveyor.flow_windows.started + excluded.started
                        ELSE excluded.started END,
         window_start = excluded.window_start
+    WHERE excluded.window_start >= conveyor.flow_windows.window_start
 ), cur AS (
     UPDATE conveyor.flow_limits l SET cursor_key = x.key
     FROM (SELECT DISTINCT ON (c.job_type) c.job_type, c.key FROM chosen c

@@ -80,8 +80,11 @@ WHERE state = 'running' AND job_type = ? GROUP BY concurrency_key
 SELECT queue, count(*) FROM jobs WHERE state = 'running' GROUP BY queue
 
 -- name: window_started
-SELECT started FROM flow_windows
-WHERE job_type = ? AND concurrency_key = ? AND window_start = ?
+-- Jobs started in this fetch's window; a later window already counted (a fetch
+-- whose clock was read before another one's) leaves no room: a stale clock
+-- never reopens a window.
+SELECT CASE WHEN window_start > ?3 THEN 1000000000 ELSE started END FROM flow_windows
+WHERE job_type = ?1 AND concurrency_key = ?2 AND window_start >= ?3
 
 -- name: count_start
 INSERT INTO flow_windows (job_type, concurrency_key, window_start, started)
@@ -90,6 +93,7 @@ ON CONFLICT (job_type, concurrency_key) DO UPDATE SET
     started = CASE WHEN window_start = excluded.window_start THEN started + excluded.started
                    ELSE excluded.started END,
     window_start = excluded.window_start
+WHERE excluded.window_start >= flow_windows.window_start
 
 -- name: move_cursor
 UPDATE flow_limits SET cursor_key = ? WHERE job_type = ?

@@ -199,9 +199,12 @@ BEGIN
             n_running := coalesce((running_map ->> k)::integer, 0);
             n_started := 0;
             IF ws IS NOT NULL THEN
-                SELECT w.started INTO n_started FROM conveyor.flow_windows w
+                -- A later window already counted (a fetch whose clock was read
+                -- before another one's): no room; a stale clock never reopens it.
+                SELECT CASE WHEN w.window_start > ws THEN lim.rate_limit ELSE w.started END
+                INTO n_started FROM conveyor.flow_windows w
                 WHERE w.job_type = lim.job_type AND w.concurrency_key = k
-                  AND w.window_start = ws;
+                  AND w.window_start >= ws;
                 n_started := coalesce(n_started, 0);
             END IF;
             room := least(coalesce(lim.concurrency_limit - n_running, p_limit),
