@@ -208,3 +208,26 @@ async def test_schedules_page_lists_next_fires_and_pauses_with_csrf(app):
         )
         assert back.status_code == 200, back.text
         assert (await app.store.get_schedule(schedule.id)).state == "active"
+
+
+async def test_queues_page_pauses_and_resumes_with_csrf(app):
+    await app.submit("ok", {}, queue="mail")
+    async with client(app) as c:
+        page = await c.get("/ui/queues")
+        assert page.status_code == 200, page.text
+        assert "/ui/actions/queues/pause" in page.text
+        csrf = csrf_of(page.text)
+        url = "/ui/actions/queues/pause"
+        assert (await c.post(url, json={"id": "mail"})).status_code == 403
+        done = await c.post(url, json={"id": "mail"}, headers={"X-CSRF-Token": csrf})
+        assert done.status_code == 200, done.text
+        assert [q.paused for q in await app.store.list_queues() if q.name == "mail"] == [True]
+        again = await c.get("/ui/queues")
+        assert "/ui/actions/queues/resume" in again.text
+        back = await c.post(
+            "/ui/actions/queues/resume", json={"id": "mail"}, headers={"X-CSRF-Token": csrf}
+        )
+        assert back.status_code == 200, back.text
+        assert [q.paused for q in await app.store.list_queues() if q.name == "mail"] == [False]
+        bad = await c.post(url, json={"id": ""}, headers={"X-CSRF-Token": csrf})
+        assert bad.status_code == 400

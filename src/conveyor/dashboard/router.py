@@ -497,11 +497,16 @@ def dashboard_router(
         rows = _queue_rows(depths)
         served = {q for w in fleet for q in w.queues}
         names = sorted({r["queue"] for r in rows} | served | set(conveyor.settings.queues))
+        controls = {q.name: q for q in await store.list_queues()}
+        names = sorted(set(names) | set(controls))
         by_name = {r["queue"]: r for r in rows}
         table = []
         for name in names:
             row = by_name.get(name) or {"queue": name, "pending": 0, "running": 0, "blocked": 0}
             row["workers"] = [w.id for w in fleet if name in w.queues]
+            control = controls.get(name)
+            row["paused"] = bool(control and control.paused)
+            row["concurrency_limit"] = control.concurrency_limit if control else None
             table.append(row)
         return render(
             request,
@@ -794,6 +799,23 @@ def dashboard_router(
     async def enable_webhook(body: dict[str, Any]) -> dict[str, Any]:
         enabled = await enable_and_replay(conveyor.deps, id_of(body))
         return {"state": enabled.webhook.state.value, "replayed": enabled.replayed}
+
+    def queue_of(body: dict[str, Any]) -> str:
+        value = body.get("id")
+        if not isinstance(value, str) or not 1 <= len(value) <= 100:
+            raise ActionError(400, "id must be a queue name")
+        return value
+
+    @action("/ui/actions/queues/pause", KeyScope.WRITE)
+    async def pause_queue(body: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "paused": (await store.set_queue(queue_of(body), conveyor.now(), paused=True)).paused
+        }
+
+    @action("/ui/actions/queues/resume", KeyScope.WRITE)
+    async def resume_queue(body: dict[str, Any]) -> dict[str, Any]:
+        q = await store.set_queue(queue_of(body), conveyor.now(), paused=False)
+        return {"paused": q.paused}
 
     @action("/ui/actions/schedules/pause", KeyScope.WRITE)
     async def pause_a_schedule(body: dict[str, Any]) -> dict[str, Any]:
