@@ -210,6 +210,7 @@ def test_every_page_loads_without_console_errors(browser, servers, db, tmp_path)
         "workflow": f"/ui/workflows/{wf}",
         "webhooks": "/ui/webhooks",
         "webhook": f"/ui/webhooks/{hook}",
+        "schedules": "/ui/schedules",
         "locks": "/ui/locks",
     }
     w = Watched(browser, viewport={"width": 1280, "height": 900})
