@@ -526,10 +526,9 @@ class Conveyor:
         with tracing.submitting(jobs) as traced:  # a PRODUCER span while tracing is on
             results = await self.store.enqueue_many(traced.jobs, self.now(), connection=connection)
             traced.done(results)
-        self.notify_listeners()
-        self.events_written()
-        if connection is None and self.bus.backend != "memory":
-            self._signal_soon(WAKE_TOPIC, {})  # workers of other processes start at once
+        # Inside the caller's transaction nothing is ready before it commits: no
+        # cross-process wake-up (the commit's NOTIFY does it on PostgreSQL).
+        self.after_submit(wake_others=connection is None)
         return results
 
     async def recorded_job_type(self, job_type: str) -> JobTypeInfo | None:
@@ -620,7 +619,7 @@ class Conveyor:
         await self.open()
         job = await self.store.cancel(job_id, self.now(), reason)
         if job.state is JobState.RUNNING:
-            await self.signal(CANCEL_TOPIC, {"job_id": job.id})
+            await self.signal_cancel(job.id)
         return job
 
     async def signal(self, topic: str, payload: dict[str, Any]) -> bool:
@@ -706,13 +705,13 @@ class Conveyor:
         wf, _ = await self.workflows.submit(definition, created_by=created_by)
         return WorkflowRun(self.workflows, wf.id)
 
-    def after_submit(self) -> None:
-        """Wake this process's workers and outbox readers, and other processes'
-        workers (over the bus), after jobs were made ready."""
+    def after_submit(self, *, wake_others: bool = True) -> None:
+        """Wake this process's workers and outbox readers, and (``wake_others``)
+        other processes' workers over the bus, after jobs were made ready."""
         self.notify_listeners()
         self.events_written()
-        if self.bus.backend != "memory":
-            self._signal_soon(WAKE_TOPIC, {})
+        if wake_others and self.bus.backend != "memory":
+            self._signal_soon(WAKE_TOPIC, {})  # workers of other processes start at once
 
     async def signal_cancel(self, job_id: str) -> None:
         """Tell the worker running ``job_id`` that its cancel was requested."""
@@ -915,19 +914,13 @@ class Conveyor:
         """A scheduler loop on this app's store, clock and declared schedules
         (``options`` override ``Scheduler``'s arguments)."""
 
-        def fired() -> None:
-            self.notify_listeners()
-            self.events_written()
-            if self.bus.backend != "memory":
-                self._signal_soon(WAKE_TOPIC, {})
-
         s = self.settings
         values: dict[str, Any] = {
             "clock": self.now,
             "rand": self.rand,
             "grace": s.scheduler_misfire_grace,
             "interval": s.scheduler_interval,
-            "on_fired": fired,
+            "on_fired": self.after_submit,
             "declared": list(self.schedules.values()),
             "owned_job_types": [t for t in self.registry if not is_internal(t)],
             "keep_fires": max(s.retention, 86_400.0),

@@ -24,9 +24,7 @@ from conveyor.domain.errors import (
     InvalidTransition,
     JobNotCancellable,
     JobNotFound,
-    LeaseLost,
     ValidationError,
-    WorkflowConflict,
     WorkflowNotFound,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
@@ -115,6 +113,8 @@ from conveyor.storage.secrets_memory import MemorySecrets
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
     Moved,
+    check_can_add,
+    check_retryable,
     descendants,
     event_steps,
     group_moved,
@@ -973,15 +973,8 @@ class MemoryStore(MemorySchedules, MemorySecrets, Store):
     async def retry_workflow(self, workflow_id: str, now: datetime) -> Workflow:
         async with self._lock:
             wf = self._workflows.get(workflow_id)
-            if wf is None:
-                raise WorkflowNotFound(workflow_id)
-            if wf["status"] == "running":
-                raise WorkflowConflict(
-                    workflow_id,
-                    "running",
-                    "retry",
-                    "Cannot retry a running workflow: wait for it to finish or cancel it",
-                )
+            check_retryable(workflow_id, wf)
+            assert wf is not None
             jobs = [self._jobs[i] for i in self._wf_steps.get(workflow_id, ()) if i in self._jobs]
             again = [j for j in jobs if j.state in (JobState.FAILED, JobState.CANCELLED)]
             if not again:  # nothing would run: reopening would leave it running for ever
@@ -1039,27 +1032,17 @@ class MemoryStore(MemorySchedules, MemorySecrets, Store):
             roundtrip(dict(new.metadata), "metadata")
         async with self._lock:
             caller = self._jobs.get(job_id)
-            if (
-                caller is None
-                or caller.state is not JobState.RUNNING
-                or caller.lease_token != lease_token
-                or caller.workflow_id != workflow_id
-            ):
-                raise LeaseLost(
-                    f"Job {job_id!r} no longer holds its lease in workflow {workflow_id!r}: "
-                    "it cannot add steps"
-                )
             wf = self._workflows.get(workflow_id)
-            if wf is None:
-                raise WorkflowNotFound(workflow_id)
-            if wf["status"] != "running" or wf["cancel_requested_at"] is not None:
-                raise WorkflowConflict(
-                    workflow_id,
-                    wf["status"],
-                    "add steps",
-                    f"Cannot add steps to workflow {workflow_id!r}: it is {wf['status']}"
-                    + (" (cancelling)" if wf["cancel_requested_at"] else ""),
-                )
+            check_can_add(
+                workflow_id,
+                job_id,
+                lease_token,
+                None
+                if caller is None
+                else (caller.state.value, caller.lease_token, caller.workflow_id),
+                wf,
+            )
+            assert wf is not None
             existing = self._step_details(workflow_id, results=False)
             fresh, already = split_added(steps, existing)
             check_dag(

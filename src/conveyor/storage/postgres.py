@@ -32,11 +32,9 @@ from conveyor.domain.errors import (
     InvalidTransition,
     JobNotCancellable,
     JobNotFound,
-    LeaseLost,
     StoreError,
     StoreUnavailable,
     ValidationError,
-    WorkflowConflict,
     WorkflowNotFound,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
@@ -117,6 +115,8 @@ from conveyor.storage.sql import load_migrations, load_queries
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
     Moved,
+    check_can_add,
+    check_retryable,
     descendants,
     event_steps,
     group_moved,
@@ -1718,15 +1718,7 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
     async def retry_workflow(self, workflow_id: str, now: datetime) -> Workflow:
         async with self._conn(tx=True) as conn:
             rows = await conn.fetch(W["lock_workflows"], [workflow_id])
-            if not rows:
-                raise WorkflowNotFound(workflow_id)
-            if rows[0]["status"] == "running":
-                raise WorkflowConflict(
-                    workflow_id,
-                    "running",
-                    "retry",
-                    "Cannot retry a running workflow: wait for it to finish or cancel it",
-                )
+            check_retryable(workflow_id, rows[0] if rows else None)
             again = await conn.fetch(W["retryable_steps"], workflow_id)
             if not again:  # nothing would run: reopening would leave it running for ever
                 return await self._workflow(conn, workflow_id, steps=True)
@@ -1774,27 +1766,15 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
         async with self._conn(tx=True) as conn:
             rows = await conn.fetch(W["lock_workflows"], [workflow_id])
             caller = await conn.fetchrow(Q["get_job"], job_id)
-            if (
-                caller is None
-                or caller["state"] != "running"
-                or caller["lease_token"] != lease_token
-                or caller["workflow_id"] != workflow_id
-            ):
-                raise LeaseLost(
-                    f"Job {job_id!r} no longer holds its lease in workflow {workflow_id!r}: "
-                    "it cannot add steps"
-                )
-            if not rows:
-                raise WorkflowNotFound(workflow_id)
-            row = rows[0]
-            if row["status"] != "running" or row["cancel_requested_at"] is not None:
-                raise WorkflowConflict(
-                    workflow_id,
-                    row["status"],
-                    "add steps",
-                    f"Cannot add steps to workflow {workflow_id!r}: it is {row['status']}"
-                    + (" (cancelling)" if row["cancel_requested_at"] else ""),
-                )
+            check_can_add(
+                workflow_id,
+                job_id,
+                lease_token,
+                None
+                if caller is None
+                else (caller["state"], caller["lease_token"], caller["workflow_id"]),
+                rows[0] if rows else None,
+            )
             existing = await self._step_details(conn, workflow_id, results=False)
             fresh, already = split_added(steps, existing)
             check_dag(

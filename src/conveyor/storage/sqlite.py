@@ -33,11 +33,9 @@ from conveyor.domain.errors import (
     InvalidTransition,
     JobNotCancellable,
     JobNotFound,
-    LeaseLost,
     StoreError,
     StoreUnavailable,
     ValidationError,
-    WorkflowConflict,
     WorkflowNotFound,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
@@ -129,6 +127,8 @@ from conveyor.storage.sql import load_migrations, load_queries
 from conveyor.storage.workflows import (
     MAX_MOVED_LISTED,
     Moved,
+    check_can_add,
+    check_retryable,
     descendants,
     event_steps,
     group_moved,
@@ -1400,10 +1400,8 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
                 if row["status"] == "running":
                     conn.execute(W["request_workflow_cancel"], {"id": workflow_id, "now": ts})
                     moved = self._cancel_steps(conn, workflow_id, WORKFLOW_CANCEL_REASON, ts)
-                    if moved:
-                        self._settle_workflows(conn, moved, ts)
-                    else:  # nothing was waiting: settle on the running steps' outcome
-                        self._settle_workflows(conn, [Moved(workflow_id, "", "cancelled")], ts)
+                    # Nothing was waiting: settle on the running steps' outcome.
+                    self._settle_workflows(conn, moved or [Moved(workflow_id, "", "cancelled")], ts)
                 return self._workflow(conn, workflow_id, steps=True)
 
         return await self._run(_do)
@@ -1414,15 +1412,7 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
         def _do() -> Workflow:
             with self._tx() as conn:
                 row = conn.execute(W["get_workflow"], (workflow_id,)).fetchone()
-                if row is None:
-                    raise WorkflowNotFound(workflow_id)
-                if row["status"] == "running":
-                    raise WorkflowConflict(
-                        workflow_id,
-                        "running",
-                        "retry",
-                        "Cannot retry a running workflow: wait for it to finish or cancel it",
-                    )
+                check_retryable(workflow_id, row)
                 again = conn.execute(W["retryable_steps"], (workflow_id,)).fetchall()
                 if not again:  # nothing would run: reopening would leave it running for ever
                     return self._workflow(conn, workflow_id, steps=True)
@@ -1470,27 +1460,16 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
         def _do() -> list[Job]:
             with self._tx() as conn:
                 caller = conn.execute(Q["get_job"], (job_id,)).fetchone()
-                if (
-                    caller is None
-                    or caller["state"] != "running"
-                    or caller["lease_token"] != lease_token
-                    or caller["workflow_id"] != workflow_id
-                ):
-                    raise LeaseLost(
-                        f"Job {job_id!r} no longer holds its lease in workflow {workflow_id!r}: "
-                        "it cannot add steps"
-                    )
                 row = conn.execute(W["get_workflow"], (workflow_id,)).fetchone()
-                if row is None:
-                    raise WorkflowNotFound(workflow_id)
-                if row["status"] != "running" or row["cancel_requested_at"] is not None:
-                    raise WorkflowConflict(
-                        workflow_id,
-                        row["status"],
-                        "add steps",
-                        f"Cannot add steps to workflow {workflow_id!r}: it is {row['status']}"
-                        + (" (cancelling)" if row["cancel_requested_at"] else ""),
-                    )
+                check_can_add(
+                    workflow_id,
+                    job_id,
+                    lease_token,
+                    None
+                    if caller is None
+                    else (caller["state"], caller["lease_token"], caller["workflow_id"]),
+                    row,
+                )
                 existing = self._step_details(conn, workflow_id, results=False)
                 fresh, already = split_added(steps, existing)
                 check_dag(

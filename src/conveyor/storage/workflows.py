@@ -17,7 +17,13 @@ from typing import Any
 
 import orjson
 
-from conveyor.domain.errors import FieldError, ValidationError
+from conveyor.domain.errors import (
+    FieldError,
+    LeaseLost,
+    ValidationError,
+    WorkflowConflict,
+    WorkflowNotFound,
+)
 from conveyor.domain.states import JobState
 from conveyor.domain.workflow import (
     OnFailure,
@@ -212,3 +218,46 @@ def split_added(
             [FieldError("steps", f"duplicate step names: {shown}")],
         )
     return new, already
+
+
+def check_retryable(workflow_id: str, workflow: Any | None) -> None:
+    """Raises ``WorkflowNotFound`` (no row) or ``WorkflowConflict`` while the
+    workflow runs. ``workflow``: its row (a mapping with ``status``)."""
+    if workflow is None:
+        raise WorkflowNotFound(workflow_id)
+    if workflow["status"] == "running":
+        raise WorkflowConflict(
+            workflow_id,
+            "running",
+            "retry",
+            "Cannot retry a running workflow: wait for it to finish or cancel it",
+        )
+
+
+def check_can_add(
+    workflow_id: str,
+    job_id: str,
+    lease_token: str,
+    caller: tuple[str, str | None, str | None] | None,
+    workflow: Any | None,
+) -> None:
+    """May ``job_id`` (holding ``lease_token``) add steps to ``workflow_id``?
+    ``caller``: the job's (state, lease token, workflow id), None if it is gone;
+    ``workflow``: the workflow's row (``status``, ``cancel_requested_at``).
+    Raises ``LeaseLost``, ``WorkflowNotFound`` or ``WorkflowConflict``."""
+    if caller is None or caller != ("running", lease_token, workflow_id):
+        raise LeaseLost(
+            f"Job {job_id!r} no longer holds its lease in workflow {workflow_id!r}: "
+            "it cannot add steps"
+        )
+    if workflow is None:
+        raise WorkflowNotFound(workflow_id)
+    status, cancelling = workflow["status"], workflow["cancel_requested_at"] is not None
+    if status != "running" or cancelling:
+        raise WorkflowConflict(
+            workflow_id,
+            status,
+            "add steps",
+            f"Cannot add steps to workflow {workflow_id!r}: it is {status}"
+            + (" (cancelling)" if cancelling else ""),
+        )

@@ -41,10 +41,6 @@ SELECT c.step_name AS child, p.step_name AS parent
 FROM jobs AS c JOIN job_dependencies AS d ON d.child_id = c.id JOIN jobs AS p ON p.id = d.parent_id
 WHERE c.workflow_id = ?
 
--- name: steps_by_name
-SELECT id, step_name, state FROM jobs
-WHERE workflow_id = ? AND step_name IN (SELECT value FROM json_each(?))
-
 -- name: cancel_waiting_steps
 UPDATE jobs SET state = 'cancelled', completed_at = :now, updated_at = :now,
     error = 'cancelled: ' || :reason, metadata = json_set(metadata, '$.cancel_reason', :reason)
