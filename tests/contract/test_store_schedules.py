@@ -312,3 +312,33 @@ async def test_a_stored_schedule_this_host_cannot_read_does_not_spin_the_loop(
     assert [e["event"] for e in logs].count("schedule_invalid") == 1
     assert await _fired_at(store) == []
     assert (await store.get_schedule(s.id)).next_fire_at == at(0)  # left for another host
+
+
+async def test_unreadable_due_schedules_never_hide_a_readable_one(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # More unreadable due schedules than one pass reads used to fill every batch:
+    # the readable schedule behind them never fired.
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from conveyor.domain import schedules as domain
+    from conveyor.runtime.scheduler import BATCH
+
+    for n in range(BATCH + 5):
+        await store.create_schedule(
+            schedule(f"foreign-{n}", next_fire_at=at(0), timezone="Europe/Berlin"), at(0)
+        )
+    ok = await store.create_schedule(schedule("mine", next_fire_at=at(30)), at(0))
+
+    def no_tzdata(key: str) -> ZoneInfo:
+        if key == "Europe/Berlin":
+            raise ZoneInfoNotFoundError(key)
+        return ZoneInfo(key)
+
+    monkeypatch.setattr(domain, "ZoneInfo", no_tzdata)
+    now = at(60.5)
+    scheduler = _scheduler(store, now)
+    for _ in range(2):
+        await scheduler.tick()
+    assert await _fired_at(store) == ["2026-01-01T00:01:00Z"]
+    assert (await store.get_schedule(ok.id)).next_fire_at == at(120)

@@ -35,6 +35,7 @@ from conveyor.storage.base import Store
 log = structlog.get_logger("conveyor.scheduler")
 #: Due schedules handled per pass.
 BATCH = 100
+MAX_UNREADABLE_SKIPPED = 10_000  #: unreadable due schedules a pass reads past
 #: Seconds between deletions of old fire records (``keep_fires``).
 PRUNE_EVERY = 600.0
 #: Seconds between two ``schedule_invalid`` errors for one stored schedule this
@@ -187,7 +188,10 @@ class Scheduler:
             self._pruned_at = time.monotonic()
             await self.store.prune_schedule_fires(now - timedelta(seconds=self.keep_fires))
         fired = 0
-        for schedule in await self.store.due_schedules(now, BATCH):
+        # Schedules this host can't read stay due (another host may): fetch past them,
+        # or a hundred of them would hide every readable one for good.
+        hidden = min(len(self._unreadable), MAX_UNREADABLE_SKIPPED)
+        for schedule in await self.store.due_schedules(now, BATCH + hidden):
             fired += await self.fire_due(schedule, now)
         if fired and self.on_fired is not None:
             self.on_fired()
