@@ -50,6 +50,7 @@ CREATE TABLE conveyor.jobs (
     completed_at timestamp with time zone,
     updated_at timestamp with time zone NOT NULL,
     step_name text,
+    CONSTRAINT jobs_run_at_range CHECK (((run_at >= '0001-01-02 00:00:00+00'::timestamp with time zone) AND (run_at <= '9999-12-30 00:00:00+00'::timestamp with time zone))),
     CONSTRAINT jobs_state_check CHECK ((state = ANY (ARRAY['blocked'::text, 'pending'::text, 'running'::text, 'completed'::text, 'failed'::text, 'cancelled'::text])))
 )
 WITH (autovacuum_vacuum_scale_factor='0.01', autovacuum_analyze_scale_factor='0.02', fillfactor='80');
