@@ -3,19 +3,25 @@ the same values, on every backend, and a handler receives the validated values."
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from appkit import api_client, app_on
-from hypothesis import HealthCheck, given, settings
+from click.testing import CliRunner
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conveyor import Conveyor
+from conveyor.cli.main import cli
 from conveyor.domain.errors import ValidationError
 from conveyor.domain.job import JobQuery
 from conveyor.domain.states import JobState
@@ -284,6 +290,98 @@ async def test_internal_job_types_and_keys_are_not_reachable_from_the_api(app, s
 
 
 # -- the CLI: same refusals ----------------------------------------------------------------------
+def register_typed(app: Conveyor) -> None:
+    """``--app test_entry_points:register_typed``: the CLI knows the ``typed`` handler."""
+    app.job("typed")(typed)
+
+
+cli_options = st.fixed_dictionaries(
+    {},
+    optional={
+        "priority": st.integers(min_value=-5, max_value=105),
+        "max_retries": st.integers(min_value=-2, max_value=120),
+        "timeout": st.one_of(
+            st.integers(min_value=-1, max_value=86_401), st.floats(allow_nan=True)
+        ),
+        "delay": st.one_of(st.floats(allow_nan=True), st.just(1e13)),
+        "queue": st.sampled_from(["default", "q:1", "bad queue", "x" * 101]),
+        "idempotency_key": st.one_of(
+            st.text(min_size=1, max_size=6).filter(lambda k: not k.startswith("-")),
+            st.sampled_from(["webhook:x:1", "conveyor:k"]),
+        ),
+        "job_type": st.sampled_from(["typed", "conveyor.webhook", "nobody_serves_this"]),
+    },
+)
+
+
+@contextmanager
+def logging_kept() -> Iterator[None]:
+    """The CLI configures logging for its process; in this one, put it back after."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    saved = structlog.get_config()
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        structlog.configure(**saved)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    payload=st.dictionaries(st.sampled_from(["n", "a", "b"]), json_values, max_size=3),
+    opts=cli_options,
+)
+def test_the_cli_accepts_and_refuses_what_python_does(backend, request, tmp_path, payload, opts):
+    # Generated values through `conveyor jobs submit` (in this process, for speed)
+    # and through Python's enqueue on the same database: both accept or both refuse.
+    url = (
+        f"sqlite:///{tmp_path}/cli.db"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_dsn")
+    )
+    opts = dict(opts)
+    job_type = opts.pop("job_type", "typed")
+    if "idempotency_key" in opts:
+        opts["idempotency_key"] += f"-{len(str(payload))}-{len(str(opts))}"
+    args = ["jobs", "submit", job_type, "--app", "test_entry_points:register_typed"]
+    args += ["--payload", json.dumps(payload, allow_nan=True)]
+    for name, value in opts.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    with logging_kept():
+        result = CliRunner().invoke(
+            cli, args, env={"CONVEYOR_DATABASE_URL": url}, catch_exceptions=True
+        )
+    # 0 stored, 1 refused by Conveyor's rules, 2 refused by click's parsing.
+    assert result.exit_code in (0, 1, 2), (args, result.output, result.exception)
+    assert "Traceback" not in result.output, result.output
+    cli_ok = result.exit_code == 0
+    event(f"cli exit {result.exit_code}")
+
+    async def python() -> bool:
+        app = Conveyor(settings=Settings(database_url=url))
+        register_typed(app)
+        async with app:
+            try:
+                if "idempotency_key" in opts:  # not the CLI's job back as a duplicate
+                    opts["idempotency_key"] += "-py"
+                await app.enqueue(job_type, payload, **opts)
+            except ValidationError:
+                return False
+            return True
+
+    with logging_kept():
+        python_ok = asyncio.run(python())
+    assert cli_ok == python_ok, (args, result.output)
+
+
 CLI_CASES = [
     ("nan", ["--payload", '{"x": NaN}']),
     ("overflow", ["--payload", '{"x": 1e309}']),
