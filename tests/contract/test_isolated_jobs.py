@@ -35,6 +35,8 @@ def register(conveyor: Conveyor) -> None:
     conveyor.job("retry_in_ages", isolation="process", max_retries=1)(h.retry_in_ages)
     conveyor.job("slow_to_say", timeout=60, **iso)(h.slow_to_say)
     conveyor.job("nap", timeout=60, **iso)(h.nap)
+    conveyor.job("produce", **iso)(h.produce)
+    conveyor.job("consume", **iso)(h.consume)
 
 
 @pytest.fixture
@@ -149,3 +151,17 @@ def test_a_handler_a_child_cannot_import_is_refused_when_the_worker_is_built():
     app.job("inline", isolation="process")(lambda ctx: None)
     with pytest.raises(ConfigurationError, match="module level"):
         app.worker()
+
+
+async def test_a_workflow_step_in_a_child_reads_its_parents_results(app):
+    wf = app.workflow("iso-etl")
+    a = wf.step("a", "produce", n=3)
+    b = wf.step("b", "produce", n=2)
+    wf.step("sum", "consume", after=[a, b])
+    run = await wf.submit()
+    async with running_worker(app, concurrency=2):
+        done = await run.wait(timeout=60)
+    steps = {s.name: s for s in done.steps or []}
+    assert steps["sum"].result["total"] == 0 + 1 + 2 + 0 + 1
+    assert steps["sum"].result["parents"] == ["a", "b"]
+    assert steps["sum"].result["pid"] != os.getpid()

@@ -272,3 +272,16 @@ class SlowToSay(Exception):
 
 def slow_to_say(ctx: JobContext) -> None:
     raise SlowToSay()
+
+
+def produce(ctx: JobContext, n: int) -> dict[str, Any]:
+    return {"rows": list(range(n)), "pid": os.getpid()}
+
+
+def consume(ctx: JobContext) -> dict[str, Any]:
+    """A workflow step reading its parents' results in a child process."""
+    return {
+        "total": sum(sum(r["rows"]) for r in ctx.parent_results.values()),
+        "parents": sorted(ctx.parent_results),
+        "pid": os.getpid(),
+    }
