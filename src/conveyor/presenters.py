@@ -89,6 +89,7 @@ def worker_dict(w: WorkerInfo, *, alive: bool) -> dict[str, Any]:
         "job_types": list(w.job_types),
         "concurrency": w.concurrency,
         "jobs_running": w.jobs_running,
+        "stuck_jobs": w.stuck_jobs,
         "started_at": iso(w.started_at),
         "last_heartbeat": iso(w.heartbeat_at),
         "capabilities": dict(w.capabilities),

@@ -2,11 +2,9 @@
 one database (a SQLite file, then PostgreSQL) run one schedule every second
 (6-field cron, declared in code: tests/integration/cronapp.py).
 
-The issue asks for a 30 s window; these use 10 s to keep the suite fast (the
-mechanism, one transaction per instant with a unique record, does not depend
-on the window). Counted from the handlers' own log files: every second of the
-window has exactly one job (one job id, however often it ran), and no fire
-instant has two jobs. Then the same with one process killed (SIGKILL) and
+Each run lasts 30 s (30 fire instants). Counted from the handlers' own log
+files: every second of the window has exactly one job (one job id, however
+often it ran), and no fire instant has two jobs. Then the same with one process killed (SIGKILL) and
 restarted midway.
 """
 
@@ -22,7 +20,7 @@ from test_up import Server
 
 from support import wait_until
 
-WINDOW = 10.0  # seconds (the issue's 30 s, shortened: see the module docstring)
+WINDOW = 30.0  # seconds: 30 fire instants per run
 
 
 def read_logs(tmp_path: Path) -> dict[str, set[str]]:

@@ -14,6 +14,7 @@ from appkit import FINAL, app_on
 from conveyor import Conveyor
 from conveyor.api.app import create_app
 from conveyor.domain.states import JobState
+from conveyor.runtime.status import collect_status
 from conveyor.storage.base import Store
 from support import async_wait_until, running_worker
 
@@ -55,6 +56,12 @@ async def test_stuck_sync_handlers_hold_their_slots_and_later_jobs_wait_unstarte
             assert ready["status"] == "ready"  # below max_stuck_jobs
             metrics = (await c.get("/metrics")).text
             assert f'conveyor_worker_stuck_jobs{{worker_id="{worker.id}"}} 2.0' in metrics
+
+        async def recorded() -> bool:  # what `conveyor status` and other processes read
+            status = await collect_status(app.deps)
+            return [w["stuck_jobs"] for w in status["workers"]] == [2]
+
+        await async_wait_until(recorded, 10, "the stuck count in the worker's heartbeat")
         later = [(await app.enqueue("quick")).id for _ in range(3)]
         # No free thread: the later jobs are not even fetched, so their timeout
         # cannot start counting while they wait.

@@ -18,7 +18,7 @@ from support import WorkerProcess, async_wait_until
 
 TENANTS = 5
 PER_TENANT = 16
-RATED = 250  # five windows' worth: about 5 s
+RATED = 500  # ten windows' worth: about 10 s
 ENV = {
     "CONVEYOR_HEARTBEAT_INTERVAL": "0.2",
     "CONVEYOR_HEARTBEAT_TIMEOUT": "2.0",
@@ -128,6 +128,6 @@ async def test_a_rate_limit_of_50_per_second_fleet_wide(db_url: str, tmp_path: P
         while times[j] <= t - 1.0:
             j += 1
         assert i - j + 1 <= 100
-    # Held, not run at once: 250 jobs need 5 windows, the first possibly cut short.
+    # Held, not run at once: 500 jobs need 10 windows, the first possibly cut short.
     assert len(leased) >= RATED // 50
     assert times[-1] - times[0] > RATED // 50 - 2

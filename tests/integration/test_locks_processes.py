@@ -1,8 +1,7 @@
 """Locks and leader leases across real processes, on one SQLite file and one PostgreSQL.
 
-- 4 processes contend for one key for CONTEND_SECONDS (the issue asks 20 s; 8 s
-  here keeps the suite's time in bounds: each process still takes the lock
-  dozens of times). From their own logs (their own clocks): never two holders at
+- 4 processes contend for one key for CONTEND_SECONDS (20 s: each process takes
+  the lock dozens of times). From their own logs (their own clocks): never two holders at
   once (the holding intervals are disjoint), tokens strictly increase in
   acquisition order, every holder's fenced write went through, and a holder that
   ran past its TTL is refused by both the fence (``app.locks.check``) and the
@@ -29,7 +28,7 @@ import pytest
 from support import conveyor_env, run_cli, wait_until
 
 PROC = Path(__file__).with_name("lock_proc.py")
-CONTEND_SECONDS = 8.0
+CONTEND_SECONDS = 20.0
 LEADER_TTL = 1.5
 
 

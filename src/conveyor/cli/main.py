@@ -787,7 +787,7 @@ def status(obj: Ctx, as_json: bool) -> None:
     out.print(depths)
     workers = _table(
         f"Workers ({data['live_workers']} alive)",
-        ("id", "alive", "job types", "queues", "running", "last heartbeat"),
+        ("id", "alive", "job types", "queues", "running", "stuck", "last heartbeat"),
     )
     for w in data["workers"]:
         _add_row(
@@ -797,6 +797,7 @@ def status(obj: Ctx, as_json: bool) -> None:
             ", ".join(w["job_types"]),
             ", ".join(w["queues"]),
             str(w["jobs_running"]),
+            str(w.get("stuck_jobs", 0)),
             w["last_heartbeat"] or "",
         )
     out.print(workers)

@@ -322,6 +322,8 @@ class WorkerInfo:
     jobs_running: int = 0
     #: What the worker offers to jobs with requirements (``--capability gpu=a100``).
     capabilities: dict[str, str] = field(default_factory=dict)
+    #: Handlers asked to stop (timeout, cancel) whose code still runs, at the last heartbeat.
+    stuck_jobs: int = 0
 
 
 @dataclass(frozen=True, slots=True)

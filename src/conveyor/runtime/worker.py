@@ -1030,7 +1030,7 @@ class Worker:
             self._check_stuck()
             try:
                 cancel_ids = await self.store.heartbeat(
-                    self.id, len(self._running), self.deps.now()
+                    self.id, len(self._running), self.deps.now(), self.stuck_jobs()
                 )
             except Exception as exc:  # noqa: BLE001 - keep the worker alive
                 log.warning("heartbeat_failed", worker_id=self.id, error=str(exc))

@@ -115,9 +115,12 @@ class Store(abc.ABC):
         and the jobs the old one had started become the rescuer's (see ``rescue``)."""
 
     @abc.abstractmethod
-    async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
-        """Refresh the worker's heartbeat; return ids of its running jobs whose
-        cancel was requested. A worker declared dead is marked running again (its
+    async def heartbeat(
+        self, worker_id: str, jobs_running: int, now: datetime, stuck_jobs: int = 0
+    ) -> set[str]:
+        """Refresh the worker's heartbeat (with its running and stuck handler counts:
+        ``stuck_jobs`` are handlers asked to stop that have not); return ids of its
+        running jobs whose cancel was requested. A worker declared dead is marked running again (its
         jobs were rescued already; its late results are fenced off)."""
 
     @abc.abstractmethod

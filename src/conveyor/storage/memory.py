@@ -414,12 +414,15 @@ class MemoryStore(MemorySchedules, MemorySecrets, Store):
         async with self._lock:
             return [self._job_types[k] for k in sorted(self._job_types)]
 
-    async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
+    async def heartbeat(
+        self, worker_id: str, jobs_running: int, now: datetime, stuck_jobs: int = 0
+    ) -> set[str]:
         async with self._lock:
             w = self._workers.get(worker_id)
             if w is not None:
                 w.heartbeat_at = now
                 w.jobs_running = jobs_running
+                w.stuck_jobs = stuck_jobs
                 w.state = "running"
             return {
                 j.id

@@ -1068,9 +1068,14 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
         async with self._conn() as conn:
             return [JobTypeInfo(*r) for r in await conn.fetch(Q["list_job_types"])]
 
-    async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
+    async def heartbeat(
+        self, worker_id: str, jobs_running: int, now: datetime, stuck_jobs: int = 0
+    ) -> set[str]:
         async with self._conn() as conn:
-            return {r[0] for r in await conn.fetch(Q["heartbeat"], worker_id, now, jobs_running)}
+            return {
+                r[0]
+                for r in await conn.fetch(Q["heartbeat"], worker_id, now, jobs_running, stuck_jobs)
+            }
 
     async def deregister_worker(self, worker_id: str, now: datetime) -> None:
         async with self._conn(tx=True) as conn:
@@ -1301,6 +1306,7 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
                     state=r["state"],
                     jobs_running=r["jobs_running"],
                     capabilities=r["capabilities"],
+                    stuck_jobs=r["stuck_jobs"],
                 )
                 for r in await conn.fetch(Q["list_workers"])
             ]

@@ -642,10 +642,12 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
 
         return await self._run(_do)
 
-    async def heartbeat(self, worker_id: str, jobs_running: int, now: datetime) -> set[str]:
+    async def heartbeat(
+        self, worker_id: str, jobs_running: int, now: datetime, stuck_jobs: int = 0
+    ) -> set[str]:
         def _do() -> set[str]:
             with self._tx() as conn:
-                conn.execute(Q["heartbeat"], (now.timestamp(), jobs_running, worker_id))
+                conn.execute(Q["heartbeat"], (now.timestamp(), jobs_running, stuck_jobs, worker_id))
                 return {r[0] for r in conn.execute(Q["cancel_requested_for_worker"], (worker_id,))}
 
         return await self._run(_do)
@@ -951,6 +953,7 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
                     state=r["state"],
                     jobs_running=r["jobs_running"],
                     capabilities=orjson.loads(r["capabilities"]),
+                    stuck_jobs=r["stuck_jobs"],
                 )
                 for r in self._conn.execute(Q["list_workers"])
             ]

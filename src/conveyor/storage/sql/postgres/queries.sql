@@ -295,7 +295,8 @@ ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
 
 -- name: heartbeat
 WITH w AS (
-    UPDATE conveyor.workers SET heartbeat_at = $2, jobs_running = $3, state = 'running'
+    UPDATE conveyor.workers SET heartbeat_at = $2, jobs_running = $3, stuck_jobs = $4,
+                                state = 'running'
     WHERE id = $1
 )
 SELECT id FROM conveyor.jobs

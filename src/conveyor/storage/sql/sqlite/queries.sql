@@ -142,7 +142,8 @@ ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
                                heartbeat_at = :now, state = 'running', jobs_running = 0
 
 -- name: heartbeat
-UPDATE workers SET heartbeat_at = ?, jobs_running = ?, state = 'running' WHERE id = ?
+UPDATE workers SET heartbeat_at = ?, jobs_running = ?, stuck_jobs = ?, state = 'running'
+WHERE id = ?
 
 -- name: cancel_requested_for_worker
 SELECT id FROM jobs

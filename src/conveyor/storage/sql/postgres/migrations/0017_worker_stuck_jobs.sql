@@ -1,0 +1,3 @@
+-- Handlers asked to stop (timeout, cancel) whose code still runs, as of the
+-- worker's last heartbeat: `conveyor status` and the dashboard show them.
+ALTER TABLE conveyor.workers ADD COLUMN stuck_jobs integer NOT NULL DEFAULT 0;
