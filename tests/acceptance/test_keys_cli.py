@@ -27,16 +27,15 @@ HOOK_SECRET = "status-hook-secret-7f6e5d4c3b2a"
 
 
 def outside_address() -> str:
-    """This machine's first non-loopback IPv4 address, else 127.0.0.1."""
-    try:
-        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
-    except OSError:
-        infos = []
-    for info in infos:
-        address = str(info[4][0])
-        if not address.startswith("127."):
-            return address
-    return "127.0.0.1"
+    """This machine's non-loopback IPv4 address (the source of its default route),
+    else 127.0.0.1. A UDP connect sends nothing; it only picks the route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+            address = str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+    return "127.0.0.1" if address.startswith("127.") or address == "0.0.0.0" else address
 
 
 class Api:
@@ -124,7 +123,8 @@ def test_rotate_keeps_both_keys_for_the_overlap_then_only_the_new_one(
 
     rotated = run_cli(db, "keys", "rotate", key_id(old)[:4], "--overlap", "1h")
     new = rotated.stdout.strip().splitlines()[-1]
-    assert new.startswith("cvk_") and new != old
+    assert new.startswith("cvk_")
+    assert new != old
     assert "stays valid until" in rotated.stderr
     assert "not shown again" in rotated.stderr
     assert api.get(old).status_code == 200  # the overlap: both work
