@@ -15,7 +15,9 @@ import pytest
 from appkit import api_client, app_on
 
 from conveyor import Conveyor
+from conveyor.domain.job import Job, JobQuery
 from conveyor.domain.secrets import SecretNotFound
+from conveyor.domain.states import JobState
 from conveyor.runtime.status import collect_status
 from conveyor.security.vault import MasterKey
 from conveyor.security.webhook_secrets import vault_name
@@ -148,3 +150,31 @@ async def test_a_moved_row_changes_only_while_it_holds_the_sealed_secret(store: 
     assert not await store.move_webhook_secret(hook_id, "y", SECRET)  # moved already
     assert not await store.move_webhook_secret("wh_nope", "y", SECRET)
     assert (await store.get_webhook(hook_id)).secret_ref == "x"
+
+
+async def test_a_worker_without_the_master_key_says_so(store: Store) -> None:
+    key = MasterKey.generate().to_base64()
+    async with app_on(store, register, master_key=key, **FAST) as app:
+        async with api_client(app) as http:
+            r = await http.post(
+                "/api/webhooks",
+                json={"url": "http://127.0.0.1:9/h", "event_types": ["job_completed"]},
+            )
+            hook_id = r.json()["webhook"]["id"]
+        assert (await store.get_webhook(hook_id)).secret_ref == vault_name(hook_id)
+
+    async def failed_delivery() -> list[Job]:
+        page = await store.list_jobs(
+            JobQuery(job_type="conveyor.webhook", states=(JobState.FAILED,))
+        )
+        return page.jobs
+
+    async with (
+        app_on(store, register, webhook_max_retries=0, **FAST) as keyless,
+        running_worker(keyless),
+    ):
+        await keyless.enqueue("noop")
+        (job,) = await async_wait_until(failed_delivery, 30, "the delivery to fail")
+    assert "No master key" in (job.error or "")
+    assert "CONVEYOR_MASTER_KEY" in (job.error or "")
+    assert await store.list_deliveries(hook_id, 10) == []  # nothing was sent unsigned
