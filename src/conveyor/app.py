@@ -226,6 +226,7 @@ class Conveyor:
                 await self.store.close()
                 raise
             self._opened = True
+            await self._move_webhook_secrets()
         return self
 
     async def close(self) -> None:
@@ -959,12 +960,31 @@ class Conveyor:
                 self.now,
                 cache_ttl=s.secrets_cache_ttl,
                 keep=s.secrets_keep_versions,
+                retention=s.secrets_retention,
             )
             self._vault = vault
         return vault
 
     async def _resolve_secret(self, name: str) -> str:
         return await self.secrets.get(name)
+
+    async def _move_webhook_secrets(self) -> None:
+        """At open, with a master key: webhook secrets still stored in their rows
+        move into the vault (security/webhook_secrets.py). A bad key or a store
+        error is logged and left for the vault's next use to report."""
+        s = self.settings
+        if not (s.master_key or s.master_key_file):
+            return
+        from conveyor.domain.errors import ConveyorError
+        from conveyor.security.webhook_secrets import move_webhook_secrets
+
+        try:
+            moved = await move_webhook_secrets(self.store, self.secrets)
+        except ConveyorError as exc:
+            log.warning("webhook_secrets_not_moved", error=str(exc))
+            return
+        if moved:
+            log.info("webhook_secrets_moved", count=moved)
 
 
 def _integral(value: Any) -> Any:

@@ -118,6 +118,8 @@ def webhook_dict(w: Webhook) -> dict[str, Any]:
         "last_delivered_at": iso(w.last_delivered_at),
         "disabled_at": iso(w.disabled_at),
         "disabled_reason": w.disabled_reason,
+        # Where its signing secret is kept: "vault" (encrypted) or "database" (as given).
+        "secret_storage": "database" if w.secret_ref is None else "vault",
     }
 
 

@@ -85,6 +85,9 @@ class Settings:
     rate_limits: bool = True
     rate_limit: str = "1200/minute"
     rate_limit_auth_failures: str = "30/minute"
+    # Seconds an old secret version is kept after a newer one replaced it (at most
+    # secrets_keep_versions versions either way); 0 = only the newest is kept.
+    secrets_retention: float = 30 * 86_400.0
 
     def __post_init__(self) -> None:
         problems = [
@@ -172,6 +175,8 @@ class Settings:
             problems.append("metrics_host must be a host name or address, e.g. 0.0.0.0")
         if self.log_format not in LOG_FORMATS:
             problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}")
+        if not 0 <= self.secrets_retention <= 10 * 365 * 86_400:
+            problems.append("secrets_retention must be between 0 and 10 years, in seconds")
         if problems:
             raise ConfigurationError("Invalid settings: " + "; ".join(problems))
 
@@ -221,6 +226,7 @@ _TYPES: dict[str, type] = {
     "secrets_cache_ttl": float,
     "secrets_keep_versions": int,
     "rate_limits": bool,
+    "secrets_retention": float,
 }
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -32,6 +32,8 @@ from conveyor.presenters import delivery_dict, webhook_dict
 from conveyor.runtime.hub import EventHub, UnknownEvent
 from conveyor.runtime.webhooks import enable_webhook as enable_and_replay
 from conveyor.runtime.webhooks import validate_target
+from conveyor.security.webhook_secrets import create_webhook as create_sealed_webhook
+from conveyor.security.webhook_secrets import delete_webhook as delete_sealed_webhook
 
 log = structlog.get_logger("conveyor.api")
 
@@ -162,7 +164,7 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
             secret=secret,
             created_at=conveyor.now(),
         )
-        await conveyor.store.create_webhook(hook)
+        hook = await create_sealed_webhook(conveyor.store, conveyor.secrets, hook)
         return JSON(
             {"success": True, "webhook": webhook_dict(hook), "secret": secret}, status_code=201
         )
@@ -190,7 +192,7 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
     )
     async def delete_webhook(webhook_id: str) -> dict[str, Any]:
         """Delete an endpoint and its delivery log; queued deliveries are dropped."""
-        await conveyor.store.delete_webhook(webhook_id)
+        await delete_sealed_webhook(conveyor.store, conveyor.secrets, webhook_id)
         return {"success": True, "deleted": webhook_id}
 
     @router.post(

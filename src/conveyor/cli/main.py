@@ -389,9 +389,12 @@ def keys_list(obj: Ctx, as_json: bool) -> None:
 @click.argument("key_id")
 @click.pass_obj
 def keys_revoke(obj: Ctx, key_id: str) -> None:
-    """Revoke a key by its id (see `conveyor keys list`)."""
-    key = run(lambda a: a.store.revoke_api_key(key_id, a.now()), obj.app())
+    """Revoke a key by its id or a unique prefix of it (see `conveyor keys list`)."""
+    from conveyor.cli.keys import revoke_key, warn_if_last
+
+    key, remaining = run(lambda a: revoke_key(a, key_id), obj.app())
     out.print(f"Revoked key {key.id} ({_plain(key.name)})", highlight=False)
+    warn_if_last(remaining)
 
 
 # -- migrate ---------------------------------------------------------------------------
@@ -818,9 +821,18 @@ def status(obj: Ctx, as_json: bool) -> None:
                 f"{_plain(repr(u['queue']))}: no live worker handles it",
                 highlight=False,
             )
+    if data.get("webhook_secrets_unencrypted"):
+        out.print(
+            f"[bold yellow]Webhook secrets:[/] {data['webhook_secrets_unencrypted']} "
+            "endpoint(s) keep their signing secret unencrypted in the database. Set "
+            "CONVEYOR_MASTER_KEY (or CONVEYOR_MASTER_KEY_FILE) and restart: they move "
+            "into the vault at the next start (docs/security.md)",
+            highlight=False,
+        )
 
 
 # Command groups in modules of their own register themselves on ``cli`` when imported.
+from conveyor.cli import keys as _keys  # noqa: E402, F401 - keys rotate
 from conveyor.cli import secrets as _secrets  # noqa: E402, F401
 from conveyor.cli import workflows as _workflows  # noqa: E402, F401
 

@@ -53,6 +53,9 @@ class Webhook:
     # While disabled: the id of its ``webhook_disabled`` event; re-enabling
     # delivers the matching events after it.
     replay_after: int | None = None
+    # The vault secret holding the signing secret (``secret`` is then empty); None:
+    # the secret is stored as given, unencrypted (no master key when it was made).
+    secret_ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

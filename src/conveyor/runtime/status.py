@@ -47,4 +47,9 @@ async def collect_status(deps: RuntimeDeps) -> dict[str, Any]:
         "live_workers": len(alive),
         "unserved_job_types": unserved,
         **await flow_status(deps.store, deps.now(), alive),
+        # Endpoints whose signing secret sits unencrypted in the database (no master
+        # key when they were made): docs/security.md, "Webhook secrets".
+        "webhook_secrets_unencrypted": sum(
+            1 for w in await deps.store.list_webhooks() if w.secret_ref is None
+        ),
     }

@@ -346,7 +346,7 @@ class WebhookSender:
             "Content-Type": "application/json",
             EVENT_HEADER: str(event.get("type", "")),
             DELIVERY_HEADER: delivery_id,
-            SIGNATURE_HEADER: sign(hook.secret, int(time.time()), body),
+            SIGNATURE_HEADER: sign(await self._signing_secret(hook), int(time.time()), body),
         }
         started = time.perf_counter()
         status: int | None = None
@@ -390,6 +390,17 @@ class WebhookSender:
             log.warning("webhook_disabled", webhook_id=hook.id, reason=after.disabled_reason)
             raise Permanent(f"{error}; webhook disabled: {after.disabled_reason}")
         raise WebhookDeliveryFailed(error)
+
+    async def _signing_secret(self, hook: Webhook) -> str:
+        """The endpoint's signing secret: from the vault when its row names one
+        (``secret_ref``), else the row's own (stored before a master key existed)."""
+        if hook.secret_ref is None:
+            return hook.secret
+        return await (self.deps.secrets or _no_vault)(hook.secret_ref)
+
+
+async def _no_vault(name: str) -> str:
+    raise WebhookDeliveryFailed(f"the signing secret is in the vault ({name}); no vault is wired")
 
 
 class WebhookDeliveryFailed(Exception):

@@ -1086,5 +1086,11 @@ class Worker:
                     )
                     if pruned:
                         log.info("jobs_pruned", worker_id=self.id, count=pruned)
+                    # Old secret versions past CONVEYOR_SECRETS_RETENTION (docs/security.md).
+                    replaced = await self.store.prune_secret_versions(
+                        self.deps.now() - timedelta(seconds=s.secrets_retention)
+                    )
+                    if replaced:
+                        log.info("secret_versions_pruned", worker_id=self.id, count=replaced)
             except Exception as exc:  # noqa: BLE001 - keep the worker alive
                 log.warning("maintenance_failed", worker_id=self.id, error=str(exc))

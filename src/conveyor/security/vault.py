@@ -34,7 +34,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
@@ -239,7 +239,8 @@ class StoreSecrets:
     ``get`` keeps a decrypted value up to ``cache_ttl`` seconds, and on each hit
     asks the store for the newest version number (one indexed read): a new
     version written anywhere replaces the cached value at once. Values are text
-    (UTF-8); ``keep`` versions of each secret are kept.
+    (UTF-8); ``keep`` versions of each secret are kept, and an old version only
+    ``retention`` seconds after a newer one replaced it (None: no time limit).
     """
 
     def __init__(
@@ -251,6 +252,7 @@ class StoreSecrets:
         cache_ttl: float = 300.0,
         keep: int = 5,
         on_access: AccessHook | None = None,
+        retention: float | None = None,
     ) -> None:
         self.store = store
         self.keys = keys
@@ -259,6 +261,7 @@ class StoreSecrets:
         self.keep = keep
         self.on_access = on_access
         self._cache: dict[str, tuple[int, str, float]] = {}
+        self.retention = retention
 
     def _access(self, action: str, name: str, version: int | None) -> None:
         """The one hook every read and change passes (an audit log attaches here)."""
@@ -304,6 +307,7 @@ class StoreSecrets:
         )
         self._cache.pop(name, None)
         self._access("set", name, row.version)
+        await self.prune()
         return row
 
     async def list(self) -> list[SecretInfo]:
@@ -334,3 +338,13 @@ class StoreSecrets:
     def forget(self) -> None:
         """Drop every cached value."""
         self._cache.clear()
+
+    async def prune(self) -> int:
+        """Delete the versions replaced more than ``retention`` seconds ago (none
+        when ``retention`` is None); returns how many went. Workers also run
+        this once a minute (``Store.prune_secret_versions``)."""
+        if self.retention is None:
+            return 0
+        return await self.store.prune_secret_versions(
+            self._now() - timedelta(seconds=self.retention)
+        )

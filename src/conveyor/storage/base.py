@@ -675,6 +675,29 @@ class Store(abc.ABC):
         older ``now`` than the stored one changes nothing)."""
         raise NotImplementedError
 
+    # -- key rotation, webhook secrets in the vault, secret retention (docs/security.md) --
+    async def rotate_api_key(
+        self, key_id: str, new: ApiKey, old_until: datetime, now: datetime
+    ) -> None:
+        """In one transaction: store ``new`` and end key ``key_id``: revoked at ``now``
+        when ``old_until <= now``, else expiring at ``old_until`` (an earlier expiry
+        stays). Raises ``ApiKeyNotFound``, ``ValidationError`` (the old key is revoked,
+        or ``new``'s id or hash exists)."""
+        raise NotImplementedError
+
+    async def move_webhook_secret(self, webhook_id: str, ref: str, secret: str) -> bool:
+        """Replace endpoint ``webhook_id``'s stored secret by the vault reference
+        ``ref``, if it still holds ``secret`` and no reference; True if it did. The
+        plaintext is overwritten in the database file too (SQLite: secure delete
+        and a WAL checkpoint)."""
+        raise NotImplementedError
+
+    async def prune_secret_versions(self, replaced_before: datetime) -> int:
+        """Delete every secret version replaced by a newer one created at or before
+        ``replaced_before`` (the newest version of a secret always stays). Returns
+        how many went."""
+        raise NotImplementedError
+
 
 #: The states ``queue_stats`` counts.
 STAT_STATES = (JobState.BLOCKED, JobState.PENDING, JobState.RUNNING, JobState.FAILED)
@@ -776,6 +799,7 @@ def webhook_from_row(row: Any, ts: Callable[[Any], datetime | None]) -> Webhook:
         failing_since=ts(row["failing_since"]),
         last_delivered_at=ts(row["last_delivered_at"]),
         replay_after=row["replay_after"],
+        secret_ref=row["secret_ref"],
     )
 
 

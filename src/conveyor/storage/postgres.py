@@ -1413,6 +1413,7 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
                     w.secret,
                     w.state.value,
                     w.created_at,
+                    w.secret_ref,
                 )
         except StoreError as exc:
             if isinstance(exc.__cause__, asyncpg.UniqueViolationError):

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 
 from conveyor.domain.auth import ApiKey
+from conveyor.domain.errors import ApiKeyNotFound, ValidationError
 from conveyor.domain.secrets import SecretInfo, SecretNotFound, SecretVersion
-from conveyor.storage.secrets import check_keep
+from conveyor.domain.webhooks import Webhook
+from conveyor.storage.secrets import check_keep, revoked_key_error
 
 
 class MemorySecrets:
@@ -18,6 +21,7 @@ class MemorySecrets:
 
     _lock: asyncio.Lock
     _keys: dict[str, ApiKey]
+    _webhooks: dict[str, Webhook]
 
     @property
     def _secrets(self) -> dict[str, dict[int, SecretVersion]]:
@@ -88,3 +92,39 @@ class MemorySecrets:
         key = keys.get(key_id)
         if key is not None and (key.last_used_at is None or key.last_used_at < now):
             keys[key_id] = replace(key, last_used_at=now)
+
+    async def rotate_api_key(
+        self, key_id: str, new: ApiKey, old_until: datetime, now: datetime
+    ) -> None:
+        async with self._lock:
+            old = self._keys.get(key_id)
+            if old is None:
+                raise ApiKeyNotFound(key_id)
+            if not old.active:
+                raise revoked_key_error(key_id)
+            if any(k.key_hash == new.key_hash or k.id == new.id for k in self._keys.values()):
+                raise ValidationError("An API key with this id or hash already exists")
+            self._keys[new.id] = new
+            if old_until <= now:
+                self._keys[key_id] = replace(old, revoked_at=now)
+            elif old.expires_at is None or old.expires_at > old_until:
+                self._keys[key_id] = replace(old, expires_at=old_until)
+
+    async def move_webhook_secret(self, webhook_id: str, ref: str, secret: str) -> bool:
+        async with self._lock:
+            hook = self._webhooks.get(webhook_id)
+            if hook is None or hook.secret != secret or hook.secret_ref is not None:
+                return False
+            self._webhooks[webhook_id] = replace(hook, secret="", secret_ref=ref)
+            return True
+
+    async def prune_secret_versions(self, replaced_before: datetime) -> int:
+        async with self._lock:
+            pruned = 0
+            for versions in self._secrets.values():
+                ordered = sorted(versions)
+                for older, newer in itertools.pairwise(ordered):
+                    if versions[newer].created_at <= replaced_before:
+                        del versions[older]
+                        pruned += 1
+            return pruned

@@ -11,14 +11,17 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from conveyor.domain.auth import ApiKey
+from conveyor.domain.errors import ApiKeyNotFound, StoreError, ValidationError
 from conveyor.domain.secrets import SecretInfo, SecretNotFound, SecretVersion
-from conveyor.storage.secrets import check_keep
+from conveyor.storage.secrets import check_keep, revoked_key_error
 from conveyor.storage.sql import load_queries
 
 if TYPE_CHECKING:
     import asyncpg
 
 SQ = load_queries("postgres", "secrets.sql")
+KQ = load_queries("postgres", "keys.sql")
 
 
 def _row(r: Any) -> SecretVersion:
@@ -87,3 +90,44 @@ class PostgresSecrets:
     async def touch_api_key(self, key_id: str, now: datetime) -> None:
         async with self._conn() as conn:
             await conn.execute(SQ["touch_api_key"], now, key_id)
+
+    async def rotate_api_key(
+        self, key_id: str, new: ApiKey, old_until: datetime, now: datetime
+    ) -> None:
+        import asyncpg
+
+        try:
+            async with self._conn(tx=True) as conn:
+                state = await conn.fetchrow(KQ["api_key_state"], key_id)
+                if state is None:
+                    raise ApiKeyNotFound(key_id)
+                if state[0] is not None:
+                    raise revoked_key_error(key_id)
+                await conn.execute(
+                    KQ["insert_rotated_api_key"],
+                    new.id,
+                    new.name,
+                    new.scope.value,
+                    new.key_hash,
+                    new.prefix,
+                    new.created_at,
+                    new.expires_at,
+                )
+                if old_until <= now:
+                    await conn.execute(KQ["revoke_rotated_api_key"], key_id, now)
+                else:
+                    await conn.execute(KQ["end_api_key"], key_id, old_until)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
+                raise ValidationError("An API key with this id or hash already exists") from exc
+            raise
+
+    async def move_webhook_secret(self, webhook_id: str, ref: str, secret: str) -> bool:
+        async with self._conn() as conn:
+            status = await conn.execute(KQ["move_webhook_secret"], webhook_id, ref, secret)
+        return bool(status != "UPDATE 0")
+
+    async def prune_secret_versions(self, replaced_before: datetime) -> int:
+        async with self._conn() as conn:
+            status = await conn.execute(KQ["prune_replaced_secrets"], replaced_before)
+        return int(status.split()[-1])

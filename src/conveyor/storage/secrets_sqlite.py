@@ -12,12 +12,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from conveyor.domain.auth import ApiKey
+from conveyor.domain.errors import ApiKeyNotFound, ValidationError
 from conveyor.domain.secrets import SecretInfo, SecretNotFound, SecretVersion
-from conveyor.storage.secrets import check_keep
+from conveyor.storage.secrets import check_keep, revoked_key_error
 from conveyor.storage.sql import load_queries
 
 T = TypeVar("T")
 SQ = load_queries("sqlite", "secrets.sql")
+KQ = load_queries("sqlite", "keys.sql")
 
 
 def _dt(ts: float) -> datetime:
@@ -114,3 +117,60 @@ class SQLiteSecrets:
                 conn.execute(SQ["touch_api_key"], (now.timestamp(), key_id))
 
         await self._run(_do)
+
+    async def rotate_api_key(
+        self, key_id: str, new: ApiKey, old_until: datetime, now: datetime
+    ) -> None:
+        expires = None if new.expires_at is None else new.expires_at.timestamp()
+        params = (new.id, new.name, new.scope.value, new.key_hash, new.prefix)
+
+        def _do() -> None:
+            with self._tx() as conn:
+                state = conn.execute(KQ["api_key_state"], (key_id,)).fetchone()
+                if state is None:
+                    raise ApiKeyNotFound(key_id)
+                if state[0] is not None:
+                    raise revoked_key_error(key_id)
+                try:
+                    conn.execute(
+                        KQ["insert_rotated_api_key"],
+                        (*params, new.created_at.timestamp(), expires),
+                    )
+                except sqlite3.IntegrityError as exc:
+                    raise ValidationError("An API key with this id or hash already exists") from exc
+                if old_until <= now:
+                    conn.execute(KQ["revoke_rotated_api_key"], (now.timestamp(), key_id))
+                else:
+                    conn.execute(KQ["end_api_key"], {"until": old_until.timestamp(), "id": key_id})
+
+        await self._run(_do)
+
+    async def move_webhook_secret(self, webhook_id: str, ref: str, secret: str) -> bool:
+        def _do() -> bool:
+            conn = self._secrets_conn()
+            # Zero the freed bytes of the old row, then fold the WAL into the file
+            # and truncate it: the plaintext leaves both files.
+            conn.execute("PRAGMA secure_delete = ON")
+            try:
+                with self._tx() as tx:
+                    moved = tx.execute(
+                        KQ["move_webhook_secret"],
+                        {"ref": ref, "id": webhook_id, "secret": secret},
+                    ).rowcount
+            finally:
+                conn.execute("PRAGMA secure_delete = OFF")
+            if moved:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            return bool(moved)
+
+        return await self._run(_do)
+
+    async def prune_secret_versions(self, replaced_before: datetime) -> int:
+        def _do() -> int:
+            with self._tx() as conn:
+                cursor = conn.execute(
+                    KQ["prune_replaced_secrets"], {"before": replaced_before.timestamp()}
+                )
+                return int(cursor.rowcount)
+
+        return await self._run(_do)

@@ -2009,6 +2009,7 @@ def _webhook_params(w: Webhook) -> tuple[Any, ...]:
         w.secret,
         w.state.value,
         w.created_at.timestamp(),
+        w.secret_ref,
     )
 
 

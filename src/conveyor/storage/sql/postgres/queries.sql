@@ -495,8 +495,9 @@ UPDATE conveyor.outbox_consumers SET owner = NULL, lease_expires_at = NULL, upda
 WHERE name = $1 AND owner = $2
 
 -- name: insert_webhook
-INSERT INTO conveyor.webhooks (id, url, event_types, secret, state, consecutive_failures, created_at)
-VALUES ($1, $2, $3, $4, $5, 0, $6)
+INSERT INTO conveyor.webhooks (id, url, event_types, secret, state, consecutive_failures, created_at,
+                               secret_ref)
+VALUES ($1, $2, $3, $4, $5, 0, $6, $7)
 
 -- name: list_webhooks
 SELECT * FROM conveyor.webhooks ORDER BY created_at, id

@@ -162,7 +162,8 @@ CREATE TABLE conveyor.webhooks (
     disabled_reason text,
     failing_since timestamp with time zone,
     last_delivered_at timestamp with time zone,
-    replay_after bigint
+    replay_after bigint,
+    secret_ref text
 );
 
 CREATE TABLE conveyor.workflows (

@@ -342,8 +342,9 @@ UPDATE outbox_consumers SET owner = NULL, lease_expires_at = NULL, updated_at = 
 WHERE name = :name AND owner = :owner
 
 -- name: insert_webhook
-INSERT INTO webhooks (id, url, event_types, secret, state, consecutive_failures, created_at)
-VALUES (?, ?, ?, ?, ?, 0, ?)
+INSERT INTO webhooks (id, url, event_types, secret, state, consecutive_failures, created_at,
+                      secret_ref)
+VALUES (?, ?, ?, ?, ?, 0, ?, ?)
 
 -- name: list_webhooks
 SELECT * FROM webhooks ORDER BY created_at, id
