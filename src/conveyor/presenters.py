@@ -75,6 +75,7 @@ def execution_dict(e: Execution) -> dict[str, Any]:
         "outcome": e.outcome,
         "error": e.error,
         "payload_version": e.payload_version,
+        "traceback": e.traceback,
     }
 
 

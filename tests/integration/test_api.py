@@ -330,7 +330,9 @@ async def test_get_job_lists_executions(cv, client):
         "outcome",
         "error",
         "payload_version",
+        "traceback",
     }
+    assert ex["traceback"] is None  # failed through the store, not by a raising handler
     assert ex["payload_version"] == job["payload_version"] == 1
     assert ex["attempt"] == 1
     assert ex["worker_id"] == "w1"

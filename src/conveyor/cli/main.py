@@ -600,6 +600,10 @@ def jobs_show(obj: Ctx, job_id: str, as_json: bool) -> None:
             str(e["payload_version"]),
         )
     out.print(ex)
+    last = next((e for e in reversed(data["executions"]) if e.get("traceback")), None)
+    if last is not None:  # the newest one: where to look first
+        out.print(f"Traceback of attempt {last['attempt']}:", highlight=False)
+        out.print(last["traceback"], markup=False, highlight=False, soft_wrap=True)
 
 
 @jobs.command("cancel")

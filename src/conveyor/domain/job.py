@@ -276,6 +276,9 @@ class Execution:
     error: str | None
     #: The version of the job's payload this attempt ran with.
     payload_version: int = 1
+    #: The attempt's traceback as Python prints it (its last 8,192 characters), if
+    #: it raised; None otherwise. ``error`` stays the one-line ``"Type: message"``.
+    traceback: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +297,9 @@ class Finish:
     #: payload_version goes up by one); None keeps the payload.
     payload: dict[str, Any] | None = None
     error_type: str = ""  # the exception's class name (RETRY/FAIL); for metrics, not persisted
+    #: The raised exception's traceback (bounded, storable): kept in the attempt's
+    #: history row (``Execution.traceback``), not on the job.
+    traceback: str | None = None
 
 
 FINISH_ACTIONS = frozenset(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random as _random
+import traceback as _traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -60,6 +61,31 @@ def describe(exc: BaseException) -> str:
     name = safe_text(type(exc).__name__, 200)
     text = safe_text(exc)
     return f"{name}: {text}" if text else name
+
+
+#: Characters of a traceback kept in an attempt's history (the end: the frames
+#: nearest the raise and the exception line).
+MAX_TRACEBACK_CHARS = 8_192
+
+
+def traceback_text(exc: BaseException) -> str | None:
+    """``exc``'s traceback as Python prints it (chained exceptions included), cut to
+    its last ``MAX_TRACEBACK_CHARS`` characters behind a ``... [N characters cut]``
+    line, storable by every store; None when it has no traceback. Never raises:
+    the ``traceback`` module describes an exception whose ``__str__`` raises as
+    ``<exception str() failed>``. It does run that ``__str__``: call it where a
+    hanging one can't freeze anything (the worker does it off its event loop)."""
+    try:
+        if exc.__traceback__ is None:
+            return None
+        text = "".join(_traceback.format_exception(exc))
+    except BaseException:  # noqa: BLE001 - a hostile exception must not escape
+        return None
+    text = safe_text(text, len(text) + 1)
+    if len(text) > MAX_TRACEBACK_CHARS:
+        cut = len(text) - MAX_TRACEBACK_CHARS
+        text = f"... [{cut} characters cut]\n" + text[-MAX_TRACEBACK_CHARS:]
+    return text
 
 
 def decide(

@@ -41,7 +41,7 @@ from conveyor.domain.errors import (
 from conveyor.domain.ids import new_token
 from conveyor.domain.job import Finish, Job, WorkerInfo, is_internal
 from conveyor.domain.limits import safe_text
-from conveyor.domain.retry import decide, describe
+from conveyor.domain.retry import decide, describe, traceback_text
 from conveyor.domain.states import Action
 from conveyor.observability import tracing
 from conveyor.runtime.context import JobContext
@@ -657,7 +657,12 @@ class Worker:
         exception with plain arguments, that runs in a side thread for at most
         ``DESCRIBE_TIMEOUT`` seconds, so no exception can freeze the event loop
         (and with it the heartbeats of every running job)."""
-        if id(type(exc)) in _SAFE_EXCEPTIONS and all(id(type(a)) in _PLAIN_ARGS for a in exc.args):
+        if (
+            id(type(exc)) in _SAFE_EXCEPTIONS
+            and all(id(type(a)) in _PLAIN_ARGS for a in exc.args)
+            and exc.__cause__ is None  # a chained one is described in the traceback
+            and exc.__context__ is None
+        ):
             return self._failure(job, definition, exc)
         loop = asyncio.get_running_loop()
         try:
@@ -847,8 +852,10 @@ class Worker:
             rand=self.deps.rand,
             error=None if error is None else safe_text(error),
         )
+        trace = traceback_text(exc) if error is None else None  # a child's has no frames here
         if entry is not None and entry.secrets:  # never store a resolved secret
             decision = replace(decision, error=scrub(decision.error, entry.secrets) or "")
+            trace = scrub(trace, entry.secrets)
         retry_at = (
             self.deps.now() + timedelta(seconds=decision.delay)
             if decision.action is Action.RETRY
@@ -870,6 +877,7 @@ class Worker:
             error=decision.error,
             retry_at=retry_at,
             error_type=_class_name(exc),
+            traceback=trace,
         )
 
     # -- completion writes ------------------------------------------------------------

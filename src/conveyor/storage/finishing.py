@@ -67,7 +67,8 @@ class JobUpdate:
 class FinishPlan:
     accepted: list[bool] = field(default_factory=list)
     updates: list[JobUpdate] = field(default_factory=list)
-    executions: list[tuple[str, int, str, str | None]] = field(default_factory=list)
+    #: (job id, attempt, outcome, error, traceback) per ended attempt.
+    executions: list[tuple[str, int, str, str | None, str | None]] = field(default_factory=list)
     events: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     finished_parents: list[str] = field(default_factory=list)
     #: Workflow steps this batch finished (for the store's workflow settle step).
@@ -138,7 +139,8 @@ def plan_finishes(
             if action in (Action.COMPLETE, Action.RELEASE)
             else ("cancelled" if action is not f.action else f.error)
         )
-        plan.executions.append((f.job_id, row.attempt, OUTCOME[action], exec_error))
+        trace = f.traceback if action is f.action and exec_error is not None else None
+        plan.executions.append((f.job_id, row.attempt, OUTCOME[action], exec_error, trace))
         data = event_data(f.job_id, row.job_type, row.queue, state, attempt, **extra)
         plan.events.append((EVENT_FOR_ACTION[action].value, f.job_id, data))
         if row.has_children and action in TERMINAL_ACTIONS:

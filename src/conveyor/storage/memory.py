@@ -175,11 +175,20 @@ class MemoryStore(MemorySchedules, MemorySecrets, Store):
                 self._moved.append(Moved(job.workflow_id, job.step_name or job.id, job.state.value))
         self._emit(EVENT_FOR_ACTION[action].value, job, now, **data)
 
-    def _end_execution(self, job: Job, now: datetime, outcome: str, error: str | None) -> None:
+    def _end_execution(
+        self,
+        job: Job,
+        now: datetime,
+        outcome: str,
+        error: str | None,
+        traceback: str | None = None,
+    ) -> None:
         runs = self._executions.get(job.id, [])
         for i in range(len(runs) - 1, -1, -1):
             if runs[i].attempt == job.attempt and runs[i].finished_at is None:
-                runs[i] = replace(runs[i], finished_at=now, outcome=outcome, error=error)
+                runs[i] = replace(
+                    runs[i], finished_at=now, outcome=outcome, error=error, traceback=traceback
+                )
                 break
 
     def _after_terminal(self, job: Job, now: datetime) -> None:
@@ -365,7 +374,7 @@ class MemoryStore(MemorySchedules, MemorySecrets, Store):
         elif f.action is Action.RETRY:
             job.error = f.error
             job.run_at = f.retry_at or now
-            self._end_execution(job, now, "retry", f.error)
+            self._end_execution(job, now, "retry", f.error, f.traceback)
             healed: dict[str, Any] = {}
             if f.payload is not None:
                 job.payload = f.payload
@@ -374,7 +383,7 @@ class MemoryStore(MemorySchedules, MemorySecrets, Store):
             self._move(job, f.action, now, error=f.error, run_at=job.run_at.isoformat(), **healed)
         elif f.action is Action.FAIL:
             job.error = f.error
-            self._end_execution(job, now, "failed", f.error)
+            self._end_execution(job, now, "failed", f.error, f.traceback)
             self._move(job, f.action, now, error=f.error)
             self._after_terminal(job, now)
         elif f.action is Action.CONFIRM_CANCEL:

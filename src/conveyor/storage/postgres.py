@@ -966,6 +966,7 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
                     [e[1] for e in plan.events],
                     _json([e[2] for e in plan.events]),
                     [None if x.payload is None else _jsonb(x.payload) for x in u],
+                    [e[4] for e in plan.executions],
                 )
                 moved = plan.moved
                 if plan.finished_parents:
@@ -1266,6 +1267,7 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
                     r["outcome"],
                     r["error"],
                     r["payload_version"],
+                    r["traceback"],
                 )
                 for r in await conn.fetch(Q["executions"], job_id)
             ]

@@ -531,8 +531,8 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
             conn.executemany(
                 Q["end_execution"],
                 [
-                    (now, outcome, error, job_id, attempt)
-                    for job_id, attempt, outcome, error in plan.executions
+                    (now, outcome, error, trace, job_id, attempt)
+                    for job_id, attempt, outcome, error, trace in plan.executions
                 ],
             )
             conn.executemany(
@@ -700,7 +700,7 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
                         if job.workflow_id is not None:
                             moved.append(Moved(job.workflow_id, job.step_name or job.id, status))
                     conn.execute(
-                        Q["end_execution"], (ts, "lost", "worker_lost", job.id, job.attempt)
+                        Q["end_execution"], (ts, "lost", "worker_lost", None, job.id, job.attempt)
                     )
                     events.append(
                         (
@@ -887,6 +887,7 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
                     r["outcome"],
                     r["error"],
                     r["payload_version"],
+                    r["traceback"],
                 )
                 for r in self._conn.execute(Q["executions"], (job_id,))
             ]

@@ -204,21 +204,21 @@ WITH f AS (
         payload_version = j.payload_version + (f.payload IS NOT NULL)::integer
     FROM f WHERE j.id = f.id
 ), x AS (
-    SELECT * FROM unnest($1::text[], $9::integer[], $10::text[], $11::text[])
-        AS x(job_id, attempt, outcome, error)
+    SELECT * FROM unnest($1::text[], $9::integer[], $10::text[], $11::text[], $17::text[])
+        AS x(job_id, attempt, outcome, error, traceback)
 ), legacy AS (
     -- Attempts started before 0003 have an open execution row: close it.
     UPDATE conveyor.job_executions e
-    SET finished_at = $12, outcome = x.outcome, error = x.error
+    SET finished_at = $12, outcome = x.outcome, error = x.error, traceback = x.traceback
     FROM x WHERE e.job_id = x.job_id AND e.attempt = x.attempt AND e.finished_at IS NULL
     RETURNING e.job_id
 ), ex AS (
     -- The attempt's one execution row. Every CTE reads the snapshot from before the
     -- UPDATE above, so j is the running row: its worker and start time.
     INSERT INTO conveyor.job_executions (job_id, attempt, worker_id, started_at, finished_at,
-                                         outcome, error, payload_version)
+                                         outcome, error, payload_version, traceback)
     SELECT x.job_id, x.attempt, j.worker_id, j.started_at, $12, x.outcome, x.error,
-           j.payload_version
+           j.payload_version, x.traceback
     FROM x JOIN conveyor.jobs j ON j.id = x.job_id
     WHERE x.job_id NOT IN (SELECT job_id FROM legacy)
 )
@@ -387,14 +387,15 @@ SELECT 1 FROM conveyor.jobs WHERE id = $1
 -- name: executions
 -- Ended attempts, then the running one (from the job row: its execution row is
 -- written when it ends).
-SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error, payload_version
+SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error, payload_version,
+       traceback
 FROM (
     SELECT id AS ord, job_id, attempt, worker_id, started_at, finished_at, outcome, error,
-           payload_version
+           payload_version, traceback
     FROM conveyor.job_executions WHERE job_id = $1
     UNION ALL
     SELECT 9223372036854775807, j.id, j.attempt, j.worker_id, j.started_at, NULL, NULL, NULL,
-           j.payload_version
+           j.payload_version, NULL
     FROM conveyor.jobs j
     WHERE j.id = $1 AND j.state = 'running'
       AND NOT EXISTS (SELECT 1 FROM conveyor.job_executions e

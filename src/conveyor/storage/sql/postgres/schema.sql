@@ -620,3 +620,4 @@ ALTER TABLE ONLY conveyor.secrets
 ALTER TABLE conveyor.api_keys ADD COLUMN expires_at timestamp with time zone;
 ALTER TABLE conveyor.api_keys ADD COLUMN last_used_at timestamp with time zone;
 ALTER TABLE conveyor.workers ADD COLUMN stuck_jobs integer DEFAULT 0 NOT NULL;
+ALTER TABLE conveyor.job_executions ADD COLUMN traceback text;

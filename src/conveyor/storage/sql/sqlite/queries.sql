@@ -94,7 +94,7 @@ UPDATE jobs SET state = 'pending', attempt = attempt - 1, run_at = ?, lease_toke
 WHERE id = ? AND state = 'running' AND lease_token = ?
 
 -- name: end_execution
-UPDATE job_executions SET finished_at = ?, outcome = ?, error = ?
+UPDATE job_executions SET finished_at = ?, outcome = ?, error = ?, traceback = ?
 WHERE job_id = ? AND attempt = ? AND finished_at IS NULL
 
 -- name: blocked_children
@@ -213,7 +213,8 @@ SELECT * FROM jobs WHERE id = ?
 SELECT parent_id FROM job_dependencies WHERE child_id = ?
 
 -- name: executions
-SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error, payload_version
+SELECT job_id, attempt, worker_id, started_at, finished_at, outcome, error, payload_version,
+       traceback
 FROM job_executions WHERE job_id = ? ORDER BY id
 
 -- name: list_jobs
