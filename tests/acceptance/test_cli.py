@@ -217,3 +217,39 @@ def test_ids_are_never_cut_and_a_unique_prefix_names_a_job(db):
     missing = run_cli(db, "jobs", "show", "ffffffffff", check=False)
     assert missing.returncode == 1
     assert "not found" in missing.stderr
+
+
+def test_a_unique_prefix_names_a_workflow_in_show_cancel_and_retry(db, tmp_path):
+    definition = tmp_path / "wf.json"
+    definition.write_text(
+        json.dumps({"name": "pair", "steps": [{"name": "a", "job_type": "test_job"}]})
+    )
+
+    def submit_workflow() -> str:
+        return json.loads(run_cli(db, "workflows", "submit", str(definition), "--json").stdout)[
+            "id"
+        ]
+
+    first, second = submit_workflow(), submit_workflow()
+    common = 0
+    while first[common] == second[common]:
+        common += 1
+    prefix = first[: max(common + 1, 6)]
+    shown = json.loads(run_cli(db, "workflows", "show", prefix, "--json").stdout)
+    assert shown["id"] == first
+    if common >= 6:  # made a moment apart: they share their first digits
+        ambiguous = run_cli(db, "workflows", "show", first[:common], check=False)
+        assert ambiguous.returncode == 1
+        assert "ambiguous" in ambiguous.stderr
+        assert first in ambiguous.stderr
+        assert second in ambiguous.stderr
+    cancelled = run_cli(db, "workflows", "cancel", prefix).stdout
+    assert f"{first} cancelled" in cancelled
+    retried = run_cli(db, "workflows", "retry", prefix).stdout
+    assert retried.startswith(f"{first} running: 1 step(s) to run again")
+    short = run_cli(db, "workflows", "retry", "01a2", check=False)
+    assert short.returncode == 1
+    assert "at least 6" in short.stderr
+    missing = run_cli(db, "workflows", "cancel", "ffffffffff", check=False)
+    assert missing.returncode == 1
+    assert "not found" in missing.stderr

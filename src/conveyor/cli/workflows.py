@@ -155,10 +155,12 @@ def _tree(data: dict[str, Any]) -> Tree:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def workflows_show(obj: Ctx, workflow_id: str, as_json: bool) -> None:
-    """Show a workflow: the DAG as a tree with each step's state."""
+    """Show a workflow: the DAG as a tree with each step's state. WORKFLOW_ID may be
+    a unique prefix of at least 6 characters."""
 
     async def go(app: Conveyor) -> dict[str, Any]:
-        return workflow_dict(await app.workflows.get(workflow_id, results=as_json))
+        wf_id = await app.workflows.resolve_id(workflow_id)
+        return workflow_dict(await app.workflows.get(wf_id, results=as_json))
 
     data = run(go, obj.app())
     if as_json:
@@ -171,10 +173,13 @@ def workflows_show(obj: Ctx, workflow_id: str, as_json: bool) -> None:
 @click.argument("workflow_id")
 @click.pass_obj
 def workflows_cancel(obj: Ctx, workflow_id: str) -> None:
-    """Cancel every unfinished step of a workflow."""
+    """Cancel every unfinished step of a workflow (WORKFLOW_ID or a unique prefix of
+    at least 6 characters)."""
 
     async def go(app: Conveyor) -> dict[str, Any]:
-        return workflow_dict(await app.workflows.cancel(workflow_id))
+        return workflow_dict(
+            await app.workflows.cancel(await app.workflows.resolve_id(workflow_id))
+        )
 
     data = run(go, obj.app())
     out.print(f"{data['id']} {data['status']}", highlight=False)
@@ -184,10 +189,11 @@ def workflows_cancel(obj: Ctx, workflow_id: str) -> None:
 @click.argument("workflow_id")
 @click.pass_obj
 def workflows_retry(obj: Ctx, workflow_id: str) -> None:
-    """Run a finished workflow's failed and cancelled steps again."""
+    """Run a finished workflow's failed and cancelled steps again (WORKFLOW_ID or a
+    unique prefix of at least 6 characters)."""
 
     async def go(app: Conveyor) -> dict[str, Any]:
-        return workflow_dict(await app.workflows.retry(workflow_id))
+        return workflow_dict(await app.workflows.retry(await app.workflows.resolve_id(workflow_id)))
 
     data = run(go, obj.app())
     again = [s["name"] for s in data["step_details"] if s["status"] in ("pending", "blocked")]
