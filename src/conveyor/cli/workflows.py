@@ -12,8 +12,9 @@ from rich.markup import escape
 from rich.tree import Tree
 
 from conveyor.app import Conveyor
+from conveyor.cli.layout import workflows_table
 from conveyor.cli.loader import apply_app
-from conveyor.cli.main import ConveyorGroup, Ctx, _add_row, _table, cli, emit_json, out, run
+from conveyor.cli.main import ConveyorGroup, Ctx, cli, emit_json, out, run
 from conveyor.presenters import workflow_dict
 from conveyor.workflows import load_definition
 
@@ -102,18 +103,7 @@ def workflows_list(
     if as_json:
         emit_json(data)
         return
-    table = _table(f"Workflows ({data['total']})", ["id", "name", "status", "progress", "created"])
-    for w in data["workflows"]:
-        done = w["completed_steps"] + w["failed_steps"] + w["cancelled_steps"]
-        _add_row(
-            table,
-            w["id"],
-            w["name"],
-            w["status"],
-            f"{done}/{w['total_steps']} ({w['progress']:.0%})",
-            w["created_at"],
-        )
-    out.print(table)
+    out.print(workflows_table(f"Workflows ({data['total']})", data["workflows"], out.width))
 
 
 _MAX_DEPTH = 8
