@@ -94,6 +94,9 @@ class Settings:
     job_max_retries: int = DEFAULT_MAX_RETRIES
     job_retry_base: float = 1.0  # seconds before the first retry (before jitter)
     job_retry_factor: float = 2.0  # each further retry waits this many times longer
+    # false: a job that fails for good is deleted `retention` after it failed, like
+    # a completed one, instead of waiting in the dead-letter queue to be purged.
+    job_dead_letter: bool = True
 
     def __post_init__(self) -> None:
         problems = [
@@ -235,6 +238,7 @@ _TYPES: dict[str, type] = {
     "job_max_retries": int,
     "job_retry_base": float,
     "job_retry_factor": float,
+    "job_dead_letter": bool,
 }
 
 _TRUE = {"1", "true", "yes", "on"}
