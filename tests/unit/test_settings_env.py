@@ -273,3 +273,10 @@ def test_an_app_built_without_settings_takes_the_job_defaults_from_the_environme
 
     assert (plain.max_retries, plain.timeout, plain.retry.factor) == (9, 12.0, 4.0)
     assert (own.max_retries, own.timeout, own.retry.factor) == (1, None, 4.0)
+
+
+def test_the_dead_letter_switch_is_a_boolean_named_in_its_error() -> None:
+    assert Settings.from_env({"CONVEYOR_JOB_DEAD_LETTER": "off"}).job_dead_letter is False
+    assert Settings.from_env({"CONVEYOR_JOB_DEAD_LETTER": "yes"}).job_dead_letter is True
+    with pytest.raises(ConfigurationError, match="CONVEYOR_JOB_DEAD_LETTER='maybe'"):
+        Settings.from_env({"CONVEYOR_JOB_DEAD_LETTER": "maybe"})
