@@ -27,10 +27,8 @@ from conveyor.domain.errors import ConfigurationError, FieldError, JobNotFound, 
 from conveyor.domain.events import INTERNAL_JOB_PREFIX
 from conveyor.domain.flow import FlowLimits
 from conveyor.domain.job import (
-    DEFAULT_MAX_RETRIES,
     DEFAULT_PRIORITY,
     DEFAULT_QUEUE,
-    DEFAULT_TIMEOUT_MS,
     EnqueueResult,
     Finish,
     Job,
@@ -48,7 +46,13 @@ from conveyor.observability import tracing
 from conveyor.runtime.flow import flow_limits, job_flow, per_payload_key
 from conveyor.runtime.locks import Leadership, LockBackend, LockRequest, Locks
 from conveyor.runtime.ports import RuntimeDeps, Signals
-from conveyor.runtime.registry import Handler, JobDefinition
+from conveyor.runtime.registry import (
+    FROM_SETTINGS,
+    Handler,
+    JobDefinition,
+    TimeoutOption,
+    default_retry,
+)
 from conveyor.runtime.scheduler import Scheduler
 from conveyor.runtime.steps import DEFAULT_MAX_HEALS, check_heal
 from conveyor.runtime.webhooks import WEBHOOK_JOB, WebhookSender
@@ -210,6 +214,8 @@ class Conveyor:
         self._settings = value
         if hasattr(self, "deps"):
             self.deps = replace(self.deps, settings=value)
+        for definition in getattr(self, "registry", {}).values():
+            definition.fill_defaults(value)  # options left out follow the settings
         #: Schedules declared in code (``@app.cron``, ``app.schedule``), by name.
         self.schedules: dict[str, Schedule] = {}
 
@@ -253,8 +259,8 @@ class Conveyor:
         *,
         queue: str = DEFAULT_QUEUE,
         priority: int = DEFAULT_PRIORITY,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        timeout: float | None = 300.0,
+        max_retries: int | None = None,
+        timeout: TimeoutOption = FROM_SETTINGS,
         retry: RetryPolicy | None = None,
         isolation: str | None = None,
         _internal: bool = False,
@@ -284,7 +290,21 @@ class Conveyor:
         type, without a key); ``rate_limit`` the most starting per fixed window
         per key (``"100/60s"``); ``requires`` what a worker must offer
         (``{"gpu": "a100"}``, see ``conveyor worker --capability``).
+
+        Left out, ``timeout``, ``max_retries`` and ``retry`` take the fleet-wide
+        settings (``CONVEYOR_JOB_TIMEOUT``, ``CONVEYOR_JOB_MAX_RETRIES``,
+        ``CONVEYOR_JOB_RETRY_BASE``/``_FACTOR``; 300 s, 3, 1 s and 2 unset); values
+        given here always win.
         """
+        from_settings: set[str] = set()
+        if timeout is FROM_SETTINGS:
+            from_settings.add("timeout")
+            timeout = self.settings.job_timeout or None
+        if max_retries is None:
+            from_settings.add("max_retries")
+            max_retries = self.settings.job_max_retries
+        if retry is None:
+            from_settings.add("retry")
         probe = NewJob(
             job_type, queue=queue, priority=priority, max_retries=max_retries, internal=_internal
         )
@@ -312,11 +332,12 @@ class Conveyor:
                 priority=priority,
                 max_retries=max_retries,
                 timeout=timeout,
-                retry=retry or RetryPolicy(),
+                retry=retry or default_retry(self.settings),
                 isolation=isolation,
                 heal=heal,
                 max_heals=max_heals,
                 flow=flow,
+                from_settings=frozenset(from_settings),
             )
             self.registry[job_type] = definition
             return definition
@@ -331,6 +352,7 @@ class Conveyor:
             if job_type in self.registry:
                 raise ConfigurationError(f"Job type {job_type!r} is registered twice")
             definition.app = self
+            definition.fill_defaults(self.settings)  # this app's fleet-wide defaults
             self.registry[job_type] = definition
         for name, declared in other.schedules.items():
             if name in self.schedules:
@@ -397,11 +419,11 @@ class Conveyor:
                 defaults.timeout_ms,
             )
         else:
-            d_queue, d_priority, d_retries, d_timeout_ms = (
+            d_queue, d_priority, d_retries, d_timeout_ms = (  # fleet-wide defaults
                 DEFAULT_QUEUE,
                 DEFAULT_PRIORITY,
-                DEFAULT_MAX_RETRIES,
-                DEFAULT_TIMEOUT_MS,
+                self.settings.job_max_retries,
+                _seconds_to_ms(self.settings.job_timeout or None),
             )
         if delay is not None:
             if run_at is not None:

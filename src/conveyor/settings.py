@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from conveyor.domain.errors import ConfigurationError
+from conveyor.domain.job import DEFAULT_MAX_RETRIES, MAX_RETRIES_LIMIT
+from conveyor.domain.limits import MAX_TIMEOUT_SECONDS
 
 DEFAULT_DATABASE_URL = "sqlite:///./conveyor.db"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")  # auto: uvloop when installed
@@ -88,6 +90,16 @@ class Settings:
     # Seconds an old secret version is kept after a newer one replaced it (at most
     # secrets_keep_versions versions either way); 0 = only the newest is kept.
     secrets_retention: float = 30 * 86_400.0
+    # Fleet-wide job-type defaults (docs/api.md "Job types"): what a registration
+    # that leaves an option out, and a type submitted with no registration, gets.
+    # A registration's own value always wins.
+    job_timeout: float = 300.0  # seconds; 0 = no timeout
+    job_max_retries: int = DEFAULT_MAX_RETRIES
+    job_retry_base: float = 1.0  # seconds before the first retry (before jitter)
+    job_retry_factor: float = 2.0  # each further retry waits this many times longer
+    # false: a job that fails for good is deleted `retention` after it failed, like
+    # a completed one, instead of waiting in the dead-letter queue to be purged.
+    job_dead_letter: bool = True
 
     def __post_init__(self) -> None:
         problems = [
@@ -177,6 +189,7 @@ class Settings:
             problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if not 0 <= self.secrets_retention <= 10 * 365 * 86_400:
             problems.append("secrets_retention must be between 0 and 10 years, in seconds")
+        problems.extend(_job_default_problems(self))
         if problems:
             raise ConfigurationError("Invalid settings: " + "; ".join(problems))
 
@@ -227,6 +240,11 @@ _TYPES: dict[str, type] = {
     "secrets_keep_versions": int,
     "rate_limits": bool,
     "secrets_retention": float,
+    "job_timeout": float,
+    "job_max_retries": int,
+    "job_retry_base": float,
+    "job_retry_factor": float,
+    "job_dead_letter": bool,
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -259,3 +277,23 @@ def _is_rate(text: str) -> bool:
         return len(parse_many(text)) == 1
     except ValueError:
         return False
+
+
+def _job_default_problems(s: Settings) -> list[str]:
+    """What is wrong with the fleet-wide job-type defaults, each naming its variable
+    (the ranges are a registration's: ``app.job`` refuses the same values)."""
+    problems = []
+    if not (s.job_timeout == 0 or 0 < s.job_timeout <= MAX_TIMEOUT_SECONDS):
+        problems.append(
+            f"job_timeout (CONVEYOR_JOB_TIMEOUT) must be seconds above 0 and at most "
+            f"{MAX_TIMEOUT_SECONDS}, or 0 for no timeout"
+        )
+    if not 0 <= s.job_max_retries <= MAX_RETRIES_LIMIT:
+        problems.append(
+            f"job_max_retries (CONVEYOR_JOB_MAX_RETRIES) must be between 0 and {MAX_RETRIES_LIMIT}"
+        )
+    if not s.job_retry_base >= 0:
+        problems.append("job_retry_base (CONVEYOR_JOB_RETRY_BASE) must be >= 0 seconds")
+    if not s.job_retry_factor >= 1:
+        problems.append("job_retry_factor (CONVEYOR_JOB_RETRY_FACTOR) must be >= 1")
+    return problems

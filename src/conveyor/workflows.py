@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import orjson
 import pydantic
 
-from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
+from conveyor.domain.errors import (
+    ConfigurationError,
+    FieldError,
+    ValidationError,
+    WorkflowNotFound,
+)
+from conveyor.domain.ids import MIN_ID_PREFIX, ambiguous_prefix_message, id_prefix_problem
 from conveyor.domain.job import Job, NewJob
 from conveyor.domain.workflow import (
     MAX_NAME_CHARS,
@@ -263,6 +269,32 @@ class WorkflowService:
         jobs = await app.store.add_steps(workflow_id, job_id, lease_token, built, app.now())
         app.after_submit()
         return jobs
+
+    async def resolve_id(self, text: str) -> str:
+        """The workflow id ``text`` names: a full id, or a unique prefix of at least
+        6 hex digits (as copied from ``conveyor workflows list``). Raises
+        ``ValidationError`` for a short or malformed one, or one several workflows
+        share (naming them), ``WorkflowNotFound`` when none matches."""
+        key = text.strip().lower() if isinstance(text, str) else ""
+        problem = id_prefix_problem(key)
+        if problem is not None:
+            raise ValidationError(
+                f"{text!r} is not a workflow id or an id prefix: give at least "
+                f"{MIN_ID_PREFIX} of its hexadecimal digits",
+                [FieldError("workflow_id", problem)],
+            )
+        if len(key) == 32:
+            return key
+        await self._app.open()
+        found = await self._app.store.workflow_ids_with_prefix(key, 6)
+        if not found:
+            raise WorkflowNotFound(text)
+        if len(found) > 1:
+            raise ValidationError(
+                ambiguous_prefix_message("Workflow", text, found),
+                [FieldError("workflow_id", "ambiguous prefix")],
+            )
+        return found[0]
 
     async def get(self, workflow_id: str, *, results: bool = True) -> Workflow:
         await self._app.open()

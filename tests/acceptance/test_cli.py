@@ -217,3 +217,94 @@ def test_ids_are_never_cut_and_a_unique_prefix_names_a_job(db):
     missing = run_cli(db, "jobs", "show", "ffffffffff", check=False)
     assert missing.returncode == 1
     assert "not found" in missing.stderr
+
+
+def test_a_unique_prefix_names_a_workflow_in_show_cancel_and_retry(db, tmp_path):
+    definition = tmp_path / "wf.json"
+    definition.write_text(
+        json.dumps({"name": "pair", "steps": [{"name": "a", "job_type": "test_job"}]})
+    )
+
+    def submit_workflow() -> str:
+        return json.loads(run_cli(db, "workflows", "submit", str(definition), "--json").stdout)[
+            "id"
+        ]
+
+    first, second = submit_workflow(), submit_workflow()
+    common = 0
+    while first[common] == second[common]:
+        common += 1
+    prefix = first[: max(common + 1, 6)]
+    shown = json.loads(run_cli(db, "workflows", "show", prefix, "--json").stdout)
+    assert shown["id"] == first
+    if common >= 6:  # made a moment apart: they share their first digits
+        ambiguous = run_cli(db, "workflows", "show", first[:common], check=False)
+        assert ambiguous.returncode == 1
+        assert "ambiguous" in ambiguous.stderr
+        assert first in ambiguous.stderr
+        assert second in ambiguous.stderr
+    cancelled = run_cli(db, "workflows", "cancel", prefix).stdout
+    assert f"{first} cancelled" in cancelled
+    retried = run_cli(db, "workflows", "retry", prefix).stdout
+    assert retried.startswith(f"{first} running: 1 step(s) to run again")
+    short = run_cli(db, "workflows", "retry", "01a2", check=False)
+    assert short.returncode == 1
+    assert "at least 6" in short.stderr
+    missing = run_cli(db, "workflows", "cancel", "ffffffffff", check=False)
+    assert missing.returncode == 1
+    assert "not found" in missing.stderr
+
+
+def _table_rows(output: str) -> list[str]:
+    """The body lines of a rich table (one per row unless a cell wrapped)."""
+    return [line for line in output.splitlines() if line.startswith("│")]
+
+
+def test_narrow_terminals_drop_columns_instead_of_folding_them(db, tmp_path):
+    done = submit(db, "test_job", "--payload", '{"n": 1}')
+    dead = submit(db, "fail", "--payload", '{"permanent": true}')
+    gone = submit(db, "test_job", "--payload", '{"n": 2}', "--delay", "3600")
+    run_cli(db, "jobs", "cancel", gone["job_id"])
+    definition = tmp_path / "wf.json"
+    definition.write_text(
+        json.dumps({"name": "nightly", "steps": [{"name": "a", "job_type": "test_job"}]})
+    )
+    wf = json.loads(run_cli(db, "workflows", "submit", str(definition), "--json").stdout)["id"]
+    w = WorkerProcess(db, tmp_path / "worker.out", "conveyor.demo", **FAST)
+    try:
+        wait_until(lambda: show(db, dead["job_id"])["status"] == "failed", 20, "dead letter")
+        wait_until(lambda: show(db, done["job_id"])["status"] == "completed", 20, "test_job")
+        wait_until(
+            lambda: (
+                json.loads(run_cli(db, "workflows", "show", wf, "--json").stdout)["status"]
+                == "completed"
+            ),
+            20,
+            "the workflow",
+        )
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0, w.output()
+    job_ids = [done["job_id"], dead["job_id"], gone["job_id"]]
+    for columns in ("80", "100"):
+        jobs = run_cli(db, "jobs", "list", COLUMNS=columns).stdout
+        dlq = run_cli(db, "dlq", "list", COLUMNS=columns).stdout
+        flows = run_cli(db, "workflows", "list", COLUMNS=columns).stdout
+        for output in (jobs, dlq, flows):
+            assert max(len(line) for line in output.splitlines()) <= int(columns), output
+        # One line per row: no cell wrapped or folded into fragments.
+        assert len(_table_rows(jobs)) == 4, jobs  # three jobs and the workflow's step
+        assert len(_table_rows(dlq)) == 1, dlq
+        assert len(_table_rows(flows)) == 1, flows
+        for job_id in job_ids:
+            assert job_id in jobs  # ids whole
+        for word in ("completed", "failed", "cancelled", "test_job", "fail "):
+            assert word in jobs, (columns, jobs)
+        assert dead["job_id"] in dlq
+        assert "Permanent" in dlq  # the error, cut to the room left
+        assert wf in flows
+        assert "nightly" in flows
+        assert "completed" in flows
+    wide = run_cli(db, "jobs", "list", COLUMNS="200").stdout
+    assert "default" in wide  # the queue column is back where there is room
+    assert len(_table_rows(wide)) == 4

@@ -3,13 +3,15 @@ not the server; SIGTERM never hands back a job whose code still runs."""
 
 from __future__ import annotations
 
+import json
+import signal
 import time
 from pathlib import Path
 
 import httpx
 from test_up import Server
 
-from support import wait_until
+from support import run_cli, wait_until
 
 
 def job(base: str, job_id: str) -> dict:
@@ -77,3 +79,33 @@ def test_sigterm_past_the_grace_exits_and_the_blocked_job_is_rescued_not_overlap
         assert second.terminate() == 0
     finally:
         second.kill()
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_running_code_to_the_rescuer(tmp_path: Path):
+    db = f"sqlite:///{tmp_path}/c.db"
+    log = tmp_path / "runs.log"
+    log.touch()
+    env = {"CONVEYOR_SHUTDOWN_GRACE": "60", "CONVEYOR_TEST_LOG": str(log)}
+    server = Server(db, tmp_path / "up.log", "--app", "hostileapp", env=env)
+    try:
+        server.wait_healthy()
+        job_id = submit(server.base, "block_first", {})
+        wait_until(lambda: "start" in log.read_text(), 20, "attempt 1 to start")
+        server.proc.send_signal(signal.SIGINT)
+        wait_until(lambda: "Stopping: waiting up to 60 s" in server.output(), 10, "1st Ctrl-C")
+        first = " ".join(server.output().split())
+        assert "Ctrl-C again to stop at once" in first
+        assert "code that keeps running is not handed back" in first
+        assert "and runs it again as a new attempt" in first
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        code = server.proc.wait(20)
+        assert time.monotonic() - started < 15  # not the 60 s grace
+        assert code == 75, server.output()  # EX_TEMPFAIL: a handler was left running
+        assert "Stopping now." in server.output()
+        # Its thread still ran: never handed back to pending, left for the rescuer.
+        shown = json.loads(run_cli(db, "jobs", "show", job_id, "--json").stdout)
+        assert shown["status"] == "running"
+        assert shown["attempt"] == 1
+    finally:
+        server.kill()

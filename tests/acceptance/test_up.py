@@ -1,7 +1,8 @@
 """``conveyor up`` as a user runs it: a subprocess serving the API and a worker.
 
 Checked with the shipped smoke test (scripts/smoke-test.sh), with and without
-API keys, and for a clean exit on SIGTERM.
+API keys, with the job-management seed's smoke flow (its route and field names),
+and for a clean exit on SIGTERM.
 """
 
 from __future__ import annotations
@@ -114,7 +115,11 @@ def smoke(base: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_up_passes_the_smoke_test_and_stops_on_sigterm(db, tmp_path, servers):
-    server = start(servers, db, tmp_path)
+    # A fleet-wide default, as the job-management seed sets them: `fail` registers
+    # no max_retries, so it takes this one.
+    server = Server(db, tmp_path / "up.log", env={"CONVEYOR_JOB_MAX_RETRIES": "1"})
+    servers.append(server)
+    server.wait_healthy()
     out = server.output()
     assert "auth: off" in out
     assert f":{server.port}" in out
@@ -124,6 +129,7 @@ def test_up_passes_the_smoke_test_and_stops_on_sigterm(db, tmp_path, servers):
     result = smoke(server.base)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SMOKE TEST PASSED" in result.stdout
+    seed_smoke_flow(server.base)
 
     assert server.terminate() == 0, server.output()
     assert "Traceback" not in server.output()  # a graceful stop, not a cancelled one
@@ -185,3 +191,52 @@ def test_up_requires_the_key_once_one_exists(db, tmp_path, servers):
     assert "SMOKE TEST PASSED" in result.stdout
 
     assert server.terminate() == 0, server.output()
+
+
+def seed_smoke_flow(base: str) -> None:
+    """The job-management seed's smoke flow, by its own names, against a real
+    server: submit on /api/jobs/submit, poll retry_count and error_message, read
+    processing and the last hour's statistics, cancel with a reason."""
+    with httpx.Client(base_url=base, timeout=10) as c:
+        before = c.get("/api/jobs/metrics").json()["metrics"]["statistics"]
+        resp = c.post("/api/jobs/submit", json={"job_type": "fail", "payload": {}})
+        assert resp.status_code == 200, resp.text
+        failing = resp.json()["job_id"]
+        resp = c.post(
+            "/api/jobs/submit", json={"job_type": "test_job", "payload": {}, "delay_ms": 3_600_000}
+        )
+        assert resp.status_code == 200, resp.text
+        waiting = resp.json()["job_id"]
+
+        def dead() -> dict | None:
+            job = c.get(f"/api/jobs/{failing}").json()["job"]
+            return job if job["status"] == "failed" else None
+
+        wait_until(dead, 20, "the failing job to be dead-lettered")
+        job = c.get(f"/api/jobs/{failing}").json()["job"]
+        # CONVEYOR_JOB_MAX_RETRIES=1: two attempts, both failed.
+        assert job["max_retries"] == 1
+        assert job["retry_count"] == 2
+        assert job["error_message"].startswith("RuntimeError: failing on purpose")
+        assert job["error_message"] == job["error"]
+        pending = c.get(f"/api/jobs/{waiting}").json()["job"]
+        assert pending["status"] == "pending"  # an hour away
+        assert pending["scheduled_at"] > pending["created_at"]
+
+        metrics = c.get("/api/jobs/metrics").json()["metrics"]
+        depths = metrics["queue_depths"]
+        assert depths["processing"] == depths["running"]
+        stats = metrics["statistics"]
+        assert stats["last_hour"]["failed"] == before["last_hour"].get("failed", 0) + 1
+        assert stats["last_hour"]["submitted"] == before["last_hour"]["submitted"] + 2
+        assert stats["last_24h"]["submitted"] >= stats["last_hour"]["submitted"]
+
+        resp = c.delete(f"/api/jobs/{waiting}", params={"reason": "customer asked"})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["message"] == "Job cancelled"
+        cancelled = c.get(f"/api/jobs/{waiting}").json()["job"]
+        assert cancelled["status"] == "cancelled"
+        assert cancelled["error_message"] == "cancelled: customer asked"
+        refused = c.delete(f"/api/jobs/{waiting}")
+        assert refused.status_code == 409
+        assert refused.json()["message"] == refused.json()["error"]

@@ -191,3 +191,92 @@ def test_metrics_port_and_host() -> None:
         assert problem in str(info.value)
     with pytest.raises(ConfigurationError, match="CONVEYOR_METRICS_PORT='x' is not a valid int"):
         Settings.from_env({"CONVEYOR_METRICS_PORT": "x"})
+
+
+# -- fleet-wide job-type defaults ---------------------------------------------------------------
+def test_job_type_defaults_from_the_environment() -> None:
+    s = Settings.from_env({})
+    assert (s.job_timeout, s.job_max_retries, s.job_retry_base, s.job_retry_factor) == (
+        300.0,
+        3,
+        1.0,
+        2.0,
+    )
+    s = Settings.from_env(
+        {
+            "CONVEYOR_JOB_TIMEOUT": "45.5",
+            "CONVEYOR_JOB_MAX_RETRIES": "7",
+            "CONVEYOR_JOB_RETRY_BASE": "0.25",
+            "CONVEYOR_JOB_RETRY_FACTOR": "3",
+        }
+    )
+    assert (s.job_timeout, s.job_max_retries, s.job_retry_base, s.job_retry_factor) == (
+        45.5,
+        7,
+        0.25,
+        3.0,
+    )
+    assert Settings.from_env({"CONVEYOR_JOB_TIMEOUT": "0"}).job_timeout == 0  # no timeout
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"CONVEYOR_JOB_TIMEOUT": "-1"}, "job_timeout (CONVEYOR_JOB_TIMEOUT) must be"),
+        ({"CONVEYOR_JOB_TIMEOUT": "86401"}, "job_timeout (CONVEYOR_JOB_TIMEOUT) must be"),
+        ({"CONVEYOR_JOB_TIMEOUT": "nan"}, "job_timeout must be a finite number"),
+        ({"CONVEYOR_JOB_MAX_RETRIES": "101"}, "job_max_retries (CONVEYOR_JOB_MAX_RETRIES)"),
+        ({"CONVEYOR_JOB_MAX_RETRIES": "-1"}, "job_max_retries (CONVEYOR_JOB_MAX_RETRIES)"),
+        ({"CONVEYOR_JOB_RETRY_BASE": "-0.5"}, "job_retry_base (CONVEYOR_JOB_RETRY_BASE)"),
+        ({"CONVEYOR_JOB_RETRY_BASE": "inf"}, "job_retry_base must be a finite number"),
+        ({"CONVEYOR_JOB_RETRY_FACTOR": "0.5"}, "job_retry_factor (CONVEYOR_JOB_RETRY_FACTOR)"),
+    ],
+)
+def test_bad_job_type_defaults_are_refused_naming_the_variable(
+    env: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env(env)
+    assert problem in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "kind"),
+    [
+        ("JOB_MAX_RETRIES", "three", "int"),
+        ("JOB_MAX_RETRIES", "2.5", "int"),
+        ("JOB_TIMEOUT", "5m", "float"),
+    ],
+)
+def test_unparsable_job_type_defaults_name_the_variable(name: str, raw: str, kind: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({f"CONVEYOR_{name}": raw})
+    assert str(info.value) == f"CONVEYOR_{name}={raw!r} is not a valid {kind}"
+
+
+def test_an_app_built_without_settings_takes_the_job_defaults_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conveyor.app import Conveyor
+    from conveyor.storage.memory import MemoryStore
+
+    monkeypatch.setenv("CONVEYOR_JOB_MAX_RETRIES", "9")
+    monkeypatch.setenv("CONVEYOR_JOB_TIMEOUT", "12")
+    monkeypatch.setenv("CONVEYOR_JOB_RETRY_FACTOR", "4")
+    app = Conveyor(store=MemoryStore())
+
+    @app.job("plain")
+    def plain(ctx: object) -> None: ...
+
+    @app.job("own", max_retries=1, timeout=None)
+    def own(ctx: object) -> None: ...
+
+    assert (plain.max_retries, plain.timeout, plain.retry.factor) == (9, 12.0, 4.0)
+    assert (own.max_retries, own.timeout, own.retry.factor) == (1, None, 4.0)
+
+
+def test_the_dead_letter_switch_is_a_boolean_named_in_its_error() -> None:
+    assert Settings.from_env({"CONVEYOR_JOB_DEAD_LETTER": "off"}).job_dead_letter is False
+    assert Settings.from_env({"CONVEYOR_JOB_DEAD_LETTER": "yes"}).job_dead_letter is True
+    with pytest.raises(ConfigurationError, match="CONVEYOR_JOB_DEAD_LETTER='maybe'"):
+        Settings.from_env({"CONVEYOR_JOB_DEAD_LETTER": "maybe"})

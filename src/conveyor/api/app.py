@@ -33,7 +33,7 @@ from conveyor.api.guard import (
 )
 from conveyor.api.http import JSON, ApiError, Auth, fail, sees_internal
 from conveyor.api.locks import lock_router
-from conveyor.api.models import ErrorResponse, JobSubmit
+from conveyor.api.models import ErrorResponse, JobSubmit, submit_delay
 from conveyor.api.queues import queue_router
 from conveyor.api.ratelimit import RequestLimits
 from conveyor.api.schedules import schedule_router
@@ -368,6 +368,7 @@ def create_app(
         user = request.headers.get("x-user-id")
         if user and conveyor.settings.trust_user_header:
             created_by = user  # checked like any created_by (length, NUL) below
+        delay = submit_delay(body.delay_ms, body.scheduled_at)
         result = await conveyor.submit(
             body.job_type,
             body.payload,
@@ -375,6 +376,7 @@ def create_app(
             max_retries=body.max_retries,
             timeout_ms=body.timeout_ms,
             run_at=body.scheduled_at,
+            delay=delay,
             queue=body.queue,
             idempotency_key=body.idempotency_key,
             depends_on=body.depends_on or (),

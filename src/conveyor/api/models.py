@@ -14,9 +14,11 @@ from pydantic import (
     StrictStr,
 )
 
+from conveyor.domain.errors import FieldError, ValidationError
 from conveyor.domain.events import TYPE_FILTER_REGEX
 from conveyor.domain.flow import MAX_CONCURRENCY_LIMIT
 from conveyor.domain.job import MAX_RETRIES_LIMIT, MAX_TIMEOUT_MS
+from conveyor.domain.limits import MAX_DELAY_MS
 
 
 def _iso_string(value: Any) -> Any:
@@ -62,7 +64,19 @@ class ErrorResponse(BaseModel):
 class JobSubmit(BaseModel):
     """``POST /api/jobs``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # delay_ms and scheduled_at both say when the job runs: at most one of them.
+        json_schema_extra={
+            "not": {
+                "required": ["delay_ms", "scheduled_at"],
+                "properties": {
+                    "delay_ms": {"type": "integer"},
+                    "scheduled_at": {"type": "string"},
+                },
+            }
+        },
+    )
 
     job_type: StrictStr = Field(
         pattern=NAME_PATTERN,
@@ -84,6 +98,12 @@ class JobSubmit(BaseModel):
         description=(
             "ISO-8601 with a zone, between 1970-01-01T00:00:00Z and 9999-12-30T00:00:00Z."
         ),
+    )
+    delay_ms: _ranged(0, MAX_DELAY_MS) | None = Field(  # type: ignore[valid-type]
+        None,
+        examples=[5000],
+        description="Run no earlier than this many milliseconds from now (up to 100 "
+        "years). Give it or scheduled_at, not both.",
     )
     queue: StrictStr | None = Field(None, pattern=NAME_PATTERN)
     idempotency_key: StrictStr | None = Field(None, min_length=1, max_length=255)
@@ -136,3 +156,20 @@ class QueueChange(BaseModel):
     concurrency_limit: _ranged(1, MAX_CONCURRENCY_LIMIT) | None = Field(  # type: ignore[valid-type]
         None, description="Most jobs of this queue running at once, fleet-wide; null removes it."
     )
+
+
+def submit_delay(delay_ms: int | None, scheduled_at: object) -> float | None:
+    """``delay_ms`` as the seconds ``Conveyor.submit(delay=...)`` takes, or ``None``.
+
+    Raises ``ValidationError`` (400, both fields in ``details``) when the body also
+    has ``scheduled_at``: the two say when the job runs, one of them must.
+    """
+    if delay_ms is None:
+        return None
+    if scheduled_at is not None:
+        message = "give either delay_ms or scheduled_at, not both"
+        raise ValidationError(
+            f"delay_ms and scheduled_at: {message}",
+            [FieldError("delay_ms", message), FieldError("scheduled_at", message)],
+        )
+    return delay_ms / 1000

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from conveyor.app import Conveyor
+from conveyor.cli.layout import dlq_table, jobs_table
 from conveyor.cli.loader import apply_app
 from conveyor.cli.loop import run as run_loop
 from conveyor.cli.schedules import scheduler as scheduler_command
@@ -545,23 +546,8 @@ def jobs_list(
             }
         )
         return
-    table = _table(
-        f"Jobs ({page.total} total)",
-        ("id", "type", "status", "queue", "prio", "attempt", "created", "error"),
-    )
-    for j in page.jobs:
-        _add_row(
-            table,
-            j.id,
-            j.job_type,
-            j.status,
-            j.queue,
-            str(j.priority),
-            str(j.attempt),
-            j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "",
-            (j.error or "")[:60],
-        )
-    out.print(table)
+    # Narrow terminals drop the less important columns rather than fold them all.
+    out.print(jobs_table(f"Jobs ({page.total} total)", page.jobs, out.width))
 
 
 @jobs.command("show")
@@ -638,21 +624,7 @@ def dlq_list(obj: Ctx, job_type: str | None, limit: int, as_json: bool) -> None:
     if as_json:
         emit_json({"jobs": [job_dict(j) for j in page.jobs], "total": page.total})
         return
-    table = _table(
-        f"Dead-letter queue ({page.total})",
-        ("id", "type", "attempts", "lost", "failed at", "error"),
-    )
-    for j in page.jobs:
-        _add_row(
-            table,
-            j.id,
-            j.job_type,
-            str(j.attempt),
-            str(j.lost_count),
-            j.completed_at.strftime("%Y-%m-%d %H:%M:%S") if j.completed_at else "",
-            (j.error or "")[:80],
-        )
-    out.print(table)
+    out.print(dlq_table(f"Dead-letter queue ({page.total})", page.jobs, out.width))
 
 
 def _ids_or_all(ids: tuple[str, ...], all_: bool) -> None:

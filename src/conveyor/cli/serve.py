@@ -145,15 +145,14 @@ async def serve_forever(
             if server.should_exit and escalate:
                 server.force_exit = True
                 console.print(
-                    "Stopping now: running jobs are handed back (or, if their code still "
-                    "runs, rescued after the heartbeat timeout)",
+                    "Stopping now. " + what_a_forced_stop_does(app.settings.heartbeat_timeout),
                     highlight=False,
                 )
             elif escalate and worker is not None and worker.jobs_running:
                 console.print(
                     f"Stopping: waiting up to {grace:g} s for {worker.jobs_running} running "
-                    "job(s); Ctrl-C again to stop at once (they are then handed back and "
-                    "run again)",
+                    "job(s). Ctrl-C again to stop at once: "
+                    + what_a_forced_stop_does(app.settings.heartbeat_timeout),
                     highlight=False,
                 )
             server.should_exit = True
@@ -180,3 +179,14 @@ async def serve_forever(
         await app.close()
         if worker is not None:
             exit_if_abandoned(worker)
+
+
+def what_a_forced_stop_does(heartbeat_timeout: float) -> str:
+    """What a stop without grace means for running jobs, as the worker does it
+    (``Worker._drain``): only a job whose code has stopped can be handed back."""
+    return (
+        "a job whose code stops is handed back to pending (its attempt not counted); "
+        "code that keeps running is not handed back: once this process has exited, "
+        f"a worker rescues its job after the heartbeat timeout ({heartbeat_timeout:g} s) "
+        "and runs it again as a new attempt"
+    )

@@ -12,8 +12,9 @@ from rich.markup import escape
 from rich.tree import Tree
 
 from conveyor.app import Conveyor
+from conveyor.cli.layout import workflows_table
 from conveyor.cli.loader import apply_app
-from conveyor.cli.main import ConveyorGroup, Ctx, _add_row, _table, cli, emit_json, out, run
+from conveyor.cli.main import ConveyorGroup, Ctx, cli, emit_json, out, run
 from conveyor.presenters import workflow_dict
 from conveyor.workflows import load_definition
 
@@ -102,18 +103,7 @@ def workflows_list(
     if as_json:
         emit_json(data)
         return
-    table = _table(f"Workflows ({data['total']})", ["id", "name", "status", "progress", "created"])
-    for w in data["workflows"]:
-        done = w["completed_steps"] + w["failed_steps"] + w["cancelled_steps"]
-        _add_row(
-            table,
-            w["id"],
-            w["name"],
-            w["status"],
-            f"{done}/{w['total_steps']} ({w['progress']:.0%})",
-            w["created_at"],
-        )
-    out.print(table)
+    out.print(workflows_table(f"Workflows ({data['total']})", data["workflows"], out.width))
 
 
 _MAX_DEPTH = 8
@@ -155,10 +145,12 @@ def _tree(data: dict[str, Any]) -> Tree:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def workflows_show(obj: Ctx, workflow_id: str, as_json: bool) -> None:
-    """Show a workflow: the DAG as a tree with each step's state."""
+    """Show a workflow: the DAG as a tree with each step's state. WORKFLOW_ID may be
+    a unique prefix of at least 6 characters."""
 
     async def go(app: Conveyor) -> dict[str, Any]:
-        return workflow_dict(await app.workflows.get(workflow_id, results=as_json))
+        wf_id = await app.workflows.resolve_id(workflow_id)
+        return workflow_dict(await app.workflows.get(wf_id, results=as_json))
 
     data = run(go, obj.app())
     if as_json:
@@ -171,10 +163,13 @@ def workflows_show(obj: Ctx, workflow_id: str, as_json: bool) -> None:
 @click.argument("workflow_id")
 @click.pass_obj
 def workflows_cancel(obj: Ctx, workflow_id: str) -> None:
-    """Cancel every unfinished step of a workflow."""
+    """Cancel every unfinished step of a workflow (WORKFLOW_ID or a unique prefix of
+    at least 6 characters)."""
 
     async def go(app: Conveyor) -> dict[str, Any]:
-        return workflow_dict(await app.workflows.cancel(workflow_id))
+        return workflow_dict(
+            await app.workflows.cancel(await app.workflows.resolve_id(workflow_id))
+        )
 
     data = run(go, obj.app())
     out.print(f"{data['id']} {data['status']}", highlight=False)
@@ -184,10 +179,11 @@ def workflows_cancel(obj: Ctx, workflow_id: str) -> None:
 @click.argument("workflow_id")
 @click.pass_obj
 def workflows_retry(obj: Ctx, workflow_id: str) -> None:
-    """Run a finished workflow's failed and cancelled steps again."""
+    """Run a finished workflow's failed and cancelled steps again (WORKFLOW_ID or a
+    unique prefix of at least 6 characters)."""
 
     async def go(app: Conveyor) -> dict[str, Any]:
-        return workflow_dict(await app.workflows.retry(workflow_id))
+        return workflow_dict(await app.workflows.retry(await app.workflows.resolve_id(workflow_id)))
 
     data = run(go, obj.app())
     again = [s["name"] for s in data["step_details"] if s["status"] in ("pending", "blocked")]

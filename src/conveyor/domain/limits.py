@@ -16,6 +16,8 @@ MIN_RUN_AT = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_RUN_AT = datetime(9999, 12, 30, tzinfo=UTC)
 #: Longest ``delay`` of a submit, in seconds (100 years).
 MAX_DELAY_SECONDS = 100 * 365 * 86_400
+#: The same bound for REST's ``delay_ms``, in milliseconds.
+MAX_DELAY_MS = MAX_DELAY_SECONDS * 1000
 #: Longest wait a handler's ``Retry(delay=...)`` gets, in seconds (30 days); longer
 #: delays are clamped to it, a NaN delay means "use the job type's backoff".
 MAX_RETRY_DELAY_SECONDS = 30 * 86_400

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import pydantic
 
@@ -20,6 +21,7 @@ from conveyor.runtime.steps import DEFAULT_MAX_HEALS
 if TYPE_CHECKING:
     from conveyor.domain.job import Job
     from conveyor.runtime.ports import Submitter
+    from conveyor.settings import Settings
 
 Handler = Callable[..., Any]
 
@@ -45,6 +47,9 @@ class JobDefinition:
     max_heals: int = DEFAULT_MAX_HEALS
     #: Flow control as registered (docs/flow_control.md); workers record it.
     flow: FlowLimits | None = None
+    #: Options the registration left out (``"timeout"``, ``"max_retries"``,
+    #: ``"retry"``): ``fill_defaults`` sets them from the fleet-wide settings.
+    from_settings: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self.is_async = inspect.iscoroutinefunction(self.handler)
@@ -108,6 +113,34 @@ class JobDefinition:
         """Submit this job type with ``payload`` as keyword arguments."""
         return await self.app.enqueue(self.job_type, payload)
 
+    def fill_defaults(self, settings: Settings) -> None:
+        """Set the options the registration left out from ``settings``
+        (``CONVEYOR_JOB_*``); options it gave keep their values."""
+        if "timeout" in self.from_settings:
+            self.timeout = settings.job_timeout or None  # 0: no timeout
+        if "max_retries" in self.from_settings:
+            self.max_retries = settings.job_max_retries
+        if "retry" in self.from_settings:
+            self.retry = default_retry(settings)
+
+
+def default_retry(settings: Settings) -> RetryPolicy:
+    """The backoff of a job type that gives none: ``CONVEYOR_JOB_RETRY_BASE`` and
+    ``CONVEYOR_JOB_RETRY_FACTOR`` over ``RetryPolicy``'s other defaults."""
+    return RetryPolicy(base=settings.job_retry_base, factor=settings.job_retry_factor)
+
+
+class _FromSettings(enum.Enum):
+    TOKEN = "from settings"
+
+    def __repr__(self) -> str:
+        return "FROM_SETTINGS"
+
+
+#: The default of ``app.job(timeout=...)``: the fleet-wide ``CONVEYOR_JOB_TIMEOUT``
+#: (``None`` is taken: it means no timeout).
+FROM_SETTINGS: Final = _FromSettings.TOKEN
+
 
 def payload_model(job_type: str, handler: Handler) -> type[pydantic.BaseModel] | None:
     """A pydantic model of the handler's keyword parameters (after ``ctx``).
@@ -160,3 +193,7 @@ def payload_model(job_type: str, handler: Handler) -> type[pydantic.BaseModel] |
         raise ConfigurationError(
             f"Cannot build a payload model for job type {job_type!r}: {exc}"
         ) from exc
+
+
+#: ``app.job(timeout=...)``: seconds, ``None`` for none, or ``FROM_SETTINGS``.
+TimeoutOption = float | None | Literal[_FromSettings.TOKEN]

@@ -45,6 +45,7 @@ from conveyor.domain.retry import decide, describe, traceback_text
 from conveyor.domain.states import Action
 from conveyor.observability import tracing
 from conveyor.runtime.context import JobContext
+from conveyor.runtime.dead_letter import prune_dead_letters
 from conveyor.runtime.flow import next_window_in, registered_limits, worker_capabilities
 from conveyor.runtime.locks import MAINTENANCE_LEADER, Leadership
 from conveyor.runtime.observe import JobsRescued, JobsStarted
@@ -1092,6 +1093,12 @@ class Worker:
                     pruned = await self.store.prune(
                         self.deps.now() - timedelta(seconds=s.retention)
                     )
+                    if not s.job_dead_letter:  # the DLQ is off: failures go like the rest
+                        pruned += await prune_dead_letters(
+                            self.store,
+                            self.deps.now() - timedelta(seconds=s.retention),
+                            self.deps.now(),
+                        )
                     if pruned:
                         log.info("jobs_pruned", worker_id=self.id, count=pruned)
                     # Old secret versions past CONVEYOR_SECRETS_RETENTION (docs/security.md).

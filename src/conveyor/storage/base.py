@@ -698,6 +698,10 @@ class Store(abc.ABC):
         how many went."""
         raise NotImplementedError
 
+    async def workflow_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Up to ``limit`` workflow ids starting with ``prefix`` (lowercase hex), sorted."""
+        raise NotImplementedError
+
 
 #: The states ``queue_stats`` counts.
 STAT_STATES = (JobState.BLOCKED, JobState.PENDING, JobState.RUNNING, JobState.FAILED)

@@ -1348,6 +1348,9 @@ class MemoryStore(MemorySchedules, MemorySecrets, Store):
             now.timestamp(),
         )
 
+    async def workflow_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        return sorted(i for i in self._workflows if i.startswith(prefix))[:limit]
+
 
 @dataclass(slots=True)
 class _Consumer:

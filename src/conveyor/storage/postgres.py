@@ -2109,6 +2109,13 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
             now.timestamp(),
         )
 
+    async def workflow_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                W["workflow_ids_with_prefix"], prefix, prefix_upper_bound(prefix), limit
+            )
+        return [r[0] for r in rows]
+
 
 _STATES = {s.value: s for s in JobState}
 

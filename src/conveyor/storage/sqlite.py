@@ -1921,6 +1921,15 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
             rows, await self.list_flow_limits(), await self.list_queues(), windows, ts
         )
 
+    async def workflow_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        params = (prefix, prefix_upper_bound(prefix), limit)
+
+        def _do() -> list[str]:
+            assert self._conn is not None
+            return [r[0] for r in self._conn.execute(W["workflow_ids_with_prefix"], params)]
+
+        return await self._run(_do)
+
 
 def _key_from_row(row: sqlite3.Row) -> ApiKey:
     return ApiKey(

@@ -132,3 +132,10 @@ WHERE d.child_id = ANY($1::text[]) AND p.state = 'completed'
 DELETE FROM conveyor.workflows AS w
 WHERE w.status != 'running' AND w.finished_at < $1
   AND NOT EXISTS (SELECT 1 FROM conveyor.jobs WHERE jobs.workflow_id = w.id)
+
+-- name: workflow_ids_with_prefix
+-- A range on the primary key: ids are lowercase hex, so [prefix, upper) is exactly
+-- the ids starting with prefix (COLLATE "C": byte order, whatever the database's).
+SELECT id FROM conveyor.workflows
+WHERE id COLLATE "C" >= $1 AND id COLLATE "C" < $2
+ORDER BY id COLLATE "C" LIMIT $3

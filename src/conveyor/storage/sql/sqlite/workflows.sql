@@ -109,3 +109,8 @@ LIMIT 500
 
 -- name: delete_workflow
 DELETE FROM workflows WHERE id = ?
+
+-- name: workflow_ids_with_prefix
+-- A range on the primary key: ids are lowercase hex, so [prefix, upper) is exactly
+-- the ids starting with prefix.
+SELECT id FROM workflows WHERE id >= ? AND id < ? ORDER BY id LIMIT ?
