@@ -146,10 +146,16 @@ def test_the_workers_timed_finish_keeps_every_field() -> None:
         None,
         {"healed": True},
         "E",
+        "Traceback ...",
     )
     timed = _timed(f, "t", 0.5)
-    assert [x.name for x in fields(Finish)][-3:] == ["duration", "payload", "error_type"]
+    assert [x.name for x in fields(Finish)][-4:] == [
+        "duration",
+        "payload",
+        "error_type",
+        "traceback",
+    ]
     for x in fields(Finish):
         expected = {"job_type": "t", "duration": 0.5}.get(x.name, getattr(f, x.name))
         assert getattr(timed, x.name) == expected, x.name
-    assert len(fields(Finish)) == 10  # a new field must be carried by _timed too
+    assert len(fields(Finish)) == 11  # a new field must be carried by _timed too

@@ -180,6 +180,7 @@ def _timed(f: Finish, job_type: str, duration: float) -> Finish:
         duration,
         f.payload,
         f.error_type,
+        f.traceback,
     )
 
 
