@@ -56,6 +56,10 @@ async def test_the_seed_smoke_flow_submit_poll_metrics_cancel(app):
         metrics = (await c.get("/api/jobs/metrics")).json()["metrics"]
         assert metrics["queue_depths"]["processing"] == metrics["queue_depths"]["running"]
         assert metrics["statistics"]["last_hour"]["failed"] == 1
+        # Every terminal state is there, zero included, in both windows.
+        for window in ("last_hour", "last_24h"):
+            assert metrics["statistics"][window]["completed"] == 0
+            assert metrics["statistics"][window]["cancelled"] == 0
         assert metrics["statistics"]["last_24h"]["submitted"] == 2
         # Cancel with a reason: kept in metadata, the error and the event.
         resp = await c.delete(f"/api/jobs/{waiting}", params={"reason": "customer asked"})

@@ -419,7 +419,11 @@ class Activity:
     finished: dict[tuple[str, JobState], int]  # (job_type, terminal state) -> count
 
     def by_state(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        """Jobs finished in the window per terminal state; every terminal state is
+        present (0 when none), so a client can read ``failed`` before any failure."""
+        out: dict[str, int] = {
+            s.value: 0 for s in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+        }
         for (_t, state), n in self.finished.items():
             out[state.value] = out.get(state.value, 0) + n
         return out
