@@ -947,6 +947,7 @@ class Conveyor:
             "declared": list(self.schedules.values()),
             "owned_job_types": [t for t in self.registry if not is_internal(t)],
             "keep_fires": max(s.retention, 86_400.0),
+            "signals": self.signals,
         }
         values.update(options)
         return Scheduler(self.store, **values)

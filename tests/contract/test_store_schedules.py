@@ -342,3 +342,24 @@ async def test_unreadable_due_schedules_never_hide_a_readable_one(
         await scheduler.tick()
     assert await _fired_at(store) == ["2026-01-01T00:01:00Z"]
     assert (await store.get_schedule(ok.id)).next_fire_at == at(120)
+
+
+async def test_the_scheduler_reports_fires_and_misfires_to_observers(store: Store) -> None:
+    from conveyor.observability.metrics import Metrics
+    from conveyor.runtime.observe import ScheduleFired
+    from conveyor.runtime.ports import Signals
+
+    s = await store.create_schedule(schedule(next_fire_at=at(0)), at(0))
+    signals = Signals()
+    seen: list[object] = []
+    signals.on_observe(seen.append)
+    metrics = Metrics()
+    signals.on_observe(metrics.observe)
+    now = at(600.5)
+    scheduler = Scheduler(store, clock=lambda: now, rand=lambda: 0.0, grace=30.0, signals=signals)
+    assert await scheduler.fire_due(s, now) == 1
+    # Eleven instants were due: 00:00 .. 00:09 late (dropped, policy skip), 00:10 fired.
+    assert seen == [ScheduleFired(fired=1, misfired=10, refused=0)]
+    text = metrics.render().decode()
+    assert 'conveyor_schedule_fires_total{outcome="fired"} 1.0' in text
+    assert 'conveyor_schedule_fires_total{outcome="misfired"} 10.0' in text

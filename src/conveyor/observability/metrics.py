@@ -29,6 +29,7 @@ from conveyor.runtime.observe import (
     JobsRescued,
     JobsStarted,
     Observation,
+    ScheduleFired,
     WebhookAttempted,
     WorkflowSubmitted,
 )
@@ -154,6 +155,13 @@ class Metrics:
             "conveyor_workflows_submitted",
             "Workflows stored by this process (duplicates of an idempotency key not counted)",
         )
+        self.schedule_fires = Counter(
+            "conveyor_schedule_fires",
+            "Due cron instants handled by this process's scheduler, by outcome: fired (a "
+            "job submitted), misfired (dropped by the misfire policy), refused (the store "
+            "refused the job)",
+            ["outcome"],
+        )
         # -- fleet (one exporter at a time) ---------------------------------------------
         self.fleet_exporter = Gauge(
             "conveyor_fleet_exporter",
@@ -202,6 +210,14 @@ class Metrics:
             self.webhook_duration.observe(event.seconds)
         elif isinstance(event, WorkflowSubmitted):
             self.workflows_submitted.inc()
+        elif isinstance(event, ScheduleFired):
+            for outcome, n in (
+                ("fired", event.fired),
+                ("misfired", event.misfired),
+                ("refused", event.refused),
+            ):
+                if n:
+                    self.schedule_fires.labels(outcome).inc(n)
 
     def jobs_started(self, jobs: Sequence[object], now: datetime) -> None:
         for job in jobs:

@@ -46,4 +46,16 @@ class WorkflowSubmitted:
     steps: int
 
 
-Observation = JobsStarted | JobsRescued | WebhookAttempted | WorkflowSubmitted
+@dataclass(frozen=True, slots=True)
+class ScheduleFired:
+    """One schedule's due instants were handled by this process's scheduler:
+    ``fired`` jobs submitted, ``misfired`` instants dropped by its misfire policy
+    (a lower bound after a jump over a long outage), ``refused`` instants skipped
+    because the store refused their job."""
+
+    fired: int
+    misfired: int
+    refused: int
+
+
+Observation = JobsStarted | JobsRescued | WebhookAttempted | WorkflowSubmitted | ScheduleFired

@@ -30,6 +30,8 @@ from conveyor.domain.schedules import (
     job_for_fire,
     plan_fires,
 )
+from conveyor.runtime.observe import ScheduleFired
+from conveyor.runtime.ports import Signals
 from conveyor.storage.base import Store
 
 log = structlog.get_logger("conveyor.scheduler")
@@ -127,6 +129,7 @@ class Scheduler:
         declared: Sequence[Schedule] = (),
         owned_job_types: Collection[str] = (),
         keep_fires: float = 7 * 86_400.0,
+        signals: Signals | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -138,6 +141,7 @@ class Scheduler:
         self.owned_job_types = set(owned_job_types)
         self.fired = 0  # jobs this scheduler submitted
         self.keep_fires = keep_fires
+        self.signals = signals  # metrics: schedule fires, misfires, refusals
         self._pruned_at = -PRUNE_EVERY  # monotonic seconds: prune at the first pass
         self._stop = asyncio.Event()
         # Stored schedules this process can't read (id -> updated_at, when it last
@@ -239,7 +243,8 @@ class Scheduler:
                     skipped=plan.skipped,
                     policy=schedule.misfire,
                 )
-        fired = 0
+        misfired = plan.skipped  # past the advance above: this process dropped them
+        fired = refused = 0
         for fire_at, next_fire_at in plan.fires:
             job = job_for_fire(schedule, fire_at, self.rand())
             try:
@@ -251,6 +256,7 @@ class Scheduler:
                 # instant rather than retry it forever.
                 log.error("schedule_fire_refused", schedule=schedule.name, error=str(exc))
                 await self.store.advance_schedule(schedule.id, fire_at, next_fire_at, now)
+                refused += 1
                 continue
             if created is not None:
                 fired += 1
@@ -261,4 +267,6 @@ class Scheduler:
                     fire_at=fire_at.isoformat(),
                     job_id=created.id,
                 )
+        if self.signals is not None and self.signals.observing:
+            self.signals.observe(ScheduleFired(fired, misfired, refused))
         return fired
