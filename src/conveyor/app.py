@@ -57,6 +57,7 @@ from conveyor.runtime.scheduler import Scheduler
 from conveyor.runtime.steps import DEFAULT_MAX_HEALS, check_heal
 from conveyor.runtime.webhooks import WEBHOOK_JOB, WebhookSender
 from conveyor.runtime.worker import Worker, exit_if_abandoned
+from conveyor.security.file_secrets import ChainedSecrets, FileSecrets
 from conveyor.security.redact import redact_url
 from conveyor.security.vault import StoreSecrets, load_keyring
 from conveyor.settings import ISOLATION_MODES, Settings
@@ -225,6 +226,8 @@ class Conveyor:
 
     async def open(self) -> Conveyor:
         if not self._opened:
+            if self.settings.secrets_dir:  # a typo stops the process now, not a job later
+                self._file_secrets = FileSecrets(self.settings.secrets_dir)
             await self.store.open()
             try:
                 await self.bus.open()
@@ -989,6 +992,15 @@ class Conveyor:
         return vault
 
     async def _resolve_secret(self, name: str) -> str:
+        """A payload reference's (or a webhook's) secret: from ``CONVEYOR_SECRETS_DIR``
+        first when set (security/file_secrets.py), then the vault. Conveyor's own
+        secrets (``conveyor.*``) come from the vault only."""
+        if self.settings.secrets_dir and not name.startswith("conveyor."):
+            files: FileSecrets | None = getattr(self, "_file_secrets", None)
+            if files is None or str(files.directory) != self.settings.secrets_dir:
+                files = FileSecrets(self.settings.secrets_dir)
+                self._file_secrets = files
+            return await ChainedSecrets(files, self.secrets).get(name)
         return await self.secrets.get(name)
 
     async def _move_webhook_secrets(self) -> None:

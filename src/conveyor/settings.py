@@ -90,6 +90,9 @@ class Settings:
     # Seconds an old secret version is kept after a newer one replaced it (at most
     # secrets_keep_versions versions either way); 0 = only the newest is kept.
     secrets_retention: float = 30 * 86_400.0
+    # A directory of one file per secret (Vault Agent, Kubernetes, Docker secrets):
+    # payload references read it first, then the vault. "" = the vault only.
+    secrets_dir: str = ""
     # Fleet-wide job-type defaults (docs/api.md "Job types"): what a registration
     # that leaves an option out, and a type submitted with no registration, gets.
     # A registration's own value always wins.
@@ -240,6 +243,7 @@ _TYPES: dict[str, type] = {
     "secrets_keep_versions": int,
     "rate_limits": bool,
     "secrets_retention": float,
+    "secrets_dir": str,
     "job_timeout": float,
     "job_max_retries": int,
     "job_retry_base": float,

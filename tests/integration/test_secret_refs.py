@@ -124,3 +124,60 @@ async def test_a_missing_secret_fails_the_attempt_clearly(tmp_path: Path) -> Non
         assert not Path(out).exists()
     finally:
         await app.close()
+
+
+async def test_a_secrets_directory_is_read_first_then_the_vault(tmp_path: Path) -> None:
+    # As Vault Agent, a Kubernetes secret volume or Docker secrets lay them out.
+    folder = tmp_path / "run-secrets"
+    folder.mkdir()
+    (folder / "smtp_password").write_text("from-the-file\n")
+    (folder / "conveyor.webhook.x").write_text("never used for Conveyor's own")
+    settings = Settings(
+        database_url="memory://",
+        master_key=MasterKey.generate().to_base64(),
+        heartbeat_interval=0.2,
+        secrets_dir=str(folder),
+    )
+    app = Conveyor(settings=settings)
+    app.job("use", max_retries=0)(h.use_secret)
+    try:
+        await app.open()
+        await app.secrets.set("smtp_password", "from-the-vault")
+        await app.secrets.set("api_token", "vault-only")
+        await app.secrets.set("conveyor.webhook.x", "vault-for-conveyor")
+        assert await app._resolve_secret("smtp_password") == "from-the-file"
+        assert await app._resolve_secret("api_token") == "vault-only"
+        assert await app._resolve_secret("conveyor.webhook.x") == "vault-for-conveyor"
+        # An agent rotating the file: the next read sees the new value.
+        (folder / "smtp_password").write_text("rotated-by-the-agent")
+        assert await app._resolve_secret("smtp_password") == "rotated-by-the-agent"
+
+        outs = {n: str(tmp_path / f"{n}.sha") for n in ("file", "vault")}
+        jobs = {
+            "file": await app.enqueue(
+                "use", {"password": {"$secret": "smtp_password"}, "out": outs["file"]}
+            ),
+            "vault": await app.enqueue(
+                "use", {"password": {"$secret": "api_token"}, "out": outs["vault"]}
+            ),
+        }
+        async with running_worker(app, concurrency=2):
+
+            async def done() -> bool:
+                states = [(await app.store.get(j.id)).state for j in jobs.values()]
+                return all(s is JobState.COMPLETED for s in states)
+
+            await async_wait_until(done, 20, "both jobs to complete")
+        expected = {"file": "rotated-by-the-agent", "vault": "vault-only"}
+        for n, value in expected.items():
+            assert Path(outs[n]).read_text() == hashlib.sha256(value.encode()).hexdigest()
+    finally:
+        await app.close()
+
+
+async def test_a_missing_secrets_directory_stops_the_process(tmp_path: Path) -> None:
+    from conveyor.domain.errors import ConfigurationError
+
+    app = Conveyor(settings=Settings(database_url="memory://", secrets_dir=str(tmp_path / "t")))
+    with pytest.raises(ConfigurationError, match="CONVEYOR_SECRETS_DIR"):
+        await app.open()
