@@ -231,3 +231,39 @@ async def test_queues_page_pauses_and_resumes_with_csrf(app):
         assert [q.paused for q in await app.store.list_queues() if q.name == "mail"] == [False]
         bad = await c.post(url, json={"id": ""}, headers={"X-CSRF-Token": csrf})
         assert bad.status_code == 400
+
+
+async def test_workers_page_shows_capabilities_and_local_stuck_handlers(app):
+    from conveyor.domain.job import WorkerInfo
+
+    now = app.now()
+    await app.store.register_worker(
+        WorkerInfo(
+            "w-gpu",
+            "host-a",
+            11,
+            ("default",),
+            (),
+            4,
+            started_at=now,
+            heartbeat_at=now,
+            capabilities={"region": "eu<x>", "gpu": "a100"},
+        ),
+        now,
+    )
+    await app.store.register_worker(
+        WorkerInfo("w-plain", "host-b", 12, ("default",), (), 2, started_at=now, heartbeat_at=now),
+        now,
+    )
+    async with client(app) as c:
+        page = await c.get("/ui/workers")
+    assert page.status_code == 200, page.text[:300]
+    assert '<th scope="col">Capabilities</th>' in page.text
+    gpu_row = page.text[page.text.index("w-gpu") :].split("</tr>")[0]
+    # Sorted by name, escaped: a capability value is the operator's text.
+    assert (
+        '<code class="cap">gpu=a100</code> <code class="cap">region=eu&lt;x&gt;</code>' in gpu_row
+    )
+    plain_row = page.text[page.text.index("w-plain") :].split("</tr>")[0]
+    assert "none" in plain_row
+    assert "Only known for workers of this process" in plain_row  # stuck: remote worker
