@@ -1935,15 +1935,19 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
         async with self._conn() as conn:
             return [r[0] for r in await conn.fetch(DQ["job_children"], job_id, limit)]
 
-    async def recent_stats(self, since: datetime, sample: int) -> RecentStats:
+    async def recent_stats(
+        self, since: datetime, sample: int, *, buckets_since: datetime | None = None
+    ) -> RecentStats:
+        edge = since if buckets_since is None else max(since, buckets_since)
+
         async def fetch(name: str, *args: Any) -> list[asyncpg.Record]:
             async with self._conn() as conn:
                 return list(await conn.fetch(DQ[name], *args))
 
         # Four independent reads, side by side on pooled connections.
         finished, submitted, waits, oldest_rows = await asyncio.gather(
-            fetch("finished_per_minute", since),
-            fetch("submitted_per_minute", since),
+            fetch("finished_per_minute", edge),
+            fetch("submitted_per_minute", edge),
             fetch("wait_p95", since, sample),
             fetch("oldest_pending"),
         )
@@ -2084,6 +2088,15 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
             )
             for name in sorted(set(settings) | set(counts))
         ]
+
+    async def queue_settings(self) -> list[QueueInfo]:
+        async with self._conn() as conn:
+            return [
+                QueueInfo(
+                    r["queue"], r["paused"], r["concurrency_limit"], updated_at=r["updated_at"]
+                )
+                for r in await conn.fetch(FQ["list_queue_settings"])
+            ]
 
     async def flow_stats(self, now: datetime) -> FlowStats:
         async with self._conn() as conn:

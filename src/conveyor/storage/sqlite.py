@@ -1690,8 +1690,11 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
 
         return await self._run(_do)
 
-    async def recent_stats(self, since: datetime, sample: int) -> RecentStats:
+    async def recent_stats(
+        self, since: datetime, sample: int, *, buckets_since: datetime | None = None
+    ) -> RecentStats:
         ts = since.timestamp()
+        edge = ts if buckets_since is None else max(ts, buckets_since.timestamp())
 
         def _do() -> RecentStats:
             assert self._conn is not None
@@ -1700,12 +1703,12 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
             def bucket(minute: float) -> MinuteBucket:
                 return buckets.setdefault(minute, MinuteBucket(_dt(minute)))  # type: ignore[arg-type]
 
-            for minute, state, n in self._conn.execute(DQ["finished_per_minute"], (ts,)):
+            for minute, state, n in self._conn.execute(DQ["finished_per_minute"], (edge,)):
                 if state == "completed":
                     bucket(minute).completed += n
                 elif state == "failed":
                     bucket(minute).failed += n
-            for minute, n in self._conn.execute(DQ["submitted_per_minute"], (ts,)):
+            for minute, n in self._conn.execute(DQ["submitted_per_minute"], (edge,)):
                 bucket(minute).submitted += n
             waits = [r[0] for r in self._conn.execute(DQ["recent_waits"], (ts, sample))]
             oldest = self._conn.execute(DQ["oldest_pending"]).fetchone()
@@ -1896,6 +1899,21 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
                     running=counts.get(name, {}).get("running", 0),
                 )
                 for name in sorted(set(settings) | set(counts))
+            ]
+
+        return await self._run(_do)
+
+    async def queue_settings(self) -> list[QueueInfo]:
+        def _do() -> list[QueueInfo]:
+            assert self._conn is not None
+            return [
+                QueueInfo(
+                    r["queue"],
+                    bool(r["paused"]),
+                    r["concurrency_limit"],
+                    updated_at=_dt(r["updated_at"]),
+                )
+                for r in self._conn.execute(FQ["list_queue_settings"])
             ]
 
         return await self._run(_do)

@@ -54,6 +54,9 @@ let refreshTimer = null;
 let refreshing = false;
 let dirty = false;
 let lastRefresh = 0;
+// The newest event this page reacted to: a refresh that brings data read before
+// it (the overview shares one read between viewers for a second) asks again.
+let wantedId = 0;
 
 function scheduleRefresh() {
   dirty = true;
@@ -80,6 +83,8 @@ async function refresh() {
     }
     if (!response.ok) return;
     const doc = new DOMParser().parseFromString(await response.text(), "text/html");
+    const readAt = Number(doc.body && doc.body.dataset.after);
+    if (Number.isFinite(readAt) && readAt < wantedId) dirty = true;
     const fresh = doc.getElementById("live");
     const current = document.getElementById("live");
     if (!fresh || !current) return;
@@ -136,7 +141,10 @@ function connect() {
     let wanted = false;
     for (const e of data) {
       if (typeof e.id === "number") after = String(Math.max(Number(after), e.id));
-      if (concerns(e)) wanted = true;
+      if (concerns(e)) {
+        wanted = true;
+        if (typeof e.id === "number") wantedId = Math.max(wantedId, e.id);
+      }
     }
     body.dataset.after = after;
     if (wanted) scheduleRefresh();
