@@ -404,6 +404,41 @@ async def test_list_rejects_bad_filters(client, query, field):
     assert field in detail_fields(err)
 
 
+@pytest.mark.parametrize(
+    ("query", "unknown", "allowed"),
+    [
+        ("/api/jobs?state=bogus", "state", "status"),
+        ("/api/jobs?status=failed&jobtype=email", "jobtype", "job_type"),
+        ("/api/dlq?type=email", "type", "job_type"),
+        ("/api/workflows?state=failed", "state", "status"),
+        ("/api/schedules?state=paused", "state", "none"),
+        ("/api/events?after=0&type=job_*", "type", "types"),
+        ("/api/locks?all=true", "all", "include_free"),
+        ("/api/webhooks?x=1", "x", "none"),
+    ],
+)
+async def test_list_routes_refuse_unknown_params_naming_the_allowed_ones(
+    client, query, unknown, allowed
+):
+    err = assert_error(await client.get(query), 400)
+    assert detail_fields(err) == {unknown}
+    assert allowed in err["error"]
+    assert unknown in err["error"]
+
+
+@pytest.mark.parametrize(
+    ("query", "values"),
+    [
+        ("/api/jobs?status=bogus", "blocked, pending, running, completed, failed, cancelled"),
+        ("/api/workflows?status=nope", "'running', 'completed', 'failed' or 'cancelled'"),
+    ],
+)
+async def test_enum_filters_name_their_values(client, query, values):
+    err = assert_error(await client.get(query), 400)
+    assert values in err["error"]
+    assert detail_fields(err) == {"status"}
+
+
 @pytest.mark.parametrize("path", ["/api/jobs", "/api/dlq"])
 async def test_huge_offset_is_400_not_500(client, path):
     assert (await client.get(f"{path}?offset={2**31 - 1}")).status_code == 200

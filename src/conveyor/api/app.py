@@ -34,6 +34,7 @@ from conveyor.api.guard import (
 from conveyor.api.http import JSON, ApiError, Auth, fail, sees_internal
 from conveyor.api.locks import lock_router
 from conveyor.api.models import ErrorResponse, JobSubmit
+from conveyor.api.params import KNOWN_PARAMS
 from conveyor.api.queues import queue_router
 from conveyor.api.ratelimit import RequestLimits
 from conveyor.api.schedules import schedule_router
@@ -434,12 +435,18 @@ def create_app(
             },
         }
 
-    @api.get("/api/jobs", dependencies=read, tags=["jobs"])
+    @api.get("/api/jobs", dependencies=[*read, KNOWN_PARAMS], tags=["jobs"])
     async def list_jobs(
         request: Request,
         status: Annotated[
             str | None,
-            Query(description="Comma-separated states", pattern=_STATUS_PATTERN),
+            # parse_states names the allowed values; a pattern's message shows a regex.
+            Query(
+                description="Comma-separated states",
+                min_length=1,
+                max_length=200,
+                json_schema_extra={"pattern": _STATUS_PATTERN},
+            ),
         ] = None,
         job_type: Annotated[str | None, Query(max_length=100)] = None,
         queue: Annotated[str | None, Query(max_length=100)] = None,
@@ -543,7 +550,7 @@ def create_app(
         return {"success": True, "job_id": job.id, "status": job.status}
 
     # -- dead-letter queue ------------------------------------------------------------------
-    @api.get("/api/dlq", dependencies=read, tags=["dlq"])
+    @api.get("/api/dlq", dependencies=[*read, KNOWN_PARAMS], tags=["dlq"])
     async def list_dlq(
         request: Request,
         job_type: Annotated[str | None, Query(max_length=100)] = None,
