@@ -584,6 +584,31 @@ async def test_dlq_retry_all_by_job_type(cv, client):
     assert (await client.post("/api/dlq/retry-all")).json()["retried"] == 0
 
 
+async def test_dlq_retry_all_leaves_internal_dead_letters_unless_asked(cv, client):
+    from conveyor.domain.job import NewJob
+
+    (hook,) = await cv.store.enqueue_many(
+        [NewJob("conveyor.webhook", {"n": 1}, internal=True)], cv.now()
+    )
+    user = await submit(client, "fail", payload={"times": 1})
+    for job_id in (hook.job.id, user):
+        await make_failed(cv, job_id)
+    assert (await client.post("/api/dlq/retry-all")).json()["retried"] == 1
+    assert (await get_job(client, user))["status"] == "pending"
+    assert (await cv.store.get(hook.job.id)).state is JobState.FAILED
+    # Keyless loopback use is admin: asking by flag or by type includes them.
+    asked = await client.post("/api/dlq/retry-all?include_internal=true")
+    assert asked.json()["retried"] == 1
+    assert (await cv.store.get(hook.job.id)).state is JobState.PENDING
+
+    token, record = new_api_key("writer", "write", cv.now())
+    await cv.store.create_api_key(record)
+    headers = {"Authorization": f"Bearer {token}"}
+    for query in ("?include_internal=true", "?job_type=conveyor.webhook"):
+        refused = await client.post(f"/api/dlq/retry-all{query}", headers=headers)
+        assert refused.status_code == 403, refused.text
+
+
 # -- metrics ---------------------------------------------------------------------------------------
 async def test_job_metrics_shape(cv, client):
     await submit(client)

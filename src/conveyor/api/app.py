@@ -579,10 +579,18 @@ def create_app(
 
     @api.post("/api/dlq/retry-all", dependencies=write, tags=["dlq"])
     async def retry_all(
+        request: Request,
         job_type: Annotated[str | None, Query(max_length=100)] = None,
+        include_internal: Annotated[
+            bool, Query(description="Also Conveyor's own jobs (admin keys only).")
+        ] = False,
     ) -> dict[str, Any]:
-        """Re-queue every dead-lettered job (optionally of one type)."""
-        retried = await conveyor.retry_dead_letters(job_type)
+        """Re-queue every dead-lettered job (optionally of one type). Conveyor's own
+        (webhook deliveries) only for an admin key asking, by
+        ``include_internal=true`` or by naming their type."""
+        named = job_type is not None and is_internal(job_type)
+        internal = _internal_asked(request, include_internal or named)
+        retried = await conveyor.retry_dead_letters(job_type, include_internal=internal)
         return {"success": True, "retried": retried}
 
     @api.post(

@@ -794,17 +794,36 @@ def dashboard_router(
             raise ActionError(400, "job_type must be a job type name (text)")
         return job_type
 
+    def internal_asked(body: dict[str, Any], job_type: str | None) -> bool:
+        """Conveyor's own dead letters (webhook deliveries) are in a bulk action
+        only when an admin asks: ``include_internal: true`` or their type picked."""
+        asked = body.get("include_internal") is True or (
+            job_type is not None and is_internal(job_type)
+        )
+        if asked and not body["_internal"]:
+            raise ActionError(403, "Conveyor's own jobs need an admin key")
+        return asked
+
     @action("/ui/actions/dlq/retry-all", KeyScope.WRITE)
     async def retry_all(body: dict[str, Any]) -> dict[str, Any]:
-        return {"retried": await conveyor.retry_dead_letters(type_of(body))}
+        job_type = type_of(body)
+        internal = internal_asked(body, job_type)
+        return {"retried": await conveyor.retry_dead_letters(job_type, include_internal=internal)}
 
     @action("/ui/actions/dlq/purge-all", KeyScope.ADMIN)
     async def purge_all(body: dict[str, Any]) -> dict[str, Any]:
         job_type = type_of(body)
+        internal = internal_asked(body, job_type)
         purged = 0
         while True:
             batch = await store.browse_jobs(
-                JobQuery(states=(JobState.FAILED,), job_type=job_type, limit=500), None
+                JobQuery(
+                    states=(JobState.FAILED,),
+                    job_type=job_type,
+                    limit=500,
+                    include_internal=internal,
+                ),
+                None,
             )
             if not batch:
                 return {"purged": purged}
