@@ -118,6 +118,8 @@ GOOD = {"name": "n1", "cron": "*/5 * * * *", "job_type": "report"}
     [
         ({"cron": "*/5 * * *"}, "cron"),
         ({"cron": "0 25 * * *"}, "cron"),
+        ({"cron": "*/1e20 * * * *"}, "cron"),
+        ({"cron": "0 */24 * * *"}, "cron"),
         ({"cron": "@reboot"}, "cron"),
         ({"cron": "0 0 30 2 *"}, "cron"),
         ({"timezone": "Europe/Atlantis"}, "timezone"),
