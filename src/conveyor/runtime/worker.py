@@ -1086,5 +1086,8 @@ class Worker:
                     )
                     if pruned:
                         log.info("jobs_pruned", worker_id=self.id, count=pruned)
+                    windows = await self.store.prune_flow_windows(self.deps.now())
+                    if windows:
+                        log.info("flow_windows_pruned", worker_id=self.id, count=windows)
             except Exception as exc:  # noqa: BLE001 - keep the worker alive
                 log.warning("maintenance_failed", worker_id=self.id, error=str(exc))

@@ -650,6 +650,13 @@ class Store(abc.ABC):
         ]
 
     @abc.abstractmethod
+    async def prune_flow_windows(self, now: datetime) -> int:
+        """Delete rate-limit windows that are long over: older than two of their
+        job type's windows plus a minute (``MAX_RATE_WINDOW_SECONDS`` for a type
+        without a recorded rate). One row per (job type, key) would otherwise
+        stay forever for every key ever seen. Returns how many were deleted."""
+
+    @abc.abstractmethod
     async def flow_stats(self, now: datetime) -> FlowStats:
         """Ready jobs held back now by each limit (paused queue, concurrency, rate,
         queue concurrency) and pending jobs with requirements."""

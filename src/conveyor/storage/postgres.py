@@ -38,7 +38,7 @@ from conveyor.domain.errors import (
     WorkflowNotFound,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
-from conveyor.domain.flow import FlowLimits, FlowStats, QueueInfo
+from conveyor.domain.flow import MAX_RATE_WINDOW_SECONDS, FlowLimits, FlowStats, QueueInfo
 from conveyor.domain.ids import new_job_id, new_job_ids, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
@@ -2088,6 +2088,13 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
             )
             for name in sorted(set(settings) | set(counts))
         ]
+
+    async def prune_flow_windows(self, now: datetime) -> int:
+        async with self._conn() as conn:
+            status = await conn.execute(
+                FQ["prune_flow_windows"], now.timestamp(), float(MAX_RATE_WINDOW_SECONDS)
+            )
+        return int(status.split()[-1])
 
     async def queue_settings(self) -> list[QueueInfo]:
         async with self._conn() as conn:

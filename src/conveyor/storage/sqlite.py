@@ -40,6 +40,7 @@ from conveyor.domain.errors import (
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
 from conveyor.domain.flow import (
+    MAX_RATE_WINDOW_SECONDS,
     FlowLimits,
     FlowStats,
     QueueInfo,
@@ -1900,6 +1901,17 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
                 )
                 for name in sorted(set(settings) | set(counts))
             ]
+
+        return await self._run(_do)
+
+    async def prune_flow_windows(self, now: datetime) -> int:
+        def _do() -> int:
+            assert self._conn is not None
+            with self._conn:
+                cur = self._conn.execute(
+                    FQ["prune_flow_windows"], (now.timestamp(), float(MAX_RATE_WINDOW_SECONDS))
+                )
+            return cur.rowcount
 
         return await self._run(_do)
 
