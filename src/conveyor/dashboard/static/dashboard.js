@@ -57,6 +57,9 @@ let lastRefresh = 0;
 // The newest event this page reacted to: a refresh that brings data read before
 // it (the overview shares one read between viewers for a second) asks again.
 let wantedId = 0;
+// A few tries only: event ids that went back (a fresh database behind a restart)
+// must not keep the page refreshing.
+let staleTries = 0;
 
 function scheduleRefresh() {
   dirty = true;
@@ -84,7 +87,13 @@ async function refresh() {
     if (!response.ok) return;
     const doc = new DOMParser().parseFromString(await response.text(), "text/html");
     const readAt = Number(doc.body && doc.body.dataset.after);
-    if (Number.isFinite(readAt) && readAt < wantedId) dirty = true;
+    if (Number.isFinite(readAt) && readAt < wantedId && staleTries < 3) {
+      staleTries += 1;
+      dirty = true;
+    } else {
+      staleTries = 0;
+      if (Number.isFinite(readAt) && readAt < wantedId) wantedId = readAt;
+    }
     const fresh = doc.getElementById("live");
     const current = document.getElementById("live");
     if (!fresh || !current) return;
