@@ -114,6 +114,7 @@ async def pages(dsn: str) -> list[tuple[str, str]]:
         ("jobs queue=q3", "/ui/jobs?queue=q3"),
         ("jobs created_by", "/ui/jobs?created_by=api:bench1"),
         ("jobs job_type=rare (0.1%)", "/ui/jobs?job_type=rare"),
+        ("jobs job_type=none (no job)", "/ui/jobs?job_type=nothing"),
         ("jobs older page (deep)", f"/ui/jobs?before={cursor}"),
         ("jobs id prefix", f"/ui/jobs?q={newest['id'][:10]}"),
         ("job detail", f"/ui/jobs/{newest['id']}"),

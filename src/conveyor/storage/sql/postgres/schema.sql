@@ -617,3 +617,5 @@ ALTER TABLE ONLY conveyor.secrets
 
 ALTER TABLE conveyor.api_keys ADD COLUMN expires_at timestamp with time zone;
 ALTER TABLE conveyor.api_keys ADD COLUMN last_used_at timestamp with time zone;
+-- Jobs by type, newest first (migration 0015).
+CREATE INDEX jobs_type_created ON conveyor.jobs USING btree (job_type, created_at);
