@@ -663,13 +663,23 @@ class Conveyor:
         task.add_done_callback(self._pending_signals.discard)
 
     # -- dead-letter queue --------------------------------------------------------------
-    async def retry_dead_letters(self, job_type: str | None = None) -> int:
-        """Re-queue every dead-lettered job (of ``job_type``), 1,000 per transaction."""
+    async def retry_dead_letters(
+        self, job_type: str | None = None, *, include_internal: bool = False
+    ) -> int:
+        """Re-queue every dead-lettered job (of ``job_type``), 1,000 per transaction.
+        Conveyor's own jobs (``conveyor.`` types: webhook deliveries) only when
+        ``include_internal`` or when ``job_type`` names one. Returns how many."""
         await self.open()
+        internal = include_internal or (job_type is not None and is_internal(job_type))
         retried = 0
         while True:
             page = await self.store.list_jobs(
-                JobQuery(states=(JobState.FAILED,), job_type=job_type, limit=1000)
+                JobQuery(
+                    states=(JobState.FAILED,),
+                    job_type=job_type,
+                    limit=1000,
+                    include_internal=internal,
+                )
             )
             if not page.jobs:
                 break

@@ -144,7 +144,9 @@ async def create_schedule(app: Conveyor, **fields: Any) -> Schedule:
 
 async def update_schedule(app: Conveyor, schedule_id: str, changes: Mapping[str, Any]) -> Schedule:
     """Change some fields of a schedule (``FIELDS``); the rest stay. A changed
-    expression or zone restarts it from its next fire time after now."""
+    expression or zone restarts it from its next fire time after now. A change
+    that changes nothing (no fields, or the values it has) writes nothing and
+    returns the schedule as it is (``updated_at`` kept)."""
     await app.open()
     old = await app.store.get_schedule(schedule_id)
     unknown = sorted(set(changes) - set(FIELDS))
@@ -169,6 +171,8 @@ async def update_schedule(app: Conveyor, schedule_id: str, changes: Mapping[str,
         if same_time and old.state == "active"
         else built.next_fire_at,
     )
+    if merged.same_definition(old) and merged.name == old.name:
+        return old  # cron and zone included: its fire times stay as they are
     return await app.store.update_schedule(merged, app.now())
 
 

@@ -118,6 +118,8 @@ GOOD = {"name": "n1", "cron": "*/5 * * * *", "job_type": "report"}
     [
         ({"cron": "*/5 * * *"}, "cron"),
         ({"cron": "0 25 * * *"}, "cron"),
+        ({"cron": "*/1e20 * * * *"}, "cron"),
+        ({"cron": "0 */24 * * *"}, "cron"),
         ({"cron": "@reboot"}, "cron"),
         ({"cron": "0 0 30 2 *"}, "cron"),
         ({"timezone": "Europe/Atlantis"}, "timezone"),
@@ -267,3 +269,19 @@ async def test_the_loop_picks_up_a_new_schedule_and_stops_on_request(store: Stor
             scheduler.request_stop()
             await asyncio.wait_for(task, 5)
         assert scheduler.fired >= 2
+
+
+async def test_a_patch_that_changes_nothing_writes_nothing(app: Conveyor, clock: Clock) -> None:
+    async with api_client(app) as http:
+        created = (await http.post("/api/schedules", json=GOOD)).json()["schedule"]
+        sid = created["id"]
+        clock.now += timedelta(minutes=1)
+        for patch in ({}, {"cron": GOOD["cron"], "name": "n1"}, {"priority": None}):
+            r = await http.patch(f"/api/schedules/{sid}", json=patch)
+            assert r.status_code == 200, r.text
+            assert r.json()["schedule"]["updated_at"] == created["updated_at"], patch
+        assert (await app.store.get_schedule(sid)).updated_at == T0
+        changed = await http.patch(f"/api/schedules/{sid}", json={"priority": 7})
+        assert changed.json()["schedule"]["updated_at"] != created["updated_at"]
+        # Unknown fields are still refused, nothing written.
+        assert (await http.patch(f"/api/schedules/{sid}", json={"prio": 1})).status_code == 400

@@ -3,11 +3,11 @@ browse_jobs, job_events, job_children, recent_stats) on every backend."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from storekit import at, finish, lease_one, new, submit, submit_one
 
-from conveyor.domain.dashboard import Count, Cursor
+from conveyor.domain.dashboard import Count, Cursor, RecentStats
 from conveyor.domain.job import JobQuery
 from conveyor.domain.states import Action, JobState
 from conveyor.storage.base import Store
@@ -93,3 +93,65 @@ async def test_recent_stats_buckets_waits_and_oldest_pending(store: Store) -> No
     later = await store.recent_stats(at(3600), sample=100)
     assert later.buckets == []
     assert later.wait_p95_ms is None
+
+
+async def test_recent_stats_buckets_since_narrows_only_the_buckets(store: Store) -> None:
+    await submit_one(store, now=at(0))
+    first = await lease_one(store, now=at(30))
+    assert await finish(store, first, Action.COMPLETE, now=at(61))
+    await submit_one(store, now=at(125))
+    since = at(0) - timedelta(hours=1)
+    whole = await store.recent_stats(since, sample=100)
+    narrow = await store.recent_stats(since, sample=100, buckets_since=at(120))
+    assert [b.minute for b in narrow.buckets] == [at(120)]
+    assert (narrow.buckets[0].submitted, narrow.buckets[0].completed) == (1, 0)
+    # The wait p95 and the oldest pending job still cover the whole window.
+    assert narrow.wait_p95_ms == whole.wait_p95_ms
+    assert narrow.wait_p95_ms is not None
+    assert narrow.oldest_pending == whole.oldest_pending == at(125)
+    # An edge before ``since`` is ``since``.
+    early = await store.recent_stats(since, sample=100, buckets_since=since - timedelta(days=1))
+    assert early.buckets == whole.buckets
+
+
+async def test_minute_history_reads_closed_minutes_once(store: Store) -> None:
+    from conveyor.dashboard.snapshot import MinuteHistory
+
+    await submit_one(store, now=at(0))
+    first = await lease_one(store, now=at(30))
+    assert await finish(store, first, Action.COMPLETE, now=at(61))
+    history = MinuteHistory()
+    hour = timedelta(hours=1)
+    assert (await history.stats(store, at(200), hour, 100)).buckets == (
+        await store.recent_stats(at(200) - hour, 100)
+    ).buckets
+    # A job written into a minute that was over at the last render (only a
+    # back-dated write can) is not read again; one in a newer minute is.
+    await submit_one(store, now=at(100))
+    await submit_one(store, now=at(190))
+    kept = await history.stats(store, at(230), hour, 100)
+    direct = await store.recent_stats(at(230) - hour, 100)
+    assert submitted(kept) == {at(0): 1, at(180): 1}
+    assert submitted(direct) == {at(0): 1, at(60): 1, at(180): 1}
+    assert {b.minute: b.completed for b in kept.buckets if b.completed} == {at(60): 1}
+    # A clock that went back reads the whole window again.
+    again = await history.stats(store, at(150), hour, 100)
+    assert submitted(again) == submitted(direct)
+
+
+def submitted(stats: RecentStats) -> dict[datetime, int]:
+    return {b.minute: b.submitted for b in stats.buckets if b.submitted}
+
+
+async def test_queue_settings_lists_settings_without_counting(store: Store) -> None:
+    await submit(store, new("a", queue="busy"), new("a", queue="held"))
+    assert await store.queue_settings() == []
+    await store.set_queue("held", at(1), paused=True)
+    await store.set_queue("capped", at(2), concurrency_limit=3)
+    got = {q.name: q for q in await store.queue_settings()}
+    assert sorted(got) == ["capped", "held"]  # "busy" has jobs but no settings
+    assert got["held"].paused
+    assert got["held"].concurrency_limit is None
+    assert got["capped"].concurrency_limit == 3
+    assert not got["capped"].paused
+    assert got["held"].pending == got["held"].running == 0

@@ -275,3 +275,31 @@ async def test_flow_stats_with_and_without_requirements_in_one_queue(store: Stor
     stats = await store.flow_stats(at(0))
     assert sum(stats.requirements.values()) == 1
     assert stats.held()["paused_queue"] == 0
+
+
+async def test_rate_windows_long_over_are_pruned(store: Store) -> None:
+    from conveyor.domain.flow import MAX_RATE_WINDOW_SECONDS
+
+    keyed = KeyTemplate.parse("{t}")
+    await store.record_flow_limits(
+        [
+            limits(rate_limit=RateLimit(3, 10.0), concurrency_key=keyed),
+            limits("other", rate_limit=RateLimit(3, 10.0), concurrency_key=keyed),
+        ],
+        at(0),
+    )
+    await submit(
+        store,
+        *(new("task", concurrency_key=k, payload={"i": i}) for k in "abc" for i in range(4)),
+        new("other", concurrency_key="z"),
+    )
+    first = await lease(store, now=at(0), limit=100)  # windows: task/a, task/b, task/c, other/z
+    assert len(first) == 10
+    # The rate of "other" is gone: its window is kept as long as the longest rate's.
+    await store.record_flow_limits([limits("other")], at(1))
+    assert await store.prune_flow_windows(at(80)) == 0  # within 2 windows + 60 s
+    assert await store.prune_flow_windows(at(81)) == 3  # task/a, task/b, task/c
+    assert len(await lease(store, now=at(81), limit=100)) == 3  # a fresh window each key
+    assert await store.prune_flow_windows(at(82)) == 0  # the new windows stay
+    far = 2 * MAX_RATE_WINDOW_SECONDS + 61
+    assert await store.prune_flow_windows(at(far)) == 4  # other/z and the fresh ones

@@ -406,6 +406,41 @@ async def test_list_rejects_bad_filters(client, query, field):
     assert field in detail_fields(err)
 
 
+@pytest.mark.parametrize(
+    ("query", "unknown", "allowed"),
+    [
+        ("/api/jobs?state=bogus", "state", "status"),
+        ("/api/jobs?status=failed&jobtype=email", "jobtype", "job_type"),
+        ("/api/dlq?type=email", "type", "job_type"),
+        ("/api/workflows?state=failed", "state", "status"),
+        ("/api/schedules?state=paused", "state", "none"),
+        ("/api/events?after=0&type=job_*", "type", "types"),
+        ("/api/locks?all=true", "all", "include_free"),
+        ("/api/webhooks?x=1", "x", "none"),
+    ],
+)
+async def test_list_routes_refuse_unknown_params_naming_the_allowed_ones(
+    client, query, unknown, allowed
+):
+    err = assert_error(await client.get(query), 400)
+    assert detail_fields(err) == {unknown}
+    assert allowed in err["error"]
+    assert unknown in err["error"]
+
+
+@pytest.mark.parametrize(
+    ("query", "values"),
+    [
+        ("/api/jobs?status=bogus", "blocked, pending, running, completed, failed, cancelled"),
+        ("/api/workflows?status=nope", "'running', 'completed', 'failed' or 'cancelled'"),
+    ],
+)
+async def test_enum_filters_name_their_values(client, query, values):
+    err = assert_error(await client.get(query), 400)
+    assert values in err["error"]
+    assert detail_fields(err) == {"status"}
+
+
 @pytest.mark.parametrize("path", ["/api/jobs", "/api/dlq"])
 async def test_huge_offset_is_400_not_500(client, path):
     assert (await client.get(f"{path}?offset={2**31 - 1}")).status_code == 200
@@ -549,6 +584,31 @@ async def test_dlq_retry_all_by_job_type(cv, client):
     assert resp.json() == {"success": True, "retried": 1}
     assert (await client.get("/api/dlq")).json()["pagination"]["total"] == 0
     assert (await client.post("/api/dlq/retry-all")).json()["retried"] == 0
+
+
+async def test_dlq_retry_all_leaves_internal_dead_letters_unless_asked(cv, client):
+    from conveyor.domain.job import NewJob
+
+    (hook,) = await cv.store.enqueue_many(
+        [NewJob("conveyor.webhook", {"n": 1}, internal=True)], cv.now()
+    )
+    user = await submit(client, "fail", payload={"times": 1})
+    for job_id in (hook.job.id, user):
+        await make_failed(cv, job_id)
+    assert (await client.post("/api/dlq/retry-all")).json()["retried"] == 1
+    assert (await get_job(client, user))["status"] == "pending"
+    assert (await cv.store.get(hook.job.id)).state is JobState.FAILED
+    # Keyless loopback use is admin: asking by flag or by type includes them.
+    asked = await client.post("/api/dlq/retry-all?include_internal=true")
+    assert asked.json()["retried"] == 1
+    assert (await cv.store.get(hook.job.id)).state is JobState.PENDING
+
+    token, record = new_api_key("writer", "write", cv.now())
+    await cv.store.create_api_key(record)
+    headers = {"Authorization": f"Bearer {token}"}
+    for query in ("?include_internal=true", "?job_type=conveyor.webhook"):
+        refused = await client.post(f"/api/dlq/retry-all{query}", headers=headers)
+        assert refused.status_code == 403, refused.text
 
 
 # -- metrics ---------------------------------------------------------------------------------------

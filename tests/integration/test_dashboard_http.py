@@ -231,3 +231,83 @@ async def test_queues_page_pauses_and_resumes_with_csrf(app):
         assert [q.paused for q in await app.store.list_queues() if q.name == "mail"] == [False]
         bad = await c.post(url, json={"id": ""}, headers={"X-CSRF-Token": csrf})
         assert bad.status_code == 400
+
+
+async def test_workers_page_shows_capabilities_and_local_stuck_handlers(app):
+    from conveyor.domain.job import WorkerInfo
+
+    now = app.now()
+    await app.store.register_worker(
+        WorkerInfo(
+            "w-gpu",
+            "host-a",
+            11,
+            ("default",),
+            (),
+            4,
+            started_at=now,
+            heartbeat_at=now,
+            capabilities={"region": "eu<x>", "gpu": "a100"},
+        ),
+        now,
+    )
+    await app.store.register_worker(
+        WorkerInfo("w-plain", "host-b", 12, ("default",), (), 2, started_at=now, heartbeat_at=now),
+        now,
+    )
+    async with client(app) as c:
+        page = await c.get("/ui/workers")
+    assert page.status_code == 200, page.text[:300]
+    assert '<th scope="col">Capabilities</th>' in page.text
+    gpu_row = page.text[page.text.index("w-gpu") :].split("</tr>")[0]
+    # Sorted by name, escaped: a capability value is the operator's text.
+    assert (
+        '<code class="cap">gpu=a100</code> <code class="cap">region=eu&lt;x&gt;</code>' in gpu_row
+    )
+    plain_row = page.text[page.text.index("w-plain") :].split("</tr>")[0]
+    assert "none" in plain_row
+    assert "Only known for workers of this process" in plain_row  # stuck: remote worker
+
+
+async def test_dlq_retry_all_leaves_conveyors_own_dead_letters_unless_an_admin_asks(app):
+    from conveyor.domain.job import Finish, NewJob
+    from conveyor.domain.states import Action, JobState
+
+    (hook,) = await app.store.enqueue_many(
+        [NewJob("conveyor.webhook", {"n": 1}, internal=True)], app.now()
+    )
+    (user,) = await app.store.enqueue_many([NewJob("ok", {})], app.now())
+    for job in await app.store.fetch(
+        "w1", queues=["default"], job_types=[], limit=2, now=app.now()
+    ):
+        await app.store.finish_many(
+            [Finish(job.id, job.lease_token, Action.FAIL, error="boom", job_type=job.job_type)],
+            app.now(),
+        )
+    assert (await app.store.get(hook.job.id)).state is JobState.FAILED
+    write = await key(app, "write")
+    admin = await key(app, "admin")
+    url = "/ui/actions/dlq/retry-all"
+    async with client(app) as c:
+        csrf = csrf_of((await c.get("/ui/login")).text)
+        await c.post("/ui/login", json={"key": write}, headers={"X-CSRF-Token": csrf})
+        csrf = csrf_of((await c.get("/ui/dlq")).text)
+        headers = {"X-CSRF-Token": csrf}
+        done = await c.post(url, json={}, headers=headers)
+        assert done.json()["retried"] == 1, done.text
+        assert (await app.store.get(user.job.id)).state is JobState.PENDING
+        assert (await app.store.get(hook.job.id)).state is JobState.FAILED
+        for body in ({"include_internal": True}, {"job_type": "conveyor.webhook"}):
+            refused = await c.post(url, json=body, headers=headers)
+            assert refused.status_code == 403, refused.text
+        assert (await app.store.get(hook.job.id)).state is JobState.FAILED
+
+        await c.post("/ui/logout", headers=headers)
+        csrf = csrf_of((await c.get("/ui/login")).text)
+        await c.post("/ui/login", json={"key": admin}, headers={"X-CSRF-Token": csrf})
+        csrf = csrf_of((await c.get("/ui/dlq")).text)
+        headers = {"X-CSRF-Token": csrf}
+        assert (await c.post(url, json={}, headers=headers)).json()["retried"] == 0
+        picked = await c.post(url, json={"job_type": "conveyor.webhook"}, headers=headers)
+        assert picked.json()["retried"] == 1, picked.text
+        assert (await app.store.get(hook.job.id)).state is JobState.PENDING

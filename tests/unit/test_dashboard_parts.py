@@ -97,3 +97,37 @@ def test_next_and_cursor_parsing_refuse_what_is_not_theirs() -> None:
     assert cursor.created_at == datetime(2026, 1, 1, 0, 0, 0, 500000, tzinfo=UTC)
     for bad in (None, "", "x~y", "1~a b", "inf~a", "1e999~a", "1", "1~" + "a" * 65):
         assert _parse_cursor(bad) is None
+
+
+async def test_shared_reads_once_for_concurrent_callers_and_within_its_ttl() -> None:
+    import asyncio
+
+    from conveyor.dashboard.snapshot import Shared
+
+    calls = 0
+    gate = asyncio.Event()
+
+    async def read() -> int:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        return calls
+
+    shared: Shared[int] = Shared(ttl=60)
+    waiting = [asyncio.ensure_future(shared.get(read)) for _ in range(5)]
+    gate.set()
+    assert await asyncio.gather(*waiting) == [1] * 5
+    assert await shared.get(read) == 1  # within the ttl
+    assert calls == 1
+
+    fresh: Shared[int] = Shared(ttl=0)
+    assert await fresh.get(read) == 2
+    assert await fresh.get(read) == 3  # ttl 0: every call reads
+
+    async def broken() -> int:
+        raise RuntimeError("store down")
+
+    failing: Shared[int] = Shared(ttl=60)
+    with pytest.raises(RuntimeError):
+        await failing.get(broken)
+    assert await failing.get(read) == 4  # a failure is not kept

@@ -242,6 +242,38 @@ def test_bad_expressions_and_zones_say_why(expr: str, zone: str, field: str) -> 
     assert info.value.details[0].message
 
 
+@pytest.mark.parametrize(
+    ("expr", "message"),
+    [
+        ("*/1e20 * * * *", "minute step '1e20' must be a whole number from 1 to 59"),
+        ("*/" + "9" * 30 + " * * * *", "minute step '99999999999999999999...'"),
+        ("*/61 * * * *", "minute step '61' must be a whole number from 1 to 59"),
+        ("0 */24 * * *", "hour step '24' must be a whole number from 1 to 23"),
+        ("0 0 1-31/32 * *", "day step '32'"),
+        ("0 0 1 */13 *", "month step '13'"),
+        ("0 0 * * 1-5/8", "weekday step '8'"),
+        ("*/60 * * * * *", "second step '60'"),
+        ("*/+5 * * * *", "minute step '+5'"),
+        ("*/2.5 * * * *", "minute step '2.5'"),
+        ("0,*/-1 * * * *", "minute step '-1'"),
+        ("*/ * * * *", "minute step ''"),
+    ],
+)
+def test_steps_must_be_whole_numbers_within_their_field(expr: str, message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        CronSpec.parse(expr)
+    assert [d.field for d in info.value.details] == ["cron"]
+    assert message in info.value.details[0].message
+
+
+def test_steps_within_their_fields_parse_and_stored_ones_are_not_rechecked() -> None:
+    for expr in ("*/59 */23 */31 */12 */7", "5/15 * * * *", "*/05 * * * *", "*/2 0 * * * *"):
+        assert CronSpec.parse(expr).fields == expr
+    # A schedule stored before steps were checked still computes its fire times.
+    old = _schedule(cron="0 */24 * * *")
+    assert old.spec().next_after(_utc(2026, 1, 1)) == _utc(2026, 1, 2)
+
+
 def _schedule(**fields: object) -> Schedule:
     values: dict[str, object] = {
         "id": "s1",

@@ -155,3 +155,42 @@ def test_an_unsupported_database_url_is_named_without_its_password() -> None:
         store_from_url("mysql://app:hunter2@db/jobs")
     assert "hunter2" not in str(refused.value)
     assert "mysql://app:***@db/jobs" in str(refused.value)
+
+
+def test_fencing_tokens_stay_readable_secrets_do_not() -> None:
+    # A lock's or a lease's token is a counter: operators need it to tell holders apart.
+    assert redact("<Lock 'report' token=42 held=True>") == "<Lock 'report' token=42 held=True>"
+    assert redact("lease lost (fencing_token=7)") == "lease lost (fencing_token=7)"
+    for secret_text, secret in (
+        ("GET /x?token=abc123def", "abc123def"),
+        ("token=12345678901234567890123", "12345678901234567890123"),  # beyond int64
+        ("access_token=123456", "123456"),
+        ("password=123456", "123456"),
+        (f"token={KEY}", KEY),
+    ):
+        out = redact(secret_text)
+        assert secret not in out, secret_text
+        assert "***" in out
+
+
+def test_logged_fencing_token_fields_keep_integers_only() -> None:
+    from conveyor.observability.logging import scrub_event
+
+    event = scrub_event(
+        None,
+        "info",
+        {
+            "event": "leader_elected",
+            "token": 42,
+            "lease_token": 9,
+            "fencing_token": 3,
+            "api_token": 5,
+            "password": 1234,
+            "flag_token": True,
+            "nested": {"token": 8, "secret_token": 8, "token_str": "s3cr3t"},
+        },
+    )
+    assert (event["token"], event["lease_token"], event["fencing_token"]) == (42, 9, 3)
+    assert event["api_token"] == event["password"] == event["flag_token"] == "***"
+    assert event["nested"] == {"token": 8, "secret_token": "***", "token_str": "***"}
+    assert scrub_event(None, "info", {"event": "x", "token": "cvk_abc"})["token"] == "***"

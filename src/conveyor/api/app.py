@@ -34,6 +34,7 @@ from conveyor.api.guard import (
 from conveyor.api.http import JSON, ApiError, Auth, fail, sees_internal
 from conveyor.api.locks import lock_router
 from conveyor.api.models import ErrorResponse, JobSubmit, submit_delay
+from conveyor.api.params import KNOWN_PARAMS
 from conveyor.api.queues import queue_router
 from conveyor.api.ratelimit import RequestLimits
 from conveyor.api.schedules import schedule_router
@@ -436,12 +437,18 @@ def create_app(
             },
         }
 
-    @api.get("/api/jobs", dependencies=read, tags=["jobs"])
+    @api.get("/api/jobs", dependencies=[*read, KNOWN_PARAMS], tags=["jobs"])
     async def list_jobs(
         request: Request,
         status: Annotated[
             str | None,
-            Query(description="Comma-separated states", pattern=_STATUS_PATTERN),
+            # parse_states names the allowed values; a pattern's message shows a regex.
+            Query(
+                description="Comma-separated states",
+                min_length=1,
+                max_length=200,
+                json_schema_extra={"pattern": _STATUS_PATTERN},
+            ),
         ] = None,
         job_type: Annotated[str | None, Query(max_length=100)] = None,
         queue: Annotated[str | None, Query(max_length=100)] = None,
@@ -545,7 +552,7 @@ def create_app(
         return {"success": True, "job_id": job.id, "status": job.status}
 
     # -- dead-letter queue ------------------------------------------------------------------
-    @api.get("/api/dlq", dependencies=read, tags=["dlq"])
+    @api.get("/api/dlq", dependencies=[*read, KNOWN_PARAMS], tags=["dlq"])
     async def list_dlq(
         request: Request,
         job_type: Annotated[str | None, Query(max_length=100)] = None,
@@ -574,10 +581,18 @@ def create_app(
 
     @api.post("/api/dlq/retry-all", dependencies=write, tags=["dlq"])
     async def retry_all(
+        request: Request,
         job_type: Annotated[str | None, Query(max_length=100)] = None,
+        include_internal: Annotated[
+            bool, Query(description="Also Conveyor's own jobs (admin keys only).")
+        ] = False,
     ) -> dict[str, Any]:
-        """Re-queue every dead-lettered job (optionally of one type)."""
-        retried = await conveyor.retry_dead_letters(job_type)
+        """Re-queue every dead-lettered job (optionally of one type). Conveyor's own
+        (webhook deliveries) only for an admin key asking, by
+        ``include_internal=true`` or by naming their type."""
+        named = job_type is not None and is_internal(job_type)
+        internal = _internal_asked(request, include_internal or named)
+        retried = await conveyor.retry_dead_letters(job_type, include_internal=internal)
         return {"success": True, "retried": retried}
 
     @api.post(

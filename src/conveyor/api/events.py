@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from conveyor.api.guard import internal_error_text, report_unexpected
 from conveyor.api.http import JSON, ApiError, Auth, sees_internal
 from conveyor.api.models import WebhookCreate
+from conveyor.api.params import KNOWN_PARAMS
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.errors import ConveyorError, StoreUnavailable, ValidationError
@@ -69,7 +70,7 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
     admin = [Depends(auth.require(KeyScope.ADMIN))]
 
     # -- events -------------------------------------------------------------------------
-    @router.get("/api/events", dependencies=read, tags=["events"])
+    @router.get("/api/events", dependencies=[*read, KNOWN_PARAMS], tags=["events"])
     async def list_events(
         request: Request,
         after: Annotated[
@@ -169,7 +170,7 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
             {"success": True, "webhook": webhook_dict(hook), "secret": secret}, status_code=201
         )
 
-    @router.get("/api/webhooks", dependencies=admin, tags=["webhooks"])
+    @router.get("/api/webhooks", dependencies=[*admin, KNOWN_PARAMS], tags=["webhooks"])
     async def list_webhooks() -> dict[str, Any]:
         hooks = await conveyor.store.list_webhooks()
         return {"success": True, "webhooks": [webhook_dict(w) for w in hooks]}
@@ -214,7 +215,7 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
 
     @router.get(
         "/api/webhooks/{webhook_id}/deliveries",
-        dependencies=admin,
+        dependencies=[*admin, KNOWN_PARAMS],
         tags=["webhooks"],
         responses={404: {"description": "Unknown webhook"}},
     )

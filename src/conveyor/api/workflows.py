@@ -6,19 +6,18 @@ validation is the one every entry point shares (``conveyor.workflows``).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from conveyor.api.http import JSON, Auth
+from conveyor.api.params import KNOWN_PARAMS
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.workflow import MAX_NAME_CHARS
 from conveyor.presenters import workflow_dict
 from conveyor.workflows import WorkflowIn
-
-_STATUS_REGEX = "^(running|completed|failed|cancelled)$"
 
 
 def workflow_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
@@ -57,9 +56,11 @@ def workflow_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
         }
         return JSON(content, status_code=200 if duplicate else 201)
 
-    @router.get("/api/workflows", dependencies=read, tags=["workflows"])
+    @router.get("/api/workflows", dependencies=[*read, KNOWN_PARAMS], tags=["workflows"])
     async def list_workflows(
-        status: Annotated[str | None, Query(pattern=_STATUS_REGEX)] = None,
+        status: Annotated[
+            Literal["running", "completed", "failed", "cancelled"] | None, Query()
+        ] = None,
         name: Annotated[str | None, Query(max_length=MAX_NAME_CHARS)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,

@@ -26,8 +26,9 @@ from conveyor.api.http import Auth, sees_internal
 from conveyor.app import Conveyor
 from conveyor.dashboard.charts import layered_dag, minute_chart
 from conveyor.dashboard.session import COOKIE, Sessions, Viewer
+from conveyor.dashboard.snapshot import MinuteHistory, Shared
 from conveyor.domain.auth import Scope as KeyScope
-from conveyor.domain.dashboard import Count, Cursor
+from conveyor.domain.dashboard import Count, Cursor, RecentStats
 from conveyor.domain.errors import (
     InvalidTransition,
     JobNotFound,
@@ -35,7 +36,7 @@ from conveyor.domain.errors import (
     StoreUnavailable,
     ValidationError,
 )
-from conveyor.domain.job import Job, JobQuery, is_internal
+from conveyor.domain.job import Job, JobQuery, WorkerInfo, is_internal
 from conveyor.domain.states import JobState
 from conveyor.presenters import iso, job_dict, schedule_dict, webhook_dict, workflow_dict
 from conveyor.runtime.status import is_alive
@@ -46,6 +47,9 @@ from conveyor.scheduling import pause_schedule, resume_schedule
 COUNT_CAP = 10_000  #: state counts stop here; larger ones are estimates
 QUEUE_SCAN_CAP = 10_000  #: queue depths look at most this many unfinished jobs
 WAIT_SAMPLE = 2_000  #: the wait p95 covers this many most recently finished jobs
+#: Seconds the overview's reads are shared by every viewer (see dashboard/snapshot.py);
+#: read when the router is built (bench/dashboard_bench.py sets 0 to time each read).
+OVERVIEW_TTL = 1.0
 PAGE_SIZE = 50
 MAX_IDS = 500  #: jobs per bulk action
 JOB_EVENTS_SHOWN = 200
@@ -356,19 +360,30 @@ def dashboard_router(
         return response
 
     # -- overview ---------------------------------------------------------------------------
-    @page("/")
-    async def overview(request: Request, viewer: Viewer) -> Response:
+    history = MinuteHistory()
+    shared: Shared[_Overview] = Shared(OVERVIEW_TTL)
+
+    async def read_overview() -> _Overview:
         now = conveyor.now()
+        # First: the data read next is at least as new as this event id, which the
+        # page hands to its WebSocket (resume) and its refresh (is it stale?).
+        after = await live_after()
         # Independent reads: a pooled store (PostgreSQL) runs them side by side.
-        after, counts, stats, fleet, (depths, complete) = await asyncio.gather(
-            live_after(),
+        counts, stats, fleet, (depths, complete) = await asyncio.gather(
             store.state_counts(COUNT_CAP),
-            store.recent_stats(now - timedelta(hours=1), WAIT_SAMPLE),
+            history.stats(store, now, timedelta(hours=1), WAIT_SAMPLE),
             store.list_workers(),
             store.queue_depths(
                 (JobState.PENDING, JobState.RUNNING, JobState.BLOCKED), QUEUE_SCAN_CAP
             ),
         )
+        return _Overview(now, after, counts, stats, fleet, depths, complete)
+
+    @page("/")
+    async def overview(request: Request, viewer: Viewer) -> Response:
+        snap = await shared.get(read_overview)
+        now, after, counts, stats, fleet = snap.now, snap.after, snap.counts, snap.stats, snap.fleet
+        depths, complete = snap.depths, snap.complete
         done = sum(b.completed for b in stats.buckets)
         failed = sum(b.failed for b in stats.buckets)
         recent = [b for b in stats.buckets if b.minute >= now - timedelta(minutes=5)]
@@ -489,15 +504,21 @@ def dashboard_router(
     @page("/ui/queues")
     async def queues(request: Request, viewer: Viewer) -> Response:
         after = await live_after()
-        depths, complete = await store.queue_depths(
-            (JobState.PENDING, JobState.RUNNING, JobState.BLOCKED),
-            QUEUE_SCAN_CAP,
+        # Settings only (queue_settings): list_queues would count every pending
+        # job for numbers this page reads, bounded, from queue_depths.
+        (depths, complete), everyone, settings = await asyncio.gather(
+            store.queue_depths(
+                (JobState.PENDING, JobState.RUNNING, JobState.BLOCKED),
+                QUEUE_SCAN_CAP,
+            ),
+            store.list_workers(),
+            store.queue_settings(),
         )
-        fleet = [w for w in await store.list_workers() if is_alive(w, conveyor.deps)]
+        fleet = [w for w in everyone if is_alive(w, conveyor.deps)]
         rows = _queue_rows(depths)
         served = {q for w in fleet for q in w.queues}
         names = sorted({r["queue"] for r in rows} | served | set(conveyor.settings.queues))
-        controls = {q.name: q for q in await store.list_queues()}
+        controls = {q.name: q for q in settings}
         names = sorted(set(names) | set(controls))
         by_name = {r["queue"]: r for r in rows}
         table = []
@@ -773,17 +794,36 @@ def dashboard_router(
             raise ActionError(400, "job_type must be a job type name (text)")
         return job_type
 
+    def internal_asked(body: dict[str, Any], job_type: str | None) -> bool:
+        """Conveyor's own dead letters (webhook deliveries) are in a bulk action
+        only when an admin asks: ``include_internal: true`` or their type picked."""
+        asked = body.get("include_internal") is True or (
+            job_type is not None and is_internal(job_type)
+        )
+        if asked and not body["_internal"]:
+            raise ActionError(403, "Conveyor's own jobs need an admin key")
+        return asked
+
     @action("/ui/actions/dlq/retry-all", KeyScope.WRITE)
     async def retry_all(body: dict[str, Any]) -> dict[str, Any]:
-        return {"retried": await conveyor.retry_dead_letters(type_of(body))}
+        job_type = type_of(body)
+        internal = internal_asked(body, job_type)
+        return {"retried": await conveyor.retry_dead_letters(job_type, include_internal=internal)}
 
     @action("/ui/actions/dlq/purge-all", KeyScope.ADMIN)
     async def purge_all(body: dict[str, Any]) -> dict[str, Any]:
         job_type = type_of(body)
+        internal = internal_asked(body, job_type)
         purged = 0
         while True:
             batch = await store.browse_jobs(
-                JobQuery(states=(JobState.FAILED,), job_type=job_type, limit=500), None
+                JobQuery(
+                    states=(JobState.FAILED,),
+                    job_type=job_type,
+                    limit=500,
+                    include_internal=internal,
+                ),
+                None,
             )
             if not batch:
                 return {"purged": purged}
@@ -836,6 +876,19 @@ def dashboard_router(
         return {"status": wf.status.value}
 
     return router
+
+
+@dataclass(frozen=True, slots=True)
+class _Overview:
+    """The overview's reads, shared between viewers for ``OVERVIEW_TTL`` seconds."""
+
+    now: datetime
+    after: int
+    counts: dict[JobState, Count]
+    stats: RecentStats
+    fleet: list[WorkerInfo]
+    depths: dict[tuple[str, JobState], int]
+    complete: bool
 
 
 def _queue_rows(depths: dict[tuple[str, JobState], int]) -> list[dict[str, Any]]:

@@ -81,6 +81,29 @@ class ScheduleNameTaken(ValidationError):
 
 
 # -- the expression ------------------------------------------------------------------
+#: Each field's name and largest value, in order (a 6-field expression has
+#: seconds first): a step (``*/N``, ``A-B/N``) is a whole number from 1 to it.
+_STEP_FIELDS = (("minute", 59), ("hour", 23), ("day", 31), ("month", 12), ("weekday", 7))
+_STEP = re.compile(r"[0-9]{1,2}")
+
+
+def _step_error(fields: str) -> str | None:
+    """What is wrong with a step of the expression, else None. The cron library
+    accepts steps beyond the field (``*/61``, ``*/99999999999999999999``) and
+    says only "Bad minute" for ``*/1e20``: this names the field and the range."""
+    parts = fields.split()
+    names = (("second", 59), *_STEP_FIELDS) if len(parts) == 6 else _STEP_FIELDS
+    for (name, largest), part in zip(names, parts, strict=False):
+        for item in part.split(","):
+            if "/" not in item:
+                continue
+            step = item.split("/", 1)[1]
+            if not _STEP.fullmatch(step) or not 1 <= int(step) <= largest:
+                shown = step if len(step) <= 20 else step[:20] + "..."
+                return f"{name} step {shown!r} must be a whole number from 1 to {largest}"
+    return None
+
+
 @dataclass(frozen=True)
 class CronSpec:
     """A checked cron expression in a time zone. ``CronSpec.parse`` builds one."""
@@ -91,9 +114,13 @@ class CronSpec:
     fields: str  # the expression with macros expanded
 
     @staticmethod
-    def parse(expression: object, timezone: object = DEFAULT_TIMEZONE) -> CronSpec:
+    def parse(
+        expression: object, timezone: object = DEFAULT_TIMEZONE, *, check_steps: bool = True
+    ) -> CronSpec:
         """Check ``expression`` and ``timezone``; ``ValidationError`` naming the field
-        (``cron``, ``timezone``) with the reason otherwise."""
+        (``cron``, ``timezone``) with the reason otherwise. ``check_steps=False``
+        (a stored schedule, checked when it was written) skips the step ranges,
+        which older versions did not check."""
         errs: list[FieldError] = []
         fields_ = ""
         if not isinstance(expression, str) or not 1 <= len(expression) <= MAX_CRON_LENGTH:
@@ -120,6 +147,8 @@ class CronSpec:
                         f"first), got {len(fields_.split())}",
                     )
                 )
+            elif fields_ and check_steps and (step_error := _step_error(fields_)) is not None:
+                errs.append(FieldError("cron", step_error))
             elif fields_:
                 try:
                     probe = CronSim(fields_, datetime(2000, 1, 1))  # noqa: DTZ001 - wall time
@@ -268,7 +297,7 @@ class Schedule:
     updated_at: datetime | None = None
 
     def spec(self) -> CronSpec:
-        return CronSpec.parse(self.cron, self.timezone)
+        return CronSpec.parse(self.cron, self.timezone, check_steps=False)
 
     def with_(self, **changes: Any) -> Schedule:
         return replace(self, **changes)

@@ -36,6 +36,18 @@ MAX_VALUE_CHARS = 2_000  #: any other logged string is cut to this many characte
 _SECRET_FIELD = re.compile(
     r"(authorization|password|passwd|secret|token|api_key|apikey|cookie)", re.IGNORECASE
 )
+# Fields that hold fencing tokens (locks, leader leases, job leases): integers
+# that order holders, logged as they are when they are integers.
+FENCING_FIELDS = frozenset({"token", "fencing_token", "lease_token"})
+
+
+def _masked(key: Any, value: Any) -> bool:
+    """Whether a field's value is withheld: a secret-named key, unless it is a
+    fencing token's name with an integer value."""
+    if not isinstance(key, str) or not _SECRET_FIELD.search(key):
+        return False
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return not (is_int and key.lower() in FENCING_FIELDS)
 
 
 def cut(text: str, limit: int) -> str:
@@ -63,10 +75,7 @@ def _scrub(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return cut(redact(value), MAX_VALUE_CHARS)
     if depth < 3 and isinstance(value, dict):
-        return {
-            k: MASK if isinstance(k, str) and _SECRET_FIELD.search(k) else _scrub(v, depth + 1)
-            for k, v in value.items()
-        }
+        return {k: MASK if _masked(k, v) else _scrub(v, depth + 1) for k, v in value.items()}
     if depth < 3 and isinstance(value, list | tuple):
         return type(value)(_scrub(v, depth + 1) for v in value)
     return value
@@ -84,7 +93,7 @@ def scrub_event(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutabl
     for key, value in list(event_dict.items()):
         if key == "exception":
             continue  # already redacted and bounded
-        if _SECRET_FIELD.search(key) and key != "event":
+        if key != "event" and _masked(key, value):
             event_dict[key] = MASK
         else:
             event_dict[key] = _scrub(value)

@@ -23,6 +23,7 @@ return the value themselves.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import contextvars
 import dataclasses
@@ -38,6 +39,7 @@ import structlog
 
 from conveyor.domain.errors import ConfigurationError, FieldError, LeaseLost, ValidationError
 from conveyor.domain.limits import safe_text
+from conveyor.security.redact import redact
 from conveyor.storage.codec import MAX_RESULT_BYTES, dumps, roundtrip, storable_result
 
 log = structlog.get_logger("conveyor.steps")
@@ -414,19 +416,50 @@ async def run_heal(
             "job_heal_failed",
             job_id=job_id,
             attempt=attempt,
-            error=_describe(exc),
+            error_type=_class_name(exc),
+            error=await _describe(exc),
             note="the retry goes ahead with the payload it had",
         )
         return None
 
 
-def _describe(exc: BaseException) -> str:
-    # The class's own name (no metaclass code runs); the text only of our own
-    # errors: a hostile __str__ must not stall the event loop.
-    name = type.__dict__["__name__"].__get__(type(exc), type)
-    if type(exc) in (ValidationError, TimeoutError):
-        return safe_text(f"{name}: {exc}", 500)
-    return safe_text(name, 200)
+#: Seconds a heal's exception gets to describe itself (its ``__str__``), off the loop.
+HEAL_DESCRIBE_TIMEOUT = 1.0
+#: Characters of a heal's error message kept in the log line.
+HEAL_ERROR_CHARS = 500
+
+#: Exception classes (builtins and ours) whose text runs no user code when their
+#: arguments are plain values (by class id: a metaclass can't interfere).
+_PLAIN_ARGS = frozenset(id(t) for t in (str, int, float, bool, type(None), bytes))
+_SAFE_EXCEPTIONS = frozenset(
+    id(t)
+    for t in (*vars(builtins).values(), ValidationError)
+    if isinstance(t, type) and issubclass(t, BaseException)
+)
+
+
+def _class_name(exc: BaseException) -> str:
+    # The class's own name through type's descriptor: no metaclass code runs.
+    return safe_text(type.__dict__["__name__"].__get__(type(exc), type), 200)
+
+
+async def _describe(exc: BaseException) -> str:
+    """``"Type: message"``, redacted and at most ``HEAL_ERROR_CHARS`` characters.
+    A user-defined exception's ``__str__`` runs in a daemon thread for at most
+    ``HEAL_DESCRIBE_TIMEOUT`` seconds: a hostile one can't stall the event loop."""
+    name = _class_name(exc)
+    plain = id(type(exc)) in _SAFE_EXCEPTIONS and all(id(type(a)) in _PLAIN_ARGS for a in exc.args)
+    if plain:
+        text = safe_text(exc, HEAL_ERROR_CHARS)
+    else:
+        try:
+            fut, _ = in_thread(safe_text, exc, HEAL_ERROR_CHARS)
+            text = await asyncio.wait_for(fut, HEAL_DESCRIBE_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # noqa: BLE001 - a timeout: the class name must do
+            return f"{name}: <its text did not come within {HEAL_DESCRIBE_TIMEOUT:g} s>"
+    return redact(safe_text(f"{name}: {text}" if text else name, HEAL_ERROR_CHARS))
 
 
 # -- the worker's hooks ---------------------------------------------------------------

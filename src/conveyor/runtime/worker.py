@@ -1108,5 +1108,8 @@ class Worker:
                     )
                     if replaced:
                         log.info("secret_versions_pruned", worker_id=self.id, count=replaced)
+                    windows = await self.store.prune_flow_windows(self.deps.now())
+                    if windows:
+                        log.info("flow_windows_pruned", worker_id=self.id, count=windows)
             except Exception as exc:  # noqa: BLE001 - keep the worker alive
                 log.warning("maintenance_failed", worker_id=self.id, error=str(exc))

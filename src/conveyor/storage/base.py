@@ -559,10 +559,16 @@ class Store(abc.ABC):
                 out.append(job.id)
         return sorted(out)[:limit]
 
-    async def recent_stats(self, since: datetime, sample: int) -> RecentStats:
+    async def recent_stats(
+        self, since: datetime, sample: int, *, buckets_since: datetime | None = None
+    ) -> RecentStats:
         """Per-minute activity since ``since``, the enqueue-to-start wait p95 over
-        the last ``sample`` jobs finished since then, and the oldest pending job."""
+        the last ``sample`` jobs finished since then, and the oldest pending job.
+        ``buckets_since`` (later than ``since``) narrows the per-minute buckets to
+        the jobs finished or created from then on: a caller that kept the older,
+        closed minutes reads only the newest ones."""
         buckets: dict[datetime, MinuteBucket] = {}
+        edge = since if buckets_since is None else max(since, buckets_since)
 
         def bucket(at: datetime) -> MinuteBucket:
             minute = at.replace(second=0, microsecond=0)
@@ -574,7 +580,9 @@ class Store(abc.ABC):
                 continue
             if job.completed_at < since:
                 break
-            if job.state is JobState.COMPLETED:
+            if job.completed_at < edge:
+                pass
+            elif job.state is JobState.COMPLETED:
                 bucket(job.completed_at).completed += 1
             elif job.state is JobState.FAILED:
                 bucket(job.completed_at).failed += 1
@@ -584,7 +592,7 @@ class Store(abc.ABC):
         async for job in self._all_jobs(JobQuery(sort="created_at")):
             if job.created_at is None:
                 continue
-            if job.created_at < since:
+            if job.created_at < edge:
                 break
             bucket(job.created_at).submitted += 1
         oldest = await self.list_jobs(
@@ -633,6 +641,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_queues(self) -> list[QueueInfo]:
         """Queues with pending or running jobs or settings, by name, with counts."""
+
+    async def queue_settings(self) -> list[QueueInfo]:
+        """Queues with a settings row (paused, concurrency limit), by name, without
+        counts (``pending``/``running`` are 0): what the dashboard needs, without
+        ``list_queues``' count of every pending job (a scan on a big backlog)."""
+        return [
+            replace(q, pending=0, running=0)
+            for q in await self.list_queues()
+            if q.updated_at is not None or q.paused or q.concurrency_limit is not None
+        ]
+
+    @abc.abstractmethod
+    async def prune_flow_windows(self, now: datetime) -> int:
+        """Delete rate-limit windows that are long over: older than two of their
+        job type's windows plus a minute (``MAX_RATE_WINDOW_SECONDS`` for a type
+        without a recorded rate). One row per (job type, key) would otherwise
+        stay forever for every key ever seen. Returns how many were deleted."""
 
     @abc.abstractmethod
     async def flow_stats(self, now: datetime) -> FlowStats:

@@ -28,7 +28,7 @@ from conveyor.domain.errors import (
     WorkflowNotFound,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
-from conveyor.domain.flow import FlowLimits, FlowStats, QueueInfo, unmet
+from conveyor.domain.flow import MAX_RATE_WINDOW_SECONDS, FlowLimits, FlowStats, QueueInfo, unmet
 from conveyor.domain.ids import new_job_id, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
@@ -1322,6 +1322,22 @@ class MemoryStore(MemorySchedules, MemorySecrets, Store):
             pending, running = counts.get(name, [0, 0])
             out.append(replace(s, pending=pending, running=running))
         return out
+
+    async def prune_flow_windows(self, now: datetime) -> int:
+        horizon = now.timestamp() - 60
+        old = []
+        for (job_type, key), (start, _) in self._flow_windows.items():
+            lim = self._flow_limits.get(job_type)
+            window = (
+                lim.rate_limit.window
+                if lim is not None and lim.rate_limit is not None
+                else MAX_RATE_WINDOW_SECONDS
+            )
+            if start < horizon - 2 * window:
+                old.append((job_type, key))
+        for k in old:
+            del self._flow_windows[k]
+        return len(old)
 
     async def flow_stats(self, now: datetime) -> FlowStats:
         rows = [

@@ -38,7 +38,7 @@ from conveyor.domain.errors import (
     WorkflowNotFound,
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
-from conveyor.domain.flow import FlowLimits, FlowStats, QueueInfo
+from conveyor.domain.flow import MAX_RATE_WINDOW_SECONDS, FlowLimits, FlowStats, QueueInfo
 from conveyor.domain.ids import new_job_id, new_job_ids, new_token
 from conveyor.domain.job import (
     FINISH_ACTIONS,
@@ -1944,15 +1944,19 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
         async with self._conn() as conn:
             return [r[0] for r in await conn.fetch(DQ["job_children"], job_id, limit)]
 
-    async def recent_stats(self, since: datetime, sample: int) -> RecentStats:
+    async def recent_stats(
+        self, since: datetime, sample: int, *, buckets_since: datetime | None = None
+    ) -> RecentStats:
+        edge = since if buckets_since is None else max(since, buckets_since)
+
         async def fetch(name: str, *args: Any) -> list[asyncpg.Record]:
             async with self._conn() as conn:
                 return list(await conn.fetch(DQ[name], *args))
 
         # Four independent reads, side by side on pooled connections.
         finished, submitted, waits, oldest_rows = await asyncio.gather(
-            fetch("finished_per_minute", since),
-            fetch("submitted_per_minute", since),
+            fetch("finished_per_minute", edge),
+            fetch("submitted_per_minute", edge),
             fetch("wait_p95", since, sample),
             fetch("oldest_pending"),
         )
@@ -2093,6 +2097,22 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
             )
             for name in sorted(set(settings) | set(counts))
         ]
+
+    async def prune_flow_windows(self, now: datetime) -> int:
+        async with self._conn() as conn:
+            status = await conn.execute(
+                FQ["prune_flow_windows"], now.timestamp(), float(MAX_RATE_WINDOW_SECONDS)
+            )
+        return int(status.split()[-1])
+
+    async def queue_settings(self) -> list[QueueInfo]:
+        async with self._conn() as conn:
+            return [
+                QueueInfo(
+                    r["queue"], r["paused"], r["concurrency_limit"], updated_at=r["updated_at"]
+                )
+                for r in await conn.fetch(FQ["list_queue_settings"])
+            ]
 
     async def flow_stats(self, now: datetime) -> FlowStats:
         async with self._conn() as conn:

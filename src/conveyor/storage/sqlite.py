@@ -40,6 +40,7 @@ from conveyor.domain.errors import (
 )
 from conveyor.domain.events import WEBHOOK_DISABLED
 from conveyor.domain.flow import (
+    MAX_RATE_WINDOW_SECONDS,
     FlowLimits,
     FlowStats,
     QueueInfo,
@@ -1694,8 +1695,11 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
 
         return await self._run(_do)
 
-    async def recent_stats(self, since: datetime, sample: int) -> RecentStats:
+    async def recent_stats(
+        self, since: datetime, sample: int, *, buckets_since: datetime | None = None
+    ) -> RecentStats:
         ts = since.timestamp()
+        edge = ts if buckets_since is None else max(ts, buckets_since.timestamp())
 
         def _do() -> RecentStats:
             assert self._conn is not None
@@ -1704,12 +1708,12 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
             def bucket(minute: float) -> MinuteBucket:
                 return buckets.setdefault(minute, MinuteBucket(_dt(minute)))  # type: ignore[arg-type]
 
-            for minute, state, n in self._conn.execute(DQ["finished_per_minute"], (ts,)):
+            for minute, state, n in self._conn.execute(DQ["finished_per_minute"], (edge,)):
                 if state == "completed":
                     bucket(minute).completed += n
                 elif state == "failed":
                     bucket(minute).failed += n
-            for minute, n in self._conn.execute(DQ["submitted_per_minute"], (ts,)):
+            for minute, n in self._conn.execute(DQ["submitted_per_minute"], (edge,)):
                 bucket(minute).submitted += n
             waits = [r[0] for r in self._conn.execute(DQ["recent_waits"], (ts, sample))]
             oldest = self._conn.execute(DQ["oldest_pending"]).fetchone()
@@ -1900,6 +1904,32 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
                     running=counts.get(name, {}).get("running", 0),
                 )
                 for name in sorted(set(settings) | set(counts))
+            ]
+
+        return await self._run(_do)
+
+    async def prune_flow_windows(self, now: datetime) -> int:
+        def _do() -> int:
+            assert self._conn is not None
+            with self._conn:
+                cur = self._conn.execute(
+                    FQ["prune_flow_windows"], (now.timestamp(), float(MAX_RATE_WINDOW_SECONDS))
+                )
+            return cur.rowcount
+
+        return await self._run(_do)
+
+    async def queue_settings(self) -> list[QueueInfo]:
+        def _do() -> list[QueueInfo]:
+            assert self._conn is not None
+            return [
+                QueueInfo(
+                    r["queue"],
+                    bool(r["paused"]),
+                    r["concurrency_limit"],
+                    updated_at=_dt(r["updated_at"]),
+                )
+                for r in self._conn.execute(FQ["list_queue_settings"])
             ]
 
         return await self._run(_do)

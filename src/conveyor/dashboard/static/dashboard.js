@@ -54,6 +54,12 @@ let refreshTimer = null;
 let refreshing = false;
 let dirty = false;
 let lastRefresh = 0;
+// The newest event this page reacted to: a refresh that brings data read before
+// it (the overview shares one read between viewers for a second) asks again.
+let wantedId = 0;
+// A few tries only: event ids that went back (a fresh database behind a restart)
+// must not keep the page refreshing.
+let staleTries = 0;
 
 function scheduleRefresh() {
   dirty = true;
@@ -80,6 +86,14 @@ async function refresh() {
     }
     if (!response.ok) return;
     const doc = new DOMParser().parseFromString(await response.text(), "text/html");
+    const readAt = Number(doc.body && doc.body.dataset.after);
+    if (Number.isFinite(readAt) && readAt < wantedId && staleTries < 3) {
+      staleTries += 1;
+      dirty = true;
+    } else {
+      staleTries = 0;
+      if (Number.isFinite(readAt) && readAt < wantedId) wantedId = readAt;
+    }
     const fresh = doc.getElementById("live");
     const current = document.getElementById("live");
     if (!fresh || !current) return;
@@ -136,7 +150,10 @@ function connect() {
     let wanted = false;
     for (const e of data) {
       if (typeof e.id === "number") after = String(Math.max(Number(after), e.id));
-      if (concerns(e)) wanted = true;
+      if (concerns(e)) {
+        wanted = true;
+        if (typeof e.id === "number") wantedId = Math.max(wantedId, e.id);
+      }
     }
     body.dataset.after = after;
     if (wanted) scheduleRefresh();

@@ -113,3 +113,12 @@ GROUP BY queue, job_type, concurrency_key, state, run_at <= $1, requires::text
 
 -- name: flow_windows
 SELECT job_type, concurrency_key, window_start, started FROM conveyor.flow_windows
+
+-- name: prune_flow_windows
+-- Rate windows long over ($1 = now, epoch seconds): two of the type's windows
+-- and a minute behind, so that a fetch whose clock lags never finds its window
+-- gone; a type without a recorded rate keeps them $2 seconds (the longest window).
+DELETE FROM conveyor.flow_windows w
+WHERE w.window_start < $1 - 60 - 2 * coalesce(
+    (SELECT l.rate_window FROM conveyor.flow_limits l
+     WHERE l.job_type = w.job_type AND l.rate_limit IS NOT NULL), $2)

@@ -621,3 +621,5 @@ ALTER TABLE conveyor.api_keys ADD COLUMN expires_at timestamp with time zone;
 ALTER TABLE conveyor.api_keys ADD COLUMN last_used_at timestamp with time zone;
 ALTER TABLE conveyor.workers ADD COLUMN stuck_jobs integer DEFAULT 0 NOT NULL;
 ALTER TABLE conveyor.job_executions ADD COLUMN traceback text;
+-- Jobs by type, newest first (migration 0015).
+CREATE INDEX jobs_type_created ON conveyor.jobs USING btree (job_type, created_at);

@@ -152,3 +152,12 @@ UPDATE workers SET capabilities = ? WHERE id = ?
 -- name: set_flow_columns
 -- In the submit's transaction, right after insert_job: no fetch sees the job without them.
 UPDATE jobs SET concurrency_key = :concurrency_key, requires = :requires WHERE id = :id
+
+-- name: prune_flow_windows
+-- Rate windows long over (?1 = now, epoch seconds): two of the type's windows
+-- and a minute behind, so that a fetch whose clock lags never finds its window
+-- gone; a type without a recorded rate keeps them ?2 seconds (the longest window).
+DELETE FROM flow_windows
+WHERE window_start < ?1 - 60 - 2 * coalesce(
+    (SELECT l.rate_window FROM flow_limits l
+     WHERE l.job_type = flow_windows.job_type AND l.rate_limit IS NOT NULL), ?2)

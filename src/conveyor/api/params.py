@@ -1,0 +1,56 @@
+"""Query strings of list routes: an unknown parameter is a 400, never ignored.
+
+Why: a misspelled filter (``GET /api/jobs?state=failed`` for ``status=``) that
+is silently dropped answers with every job, which a script then retries,
+cancels or purges. Routes opt in with ``dependencies=[..., KNOWN_PARAMS]``
+(after the auth dependency, so a missing key is still a 401 first).
+"""
+
+from __future__ import annotations
+
+from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+
+from conveyor.domain.errors import FieldError, ValidationError
+
+MAX_NAMED = 5  #: unknown names quoted in the message (each cut to 40 characters)
+
+_allowed: dict[int, frozenset[str]] = {}
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def _declared(route: APIRoute) -> frozenset[str]:
+    known = _allowed.get(id(route))
+    if known is None:
+        known = _allowed[id(route)] = frozenset(_query_names(route.dependant))
+    return known
+
+
+async def refuse_unknown_params(request: Request) -> None:
+    """Raises ``ValidationError`` (400, one detail per unknown name) when the
+    query string has a parameter the route does not declare; the message names
+    the ones it takes."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    allowed = _declared(route)
+    unknown = sorted({name for name in request.query_params if name not in allowed})
+    if not unknown:
+        return
+    takes = ", ".join(sorted(allowed)) or "none"
+    shown = [name[:40] for name in unknown[:MAX_NAMED]]
+    raise ValidationError(
+        f"Unknown query parameter(s) {', '.join(map(repr, shown))}: this route takes {takes}",
+        [FieldError(name, f"unknown query parameter; allowed: {takes}") for name in shown],
+    )
+
+
+#: The dependency to add to a list route.
+KNOWN_PARAMS = Depends(refuse_unknown_params)
