@@ -233,7 +233,7 @@ async def test_queues_page_pauses_and_resumes_with_csrf(app):
         assert bad.status_code == 400
 
 
-async def test_workers_page_shows_capabilities_and_local_stuck_handlers(app):
+async def test_workers_page_shows_capabilities_and_stuck_handlers(app):
     from conveyor.domain.job import WorkerInfo
 
     now = app.now()
@@ -255,6 +255,7 @@ async def test_workers_page_shows_capabilities_and_local_stuck_handlers(app):
         WorkerInfo("w-plain", "host-b", 12, ("default",), (), 2, started_at=now, heartbeat_at=now),
         now,
     )
+    await app.store.heartbeat("w-plain", 2, now, stuck_jobs=2)  # another process's worker
     async with client(app) as c:
         page = await c.get("/ui/workers")
     assert page.status_code == 200, page.text[:300]
@@ -266,7 +267,8 @@ async def test_workers_page_shows_capabilities_and_local_stuck_handlers(app):
     )
     plain_row = page.text[page.text.index("w-plain") :].split("</tr>")[0]
     assert "none" in plain_row
-    assert "Only known for workers of this process" in plain_row  # stuck: remote worker
+    # Stuck handlers of another process's worker: as its last heartbeat recorded them.
+    assert '<td class="num">2</td>' in plain_row
 
 
 async def test_dlq_retry_all_leaves_conveyors_own_dead_letters_unless_an_admin_asks(app):

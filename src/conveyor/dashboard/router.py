@@ -214,7 +214,8 @@ def dashboard_router(
 ) -> APIRouter:
     """Pages at ``/`` and ``/ui/...``, actions at ``/ui/actions/...``.
 
-    ``workers``: the workers of this process (their stuck handlers are shown);
+    ``workers``: the workers of this process (their stuck handlers are shown live;
+    other processes' workers as of their last heartbeat);
     ``nav``: the sidebar's pages. Sets ``auth.websocket_session`` so that the
     events WebSocket accepts a logged-in session's cookie."""
     router = APIRouter(include_in_schema=False)
@@ -554,7 +555,8 @@ def dashboard_router(
                     "heartbeat_age": None
                     if w.heartbeat_at is None
                     else (now - w.heartbeat_at).total_seconds(),
-                    "stuck": here.stuck_jobs() if here is not None else None,
+                    # Live for this process's workers, else as of their last heartbeat.
+                    "stuck": here.stuck_jobs() if here is not None else w.stuck_jobs,
                 }
             )
         rows.sort(key=lambda r: (not r["alive"], r["info"].id))
