@@ -9,6 +9,10 @@ drops them), jobs submitted while tracing (so each carries ``traceparent`` and i
 traces (``OTEL_TRACES_SAMPLER=parentbased_traceidratio``, ``..._ARG=0.1``). Also
 times 1-by-1 submits.
 
+The garbage collector is set as ``conveyor worker`` sets it (young-generation
+threshold 10,000, the start-up heap frozen); ``--default-gc`` keeps the
+interpreter's defaults, as a process embedding a worker has unless it sets them.
+
     .venv/bin/python bench/tracing_bench.py            # 5 rounds x 3 modes, ~2 min
     .venv/bin/python bench/tracing_bench.py --jobs 5000 --rounds 2
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import sys
 import tempfile
@@ -100,9 +105,10 @@ def _provider(sink: SpanExporter, ratio: float = 1.0) -> TracerProvider:
     return provider
 
 
-def per_span_cost(provider_factory: Any) -> tuple[float, float]:
+def per_span_cost(provider_factory: Any) -> tuple[float, float, float]:
     """Microseconds of one attempt's span as the worker makes it (extract, start,
-    make current, outcome, end) and of a bare SDK span, in a tight loop."""
+    make current, outcome, end), of the same for a job whose submit was not
+    sampled, and of a bare SDK span, in a tight loop."""
     from opentelemetry.trace import SpanKind
 
     from conveyor.domain.job import Job
@@ -118,6 +124,14 @@ def per_span_cost(provider_factory: Any) -> tuple[float, float]:
         attempt=1,
         metadata={"traceparent": "00-429261ba6c16190eb7e56883d5d6092b-b0469139a704b174-01"},
     )
+    unsampled = Job(
+        id=job.id,
+        job_type="noop",
+        state=JobState.RUNNING,
+        payload={},
+        attempt=1,
+        metadata={"traceparent": job.metadata["traceparent"][:-2] + "00"},
+    )
     tracer = provider.get_tracer("bench")
 
     def attempt() -> None:
@@ -125,14 +139,22 @@ def per_span_cost(provider_factory: Any) -> tuple[float, float]:
         assert span is not None
         tracing.end_job(span, "complete", None)
 
+    def unsampled_attempt() -> None:
+        span = tracing.start_job(unsampled)
+        assert span is not None
+        tracing.end_job(span, "complete", None)
+
     def bare() -> None:
         tracer.start_span("x", kind=SpanKind.CONSUMER).end()
 
     n = 2_000
-    costs = [min(timeit.repeat(fn, number=n, repeat=9)) / n * 1e6 for fn in (attempt, bare)]
+    costs = [
+        min(timeit.repeat(fn, number=n, repeat=9)) / n * 1e6
+        for fn in (attempt, unsampled_attempt, bare)
+    ]
     tracing.use(None)
     provider.shutdown()
-    return costs[0], costs[1]
+    return costs[0], costs[1], costs[2]
 
 
 MODES = ("off", "on", "on 10%")
@@ -151,6 +173,9 @@ def summary(rounds: dict[str, list[float]], pick: Any) -> dict[str, float]:
 
 
 async def main(args: argparse.Namespace) -> None:
+    if not args.default_gc:
+        gc.set_threshold(10_000, 50, 100)  # as conveyor.cli.main.main
+        gc.freeze()  # as Conveyor.run_worker, once everything is imported
     sink, sampled_sink = Sink(), Sink()
     providers = {"off": None, "on": _provider(sink), "on 10%": _provider(sampled_sink, 0.1)}
     results: dict[str, dict[str, list[float]]] = {
@@ -181,7 +206,10 @@ async def main(args: argparse.Namespace) -> None:
             provider.force_flush()
             provider.shutdown()
     print()
-    print(f"python {sys.version.split()[0]}, {args.jobs:,} jobs a round, {args.rounds} rounds each")
+    print(
+        f"python {sys.version.split()[0]}, {args.jobs:,} jobs a round, {args.rounds} rounds each, "
+        f"gc {'defaults' if args.default_gc else 'as conveyor worker'}"
+    )
     for label, pick in (("medians", statistics.median), ("best rounds", None)):
         off = summary(results["off"], pick)
         for mode in MODES[1:]:
@@ -193,10 +221,10 @@ async def main(args: argparse.Namespace) -> None:
                 f"({100 * (got['cpu'] / off['cpu'] - 1):+.1f}%); submit 1-by-1 "
                 f"{got['submit']:,.0f} vs {off['submit']:,.0f} /s"
             )
-    span_us, bare_us = per_span_cost(provider_factory=lambda: _provider(Sink()))
+    span_us, unsampled_us, bare_us = per_span_cost(provider_factory=lambda: _provider(Sink()))
     print(
         f"per attempt (tight loop, min of 9): start_job+end_job {span_us:.1f} us; "
-        f"a bare SDK span {bare_us:.1f} us"
+        f"unsampled job {unsampled_us:.1f} us; a bare SDK span {bare_us:.1f} us"
     )
     expected = args.rounds * (args.jobs + args.submits)
     print(f"spans exported {sink.spans:,}; process spans with a submit parent {sink.parented:,}")
@@ -209,4 +237,5 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--submits", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--default-gc", action="store_true", help="the interpreter's gc settings")
     asyncio.run(main(parser.parse_args()))

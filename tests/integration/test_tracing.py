@@ -482,3 +482,99 @@ async def test_a_refused_submit_ends_its_span_in_error(
     (event,) = [e for e in submit.events if e.name == "exception"]
     assert event.attributes["exception.type"].endswith("ValidationError")
     assert (await app.store.list_jobs(JobQuery())).jobs == []
+
+
+# -- unsampled jobs and the context parse --------------------------------------------------
+SAMPLED = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+UNSAMPLED = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"
+
+
+async def test_an_unsampled_job_gets_no_span_and_its_handlers_spans_are_dropped(
+    app: Conveyor, spans: InMemorySpanExporter
+) -> None:
+    """The default sampler follows the submit's decision: an unsampled job's attempt
+    records nothing, and its handler's spans are not made roots of new traces."""
+
+    async def own_spans(ctx: Any) -> None:
+        # This test's provider (traceapp's module tracer is bound to the first one set).
+        with trace.get_tracer("handler").start_as_current_span("handler work"):
+            return None
+
+    app.job("own_spans")(own_spans)
+    tracing.use(None)  # stored as given
+    kept = await app.enqueue("own_spans", metadata={"traceparent": SAMPLED})
+    dropped = await app.enqueue("own_spans", metadata={"traceparent": UNSAMPLED})
+    tracing.use(trace.get_tracer_provider())
+    async with running_worker(app, concurrency=1):
+        done = await finished(app, [kept.id, dropped.id])
+    assert {j.state for j in done.values()} == {JobState.COMPLETED}
+    (process,) = named(spans, "process own_spans")
+    assert process.attributes is not None
+    assert process.attributes["conveyor.job.id"] == kept.id
+    assert process.parent is not None
+    assert format(process.parent.span_id, "016x") == CLIENT_SPAN
+    (work,) = named(spans, "handler work")
+    assert work.parent is not None
+    assert work.parent.span_id == process.context.span_id
+
+
+async def test_a_sampler_that_ignores_the_parent_decides_for_unsampled_jobs(
+    app: Conveyor,
+) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    job = await app.enqueue("traced_ok", metadata={"traceparent": UNSAMPLED})
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_ON)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.use(provider)
+    try:
+        async with running_worker(app, concurrency=1):
+            await finished(app, [job.id])
+    finally:
+        tracing.use(None)
+        provider.shutdown()
+    (process,) = named(exporter, "process traced_ok")
+    assert process.parent is not None
+    assert format(process.parent.span_id, "016x") == CLIENT_SPAN
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "tracestate"),
+    [
+        (SAMPLED, None),
+        (UNSAMPLED, None),
+        (f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-03", None),
+        (SAMPLED, "vendor=value,other=x"),
+        (SAMPLED.upper(), None),
+        (f"00-{'0' * 32}-{CLIENT_SPAN}-01", None),
+        (f"00-{CLIENT_TRACE}-{'0' * 16}-01", None),
+        (f"01-{CLIENT_TRACE}-{CLIENT_SPAN}-01-future", None),
+        (f"ff-{CLIENT_TRACE}-{CLIENT_SPAN}-01", None),
+        (f" {SAMPLED} ", None),
+        (SAMPLED + "0", None),
+        (SAMPLED + "-extra", None),
+    ],
+)
+def test_the_stored_context_is_read_as_the_w3c_propagator_reads_it(
+    traceparent: str, tracestate: str | None
+) -> None:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    provider = TracerProvider()
+    tracing.use(provider)
+    try:
+        meta = {"traceparent": traceparent}
+        carrier = dict(meta)
+        if tracestate is not None:
+            meta["tracestate"] = carrier["tracestate"] = tracestate
+        ours = trace.get_current_span(tracing.extract(meta)).get_span_context()
+        theirs = trace.get_current_span(
+            TraceContextTextMapPropagator().extract(carrier)
+        ).get_span_context()
+        fields = ("trace_id", "span_id", "is_remote", "trace_flags", "is_valid")
+        assert [getattr(ours, f) for f in fields] == [getattr(theirs, f) for f in fields]
+        assert dict(ours.trace_state) == dict(theirs.trace_state)
+    finally:
+        tracing.use(None)
+        provider.shutdown()

@@ -6,6 +6,7 @@ import asyncio
 import re
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import metricsapp
 import pytest
 
 from conveyor import Conveyor
+from conveyor.observability.server import MAX_CONNECTIONS
 from support import FAST_WORKER_ENV, WorkerProcess, async_wait_until, free_port, run_cli
 
 
@@ -142,10 +144,17 @@ async def test_a_silent_client_does_not_block_the_endpoints(app: Conveyor, tmp_p
                 return False
 
         await async_wait_until(up, 20, "the worker's /health")
-        # Connections that send nothing hold at most their slot, not the server.
-        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        # More connections that send nothing than the server has slots: the probes
+        # still answer, at once (the oldest idle connections make room).
+        idle = [
+            await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_CONNECTIONS + 8)
+        ]
         try:
-            assert (await get(port, "/health")).status_code == 200
+            for path in ("/health", "/ready", "/health"):
+                began = time.perf_counter()
+                assert (await get(port, path)).status_code == 200, path
+                assert time.perf_counter() - began < 2.0, path
+            assert (await get(port, "/metrics")).status_code == 200
         finally:
             for _reader, writer in idle:
                 writer.close()

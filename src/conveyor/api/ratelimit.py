@@ -23,6 +23,7 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from conveyor.api.http import ApiError
+from conveyor.observability.redis_metrics import observe as observe_redis
 from conveyor.settings import Settings
 
 log = structlog.get_logger("conveyor.api")
@@ -48,6 +49,7 @@ class RequestLimits:
         self.per_key: RateLimitItem = parse(per_key)
         self.auth_failures: RateLimitItem = parse(auth_failures)
         self.storage = _storage(redis_url)
+        self.shared = bool(redis_url)
         self.limiter = SlidingWindowCounterRateLimiter(self.storage)
         self._warned = 0.0
 
@@ -59,6 +61,7 @@ class RequestLimits:
         return cls(settings.rate_limit, settings.rate_limit_auth_failures, settings.redis_url)
 
     async def _hit(self, item: RateLimitItem, *ids: str) -> None:
+        started = time.perf_counter()
         try:
             if await self.limiter.hit(item, *ids):
                 return
@@ -68,6 +71,9 @@ class RequestLimits:
                 self._warned = time.monotonic()
                 log.warning("rate_limit_unavailable", error=str(exc), kind=type(exc).__name__)
             return
+        finally:
+            if self.shared:  # the limits library's own Redis client: timed per check
+                observe_redis("ratelimit", "hit", time.perf_counter() - started)
         retry_after = max(1, math.ceil(stats.reset_time - time.time()))
         raise ApiError(
             429,

@@ -68,6 +68,7 @@ from conveyor.bus.base import (
     encode_payload,
     stop_task,
 )
+from conveyor.observability.redis_client import timed_client
 
 __all__ = ["Keys", "RedisBus", "redact_url"]
 
@@ -234,8 +235,9 @@ class RedisBus(EventBus):
     def _connect(self, socket_timeout: float | None, retry: Retry) -> aioredis.Redis:
         # RESP2 pinned: the reply shapes parsed below are the same in redis-py 5 to 8
         # (8 defaults to RESP3).
-        return aioredis.Redis.from_url(
+        return timed_client(  # commands timed into conveyor_redis_command_seconds{client="bus"}
             self._url,
+            "bus",
             socket_connect_timeout=2.0,
             socket_timeout=socket_timeout,
             socket_keepalive=True,

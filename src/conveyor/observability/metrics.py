@@ -25,6 +25,7 @@ from conveyor.domain.job import Finish, WorkerInfo
 from conveyor.domain.states import Action, JobState
 from conveyor.domain.workflow import WorkflowStatus
 from conveyor.observability.families import Counter, Family, Gauge, Histogram
+from conveyor.observability.redis_metrics import REDIS_COMMANDS
 from conveyor.runtime.observe import (
     JobsRescued,
     JobsStarted,
@@ -175,6 +176,8 @@ class Metrics:
             "type it applies to (docs/flow_control.md); only in the fleet exporter",
             ["limit", "name"],
         )
+        # Process-wide (the Redis clients are the process's): every registry shows it.
+        self.redis_commands = REDIS_COMMANDS
         self.fleet = FleetCollector()
         r.register(self.fleet)
         self.families: list[Family] = [

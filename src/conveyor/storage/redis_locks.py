@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from conveyor.domain.errors import StoreUnavailable
 from conveyor.domain.locks import LockInfo
+from conveyor.observability.redis_client import timed_client
 from conveyor.security.redact import redact_url
 from conveyor.storage.base import check_limit
 
@@ -67,16 +68,20 @@ class RedisLocks:
 
     def _redis(self) -> aioredis.Redis:
         if self._client is None:
-            self._client = aioredis.Redis.from_url(
+            client = timed_client(  # conveyor_redis_command_seconds{client="locks"}
                 self._url,
+                "locks",
                 socket_connect_timeout=2.0,
                 socket_timeout=5.0,
                 decode_responses=False,
                 protocol=2,
             )
             self._scripts = {
-                name: self._client.register_script(body) for name, body in load_scripts().items()
+                name: client.register_script(body) for name, body in load_scripts().items()
             }
+            for name, script in self._scripts.items():
+                client.add_script_name(script.sha, name)  # op="acquire", not "evalsha"
+            self._client = client
         return self._client
 
     async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
