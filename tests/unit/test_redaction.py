@@ -194,3 +194,27 @@ def test_logged_fencing_token_fields_keep_integers_only() -> None:
     assert event["api_token"] == event["password"] == event["flag_token"] == "***"
     assert event["nested"] == {"token": 8, "secret_token": "***", "token_str": "***"}
     assert scrub_event(None, "info", {"event": "x", "token": "cvk_abc"})["token"] == "***"
+
+
+def test_a_standard_library_line_keeps_its_stable_event_key_in_json() -> None:
+    import json
+
+    from conveyor.observability.logging import JsonFormatter
+
+    def line(**extra: Any) -> dict[str, Any]:
+        record = logging.LogRecord(
+            "conveyor.tracing",
+            logging.WARNING,
+            __file__,
+            1,
+            "tracing_unavailable: %s",
+            ("no SDK",),
+            None,
+        )
+        record.__dict__.update(extra)
+        return json.loads(JsonFormatter().format(record))
+
+    tagged = line(event="tracing_unavailable")
+    assert tagged["event"] == "tracing_unavailable"
+    assert tagged["message"] == "tracing_unavailable: no SDK"
+    assert line()["event"] == "conveyor.tracing"  # a library's line: its logger's name

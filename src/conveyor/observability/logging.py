@@ -113,14 +113,15 @@ class SafeFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     """A standard-library record (uvicorn, asyncio, libraries) as one JSON object:
-    ``event`` is the logger's name (stable; the text varies), ``message`` the
-    redacted text, ``exception`` a bounded traceback."""
+    ``event`` is the record's own ``event`` (``extra={"event": ...}``, as Conveyor's
+    few standard-library lines give) or else the logger's name (stable; the text
+    varies), ``message`` the redacted text, ``exception`` a bounded traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname.lower(),
-            "event": record.name,
+            "event": str(getattr(record, "event", None) or record.name),
             "message": cut(redact(record.getMessage()), MAX_VALUE_CHARS),
         }
         ids = tracing.current_ids()

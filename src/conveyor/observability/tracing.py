@@ -89,7 +89,8 @@ def configure(*, force: bool = False) -> bool:
         if _wanted():
             _log.warning(
                 "tracing_unavailable: OTEL_* variables ask for traces but the OpenTelemetry "
-                "SDK is not installed: pip install 'conveyor[otel]'"
+                "SDK is not installed: pip install 'conveyor[otel]'",
+                extra={"event": "tracing_unavailable"},
             )
         return False
     if _adopt_global():
@@ -99,7 +100,7 @@ def configure(*, force: bool = False) -> bool:
     try:
         provider = _provider_from_env()
     except Exception as exc:  # noqa: BLE001 - tracing never stops the process
-        _log.warning("tracing_unavailable: %s", exc)
+        _log.warning("tracing_unavailable: %s", exc, extra={"event": "tracing_unavailable"})
         return False
     trace.set_tracer_provider(provider)
     _provider = provider
