@@ -323,9 +323,7 @@ def session_cookie(response: httpx.Response) -> str:
 
 async def test_the_session_cookie_is_secure_over_https_only(app):
     api = create_app(app)
-    secure = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=api), base_url="https://localhost"
-    )
+    secure = httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="https://localhost")
     async with secure as c:
         assert "; secure" in session_cookie(await c.get("/ui/jobs"))
     async with client(app) as c:
@@ -352,3 +350,15 @@ async def test_behind_a_tls_proxy_x_forwarded_proto_counts_from_trusted_peers(
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
         cookie = session_cookie(await c.get("/ui/jobs", headers=headers))
     assert ("; secure" in cookie) is secure, cookie
+
+
+async def test_webhook_ids_are_ids_to_the_enable_action(app):
+    async with client(app) as c:
+        csrf = csrf_of((await c.get("/")).text)
+        headers = {"X-CSRF-Token": csrf}
+        url = "/ui/actions/webhooks/enable"
+        unknown = await c.post(url, json={"id": "wh_0123abcd"}, headers=headers)
+        assert unknown.status_code == 404, unknown.text  # an id, just not a known one
+        for bad in ("", "wh 1", "wh_\u0661", "x" * 65, "a/b", 7):
+            refused = await c.post(url, json={"id": bad}, headers=headers)
+            assert refused.status_code == 400, (bad, refused.text)
