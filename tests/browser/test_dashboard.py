@@ -670,3 +670,192 @@ def test_a_job_page_follows_its_running_job_live(browser, servers, db, tmp_path)
         view.close()
     finally:
         release(fifo)
+
+
+# -- narrow screens, dark theme, keyboard, labels ---------------------------------------------
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Up, dict[str, str]]]:
+    """One server for the read-only checks below, with a row on every page."""
+    tmp = tmp_path_factory.mktemp("filled")
+    up = Up(f"sqlite:///{tmp / 'dash.db'}", tmp / "up.log")
+    try:
+        done = submit(up.base, "ok", payload={"n": 3})
+        failed = submit(up.base, "fail", payload=PERMANENT)
+        submit(up.base, "ok", scheduled_at=later(3600))
+        wf = api(
+            up.base,
+            "POST",
+            "/api/workflows",
+            json={
+                "name": "etl-with-a-rather-long-name-for-narrow-screens",
+                "steps": [
+                    {"name": "extract", "job_type": "ok"},
+                    {"name": "load", "job_type": "ok", "depends_on": ["extract"]},
+                    {"name": "report", "job_type": "ok", "depends_on": ["load"]},
+                ],
+            },
+        )["workflow_id"]
+        hook = api(
+            up.base,
+            "POST",
+            "/api/webhooks",
+            json={
+                "url": f"http://127.0.0.1:{free_port()}/a/long/path/hook",
+                "event_types": ["job_failed"],
+            },
+        )["webhook"]["id"]
+        api(
+            up.base,
+            "POST",
+            "/api/schedules",
+            json={"name": "nightly", "cron": "0 3 * * *", "job_type": "ok"},
+        )
+        wait_status(up.base, [done], "completed")
+        wait_status(up.base, [failed], "failed")
+        pages = {
+            "overview": "/",
+            "jobs": "/ui/jobs",
+            "job": f"/ui/jobs/{failed}",
+            "queues": "/ui/queues",
+            "workers": "/ui/workers",
+            "dlq": "/ui/dlq",
+            "workflows": "/ui/workflows",
+            "workflow": f"/ui/workflows/{wf}",
+            "schedules": "/ui/schedules",
+            "webhooks": "/ui/webhooks",
+            "webhook": f"/ui/webhooks/{hook}",
+            "locks": "/ui/locks",
+        }
+        yield up, pages
+    finally:
+        up.stop()
+
+
+NO_PAGE_SCROLL = """() => {
+  const doc = document.documentElement;
+  return { page: doc.scrollWidth, body: document.body.scrollWidth, view: doc.clientWidth };
+}"""
+
+
+def test_narrow_screens_scroll_no_page_sideways_and_keep_the_nav(browser, filled):
+    up, pages = filled
+    view = Watched(browser, viewport={"width": 375, "height": 740})
+    for name, path in pages.items():
+        page = view.open(up.base + path, live=name != "locks")
+        widths = page.evaluate(NO_PAGE_SCROLL)
+        # Wide tables scroll inside their own box; the page itself never sideways.
+        assert widths["page"] <= widths["view"], (name, widths)
+        assert widths["body"] <= widths["view"], (name, widths)
+        nav = page.get_by_role("navigation", name="Sections")
+        expect(nav).to_be_in_viewport()
+        box = nav.bounding_box()
+        assert box is not None, name
+        assert box["width"] <= 375, (name, box)
+        shot(page, f"{name}-narrow")
+    # The last section is reachable: the tab row scrolls, its link is clicked.
+    page = view.open(up.base + "/ui/jobs")
+    last = page.get_by_role("navigation", name="Sections").get_by_role("link", name="Locks")
+    last.scroll_into_view_if_needed()
+    expect(last).to_be_in_viewport()
+    last.click()
+    expect(page).to_have_url(up.base + "/ui/locks")
+    assert view.errors == []
+    view.close()
+
+
+def test_the_dark_theme_follows_the_system(browser, filled):
+    up, pages = filled
+    colours = {}
+    for scheme in ("light", "dark"):
+        view = Watched(browser, color_scheme=scheme)
+        page = view.open(up.base + pages["jobs"])
+        colours[scheme] = page.evaluate(
+            """() => {
+              const css = (el) => getComputedStyle(el);
+              const table = document.querySelector("table");
+              return { bg: css(document.body).backgroundColor, text: css(document.body).color,
+                       table: css(table).backgroundColor };
+            }"""
+        )
+        shot(page, f"jobs-{scheme}")
+        assert view.errors == []
+        view.close()
+    light, dark = colours["light"], colours["dark"]
+    assert light["bg"] == "rgb(247, 248, 250)", light
+    assert dark["bg"] == "rgb(15, 18, 22)", dark
+    assert light["text"] != dark["text"]
+    assert light["table"] != dark["table"]
+
+
+FOCUSED = """() => {
+  const el = document.activeElement;
+  if (!el || el === document.body) return null;
+  const css = getComputedStyle(el);
+  return {
+    tag: el.tagName.toLowerCase(), name: el.getAttribute("name"), type: el.type || null,
+    text: (el.innerText || el.value || el.getAttribute("aria-label") || "").trim().slice(0, 40),
+    visible: el.matches(":focus-visible"), outline: css.outlineStyle,
+    width: parseFloat(css.outlineWidth), left: el.getBoundingClientRect().left,
+  };
+}"""
+
+
+def test_keyboard_reaches_filters_and_buttons_with_a_visible_focus(browser, filled):
+    up, pages = filled
+    view = Watched(browser, viewport={"width": 1280, "height": 900})
+    page = view.open(up.base + pages["jobs"])
+    reached = []
+    for _ in range(100):  # every stop of the page, then focus leaves it
+        page.keyboard.press("Tab")
+        focused = page.evaluate(FOCUSED)
+        if focused is None:
+            break
+        reached.append(focused)
+        # Every stop shows where it is: the focus ring of :focus-visible.
+        assert focused["visible"], focused
+        assert focused["outline"] != "none", focused
+        assert focused["width"] >= 2, focused
+    assert reached[0]["text"] == "Skip to content"
+    assert reached[0]["left"] >= 0  # the skip link comes on screen when focused
+    names = {r["name"] for r in reached}
+    assert {"state", "job_type", "queue", "created_by", "q", "ids"} <= names, names
+    texts = {r["text"] for r in reached if r["tag"] == "button"}
+    assert {"Filter", "Cancel selected", "Retry selected (failed)"} <= texts, texts
+    # And the filters work from the keyboard alone.
+    page.get_by_label("Type").focus()
+    page.keyboard.type("fail")
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(re.compile(r"/ui/jobs\?.*job_type=fail"))
+    expect(page.locator("tbody tr[data-job]")).to_have_count(1)
+    assert view.errors == []
+    view.close()
+
+
+CONTROLS = {"textbox", "combobox", "searchbox", "checkbox", "button", "radio", "spinbutton"}
+
+
+def test_every_control_has_an_accessible_name(browser, filled):
+    up, pages = filled
+    view = Watched(browser)
+    counted = {}
+    for name, path in pages.items():
+        page = view.open(up.base + path, live=name != "locks")
+        cdp = view.context.new_cdp_session(page)
+        tree = cdp.send("Accessibility.getFullAXTree")["nodes"]
+        cdp.detach()
+        controls = [
+            n for n in tree if not n.get("ignored") and n.get("role", {}).get("value") in CONTROLS
+        ]
+        counted[name] = len(controls)
+        nameless = [
+            n["role"]["value"]
+            for n in controls
+            if not str(n.get("name", {}).get("value", "")).strip()
+        ]
+        assert nameless == [], (name, nameless)
+    # The pages with forms and buttons were looked at, not only empty ones.
+    assert counted["jobs"] >= 12, counted
+    assert counted["dlq"] >= 4, counted
+    assert counted["schedules"] >= 1, counted
+    assert view.errors == []
+    view.close()
