@@ -240,3 +240,23 @@ def seed_smoke_flow(base: str) -> None:
         refused = c.delete(f"/api/jobs/{waiting}")
         assert refused.status_code == 409
         assert refused.json()["message"] == refused.json()["error"]
+
+
+def test_up_honours_x_forwarded_proto_only_from_forwarded_allow_ips(db, tmp_path, servers):
+    """Behind a TLS-terminating proxy the dashboard's session cookie gets
+    ``Secure`` from the proxy's ``X-Forwarded-Proto``, which uvicorn believes
+    only from FORWARDED_ALLOW_IPS (default 127.0.0.1; docs/dashboard.md)."""
+
+    def cookie(server: Server) -> str:
+        r = httpx.get(server.base + "/ui/jobs", headers={"X-Forwarded-Proto": "https"})
+        assert r.status_code == 200, r.text[:300]
+        return r.headers["set-cookie"].lower()
+
+    trusted = start(servers, db, tmp_path)
+    assert "; secure" in cookie(trusted)  # the test's requests come from 127.0.0.1
+    assert trusted.terminate() == 0
+    other = Server(db, tmp_path / "up-other.log", env={"FORWARDED_ALLOW_IPS": "10.0.0.7"})
+    servers.append(other)
+    other.wait_healthy()
+    assert "secure" not in cookie(other)
+    assert other.terminate() == 0

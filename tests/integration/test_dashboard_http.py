@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from conveyor import Conveyor, Settings
 from conveyor.api.app import create_app
@@ -313,3 +314,51 @@ async def test_dlq_retry_all_leaves_conveyors_own_dead_letters_unless_an_admin_a
         picked = await c.post(url, json={"job_type": "conveyor.webhook"}, headers=headers)
         assert picked.json()["retried"] == 1, picked.text
         assert (await app.store.get(hook.job.id)).state is JobState.PENDING
+
+
+def session_cookie(response: httpx.Response) -> str:
+    (cookie,) = [c for c in response.headers.get_list("set-cookie") if c.startswith(COOKIE + "=")]
+    return cookie.lower()
+
+
+async def test_the_session_cookie_is_secure_over_https_only(app):
+    api = create_app(app)
+    secure = httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="https://localhost")
+    async with secure as c:
+        assert "; secure" in session_cookie(await c.get("/ui/jobs"))
+    async with client(app) as c:
+        assert "secure" not in session_cookie(await c.get("/ui/jobs"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "proto", "secure"),
+    [
+        ("127.0.0.1", "https", True),  # the proxy on this host, trusted by default
+        ("127.0.0.1", None, False),
+        ("10.0.0.7", "https", False),  # anyone else cannot claim HTTPS
+    ],
+)
+async def test_behind_a_tls_proxy_x_forwarded_proto_counts_from_trusted_peers(
+    app, peer, proto, secure
+):
+    """``conveyor up``/``api`` leave uvicorn's proxy headers on: uvicorn wraps the
+    app in ProxyHeadersMiddleware trusting FORWARDED_ALLOW_IPS (127.0.0.1 and ::1
+    by default), which is what these requests pass through."""
+    api = ProxyHeadersMiddleware(create_app(app), trusted_hosts="127.0.0.1,::1")
+    transport = httpx.ASGITransport(app=api, client=(peer, 40123))
+    headers = {"X-Forwarded-Proto": proto} if proto else {}
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+        cookie = session_cookie(await c.get("/ui/jobs", headers=headers))
+    assert ("; secure" in cookie) is secure, cookie
+
+
+async def test_webhook_ids_are_ids_to_the_enable_action(app):
+    async with client(app) as c:
+        csrf = csrf_of((await c.get("/")).text)
+        headers = {"X-CSRF-Token": csrf}
+        url = "/ui/actions/webhooks/enable"
+        unknown = await c.post(url, json={"id": "wh_0123abcd"}, headers=headers)
+        assert unknown.status_code == 404, unknown.text  # an id, just not a known one
+        for bad in ("", "wh 1", "wh_\u0661", "x" * 65, "a/b", 7):
+            refused = await c.post(url, json={"id": bad}, headers=headers)
+            assert refused.status_code == 400, (bad, refused.text)

@@ -89,6 +89,9 @@ async def serve_forever(
             lifespan="on",
             # uvicorn's lines go through Conveyor's logging: bounded and redacted.
             log_config=None,
+            # proxy_headers and forwarded_allow_ips keep uvicorn's defaults: a TLS
+            # proxy's X-Forwarded-Proto counts from FORWARDED_ALLOW_IPS only (the
+            # dashboard cookie's Secure flag; docs/dashboard.md).
         )
         server = _Server(config)
         gc.freeze()  # everything imported so far lives for the whole process

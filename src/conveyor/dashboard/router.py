@@ -833,8 +833,14 @@ def dashboard_router(
 
     def id_of(body: dict[str, Any]) -> str:
         value = body.get("id")
-        if not isinstance(value, str) or not 1 <= len(value) <= 64 or not value.isalnum():
-            raise ActionError(400, "id must be an id (letters and digits)")
+        # Webhook ids are "wh_<hex>": "_" and "-" besides ASCII letters and digits.
+        if (
+            not isinstance(value, str)
+            or not 1 <= len(value) <= 64
+            or not value.isascii()
+            or not value.replace("_", "").replace("-", "").isalnum()
+        ):
+            raise ActionError(400, "id must be an id (letters, digits, '_' and '-')")
         return value
 
     @action("/ui/actions/webhooks/enable", KeyScope.ADMIN)
