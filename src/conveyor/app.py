@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import structlog
 
+from conveyor.auditing import AuditLog, audit_property
 from conveyor.bus.base import CANCEL_TOPIC, WAKE_TOPIC, EventBus
 from conveyor.domain.errors import ConfigurationError, FieldError, JobNotFound, ValidationError
 from conveyor.domain.events import INTERNAL_JOB_PREFIX
@@ -230,6 +231,9 @@ class Conveyor:
 
     async def close(self) -> None:
         if self._opened:
+            audit = getattr(self, "_audit_log", None)
+            if audit is not None:
+                await audit.drain()  # secret reads recorded from the vault's hook
             self._opened = False
             try:
                 await self.webhooks.close()
@@ -959,12 +963,20 @@ class Conveyor:
                 self.now,
                 cache_ttl=s.secrets_cache_ttl,
                 keep=s.secrets_keep_versions,
+                on_access=self.audit.on_secret_access,
             )
             self._vault = vault
         return vault
 
     async def _resolve_secret(self, name: str) -> str:
         return await self.secrets.get(name)
+
+    # -- the audit log (docs/security.md) ---------------------------------------------------
+    @property
+    def audit(self) -> AuditLog:
+        """The hash-chained audit log: ``change``, ``record``, ``list``, ``verify``,
+        ``anchor`` (``conveyor.auditing``)."""
+        return audit_property(self)
 
 
 def _integral(value: Any) -> Any:

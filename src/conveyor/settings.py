@@ -85,6 +85,9 @@ class Settings:
     rate_limits: bool = True
     rate_limit: str = "1200/minute"
     rate_limit_auth_failures: str = "30/minute"
+    # The audit log (docs/security.md): a signed anchor every this many entries
+    # (0 = only when `conveyor audit anchor`/`verify` runs).
+    audit_anchor_every: int = 1000
 
     def __post_init__(self) -> None:
         problems = [
@@ -166,6 +169,8 @@ class Settings:
         for name in ("rate_limit", "rate_limit_auth_failures"):
             if not _is_rate(getattr(self, name)):
                 problems.append(f"{name} must look like 600/minute (count per second|minute|hour)")
+        if not 0 <= self.audit_anchor_every <= 10_000_000:
+            problems.append("audit_anchor_every must be between 0 (off) and 10000000 entries")
         if not 0 <= self.metrics_port <= 65535:
             problems.append("metrics_port must be between 0 (off) and 65535")
         if not self.metrics_host or any(c in self.metrics_host for c in " /\x00"):
@@ -221,6 +226,7 @@ _TYPES: dict[str, type] = {
     "secrets_cache_ttl": float,
     "secrets_keep_versions": int,
     "rate_limits": bool,
+    "audit_anchor_every": int,
 }
 
 _TRUE = {"1", "true", "yes", "on"}
