@@ -26,9 +26,11 @@ async def everything(store: Store) -> list:
 async def test_append_chains_and_lists_in_order(store: Store) -> None:
     first = await store.append_audit([draft(rid="a"), draft(rid="b", actor="key1")])
     assert [e.seq for e in first] == [1, 2]
-    assert first[0].prev_hash == GENESIS and first[1].prev_hash == first[0].hash
+    assert first[0].prev_hash == GENESIS
+    assert first[1].prev_hash == first[0].hash
     (third,) = await store.append_audit([draft("job.retry", rid="a", summary={"n": 1})])
-    assert third.seq == 3 and third.prev_hash == first[1].hash
+    assert third.seq == 3
+    assert third.prev_hash == first[1].hash
     rows = await everything(store)
     assert [e.to_dict() for e in rows] == [e.to_dict() for e in [*first, third]]
     assert verify(rows).ok
@@ -56,7 +58,8 @@ async def test_hostile_text_round_trips_exactly(store: Store) -> None:
     )
     await store.append_audit([odd])
     (row,) = await everything(store)
-    assert row.summary["big"] == 2**70 and row.prompt == "p" * 10
+    assert row.summary["big"] == 2**70
+    assert row.prompt == "p" * 10
     assert verify([row]).ok
 
 
@@ -88,7 +91,8 @@ async def test_a_change_and_its_entry_commit_together(store: Store) -> None:
         assert isinstance(store, MemoryStore)
         scope.written = await store.append_audit(scope.drafts)
     (entry,) = await everything(store)
-    assert entry.resource_id == job.id and scope.written == [entry]
+    assert entry.resource_id == job.id
+    assert scope.written == [entry]
 
 
 async def test_a_failed_change_writes_no_entry(store: Store) -> None:

@@ -42,13 +42,15 @@ T = TypeVar("T")
 class AuditScope:
     """The entries of one change, until a transaction (or the caller) writes them."""
 
-    __slots__ = ("drafts", "owner", "written")
+    __slots__ = ("changes_before", "drafts", "owner", "written")
 
     def __init__(self, drafts: Sequence[AuditDraft]) -> None:
         self.drafts = list(drafts)
         self.owner = _current_task()
         #: The chained entries once written (by a transaction or ``append_audit``).
         self.written: list[AuditEntry] | None = None
+        #: SQLite: the connection's change count when the transaction began.
+        self.changes_before = -1
 
 
 _SCOPE: ContextVar[AuditScope | None] = ContextVar("conveyor_audit_scope", default=None)

@@ -52,6 +52,8 @@ class PostgresAudit:
         """Append the entries of the change this transaction makes (if any)."""
         if scope is None or scope.written is not None:
             return None
+        if await conn.fetchval(AQ["wrote_anything"]) is None:
+            return None  # a read before the change: the entries wait for the write
         return await append_in(conn, scope.drafts)
 
     async def append_audit(self, drafts: Sequence[AuditDraft]) -> list[AuditEntry]:

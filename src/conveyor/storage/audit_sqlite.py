@@ -55,9 +55,15 @@ class SQLiteAudit:
     def _audit_flush(conn: sqlite3.Connection) -> tuple[AuditScope, list[AuditEntry]] | None:
         """Append the entries of the change this transaction makes (if any)."""
         scope = active()
-        if scope is None:
-            return None
+        if scope is None or conn.total_changes == scope.changes_before:
+            return None  # nothing written (yet): the entries wait for the change
         return scope, append_in(conn, scope.drafts)
+
+    @staticmethod
+    def _audit_begin(conn: sqlite3.Connection) -> None:
+        scope = active()
+        if scope is not None:
+            scope.changes_before = conn.total_changes
 
     async def append_audit(self, drafts: Sequence[AuditDraft]) -> list[AuditEntry]:
         items = list(drafts)

@@ -317,6 +317,7 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, SQLiteAudit, Store):
         conn = self._conn
         assert conn is not None
         conn.execute(Q["begin_write"])
+        self._audit_begin(conn)
         try:
             yield conn
             audit = self._audit_flush(conn)

@@ -5,6 +5,11 @@
 -- name: audit_lock
 SELECT pg_advisory_xact_lock(7366427213)
 
+-- name: wrote_anything
+-- NULL while the transaction has written nothing: a read that a scope's
+-- upgraded transaction carried must not take the change's entries.
+SELECT pg_current_xact_id_if_assigned()
+
 -- name: audit_head
 SELECT seq, hash FROM conveyor.audit_log ORDER BY seq DESC LIMIT 1
 
