@@ -22,9 +22,9 @@ import asyncio
 import base64
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -45,6 +45,7 @@ from conveyor.storage.audit import covered, pending
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
 
+T = TypeVar("T")
 log = structlog.get_logger("conveyor.audit")
 
 #: The vault secret holding the anchors' HMAC key (created on first use).
@@ -83,6 +84,19 @@ def acting_as(actor: str, request_id: str | None = None) -> Iterator[None]:
     finally:
         AUDIT_REQUEST_ID.reset(rtoken)
         AUDIT_ACTOR.reset(token)
+
+
+async def audited(
+    app: Conveyor,
+    action: str,
+    resource_type: str,
+    resource_id: str,
+    fn: Callable[[], Awaitable[T]],
+    summary: Mapping[str, Any] | None = None,
+) -> T:
+    """``await fn()`` recorded as ``action`` on the resource (``AuditLog.change``)."""
+    async with app.audit.change(action, resource_type, resource_id, summary):
+        return await fn()
 
 
 class AuditLog:

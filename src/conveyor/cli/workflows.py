@@ -58,6 +58,8 @@ def workflows_submit(
 
     async def go(app: Conveyor) -> dict[str, Any]:
         wf, duplicate = await app.workflows.submit(definition, created_by="cli")
+        summary = {"name": wf.name, "duplicate": duplicate}
+        await app.audit.record("workflow.create", "workflow", wf.id, summary)
         done = await app.workflows.get(wf.id, results=False)
         if wait_s is not None:
             try:
@@ -174,7 +176,8 @@ def workflows_cancel(obj: Ctx, workflow_id: str) -> None:
     """Cancel every unfinished step of a workflow."""
 
     async def go(app: Conveyor) -> dict[str, Any]:
-        return workflow_dict(await app.workflows.cancel(workflow_id))
+        async with app.audit.change("workflow.cancel", "workflow", workflow_id):
+            return workflow_dict(await app.workflows.cancel(workflow_id))
 
     data = run(go, obj.app())
     out.print(f"{data['id']} {data['status']}", highlight=False)
@@ -187,7 +190,8 @@ def workflows_retry(obj: Ctx, workflow_id: str) -> None:
     """Run a finished workflow's failed and cancelled steps again."""
 
     async def go(app: Conveyor) -> dict[str, Any]:
-        return workflow_dict(await app.workflows.retry(workflow_id))
+        async with app.audit.change("workflow.retry", "workflow", workflow_id):
+            return workflow_dict(await app.workflows.retry(workflow_id))
 
     data = run(go, obj.app())
     again = [s["name"] for s in data["step_details"] if s["status"] in ("pending", "blocked")]
