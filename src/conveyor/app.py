@@ -182,6 +182,7 @@ class Conveyor:
             submit_many=self.submit_many,
             add_steps=self.workflows.add_steps,
             secrets=self._resolve_secret,
+            audit=self._handler_audit,
         )
         s = self.settings
         self.webhooks = WebhookSender(
@@ -977,6 +978,12 @@ class Conveyor:
         """The hash-chained audit log: ``change``, ``record``, ``list``, ``verify``,
         ``anchor`` (``conveyor.auditing``)."""
         return audit_property(self)
+
+    async def _handler_audit(
+        self, fields: dict[str, Any], job: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``ctx.audit`` (runtime/audit.py): record a handler's entry as ``system``."""
+        return await self.audit.record_handler(fields, job)
 
 
 def _integral(value: Any) -> Any:

@@ -37,7 +37,7 @@ from conveyor.domain.audit import (
     make_anchor,
     verify,
 )
-from conveyor.domain.errors import ConfigurationError
+from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
 from conveyor.domain.secrets import SecretNotFound
 from conveyor.security.vault import StoreSecrets, load_keyring
 from conveyor.storage.audit import covered, pending
@@ -162,6 +162,32 @@ class AuditLog:
         return (await self.append([self.draft(action, resource_type, resource_id, summary, **ai)]))[
             0
         ]
+
+    async def record_handler(
+        self, fields: Mapping[str, Any], job: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """A handler's ``ctx.audit`` entry; ``fields`` may come from a child process,
+        so everything is checked here (``ValidationError``, nothing written)."""
+        summary = fields.get("summary")
+        if summary is not None and not isinstance(summary, Mapping):
+            raise ValidationError(
+                "summary must be a JSON object", [FieldError("summary", "must be a JSON object")]
+            )
+        merged = {**(summary or {}), "job": dict(job)}
+        draft = AuditDraft.make(
+            fields.get("action"),  # type: ignore[arg-type] # checked by make
+            fields.get("resource_type", "job"),
+            fields.get("resource_id", job.get("job_id")),
+            at=self.app.now(),
+            actor="system",
+            summary=merged,
+            model=fields.get("model"),
+            prompt=fields.get("prompt"),
+            response=fields.get("response"),
+            hash_ai_fields=fields.get("hash_ai_fields", True),
+        )
+        (entry,) = await self.append([draft])
+        return entry.to_dict()
 
     async def append(self, drafts: list[AuditDraft]) -> list[AuditEntry]:
         await self.app.open()
