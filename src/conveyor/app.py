@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import structlog
 
-from conveyor.auditing import AuditLog, audit_property
+from conveyor.auditing import AuditedSecrets, AuditLog, audit_property
 from conveyor.bus.base import CANCEL_TOPIC, WAKE_TOPIC, EventBus
 from conveyor.domain.errors import ConfigurationError, FieldError, JobNotFound, ValidationError
 from conveyor.domain.events import INTERNAL_JOB_PREFIX
@@ -958,13 +958,13 @@ class Conveyor:
         vault: StoreSecrets | None = getattr(self, "_vault", None)
         if vault is None or vault.store is not self.store:
             s = self.settings
-            vault = StoreSecrets(
+            vault = AuditedSecrets(  # every read and change audited (auditing.py)
                 self.store,
                 load_keyring(s),
                 self.now,
                 cache_ttl=s.secrets_cache_ttl,
                 keep=s.secrets_keep_versions,
-                on_access=self.audit.on_secret_access,
+                audit=self.audit,
             )
             self._vault = vault
         return vault

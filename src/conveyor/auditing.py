@@ -38,8 +38,8 @@ from conveyor.domain.audit import (
     verify,
 )
 from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
-from conveyor.domain.secrets import SecretNotFound
-from conveyor.security.vault import StoreSecrets, load_keyring
+from conveyor.domain.secrets import SecretInfo, SecretNotFound, SecretVersion
+from conveyor.security.vault import MasterKey, StoreSecrets, load_keyring
 from conveyor.storage.audit import covered, pending
 
 if TYPE_CHECKING:
@@ -202,8 +202,12 @@ class AuditLog:
         task.add_done_callback(self._later.discard)
 
     async def _append_logged(self, draft: AuditDraft) -> None:
+        if not self.app._opened:  # closed meanwhile: never reopen the store for this
+            log.error("audit_append_failed", action=draft.action, error="the app is closed")
+            return
         try:
-            await self.append([draft])
+            entries = await self.app.store.append_audit([draft])
+            await self._after_append(entries)
         except Exception as exc:  # noqa: BLE001 - logged: a hook has nobody to raise to
             log.error("audit_append_failed", action=draft.action, error=str(exc)[:300])
 
@@ -212,16 +216,17 @@ class AuditLog:
         while self._later:
             await asyncio.gather(*list(self._later), return_exceptions=True)
 
-    def on_secret_access(self, action: str, name: str, version: int | None) -> None:
-        """The vault's ``on_access`` hook: every read and change of a secret."""
-        kind = _SECRET_ACTIONS.get(action, f"secret.{action}")
-        if covered(kind, name):
-            return  # the caller's change() records it, in the change's transaction
-        summary: dict[str, Any] = {} if version is None else {"version": version}
-        try:
-            self.record_soon(self.draft(kind, "secret", name, summary))
-        except RuntimeError:  # no running loop: nothing can be written from here
-            log.error("audit_secret_access_unrecorded", action=kind, name=name)
+    def secret_drafts(self, accesses: list[tuple[str, str, int | None]]) -> list[AuditDraft]:
+        """Entries for the vault accesses of one call, but those the caller's own
+        ``change`` records already (in the change's transaction)."""
+        drafts = []
+        for action, name, version in accesses:
+            kind = _SECRET_ACTIONS.get(action, f"secret.{action}")
+            if covered(kind, name):
+                continue
+            summary: dict[str, Any] = {} if version is None else {"version": version}
+            drafts.append(self.draft(kind, "secret", name, summary))
+        return drafts
 
     # -- anchors -----------------------------------------------------------------------
     async def _after_append(self, entries: list[AuditEntry]) -> None:
@@ -358,6 +363,54 @@ def _with_anchor(verdict: Verdict, anchors: list[Anchor]) -> Verdict:
         anchors[-1] if anchors else None,
         verdict.warnings,
     )
+
+
+_ACCESSES: ContextVar[list[tuple[str, str, int | None]] | None] = ContextVar(
+    "conveyor_secret_accesses", default=None
+)
+
+
+class AuditedSecrets(StoreSecrets):
+    """``app.secrets``: the built-in vault whose every read and change is written to
+    the audit log before the call returns (in the caller's task: nothing is left
+    running when the call is over). A read that fails writes nothing."""
+
+    def __init__(self, *args: Any, audit: AuditLog, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._audit = audit
+
+    def _access(self, action: str, name: str, version: int | None) -> None:
+        super()._access(action, name, version)
+        accesses = _ACCESSES.get()
+        if accesses is not None:
+            accesses.append((action, name, version))
+
+    async def _recorded(self, call: Awaitable[T]) -> T:
+        token = _ACCESSES.set([])
+        try:
+            result = await call
+            accesses = _ACCESSES.get() or []
+        finally:
+            _ACCESSES.reset(token)
+        drafts = self._audit.secret_drafts(accesses)
+        if drafts:
+            await self._audit.append(drafts)
+        return result
+
+    async def get(self, name: str, version: int | None = None) -> str:
+        return await self._recorded(super().get(name, version))
+
+    async def set(self, name: str, value: str | bytes) -> SecretVersion:
+        return await self._recorded(super().set(name, value))
+
+    async def list(self) -> list[SecretInfo]:
+        return await self._recorded(super().list())
+
+    async def delete(self, name: str) -> None:
+        await self._recorded(super().delete(name))
+
+    async def rotate_master(self, new: MasterKey | None = None) -> int:
+        return await self._recorded(super().rotate_master(new))
 
 
 def audit_property(app: Conveyor) -> AuditLog:
