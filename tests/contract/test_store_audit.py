@@ -115,3 +115,17 @@ async def test_a_background_task_never_takes_the_entries(store: Store) -> None:
     if scope.written is None:
         scope.written = await store.append_audit(scope.drafts)
     assert [e.resource_id for e in await everything(store)] == [job.id]
+
+
+async def test_a_read_before_the_change_leaves_the_entries_to_the_change(store: Store) -> None:
+    job = await submit_one(store)
+    with pending([draft(rid=job.id)]) as scope:
+        await store.get(job.id)  # PostgreSQL runs it in a transaction too: it wrote nothing
+        await store.list_audit(AuditQuery())
+        assert scope.written is None
+        await store.cancel(job.id, at(1))
+        if not isinstance(store, MemoryStore):
+            assert scope.written is not None
+    if scope.written is None:
+        scope.written = await store.append_audit(scope.drafts)
+    assert [e.resource_id for e in await everything(store)] == [job.id]
