@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import structlog
 
+from conveyor.auditing import AuditedSecrets, AuditLog, audit_property
 from conveyor.bus.base import CANCEL_TOPIC, WAKE_TOPIC, EventBus
 from conveyor.domain.errors import ConfigurationError, FieldError, JobNotFound, ValidationError
 from conveyor.domain.events import INTERNAL_JOB_PREFIX
@@ -186,6 +187,7 @@ class Conveyor:
             submit_many=self.submit_many,
             add_steps=self.workflows.add_steps,
             secrets=self._resolve_secret,
+            audit=self._handler_audit,
         )
         s = self.settings
         self.webhooks = WebhookSender(
@@ -240,6 +242,9 @@ class Conveyor:
 
     async def close(self) -> None:
         if self._opened:
+            audit = getattr(self, "_audit_log", None)
+            if audit is not None:
+                await audit.drain()  # secret reads recorded from the vault's hook
             self._opened = False
             try:
                 await self.webhooks.close()
@@ -990,13 +995,14 @@ class Conveyor:
         vault: StoreSecrets | None = getattr(self, "_vault", None)
         if vault is None or vault.store is not self.store:
             s = self.settings
-            vault = StoreSecrets(
+            vault = AuditedSecrets(  # every read and change audited (auditing.py)
                 self.store,
                 load_keyring(s),
                 self.now,
                 cache_ttl=s.secrets_cache_ttl,
                 keep=s.secrets_keep_versions,
                 retention=s.secrets_retention,
+                audit=self.audit,
             )
             self._vault = vault
         return vault
@@ -1030,6 +1036,19 @@ class Conveyor:
             return
         if moved:
             log.info("webhook_secrets_moved", count=moved)
+
+    # -- the audit log (docs/security.md) ---------------------------------------------------
+    @property
+    def audit(self) -> AuditLog:
+        """The hash-chained audit log: ``change``, ``record``, ``list``, ``verify``,
+        ``anchor`` (``conveyor.auditing``)."""
+        return audit_property(self)
+
+    async def _handler_audit(
+        self, fields: dict[str, Any], job: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``ctx.audit`` (runtime/audit.py): record a handler's entry as ``system``."""
+        return await self.audit.record_handler(fields, job)
 
 
 def _integral(value: Any) -> Any:

@@ -103,6 +103,9 @@ class Settings:
     # false: a job that fails for good is deleted `retention` after it failed, like
     # a completed one, instead of waiting in the dead-letter queue to be purged.
     job_dead_letter: bool = True
+    # The audit log (docs/security.md): a signed anchor every this many entries
+    # (0 = only when `conveyor audit anchor`/`verify` runs).
+    audit_anchor_every: int = 1000
 
     def __post_init__(self) -> None:
         problems = [
@@ -184,6 +187,8 @@ class Settings:
         for name in ("rate_limit", "rate_limit_auth_failures"):
             if not _is_rate(getattr(self, name)):
                 problems.append(f"{name} must look like 600/minute (count per second|minute|hour)")
+        if not 0 <= self.audit_anchor_every <= 10_000_000:
+            problems.append("audit_anchor_every must be between 0 (off) and 10000000 entries")
         if not 0 <= self.metrics_port <= 65535:
             problems.append("metrics_port must be between 0 (off) and 65535")
         if not self.metrics_host or any(c in self.metrics_host for c in " /\x00"):
@@ -249,6 +254,7 @@ _TYPES: dict[str, type] = {
     "job_retry_base": float,
     "job_retry_factor": float,
     "job_dead_letter": bool,
+    "audit_anchor_every": int,
 }
 
 _TRUE = {"1", "true", "yes", "on"}

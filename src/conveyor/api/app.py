@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from conveyor.api.audit import AuthFailureBursts, RequestId, audit_router
 from conveyor.api.events import event_router
 from conveyor.api.guard import (
     BrowserGuard,
@@ -195,6 +196,8 @@ def create_app(
     exporter = FleetExporter(metrics, conveyor.deps, workers=lambda: workers)
     auth = Auth(conveyor, allow_anonymous=allow_anonymous)
     auth.limits = RequestLimits.from_settings(conveyor.settings)
+    failed_auth = AuthFailureBursts(conveyor)
+    auth.on_failure = failed_auth.hit
     hub = EventHub(
         conveyor.store,
         poll_interval=conveyor.settings.event_poll_interval,
@@ -209,6 +212,7 @@ def create_app(
             yield
         finally:
             conveyor.remove_events_listener(hub.wake)
+            await failed_auth.close()
             await hub.close()
             await exporter.close()
 
@@ -224,6 +228,7 @@ def create_app(
     api.state.conveyor = conveyor
     api.state.hub = hub
     api.state.metrics = metrics
+    api.state.failed_auth = failed_auth
     read = [Depends(auth.require(KeyScope.READ))]
     write = [Depends(auth.require(KeyScope.WRITE))]
     admin = [Depends(auth.require(KeyScope.ADMIN))]
@@ -387,6 +392,8 @@ def create_app(
             requires=body.requires,
         )
         job = result.job
+        summary = {"job_type": job.job_type, "queue": job.queue, "duplicate": result.duplicate}
+        await conveyor.audit.record("job.submit", "job", job.id, summary)
         content = {
             "success": True,
             "job_id": job.id,
@@ -521,7 +528,8 @@ def create_app(
         """Cancel a job: pending/blocked at once (200), running once its worker confirms (202)."""
         await visible(job_id, request)
         try:
-            job = await conveyor.cancel(job_id, reason or None)
+            async with conveyor.audit.change("job.cancel", "job", job_id, {"reason": reason}):
+                job = await conveyor.cancel(job_id, reason or None)
         except InvalidTransition as exc:  # the seed's clients read `message`
             return JSON(
                 {"success": False, "error": str(exc), "message": str(exc), "job_id": job_id},
@@ -547,7 +555,8 @@ def create_app(
     async def retry_job(job_id: str, request: Request) -> dict[str, Any]:
         """Re-queue a failed (dead-lettered) job."""
         await visible(job_id, request)
-        (job,) = await conveyor.store.retry_failed([job_id], conveyor.now())
+        async with conveyor.audit.change("job.retry", "job", job_id):
+            (job,) = await conveyor.store.retry_failed([job_id], conveyor.now())
         conveyor.notify_listeners()
         return {"success": True, "job_id": job.id, "status": job.status}
 
@@ -593,6 +602,9 @@ def create_app(
         named = job_type is not None and is_internal(job_type)
         internal = _internal_asked(request, include_internal or named)
         retried = await conveyor.retry_dead_letters(job_type, include_internal=internal)
+        # 1,000 jobs per transaction: one entry after them all, with the count.
+        summary = {"job_type": job_type, "retried": retried, "include_internal": internal}
+        await conveyor.audit.record("dlq.retry_all", "dlq", job_type or "*", summary)
         return {"success": True, "retried": retried}
 
     @api.post(
@@ -613,7 +625,8 @@ def create_app(
     )
     async def purge_dlq(job_id: str) -> dict[str, Any]:
         """Delete one dead-lettered job for good (admin)."""
-        n = await conveyor.store.purge_failed([job_id], conveyor.now())
+        async with conveyor.audit.change("dlq.purge", "job", job_id):
+            n = await conveyor.store.purge_failed([job_id], conveyor.now())
         return {"success": True, "purged": n}
 
     api.include_router(event_router(conveyor, auth, hub))
@@ -623,6 +636,7 @@ def create_app(
     api.include_router(secrets_router(conveyor, auth))
     api.include_router(dashboard_router(conveyor, auth, workers))
     api.include_router(queue_router(conveyor, auth))
+    api.include_router(audit_router(conveyor, auth))
     document_errors(api)
     api.add_middleware(BodyLimit, limit=max_body_bytes)
     api.add_middleware(NoNul)
@@ -631,6 +645,7 @@ def create_app(
     api.add_middleware(BrowserGuard, policy=policy)
     api.add_middleware(TraceContextMiddleware)  # W3C traceparent header: the parent
     api.add_middleware(Timing, metrics=metrics)
+    api.add_middleware(RequestId)  # the audit entries' request id (api/audit.py)
     api.add_middleware(CatchAll)  # outermost: sees every exception the app let through
     return api
 

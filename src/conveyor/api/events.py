@@ -165,7 +165,9 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
             secret=secret,
             created_at=conveyor.now(),
         )
-        hook = await create_sealed_webhook(conveyor.store, conveyor.secrets, hook)
+        summary = {"url": url, "event_types": list(patterns)}
+        async with conveyor.audit.change("webhook.create", "webhook", hook.id, summary):
+            hook = await create_sealed_webhook(conveyor.store, conveyor.secrets, hook)
         return JSON(
             {"success": True, "webhook": webhook_dict(hook), "secret": secret}, status_code=201
         )
@@ -193,7 +195,8 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
     )
     async def delete_webhook(webhook_id: str) -> dict[str, Any]:
         """Delete an endpoint and its delivery log; queued deliveries are dropped."""
-        await delete_sealed_webhook(conveyor.store, conveyor.secrets, webhook_id)
+        async with conveyor.audit.change("webhook.delete", "webhook", webhook_id):
+            await delete_sealed_webhook(conveyor.store, conveyor.secrets, webhook_id)
         return {"success": True, "deleted": webhook_id}
 
     @router.post(
@@ -206,7 +209,8 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
         """Re-activate a disabled endpoint and deliver the events it missed while
         disabled (those the outbox still keeps). ``replayed``: delivery jobs
         submitted; 0 for an endpoint that was active already."""
-        enabled = await enable_and_replay(conveyor.deps, webhook_id)
+        async with conveyor.audit.change("webhook.enable", "webhook", webhook_id):
+            enabled = await enable_and_replay(conveyor.deps, webhook_id)
         return {
             "success": True,
             "webhook": webhook_dict(enabled.webhook),

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
 
 from conveyor.app import Conveyor
+from conveyor.auditing import AUDIT_ACTOR
 from conveyor.domain.auth import ApiKey
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.errors import FieldError
@@ -87,6 +88,8 @@ class Auth:
         #: Request rate limits (api/ratelimit.py); None = unlimited.
         self.limits: RequestLimits | None = None
         self._touched: dict[str, float] = {}  # key id -> when last_used_at was written
+        #: Called with the client address of each failed authentication (audit bursts).
+        self.on_failure: Callable[[str], None] | None = None
 
     async def keys_exist(self) -> bool:
         checked, value = self._keys_exist
@@ -184,11 +187,15 @@ class Auth:
 
     async def _failed(self, conn: HTTPConnection) -> None:
         """Count a failed authentication of ``conn``'s address (429 past the limit)."""
+        if self.on_failure is not None:
+            self.on_failure(conn.client.host if conn.client else "unknown")
         if self.limits is not None:
             await self.limits.auth_failed(conn.client.host if conn.client else "unknown")
 
     def require(self, scope: KeyScope) -> Callable[[Request], Awaitable[None]]:
         async def check(request: Request) -> None:
             request.state.api_key = await self.authenticate(request, scope)
+            # The audit log's actor for this request (api/audit.py).
+            AUDIT_ACTOR.set(request.state.api_key.name if request.state.api_key else "anonymous")
 
         return check

@@ -43,7 +43,8 @@ def queue_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
     )
     async def pause(name: QueueName) -> dict[str, Any]:
         """Stop fetching this queue's jobs (fleet-wide, at once); running jobs finish."""
-        q = await conveyor.store.set_queue(name, conveyor.now(), paused=True)
+        async with conveyor.audit.change("queue.pause", "queue", name):
+            q = await conveyor.store.set_queue(name, conveyor.now(), paused=True)
         return {"success": True, "queue": queue_dict(q)}
 
     @router.post(
@@ -54,7 +55,8 @@ def queue_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
     )
     async def resume(name: QueueName) -> dict[str, Any]:
         """Fetch this queue's jobs again."""
-        q = await conveyor.store.set_queue(name, conveyor.now(), paused=False)
+        async with conveyor.audit.change("queue.resume", "queue", name):
+            q = await conveyor.store.set_queue(name, conveyor.now(), paused=False)
         conveyor.notify_listeners()
         return {"success": True, "queue": queue_dict(q)}
 
@@ -76,9 +78,14 @@ def queue_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
         limit = body.concurrency_limit if "concurrency_limit" in sent else KEEP_LIMIT
         if "concurrency_limit" in sent and limit is not None:
             check_concurrency_limit(limit)  # -1 would mean "keep" to the store
-        q = await conveyor.store.set_queue(
-            name, conveyor.now(), paused=body.paused, concurrency_limit=limit
-        )
+        summary = {
+            "paused": body.paused,
+            "concurrency_limit": limit if limit != KEEP_LIMIT else "keep",
+        }
+        async with conveyor.audit.change("queue.change", "queue", name, summary):
+            q = await conveyor.store.set_queue(
+                name, conveyor.now(), paused=body.paused, concurrency_limit=limit
+            )
         conveyor.notify_listeners()
         return {"success": True, "queue": queue_dict(q)}
 

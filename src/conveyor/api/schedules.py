@@ -148,6 +148,8 @@ def schedule_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
         """Create a schedule; it fires from its next fire time after now."""
         given = body.model_dump(exclude_none=True)
         schedule = await create_schedule(conveyor, **given)
+        summary = {"name": schedule.name, "job_type": schedule.job_type}
+        await conveyor.audit.record("schedule.create", "schedule", schedule.id, summary)
         return JSON({"success": True, "schedule": view(schedule, upcoming=True)}, status_code=201)
 
     @router.get("/api/schedules", dependencies=[*read, KNOWN_PARAMS], tags=["schedules"])
@@ -174,7 +176,10 @@ def schedule_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
         """Change some fields (null or absent: unchanged); a new expression or zone
         counts from now."""
         changes = body.model_dump(exclude_unset=True, exclude_none=True)
-        schedule = await update_schedule(conveyor, schedule_id, changes)
+        async with conveyor.audit.change(
+            "schedule.update", "schedule", schedule_id, {"fields": sorted(changes)}
+        ):
+            schedule = await update_schedule(conveyor, schedule_id, changes)
         return {"success": True, "schedule": view(schedule, upcoming=True)}
 
     @router.delete(
@@ -183,7 +188,8 @@ def schedule_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
     async def delete(schedule_id: str) -> dict[str, Any]:
         """Delete a schedule (the jobs it submitted stay). A schedule declared in
         code comes back when a scheduler with that code starts: pause it instead."""
-        await conveyor.store.delete_schedule(schedule_id)
+        async with conveyor.audit.change("schedule.delete", "schedule", schedule_id):
+            await conveyor.store.delete_schedule(schedule_id)
         return {"success": True, "deleted": schedule_id}
 
     @router.post(
@@ -194,7 +200,8 @@ def schedule_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
     )
     async def pause(schedule_id: str) -> dict[str, Any]:
         """Stop firing (idempotent); fire times passed while paused never fire."""
-        schedule = await pause_schedule(conveyor, schedule_id)
+        async with conveyor.audit.change("schedule.pause", "schedule", schedule_id):
+            schedule = await pause_schedule(conveyor, schedule_id)
         return {"success": True, "schedule": view(schedule)}
 
     @router.post(
@@ -205,7 +212,8 @@ def schedule_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
     )
     async def resume(schedule_id: str) -> dict[str, Any]:
         """Fire again from the next fire time after now (idempotent)."""
-        schedule = await resume_schedule(conveyor, schedule_id)
+        async with conveyor.audit.change("schedule.resume", "schedule", schedule_id):
+            schedule = await resume_schedule(conveyor, schedule_id)
         return {"success": True, "schedule": view(schedule, upcoming=True)}
 
     return router

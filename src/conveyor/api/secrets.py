@@ -51,7 +51,8 @@ def secrets_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
     async def put(name: str, value: str) -> dict[str, Any]:
         v = vault()
         try:
-            row = await v.set(name, value)
+            async with conveyor.audit.change("secret.set", "secret", name):
+                row = await v.set(name, value)
         except ConfigurationError:
             raise ApiError(503, NOT_CONFIGURED) from None
         return _stored(row)
@@ -77,7 +78,9 @@ def secrets_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
     @router.delete("/api/secrets/{name}", dependencies=admin, tags=["secrets"], responses=missing)
     async def delete_secret(name: NameParam) -> dict[str, Any]:
         """Delete every version of ``name``."""
-        await vault().delete(name)
+        v = vault()
+        async with conveyor.audit.change("secret.delete", "secret", name):
+            await v.delete(name)
         return {"success": True, "deleted": name}
 
     return router

@@ -45,6 +45,8 @@ def workflow_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
         if user and conveyor.settings.trust_user_header:
             created_by = user
         wf, duplicate = await service.submit(body, created_by=created_by)
+        summary = {"name": wf.name, "duplicate": duplicate}
+        await conveyor.audit.record("workflow.create", "workflow", wf.id, summary)
         full = await service.get(wf.id, results=False)
         steps = [{"name": s.name, "job_id": s.job_id, "status": s.status} for s in full.steps or []]
         content: dict[str, Any] = {
@@ -96,7 +98,8 @@ def workflow_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
     )
     async def cancel_workflow(workflow_id: str) -> Response:
         """Cancel every unfinished step (running ones are asked to stop)."""
-        wf = await service.cancel(workflow_id)
+        async with conveyor.audit.change("workflow.cancel", "workflow", workflow_id):
+            wf = await service.cancel(workflow_id)
         return JSON({"success": True, "workflow": workflow_dict(wf)})
 
     @router.post(
@@ -111,7 +114,8 @@ def workflow_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
     async def retry_workflow(workflow_id: str) -> Response:
         """Run the failed and cancelled steps again, and what depends on them;
         completed steps keep their results."""
-        wf = await service.retry(workflow_id)
+        async with conveyor.audit.change("workflow.retry", "workflow", workflow_id):
+            wf = await service.retry(workflow_id)
         return JSON({"success": True, "workflow": workflow_dict(wf)})
 
     return router

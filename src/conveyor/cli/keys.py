@@ -30,7 +30,8 @@ async def revoke_key(app: Conveyor, text: str) -> tuple[ApiKey, int]:
     """Revoke the key ``text`` names (id or unique prefix); returns it and how many
     active keys are left. Raises ``ApiKeyNotFound``, ``ValidationError``."""
     key = resolve_key_id(text, await app.store.list_api_keys())
-    revoked = await app.store.revoke_api_key(key.id, app.now())
+    async with app.audit.change("api_key.revoke", "api_key", key.id):
+        revoked = await app.store.revoke_api_key(key.id, app.now())
     return revoked, await app.store.count_api_keys()
 
 
@@ -64,7 +65,9 @@ def keys_rotate(obj: Ctx, key_id: str, overlap: str, expires_in: str | None) -> 
         old = resolve_key_id(key_id, await app.store.list_api_keys())
         now = app.now()
         key, record, until = rotated_key(old, now, seconds, lifetime)
-        await app.store.rotate_api_key(old.id, record, until, now)
+        summary = {"new_key_id": record.id, "old_key_until": until.isoformat()}
+        async with app.audit.change("api_key.rotate", "api_key", old.id, summary):
+            await app.store.rotate_api_key(old.id, record, until, now)
         (ended,) = [k for k in await app.store.list_api_keys() if k.id == old.id]
         return key, old, record, ended
 

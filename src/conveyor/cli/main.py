@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from conveyor.app import Conveyor
+from conveyor.auditing import acting_as, audited, cli_actor
 from conveyor.cli.layout import dlq_table, jobs_table
 from conveyor.cli.loader import apply_app
 from conveyor.cli.loop import run as run_loop
@@ -49,7 +50,8 @@ class Ctx:
 def run(coro_fn: Callable[[Conveyor], Awaitable[T]], app: Conveyor) -> T:
     async def main() -> T:
         async with app:
-            return await coro_fn(app)
+            with acting_as(cli_actor()):  # the audit log's actor: cli:<os user>
+                return await coro_fn(app)
 
     return run_loop(main(), app.settings.event_loop)
 
@@ -332,7 +334,9 @@ def keys_create(obj: Ctx, scope: str, name: str, expires_in: str | None) -> None
 
     async def go(app: Conveyor) -> str:
         key, record = new_api_key(name, scope, app.now(), lifetime)
-        await app.store.create_api_key(record)
+        summary = {"name": name, "scope": scope, "expires_in": lifetime}
+        async with app.audit.change("api_key.create", "api_key", record.id, summary):
+            await app.store.create_api_key(record)
         return key
 
     key = run(go, obj.app())
@@ -477,8 +481,9 @@ def jobs_submit(
     app = obj.app()
     for spec in ("conveyor.demo", *apps):
         apply_app(app, spec)
-    result = run(
-        lambda a: a.submit(
+
+    async def go(a: Conveyor) -> Any:
+        result = await a.submit(
             job_type,
             data,
             priority=priority,
@@ -489,9 +494,13 @@ def jobs_submit(
             queue=queue,
             depends_on=depends_on,
             created_by="cli",
-        ),
-        app,
-    )
+        )
+        job = result.job
+        summary = {"job_type": job.job_type, "queue": job.queue, "duplicate": result.duplicate}
+        await a.audit.record("job.submit", "job", job.id, summary)  # its id: after the insert
+        return result
+
+    result = run(go, app)
     if as_json:
         emit_json({**job_dict(result.job), "duplicate": result.duplicate})
     else:
@@ -600,7 +609,9 @@ def jobs_cancel(obj: Ctx, job_id: str, reason: str | None) -> None:
     """Cancel a job (a running job is cancelled once its worker confirms)."""
 
     async def go(app: Conveyor) -> Any:
-        return await app.cancel(await app.resolve_job_id(job_id), reason)
+        found = await app.resolve_job_id(job_id)
+        async with app.audit.change("job.cancel", "job", found, {"reason": reason}):
+            return await app.cancel(found, reason)
 
     job = run(go, obj.app())
     out.print(f"{job.id} {job.status}", highlight=False)
@@ -643,9 +654,14 @@ def dlq_retry(obj: Ctx, job_ids: tuple[str, ...], all_: bool, job_type: str | No
 
     async def go(app: Conveyor) -> int:
         if all_:
-            return await app.retry_dead_letters(job_type)
+            retried = await app.retry_dead_letters(job_type)
+            summary = {"job_type": job_type, "retried": retried}
+            await app.audit.record("dlq.retry_all", "dlq", job_type or "*", summary)
+            return retried
         ids = [await app.resolve_job_id(i) for i in job_ids]
-        await app.store.retry_failed(ids, app.now())
+        target = ids[0] if len(ids) == 1 else "*"
+        async with app.audit.change("dlq.retry", "job", target, {"job_ids": ids[:100]}):
+            await app.store.retry_failed(ids, app.now())
         app.notify_listeners()
         return len(set(ids))
 
@@ -663,7 +679,10 @@ def dlq_purge(obj: Ctx, job_ids: tuple[str, ...], all_: bool) -> None:
 
     async def go(app: Conveyor) -> int:
         ids = None if all_ else [await app.resolve_job_id(i) for i in job_ids]
-        return await app.store.purge_failed(ids, app.now())
+        target = ids[0] if ids is not None and len(ids) == 1 else "*"
+        summary = {"job_ids": None if ids is None else ids[:100], "all": all_}
+        async with app.audit.change("dlq.purge", "job", target, summary):
+            return await app.store.purge_failed(ids, app.now())
 
     n = run(go, obj.app())
     out.print(f"Purged {n} job(s)")
@@ -706,7 +725,12 @@ def webhooks_enable(obj: Ctx, webhook_id: str) -> None:
     """Re-enable a disabled endpoint and deliver the events it missed meanwhile."""
     from conveyor.runtime.webhooks import enable_webhook
 
-    enabled = run(lambda a: enable_webhook(a.deps, webhook_id), obj.app())
+    enabled = run(
+        lambda a: audited(
+            a, "webhook.enable", "webhook", webhook_id, lambda: enable_webhook(a.deps, webhook_id)
+        ),
+        obj.app(),
+    )
     out.print(
         f"Webhook {enabled.webhook.id} is {enabled.webhook.state.value}; "
         f"{enabled.replayed} missed event(s) queued for delivery",
@@ -873,6 +897,10 @@ def main() -> None:
 from conveyor.cli.queues import queues as _queues  # noqa: E402 - it imports this module
 
 cli.add_command(_queues)
+
+from conveyor.cli.audit import audit as _audit  # noqa: E402 - it imports this module
+
+cli.add_command(_audit)
 
 if __name__ == "__main__":
     # Run as ``python -m conveyor.cli.main`` this module is ``__main__``, a second copy:

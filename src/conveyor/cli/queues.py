@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from conveyor.auditing import audited
 from conveyor.presenters import queue_dict
 from conveyor.storage.flow import KEEP_LIMIT
 
@@ -53,7 +54,12 @@ def queues_list(obj: Any, as_json: bool) -> None:
 def queues_pause(obj: Any, name: str) -> None:
     """Stop every worker fetching NAME's jobs (at once); running jobs finish."""
     m = _cli()
-    q = m.run(lambda a: a.store.set_queue(name, a.now(), paused=True), obj.app())
+    q = m.run(
+        lambda a: audited(
+            a, "queue.pause", "queue", name, lambda: a.store.set_queue(name, a.now(), paused=True)
+        ),
+        obj.app(),
+    )
     text = f"Queue {q.name} paused ({q.pending} pending, {q.running} running)"
     m.out.print(text, highlight=False)
 
@@ -64,7 +70,12 @@ def queues_pause(obj: Any, name: str) -> None:
 def queues_resume(obj: Any, name: str) -> None:
     """Let workers fetch NAME's jobs again."""
     m = _cli()
-    q = m.run(lambda a: a.store.set_queue(name, a.now(), paused=False), obj.app())
+    q = m.run(
+        lambda a: audited(
+            a, "queue.resume", "queue", name, lambda: a.store.set_queue(name, a.now(), paused=False)
+        ),
+        obj.app(),
+    )
     m.out.print(f"Queue {q.name} resumed ({q.pending} pending)", highlight=False)
 
 
@@ -81,6 +92,16 @@ def queues_limit(obj: Any, name: str, concurrency: int | None, clear: bool) -> N
     if limit == KEEP_LIMIT:
         limit = 0  # refused by the store's validation like any value below 1
     m = _cli()
-    q = m.run(lambda a: a.store.set_queue(name, a.now(), concurrency_limit=limit), obj.app())
+    q = m.run(
+        lambda a: audited(
+            a,
+            "queue.change",
+            "queue",
+            name,
+            lambda: a.store.set_queue(name, a.now(), concurrency_limit=limit),
+            {"concurrency_limit": limit},
+        ),
+        obj.app(),
+    )
     shown = "none" if q.concurrency_limit is None else str(q.concurrency_limit)
     m.out.print(f"Queue {q.name}: concurrency limit {shown}", highlight=False)

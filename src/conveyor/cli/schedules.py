@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from conveyor.app import Conveyor
+from conveyor.auditing import acting_as, audited, cli_actor
 from conveyor.cli.loader import apply_app
 from conveyor.cli.loop import run as run_loop
 from conveyor.domain.schedules import MISFIRE_POLICIES, OVERLAP_POLICIES, Schedule
@@ -38,7 +39,8 @@ UPCOMING = 5
 def _run(app: Conveyor, fn: Callable[[Conveyor], Awaitable[T]]) -> T:
     async def main() -> T:
         async with app:
-            return await fn(app)
+            with acting_as(cli_actor()):  # the audit log's actor: cli:<os user>
+                return await fn(app)
 
     return run_loop(main(), app.settings.event_loop)
 
@@ -187,6 +189,8 @@ def schedules_add(
             overlap=overlap,
         ),
     )
+    summary = {"name": created.name, "job_type": created.job_type}
+    _run(app, lambda a: a.audit.record("schedule.create", "schedule", created.id, summary))
     if as_json:
         _show(app, created, True)
     else:
@@ -220,7 +224,11 @@ def schedules_show(obj: Any, schedule: str, as_json: bool) -> None:
 @click.pass_obj
 def schedules_pause(obj: Any, schedule: str) -> None:
     """Stop SCHEDULE firing (fire times passed while paused never fire)."""
-    _, s = _by_ref(obj, schedule, pause_schedule)
+    _, s = _by_ref(
+        obj,
+        schedule,
+        lambda a, i: audited(a, "schedule.pause", "schedule", i, lambda: pause_schedule(a, i)),
+    )
     out.print(f"{s.id} {escape(s.name)} paused", highlight=False)
 
 
@@ -229,7 +237,11 @@ def schedules_pause(obj: Any, schedule: str) -> None:
 @click.pass_obj
 def schedules_resume(obj: Any, schedule: str) -> None:
     """Fire SCHEDULE again, from its next fire time after now."""
-    _, s = _by_ref(obj, schedule, resume_schedule)
+    _, s = _by_ref(
+        obj,
+        schedule,
+        lambda a, i: audited(a, "schedule.resume", "schedule", i, lambda: resume_schedule(a, i)),
+    )
     out.print(
         f"{s.id} {escape(s.name)} active, next: {schedule_dict(s)['next_fire_at']}",
         highlight=False,
@@ -244,7 +256,8 @@ def schedules_delete(obj: Any, schedule: str) -> None:
     scheduler with that code starts: pause it instead."""
 
     async def delete(a: Conveyor, schedule_id: str) -> str:
-        await a.store.delete_schedule(schedule_id)
+        async with a.audit.change("schedule.delete", "schedule", schedule_id):
+            await a.store.delete_schedule(schedule_id)
         return schedule_id
 
     _, deleted = _by_ref(obj, schedule, delete)

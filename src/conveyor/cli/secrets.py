@@ -8,6 +8,7 @@ import sys
 import click
 
 from conveyor.app import Conveyor
+from conveyor.auditing import audited
 from conveyor.cli.main import ConveyorGroup, Ctx, _add_row, _table, cli, emit_json, err, out, run
 from conveyor.security.vault import MasterKey, read_key_file
 
@@ -48,7 +49,10 @@ def secrets_set(obj: Ctx, name: str, from_file: str | None) -> None:
         value = click.prompt("Value", hide_input=True, confirmation_prompt=True)
     else:
         value = _one_line(sys.stdin.read(64 * 1024 + 3))
-    row = run(lambda a: a.secrets.set(name, value), obj.app())
+    row = run(
+        lambda a: audited(a, "secret.set", "secret", name, lambda: a.secrets.set(name, value)),
+        obj.app(),
+    )
     out.print(f"Stored {row.name} version {row.version}", highlight=False)
 
 
@@ -88,7 +92,10 @@ def secrets_list(obj: Ctx, as_json: bool) -> None:
 @click.pass_obj
 def secrets_delete(obj: Ctx, name: str) -> None:
     """Delete secret NAME, every version."""
-    run(lambda a: a.secrets.delete(name), obj.app())
+    run(
+        lambda a: audited(a, "secret.delete", "secret", name, lambda: a.secrets.delete(name)),
+        obj.app(),
+    )
     out.print(f"Deleted {name}", highlight=False)
 
 
@@ -106,7 +113,8 @@ def secrets_rotate_master(obj: Ctx, new_key_file: str | None) -> None:
     new = read_key_file(new_key_file) if new_key_file else None
 
     async def go(app: Conveyor) -> tuple[int, str]:
-        count = await app.secrets.rotate_master(new)
+        async with app.audit.change("secret.rotate_master", "secret", "*"):
+            count = await app.secrets.rotate_master(new)
         return count, app.secrets.keys[0].key_id
 
     count, key_id = run(go, obj.app())

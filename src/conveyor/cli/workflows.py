@@ -59,6 +59,8 @@ def workflows_submit(
 
     async def go(app: Conveyor) -> dict[str, Any]:
         wf, duplicate = await app.workflows.submit(definition, created_by="cli")
+        summary = {"name": wf.name, "duplicate": duplicate}
+        await app.audit.record("workflow.create", "workflow", wf.id, summary)
         done = await app.workflows.get(wf.id, results=False)
         if wait_s is not None:
             try:
@@ -167,9 +169,9 @@ def workflows_cancel(obj: Ctx, workflow_id: str) -> None:
     at least 6 characters)."""
 
     async def go(app: Conveyor) -> dict[str, Any]:
-        return workflow_dict(
-            await app.workflows.cancel(await app.workflows.resolve_id(workflow_id))
-        )
+        wid = await app.workflows.resolve_id(workflow_id)
+        async with app.audit.change("workflow.cancel", "workflow", wid):
+            return workflow_dict(await app.workflows.cancel(wid))
 
     data = run(go, obj.app())
     out.print(f"{data['id']} {data['status']}", highlight=False)
@@ -183,7 +185,9 @@ def workflows_retry(obj: Ctx, workflow_id: str) -> None:
     unique prefix of at least 6 characters)."""
 
     async def go(app: Conveyor) -> dict[str, Any]:
-        return workflow_dict(await app.workflows.retry(await app.workflows.resolve_id(workflow_id)))
+        wid = await app.workflows.resolve_id(workflow_id)
+        async with app.audit.change("workflow.retry", "workflow", wid):
+            return workflow_dict(await app.workflows.retry(wid))
 
     data = run(go, obj.app())
     again = [s["name"] for s in data["step_details"] if s["status"] in ("pending", "blocked")]

@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 
 from conveyor.domain.errors import ConfigurationError
+from conveyor.runtime.audit import audit_call
 from conveyor.runtime.steps import Steps, in_event_loop
 
 
@@ -42,6 +43,11 @@ class JobContext:
     #: of the same job (None: none yet). JSON values (a tuple comes back a list).
     last_checkpoint: Any = None
     _steps: Steps | None = None
+    #: ``ctx.audit``'s recorder (runtime/audit.py): on the worker's loop, or (in a
+    #: child process) a blocking call to the worker.
+    _audit: Any = None
+    _audit_loop: Any = None
+    _audit_sync: Any = None
 
     @property
     def logger(self) -> Any:
@@ -128,3 +134,40 @@ class JobContext:
 
     async def _checkpoint_async(self, steps: Steps, state: Any) -> None:
         self.last_checkpoint = await steps.checkpoint(state)
+
+    # -- the audit log (docs/security.md) -------------------------------------------------
+    def audit(
+        self,
+        action: str,
+        resource_type: str = "job",
+        resource_id: str | None = None,
+        *,
+        summary: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        prompt: str | None = None,
+        response: str | None = None,
+        hash_ai_fields: bool = True,
+    ) -> Any:
+        """Record a decision in the hash-chained audit log (actor ``system``; the
+        summary gets ``job_id``, ``job_type`` and ``attempt`` under ``"job"``).
+
+        ``action``: e.g. ``"ai.decision"`` (a-z, 0-9, ``_ . : -``); the resource is
+        this job unless given. ``summary``: a JSON object of at most 4 KiB.
+        ``prompt``/``response`` (64 KiB each) are stored as their SHA-256 hex
+        unless ``hash_ai_fields=False``. Returns the entry (``seq``, ``hash``...):
+        ``await ctx.audit(...)`` in an async handler, ``ctx.audit(...)`` in a sync
+        one; under ``isolation="process"`` the worker records it. Raises
+        ``ValidationError`` (nothing recorded) or ``ConfigurationError`` in a
+        context made by hand.
+        """
+        fields: dict[str, Any] = {
+            "action": action,
+            "resource_type": resource_type,
+            "resource_id": self.job_id if resource_id is None else resource_id,
+            "summary": summary,
+            "model": model,
+            "prompt": prompt,
+            "response": response,
+            "hash_ai_fields": hash_ai_fields,
+        }
+        return audit_call(self, fields)

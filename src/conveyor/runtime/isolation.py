@@ -1370,6 +1370,7 @@ def _run_job(job: ChildJob, state: _ChildState) -> dict[str, Any]:
         ctx.parent_results = job.workflow.get("parent_results") or {}
     ctx.last_checkpoint = job.checkpoint
     ctx._steps = Steps(ChildSteps(state, job.job_id))
+    ctx._audit_sync = ChildSteps(state, job.job_id).audit_sync
     state.ctx = ctx
     try:
         key = (job.handler.module, job.handler.qualname)
@@ -1556,6 +1557,10 @@ class ChildSteps:
     def save_checkpoint_sync(self, state: Any) -> bool:
         self._call("checkpoint", value=state)
         return True
+
+    def audit_sync(self, fields: dict[str, Any]) -> Any:
+        """``ctx.audit`` in the child: the worker records the entry."""
+        return self._call("audit", **fields)
 
     # An async handler in the child runs alone on its loop: a short blocking call is fine.
     async def load(self) -> dict[str, Any]:

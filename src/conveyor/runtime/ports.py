@@ -136,3 +136,6 @@ class RuntimeDeps:
     #: ``secrets(name)``: the value of a vault secret, for payload references
     #: ``{"$secret": name}`` resolved just before a handler call (docs/security.md).
     secrets: Callable[[str], Awaitable[str]] | None = None
+    #: ``audit(fields, job)``: record a handler's ``ctx.audit`` entry (fields checked
+    #: by the recorder; ``job`` has job_id, job_type, attempt); returns the entry dict.
+    audit: Callable[[dict[str, Any], Mapping[str, Any]], Awaitable[dict[str, Any]]] | None = None

@@ -517,6 +517,8 @@ def child_calls(ctx: Any) -> Callable[[dict[str, Any]], Awaitable[Any]] | None:
         if message.get("job_id") != port.job_id:
             raise ValidationError("a call for another job")
         op = message.get("op")
+        if op == "audit" and getattr(ctx, "_audit", None) is not None:
+            return await ctx._audit(message)  # checked there (runtime/audit.py)
         if op == "load":
             return await port.load()
         if op == "save":

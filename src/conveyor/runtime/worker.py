@@ -44,6 +44,7 @@ from conveyor.domain.limits import safe_text
 from conveyor.domain.retry import decide, describe, traceback_text
 from conveyor.domain.states import Action
 from conveyor.observability import tracing
+from conveyor.runtime.audit import attach_audit
 from conveyor.runtime.context import JobContext
 from conveyor.runtime.dead_letter import prune_dead_letters
 from conveyor.runtime.flow import next_window_in, registered_limits, worker_capabilities
@@ -541,6 +542,7 @@ class Worker:
 
                 ctx._add_steps = _add
         attach_steps(ctx, job, self.store, self.deps.now)
+        attach_audit(ctx, job, self.deps.audit)
         task = asyncio.create_task(self._execute(job, ctx, definition))
         self._running[job.id] = _Running(job, ctx, task)
 

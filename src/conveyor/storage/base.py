@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from conveyor.domain.audit import Anchor, AuditDraft, AuditEntry, AuditQuery
 from conveyor.domain.auth import ApiKey
 from conveyor.domain.dashboard import Count, Cursor, MinuteBucket, RecentStats, percentile
 from conveyor.domain.errors import ConfigurationError, FieldError, ValidationError
@@ -725,6 +726,26 @@ class Store(abc.ABC):
 
     async def workflow_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
         """Up to ``limit`` workflow ids starting with ``prefix`` (lowercase hex), sorted."""
+        raise NotImplementedError
+
+    # -- the hash-chained audit log (docs/security.md, storage/audit.py) -------------------
+    async def append_audit(self, drafts: Sequence[AuditDraft]) -> list[AuditEntry]:
+        """Number and chain ``drafts`` after the newest entry, in one transaction of
+        their own (a change's own entries go in through ``storage.audit.pending``).
+        Concurrent appenders (threads, processes) never fork the chain."""
+        raise NotImplementedError
+
+    async def list_audit(self, query: AuditQuery) -> list[AuditEntry]:
+        """Entries matching ``query``, ``seq`` ascending, at most ``query.limit``.
+        Raises ``ValidationError``."""
+        raise NotImplementedError
+
+    async def add_audit_anchor(self, anchor: Anchor) -> None:
+        """Record an anchor (a second one for the same ``seq`` is ignored)."""
+        raise NotImplementedError
+
+    async def list_audit_anchors(self) -> list[Anchor]:
+        """Every anchor, ``seq`` ascending."""
         raise NotImplementedError
 
 

@@ -84,6 +84,7 @@ from conveyor.domain.workflow import (
     terminal_event,
     workflow_event,
 )
+from conveyor.storage.audit_memory import MemoryAudit
 from conveyor.storage.base import (
     STAT_STATES,
     QueueStat,
@@ -127,7 +128,7 @@ from conveyor.storage.workflows import (
 )
 
 
-class MemoryStore(MemorySchedules, MemorySecrets, Store):
+class MemoryStore(MemorySchedules, MemorySecrets, MemoryAudit, Store):
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         self._seq: dict[str, int] = {}

@@ -87,6 +87,8 @@ from conveyor.domain.workflow import (
     workflow_event,
 )
 from conveyor.security.redact import redact, redact_url
+from conveyor.storage.audit import owned as audit_owned
+from conveyor.storage.audit_postgres import PostgresAudit
 from conveyor.storage.base import (
     QueueStat,
     Store,
@@ -500,7 +502,7 @@ def job_from_record(r: asyncpg.Record) -> Job:
     )
 
 
-class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
+class PostgresStore(PostgresSchedules, PostgresSecrets, PostgresAudit, Store):
     """Store on PostgreSQL. ``dsn``: ``postgresql://user:pass@host:5432/db``."""
 
     def __init__(
@@ -573,6 +575,9 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
         pool = self._pool
         if pool is None:
             raise StoreError("The PostgreSQL store is not open: call `await store.open()` first")
+        audit = audit_owned()
+        if audit is not None:
+            tx = True  # a change's audit entries ride its transaction (storage/audit.py)
         on_lane = not self._lane_busy
         if on_lane:
             self._lane_busy = True
@@ -591,11 +596,14 @@ class PostgresStore(PostgresSchedules, PostgresSecrets, Store):
                     transaction = await lease.begin()
                     try:
                         yield cast(asyncpg.Connection, lease)
+                        written = await self._audit_flush(lease, audit)
                     except BaseException:
                         with contextlib.suppress(Exception):  # broken: it is closed below
                             await transaction.rollback()
                         raise
                     await transaction.commit()
+                    if audit is not None and written is not None:
+                        audit.written = written
                 else:
                     yield cast(asyncpg.Connection, lease)
                 keep = True

@@ -92,6 +92,8 @@ from conveyor.domain.workflow import (
     terminal_event,
     workflow_event,
 )
+from conveyor.storage.audit import bind as audit_bind
+from conveyor.storage.audit_sqlite import SQLiteAudit
 from conveyor.storage.base import (
     QueueStat,
     Store,
@@ -240,7 +242,7 @@ def _store_error(exc: sqlite3.DatabaseError, path: str) -> StoreError:
     return StoreError(f"SQLite error on {path}: {text}")
 
 
-class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
+class SQLiteStore(SQLiteSchedules, SQLiteSecrets, SQLiteAudit, Store):
     """Store on one SQLite file. ``path`` may be ``:memory:`` only for one process."""
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 30_000) -> None:
@@ -285,6 +287,8 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
             raise StoreError("The SQLite store is not open: call `await store.open()` first")
+        if fn != self._migrate:  # a change's audit entries ride its write transaction
+            fn = audit_bind(fn)
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         except sqlite3.DatabaseError as exc:
@@ -314,9 +318,13 @@ class SQLiteStore(SQLiteSchedules, SQLiteSecrets, Store):
         conn = self._conn
         assert conn is not None
         conn.execute(Q["begin_write"])
+        self._audit_begin(conn)
         try:
             yield conn
+            audit = self._audit_flush(conn)
             conn.execute(Q["commit"])
+            if audit is not None:
+                audit[0].written = audit[1]
         except BaseException:
             # A COMMIT refused for a full disk or an I/O error can leave the
             # transaction open; without this rollback every later write would

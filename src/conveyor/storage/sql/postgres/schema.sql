@@ -623,3 +623,39 @@ ALTER TABLE conveyor.workers ADD COLUMN stuck_jobs integer DEFAULT 0 NOT NULL;
 ALTER TABLE conveyor.job_executions ADD COLUMN traceback text;
 -- Jobs by type, newest first (migration 0015).
 CREATE INDEX jobs_type_created ON conveyor.jobs USING btree (job_type, created_at);
+
+-- The hash-chained audit log (migration 0013).
+CREATE TABLE conveyor.audit_log (
+    seq bigint NOT NULL,
+    at text NOT NULL,
+    actor text NOT NULL,
+    action text NOT NULL,
+    resource_type text NOT NULL,
+    resource_id text NOT NULL,
+    summary text NOT NULL,
+    request_id text,
+    model text,
+    prompt text,
+    response text,
+    ai_hashed boolean DEFAULT false NOT NULL,
+    prev_hash text NOT NULL,
+    hash text NOT NULL
+);
+
+ALTER TABLE ONLY conveyor.audit_log
+    ADD CONSTRAINT audit_log_pkey PRIMARY KEY (seq);
+
+CREATE INDEX audit_log_resource ON conveyor.audit_log USING btree (resource_id, seq);
+CREATE INDEX audit_log_actor ON conveyor.audit_log USING btree (actor, seq);
+CREATE INDEX audit_log_action ON conveyor.audit_log USING btree (action, seq);
+
+CREATE TABLE conveyor.audit_anchors (
+    seq bigint NOT NULL,
+    hash text NOT NULL,
+    at text NOT NULL,
+    key_id text,
+    mac text
+);
+
+ALTER TABLE ONLY conveyor.audit_anchors
+    ADD CONSTRAINT audit_anchors_pkey PRIMARY KEY (seq);
