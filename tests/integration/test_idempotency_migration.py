@@ -34,7 +34,7 @@ def at(seconds: float) -> datetime:
 #: Later migrations adding columns that today's fetch and finish read or write: the old
 #: history is written by today's code, so these are applied ahead (they touch
 #: nothing 0004 changes).
-WRITTEN_BY_TODAYS_CODE = {7, 8, 9, 11}
+WRITTEN_BY_TODAYS_CODE = {7, 8, 9, 11, 17, 18}
 
 
 def only_up_to(version: int, backend: str) -> Callable[[str], list[Any]]:

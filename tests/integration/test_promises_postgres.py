@@ -158,6 +158,8 @@ async def test_server_restart_under_load_loses_nothing(app, pg_server, postgres_
         for i in range(2)
     ]
     try:
+        # Both started (a slow start must not meet the restart: that is another test).
+        wait_until(lambda: all("worker_started" in w.output() for w in workers), 60, "both workers")
         wait_until(lambda: len(done_counts(log)) >= 300, 60, "some jobs to complete")
         pg_server.restart()
         try:
