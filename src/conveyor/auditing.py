@@ -51,6 +51,8 @@ log = structlog.get_logger("conveyor.audit")
 #: The vault secret holding the anchors' HMAC key (created on first use).
 ANCHOR_KEY_SECRET = "conveyor.audit_anchor_key"
 #: Who is acting, and under which request id (set by the API and the CLI).
+#: Secrets Conveyor keeps for itself (webhook signing secrets, the anchor key).
+INTERNAL_SECRET_PREFIX = "conveyor."
 AUDIT_ACTOR: ContextVar[str] = ContextVar("conveyor_audit_actor", default="system")
 AUDIT_REQUEST_ID: ContextVar[str | None] = ContextVar("conveyor_audit_request_id", default=None)
 _SECRET_ACTIONS = {
@@ -220,9 +222,16 @@ class AuditLog:
         """Entries for the vault accesses of one call, but those the caller's own
         ``change`` records already (in the change's transaction)."""
         drafts = []
+        system = AUDIT_ACTOR.get() == "system"
         for action, name, version in accesses:
             kind = _SECRET_ACTIONS.get(action, f"secret.{action}")
             if covered(kind, name):
+                continue
+            if system and action == "get" and name.startswith(INTERNAL_SECRET_PREFIX):
+                # Conveyor reading its own (a webhook's signing secret at each delivery,
+                # the anchor key): one entry per delivery would flood the log and
+                # serialize deliveries on the chain. Changes to them are audited, and
+                # so is anyone else reading them.
                 continue
             summary: dict[str, Any] = {} if version is None else {"version": version}
             drafts.append(self.draft(kind, "secret", name, summary))

@@ -150,6 +150,21 @@ async def test_secret_changes_and_reads(app: Conveyor) -> None:
     assert all("v1" not in str(e.to_dict()) and "v2" not in str(e.summary) for e in rows)
 
 
+async def test_conveyors_own_reads_of_its_secrets_are_not_entries(app: Conveyor) -> None:
+    from conveyor.auditing import acting_as
+
+    await app.secrets.set("conveyor.webhook.w1", "signing")  # a change: recorded
+    for _ in range(3):  # a delivery each: Conveyor (system) reads its own secret
+        assert await app.secrets.get("conveyor.webhook.w1") == "signing"
+    with acting_as("cli:ops"):  # a person reading it is recorded
+        await app.secrets.get("conveyor.webhook.w1")
+    rows = await entries(app)
+    assert [(e.action, e.actor) for e in rows] == [
+        ("secret.set", "system"),
+        ("secret.read", "cli:ops"),
+    ]
+
+
 async def test_auth_failures_become_one_entry_per_address_and_minute(app: Conveyor) -> None:
     await keys(app)
     api = create_app(app)
