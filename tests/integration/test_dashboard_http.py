@@ -150,6 +150,14 @@ async def test_keys_required_login_read_scope_and_redirects(app):
             "/ui/actions/dlq/purge", json={"ids": [job.id]}, headers={"X-CSRF-Token": csrf}
         )
         assert purge.status_code == 403  # purging needs admin
+    # The dashboard's actions are audited as the session's key; a refused one is not.
+    from conveyor.domain.audit import AuditQuery
+
+    entries = await app.audit.list(AuditQuery(resource_id=job.id))
+    assert [(e.action, e.actor, e.summary) for e in entries] == [
+        ("job.cancel", "write", {"via": "dashboard"})
+    ]
+    assert entries[0].request_id
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from conveyor.api.http import Auth, sees_internal
 from conveyor.app import Conveyor
+from conveyor.auditing import AUDIT_REQUEST_ID, acting_as
 from conveyor.dashboard.charts import layered_dag, minute_chart
 from conveyor.dashboard.session import COOKIE, Sessions, Viewer
 from conveyor.dashboard.snapshot import MinuteHistory, Shared
@@ -43,6 +44,9 @@ from conveyor.runtime.status import is_alive
 from conveyor.runtime.webhooks import enable_webhook as enable_and_replay
 from conveyor.runtime.worker import Worker
 from conveyor.scheduling import pause_schedule, resume_schedule
+
+#: The summary of an audit entry for a dashboard action: where it came from.
+DASHBOARD: dict[str, Any] = {"via": "dashboard"}
 
 COUNT_CAP = 10_000  #: state counts stop here; larger ones are estimates
 QUEUE_SCAN_CAP = 10_000  #: queue depths look at most this many unfinished jobs
@@ -713,6 +717,7 @@ def dashboard_router(
             raise ActionError(403, f"This needs an API key with scope '{scope.value}'")
         body = await _body(request)
         body["_internal"] = sees_internal(viewer.key)
+        body["_actor"] = viewer.key.name if viewer.key is not None else "anonymous"
         return body
 
     def action(path: str, scope: KeyScope) -> Callable[[Any], Any]:
@@ -722,7 +727,9 @@ def dashboard_router(
             async def endpoint(request: Request) -> Response:
                 try:
                     body = await acting(request, scope)
-                    out = await fn(body)
+                    # Audited as the session's key (docs/security.md, "Audit log").
+                    with acting_as(body["_actor"], AUDIT_REQUEST_ID.get()):
+                        out = await fn(body)
                 except ActionError as exc:
                     return _json_error(exc.status, exc.error)
                 except ValidationError as exc:
@@ -751,7 +758,9 @@ def dashboard_router(
             raise ActionError(400, f"ids must be a list of 1-{MAX_IDS} job ids")
         return list(dict.fromkeys(ids))
 
-    async def each(body: dict[str, Any], op: Callable[[str], Awaitable[str]]) -> dict[str, Any]:
+    async def each(
+        body: dict[str, Any], audit_action: str, op: Callable[[str], Awaitable[str]]
+    ) -> dict[str, Any]:
         done: dict[str, str] = {}
         errors: dict[str, str] = {}
         for job_id in await visible_ids(body):
@@ -759,7 +768,8 @@ def dashboard_router(
                 job = await store.get(job_id)
                 if is_internal(job.job_type) and not body["_internal"]:
                     raise _not_found(job_id)
-                done[job_id] = await op(job_id)
+                async with conveyor.audit.change(audit_action, "job", job_id, DASHBOARD):
+                    done[job_id] = await op(job_id)
             except (NotFound, InvalidTransition, ValidationError) as exc:
                 errors[job_id] = str(exc)
         return {"done": done, "errors": errors}
@@ -769,7 +779,7 @@ def dashboard_router(
         async def op(job_id: str) -> str:
             return (await conveyor.cancel(job_id, "cancelled from the dashboard")).status
 
-        return await each(body, op)
+        return await each(body, "job.cancel", op)
 
     @action("/ui/actions/jobs/retry", KeyScope.WRITE)
     async def retry_jobs(body: dict[str, Any]) -> dict[str, Any]:
@@ -778,7 +788,7 @@ def dashboard_router(
             conveyor.notify_listeners()
             return job.status
 
-        return await each(body, op)
+        return await each(body, "job.retry", op)
 
     @action("/ui/actions/dlq/purge", KeyScope.ADMIN)
     async def purge_jobs(body: dict[str, Any]) -> dict[str, Any]:
@@ -786,7 +796,7 @@ def dashboard_router(
             await store.purge_failed([job_id], conveyor.now())
             return "purged"
 
-        return await each(body, op)
+        return await each(body, "dlq.purge", op)
 
     def type_of(body: dict[str, Any]) -> str | None:
         job_type = body.get("job_type")
@@ -810,7 +820,10 @@ def dashboard_router(
     async def retry_all(body: dict[str, Any]) -> dict[str, Any]:
         job_type = type_of(body)
         internal = internal_asked(body, job_type)
-        return {"retried": await conveyor.retry_dead_letters(job_type, include_internal=internal)}
+        retried = await conveyor.retry_dead_letters(job_type, include_internal=internal)
+        summary = {**DASHBOARD, "job_type": job_type, "retried": retried}
+        await conveyor.audit.record("dlq.retry_all", "dlq", job_type or "*", summary)
+        return {"retried": retried}
 
     @action("/ui/actions/dlq/purge-all", KeyScope.ADMIN)
     async def purge_all(body: dict[str, Any]) -> dict[str, Any]:
@@ -828,6 +841,8 @@ def dashboard_router(
                 None,
             )
             if not batch:
+                summary = {**DASHBOARD, "job_type": job_type, "purged": purged}
+                await conveyor.audit.record("dlq.purge_all", "dlq", job_type or "*", summary)
                 return {"purged": purged}
             purged += await store.purge_failed([j.id for j in batch], conveyor.now())
 
@@ -845,7 +860,9 @@ def dashboard_router(
 
     @action("/ui/actions/webhooks/enable", KeyScope.ADMIN)
     async def enable_webhook(body: dict[str, Any]) -> dict[str, Any]:
-        enabled = await enable_and_replay(conveyor.deps, id_of(body))
+        webhook_id = id_of(body)
+        async with conveyor.audit.change("webhook.enable", "webhook", webhook_id, DASHBOARD):
+            enabled = await enable_and_replay(conveyor.deps, webhook_id)
         return {"state": enabled.webhook.state.value, "replayed": enabled.replayed}
 
     def queue_of(body: dict[str, Any]) -> str:
@@ -856,31 +873,41 @@ def dashboard_router(
 
     @action("/ui/actions/queues/pause", KeyScope.WRITE)
     async def pause_queue(body: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "paused": (await store.set_queue(queue_of(body), conveyor.now(), paused=True)).paused
-        }
+        name = queue_of(body)
+        async with conveyor.audit.change("queue.pause", "queue", name, DASHBOARD):
+            return {"paused": (await store.set_queue(name, conveyor.now(), paused=True)).paused}
 
     @action("/ui/actions/queues/resume", KeyScope.WRITE)
     async def resume_queue(body: dict[str, Any]) -> dict[str, Any]:
-        q = await store.set_queue(queue_of(body), conveyor.now(), paused=False)
+        name = queue_of(body)
+        async with conveyor.audit.change("queue.resume", "queue", name, DASHBOARD):
+            q = await store.set_queue(name, conveyor.now(), paused=False)
         return {"paused": q.paused}
 
     @action("/ui/actions/schedules/pause", KeyScope.WRITE)
     async def pause_a_schedule(body: dict[str, Any]) -> dict[str, Any]:
-        return {"state": (await pause_schedule(conveyor, id_of(body))).state}
+        schedule_id = id_of(body)
+        async with conveyor.audit.change("schedule.pause", "schedule", schedule_id, DASHBOARD):
+            return {"state": (await pause_schedule(conveyor, schedule_id)).state}
 
     @action("/ui/actions/schedules/resume", KeyScope.WRITE)
     async def resume_a_schedule(body: dict[str, Any]) -> dict[str, Any]:
-        return {"state": (await resume_schedule(conveyor, id_of(body))).state}
+        schedule_id = id_of(body)
+        async with conveyor.audit.change("schedule.resume", "schedule", schedule_id, DASHBOARD):
+            return {"state": (await resume_schedule(conveyor, schedule_id)).state}
 
     @action("/ui/actions/workflows/cancel", KeyScope.WRITE)
     async def cancel_workflow(body: dict[str, Any]) -> dict[str, Any]:
-        wf = await conveyor.workflows.cancel(id_of(body))
+        workflow_id = id_of(body)
+        async with conveyor.audit.change("workflow.cancel", "workflow", workflow_id, DASHBOARD):
+            wf = await conveyor.workflows.cancel(workflow_id)
         return {"status": wf.status.value}
 
     @action("/ui/actions/workflows/retry", KeyScope.WRITE)
     async def retry_workflow(body: dict[str, Any]) -> dict[str, Any]:
-        wf = await conveyor.workflows.retry(id_of(body))
+        workflow_id = id_of(body)
+        async with conveyor.audit.change("workflow.retry", "workflow", workflow_id, DASHBOARD):
+            wf = await conveyor.workflows.retry(workflow_id)
         return {"status": wf.status.value}
 
     return router
