@@ -284,19 +284,11 @@ async def test_old_fire_records_are_pruned(store: Store) -> None:
     assert (await store.list_jobs(JobQuery(limit=10))).total == 3
 
 
-async def test_a_stored_schedule_this_host_cannot_read_does_not_spin_the_loop(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A zone this host lacks (no tzdata here, another host wrote it): the schedule
-    # stays due. The loop used to see it as due at every pass and sleep 0 s,
-    # logging `schedule_invalid` thousands of times a second at full CPU.
+def _without_berlin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This host has no tzdata for Europe/Berlin (another host wrote the schedule)."""
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-    from structlog.testing import capture_logs
-
     from conveyor.domain import schedules as domain
-
-    s = await store.create_schedule(schedule(next_fire_at=at(0), timezone="Europe/Berlin"), at(0))
 
     def no_tzdata(key: str) -> ZoneInfo:
         if key == "Europe/Berlin":
@@ -304,6 +296,20 @@ async def test_a_stored_schedule_this_host_cannot_read_does_not_spin_the_loop(
         return ZoneInfo(key)
 
     monkeypatch.setattr(domain, "ZoneInfo", no_tzdata)
+
+
+async def test_a_stored_schedule_this_host_cannot_read_does_not_spin_the_loop(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A zone this host lacks (no tzdata here, another host wrote it): the schedule
+    # stays due. The loop used to see it as due at every pass and sleep 0 s,
+    # logging `schedule_invalid` thousands of times a second at full CPU.
+
+    from structlog.testing import capture_logs
+
+    s = await store.create_schedule(schedule(next_fire_at=at(0), timezone="Europe/Berlin"), at(0))
+
+    _without_berlin(monkeypatch)
     now = at(600.5)
     scheduler = _scheduler(store, now)
     with capture_logs() as logs:
@@ -319,9 +325,7 @@ async def test_unreadable_due_schedules_never_hide_a_readable_one(
 ) -> None:
     # More unreadable due schedules than one pass reads used to fill every batch:
     # the readable schedule behind them never fired.
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-    from conveyor.domain import schedules as domain
     from conveyor.runtime.scheduler import BATCH
 
     for n in range(BATCH + 5):
@@ -330,12 +334,7 @@ async def test_unreadable_due_schedules_never_hide_a_readable_one(
         )
     ok = await store.create_schedule(schedule("mine", next_fire_at=at(30)), at(0))
 
-    def no_tzdata(key: str) -> ZoneInfo:
-        if key == "Europe/Berlin":
-            raise ZoneInfoNotFoundError(key)
-        return ZoneInfo(key)
-
-    monkeypatch.setattr(domain, "ZoneInfo", no_tzdata)
+    _without_berlin(monkeypatch)
     now = at(60.5)
     scheduler = _scheduler(store, now)
     for _ in range(2):
