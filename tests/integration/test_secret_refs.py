@@ -181,3 +181,37 @@ async def test_a_missing_secrets_directory_stops_the_process(tmp_path: Path) -> 
     app = Conveyor(settings=Settings(database_url="memory://", secrets_dir=str(tmp_path / "t")))
     with pytest.raises(ConfigurationError, match="CONVEYOR_SECRETS_DIR"):
         await app.open()
+
+
+async def test_conveyors_own_secrets_cannot_be_referenced(tmp_path: Path) -> None:
+    from conveyor.domain.errors import ValidationError
+
+    settings = Settings(
+        database_url="memory://",
+        master_key=MasterKey.generate().to_base64(),
+        heartbeat_interval=0.2,
+        allow_unknown_job_types=True,
+    )
+    app = Conveyor(settings=settings)
+    app.job("use", max_retries=0)(h.use_secret)
+    try:
+        await app.open()
+        await app.secrets.set("conveyor.webhook.wh_1", "signing-secret")
+        out = str(tmp_path / "use.sha")
+        ref = {"$secret": "conveyor.webhook.wh_1"}
+        with pytest.raises(ValidationError, match=r"is Conveyor.s own"):
+            await app.enqueue("use", {"password": ref, "out": out})
+        # A type no registration checks at submit: refused when the worker resolves it.
+        job = await app.enqueue("nobody_registered_this", {"x": [ref]})
+        app.job("nobody_registered_this", max_retries=0)(lambda ctx, x: x)
+        async with running_worker(app, concurrency=1):
+
+            async def failed() -> object:
+                j = await app.store.get(job.id)
+                return j if j.state is JobState.FAILED else None
+
+            done = await async_wait_until(failed, 20, "the job to fail")
+        assert "Conveyor's own" in (done.error or "")
+        assert "signing-secret" not in repr(done)
+    finally:
+        await app.close()

@@ -15,7 +15,7 @@ from conveyor.domain.errors import ConfigurationError, FieldError, ValidationErr
 from conveyor.domain.flow import FlowLimits
 from conveyor.domain.job import DEFAULT_MAX_RETRIES, DEFAULT_PRIORITY, DEFAULT_QUEUE, JobTypeInfo
 from conveyor.domain.retry import RetryPolicy
-from conveyor.runtime.secret_refs import has_refs, with_placeholders
+from conveyor.runtime.secret_refs import check_refs, has_refs, with_placeholders
 from conveyor.runtime.steps import DEFAULT_MAX_HEALS
 
 if TYPE_CHECKING:
@@ -60,9 +60,12 @@ class JobDefinition:
 
     def validate_payload(self, payload: Mapping[str, Any]) -> None:
         """Raise ``ValidationError`` if ``payload`` does not fit the handler's signature."""
+        refs = has_refs(payload)
+        if refs:
+            check_refs(payload)
         if self._model is not None:
             # A secret reference stands for text, resolved by the worker (docs/security.md).
-            self._validate(with_placeholders(payload) if has_refs(payload) else payload)
+            self._validate(with_placeholders(payload) if refs else payload)
 
     def _validate(self, payload: Mapping[str, Any]) -> Any:
         assert self._model is not None

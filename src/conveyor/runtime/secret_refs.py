@@ -11,9 +11,35 @@ import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from conveyor.domain.errors import FieldError, ValidationError
 from conveyor.domain.secrets import secret_ref
 
 MASK = "***"
+#: Secrets Conveyor keeps for itself (webhook signing secrets, the audit anchor key):
+#: a payload can never reference them, or any job could read them.
+RESERVED_PREFIX = "conveyor."
+
+
+def reserved_ref_error(name: str) -> ValidationError:
+    return ValidationError(
+        f"Secret {name!r} is Conveyor's own: a payload cannot reference it",
+        [FieldError("payload", f"references the reserved secret {name!r} (conveyor.*)")],
+    )
+
+
+def check_refs(value: Any) -> None:
+    """Raise ``ValidationError`` when ``value`` references a reserved secret."""
+    name = secret_ref(value)
+    if name is not None:
+        if name.startswith(RESERVED_PREFIX):
+            raise reserved_ref_error(name)
+    elif isinstance(value, dict):
+        for v in value.values():
+            check_refs(v)
+    elif isinstance(value, list):
+        for v in value:
+            check_refs(v)
+
 
 #: How a resolver turns a secret name into its value (raises ``SecretNotFound``).
 Resolver = Callable[[str], Awaitable[str]]
@@ -48,6 +74,8 @@ async def resolve_refs(payload: dict[str, Any], get: Resolver) -> tuple[dict[str
     async def walk(value: Any) -> Any:
         name = secret_ref(value)
         if name is not None:
+            if name.startswith(RESERVED_PREFIX):  # stored before the submit check existed
+                raise reserved_ref_error(name)
             if name not in values:
                 values[name] = await get(name)
             return values[name]
