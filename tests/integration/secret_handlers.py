@@ -18,3 +18,9 @@ def use_secret(ctx: JobContext, password: str, out: str) -> dict[str, int]:
 def leak_secret(ctx: JobContext, password: str, out: str) -> None:
     """A careless handler: the secret ends up in its exception text (three forms)."""
     raise RuntimeError(f"login refused for password {password} ({password!r}, {[password]})")
+
+
+def leak_at_the_cut(ctx: JobContext, password: str, pad: int, after: int = 0) -> None:
+    """The secret straddles the 8 KiB cut of the stored error text (``pad`` before
+    it) or, from the end, the cut of the kept traceback (``after`` behind it)."""
+    raise ValueError("C" * pad + password + "B" * (after or pad))

@@ -215,3 +215,51 @@ async def test_conveyors_own_secrets_cannot_be_referenced(tmp_path: Path) -> Non
         assert "signing-secret" not in repr(done)
     finally:
         await app.close()
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+async def test_a_secret_straddling_a_cut_is_masked_before_the_cut(
+    tmp_path: Path, isolation: str
+) -> None:
+    settings = Settings(
+        database_url="memory://",
+        master_key=MasterKey.generate().to_base64(),
+        heartbeat_interval=0.2,
+    )
+    app = Conveyor(settings=settings)
+    app.job("leak", isolation=isolation, max_retries=0)(h.leak_at_the_cut)
+    plain = "Sup3rS3cretValue!xyz-" + secrets.token_hex(8)
+    try:
+        await app.open()
+        await app.secrets.set("pw", plain)
+        # Cuts: 8,192 characters of error here, 8 KiB (with its marker) in a child;
+        # the traceback's last 8,192 characters here, 16 KiB in a child.
+        cases = [(8_180, 0), (8_150, 0), (8_134, 0), (8_120, 0), (10, 8_180), (10, 16_330)]
+        cases += [(10, 16_300), (100, 0)]
+        ids = [
+            (
+                await app.enqueue(
+                    "leak", {"password": {"$secret": "pw"}, "pad": pad, "after": after}
+                )
+            ).id
+            for pad, after in cases
+        ]
+        async with running_worker(app, concurrency=1):
+
+            async def all_failed() -> bool:
+                jobs = [await app.store.get(i) for i in ids]
+                return all(j.state is JobState.FAILED for j in jobs)
+
+            await async_wait_until(all_failed, 60, "the jobs to fail")
+        texts = []
+        for i in ids:
+            job = await app.store.get(i)
+            texts.append(job.error or "")
+            texts += [f"{e.error} {e.traceback}" for e in await app.store.executions(i)]
+        joined = "\n".join(texts)
+        for n in range(6, len(plain) + 1):  # no piece of it, from either end
+            assert plain[:n] not in joined, n
+            assert plain[-n:] not in joined, n
+        assert "***" in texts[-1]  # the short one: masked in place
+    finally:
+        await app.close()

@@ -52,14 +52,21 @@ class Decision:
     error: str
 
 
-def describe(exc: BaseException) -> str:
+#: What a mask (``mask=``) may see of a text before it is cut to its stored size:
+#: a secret that straddled the cut would otherwise be stored in part.
+MASK_WINDOW = 1 << 20
+
+
+def describe(exc: BaseException, mask: Callable[[str], str] | None = None) -> str:
     """``"Type: message"`` (or ``"Type"``) for any exception, storable and bounded.
 
     Never raises: a ``__str__`` that raises, lone surrogates, NUL characters and
     huge messages are handled by :func:`conveyor.domain.limits.safe_text`.
+    ``mask`` (e.g. hiding resolved secrets) runs on the whole text before it is
+    cut, so nothing it hides survives in part at the cut.
     """
     name = safe_text(type(exc).__name__, 200)
-    text = safe_text(exc)
+    text = safe_text(exc) if mask is None else safe_text(mask(safe_text(exc, MASK_WINDOW)))
     return f"{name}: {text}" if text else name
 
 
@@ -68,19 +75,28 @@ def describe(exc: BaseException) -> str:
 MAX_TRACEBACK_CHARS = 8_192
 
 
-def traceback_text(exc: BaseException) -> str | None:
+def traceback_text(exc: BaseException, mask: Callable[[str], str] | None = None) -> str | None:
     """``exc``'s traceback as Python prints it (chained exceptions included), cut to
     its last ``MAX_TRACEBACK_CHARS`` characters behind a ``... [N characters cut]``
     line, storable by every store; None when it has no traceback. Never raises:
     the ``traceback`` module describes an exception whose ``__str__`` raises as
     ``<exception str() failed>``. It does run that ``__str__``: call it where a
-    hanging one can't freeze anything (the worker does it off its event loop)."""
+    hanging one can't freeze anything (the worker does it off its event loop).
+    ``mask`` runs on the whole text before the cut (see ``describe``)."""
     try:
         if exc.__traceback__ is None:
             return None
         text = "".join(_traceback.format_exception(exc))
     except BaseException:  # noqa: BLE001 - a hostile exception must not escape
         return None
+    return cut_traceback(text, mask)
+
+
+def cut_traceback(text: str, mask: Callable[[str], str] | None = None) -> str:
+    """A traceback's text as stored: masked, cleaned, its last ``MAX_TRACEBACK_CHARS``
+    characters behind a ``... [N characters cut]`` line."""
+    if mask is not None:
+        text = mask(text)
     text = safe_text(text, len(text) + 1)
     if len(text) > MAX_TRACEBACK_CHARS:
         cut = len(text) - MAX_TRACEBACK_CHARS

@@ -106,6 +106,7 @@ from conveyor.domain.errors import (
 )
 from conveyor.domain.limits import clamp_retry_delay
 from conveyor.runtime.context import JobContext
+from conveyor.runtime.secret_refs import scrub
 from conveyor.runtime.steps import Steps
 
 __all__ = [
@@ -247,6 +248,9 @@ class ChildJob:
     workflow: dict[str, Any] | None = None
     #: The job's last checkpoint (``ctx.last_checkpoint`` in the child).
     checkpoint: Any = None
+    #: Resolved secret values of the payload: the child masks them in its error
+    #: text and traceback before cutting them (the payload holds them anyway).
+    secrets: tuple[str, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -263,6 +267,7 @@ class ChildJob:
             "permanent_errors": list(self.permanent_errors),
             "workflow": self.workflow,
             "checkpoint": self.checkpoint,
+            "secrets": list(self.secrets),
         }
 
     @classmethod
@@ -282,6 +287,7 @@ class ChildJob:
             permanent_errors=tuple(data.get("permanent_errors", ())),
             workflow=data.get("workflow"),
             checkpoint=data.get("checkpoint"),
+            secrets=tuple(data.get("secrets", ())),
         )
 
 
@@ -1478,6 +1484,10 @@ def _failure_report(exc: BaseException, job: ChildJob, state: _ChildState) -> di
         tb = "".join(traceback.format_exception(exc))
     except BaseException:  # noqa: BLE001 - a traceback is a nicety
         tb = _describe(exc)
+    error = _describe(exc)
+    if job.secrets:  # masked whole, before the cuts below (a secret must not straddle one)
+        error = scrub(error, job.secrets) or ""
+        tb = scrub(tb, job.secrets) or ""
     permanent = isinstance(exc, Permanent) or any(
         cls is not None and isinstance(exc, cls)
         for cls in (_class(name, state) for name in job.permanent_errors)
@@ -1491,7 +1501,7 @@ def _failure_report(exc: BaseException, job: ChildJob, state: _ChildState) -> di
     return {
         "ok": False,
         "error_type": _type_name(exc),
-        "error": safe_text(_describe(exc)),
+        "error": safe_text(error),
         "traceback": safe_text(tb, TRACEBACK_LIMIT, keep="tail"),
         "permanent": permanent,
         "retry_delay": delay,

@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +41,7 @@ from conveyor.domain.errors import (
 from conveyor.domain.ids import new_token
 from conveyor.domain.job import Finish, Job, WorkerInfo, is_internal
 from conveyor.domain.limits import safe_text
-from conveyor.domain.retry import decide, describe, traceback_text
+from conveyor.domain.retry import cut_traceback, decide, describe, traceback_text
 from conveyor.domain.states import Action
 from conveyor.observability import tracing
 from conveyor.runtime.audit import attach_audit
@@ -788,6 +788,7 @@ class Worker:
                 "parent_results": ctx.parent_results,
             },
             checkpoint=ctx.last_checkpoint,
+            secrets=self._running[job.id].secrets,
         )
         entry = self._running[job.id]
         entry.deadline = _deadline(timeout)
@@ -828,7 +829,13 @@ class Worker:
                 error=scrub(outcome.error, getattr(self._running.get(job.id), "secrets", ())),
             )
         # The child described the exception already (safely, in its own process).
-        return self._failure(job, definition, outcome.as_exception(), error=outcome.error)
+        return self._failure(
+            job,
+            definition,
+            outcome.as_exception(),
+            error=outcome.error,
+            child_traceback=outcome.traceback,
+        )
 
     def _success(self, job: Job, definition: JobDefinition, result: Any) -> Finish:
         try:
@@ -844,22 +851,32 @@ class Worker:
         exc: BaseException,
         *,
         error: str | None = None,
+        child_traceback: str | None = None,
     ) -> Finish:
         entry = self._running.get(job.id)
         if entry is not None:
             entry.error = exc
+        secrets = entry.secrets if entry is not None else ()
+        # Resolved secrets are masked in the whole text, before it is cut to its
+        # stored size: one straddling the cut would be stored in part.
+        mask = (lambda text: scrub(text, secrets) or "") if secrets else None
+        raised_here = error is None  # else a child described it: its frames are there
+        if error is not None:
+            error = safe_text(mask(error) if mask is not None else error)
+        elif mask is not None:
+            error = describe(exc, mask)
         decision = decide(
             exc,
             attempt=job.attempt,
             max_retries=job.max_retries,
             policy=definition.retry,
             rand=self.deps.rand,
-            error=None if error is None else safe_text(error),
+            error=error,
         )
-        trace = traceback_text(exc) if error is None else None  # a child's has no frames here
-        if entry is not None and entry.secrets:  # never store a resolved secret
-            decision = replace(decision, error=scrub(decision.error, entry.secrets) or "")
-            trace = scrub(trace, entry.secrets)
+        if child_traceback is not None:
+            trace: str | None = cut_traceback(child_traceback, mask)
+        else:
+            trace = traceback_text(exc, mask) if raised_here else None
         retry_at = (
             self.deps.now() + timedelta(seconds=decision.delay)
             if decision.action is Action.RETRY
