@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from appkit import app_on, finished
 
-from conveyor import Conveyor, Retry
+from conveyor import Conveyor, Permanent, Retry
 from conveyor.domain.job import Finish, JobQuery
 from conveyor.domain.limits import MAX_ERROR_CHARS, MAX_RETRY_DELAY_SECONDS
 from conveyor.domain.states import EVENT_FOR_ACTION, Action, JobState
@@ -345,3 +345,45 @@ async def test_classifying_a_hostile_exception_never_freezes_the_loop(app):
         HangingStr.release.set()
     assert "did not come within" in jobs[first.id].error
     assert jobs[second.id].result == "second"  # retried with the backoff meanwhile
+
+
+class PermanentHangingStr(Permanent):
+    def __str__(self) -> str:
+        HangingStr.release.wait(30)
+        return "never in time"
+
+
+async def test_hanging_texts_never_use_up_the_describers(app):
+    """Exceptions whose __str__ never returns used to hold the worker's two
+    describe threads for good: every later custom exception then timed out and a
+    Permanent one was retried as transient (run again, never dead-lettered)."""
+    HangingStr.release.clear()
+
+    @app.job("hangs", max_retries=0)
+    async def hangs(ctx) -> None:
+        raise HangingStr()
+
+    @app.job("declined", max_retries=3)
+    async def declined(ctx) -> None:
+        try:
+            raise KeyError("card")
+        except KeyError as exc:
+            raise Permanent("card declined") from exc  # the README's pattern
+
+    @app.job("permanent_hangs", max_retries=3)
+    async def permanent_hangs(ctx) -> None:
+        raise PermanentHangingStr()
+
+    try:
+        hanging = [(await app.enqueue("hangs")).id for _ in range(3)]
+        async with running_worker(app):
+            await finished(app, hanging, timeout=30)
+            later = [(await app.enqueue("declined")).id, (await app.enqueue("permanent_hangs")).id]
+            jobs = await finished(app, later, timeout=30)
+    finally:
+        HangingStr.release.set()
+    for job_id in later:
+        runs = await app.store.executions(job_id)
+        assert [r.outcome for r in runs] == ["failed"], (jobs[job_id].error, runs)
+    assert jobs[later[0]].error == "Permanent: card declined"
+    assert "did not come within" in jobs[later[1]].error

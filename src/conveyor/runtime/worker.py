@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -185,6 +186,16 @@ def _timed(f: Finish, job_type: str, duration: float) -> Finish:
     )
 
 
+def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    """Resolve ``fut`` from another thread's result (if nobody gave up on it yet)."""
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
+
+
 def _class_name(exc: BaseException) -> str:
     """The exception's class name through type's own descriptor: no metaclass
     code runs (a hostile ``__name__`` property can't interfere)."""
@@ -252,7 +263,6 @@ class Worker:
                     ),
                 )
         self._pool: Any = None  # runtime.isolation.ProcessPool, started on first use
-        self._describer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="conveyor-describe")
         self._threads = ThreadPoolExecutor(
             max_workers=self.concurrency, thread_name_prefix="conveyor-job"
         )
@@ -385,7 +395,6 @@ class Worker:
             if (lease := getattr(self, "_maintenance_lease", None)) is not None:
                 await lease.resign_quietly()  # the next worker's pass takes over at once
             self._threads.shutdown(wait=False, cancel_futures=True)
-            self._describer.shutdown(wait=False, cancel_futures=True)
             if self._pool is not None:
                 await self._pool.close()
             log.info("worker_stopped", worker_id=self.id, processed=self.processed)
@@ -669,19 +678,35 @@ class Worker:
         ):
             return self._failure(job, definition, exc)
         loop = asyncio.get_running_loop()
+        done: asyncio.Future[Finish] = loop.create_future()
+
+        def describe_it() -> None:
+            finish: Finish | None = None
+            error: BaseException | None = None
+            try:
+                finish = self._failure(job, definition, exc, quiet=True)
+            except BaseException as err:  # noqa: BLE001 - reported through the future
+                error = err
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(_settle, done, finish, error)
+
+        # A daemon thread of its own (in the job's context: its log lines name its
+        # trace): one whose __str__ never returns is left behind without holding a
+        # pool slot that later failures need, nor the process's exit.
+        threading.Thread(
+            target=tracing.in_context(describe_it), name="conveyor-describe", daemon=True
+        ).start()
         try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(
-                    self._describer,  # in the job's context: its log lines name its trace
-                    tracing.in_context(lambda: self._failure(job, definition, exc)),
-                ),
-                DESCRIBE_TIMEOUT,
-            )
-        except Exception:  # noqa: BLE001 - a timeout, a raise, or a pool shut down
+            finish = await asyncio.wait_for(asyncio.shield(done), DESCRIBE_TIMEOUT)
+            if finish.action is Action.FAIL:
+                self._log_dead_lettered(job, finish.error)
+            return finish
+        except Exception:  # noqa: BLE001 - a timeout or a raise
             name = safe_text(_class_name(exc), 200)
-            stand_in = HandlerFailure(
-                f"{name}: <its text did not come within {DESCRIBE_TIMEOUT:g} s>"
-            )
+            text = f"{name}: <its text did not come within {DESCRIBE_TIMEOUT:g} s>"
+            # Its class is read without running its code: a Permanent stays permanent.
+            permanent = issubclass(type(exc), (Permanent, *definition.retry.permanent_errors))
+            stand_in = Permanent(text) if permanent else HandlerFailure(text)
             return self._failure(job, definition, stand_in)
 
     async def _run_in_thread(
@@ -837,6 +862,16 @@ class Worker:
             child_traceback=outcome.traceback,
         )
 
+    def _log_dead_lettered(self, job: Job, error: str | None) -> None:
+        log.warning(
+            "job_dead_lettered",
+            job_id=job.id,
+            worker_id=self.id,
+            job_type=job.job_type,
+            attempt=job.attempt,
+            error=error,
+        )
+
     def _success(self, job: Job, definition: JobDefinition, result: Any) -> Finish:
         try:
             result = storable_result(result)
@@ -852,7 +887,10 @@ class Worker:
         *,
         error: str | None = None,
         child_traceback: str | None = None,
+        quiet: bool = False,
     ) -> Finish:
+        """The finish of an attempt that raised ``exc``. ``quiet``: log nothing (a
+        side thread's attempt, whose result may come too late to be used)."""
         entry = self._running.get(job.id)
         if entry is not None:
             entry.error = exc
@@ -882,15 +920,8 @@ class Worker:
             if decision.action is Action.RETRY
             else None
         )
-        if decision.action is Action.FAIL:
-            log.warning(
-                "job_dead_lettered",
-                job_id=job.id,
-                worker_id=self.id,
-                job_type=job.job_type,
-                attempt=job.attempt,
-                error=decision.error,
-            )
+        if decision.action is Action.FAIL and not quiet:
+            self._log_dead_lettered(job, decision.error)
         return Finish(
             job.id,
             job.lease_token or "",
