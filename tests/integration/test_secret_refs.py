@@ -4,6 +4,7 @@ not in the SQLite files, the logs, the events, the API answers or stored errors.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import secrets
@@ -263,3 +264,37 @@ async def test_a_secret_straddling_a_cut_is_masked_before_the_cut(
         assert "***" in texts[-1]  # the short one: masked in place
     finally:
         await app.close()
+
+
+async def test_the_secrets_directory_reads_only_small_regular_text_files(tmp_path: Path) -> None:
+    import os
+
+    from conveyor.domain.errors import ConfigurationError
+    from conveyor.security.file_secrets import MAX_SECRET_FILE_BYTES, FileSecrets
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "zero").symlink_to("/dev/zero")  # would never end
+    os.mkfifo(folder / "fifo")  # would block the reader for good
+    (folder / "big").write_bytes(b"x" * (MAX_SECRET_FILE_BYTES + 1))
+    (folder / "binary").write_bytes(b"\xff\xfe\x00")
+    (folder / "ok").write_text("fine\n")
+    (tmp_path / "outside").write_text("not here")
+    provider = FileSecrets(folder)
+    for name, reason in (
+        ("zero", "not a regular file"),
+        ("fifo", "not a regular file"),
+        ("big", "larger than"),
+        ("binary", "not UTF-8"),
+    ):
+        with pytest.raises(ConfigurationError, match=reason):
+            await asyncio.wait_for(provider.get(name), 5)
+    assert await provider.get("ok") == "fine"
+    from conveyor.domain.errors import ValidationError
+    from conveyor.domain.secrets import SecretNotFound
+
+    for name in ("..", ".hidden", "missing"):
+        with pytest.raises(SecretNotFound):
+            await provider.get(name)
+    with pytest.raises(ValidationError):
+        await provider.get("../outside")

@@ -12,7 +12,9 @@ next job; an unchanged one is served from memory after one ``stat``.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import stat
 from pathlib import Path
 
 from conveyor.domain.errors import ConfigurationError
@@ -45,14 +47,20 @@ class FileSecrets:
         validate_secret_name(name)
         if name.startswith("."):  # ".", "..", hidden files: never a secret here
             raise SecretNotFound(name)
+        # A file system may block (NFS, a FUSE mount): never on the event loop.
+        return await asyncio.to_thread(self._read, name)
+
+    def _read(self, name: str) -> str:
         path = self.directory / name
         try:
-            st = path.stat()
+            st = path.stat()  # follows symlinks: Kubernetes volumes are made of them
         except FileNotFoundError:
             self._cache.pop(name, None)
             raise SecretNotFound(name) from None
         except OSError as exc:
             raise ConfigurationError(f"Secret file {str(path)!r}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, /dev/zero never ends
+            raise ConfigurationError(f"Secret file {str(path)!r} is not a regular file")
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         cached = self._cache.get(name)
         if cached is not None and cached[0] == stamp:
@@ -62,11 +70,27 @@ class FileSecrets:
                 f"Secret file {str(path)!r} is larger than {MAX_SECRET_FILE_BYTES} bytes"
             )
         try:
-            text = path.read_bytes()[: MAX_SECRET_FILE_BYTES + 1].decode("utf-8")
+            # O_NONBLOCK: a file swapped for a FIFO after the stat does not hang us.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise SecretNotFound(name) from None
         except OSError as exc:
             raise ConfigurationError(f"Secret file {str(path)!r}: {exc.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigurationError(f"Secret file {str(path)!r} is not a regular file")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(MAX_SECRET_FILE_BYTES + 1)
+        except OSError as exc:
+            raise ConfigurationError(f"Secret file {str(path)!r}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        if len(data) > MAX_SECRET_FILE_BYTES:
+            raise ConfigurationError(
+                f"Secret file {str(path)!r} is larger than {MAX_SECRET_FILE_BYTES} bytes"
+            )
+        try:
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigurationError(f"Secret file {str(path)!r} is not UTF-8 text") from None
         value = text[:-1] if text.endswith("\n") else text
