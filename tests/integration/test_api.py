@@ -441,6 +441,26 @@ async def test_enum_filters_name_their_values(client, query, values):
     assert detail_fields(err) == {"status"}
 
 
+async def test_every_route_refuses_unknown_repeated_and_empty_params(cv, client):
+    job_id = await submit(client, max_retries=0)
+    await make_failed(cv, job_id)
+    # Not only the lists: a state-changing route with a misspelled filter changed
+    # everything (retry-all?job-type=x retried every dead letter).
+    err = assert_error(await client.post("/api/dlq/retry-all?job-type=x"), 400)
+    assert detail_fields(err) == {"job-type"}
+    assert "job_type" in err["error"]  # names what it takes
+    assert (await cv.store.get(job_id)).status == "failed"  # nothing retried
+    err = assert_error(await client.delete(f"/api/jobs/{job_id}?force=1"), 400)
+    assert detail_fields(err) == {"force"}
+    err = assert_error(await client.get("/api/jobs?status=pending&status=failed"), 400)
+    assert detail_fields(err) == {"status"}
+    assert "more than once" in err["error"]
+    err = assert_error(await client.get("/api/jobs?job_type="), 400)
+    assert detail_fields(err) == {"job_type"}
+    assert "empty" in err["error"]
+    assert (await client.get("/api/jobs?status=failed")).status_code == 200
+
+
 @pytest.mark.parametrize("path", ["/api/jobs", "/api/dlq"])
 async def test_huge_offset_is_400_not_500(client, path):
     assert (await client.get(f"{path}?offset={2**31 - 1}")).status_code == 200

@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
 
+from conveyor.api.params import refuse_unknown_params
 from conveyor.app import Conveyor
 from conveyor.auditing import AUDIT_ACTOR
 from conveyor.domain.auth import ApiKey
@@ -197,5 +198,8 @@ class Auth:
             request.state.api_key = await self.authenticate(request, scope)
             # The audit log's actor for this request (api/audit.py).
             AUDIT_ACTOR.set(request.state.api_key.name if request.state.api_key else "anonymous")
+            # Every route, after its key is checked: an unknown, repeated or empty
+            # query parameter is a 400, never ignored (api/params.py).
+            await refuse_unknown_params(request)
 
         return check

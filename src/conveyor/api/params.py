@@ -1,9 +1,11 @@
-"""Query strings of list routes: an unknown parameter is a 400, never ignored.
+"""Query strings: an unknown, repeated or empty parameter is a 400, never ignored.
 
 Why: a misspelled filter (``GET /api/jobs?state=failed`` for ``status=``) that
 is silently dropped answers with every job, which a script then retries,
-cancels or purges. Routes opt in with ``dependencies=[..., KNOWN_PARAMS]``
-(after the auth dependency, so a missing key is still a 401 first).
+cancels or purges; ``POST /api/dlq/retry-all?job-type=x`` would retry every
+dead letter. Every API route checks its query string after its key
+(``Auth.require``, so a missing key is still a 401 first); ``KNOWN_PARAMS`` is
+the same check as a dependency of its own.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ async def refuse_unknown_params(request: Request) -> None:
     allowed = _declared(route)
     unknown = sorted({name for name in request.query_params if name not in allowed})
     if not unknown:
+        problems = [
+            FieldError(name, "given more than once: give it once (lists are comma-separated)")
+            for name in sorted(allowed)
+            if len(request.query_params.getlist(name)) > 1
+        ] + [
+            FieldError(name, "is empty: leave it out, or give a value")
+            for name in sorted(allowed)
+            if request.query_params.get(name, None) == ""
+        ]
+        if problems:
+            raise ValidationError(
+                "Bad query parameter(s): "
+                + "; ".join(f"{p.field} {p.message}" for p in problems[:MAX_NAMED]),
+                problems[:MAX_NAMED],
+            )
         return
     takes = ", ".join(sorted(allowed)) or "none"
     shown = [name[:40] for name in unknown[:MAX_NAMED]]
