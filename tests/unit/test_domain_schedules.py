@@ -340,3 +340,20 @@ def test_jitter_delays_run_at_within_the_bound() -> None:
     assert job_for_fire(s, _utc(2026, 1, 1), 0.0).run_at == _utc(2026, 1, 1)
     assert job_for_fire(s, _utc(2026, 1, 1), 1.0).run_at == _utc(2026, 1, 1, 0, 0, 10)
     assert job_for_fire(s, _utc(2026, 1, 1), 7.0).run_at == _utc(2026, 1, 1, 0, 0, 10)
+
+
+def test_a_blank_expression_is_refused_not_a_crash() -> None:
+    for blank in ("   ", "\t", " \n "):
+        with pytest.raises(ValidationError, match="blank"):
+            CronSpec.parse(blank, "UTC")
+
+
+def test_a_one_value_range_with_a_step_fires_at_that_value_only() -> None:
+    # The cron library read 0-0/1 as every minute.
+    after = datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
+    for expression in ("0-0/1 * * * *", "0-0 * * * *", "0 * * * *"):
+        spec = CronSpec.parse(expression, "UTC")
+        assert spec.next_after(after) == datetime(2026, 1, 1, 1, 0, tzinfo=UTC), expression
+    spec = CronSpec.parse("5-5/2,30 * * * *", "UTC")
+    assert spec.next_after(after) == datetime(2026, 1, 1, 0, 5, tzinfo=UTC)
+    assert spec.next_after(spec.next_after(after)) == datetime(2026, 1, 1, 0, 30, tzinfo=UTC)

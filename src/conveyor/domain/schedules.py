@@ -87,6 +87,15 @@ _STEP_FIELDS = (("minute", 59), ("hour", 23), ("day", 31), ("month", 12), ("week
 _STEP = re.compile(r"[0-9]{1,2}")
 
 
+_SAME_ENDS = re.compile(r"(?<![\w-])(\d+)-\1(?:/\d+)?(?![\w-])")
+
+
+def _single_value_ranges(fields: str) -> str:
+    """``5-5`` and ``5-5/1`` as ``5``: the cron library reads a one-value range with
+    a step as every value of the field (``0-0/1`` fired every minute)."""
+    return _SAME_ENDS.sub(r"\1", fields)
+
+
 def _step_error(fields: str) -> str | None:
     """What is wrong with a step of the expression, else None. The cron library
     accepts steps beyond the field (``*/61``, ``*/99999999999999999999``) and
@@ -139,6 +148,9 @@ class CronSpec:
                         )
                     )
                 fields_ = expanded or ""
+            elif not fields_:
+                errs.append(FieldError("cron", "is blank: give 5 or 6 fields, or a macro"))
+            fields_ = _single_value_ranges(fields_)
             if fields_ and len(fields_.split()) not in (5, 6):
                 errs.append(
                     FieldError(
