@@ -65,3 +65,24 @@ def test_free_text_is_cut_with_an_ellipsis_to_the_room_left() -> None:
     assert "…" in row
     assert len(row) <= 80
     assert MIN_FREE_TEXT >= 10
+
+
+def test_control_characters_from_users_print_as_visible_escapes() -> None:
+    import io
+
+    from rich.console import Console
+
+    from conveyor.cli.layout import printable
+    from conveyor.cli.main import _add_row, _table
+
+    hostile = "key\x1b]0;pwned\x07\x1b[2J\r\x9b31m"
+    assert printable(hostile) == "key\\x1b]0;pwned\\x07\\x1b[2J\\x0d\\x9b31m"
+    assert printable("line\n\ttab") == "line\n\ttab"
+    table = _table("t", ("id", "error"))
+    _add_row(table, "abc", hostile)
+    buf = io.StringIO()
+    Console(file=buf, width=200, force_terminal=False).print(table)
+    shown = buf.getvalue()
+    for control in ("\x1b", "\x07", "\x9b"):
+        assert control not in shown
+    assert "\\x1b]0;pwned" in shown

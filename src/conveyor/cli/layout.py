@@ -17,6 +17,19 @@ from rich.cells import cell_len
 from rich.markup import escape
 from rich.table import Table
 
+#: Control characters a terminal would obey (ESC sequences clear the screen, set
+#: the title, fake output...): printed as visible escapes instead. Newline and tab stay.
+_CONTROLS = {
+    c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)
+}
+
+
+def printable(text: str) -> str:
+    """``text`` as a terminal may show it: control characters (ESC, BEL, CR, C1...)
+    become ``\\xNN``. Job errors, ids, keys and names come from users and handlers."""
+    return text.translate(_CONTROLS)
+
+
 if TYPE_CHECKING:
     from conveyor.domain.job import Job
 
@@ -100,7 +113,7 @@ def fitted_table(title: str, columns: Sequence[Column], width: int) -> Table:
             table.add_column(c.header, overflow="fold", min_width=_natural(c.header, cells))
         rows.append(cells)
     for row in zip(*rows, strict=True):
-        table.add_row(*(escape(cell) for cell in row))
+        table.add_row(*(escape(printable(cell)) for cell in row))
     return table
 
 

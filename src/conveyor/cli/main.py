@@ -17,7 +17,7 @@ from rich.table import Table
 
 from conveyor.app import Conveyor
 from conveyor.auditing import acting_as, audited, cli_actor
-from conveyor.cli.layout import dlq_table, jobs_table
+from conveyor.cli.layout import dlq_table, jobs_table, printable
 from conveyor.cli.loader import apply_app
 from conveyor.cli.loop import run as run_loop
 from conveyor.cli.schedules import scheduler as scheduler_command
@@ -77,8 +77,9 @@ class ConveyorGroup(click.Group):
 
 
 def _plain(text: str) -> str:
-    """``text`` safe to print with rich: secrets redacted, markup escaped."""
-    return escape(redact(text))
+    """``text`` safe to print with rich: secrets redacted, markup escaped, control
+    characters visible."""
+    return escape(printable(redact(text)))
 
 
 def _table(title: str, columns: Sequence[str]) -> Table:
@@ -95,7 +96,7 @@ def _table(title: str, columns: Sequence[str]) -> Table:
 
 def _add_row(table: Table, *cells: str | None) -> None:
     """A table row of plain text (job errors, names and payloads are not markup)."""
-    table.add_row(*(escape(c or "") for c in cells))
+    table.add_row(*(escape(printable(c or "")) for c in cells))
 
 
 def emit_json(data: Any) -> None:
@@ -598,7 +599,7 @@ def jobs_show(obj: Ctx, job_id: str, as_json: bool) -> None:
     last = next((e for e in reversed(data["executions"]) if e.get("traceback")), None)
     if last is not None:  # the newest one: where to look first
         out.print(f"Traceback of attempt {last['attempt']}:", highlight=False)
-        out.print(last["traceback"], markup=False, highlight=False, soft_wrap=True)
+        out.print(printable(last["traceback"]), markup=False, highlight=False, soft_wrap=True)
 
 
 @jobs.command("cancel")
