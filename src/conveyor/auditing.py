@@ -33,6 +33,7 @@ from conveyor.domain.audit import (
     AuditDraft,
     AuditEntry,
     AuditQuery,
+    Broken,
     Verdict,
     make_anchor,
     verify,
@@ -251,6 +252,13 @@ class AuditLog:
             except Exception as exc:  # noqa: BLE001 - the change is committed; logged
                 log.warning("audit_anchor_failed", error=str(exc)[:300])
 
+    def _signing_available(self) -> bool:
+        """Whether this process holds a master key (so it can check every anchor)."""
+        try:
+            return bool(load_keyring(self.app.settings))
+        except ConfigurationError:
+            return False
+
     def _vault(self) -> StoreSecrets:
         # Its own vault without the audit hook: reading the anchor key is not a
         # change worth an entry, and an entry per anchor would never settle.
@@ -269,9 +277,17 @@ class AuditLog:
             except SecretNotFound:
                 if not create:
                     return None
-                row = await vault.set(ANCHOR_KEY_SECRET, base64.b64encode(os.urandom(32)))
-                text = await vault.get(ANCHOR_KEY_SECRET, row.version)
-                version = row.version
+                # One key for the fleet: processes anchoring at once would each make
+                # a version, and anchors signed by a pruned one could not be checked.
+                async with self.app.lock(ANCHOR_KEY_SECRET, ttl=30, wait=30):
+                    try:
+                        text = await vault.get(ANCHOR_KEY_SECRET)
+                        version = await self.app.store.secret_version(ANCHOR_KEY_SECRET)
+                    except SecretNotFound:
+                        fresh = base64.b64encode(os.urandom(32))
+                        row = await vault.set(ANCHOR_KEY_SECRET, fresh)
+                        text = await vault.get(ANCHOR_KEY_SECRET, row.version)
+                        version = row.version
         except ConfigurationError:
             return None
         self._anchor_key = (base64.b64decode(text), f"{ANCHOR_KEY_SECRET}:v{version}")
@@ -291,7 +307,9 @@ class AuditLog:
 
     async def anchor(self, head: AuditEntry | None = None) -> Anchor | None:
         """Record a signed anchor at the newest entry (``head`` if given); None when
-        the log is empty. Unsigned (``mac`` None, a warning logged) without a master key."""
+        the log is empty, or when this process has no master key but the log's
+        anchors are signed. Unsigned (``mac`` None, a warning logged) without a
+        master key in a log never signed."""
         await self.app.open()
         if head is None:
             head = await self.head()
@@ -299,6 +317,14 @@ class AuditLog:
                 return None
         key = await self.anchor_key(create=True)
         if key is None:
+            if any(a.mac is not None for a in await self.app.store.list_audit_anchors()):
+                # The log is signed: an unsigned anchor from a process without the
+                # master key would read as a removed signature where it is checked.
+                log.warning(
+                    "audit_anchor_skipped",
+                    reason="the log's anchors are signed and this process has no master key",
+                )
+                return None
             log.warning("audit_anchor_unsigned", reason="no master key configured")
         anchor = make_anchor(
             head.seq, head.hash, self.app.now(), None if key is None else key[0], key and key[1]
@@ -329,9 +355,16 @@ class AuditLog:
             last = entry
         return last
 
-    async def verify(self) -> Verdict:
+    async def verify(self, *, allow_unsigned: bool = False) -> Verdict:
         """Walk the whole chain and every anchor (``domain.audit.verify``); anchors
-        are checked against the key each names (a warning when unavailable)."""
+        are checked against the key each names.
+
+        With a master key configured this process can check every signature, so
+        an anchor it cannot check breaks the chain instead of warning: an unsigned
+        anchor (someone with database access removed its MAC to move or forge it;
+        ``allow_unsigned`` accepts those of a log written before the master key
+        was set), a MAC without a key id, or a key version the vault no longer
+        has. Without a master key, signatures are not checked (a warning)."""
         await self.app.open()
         entries = [e async for e in self.entries()]
         anchors = await self.app.store.list_audit_anchors()
@@ -341,6 +374,32 @@ class AuditLog:
         keys: dict[str, bytes | None] = {}
         for key_id in {a.key_id for a in anchors if a.key_id is not None}:
             keys[key_id] = await self._key_for(key_id)
+        if self._signing_available():
+            for a in anchors:
+                reason = None
+                if a.key_id is None and a.mac is not None:
+                    reason = "anchor has a MAC but names no key (edited)"
+                elif a.key_id is None and not allow_unsigned:
+                    reason = (
+                        "anchor is unsigned although a master key is configured (its MAC "
+                        "was removed?); `conveyor audit verify --allow-unsigned` accepts "
+                        "anchors made before the master key was set"
+                    )
+                elif a.key_id is not None and a.mac is None:
+                    reason = f"anchor names key {a.key_id!r} but has no MAC (edited)"
+                elif a.key_id is not None and keys.get(a.key_id) is None:
+                    reason = f"anchor names key {a.key_id!r}, which the vault does not have"
+                if reason is not None:
+                    return _with_anchor(
+                        Verdict(
+                            verdict.count,
+                            verdict.last_seq,
+                            verdict.last_hash,
+                            Broken(a.seq, reason),
+                            None,
+                        ),
+                        anchors,
+                    )
         # Anchors by the key they name; one verify per key keeps the domain function simple.
         result = verify(entries, [a for a in anchors if a.key_id is None])
         if not result.ok:

@@ -186,6 +186,49 @@ async def rewrite_tail(raw: Raw) -> None:
         prev = new.hash
 
 
+async def reformat_summary(raw: Raw) -> None:
+    """The same JSON with a space: what SQL reads is the same, the hashed text not."""
+    await raw.run("UPDATE {t} SET summary = ? WHERE seq = 4", '{"reason": "r3"}')
+
+
+async def duplicate_key(raw: Raw) -> None:
+    """Parsed, the last value wins (the hash still matches); SQL reads the first."""
+    await raw.run("UPDATE {t} SET summary = ? WHERE seq = 4", '{"reason":"forged","reason":"r3"}')
+
+
+async def _rewrite_from_3(raw: Raw) -> None:
+    """Entry 3 rewritten and every later hash recomputed; the anchors then changed
+    so that they no longer object (found by a review: each of these passed)."""
+    rows = await raw.rows()
+    prev = rows[1].hash
+    for e in rows[2:]:
+        new = rehashed(e, prev_hash=prev, summary={"laundered": True} if e.seq == 3 else e.summary)
+        await raw.put(new)
+        prev = new.hash
+    await raw.run("UPDATE {a} SET hash = (SELECT hash FROM {t} WHERE {t}.seq = {a}.seq)")
+
+
+async def launder_unsigned(raw: Raw) -> None:
+    await _rewrite_from_3(raw)
+    await raw.run("UPDATE {a} SET mac = NULL, key_id = NULL")
+
+
+async def launder_unknown_key(raw: Raw) -> None:
+    await _rewrite_from_3(raw)
+    await raw.run("UPDATE {a} SET key_id = 'conveyor.audit_anchor_key:v999'")
+
+
+async def launder_mac_without_key(raw: Raw) -> None:
+    await _rewrite_from_3(raw)
+    await raw.run("UPDATE {a} SET key_id = NULL")
+
+
+async def launder_deleted_key(raw: Raw) -> None:
+    await _rewrite_from_3(raw)
+    secrets = "conveyor.secrets" if raw.pg else "secrets"
+    await raw.run(f"DELETE FROM {secrets} WHERE name = 'conveyor.audit_anchor_key'")
+
+
 def _draft_of(e: AuditEntry) -> Any:
     from conveyor.domain.audit import AuditDraft
 
@@ -211,6 +254,12 @@ TAMPERS: dict[str, tuple[Callable[[Raw], Any], int, str]] = {
     "truncate_last": (truncate_last, 10, "truncated"),
     "truncate_and_forge_anchor": (truncate_and_forge_anchor, 7, "forged"),
     "rewrite_tail": (rewrite_tail, 10, "anchor"),
+    "reformat_summary": (reformat_summary, 4, "edited"),
+    "duplicate_key": (duplicate_key, 4, "edited"),
+    "launder_unsigned": (launder_unsigned, 5, "unsigned"),
+    "launder_unknown_key": (launder_unknown_key, 5, "does not have"),
+    "launder_mac_without_key": (launder_mac_without_key, 5, "names no key"),
+    "launder_deleted_key": (launder_deleted_key, 5, "does not have"),
 }
 
 

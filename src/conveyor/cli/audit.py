@@ -94,15 +94,25 @@ def _report(verdict: Verdict) -> None:
 @click.option(
     "--no-anchor", is_flag=True, help="Only check; do not record an anchor at the head after."
 )
+@click.option(
+    "--allow-unsigned",
+    is_flag=True,
+    help="Accept unsigned anchors (made before a master key was set); with a master "
+    "key they otherwise break the chain.",
+)
 @click.pass_obj
-def audit_verify(obj: Any, no_anchor: bool) -> None:
+def audit_verify(obj: Any, no_anchor: bool, allow_unsigned: bool) -> None:
     """Walk the whole chain and its anchors; exit 1 naming the first broken entry.
-    An intact chain gets a new signed anchor at its head (unless --no-anchor)."""
+    A chain intact without warnings gets a new signed anchor at its head (unless
+    --no-anchor)."""
     m = _cli()
 
     async def go(app: Conveyor) -> Verdict:
-        verdict = await app.audit.verify()
-        if verdict.ok and not no_anchor and verdict.count:
+        verdict = await app.audit.verify(allow_unsigned=allow_unsigned)
+        # Never anchor what could not be fully checked: a new signed anchor over a
+        # chain whose old anchors were not verified would launder a rewrite.
+        unchecked = any(w.startswith("no anchor key available") for w in verdict.warnings)
+        if verdict.ok and not unchecked and not no_anchor and verdict.count:
             head = (await app.audit.list(AuditQuery(after=verdict.last_seq - 1, limit=1)))[0]
             anchor = await app.audit.anchor(head)
             if anchor is not None:
@@ -119,7 +129,10 @@ def audit_anchor(obj: Any) -> None:
     m = _cli()
     anchor = m.run(lambda a: a.audit.anchor(), obj.app())
     if anchor is None:
-        m.out.print("The audit log is empty: nothing to anchor")
+        m.out.print(
+            "Nothing anchored: the audit log is empty, or its anchors are signed and "
+            "this process has no master key (CONVEYOR_MASTER_KEY)"
+        )
         return
     if anchor.mac is None:
         m.err.print(

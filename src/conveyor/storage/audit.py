@@ -153,17 +153,28 @@ def entry_row(e: AuditEntry) -> tuple[Any, ...]:
 
 
 def entry_from_row(r: Any) -> AuditEntry:
-    """A stored row back as an entry. A summary that no longer parses (edited by
-    hand) becomes ``{"$unparsable": text}`` so ``verify`` reports the entry."""
+    """A stored row back as an entry. The stored text must be exactly what was
+    hashed: a summary that no longer parses, or parses but is not in the
+    canonical form (whitespace, escapes, a duplicate key whose first value SQL
+    would read), becomes ``{"$unparsable": text}``, and a ``seq`` or
+    ``ai_hashed`` of another type or value becomes one that cannot match, so
+    ``verify`` reports the entry as edited."""
+    text = r[6]
     try:
         # json, not orjson: it reads back any integer canonical_json wrote.
-        summary = json.loads(r[6])
-        if not isinstance(summary, dict):
-            summary = {"$unparsable": str(r[6])}
+        summary = json.loads(text, object_pairs_hook=_no_duplicates)
+        if not isinstance(summary, dict) or canonical_json(summary).decode() != text:
+            summary = {"$unparsable": str(text)}
     except (ValueError, TypeError):
-        summary = {"$unparsable": str(r[6])}
+        summary = {"$unparsable": str(text)}
+    seq, flag = r[0], r[11]
+    if type(seq) is not int:  # stored as text or a float by hand
+        seq = -1
+    ai_hashed = flag is True or (type(flag) is int and flag == 1)
+    if not (type(flag) is bool or flag in (0, 1)) or type(flag) is float:
+        summary = {"$unparsable": f"ai_hashed={flag!r}", "summary": summary}
     return AuditEntry(
-        int(r[0]),
+        seq,
         r[1],
         r[2],
         r[3],
@@ -174,10 +185,17 @@ def entry_from_row(r: Any) -> AuditEntry:
         r[8],
         r[9],
         r[10],
-        bool(r[11]),
+        ai_hashed,
         r[12],
         r[13],
     )
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a key appears twice")
+    return out
 
 
 def anchor_from_row(r: Any) -> Anchor:
