@@ -179,3 +179,24 @@ async def test_auth_failures_become_one_entry_per_address_and_minute(app: Convey
     assert entry.resource_type == "client"
     assert entry.summary["count"] == 7
     assert entry.summary["window_seconds"] == 60
+
+
+async def test_failures_from_very_many_addresses_make_a_bounded_number_of_entries(
+    app: Conveyor,
+) -> None:
+    # A spoofed X-Forwarded-For per request (or an IPv6 range) made one permanent
+    # entry per request and grew the server's memory.
+    from conveyor.api.audit import _MAX_ADDRESSES, AuthFailureBursts
+
+    bursts = AuthFailureBursts(app, clock=lambda: 600.0)
+    for i in range(_MAX_ADDRESSES + 500):
+        bursts.hit(f"10.0.{i // 250}.{i % 250}")
+    bursts.hit("10.0.0.0")  # a known one still counts on its own
+    await bursts.close()
+    await app.audit.drain()
+    rows = await entries(app)
+    assert len(rows) == _MAX_ADDRESSES + 1
+    other = [e for e in rows if e.resource_id == "*"]
+    assert [e.summary["count"] for e in other] == [500]
+    first = next(e for e in rows if e.resource_id == "10.0.0.0")
+    assert first.summary["count"] == 2

@@ -29,7 +29,7 @@ from conveyor.domain.auth import Scope as KeyScope
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 WINDOW_SECONDS = 60
-_MAX_ADDRESSES = 10_000
+_MAX_ADDRESSES = 100  #: addresses with an entry of their own per window (then one for the rest)
 
 
 class RequestId:
@@ -71,16 +71,21 @@ class AuthFailureBursts:
         self.conveyor = conveyor
         self._clock = clock
         self._windows: dict[str, tuple[int, int]] = {}  # address -> (window, count)
+        # Failures from addresses past the first _MAX_ADDRESSES of a window: one
+        # entry for them all (window -> count), so a flood from many addresses (a
+        # spoofed X-Forwarded-For, an IPv6 range) neither floods the log nor memory.
+        self._others: dict[int, int] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def hit(self, address: str) -> None:
         """Count one failed authentication from ``address``."""
         window = int(self._clock() // WINDOW_SECONDS)
         self.flush(before=window)
-        if len(self._windows) >= _MAX_ADDRESSES:
-            self.flush()  # an attack from very many addresses: write them out early
-        _, count = self._windows.get(address, (window, 0))
-        self._windows[address] = (window, count + 1)
+        if address in self._windows or len(self._windows) < _MAX_ADDRESSES:
+            _, count = self._windows.get(address, (window, 0))
+            self._windows[address] = (window, count + 1)
+        else:
+            self._others[window] = self._others.get(window, 0) + 1
         if self._timer is None:
             with_loop = asyncio.get_running_loop()
             delay = (window + 1) * WINDOW_SECONDS - self._clock() + 0.5
@@ -89,7 +94,7 @@ class AuthFailureBursts:
     def _tick(self) -> None:
         self._timer = None
         self.flush(before=int(self._clock() // WINDOW_SECONDS))
-        if self._windows:  # failures of the current minute: their window ends later
+        if self._windows or self._others:  # failures of this minute: their window ends later
             self._timer = asyncio.get_running_loop().call_later(WINDOW_SECONDS / 2, self._tick)
 
     def flush(self, before: int | None = None) -> None:
@@ -104,6 +109,21 @@ class AuthFailureBursts:
                 address[:500],
                 {
                     "count": count,
+                    "window_start": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "window_seconds": WINDOW_SECONDS,
+                },
+                actor="anonymous",
+            )
+            self.conveyor.audit.record_soon(draft)
+        for window in [w for w in self._others if before is None or w < before]:
+            start = datetime.fromtimestamp(window * WINDOW_SECONDS, UTC)
+            draft = self.conveyor.audit.draft(
+                "auth.failed",
+                "client",
+                "*",
+                {
+                    "count": self._others.pop(window),
+                    "other_addresses": True,
                     "window_start": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
                     "window_seconds": WINDOW_SECONDS,
                 },
