@@ -331,7 +331,10 @@ class AuditLog:
         )
         await self.app.store.add_audit_anchor(anchor)
         self._last_anchor = max(self._last_anchor or 0, head.seq)
-        return anchor
+        # An anchor already at that seq is kept (the insert is ignored): report the
+        # stored one, which verify checks, never the one we only meant to write.
+        stored = [a for a in await self.app.store.list_audit_anchors() if a.seq == head.seq]
+        return stored[0] if stored else anchor
 
     # -- reading -----------------------------------------------------------------------
     async def list(self, query: AuditQuery) -> list[AuditEntry]:

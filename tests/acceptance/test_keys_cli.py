@@ -246,3 +246,17 @@ def test_status_reports_unencrypted_webhook_secrets_until_a_master_key_moves_the
 def _wal(path: Path) -> bytes:
     wal = path.with_name(path.name + "-wal")
     return wal.read_bytes() if wal.exists() else b""
+
+
+def test_a_key_already_rotated_is_not_rotated_again(db: str) -> None:
+    # A second rotation of the old key took its overlap for the successor's whole
+    # lifetime: an admin key that expired within the hour.
+    old = create_key(db, "admin", "ops")
+    first = run_cli(db, "keys", "rotate", key_id(old), "--overlap", "1h")
+    new = first.stdout.strip().splitlines()[-1]
+    again = run_cli(db, "keys", "rotate", key_id(old), check=False)
+    assert again.returncode == 1
+    assert f"already replaced by {key_id(new)}" in again.stdout + again.stderr
+    assert "Traceback" not in again.stderr
+    assert len(listed(db)) == 2  # nothing made
+    assert run_cli(db, "keys", "rotate", key_id(new)).returncode == 0  # the successor can

@@ -9,6 +9,7 @@ import click
 from conveyor.app import Conveyor
 from conveyor.cli.main import Ctx, _plain, err, keys, run
 from conveyor.domain.auth import ApiKey
+from conveyor.domain.errors import FieldError, ValidationError
 from conveyor.presenters import iso
 from conveyor.security.api_keys import (
     parse_duration,
@@ -62,8 +63,29 @@ def keys_rotate(obj: Ctx, key_id: str, overlap: str, expires_in: str | None) -> 
     lifetime = None if expires_in is None else parse_duration(expires_in)
 
     async def go(app: Conveyor) -> tuple[str, ApiKey, ApiKey, ApiKey]:
-        old = resolve_key_id(key_id, await app.store.list_api_keys())
+        keys = await app.store.list_api_keys()
+        old = resolve_key_id(key_id, keys)
         now = app.now()
+        successor = next(
+            (
+                k
+                for k in keys
+                if k.id != old.id
+                and (k.name, k.scope) == (old.name, old.scope)
+                and k.created_at > old.created_at
+                and k.active
+                and not k.expired(now)
+            ),
+            None,
+        )
+        if successor is not None:
+            # Rotating it again would take its overlap for its lifetime (a short-lived
+            # successor) and leave two replacements in use.
+            raise ValidationError(
+                f"Key {old.id} was already replaced by {successor.id} (same name and "
+                f"scope): rotate {successor.id} instead, or revoke {old.id}",
+                [FieldError("key_id", "already rotated")],
+            )
         key, record, until = rotated_key(old, now, seconds, lifetime)
         summary = {"new_key_id": record.id, "old_key_until": until.isoformat()}
         async with app.audit.change("api_key.rotate", "api_key", old.id, summary):
