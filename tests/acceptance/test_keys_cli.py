@@ -260,3 +260,20 @@ def test_a_key_already_rotated_is_not_rotated_again(db: str) -> None:
     assert "Traceback" not in again.stderr
     assert len(listed(db)) == 2  # nothing made
     assert run_cli(db, "keys", "rotate", key_id(new)).returncode == 0  # the successor can
+
+
+def test_revoking_twice_says_so_and_expired_keys_count_as_none_left(db: str) -> None:
+    import sqlite3
+
+    expired = create_key(db, "read", "old")
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:  # expired an hour ago
+        conn.execute(
+            "UPDATE api_keys SET expires_at = ? WHERE id = ?",
+            (time.time() - 3600, key_id(expired)),
+        )
+    admin = create_key(db, "admin", "ops")
+    first = run_cli(db, "keys", "revoke", key_id(admin))
+    assert "no active API key is left" in first.stderr  # the expired one opens nothing
+    again = run_cli(db, "keys", "revoke", key_id(admin), check=False)
+    assert again.returncode == 1
+    assert "already revoked" in again.stdout + again.stderr

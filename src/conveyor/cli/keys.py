@@ -31,9 +31,18 @@ async def revoke_key(app: Conveyor, text: str) -> tuple[ApiKey, int]:
     """Revoke the key ``text`` names (id or unique prefix); returns it and how many
     active keys are left. Raises ``ApiKeyNotFound``, ``ValidationError``."""
     key = resolve_key_id(text, await app.store.list_api_keys())
+    if key.revoked_at is not None:
+        raise ValidationError(
+            f"Key {key.id} was already revoked at {iso(key.revoked_at)}: nothing to do",
+            [FieldError("key_id", "already revoked")],
+        )
     async with app.audit.change("api_key.revoke", "api_key", key.id):
         revoked = await app.store.revoke_api_key(key.id, app.now())
-    return revoked, await app.store.count_api_keys()
+    now = app.now()
+    # Keys that still let someone in: an expired one keeps the API locked but
+    # opens nothing.
+    usable = [k for k in await app.store.list_api_keys() if k.active and not k.expired(now)]
+    return revoked, len(usable)
 
 
 def warn_if_last(remaining: int) -> None:
@@ -78,7 +87,7 @@ def keys_rotate(obj: Ctx, key_id: str, overlap: str, expires_in: str | None) -> 
             ),
             None,
         )
-        if successor is not None:
+        if successor is not None and old.active:
             # Rotating it again would take its overlap for its lifetime (a short-lived
             # successor) and leave two replacements in use.
             raise ValidationError(
