@@ -24,3 +24,8 @@ def leak_at_the_cut(ctx: JobContext, password: str, pad: int, after: int = 0) ->
     """The secret straddles the 8 KiB cut of the stored error text (``pad`` before
     it) or, from the end, the cut of the kept traceback (``after`` behind it)."""
     raise ValueError("C" * pad + password + "B" * (after or pad))
+
+
+def echo(ctx: JobContext, password: str) -> dict[str, object]:
+    """A handler that hands back what it got (the demo test_job does)."""
+    return {"got": password, "nested": [f"pw={password}"], password: "as a key"}

@@ -298,3 +298,30 @@ async def test_the_secrets_directory_reads_only_small_regular_text_files(tmp_pat
             await provider.get(name)
     with pytest.raises(ValidationError):
         await provider.get("../outside")
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+async def test_a_result_never_carries_a_resolved_secret(tmp_path: Path, isolation: str) -> None:
+    settings = Settings(
+        database_url="memory://",
+        master_key=MasterKey.generate().to_base64(),
+        heartbeat_interval=0.2,
+    )
+    app = Conveyor(settings=settings)
+    app.job("echo", isolation=isolation, max_retries=0)(h.echo)
+    plain = "echo-me-" + secrets.token_hex(8)
+    try:
+        await app.open()
+        await app.secrets.set("pw", plain)
+        job = await app.enqueue("echo", {"password": {"$secret": "pw"}})
+        async with running_worker(app, concurrency=1):
+
+            async def done() -> object:
+                j = await app.store.get(job.id)
+                return j if j.state is JobState.COMPLETED else None
+
+            got = await async_wait_until(done, 30, "the job to complete")
+        assert plain not in repr(got.result)
+        assert got.result == {"got": "***", "nested": ["pw=***"], "***": "as a key"}
+    finally:
+        await app.close()

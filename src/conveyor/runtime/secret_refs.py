@@ -8,7 +8,7 @@ resolved values out of any error text it stores (``scrub``).
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from conveyor.domain.errors import FieldError, ValidationError
@@ -87,6 +87,18 @@ async def resolve_refs(payload: dict[str, Any], get: Resolver) -> tuple[dict[str
 
     resolved = await walk(payload)
     return resolved, list(values.values())
+
+
+def scrub_json(value: Any, values: Sequence[str]) -> Any:
+    """``value`` (a JSON value) with ``scrub`` applied to every string in it, keys
+    included: a job's result never carries a secret it was given."""
+    if isinstance(value, str):
+        return scrub(value, values)
+    if isinstance(value, dict):
+        return {scrub(k, values): scrub_json(v, values) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_json(v, values) for v in value]
+    return value
 
 
 def scrub(text: str | None, values: Iterable[str]) -> str | None:

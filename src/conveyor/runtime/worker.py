@@ -52,7 +52,7 @@ from conveyor.runtime.flow import next_window_in, registered_limits, worker_capa
 from conveyor.runtime.locks import MAINTENANCE_LEADER, Leadership
 from conveyor.runtime.observe import JobsRescued, JobsStarted
 from conveyor.runtime.relay import OutboxConsumer, bus_relay, skip_unheard
-from conveyor.runtime.secret_refs import has_refs, resolve_refs, scrub
+from conveyor.runtime.secret_refs import has_refs, resolve_refs, scrub, scrub_json
 from conveyor.runtime.steps import attach_steps, child_calls, heal_finish
 from conveyor.runtime.webhooks import WebhookDispatcher
 from conveyor.storage.codec import storable_result
@@ -877,6 +877,11 @@ class Worker:
             result = storable_result(result)
         except ValidationError as exc:  # a result that cannot be stored: permanent failure
             return self._failure(job, definition, Permanent(exc.message))
+        entry = self._running.get(job.id)
+        if entry is not None and entry.secrets:
+            # A handler that returns what it got (an echo, a debug dump) would hand
+            # its resolved secrets to anyone who can read results and events.
+            result = scrub_json(result, entry.secrets)
         return Finish(job.id, job.lease_token or "", Action.COMPLETE, result=result)
 
     def _failure(
