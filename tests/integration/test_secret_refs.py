@@ -26,6 +26,16 @@ from support import async_wait_until, running_worker
 pytestmark = pytest.mark.timeout(90)
 
 
+def vault_app(**settings: object) -> Conveyor:
+    """An in-memory app with a fresh master key and fast heartbeats."""
+    base: dict[str, object] = {
+        "database_url": "memory://",
+        "master_key": MasterKey.generate().to_base64(),
+        "heartbeat_interval": 0.2,
+    }
+    return Conveyor(settings=Settings(**{**base, **settings}))  # type: ignore[arg-type]
+
+
 async def test_plaintext_never_leaves_the_handler_call(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -103,12 +113,7 @@ async def test_plaintext_never_leaves_the_handler_call(
 
 
 async def test_a_missing_secret_fails_the_attempt_clearly(tmp_path: Path) -> None:
-    settings = Settings(
-        database_url="memory://",
-        master_key=MasterKey.generate().to_base64(),
-        heartbeat_interval=0.2,
-    )
-    app = Conveyor(settings=settings)
+    app = vault_app()
     app.job("use", max_retries=0)(h.use_secret)
     out = str(tmp_path / "use.sha")
     try:
@@ -133,13 +138,7 @@ async def test_a_secrets_directory_is_read_first_then_the_vault(tmp_path: Path) 
     folder.mkdir()
     (folder / "smtp_password").write_text("from-the-file\n")
     (folder / "conveyor.webhook.x").write_text("never used for Conveyor's own")
-    settings = Settings(
-        database_url="memory://",
-        master_key=MasterKey.generate().to_base64(),
-        heartbeat_interval=0.2,
-        secrets_dir=str(folder),
-    )
-    app = Conveyor(settings=settings)
+    app = vault_app(secrets_dir=str(folder))
     app.job("use", max_retries=0)(h.use_secret)
     try:
         await app.open()
@@ -187,13 +186,7 @@ async def test_a_missing_secrets_directory_stops_the_process(tmp_path: Path) -> 
 async def test_conveyors_own_secrets_cannot_be_referenced(tmp_path: Path) -> None:
     from conveyor.domain.errors import ValidationError
 
-    settings = Settings(
-        database_url="memory://",
-        master_key=MasterKey.generate().to_base64(),
-        heartbeat_interval=0.2,
-        allow_unknown_job_types=True,
-    )
-    app = Conveyor(settings=settings)
+    app = vault_app(allow_unknown_job_types=True)
     app.job("use", max_retries=0)(h.use_secret)
     try:
         await app.open()
@@ -222,12 +215,7 @@ async def test_conveyors_own_secrets_cannot_be_referenced(tmp_path: Path) -> Non
 async def test_a_secret_straddling_a_cut_is_masked_before_the_cut(
     tmp_path: Path, isolation: str
 ) -> None:
-    settings = Settings(
-        database_url="memory://",
-        master_key=MasterKey.generate().to_base64(),
-        heartbeat_interval=0.2,
-    )
-    app = Conveyor(settings=settings)
+    app = vault_app()
     app.job("leak", isolation=isolation, max_retries=0)(h.leak_at_the_cut)
     plain = "Sup3rS3cretValue!xyz-" + secrets.token_hex(8)
     try:
@@ -302,12 +290,7 @@ async def test_the_secrets_directory_reads_only_small_regular_text_files(tmp_pat
 
 @pytest.mark.parametrize("isolation", ["thread", "process"])
 async def test_a_result_never_carries_a_resolved_secret(tmp_path: Path, isolation: str) -> None:
-    settings = Settings(
-        database_url="memory://",
-        master_key=MasterKey.generate().to_base64(),
-        heartbeat_interval=0.2,
-    )
-    app = Conveyor(settings=settings)
+    app = vault_app()
     app.job("echo", isolation=isolation, max_retries=0)(h.echo)
     plain = "echo-me-" + secrets.token_hex(8)
     try:
