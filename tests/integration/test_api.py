@@ -441,7 +441,7 @@ async def test_enum_filters_name_their_values(client, query, values):
     assert detail_fields(err) == {"status"}
 
 
-async def test_every_route_refuses_unknown_repeated_and_empty_params(cv, client):
+async def test_every_route_refuses_unknown_and_repeated_params(cv, client):
     job_id = await submit(client, max_retries=0)
     await make_failed(cv, job_id)
     # Not only the lists: a state-changing route with a misspelled filter changed
@@ -455,9 +455,6 @@ async def test_every_route_refuses_unknown_repeated_and_empty_params(cv, client)
     err = assert_error(await client.get("/api/jobs?status=pending&status=failed"), 400)
     assert detail_fields(err) == {"status"}
     assert "more than once" in err["error"]
-    err = assert_error(await client.get("/api/jobs?job_type="), 400)
-    assert detail_fields(err) == {"job_type"}
-    assert "empty" in err["error"]
     assert (await client.get("/api/jobs?status=failed")).status_code == 200
 
 

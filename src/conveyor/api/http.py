@@ -198,8 +198,8 @@ class Auth:
             request.state.api_key = await self.authenticate(request, scope)
             # The audit log's actor for this request (api/audit.py).
             AUDIT_ACTOR.set(request.state.api_key.name if request.state.api_key else "anonymous")
-            # Every route, after its key is checked: an unknown, repeated or empty
-            # query parameter is a 400, never ignored (api/params.py).
+            # Every route, after its key is checked: an unknown or repeated query
+            # parameter is a 400, never ignored (api/params.py).
             await refuse_unknown_params(request)
 
         return check
