@@ -125,11 +125,19 @@ async def test_sigkill_then_restart_under_the_same_worker_id(app, postgres_dsn, 
 
 async def test_sigkill_under_load_loses_nothing(app, postgres_dsn, log, tmp_path):
     n = 600
-    ids = await _submit(app, "slow", n, {"seconds": 0.05})
+    ids = await _submit(app, "slow", n, {"seconds": 0.3})
     a = start_worker(postgres_dsn, tmp_path, log, "a", CONVEYOR_CONCURRENCY="40")
     b = start_worker(postgres_dsn, tmp_path, log, "b", CONVEYOR_CONCURRENCY="40")
+
+    def a_mid_jobs() -> bool:
+        # Killed while it runs some (a slow start under load could leave it none).
+        lines = exec_lines(log)
+        started = {j for j, _at, pid, ev in lines if ev == "start" and pid == str(a.proc.pid)}
+        finished = {j for j, _at, _pid, ev in lines if ev == "done"}
+        return len(finished) >= 100 and bool(started - finished)
+
     try:
-        wait_until(lambda: len(done_counts(log)) >= 100, 60, "some jobs to complete")
+        wait_until(a_mid_jobs, 60, "worker a to run jobs after some completed")
         a.signal(signal.SIGKILL)
         a.wait()
         await async_wait_until(lambda: _all_completed(app, n), 60, "all jobs")
