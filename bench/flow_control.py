@@ -81,7 +81,7 @@ async def small_tenant_wait(url: str) -> dict[str, float]:
     @app.job("work", concurrency_key="tenant:{tenant}", concurrency_limit=2)
     async def work(ctx: Any, tenant: str, i: int = 0) -> None:
         started[tenant].append(time.perf_counter())
-        await asyncio.sleep(0.005)  # the job's work
+        await asyncio.sleep(0.005)  # wait-ok: the job's simulated work
 
     await app.open()
     try:
@@ -93,13 +93,13 @@ async def small_tenant_wait(url: str) -> dict[str, float]:
         while len(started["A"]) < 50:  # busy with A's backlog
             if time.monotonic() > deadline:
                 raise SystemExit("the worker did not start A's jobs")
-            await asyncio.sleep(0.01)  # polling with a deadline
+            await asyncio.sleep(0.01)  # wait-ok: polling with a deadline
         t0 = time.perf_counter()
         await app.enqueue_many("work", [{"tenant": "B", "i": n} for n in range(SMALL)])
         while len(started["B"]) < SMALL:
             if time.monotonic() > deadline + 60:
                 raise SystemExit(f"only {len(started['B'])} of B's jobs started")
-            await asyncio.sleep(0.005)  # polling with a deadline
+            await asyncio.sleep(0.005)  # wait-ok: polling with a deadline
         worker.request_stop()
         worker.request_stop()
         await task
