@@ -35,7 +35,6 @@ from conveyor.api.guard import (
 from conveyor.api.http import JSON, ApiError, Auth, fail, sees_internal
 from conveyor.api.locks import lock_router
 from conveyor.api.models import ErrorResponse, JobSubmit, submit_delay
-from conveyor.api.params import KNOWN_PARAMS
 from conveyor.api.queues import queue_router
 from conveyor.api.ratelimit import RequestLimits
 from conveyor.api.schedules import schedule_router
@@ -444,7 +443,7 @@ def create_app(
             },
         }
 
-    @api.get("/api/jobs", dependencies=[*read, KNOWN_PARAMS], tags=["jobs"])
+    @api.get("/api/jobs", dependencies=read, tags=["jobs"])
     async def list_jobs(
         request: Request,
         status: Annotated[
@@ -561,7 +560,7 @@ def create_app(
         return {"success": True, "job_id": job.id, "status": job.status}
 
     # -- dead-letter queue ------------------------------------------------------------------
-    @api.get("/api/dlq", dependencies=[*read, KNOWN_PARAMS], tags=["dlq"])
+    @api.get("/api/dlq", dependencies=read, tags=["dlq"])
     async def list_dlq(
         request: Request,
         job_type: Annotated[str | None, Query(max_length=100)] = None,

@@ -17,7 +17,6 @@ from fastapi.responses import Response
 from conveyor.api.guard import internal_error_text, report_unexpected
 from conveyor.api.http import JSON, ApiError, Auth, sees_internal
 from conveyor.api.models import WebhookCreate
-from conveyor.api.params import KNOWN_PARAMS
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.errors import ConveyorError, StoreUnavailable, ValidationError
@@ -70,7 +69,7 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
     admin = [Depends(auth.require(KeyScope.ADMIN))]
 
     # -- events -------------------------------------------------------------------------
-    @router.get("/api/events", dependencies=[*read, KNOWN_PARAMS], tags=["events"])
+    @router.get("/api/events", dependencies=read, tags=["events"])
     async def list_events(
         request: Request,
         after: Annotated[
@@ -172,7 +171,7 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
             {"success": True, "webhook": webhook_dict(hook), "secret": secret}, status_code=201
         )
 
-    @router.get("/api/webhooks", dependencies=[*admin, KNOWN_PARAMS], tags=["webhooks"])
+    @router.get("/api/webhooks", dependencies=admin, tags=["webhooks"])
     async def list_webhooks() -> dict[str, Any]:
         hooks = await conveyor.store.list_webhooks()
         return {"success": True, "webhooks": [webhook_dict(w) for w in hooks]}
@@ -219,7 +218,7 @@ def event_router(conveyor: Conveyor, auth: Auth, hub: EventHub) -> APIRouter:
 
     @router.get(
         "/api/webhooks/{webhook_id}/deliveries",
-        dependencies=[*admin, KNOWN_PARAMS],
+        dependencies=admin,
         tags=["webhooks"],
         responses={404: {"description": "Unknown webhook"}},
     )

@@ -7,7 +7,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 
 from conveyor.api.http import Auth
-from conveyor.api.params import KNOWN_PARAMS
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
 
@@ -16,7 +15,7 @@ def lock_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
     router = APIRouter()
     admin = [Depends(auth.require(KeyScope.ADMIN))]
 
-    @router.get("/api/locks", dependencies=[*admin, KNOWN_PARAMS], tags=["locks"])
+    @router.get("/api/locks", dependencies=admin, tags=["locks"])
     async def list_locks(
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         include_free: Annotated[

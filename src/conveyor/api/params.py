@@ -4,13 +4,13 @@ Why: a misspelled filter (``GET /api/jobs?state=failed`` for ``status=``) that
 is silently dropped answers with every job, which a script then retries,
 cancels or purges; ``POST /api/dlq/retry-all?job-type=x`` would retry every
 dead letter. Every API route checks its query string after its key
-(``Auth.require``, so a missing key is still a 401 first); ``KNOWN_PARAMS`` is
-the same check as a dependency of its own.
+(``Auth.require`` calls ``refuse_unknown_params``, so a missing key is still a
+401 first).
 """
 
 from __future__ import annotations
 
-from fastapi import Depends, Request
+from fastapi import Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
@@ -63,7 +63,3 @@ async def refuse_unknown_params(request: Request) -> None:
         f"Unknown query parameter(s) {', '.join(map(repr, shown))}: this route takes {takes}",
         [FieldError(name, f"unknown query parameter; allowed: {takes}") for name in shown],
     )
-
-
-#: The dependency to add to a list route.
-KNOWN_PARAMS = Depends(refuse_unknown_params)

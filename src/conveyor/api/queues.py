@@ -12,7 +12,6 @@ from fastapi import APIRouter, Depends, Path
 
 from conveyor.api.http import Auth
 from conveyor.api.models import NAME_PATTERN, QueueChange
-from conveyor.api.params import KNOWN_PARAMS
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.errors import FieldError, ValidationError
@@ -29,7 +28,7 @@ def queue_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
     read = [Depends(auth.require(KeyScope.READ))]
     write = [Depends(auth.require(KeyScope.WRITE))]
 
-    @router.get("/api/queues", dependencies=[*read, KNOWN_PARAMS], tags=["queues"])
+    @router.get("/api/queues", dependencies=read, tags=["queues"])
     async def list_queues() -> dict[str, Any]:
         """Queues with jobs or settings: paused, concurrency limit, pending, running."""
         queues = await conveyor.store.list_queues()

@@ -17,7 +17,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
 
 from conveyor.api.http import JSON, Auth
 from conveyor.api.models import NAME_PATTERN
-from conveyor.api.params import KNOWN_PARAMS
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.job import MAX_RETRIES_LIMIT, MAX_TIMEOUT_MS
@@ -152,7 +151,7 @@ def schedule_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
         await conveyor.audit.record("schedule.create", "schedule", schedule.id, summary)
         return JSON({"success": True, "schedule": view(schedule, upcoming=True)}, status_code=201)
 
-    @router.get("/api/schedules", dependencies=[*read, KNOWN_PARAMS], tags=["schedules"])
+    @router.get("/api/schedules", dependencies=read, tags=["schedules"])
     async def list_all() -> dict[str, Any]:
         """Every schedule, by name."""
         schedules = await conveyor.store.list_schedules()

@@ -12,7 +12,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from conveyor.api.http import JSON, Auth
-from conveyor.api.params import KNOWN_PARAMS
 from conveyor.app import Conveyor
 from conveyor.domain.auth import Scope as KeyScope
 from conveyor.domain.workflow import MAX_NAME_CHARS
@@ -58,7 +57,7 @@ def workflow_router(conveyor: Conveyor, auth: Auth) -> APIRouter:
         }
         return JSON(content, status_code=200 if duplicate else 201)
 
-    @router.get("/api/workflows", dependencies=[*read, KNOWN_PARAMS], tags=["workflows"])
+    @router.get("/api/workflows", dependencies=read, tags=["workflows"])
     async def list_workflows(
         status: Annotated[
             Literal["running", "completed", "failed", "cancelled"] | None, Query()
