@@ -18,7 +18,9 @@ from conveyor.domain.errors import FieldError, ValidationError
 
 MAX_NAMED = 5  #: unknown names quoted in the message (each cut to 40 characters)
 
-_allowed: dict[int, frozenset[str]] = {}
+#: Kept on the route object itself, not in a table by id(): a route of an app that
+#: is gone can leave its id to another app's route, then checked with wrong names.
+_ATTR = "_conveyor_query_names"
 
 
 def _query_names(dependant: Dependant) -> set[str]:
@@ -29,9 +31,10 @@ def _query_names(dependant: Dependant) -> set[str]:
 
 
 def _declared(route: APIRoute) -> frozenset[str]:
-    known = _allowed.get(id(route))
+    known: frozenset[str] | None = getattr(route, _ATTR, None)
     if known is None:
-        known = _allowed[id(route)] = frozenset(_query_names(route.dependant))
+        known = frozenset(_query_names(route.dependant))
+        setattr(route, _ATTR, known)
     return known
 
 
